@@ -1,0 +1,1 @@
+"""Switchyard's stateless HTTP front: OpenAI-compatible API over Redis Streams."""

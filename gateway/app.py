@@ -1,0 +1,173 @@
+"""The FastAPI application: routes, error mapping, and the lifespan that owns Redis connections."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gateway.edge import RequestEdge
+from gateway.errors import APIError, InvalidRequest, NotFound
+from gateway.jobs import Dispatcher, Timeouts
+from gateway.registry import WorkerRegistry
+from gateway.replies import ReplyHub
+from gateway.schemas import ChatCompletionRequest, CompletionRequest
+from gateway.service import Gateway, new_request_id
+from gateway.tokenizer import TokenizerCache
+from shared.settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: GatewaySettings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        names = settings.names
+        redis = Redis.from_url(settings.redis_url, health_check_interval=30)
+        hub = ReplyHub(redis, control_channel=f"{names.prefix}:gateway-hub")
+        hub_task = asyncio.create_task(hub.run(), name="reply-hub")
+        app.state.gateway = Gateway(
+            settings=settings,
+            redis=redis,
+            registry=WorkerRegistry(redis, names, settings.worker_ttl),
+            tokenizers=TokenizerCache(),
+            dispatcher=Dispatcher(
+                redis, hub, names, Timeouts(total=settings.request_timeout, stall=settings.stall_timeout)
+            ),
+        )
+        try:
+            await asyncio.wait_for(hub.connected.wait(), 5)
+        except TimeoutError:
+            log.warning(
+                "Redis at %s is not answering yet; requests get 503 until it does", settings.redis_url
+            )
+        try:
+            yield
+        finally:
+            hub_task.cancel()
+            await asyncio.gather(hub_task, return_exceptions=True)
+            await redis.aclose()
+
+    app = FastAPI(title="Switchyard", version="0.1.0", lifespan=lifespan)
+    _install_error_handlers(app)
+    _install_routes(app)
+    app.add_middleware(RequestEdge, max_body=settings.max_body_bytes, new_id=new_request_id)
+    return app
+
+
+def _gateway(request: Request) -> Gateway:
+    gw: Gateway = request.app.state.gateway
+    return gw
+
+
+def _install_routes(app: FastAPI) -> None:
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        return await _gateway(request).chat(request, body)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        return await _gateway(request).completion(request, body)
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> dict[str, Any]:
+        models = await _gateway(request).registry.models()
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": m.name,
+                    "object": "model",
+                    "created": m.created,
+                    "owned_by": "switchyard",
+                    "max_model_len": m.max_model_len,
+                }
+                for m in sorted(models.values(), key=lambda m: m.name)
+            ],
+        }
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str, request: Request) -> dict[str, Any]:
+        models = await _gateway(request).registry.models()
+        if model_id not in models:
+            raise NotFound(f"The model '{model_id}' does not exist", param="model")
+        m = models[model_id]
+        return {
+            "id": m.name,
+            "object": "model",
+            "created": m.created,
+            "owned_by": "switchyard",
+            "max_model_len": m.max_model_len,
+        }
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(request: Request) -> JSONResponse:
+        gw = _gateway(request)
+        try:
+            await gw.redis.ping()
+            models = await gw.registry.models()
+        except (RedisError, OSError) as exc:
+            return JSONResponse({"status": "unready", "reason": f"redis: {exc}"}, status_code=503)
+        if not models:
+            return JSONResponse({"status": "unready", "reason": "no live worker"}, status_code=503)
+        return JSONResponse({"status": "ready", "models": sorted(models)})
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.envelope(), status_code=exc.status, headers=exc.headers())
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return await api_error(request, validation_error(exc.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        err = NotFound(str(exc.detail)) if exc.status_code == 404 else InvalidRequest(str(exc.detail))
+        err.status = exc.status_code
+        return JSONResponse(err.envelope(), status_code=exc.status_code)
+
+    @app.exception_handler(RedisError)
+    async def redis_down(request: Request, exc: RedisError) -> JSONResponse:
+        log.warning("redis error: %s", exc)
+        body = {
+            "error": {
+                "message": "the queue is unreachable",
+                "type": "server_error",
+                "param": None,
+                "code": "service_unavailable",
+            }
+        }
+        return JSONResponse(body, status_code=503, headers={"retry-after": "2"})
+
+
+def validation_error(errors: Any) -> InvalidRequest:
+    """FastAPI's 422 detail list → one OpenAI-style 400 naming the first offending parameter."""
+    first = errors[0] if errors else {}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    kind = first.get("type", "")
+    msg = str(first.get("msg", "invalid request"))
+    if kind == "extra_forbidden":
+        msg = f"Unrecognized request argument supplied: {param}"
+    elif kind == "json_invalid":
+        msg, param = "The request body is not valid JSON", None
+    elif kind == "missing":
+        msg = f"Missing required parameter: '{param}'"
+    else:
+        msg = f"Invalid value for '{param}': {msg}" if param else msg
+    return InvalidRequest(msg, param=param)

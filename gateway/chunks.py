@@ -1,0 +1,119 @@
+"""Pure functions turning worker replies into OpenAI response objects (chat and text completions)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from shared.messages import Final, Tokens, Usage
+
+Kind = Literal["chat", "text"]
+
+
+@dataclass(frozen=True, slots=True)
+class Meta:
+    """What every chunk of one response repeats."""
+
+    id: str
+    created: int
+    model: str
+    kind: Kind
+
+    @property
+    def object_stream(self) -> str:
+        return "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+
+    @property
+    def object_full(self) -> str:
+        return "chat.completion" if self.kind == "chat" else "text_completion"
+
+
+def usage_dict(usage: Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
+
+
+def _chunk(meta: Meta, choices: list[dict[str, Any]], usage: Usage | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": meta.id,
+        "object": meta.object_stream,
+        "created": meta.created,
+        "model": meta.model,
+        "choices": choices,
+    }
+    if meta.kind == "chat":
+        body["system_fingerprint"] = None
+    if usage is not None:
+        body["usage"] = usage_dict(usage)
+    return body
+
+
+def _choice(meta: Meta, index: int, text: str, finish: str | None, first: bool) -> dict[str, Any]:
+    if meta.kind == "text":
+        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+    delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
+    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+
+@dataclass
+class StreamAssembler:
+    """Builds the streamed chunks of one response, reply by reply."""
+
+    meta: Meta
+    include_usage: bool
+    _opened: set[int] = field(default_factory=set)
+
+    def tokens(self, reply: Tokens) -> list[dict[str, Any]]:
+        first = reply.index not in self._opened
+        self._opened.add(reply.index)
+        if not reply.text and not first and reply.finish_reason is None:
+            return []
+        return [_chunk(self.meta, [_choice(self.meta, reply.index, reply.text, reply.finish_reason, first)])]
+
+    def final(self, reply: Final) -> list[dict[str, Any]]:
+        """Choices that never produced a token still get their opening and finish chunk."""
+        out = [
+            _chunk(self.meta, [_choice(self.meta, i, "", reason, True)])
+            for i, reason in enumerate(reply.finish_reasons)
+            if i not in self._opened
+        ]
+        if self.include_usage:
+            out.append(_chunk(self.meta, [], reply.usage))
+        return out
+
+
+@dataclass
+class FullAssembler:
+    """Gathers a whole response for ``stream: false``."""
+
+    meta: Meta
+    _texts: dict[int, list[str]] = field(default_factory=dict)
+
+    def tokens(self, reply: Tokens) -> None:
+        self._texts.setdefault(reply.index, []).append(reply.text)
+
+    def response(self, reply: Final) -> dict[str, Any]:
+        choices = []
+        for index, reason in enumerate(reply.finish_reasons):
+            text = "".join(self._texts.get(index, []))
+            if self.meta.kind == "chat":
+                message = {"role": "assistant", "content": text, "refusal": None}
+                choices.append(
+                    {"index": index, "message": message, "logprobs": None, "finish_reason": reason}
+                )
+            else:
+                choices.append({"index": index, "text": text, "logprobs": None, "finish_reason": reason})
+        body: dict[str, Any] = {
+            "id": self.meta.id,
+            "object": self.meta.object_full,
+            "created": self.meta.created,
+            "model": self.meta.model,
+            "choices": choices,
+            "usage": usage_dict(reply.usage),
+        }
+        if self.meta.kind == "chat":
+            body["system_fingerprint"] = None
+        return body

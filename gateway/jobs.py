@@ -1,0 +1,134 @@
+"""Enqueue a job and follow its replies: ordering checks, timeouts and cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from gateway.errors import Timeout, Unavailable, UpstreamFailure, from_status
+from gateway.replies import ReplyHub, Subscription, SubscriptionLost
+from shared.messages import Failure, Final, Job, Started, Tokens, WireError, decode_reply, encode
+from shared.names import JOB_FIELD, Names
+
+log = logging.getLogger(__name__)
+
+CANCEL_MARKER_TTL = 600
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    total: float
+    """Longest the whole request may take, queueing included."""
+    stall: float
+    """Longest silence once a worker has started the job."""
+
+
+class Dispatcher:
+    """Puts jobs on their tenant's stream and hands back their reply streams."""
+
+    def __init__(self, redis: Redis, hub: ReplyHub, names: Names, timeouts: Timeouts) -> None:
+        self._redis = redis
+        self._hub = hub
+        self._names = names
+        self._timeouts = timeouts
+
+    async def submit(self, job: Job) -> ReplyStream:
+        """Subscribe to the job's replies first, then enqueue it."""
+        try:
+            sub = await self._hub.open(self._names.reply_channel(job.id))
+        except SubscriptionLost as exc:
+            raise Unavailable(f"the queue is unreachable: {exc}", retry_after=2) from exc
+        stream = self._names.jobs_stream(job.model, job.tenant)
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.xadd(stream, {JOB_FIELD: encode(job)})
+                pipe.sadd(self._names.streams_index(job.model), stream)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            await self._hub.close(sub)
+            raise Unavailable("the queue is unreachable; nothing was enqueued", retry_after=2) from exc
+        return ReplyStream(job, sub, self, self._timeouts)
+
+    async def release(self, stream: ReplyStream, *, cancel: bool) -> None:
+        await self._hub.close(stream.subscription)
+        if not cancel:
+            return
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.set(self._names.cancelled(stream.job.id), b"1", ex=CANCEL_MARKER_TTL)
+                pipe.publish(self._names.cancel_channel(), stream.job.id)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            log.warning("could not cancel job %s: %s", stream.job.id, exc)
+
+
+class ReplyStream:
+    """The replies of one job, in order; raises APIError subclasses on any failure."""
+
+    def __init__(self, job: Job, sub: Subscription, owner: Dispatcher, timeouts: Timeouts) -> None:
+        self.job = job
+        self.subscription = sub
+        self._owner = owner
+        self._timeouts = timeouts
+        self._deadline = time.monotonic() + timeouts.total
+        self._expected = 0
+        self._delivered_tokens = False
+        self.finished = False
+        self.started_at: float | None = None
+
+    async def __aiter__(self) -> AsyncIterator[Started | Tokens | Final]:
+        while not self.finished:
+            reply = await self._next()
+            if isinstance(reply, Started):
+                self._on_started(reply)
+            elif reply.seq != self._expected:
+                raise UpstreamFailure(
+                    f"reply stream broken: expected message {self._expected}, got {reply.seq}",
+                    code="reply_gap",
+                )
+            self._expected = reply.seq + 1
+            if isinstance(reply, Failure):
+                self.finished = True
+                raise from_status(reply.status, reply.code, reply.message)
+            if isinstance(reply, Final):
+                self.finished = True
+            elif isinstance(reply, Tokens):
+                self._delivered_tokens = True
+            yield reply
+
+    def _on_started(self, reply: Started) -> None:
+        if self._delivered_tokens:
+            # A second worker took over a job whose tokens were already relayed; without resume
+            # support the only honest outcome is an error, never duplicated text.
+            raise UpstreamFailure("the worker running this request was lost", code="worker_lost")
+        if reply.seq != 0:
+            raise UpstreamFailure("reply stream broken: start message out of order", code="reply_gap")
+        self.started_at = time.monotonic()
+
+    async def _next(self) -> Started | Tokens | Final | Failure:
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise Timeout("the request took longer than the gateway's request timeout")
+        wait = remaining if self.started_at is None else min(remaining, self._timeouts.stall)
+        try:
+            raw = await asyncio.wait_for(self.subscription.get(), wait)
+        except TimeoutError as exc:
+            if self.started_at is None or wait == remaining:
+                raise Timeout("the request timed out waiting for a worker") from exc
+            raise Timeout("the worker stopped sending tokens", code="stalled") from exc
+        except SubscriptionLost as exc:
+            raise Unavailable(str(exc), retry_after=2) from exc
+        try:
+            return decode_reply(raw)
+        except WireError as exc:
+            raise UpstreamFailure(str(exc), code="bad_reply") from exc
+
+    async def close(self) -> None:
+        """Stop listening; if the job had not finished, tell the workers to drop it."""
+        await self._owner.release(self, cancel=not self.finished)

@@ -1,0 +1,205 @@
+"""The request path shared by chat and text completions: resolve, tokenize, check, enqueue, relay."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import anyio
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from redis.asyncio import Redis
+from sse_starlette import EventSourceResponse
+
+from gateway.chunks import FullAssembler, Kind, Meta, StreamAssembler
+from gateway.errors import APIError, InvalidRequest, ModelNotFound, Unavailable, UpstreamFailure
+from gateway.jobs import Dispatcher, ReplyStream
+from gateway.registry import ModelEntry, WorkerRegistry
+from gateway.schemas import ChatCompletionRequest, CompletionRequest, _Sampling
+from gateway.tokenizer import TokenizerCache
+from shared.messages import Final, Job, Sampling, Tokens
+from shared.settings import GatewaySettings
+
+T = TypeVar("T")
+
+DEFAULT_TENANT = "default"
+
+
+@dataclass
+class Gateway:
+    """Everything a request needs, built once by the app's lifespan."""
+
+    settings: GatewaySettings
+    redis: Redis
+    registry: WorkerRegistry
+    tokenizers: TokenizerCache
+    dispatcher: Dispatcher
+
+    async def resolve(self, model: str) -> ModelEntry:
+        live = await self.registry.models()
+        if model in live:
+            return live[model]
+        if await self.registry.known(model):
+            raise Unavailable(f"no live worker serves the model '{model}' right now", retry_after=5)
+        raise ModelNotFound(f"The model '{model}' does not exist", param="model")
+
+    async def chat(self, request: Request, body: ChatCompletionRequest) -> Any:
+        entry = await self.resolve(body.model)
+        prompt = (await self.tokenizers.get(entry.tokenizer)).chat(body.messages)
+        job = self._job(request, entry, body, prompt, body.output_limit(), param="messages")
+        return await self._respond(request, job, "chat", body)
+
+    async def completion(self, request: Request, body: CompletionRequest) -> Any:
+        entry = await self.resolve(body.model)
+        prompt = (await self.tokenizers.get(entry.tokenizer)).text(body.single_prompt())
+        job = self._job(request, entry, body, prompt, body.max_tokens, param="prompt")
+        return await self._respond(request, job, "text", body)
+
+    def _job(
+        self,
+        request: Request,
+        entry: ModelEntry,
+        body: _Sampling,
+        prompt: list[int],
+        max_tokens: int | None,
+        param: str,
+    ) -> Job:
+        if body.n > self.settings.max_n:
+            raise InvalidRequest(f"n must be at most {self.settings.max_n}", param="n")
+        max_tokens = fit_context(len(prompt), max_tokens, entry.max_model_len, param)
+        if body.min_tokens > max_tokens:
+            raise InvalidRequest("min_tokens must not exceed max_tokens", param="min_tokens")
+        return Job(
+            id=request.state.request_id,
+            tenant=DEFAULT_TENANT,
+            model=entry.name,
+            prompt_token_ids=tuple(prompt),
+            sampling=to_sampling(body, max_tokens),
+            created_at=time.time(),
+        )
+
+    async def _respond(self, request: Request, job: Job, kind: Kind, body: _Sampling) -> Any:
+        prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
+        meta = Meta(
+            id=prefix + job.id.removeprefix("req_"), created=int(job.created_at), model=job.model, kind=kind
+        )
+        replies = await self.dispatcher.submit(job)
+        if body.stream:
+            return EventSourceResponse(
+                sse_events(replies, StreamAssembler(meta, body.include_usage())),
+                ping=self.settings.ping_interval,
+            )
+        try:
+            result = await until_disconnect(request, lambda: collect(replies, FullAssembler(meta)))
+        finally:
+            with anyio.CancelScope(shield=True):
+                await replies.close()
+        if result is None:  # the client left; nobody reads a response
+            return JSONResponse({}, status_code=499)
+        return result
+
+
+def fit_context(prompt_len: int, max_tokens: int | None, max_model_len: int, param: str) -> int:
+    """The output budget: the requested one if prompt + output fit the context, else a 400."""
+    room = max_model_len - prompt_len
+    if max_tokens is None:
+        if room < 1:
+            raise _too_long(prompt_len, 1, max_model_len, param)
+        return room
+    if max_tokens > room:
+        raise _too_long(prompt_len, max_tokens, max_model_len, param)
+    return max_tokens
+
+
+def _too_long(prompt_len: int, max_tokens: int, limit: int, param: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"This model's maximum context length is {limit} tokens. However, you requested "
+        f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the "
+        "completion). Please reduce the prompt or the completion length.",
+        param=param,
+        code="context_length_exceeded",
+    )
+
+
+def to_sampling(body: _Sampling, max_tokens: int) -> Sampling:
+    return Sampling(
+        max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=0 if body.top_k in (None, -1) else body.top_k,
+        min_p=body.min_p or 0.0,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        repetition_penalty=body.repetition_penalty or 1.0,
+        stop=tuple(body.stop_list()),
+        stop_token_ids=tuple(body.stop_token_ids or ()),
+        seed=body.seed,
+        n=body.n,
+        ignore_eos=body.ignore_eos,
+        min_tokens=body.min_tokens,
+        include_stop_str_in_output=body.include_stop_str_in_output,
+    )
+
+
+async def collect(replies: ReplyStream, assembler: FullAssembler) -> dict[str, Any]:
+    async for reply in replies:
+        if isinstance(reply, Tokens):
+            assembler.tokens(reply)
+        elif isinstance(reply, Final):
+            return assembler.response(reply)
+    raise UpstreamFailure("the reply stream ended without a final message")
+
+
+async def sse_events(replies: ReplyStream, assembler: StreamAssembler) -> AsyncIterator[dict[str, str]]:
+    """SSE payloads of one streamed response; an error after the start becomes an error event."""
+    try:
+        async for reply in replies:
+            if isinstance(reply, Tokens):
+                chunks = assembler.tokens(reply)
+            elif isinstance(reply, Final):
+                chunks = assembler.final(reply)
+            else:
+                continue
+            for chunk in chunks:
+                yield {"data": json.dumps(chunk, separators=(",", ":"))}
+        yield {"data": "[DONE]"}
+    except APIError as exc:
+        yield {"data": json.dumps(exc.envelope())}
+    finally:
+        # Cancellation (client gone) must not skip telling the worker to stop.
+        with anyio.CancelScope(shield=True):
+            await replies.close()
+
+
+async def until_disconnect(request: Request, work: Callable[[], Awaitable[T]]) -> T | None:
+    """Run ``work`` unless the client disconnects first (then ``None``)."""
+    result: list[T] = []
+    failure: list[APIError] = []
+    async with anyio.create_task_group() as group:
+
+        async def run() -> None:
+            try:
+                result.append(await work())
+            except APIError as exc:  # re-raised below, not wrapped in an ExceptionGroup
+                failure.append(exc)
+            group.cancel_scope.cancel()
+
+        async def watch() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            group.cancel_scope.cancel()
+
+        group.start_soon(run)
+        group.start_soon(watch)
+    if failure:
+        raise failure[0]
+    return result[0] if result else None
+
+
+def new_request_id() -> str:
+    """Unguessable: job ids double as the reply channel name."""
+    return "req_" + secrets.token_hex(16)

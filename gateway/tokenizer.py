@@ -1,0 +1,78 @@
+"""Turns chat messages or a text prompt into token ids, with the tokenizer the workers advertise.
+
+The gateway tokenizes (as vLLM's own API server does) so it can refuse a prompt that does not fit the
+model's context before anything is enqueued, and so a job carries exact token ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from gateway.errors import InvalidRequest, Unavailable
+from gateway.schemas import ChatMessage
+
+
+class _HFTokenizer(Protocol):
+    vocab_size: int
+
+    def __len__(self) -> int: ...
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+    def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
+
+
+class PromptBuilder:
+    """One loaded tokenizer: applies the chat template and encodes prompts."""
+
+    def __init__(self, tokenizer: _HFTokenizer) -> None:
+        self._tok = tokenizer
+        self._vocab = len(tokenizer)
+
+    def chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        conversation = [{"role": m.role, "content": m.text()} for m in messages]
+        try:
+            text = self._tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # the template is user-supplied Jinja: any error is the input's
+            raise InvalidRequest(
+                f"the chat template rejected these messages: {exc}", param="messages"
+            ) from exc
+        return self._tok.encode(str(text), add_special_tokens=False)
+
+    def text(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self._tok.encode(prompt, add_special_tokens=True)
+        bad = next((t for t in prompt if not 0 <= t < self._vocab), None)
+        if bad is not None:
+            raise InvalidRequest(
+                f"token id {bad} is outside the vocabulary (0..{self._vocab - 1})", param="prompt"
+            )
+        return list(prompt)
+
+
+class TokenizerCache:
+    """Loads each tokenizer once (off the event loop) and keeps it."""
+
+    def __init__(self) -> None:
+        self._loaded: dict[str, PromptBuilder] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def get(self, source: str) -> PromptBuilder:
+        if (builder := self._loaded.get(source)) is not None:
+            return builder
+        lock = self._locks.setdefault(source, asyncio.Lock())
+        async with lock:
+            if (builder := self._loaded.get(source)) is None:
+                builder = PromptBuilder(await asyncio.to_thread(_load, source))
+                self._loaded[source] = builder
+        return builder
+
+
+def _load(source: str) -> _HFTokenizer:
+    from transformers import AutoTokenizer
+
+    try:
+        tok: _HFTokenizer = AutoTokenizer.from_pretrained(source)  # type: ignore[assignment]
+    except (OSError, ValueError) as exc:
+        raise Unavailable(f"cannot load the tokenizer of this model from {source!r}: {exc}") from exc
+    return tok

@@ -1,0 +1,1 @@
+"""The contract between Switchyard's gateway and workers: Redis names, wire schemas, settings."""

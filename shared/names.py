@@ -1,0 +1,57 @@
+"""Every Redis key, stream, group and channel name Switchyard uses, built in one place.
+
+All names start with a configurable prefix (``switchyard`` by default) so several deployments, or
+several test runs, can share one Redis. They are plain strings meant to be typed into ``redis-cli``:
+
+    XLEN       switchyard:jobs:<model>:<tenant>          backlog of one tenant for one model
+    XPENDING   switchyard:jobs:<model>:<tenant> workers  jobs taken by workers, not yet finished
+    SMEMBERS   switchyard:streams:<model>                every job stream of a model
+    ZRANGE     switchyard:workers 0 -1 WITHSCORES        live workers by last heartbeat
+    GET        switchyard:worker:<id>                    what one worker serves (JSON)
+    PUBSUB CHANNELS switchyard:reply:*                   requests being answered right now
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GROUP = "workers"
+"""Consumer group that every worker of a model joins on each of that model's job streams."""
+
+JOB_FIELD = "job"
+"""Stream entry field that holds the JSON-encoded job."""
+
+
+@dataclass(frozen=True, slots=True)
+class Names:
+    prefix: str = "switchyard"
+
+    def jobs_stream(self, model: str, tenant: str) -> str:
+        return f"{self.prefix}:jobs:{model}:{tenant}"
+
+    def streams_index(self, model: str) -> str:
+        """Set of the job streams of one model, so workers find every tenant's stream."""
+        return f"{self.prefix}:streams:{model}"
+
+    def reply_channel(self, request_id: str) -> str:
+        return f"{self.prefix}:reply:{request_id}"
+
+    def cancel_channel(self) -> str:
+        return f"{self.prefix}:cancel"
+
+    def cancelled(self, request_id: str) -> str:
+        """Marker left when a client gave up, so a worker that takes the job later skips it."""
+        return f"{self.prefix}:cancelled:{request_id}"
+
+    def workers(self) -> str:
+        return f"{self.prefix}:workers"
+
+    def worker(self, worker_id: str) -> str:
+        return f"{self.prefix}:worker:{worker_id}"
+
+    def models(self) -> str:
+        """Hash of every model a worker has ever served here, to tell 'unknown' from 'no worker now'."""
+        return f"{self.prefix}:models"
+
+    def dead_letter(self, model: str) -> str:
+        return f"{self.prefix}:dead:{model}"

@@ -1,0 +1,66 @@
+"""Start one gateway or one worker in this process, with start-up problems reported as one line."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+
+from shared.settings import GatewaySettings, RedisSettings, WorkerSettings
+
+
+class StartupError(Exception):
+    """Something a user can fix before the process can serve (address taken, Redis down, bad path)."""
+
+
+def check_redis(settings: RedisSettings, timeout: float = 3.0) -> None:
+    import redis
+    from redis.exceptions import RedisError
+
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=timeout, socket_timeout=timeout)
+    try:
+        client.ping()
+    except (RedisError, OSError) as exc:
+        raise StartupError(f"cannot reach Redis at {settings.redis_url}: {exc}") from exc
+    finally:
+        client.close()
+
+
+def check_port_free(host: str, port: int) -> None:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise StartupError(
+                    f"port {port} on {host} is already in use; pick another with --port"
+                ) from exc
+            raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+
+
+def run_gateway(settings: GatewaySettings) -> None:
+    import uvicorn
+
+    from gateway.app import create_app
+
+    check_port_free(settings.host, settings.port)
+    check_redis(settings)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+
+
+def run_worker(settings: WorkerSettings) -> None:
+    from worker.main import WorkerStartError, serve
+
+    check_redis(settings)
+    try:
+        asyncio.run(serve(settings))
+    except WorkerStartError as exc:
+        raise StartupError(str(exc)) from exc

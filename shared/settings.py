@@ -1,0 +1,74 @@
+"""Typed settings, read once at start-up (environment ``SWITCHYARD_*`` or CLI flags) and passed down."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.names import Names
+
+
+class RedisSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SWITCHYARD_", extra="ignore", populate_by_name=True)
+
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        validation_alias="REDIS_URL",
+        description="Redis every gateway and worker shares.",
+    )
+    key_prefix: str = Field(default="switchyard", description="Prefix of every Redis name.")
+
+    @property
+    def names(self) -> Names:
+        return Names(self.key_prefix)
+
+
+class GatewaySettings(RedisSettings):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    ping_interval: float = Field(default=10.0, gt=0, description="Seconds between SSE keep-alives.")
+    request_timeout: float = Field(
+        default=600.0, gt=0, description="Longest a request may take, queueing included."
+    )
+    stall_timeout: float = Field(
+        default=60.0,
+        gt=0,
+        description="Longest silence from the worker once a job has started before the request fails.",
+    )
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    max_n: int = Field(default=8, ge=1, description="Largest `n` (choices per request) accepted.")
+    worker_ttl: float = Field(
+        default=10.0, gt=0, description="A worker whose heartbeat is older is taken for dead."
+    )
+
+
+class WorkerSettings(RedisSettings):
+    model: str = Field(default="demo", description="'demo', a Hugging Face model id, or a path.")
+    served_model_name: str | None = None
+    max_model_len: int | None = None
+    dtype: str = "auto"
+    enforce_eager: bool = True
+    kv_cache_gib: float | None = Field(
+        default=None,
+        gt=0,
+        description="KV cache size in GiB; unset lets vLLM size it (the demo model defaults to 1).",
+    )
+    capacity: int = Field(default=256, ge=1, description="Jobs one worker runs at once.")
+    flush_interval: float = Field(
+        default=0.04,
+        ge=0,
+        description="Seconds a worker gathers tokens before publishing them (first token: at once).",
+    )
+    heartbeat_interval: float = Field(default=2.0, gt=0)
+    reclaim_idle: float = Field(
+        default=15.0,
+        gt=0,
+        description="A pending job whose worker has not refreshed its claim for this long is retaken.",
+    )
+    max_deliveries: int = Field(
+        default=3, ge=1, description="Deliveries after which a job goes to the dead-letter stream."
+    )
+    drain_timeout: float = Field(
+        default=30.0, ge=0, description="On SIGTERM, how long running jobs may take to finish."
+    )
+    worker_id: str | None = None

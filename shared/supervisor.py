@@ -1,0 +1,179 @@
+"""``switchyard up``: Redis (embedded unless given), one gateway and N workers as child processes.
+
+Children run in their own sessions so that Ctrl-C reaches only the supervisor, which then stops
+them in order (gateway and workers get SIGTERM and a grace period, then SIGKILL of their whole
+process group, vLLM's engine process included) and finally the embedded Redis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from types import FrameType
+
+from shared.redis_server import EmbeddedRedis, RedisUnavailable
+from shared.serve import StartupError, check_port_free, check_redis
+from shared.settings import GatewaySettings, WorkerSettings
+
+READY_TIMEOUT = 600.0
+STOP_GRACE = 15.0
+
+
+def settings_env(settings: GatewaySettings | WorkerSettings) -> dict[str, str]:
+    """The settings as the environment variables a child process reads them from."""
+    env = {}
+    for name, value in settings.model_dump(exclude_none=True).items():
+        key = "REDIS_URL" if name == "redis_url" else f"SWITCHYARD_{name.upper()}"
+        env[key] = str(value).lower() if isinstance(value, bool) else str(value)
+    return env
+
+
+class Supervisor:
+    def __init__(
+        self, gateway: GatewaySettings, worker: WorkerSettings, workers: int, redis_port: int | None
+    ) -> None:
+        self.gateway = gateway
+        self.worker = worker
+        self.workers = workers
+        self.redis_port = redis_port
+        self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.redis: EmbeddedRedis | None = None
+        self._stop_requested = False
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.gateway.host}:{self.gateway.port}"
+
+    def run(self) -> None:
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self._start()
+            self._announce()
+            self._watch()
+        finally:
+            self._stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self._stop_requested:  # a second Ctrl-C: no more waiting
+            for _, proc in self.children:
+                _killpg(proc, signal.SIGKILL)
+        self._stop_requested = True
+
+    def _start(self) -> None:
+        check_port_free(self.gateway.host, self.gateway.port)
+        if self.redis_port is not None:
+            try:
+                self.redis = EmbeddedRedis(self.redis_port).start()
+            except RedisUnavailable as exc:
+                raise StartupError(f"{exc} (use --redis-url to use that server, or --redis-port)") from exc
+            url = self.redis.url
+            self.gateway = self.gateway.model_copy(update={"redis_url": url})
+            self.worker = self.worker.model_copy(update={"redis_url": url})
+        else:
+            check_redis(self.gateway)
+        self.worker = self._resolve_demo(self.worker)
+        for i in range(self.workers):
+            self._spawn(f"worker-{i + 1}", "worker", settings_env(self.worker))
+        self._spawn("gateway", "gateway", settings_env(self.gateway))
+        self._wait_ready()
+
+    @staticmethod
+    def _resolve_demo(worker: WorkerSettings) -> WorkerSettings:
+        """Build the demo model once here, not once per worker."""
+        from worker.main import DEMO_KV_CACHE_GIB, WorkerStartError, resolve_model
+
+        try:
+            path, served = resolve_model(worker.model, worker.served_model_name)
+        except WorkerStartError as exc:
+            raise StartupError(str(exc)) from exc
+        update: dict[str, object] = {"model": path, "served_model_name": served}
+        if worker.model == "demo" and worker.kv_cache_gib is None:
+            update["kv_cache_gib"] = DEMO_KV_CACHE_GIB
+        return worker.model_copy(update=update)
+
+    def _spawn(self, name: str, role: str, env: dict[str, str]) -> None:
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHYARD_")}
+        full_env.update(env)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "shared.cli", role],
+            env=full_env,
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+        )
+        self.children.append((name, proc))
+
+    def _wait_ready(self) -> None:
+        print(
+            f"switchyard: starting {self.workers} worker(s) and the gateway (first start builds the "
+            "demo model and loads the engine; this takes a minute)...",
+            flush=True,
+        )
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            self._check_children()
+            if self._stop_requested:
+                raise StartupError("interrupted before the system was ready")
+            try:
+                with urllib.request.urlopen(f"{self.base_url}/readyz", timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.5)
+        raise StartupError(f"the system was not ready after {READY_TIMEOUT:.0f}s")
+
+    def _check_children(self) -> None:
+        for name, proc in self.children:
+            code = proc.poll()
+            if code is not None:
+                raise StartupError(f"{name} exited with status {code}; see its message above")
+
+    def _announce(self) -> None:
+        model = self.worker.served_model_name or self.worker.model
+        redis = self.redis.url if self.redis else self.gateway.redis_url
+        print(
+            f"""
+Switchyard is serving {model} at {self.base_url}/v1   (Redis: {redis})
+
+  curl {self.base_url}/v1/chat/completions -H 'content-type: application/json' \\
+       -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}], "max_tokens": 32}}'
+
+  python -c "from openai import OpenAI; \\
+c = OpenAI(base_url='{self.base_url}/v1', api_key='none'); \\
+r = c.chat.completions.create(model='{model}', messages=[{{'role': 'user', 'content': 'Hi'}}]); \\
+print(r.choices[0].message.content)"
+
+Press Ctrl-C to stop.
+""",
+            flush=True,
+        )
+
+    def _watch(self) -> None:
+        while not self._stop_requested:
+            self._check_children()
+            time.sleep(0.5)
+
+    def _stop(self) -> None:
+        for _, proc in self.children:
+            _killpg(proc, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE
+        for _, proc in self.children:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            _killpg(proc, signal.SIGKILL)  # the whole group: vLLM's engine process too
+            proc.wait()
+        if self.redis is not None:
+            self.redis.stop()
+
+
+def _killpg(proc: subprocess.Popen[bytes], sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)

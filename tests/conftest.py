@@ -1,0 +1,122 @@
+"""Session-wide real parts: one redis-server, one vLLM worker on the demo model, one gateway.
+
+The engine starts once per test session; tests isolate themselves by key prefix or by their own
+request ids, never by flushing Redis.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from openai import AsyncOpenAI, OpenAI
+from redis.asyncio import Redis
+
+from shared.names import Names
+from shared.redis_server import EmbeddedRedis, free_port
+from tests.procs import ready, spawn, stop, wait_until
+
+PREFIX = "sytest"
+MAX_MODEL_LEN = 1024
+
+
+@dataclass(frozen=True)
+class System:
+    base_url: str
+    redis_url: str
+    names: Names
+    model: str
+    model_dir: Path
+    logs: Path
+
+    def env(self, **extra: str) -> dict[str, str]:
+        base = {"REDIS_URL": self.redis_url, "SWITCHYARD_KEY_PREFIX": self.names.prefix}
+        return {**base, **extra}
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[EmbeddedRedis]:
+    with EmbeddedRedis() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from worker.demo_model import ensure_demo_model
+
+    cache = os.environ.get("SWITCHYARD_TEST_MODEL_DIR")
+    return ensure_demo_model(Path(cache) if cache else None)
+
+
+def worker_env(system_env: dict[str, str], model_dir: Path, **extra: str) -> dict[str, str]:
+    return {
+        **system_env,
+        "SWITCHYARD_MODEL": str(model_dir),
+        "SWITCHYARD_SERVED_MODEL_NAME": "switchyard-demo",
+        "SWITCHYARD_MAX_MODEL_LEN": str(MAX_MODEL_LEN),
+        "SWITCHYARD_DTYPE": "float32",
+        "SWITCHYARD_KV_CACHE_GIB": "1",
+        "SWITCHYARD_HEARTBEAT_INTERVAL": "0.25",
+        "SWITCHYARD_RECLAIM_IDLE": "3",
+        "SWITCHYARD_DRAIN_TIMEOUT": "5",
+        **extra,
+    }
+
+
+@pytest.fixture(scope="session")
+def system(
+    redis_server: EmbeddedRedis, demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[System]:
+    logs = tmp_path_factory.mktemp("logs")
+    port = free_port()
+    sys_ = System(
+        base_url=f"http://127.0.0.1:{port}",
+        redis_url=redis_server.url,
+        names=Names(PREFIX),
+        model="switchyard-demo",
+        model_dir=demo_model_dir,
+        logs=logs,
+    )
+    worker_log, gateway_log = logs / "worker.log", logs / "gateway.log"
+    worker = spawn("worker", worker_env(sys_.env(), demo_model_dir), worker_log)
+    gateway = spawn(
+        "gateway",
+        sys_.env(SWITCHYARD_PORT=str(port), SWITCHYARD_PING_INTERVAL="0.5", SWITCHYARD_WORKER_TTL="3"),
+        gateway_log,
+    )
+    try:
+        wait_until(
+            lambda: ready(sys_.base_url),
+            300,
+            "gateway and worker ready",
+            procs=(worker, gateway),
+            logs=(worker_log, gateway_log),
+        )
+        yield sys_
+    finally:
+        stop(gateway)
+        stop(worker)
+
+
+@pytest.fixture(scope="session")
+def client(system: System) -> OpenAI:
+    return OpenAI(base_url=f"{system.base_url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest_asyncio.fixture(scope="session")
+async def aclient(system: System) -> AsyncIterator[AsyncOpenAI]:
+    async with AsyncOpenAI(
+        base_url=f"{system.base_url}/v1", api_key="unused", max_retries=0, timeout=120
+    ) as c:
+        yield c
+
+
+@pytest_asyncio.fixture
+async def redis(redis_server: EmbeddedRedis) -> AsyncIterator[Redis]:
+    r = Redis.from_url(redis_server.url)
+    yield r
+    await r.aclose()

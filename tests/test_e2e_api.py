@@ -1,0 +1,215 @@
+"""The OpenAI API end to end: official SDK → gateway → Redis → worker → vLLM on the demo model."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import openai
+import pytest
+from openai import AsyncOpenAI, OpenAI
+from redis.asyncio import Redis
+
+from tests.conftest import MAX_MODEL_LEN, System
+
+pytestmark = pytest.mark.e2e
+
+USER = [{"role": "user", "content": "Tell me about the harbour."}]
+EXACT = {"ignore_eos": True}
+
+
+def test_chat_non_streaming_returns_exactly_max_tokens(client: OpenAI, system: System) -> None:
+    raw = client.chat.completions.with_raw_response.create(
+        model=system.model, messages=USER, max_tokens=12, extra_body=EXACT
+    )
+    assert raw.headers["x-request-id"].startswith("req_")
+    resp = raw.parse()
+    assert resp.object == "chat.completion"
+    assert resp.choices[0].message.role == "assistant"
+    assert resp.choices[0].finish_reason == "length"
+    assert resp.usage is not None and resp.usage.completion_tokens == 12
+    assert resp.usage.prompt_tokens > 0
+    assert resp.choices[0].message.content
+
+
+def test_chat_streaming_chunks_reassemble(client: OpenAI, system: System) -> None:
+    stream = client.chat.completions.create(
+        model=system.model,
+        messages=USER,
+        max_completion_tokens=20,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body=EXACT,
+    )
+    chunks = list(stream)
+    content = [c for c in chunks if c.choices]
+    assert content[0].choices[0].delta.role == "assistant"
+    assert content[-1].choices[0].finish_reason == "length"
+    assert all(c.choices[0].finish_reason is None for c in content[:-1])
+    assert len({c.id for c in chunks}) == 1
+    usage = chunks[-1].usage
+    assert not chunks[-1].choices and usage is not None and usage.completion_tokens == 20
+    # Coalescing: fewer chunks than tokens is allowed, more is not.
+    assert len(content) <= 20
+
+
+def test_streaming_and_non_streaming_agree_under_a_seed(client: OpenAI, system: System) -> None:
+    args = {"model": system.model, "messages": USER, "max_tokens": 16, "seed": 7, "temperature": 1.0}
+    full = client.chat.completions.create(**args).choices[0].message.content
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(**args, stream=True)
+        if c.choices
+    )
+    again = client.chat.completions.create(**args).choices[0].message.content
+    assert full == again == streamed
+
+
+def test_stop_string_cuts_the_output(client: OpenAI, system: System) -> None:
+    greedy = {"model": system.model, "messages": USER, "temperature": 0.0, "extra_body": EXACT}
+    text = client.chat.completions.create(max_tokens=40, **greedy).choices[0].message.content or ""
+    stop = next(
+        text[i : i + 2]
+        for i in range(5, len(text) - 2)
+        if text[i : i + 2].strip() and text[i : i + 2] not in text[:i]
+    )
+    cut = client.chat.completions.create(max_tokens=40, stop=[stop], **greedy).choices[0]
+    assert cut.finish_reason == "stop"
+    assert cut.message.content == text[: text.index(stop)]
+
+
+def test_n_choices(client: OpenAI, system: System) -> None:
+    resp = client.chat.completions.create(
+        model=system.model, messages=USER, max_tokens=6, n=3, extra_body=EXACT
+    )
+    assert sorted(c.index for c in resp.choices) == [0, 1, 2]
+    assert resp.usage is not None and resp.usage.completion_tokens == 18
+    stream = client.chat.completions.create(
+        model=system.model, messages=USER, max_tokens=6, n=2, stream=True, extra_body=EXACT
+    )
+    finished = {c.choices[0].index for c in stream if c.choices and c.choices[0].finish_reason}
+    assert finished == {0, 1}
+
+
+def test_text_completions_string_and_token_ids(client: OpenAI, system: System) -> None:
+    resp = client.completions.create(
+        model=system.model, prompt="Once upon a time", max_tokens=9, extra_body=EXACT
+    )
+    assert resp.object == "text_completion"
+    assert resp.choices[0].finish_reason == "length" and resp.usage is not None
+    assert resp.usage.completion_tokens == 9
+    ids = client.completions.create(model=system.model, prompt=[5, 6, 7, 8], max_tokens=4, extra_body=EXACT)
+    assert ids.usage is not None and ids.usage.prompt_tokens == 4
+    stream = list(
+        client.completions.create(
+            model=system.model, prompt="Hello", max_tokens=8, stream=True, extra_body=EXACT
+        )
+    )
+    assert stream[-1].choices[0].finish_reason == "length"
+    assert "".join(c.choices[0].text for c in stream)
+
+
+def test_default_completion_budget_is_openais_16(client: OpenAI, system: System) -> None:
+    resp = client.completions.create(model=system.model, prompt="Hello", extra_body=EXACT)
+    assert resp.usage is not None and resp.usage.completion_tokens == 16
+
+
+def test_models_and_health(client: OpenAI, system: System) -> None:
+    assert [m.id for m in client.models.list().data] == [system.model]
+    assert client.models.retrieve(system.model).id == system.model
+    assert httpx.get(f"{system.base_url}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{system.base_url}/readyz")
+    assert ready.status_code == 200 and ready.json()["models"] == [system.model]
+
+
+async def test_fifty_concurrent_streams_all_complete_exactly(aclient: AsyncOpenAI, system: System) -> None:
+    async def one(i: int) -> tuple[int, str]:
+        stream = await aclient.chat.completions.create(
+            model=system.model,
+            messages=[{"role": "user", "content": f"request {i}"}],
+            max_tokens=32,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body=EXACT,
+        )
+        text, tokens = [], -1
+        async for chunk in stream:
+            if chunk.choices:
+                text.append(chunk.choices[0].delta.content or "")
+            if chunk.usage:
+                tokens = chunk.usage.completion_tokens
+        return tokens, "".join(text)
+
+    results = await asyncio.gather(*(one(i) for i in range(50)))
+    assert [t for t, _ in results] == [32] * 50
+    assert all(text for _, text in results)
+
+
+# -- errors -----------------------------------------------------------------------------------------
+
+
+async def entries_added(redis: Redis, system: System) -> int:
+    stream = system.names.jobs_stream(system.model, "default")
+    info = await redis.xinfo_stream(stream)
+    return (
+        int(info["entries-added"])
+        if "entries-added" in info
+        else int(info["last-generated-id"].split(b"-")[0])
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"temperature": 7}, "temperature"),
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"n": 0}, "n"),
+        ({"n": 99}, "n"),
+        ({"extra_body": {"frobnicate": True}}, "frobnicate"),
+        ({"extra_body": {"min_tokens": 50}, "max_tokens": 5}, "min_tokens"),
+        ({"max_tokens": MAX_MODEL_LEN}, "messages"),
+    ],
+)
+async def test_bad_input_is_a_400_and_enqueues_nothing(
+    aclient: AsyncOpenAI, system: System, redis: Redis, kwargs: dict, param: str
+) -> None:
+    before = await entries_added(redis, system)
+    with pytest.raises(openai.BadRequestError) as info:
+        await aclient.chat.completions.create(model=system.model, messages=USER, **kwargs)
+    assert info.value.status_code == 400
+    body = info.value.body
+    assert isinstance(body, dict) and body["param"] == param and body["type"] == "invalid_request_error"
+    assert await entries_added(redis, system) == before
+
+
+def test_context_length_exceeded_code(client: OpenAI, system: System) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=system.model, prompt=[1] * (MAX_MODEL_LEN - 3), max_tokens=10)
+    assert info.value.code == "context_length_exceeded"
+
+
+def test_unknown_model_is_404(client: OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="no-such-model", messages=USER)
+    assert info.value.code == "model_not_found"
+
+
+def test_raw_http_errors_are_openai_shaped(system: System) -> None:
+    url = f"{system.base_url}/v1/chat/completions"
+    cases = [
+        (httpx.post(url, content=b"{not json", headers={"content-type": "application/json"}), 400),
+        (httpx.post(url, json={"model": system.model}), 400),
+        (httpx.post(url, json=[1, 2]), 400),
+        (httpx.get(f"{system.base_url}/v1/nothing-here"), 404),
+        (httpx.post(url, content=b"x" * (5 * 1024 * 1024)), 413),
+    ]
+    for resp, status in cases:
+        assert resp.status_code == status, resp.text
+        assert set(resp.json()["error"]) == {"message", "type", "param", "code"}
+        assert resp.headers["x-request-id"]
+
+
+def test_out_of_vocabulary_token_ids_are_rejected(client: OpenAI, system: System) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=system.model, prompt=[1, 10**7], max_tokens=2)
+    assert info.value.param == "prompt"

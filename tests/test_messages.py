@@ -1,0 +1,67 @@
+"""Wire schemas: round trips and refusal of what this release cannot read."""
+
+import pytest
+
+from shared.messages import (
+    Failure,
+    Final,
+    Job,
+    Sampling,
+    Started,
+    Tokens,
+    Usage,
+    WireError,
+    decode_job,
+    decode_reply,
+    encode,
+)
+from shared.names import Names
+
+
+def test_every_reply_type_round_trips() -> None:
+    replies = [
+        Started(seq=0, worker="w1", attempt=1),
+        Tokens(seq=1, index=0, text="héllo", token_ids=(1, 2), finish_reason=None),
+        Final(seq=2, finish_reasons=("stop",), usage=Usage(prompt_tokens=3, completion_tokens=2)),
+        Failure(seq=3, status=400, code="invalid_request", message="bad"),
+    ]
+    for reply in replies:
+        assert decode_reply(encode(reply)) == reply
+
+
+def test_job_round_trips_and_rejects_other_versions() -> None:
+    job = Job(
+        id="req_1",
+        tenant="t",
+        model="m",
+        prompt_token_ids=(1, 2, 3),
+        sampling=Sampling(max_tokens=4, stop=("x",), n=2),
+        created_at=1.5,
+    )
+    assert decode_job(encode(job)) == job
+    with pytest.raises(WireError):
+        decode_job(encode(job).replace('"v":1', '"v":99'))
+
+
+def test_garbage_is_a_wire_error_not_a_crash() -> None:
+    with pytest.raises(WireError):
+        decode_reply(b"not json")
+    with pytest.raises(WireError):
+        decode_reply(b'{"type": "nope", "seq": 1}')
+
+
+def test_names_share_the_prefix_and_are_distinct() -> None:
+    names = Names("p")
+    built = {
+        names.jobs_stream("m", "t"),
+        names.streams_index("m"),
+        names.reply_channel("r"),
+        names.cancel_channel(),
+        names.cancelled("r"),
+        names.workers(),
+        names.worker("w"),
+        names.models(),
+        names.dead_letter("m"),
+    }
+    assert len(built) == 9
+    assert all(n.startswith("p:") for n in built)

@@ -1,0 +1,252 @@
+"""Pulls jobs from every tenant stream of the worker's model and runs many at once.
+
+Reading stops while the worker is at capacity, so jobs wait in Redis (visible to ``XLEN``) rather
+than in a worker's memory, and any worker with room can take them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterable
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from shared.messages import Failure, WireError, decode_job, encode
+from shared.names import GROUP, JOB_FIELD, Names
+from shared.scripts import Scripts
+from shared.settings import WorkerSettings
+from worker.engine import Engine
+from worker.runner import Claim, JobRunner
+
+log = logging.getLogger(__name__)
+
+READ_BLOCK_MS = 250
+STREAMS_REFRESH = 1.0
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class Consumer:
+    def __init__(
+        self, redis: Redis, names: Names, settings: WorkerSettings, engine: Engine, worker_id: str
+    ) -> None:
+        self._redis = redis
+        self._names = names
+        self._settings = settings
+        self._worker_id = worker_id
+        self._model = engine.model_name
+        self._scripts = Scripts(redis)
+        self.inflight: dict[str, tuple[asyncio.Task[None], Claim]] = {}
+        self._client_gone: set[str] = set()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._stopping = asyncio.Event()
+        self._streams: list[str] = []
+        self._streams_at = float("-inf")
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.runner = JobRunner(
+            redis, names, engine, worker_id, settings.flush_interval, client_gone=self.client_gone
+        )
+
+    def client_gone(self, job_id: str) -> bool:
+        return job_id in self._client_gone
+
+    def stop(self) -> None:
+        """Stop taking jobs; running ones go on (see :meth:`drain`)."""
+        self._stopping.set()
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    async def read_loop(self) -> None:
+        backoff = 0.1
+        while not self._stopping.is_set():
+            await self._room.wait()
+            try:
+                await self._read_once()
+                backoff = 0.1
+            except (RedisError, OSError) as exc:
+                if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
+                    self._streams_at = float("-inf")  # Redis lost the group: recreate it now
+                    continue
+                log.warning("reading jobs failed (%s); retrying in %.1fs", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _read_once(self) -> None:
+        streams = await self._job_streams()
+        if not streams:
+            await asyncio.sleep(READ_BLOCK_MS / 1000)
+            return
+        free = self._settings.capacity - len(self.inflight)
+        count = max(1, free // len(streams))
+        reply = await self._redis.xreadgroup(
+            GROUP, self._worker_id, {s: ">" for s in streams}, count=count, block=READ_BLOCK_MS
+        )
+        for stream, entries in reply or ():
+            for entry_id, fields in entries:
+                await self._take(_text(stream), _text(entry_id), fields, attempt=1)
+
+    async def _job_streams(self) -> list[str]:
+        """Every job stream of this model, with the consumer group ensured on new ones."""
+        now = time.monotonic()
+        if now - self._streams_at < STREAMS_REFRESH:
+            return self._streams
+        members = await self._redis.smembers(self._names.streams_index(self._model))  # type: ignore[misc]
+        streams = sorted(_text(m) for m in members)
+        for stream in set(streams) - set(self._streams) if self._streams_at > float("-inf") else streams:
+            await self._ensure_group(stream)
+        self._streams, self._streams_at = streams, now
+        return streams
+
+    async def _ensure_group(self, stream: str) -> None:
+        try:
+            # From id 0: jobs enqueued before the group existed must not be skipped.
+            await self._redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def _take(
+        self, stream: str, entry_id: str, fields: dict[bytes, bytes] | None, attempt: int
+    ) -> None:
+        raw = (fields or {}).get(JOB_FIELD.encode())
+        try:
+            if raw is None:
+                raise WireError("entry has no job field")
+            job = decode_job(raw)
+        except WireError as exc:
+            log.error("dropping undecodable entry %s on %s: %s", entry_id, stream, exc)
+            await self._dead_letter(stream, entry_id, raw, reason=str(exc))
+            return
+        claim = Claim(stream=stream, entry_id=entry_id, job=job, attempt=attempt)
+        if attempt > self._settings.max_deliveries:
+            await self._dead_letter(stream, entry_id, raw, reason=f"delivered {attempt - 1} times")
+            failure = Failure(
+                seq=0, status=500, code="job_failed", message="the job failed on every worker that tried it"
+            )
+            await self._redis.publish(self._names.reply_channel(job.id), encode(failure))
+            return
+        task = asyncio.create_task(self._run(claim), name=f"job-{job.id}")
+        self.inflight[job.id] = (task, claim)
+        if len(self.inflight) >= self._settings.capacity:
+            self._room.clear()
+
+    async def _run(self, claim: Claim) -> None:
+        try:
+            await self.runner.run(claim)
+        finally:
+            self.inflight.pop(claim.job.id, None)
+            self._client_gone.discard(claim.job.id)
+            self._room.set()
+
+    async def _dead_letter(self, stream: str, entry_id: str, raw: bytes | None, reason: str) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.xadd(
+                self._names.dead_letter(self._model),
+                {"stream": stream, "entry": entry_id, "reason": reason, JOB_FIELD: raw or b""},
+            )
+            pipe.xack(stream, GROUP, entry_id)
+            pipe.xdel(stream, entry_id)
+            await pipe.execute()
+
+    # -- claims ----------------------------------------------------------------------------------
+
+    async def claims_loop(self) -> None:
+        """Keep this worker's claims fresh and take over jobs whose worker went silent."""
+        period = min(self._settings.heartbeat_interval, self._settings.reclaim_idle / 3)
+        while not self._stopping.is_set():
+            try:
+                await self.refresh_claims()
+                if not self._stopping.is_set():
+                    await self.reclaim()
+            except (RedisError, OSError) as exc:
+                log.warning("claim upkeep failed: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), period)
+
+    async def refresh_claims(self) -> None:
+        by_stream: dict[str, list[str]] = {}
+        for _, claim in list(self.inflight.values()):
+            by_stream.setdefault(claim.stream, []).append(claim.entry_id)
+        for stream, ids in by_stream.items():
+            lost = await self._scripts.refresh_claims(stream, GROUP, self._worker_id, ids)
+            for entry_id in lost:
+                self._drop_lost(stream, entry_id)
+
+    def _drop_lost(self, stream: str, entry_id: str) -> None:
+        """Another worker owns this job now; running it here too would duplicate its output."""
+        for task, claim in list(self.inflight.values()):
+            if claim.stream == stream and claim.entry_id == entry_id:
+                log.warning("job %s was taken over by another worker; stopping it here", claim.job.id)
+                self._client_gone.add(claim.job.id)  # stop quietly: the new owner answers
+                task.cancel()
+
+    async def reclaim(self) -> None:
+        idle_ms = int(self._settings.reclaim_idle * 1000)
+        for stream in await self._job_streams():
+            free = self._settings.capacity - len(self.inflight)
+            if free <= 0:
+                return
+            reply = await self._redis.xautoclaim(stream, GROUP, self._worker_id, idle_ms, "0-0", count=free)
+            for entry_id, fields in _claimed_entries(reply):
+                delivered = await self._deliveries(stream, entry_id)
+                log.info("took over job entry %s on %s (delivery %d)", entry_id, stream, delivered)
+                await self._take(stream, entry_id, fields, attempt=delivered)
+
+    async def _deliveries(self, stream: str, entry_id: str) -> int:
+        rows = await self._redis.xpending_range(stream, GROUP, min=entry_id, max=entry_id, count=1)
+        return int(rows[0]["times_delivered"]) if rows else 1
+
+    # -- cancellation ----------------------------------------------------------------------------
+
+    async def cancel_loop(self) -> None:
+        """Abort jobs whose clients disconnected (the gateway announces them on one channel)."""
+        while not self._stopping.is_set():
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self._names.cancel_channel())
+                async for message in pubsub.listen():
+                    if message["type"] == "message":
+                        self.cancel(_text(message["data"]))
+            except (RedisError, OSError) as exc:
+                log.warning("cancel channel lost: %s", exc)
+                await asyncio.sleep(1.0)
+            finally:
+                await pubsub.aclose()
+
+    def cancel(self, job_id: str) -> None:
+        held = self.inflight.get(job_id)
+        if held is not None:
+            self._client_gone.add(job_id)
+            held[0].cancel()
+
+    # -- shutdown --------------------------------------------------------------------------------
+
+    async def drain(self, timeout: float) -> None:
+        """Let running jobs finish for up to ``timeout`` s, then stop the rest (clients get an error)."""
+        tasks = [t for t, _ in self.inflight.values()]
+        if tasks:
+            log.info("waiting up to %.0fs for %d running jobs", timeout, len(tasks))
+            _, late = await asyncio.wait(tasks, timeout=timeout)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+
+
+def _claimed_entries(reply: Iterable[object]) -> list[tuple[str, dict[bytes, bytes] | None]]:
+    """XAUTOCLAIM's claimed entries on Redis 6.2 (2 items) and 7.x (3 items, deleted ids apart)."""
+    items = list(reply)
+    entries = items[1] if len(items) > 1 else []
+    out: list[tuple[str, dict[bytes, bytes] | None]] = []
+    for entry in entries or ():  # type: ignore[attr-defined]
+        entry_id, fields = entry
+        if entry_id is None:  # Redis 6.2 reports an entry deleted since it was read as nil
+            continue
+        out.append((_text(entry_id), fields))
+    return out

@@ -1,0 +1,150 @@
+"""Worker process: start the engine, register, pull jobs until SIGTERM, drain, leave."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import socket
+import time
+from pathlib import Path
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from shared.messages import WorkerInfo
+from shared.settings import WorkerSettings
+from worker.consumer import Consumer
+from worker.engine import Engine, VLLMEngine
+from worker.heartbeat import Heartbeat
+
+log = logging.getLogger(__name__)
+
+
+class WorkerStartError(RuntimeError):
+    """A problem a user can fix (model path, Redis address); reported as one line."""
+
+
+def resolve_model(model: str, served_name: str | None) -> tuple[str, str | None]:
+    """Map 'demo' to the offline demo model (built on first use); check local paths exist."""
+    if model == "demo":
+        from worker.demo_model import DEMO_MODEL_NAME, ensure_demo_model
+
+        return str(ensure_demo_model()), served_name or DEMO_MODEL_NAME
+    looks_local = model.startswith(("/", ".", "~")) or (os.path.sep in model and Path(model).exists())
+    if looks_local and not Path(model).expanduser().is_dir():
+        raise WorkerStartError(f"model path {model} does not exist")
+    return str(Path(model).expanduser()) if looks_local else model, served_name
+
+
+async def check_redis(redis: Redis, url: str) -> None:
+    try:
+        await asyncio.wait_for(redis.ping(), 5)
+    except (RedisError, OSError, TimeoutError) as exc:
+        raise WorkerStartError(f"cannot reach Redis at {url}: {exc}") from exc
+
+
+DEMO_KV_CACHE_GIB = 1.0
+
+
+async def start_engine(settings: WorkerSettings) -> Engine:
+    path, served = resolve_model(settings.model, settings.served_model_name)
+    kv_gib = settings.kv_cache_gib
+    if kv_gib is None and settings.model == "demo":
+        kv_gib = DEMO_KV_CACHE_GIB  # a few MB of model has no use for most of the host's memory
+    extra = {} if kv_gib is None else {"kv_cache_memory_bytes": int(kv_gib * 2**30)}
+    return await VLLMEngine.start(
+        path,
+        served_name=served,
+        max_model_len=settings.max_model_len,
+        dtype=settings.dtype,
+        enforce_eager=settings.enforce_eager,
+        max_num_seqs=settings.capacity,
+        **extra,
+    )
+
+
+async def serve(settings: WorkerSettings, engine: Engine | None = None) -> None:
+    """Run one worker until SIGTERM/SIGINT; ``engine`` lets a caller supply its own."""
+    redis = Redis.from_url(settings.redis_url, health_check_interval=30)
+    try:
+        await check_redis(redis, settings.redis_url)
+        own_engine = engine is None
+        engine = engine or await start_engine(settings)
+        try:
+            await run_consumer(redis, settings, engine)
+        finally:
+            if own_engine:
+                engine.shutdown()
+    finally:
+        await redis.aclose()
+
+
+async def run_consumer(redis: Redis, settings: WorkerSettings, engine: Engine) -> None:
+    worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+    names = settings.names
+    consumer = Consumer(redis, names, settings, engine, worker_id)
+    now = time.time()
+    info = WorkerInfo(
+        id=worker_id,
+        model=engine.model_name,
+        tokenizer=engine.tokenizer_source,
+        max_model_len=engine.max_model_len,
+        capacity=settings.capacity,
+        started_at=now,
+        heartbeat_at=now,
+    )
+
+    def status() -> dict[str, object]:
+        stats = engine.stats()
+        return {
+            "inflight": len(consumer.inflight),
+            "running": stats.running,
+            "waiting": stats.waiting,
+            "kv_cache_usage": stats.kv_cache_usage,
+        }
+
+    heartbeat = Heartbeat(redis, names, info, settings.heartbeat_interval, status)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    loops = [
+        asyncio.create_task(consumer.read_loop(), name="read"),
+        asyncio.create_task(consumer.claims_loop(), name="claims"),
+        asyncio.create_task(consumer.cancel_loop(), name="cancel"),
+        asyncio.create_task(heartbeat.run(stopping), name="heartbeat"),
+    ]
+    log.info(
+        "worker %s serving %s (max_model_len %d, capacity %d)",
+        worker_id,
+        engine.model_name,
+        engine.max_model_len,
+        settings.capacity,
+    )
+    try:
+        await _until_stop_or_crash(stopping, loops)
+        log.info("stopping: no new jobs")
+        consumer.stop()
+        await consumer.drain(settings.drain_timeout)
+    finally:
+        stopping.set()
+        consumer.stop()
+        for task in loops:
+            task.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
+        await heartbeat.withdraw()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+async def _until_stop_or_crash(stopping: asyncio.Event, loops: list[asyncio.Task[None]]) -> None:
+    """Return on a stop signal; re-raise if a background loop dies unexpectedly."""
+    stop_wait = asyncio.create_task(stopping.wait())
+    done, _ = await asyncio.wait([stop_wait, *loops], return_when=asyncio.FIRST_COMPLETED)
+    stop_wait.cancel()
+    for task in done:
+        if task is not stop_wait and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
