@@ -35,7 +35,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         redis = Redis.from_url(settings.redis_url, health_check_interval=30)
         hub = ReplyHub(redis, control_channel=f"{names.prefix}:gateway-hub")
         hub_task = asyncio.create_task(hub.run(), name="reply-hub")
-        app.state.gateway = Gateway(
+        gateway = Gateway(
             settings=settings,
             redis=redis,
             registry=WorkerRegistry(redis, names, settings.worker_ttl),
@@ -44,6 +44,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                 redis, hub, names, Timeouts(total=settings.request_timeout, stall=settings.stall_timeout)
             ),
         )
+        app.state.gateway = gateway
+        background = [hub_task, asyncio.create_task(gateway.prewarm(), name="tokenizer-prewarm")]
         try:
             await asyncio.wait_for(hub.connected.wait(), 5)
         except TimeoutError:
@@ -53,8 +55,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         try:
             yield
         finally:
-            hub_task.cancel()
-            await asyncio.gather(hub_task, return_exceptions=True)
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             await redis.aclose()
 
     app = FastAPI(title="Switchyard", version="0.1.0", lifespan=lifespan)

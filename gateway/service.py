@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -13,6 +15,7 @@ import anyio
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse
 
 from gateway.chunks import FullAssembler, Kind, Meta, StreamAssembler
@@ -26,6 +29,8 @@ from shared.settings import GatewaySettings
 
 T = TypeVar("T")
 
+log = logging.getLogger(__name__)
+
 DEFAULT_TENANT = "default"
 
 
@@ -38,6 +43,16 @@ class Gateway:
     registry: WorkerRegistry
     tokenizers: TokenizerCache
     dispatcher: Dispatcher
+
+    async def prewarm(self, period: float = 2.0) -> None:
+        """Load each served model's tokenizer before its first request needs it."""
+        while True:
+            try:
+                for entry in (await self.registry.models()).values():
+                    await self.tokenizers.get(entry.tokenizer)
+            except (APIError, RedisError, OSError) as exc:
+                log.warning("tokenizer prewarm: %s", exc)
+            await asyncio.sleep(period)
 
     async def resolve(self, model: str) -> ModelEntry:
         live = await self.registry.models()

@@ -50,7 +50,8 @@ DEMO_KV_CACHE_GIB = 1.0
 
 
 async def start_engine(settings: WorkerSettings) -> Engine:
-    path, served = resolve_model(settings.model, settings.served_model_name)
+    # Building the demo model on first use takes seconds: keep the loop free meanwhile.
+    path, served = await asyncio.to_thread(resolve_model, settings.model, settings.served_model_name)
     kv_gib = settings.kv_cache_gib
     if kv_gib is None and settings.model == "demo":
         kv_gib = DEMO_KV_CACHE_GIB  # a few MB of model has no use for most of the host's memory
