@@ -52,12 +52,15 @@ def chat_body(system: System, **extra: object) -> dict[str, object]:
 
 
 async def test_streaming_disconnect_aborts_the_engine_request(system: System, redis: Redis) -> None:
-    async with httpx.AsyncClient(base_url=system.base_url, timeout=30) as http:
-        async with http.stream("POST", "/v1/chat/completions", json=chat_body(system, stream=True, **LONG)) as r:
-            lines = r.aiter_lines()
-            while not (await anext(lines)).startswith("data: {"):
-                pass
-            await wait_for(lambda: engine_busy(redis, system), 5)
+    body = chat_body(system, stream=True, **LONG)
+    async with (
+        httpx.AsyncClient(base_url=system.base_url, timeout=30) as http,
+        http.stream("POST", "/v1/chat/completions", json=body) as r,
+    ):
+        lines = r.aiter_lines()
+        while not (await anext(lines)).startswith("data: {"):
+            pass
+        await wait_for(lambda: engine_busy(redis, system), 5)
     # The connection is closed here, hundreds of tokens before the end.
     took = await wait_for(lambda: engine_idle(redis, system), 5)
     print(f"streaming disconnect → engine idle in {took:.2f}s")
@@ -76,8 +79,15 @@ async def test_non_streaming_disconnect_aborts_the_engine_request(system: System
 async def fake_model(redis: Redis, system: System, name: str, live: bool) -> None:
     """Advertise a model the way a worker does, but with no worker consuming its queue."""
     now = time.time()
-    info = WorkerInfo(id=f"idle-{name}", model=name, tokenizer=str(system.model_dir), max_model_len=512,
-                      capacity=1, started_at=now, heartbeat_at=now)
+    info = WorkerInfo(
+        id=f"idle-{name}",
+        model=name,
+        tokenizer=str(system.model_dir),
+        max_model_len=512,
+        capacity=1,
+        started_at=now,
+        heartbeat_at=now,
+    )
     await redis.hset(system.names.models(), name, encode(info))
     if live:
         await redis.set(system.names.worker(info.id), encode(info), ex=30)
@@ -90,15 +100,17 @@ async def test_queued_stream_gets_keepalives_and_its_cancel_is_recorded(system: 
     await asyncio.sleep(0.6)  # past the gateway's registry cache
     body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": True}
     pings = 0
-    async with httpx.AsyncClient(base_url=system.base_url, timeout=10) as http:
-        async with http.stream("POST", "/v1/chat/completions", json=body) as r:
-            request_id = r.headers["x-request-id"]
-            assert r.status_code == 200
-            begun = time.monotonic()
-            async for line in r.aiter_lines():
-                pings += line.startswith(":")
-                if time.monotonic() - begun > 1.3:
-                    break
+    async with (
+        httpx.AsyncClient(base_url=system.base_url, timeout=10) as http,
+        http.stream("POST", "/v1/chat/completions", json=body) as r,
+    ):
+        request_id = r.headers["x-request-id"]
+        assert r.status_code == 200
+        begun = time.monotonic()
+        async for line in r.aiter_lines():
+            pings += line.startswith(":")
+            if time.monotonic() - begun > 1.3:
+                break
     assert pings >= 2
     stream = system.names.jobs_stream(model, "default")
     assert await redis.xlen(stream) == 1  # still queued: nobody serves this model
@@ -110,17 +122,23 @@ async def test_known_model_without_live_worker_is_503(system: System, redis: Red
     model = "retired-" + uuid.uuid4().hex[:6]
     await fake_model(redis, system, model, live=False)
     async with httpx.AsyncClient(base_url=system.base_url) as http:
-        r = await http.post("/v1/chat/completions", json={"model": model, "messages": [
-            {"role": "user", "content": "hi"}]})
+        r = await http.post(
+            "/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "hi"}]}
+        )
     assert r.status_code == 503
     assert r.json()["error"]["code"] == "service_unavailable"
     assert int(r.headers["retry-after"]) >= 1
 
 
 def demo_job(system: System, max_tokens: int = 8) -> Job:
-    return Job(id="req_" + uuid.uuid4().hex, tenant="default", model=system.model,
-               prompt_token_ids=(1, 2, 3, 4), sampling=Sampling(max_tokens=max_tokens, ignore_eos=True),
-               created_at=time.time())
+    return Job(
+        id="req_" + uuid.uuid4().hex,
+        tenant="default",
+        model=system.model,
+        prompt_token_ids=(1, 2, 3, 4),
+        sampling=Sampling(max_tokens=max_tokens, ignore_eos=True),
+        created_at=time.time(),
+    )
 
 
 async def replies_of(redis: Redis, system: System, job: Job, until: type, timeout: float) -> list[object]:

@@ -31,13 +31,18 @@ class Env:
     dispatcher: Dispatcher
 
     def job(self) -> Job:
-        return Job(id="req_" + uuid.uuid4().hex, tenant="default", model="m", prompt_token_ids=(1, 2),
-                   sampling=Sampling(max_tokens=4), created_at=time.time())
+        return Job(
+            id="req_" + uuid.uuid4().hex,
+            tenant="default",
+            model="m",
+            prompt_token_ids=(1, 2),
+            sampling=Sampling(max_tokens=4),
+            created_at=time.time(),
+        )
 
     async def publish(self, job: Job, *replies: Started | Tokens | Final | Failure) -> None:
         for reply in replies:
             await self.redis.publish(self.names.reply_channel(job.id), encode(reply))
-
 
 
 async def _env(url: str, timeouts: Timeouts) -> AsyncIterator[Env]:
@@ -101,8 +106,9 @@ async def test_a_missing_message_fails_the_request(env: Env) -> None:
 async def test_a_second_start_after_tokens_is_an_error_not_duplicated_text(env: Env) -> None:
     job = env.job()
     replies = await env.dispatcher.submit(job)
-    await env.publish(job, Started(seq=0, worker="a", attempt=1), tok(1),
-                      Started(seq=0, worker="b", attempt=2), tok(1))
+    await env.publish(
+        job, Started(seq=0, worker="a", attempt=1), tok(1), Started(seq=0, worker="b", attempt=2), tok(1)
+    )
     with pytest.raises(UpstreamFailure) as info:
         await drain(replies)
     assert info.value.code == "worker_lost"
@@ -113,8 +119,9 @@ async def test_a_restart_before_any_token_is_followed(env: Env) -> None:
     job = env.job()
     replies = await env.dispatcher.submit(job)
     final = Final(seq=2, finish_reasons=("stop",), usage=Usage(prompt_tokens=2, completion_tokens=1))
-    await env.publish(job, Started(seq=0, worker="a", attempt=1), Started(seq=0, worker="b", attempt=2),
-                      tok(1), final)
+    await env.publish(
+        job, Started(seq=0, worker="a", attempt=1), Started(seq=0, worker="b", attempt=2), tok(1), final
+    )
     assert [type(r) for r in await drain(replies)] == [Started, Started, Tokens, Final]
     await replies.close()
 
@@ -134,8 +141,11 @@ async def test_silence_after_start_is_a_stall_timeout(env: Env) -> None:
 async def test_worker_failure_keeps_its_status(env: Env) -> None:
     job = env.job()
     replies = await env.dispatcher.submit(job)
-    await env.publish(job, Started(seq=0, worker="w", attempt=1),
-                      Failure(seq=1, status=400, code="invalid_request", message="nope"))
+    await env.publish(
+        job,
+        Started(seq=0, worker="w", attempt=1),
+        Failure(seq=1, status=400, code="invalid_request", message="nope"),
+    )
     with pytest.raises(InvalidRequest, match="nope"):
         await drain(replies)
     await replies.close()
