@@ -24,8 +24,8 @@ class RedisSettings(BaseSettings):
 
 
 class GatewaySettings(RedisSettings):
-    host: str = "127.0.0.1"
-    port: int = 8000
+    host: str = Field(default="127.0.0.1", description="Address the gateway listens on.")
+    port: int = Field(default=8000, description="Gateway port.")
     ping_interval: float = Field(default=10.0, gt=0, description="Seconds between SSE keep-alives.")
     request_timeout: float = Field(
         default=600.0, gt=0, description="Longest a request may take, queueing included."
@@ -35,7 +35,7 @@ class GatewaySettings(RedisSettings):
         gt=0,
         description="Longest silence from the worker once a job has started before the request fails.",
     )
-    max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0, description="Larger bodies get 413.")
     max_n: int = Field(default=8, ge=1, description="Largest `n` (choices per request) accepted.")
     worker_ttl: float = Field(
         default=10.0, gt=0, description="A worker whose heartbeat is older is taken for dead."
@@ -44,10 +44,12 @@ class GatewaySettings(RedisSettings):
 
 class WorkerSettings(RedisSettings):
     model: str = Field(default="demo", description="'demo', a Hugging Face model id, or a path.")
-    served_model_name: str | None = None
-    max_model_len: int | None = None
-    dtype: str = "auto"
-    enforce_eager: bool = True
+    served_model_name: str | None = Field(default=None, description="Name clients use for the model.")
+    max_model_len: int | None = Field(default=None, description="Context length; unset: the model's.")
+    dtype: str = Field(default="auto", description="Weights dtype passed to vLLM.")
+    enforce_eager: bool | None = Field(
+        default=None, description="Skip graph compilation; unset: on CPU hosts only."
+    )
     kv_cache_gib: float | None = Field(
         default=None,
         gt=0,
@@ -59,7 +61,9 @@ class WorkerSettings(RedisSettings):
         ge=0,
         description="Seconds a worker gathers tokens before publishing them (first token: at once).",
     )
-    heartbeat_interval: float = Field(default=2.0, gt=0)
+    heartbeat_interval: float = Field(
+        default=2.0, gt=0, description="Seconds between a worker's heartbeats and claim refreshes."
+    )
     reclaim_idle: float = Field(
         default=15.0,
         gt=0,
@@ -71,4 +75,4 @@ class WorkerSettings(RedisSettings):
     drain_timeout: float = Field(
         default=30.0, ge=0, description="On SIGTERM, how long running jobs may take to finish."
     )
-    worker_id: str | None = None
+    worker_id: str | None = Field(default=None, description="Consumer name; unset: host-pid-random.")

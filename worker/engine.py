@@ -143,13 +143,15 @@ class VLLMEngine:
         served_name: str | None = None,
         max_model_len: int | None = None,
         dtype: str = "auto",
-        enforce_eager: bool = False,
+        enforce_eager: bool | None = None,
         max_num_seqs: int = 256,
         **engine_kwargs: Any,
     ) -> VLLMEngine:
         """Start vLLM on ``model`` (a path or HF id) and wait until it answers.
 
-        ``engine_kwargs`` go to ``AsyncEngineArgs`` unchanged. Startup takes seconds to minutes
+        ``enforce_eager=None`` means eager on CPU hosts (no compiler toolchain to gain from there) and
+        vLLM's default (compiled, CUDA graphs) elsewhere. ``engine_kwargs`` go to
+        ``AsyncEngineArgs`` unchanged. Startup takes seconds to minutes
         (weights, KV cache, optional compilation); it runs in a thread to keep the loop alive.
         """
         snapshot = _SchedulerSnapshot()
@@ -162,7 +164,10 @@ class VLLMEngine:
         def construct() -> None:
             # Importing vLLM alone takes seconds: do it off the event loop too.
             from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.platforms import current_platform
             from vllm.v1.engine.async_llm import AsyncLLM
+
+            eager = current_platform.is_cpu() if enforce_eager is None else enforce_eager
 
             kwargs: dict[str, Any] = {
                 "enable_log_requests": False,
@@ -173,7 +178,7 @@ class VLLMEngine:
                 "model": model,
                 "served_model_name": served_name,
                 "dtype": dtype,
-                "enforce_eager": enforce_eager,
+                "enforce_eager": eager,
                 "max_num_seqs": max_num_seqs,
             }
             if max_model_len is not None:  # None: vLLM derives it from the model config

@@ -1,0 +1,33 @@
+# Everything goes through the project's own virtualenv, created on first use.
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.switchyard-installed
+ARGS ?=
+
+.PHONY: up test lint unit bench install clean
+
+up: $(STAMP)  ## Bring the whole system up: embedded Redis, gateway on :8000, one worker (demo model)
+	$(BIN)/switchyard up $(ARGS)
+
+test: $(STAMP) lint  ## The whole suite: lint, types, unit, integration and end-to-end tests
+	$(BIN)/pytest $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+unit: $(STAMP)  ## Only the tests that start no engine
+	$(BIN)/pytest -m "not e2e" $(ARGS)
+
+bench: $(STAMP)  ## Switchyard against vLLM's own server, same model and engine settings
+	$(BIN)/python loadtest/compare.py $(ARGS)
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml deploy/install.sh
+	deploy/install.sh $(VENV)
+	touch $@
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
