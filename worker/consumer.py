@@ -20,6 +20,7 @@ from shared.names import GROUP, JOB_FIELD, Names
 from shared.scripts import Scripts
 from shared.settings import WorkerSettings
 from worker.engine import Engine
+from worker.outbox import Outbox
 from worker.runner import Claim, JobRunner
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,9 @@ class Consumer:
         self._streams: list[str] = []
         self._streams_at = float("-inf")
         self._tasks: set[asyncio.Task[None]] = set()
+        self.outbox = Outbox(redis)
         self.runner = JobRunner(
-            redis, names, engine, worker_id, settings.flush_interval, client_gone=self.client_gone
+            self.outbox, names, engine, worker_id, settings.flush_interval, client_gone=self.client_gone
         )
 
     def client_gone(self, job_id: str) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import secrets
@@ -74,6 +75,11 @@ async def serve(settings: WorkerSettings, engine: Engine | None = None) -> None:
         await check_redis(redis, settings.redis_url)
         own_engine = engine is None
         engine = engine or await start_engine(settings)
+        # vLLM and torch leave a huge, long-lived heap; without this every full collection walks
+        # it again and stalls token publishing for a large fraction of a second.
+        gc.collect()
+        gc.freeze()
+
         try:
             await run_consumer(redis, settings, engine)
         finally:
@@ -112,6 +118,7 @@ async def run_consumer(redis: Redis, settings: WorkerSettings, engine: Engine) -
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    outbox = asyncio.create_task(consumer.outbox.run(), name="outbox")
     loops = [
         asyncio.create_task(consumer.read_loop(), name="read"),
         asyncio.create_task(consumer.claims_loop(), name="claims"),
@@ -136,6 +143,8 @@ async def run_consumer(redis: Redis, settings: WorkerSettings, engine: Engine) -
         for task in loops:
             task.cancel()
         await asyncio.gather(*loops, return_exceptions=True)
+        outbox.cancel()  # last: draining jobs published their endings through it
+        await asyncio.gather(outbox, return_exceptions=True)
         await heartbeat.withdraw()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)

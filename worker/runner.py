@@ -8,11 +8,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from redis.asyncio import Redis
-
 from shared.messages import Failure, Final, FinishReason, Job, Started, Tokens, Usage, encode
 from shared.names import GROUP, Names
 from worker.engine import Delta, Engine, EngineRejected
+from worker.outbox import Command, Outbox
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +48,8 @@ class _Pending:
 class ReplyChannel:
     """Publishes one job's replies with consecutive sequence numbers."""
 
-    def __init__(self, redis: Redis, channel: str) -> None:
-        self._redis = redis
+    def __init__(self, outbox: Outbox, channel: str) -> None:
+        self._outbox = outbox
         self.channel = channel
         self._seq = 0
 
@@ -71,20 +70,17 @@ class ReplyChannel:
             for i, p in sorted(pending.items())
         ]
 
+    def publish_command(self, payload: str) -> Command:
+        return ("PUBLISH", self.channel, payload)
+
     async def publish(self, messages: list[Tokens]) -> None:
-        if len(messages) == 1:
-            await self._redis.publish(self.channel, encode(messages[0]))
-            return
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for m in messages:
-                pipe.publish(self.channel, encode(m))
-            await pipe.execute()
+        await self._outbox.send(*(self.publish_command(encode(m)) for m in messages))
 
 
 class JobRunner:
     def __init__(
         self,
-        redis: Redis,
+        outbox: Outbox,
         names: Names,
         engine: Engine,
         worker_id: str,
@@ -92,7 +88,7 @@ class JobRunner:
         client_gone: Callable[[str], bool],
     ) -> None:
         self._client_gone = client_gone
-        self._redis = redis
+        self._outbox = outbox
         self._names = names
         self._engine = engine
         self._worker_id = worker_id
@@ -101,7 +97,7 @@ class JobRunner:
     async def run(self, claim: Claim) -> None:
         """Run the job to its end and acknowledge it. Raises only CancelledError."""
         job = claim.job
-        out = ReplyChannel(self._redis, self._names.reply_channel(job.id))
+        out = ReplyChannel(self._outbox, self._names.reply_channel(job.id))
         try:
             if not await self._start(claim, out):
                 await self.acknowledge(claim)
@@ -131,10 +127,9 @@ class JobRunner:
     async def _start(self, claim: Claim, out: ReplyChannel) -> bool:
         """Announce the job; False if its client already gave up."""
         started = Started(seq=out.next_seq(), worker=self._worker_id, attempt=claim.attempt)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.exists(self._names.cancelled(claim.job.id))
-            pipe.publish(out.channel, encode(started))
-            cancelled, _ = await pipe.execute()
+        cancelled, _ = await self._outbox.send(
+            ("EXISTS", self._names.cancelled(claim.job.id)), out.publish_command(encode(started))
+        )
         return not cancelled
 
     async def _generate(self, job: Job, out: ReplyChannel) -> tuple[list[Tokens], Final]:
@@ -176,15 +171,12 @@ class JobRunner:
 
     async def _finish(self, claim: Claim, out: ReplyChannel, payloads: list[str]) -> None:
         """Publish the last replies and only then acknowledge, in one round trip."""
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for p in payloads:
-                pipe.publish(out.channel, p)
-            pipe.xack(claim.stream, GROUP, claim.entry_id)
-            pipe.xdel(claim.stream, claim.entry_id)
-            await pipe.execute()
+        await self._outbox.send(*(out.publish_command(p) for p in payloads), *_ack(claim))
 
     async def acknowledge(self, claim: Claim) -> None:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.xack(claim.stream, GROUP, claim.entry_id)
-            pipe.xdel(claim.stream, claim.entry_id)
-            await pipe.execute()
+        await self._outbox.send(*_ack(claim))
+
+
+def _ack(claim: Claim) -> tuple[Command, Command]:
+    """Finished jobs leave the stream too, so XLEN is the live backlog."""
+    return ("XACK", claim.stream, GROUP, claim.entry_id), ("XDEL", claim.stream, claim.entry_id)

@@ -1,0 +1,92 @@
+"""One connection that carries every Redis write of a worker's jobs, batched.
+
+With dozens of jobs streaming at once, publishing each job's tokens on its own round trip costs a
+socket write and a pooled connection per message. The outbox sends whatever all jobs queued while
+the previous batch was in flight as one pipeline: one write, one read, in FIFO order — so a job's
+final message and its XACK still follow its tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
+
+Command = tuple[Any, ...]
+
+
+@dataclass(eq=False)
+class _Batch:
+    commands: Sequence[Command]
+    done: asyncio.Future[list[Any]] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class Outbox:
+    def __init__(self, redis: Redis, max_batch: int = 512) -> None:
+        self._redis = redis
+        self._max_batch = max_batch
+        self._queue: deque[_Batch] = deque()
+        self._wake = asyncio.Event()
+        self.batches_sent = 0
+        self.commands_sent = 0
+
+    async def send(self, *commands: Command) -> list[Any]:
+        """Queue commands (e.g. ``("PUBLISH", channel, data)``) and wait for their replies."""
+        batch = _Batch(commands)
+        self._queue.append(batch)
+        self._wake.set()
+        return await batch.done
+
+    async def run(self) -> None:
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while self._queue:
+                    taken, size = [], 0
+                    while self._queue and size < self._max_batch:
+                        batch = self._queue.popleft()
+                        taken.append(batch)
+                        size += len(batch.commands)
+                    await self._flush(taken)
+        finally:
+            while self._queue:  # nobody will send these: their senders must not wait forever
+                batch = self._queue.popleft()
+                if not batch.done.done():
+                    batch.done.set_exception(RedisError("the worker's outbox stopped"))
+
+    async def _flush(self, batches: list[_Batch]) -> None:
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for batch in batches:
+                    for command in batch.commands:
+                        pipe.execute_command(*command)
+                replies = await pipe.execute(raise_on_error=False)
+        except (RedisError, OSError) as exc:
+            for batch in batches:
+                if not batch.done.done():
+                    batch.done.set_exception(exc)
+            return
+        self.batches_sent += 1
+        self.commands_sent += len(replies)
+        offset = 0
+        for batch in batches:
+            mine = replies[offset : offset + len(batch.commands)]
+            offset += len(batch.commands)
+            if batch.done.done():  # its sender was cancelled meanwhile
+                continue
+            error = next((r for r in mine if isinstance(r, Exception)), None)
+            if error is not None:
+                batch.done.set_exception(error)
+            else:
+                batch.done.set_result(mine)
