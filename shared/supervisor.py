@@ -84,6 +84,20 @@ class Supervisor:
             self._spawn(f"worker-{i + 1}", "worker", settings_env(self.worker))
         self._spawn("gateway", "gateway", settings_env(self.gateway))
         self._wait_ready()
+        self._keep_off_engine_cores()
+
+    def _keep_off_engine_cores(self) -> None:
+        """On CPU hosts, move the gateway and Redis off the cores vLLM computes on."""
+        from worker.affinity import engine_compute_cpus, keep_off
+
+        engine: set[int] = set()
+        for name, proc in self.children:
+            if name.startswith("worker"):
+                engine |= engine_compute_cpus(proc.pid)
+        others = [proc.pid for name, proc in self.children if not name.startswith("worker")]
+        if self.redis and self.redis.process:
+            others.append(self.redis.process.pid)
+        keep_off(others, engine)
 
     @staticmethod
     def _resolve_demo(worker: WorkerSettings) -> WorkerSettings:
