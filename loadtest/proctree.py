@@ -1,0 +1,152 @@
+"""A benchmarked server as a process tree (Linux ``/proc``): its CPU time, and stopping all of it.
+
+A server may start helpers in sessions of their own (Switchyard's supervisor does, for Redis, the
+gateway and each worker; vLLM's engine and worker processes stay in the server's group), so both
+are found by walking parent pids, not by process group.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import subprocess
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+# (signal, seconds to wait for the server's process group to go) — escalated in this order.
+STOP_SEQUENCE = ((signal.SIGINT, 20.0), (signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0))
+LEFTOVER_GRACE_S = 5.0
+
+
+class ProcessInfo(NamedTuple):
+    ppid: int
+    ticks: int  # CPU clock ticks used, user + system, including reaped children
+    zombie: bool  # exited, not yet reaped: nothing left to stop
+
+
+ProcessTable = dict[int, ProcessInfo]
+
+
+def read_process_table() -> ProcessTable:
+    table: ProcessTable = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # the command name may hold spaces
+        except OSError:  # the process ended while we looked
+            continue
+        ticks = sum(int(v) for v in fields[11:15])
+        table[int(stat.parent.name)] = ProcessInfo(int(fields[1]), ticks, fields[0] == "Z")
+    return table
+
+
+def running(pids: set[int]) -> set[int]:
+    """Those of ``pids`` that still run (zombies excluded: their parent or init will reap them)."""
+    table = read_process_table()
+    return {pid for pid in pids if pid in table and not table[pid].zombie}
+
+
+def descendants(root: int, table: ProcessTable) -> set[int]:
+    """``root`` and every process below it that is still listed."""
+    children: dict[int, list[int]] = defaultdict(list)
+    for pid, info in table.items():
+        children[info.ppid].append(pid)
+    tree: set[int] = set()
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        if pid in table and pid not in tree:
+            tree.add(pid)
+            todo.extend(children[pid])
+    return tree
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """CPU seconds used so far: whole machine (busy), the server's tree, this process's reaped children."""
+
+    wall: float
+    machine_busy: float
+    server: float
+    children: float
+
+
+def cpu_sample(server_pid: int) -> CpuSample:
+    tick = os.sysconf("SC_CLK_TCK")
+    cpu = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    busy = sum(cpu) - cpu[3] - cpu[4]  # everything but idle and iowait
+    table = read_process_table()
+    server = sum(table[pid].ticks for pid in descendants(server_pid, table))
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return CpuSample(time.monotonic(), busy / tick, server / tick, usage.ru_utime + usage.ru_stime)
+
+
+def cpu_window(before: CpuSample, after: CpuSample) -> dict[str, float]:
+    """Who used the CPU between two samples; "other" is load from outside this benchmark."""
+    wall = after.wall - before.wall
+    server, bench = after.server - before.server, after.children - before.children
+    other = max(0.0, after.machine_busy - before.machine_busy - server - bench)
+    return {
+        "window_s": wall,
+        "server_cpu_s": server,
+        "bench_process_cpu_s": bench,
+        "other_cpu_s": other,
+        "other_load_cores": other / wall if wall > 0 else 0.0,
+    }
+
+
+def _group_alive(proc: subprocess.Popen[bytes]) -> bool:
+    proc.poll()  # reap the leader, or a zombie leader keeps the group "alive"
+    try:
+        os.killpg(proc.pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _stop_group(proc: subprocess.Popen[bytes]) -> str:
+    for sig, grace in STOP_SEQUENCE:
+        if not _group_alive(proc):
+            return "already exited"
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return sig.name
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            if not _group_alive(proc):
+                return sig.name
+            time.sleep(0.2)
+    return "SIGKILL (group still listed: leftover zombies?)"
+
+
+def _signal_all(pids: set[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            continue
+
+
+def stop_tree(proc: subprocess.Popen[bytes]) -> str:
+    """Stop the server: its process group escalating from SIGINT, then any descendant it left behind.
+
+    Returns how it ended. The descendants are listed before the first signal, so helpers in other
+    sessions that the server failed to stop are still found once it has exited.
+    """
+    family = descendants(proc.pid, read_process_table()) - {proc.pid}
+    how = _stop_group(proc)
+    leftovers = running(family)
+    if leftovers:
+        found = len(leftovers)
+        _signal_all(leftovers, signal.SIGTERM)
+        deadline = time.monotonic() + LEFTOVER_GRACE_S
+        while leftovers and time.monotonic() < deadline:
+            time.sleep(0.2)
+            leftovers = running(leftovers)
+        _signal_all(leftovers, signal.SIGKILL)
+        how += f"; then stopped {found} leftover descendant(s)"
+    return how
