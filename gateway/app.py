@@ -6,15 +6,17 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gateway.admission import Admission, DrainMeter
+from gateway.auth import Authenticator
 from gateway.edge import RequestEdge
 from gateway.errors import APIError, InvalidRequest, NotFound
 from gateway.jobs import Dispatcher, Timeouts
@@ -24,6 +26,7 @@ from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.service import Gateway, new_request_id
 from gateway.tokenizer import TokenizerCache
 from shared.settings import GatewaySettings
+from shared.tenants import Tenant, TenantStore
 
 log = logging.getLogger(__name__)
 
@@ -35,17 +38,31 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         redis = Redis.from_url(settings.redis_url, health_check_interval=30)
         hub = ReplyHub(redis, control_channel=f"{names.prefix}:gateway-hub")
         hub_task = asyncio.create_task(hub.run(), name="reply-hub")
+        timeouts = Timeouts(
+            total=settings.request_timeout, stall=settings.stall_timeout, queue=settings.queue_timeout
+        )
+        registry = WorkerRegistry(redis, names, settings.worker_ttl)
+        drain = DrainMeter(redis, names)
         gateway = Gateway(
             settings=settings,
             redis=redis,
-            registry=WorkerRegistry(redis, names, settings.worker_ttl),
+            registry=registry,
             tokenizers=TokenizerCache(),
-            dispatcher=Dispatcher(
-                redis, hub, names, Timeouts(total=settings.request_timeout, stall=settings.stall_timeout)
-            ),
+            dispatcher=Dispatcher(redis, hub, names, timeouts),
+            auth=Authenticator(TenantStore(redis, names), required=settings.auth),
+            admission=Admission(redis, names, settings.request_timeout, drain, settings.max_backlog_total),
+            drain=drain,
         )
         app.state.gateway = gateway
-        background = [hub_task, asyncio.create_task(gateway.prewarm(), name="tokenizer-prewarm")]
+
+        async def live_models() -> list[str]:
+            return list(await registry.models())
+
+        background = [
+            hub_task,
+            asyncio.create_task(gateway.prewarm(), name="tokenizer-prewarm"),
+            asyncio.create_task(drain.run(live_models), name="drain-meter"),
+        ]
         try:
             await asyncio.wait_for(hub.connected.wait(), 5)
         except TimeoutError:
@@ -72,16 +89,26 @@ def _gateway(request: Request) -> Gateway:
     return gw
 
 
+async def _tenant(request: Request) -> Tenant:
+    """Authentication runs as a dependency, before the body is even validated."""
+    return await _gateway(request).auth.tenant(request)
+
+
+AuthenticatedTenant = Annotated[Tenant, Depends(_tenant)]
+
+
 def _install_routes(app: FastAPI) -> None:
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        return await _gateway(request).chat(request, body)
+    async def chat_completions(
+        body: ChatCompletionRequest, request: Request, tenant: AuthenticatedTenant
+    ) -> Any:
+        return await _gateway(request).chat(request, body, tenant)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request) -> Any:
-        return await _gateway(request).completion(request, body)
+    async def completions(body: CompletionRequest, request: Request, tenant: AuthenticatedTenant) -> Any:
+        return await _gateway(request).completion(request, body, tenant)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=[Depends(_tenant)])
     async def list_models(request: Request) -> dict[str, Any]:
         models = await _gateway(request).registry.models()
         return {
@@ -98,7 +125,7 @@ def _install_routes(app: FastAPI) -> None:
             ],
         }
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(_tenant)])
     async def get_model(model_id: str, request: Request) -> dict[str, Any]:
         models = await _gateway(request).registry.models()
         if model_id not in models:

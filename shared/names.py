@@ -5,7 +5,8 @@ several test runs, can share one Redis. They are plain strings meant to be typed
 
     XLEN       switchyard:jobs:<model>:<tenant>          backlog of one tenant for one model
     XPENDING   switchyard:jobs:<model>:<tenant> workers  jobs taken by workers, not yet finished
-    SMEMBERS   switchyard:streams:<model>                every job stream of a model
+    HGETALL    switchyard:streams:<model>                every job stream of a model, with priority
+    HGETALL    switchyard:tenants                        tenants and their limits
     ZRANGE     switchyard:workers 0 -1 WITHSCORES        live workers by last heartbeat
     GET        switchyard:worker:<id>                    what one worker serves (JSON)
     PUBSUB CHANNELS switchyard:reply:*                   requests being answered right now
@@ -30,7 +31,7 @@ class Names:
         return f"{self.prefix}:jobs:{model}:{tenant}"
 
     def streams_index(self, model: str) -> str:
-        """Set of the job streams of one model, so workers find every tenant's stream."""
+        """Hash: job stream of a model -> its tenant's priority class, so workers find them all."""
         return f"{self.prefix}:streams:{model}"
 
     def reply_channel(self, request_id: str) -> str:
@@ -52,6 +53,26 @@ class Names:
     def models(self) -> str:
         """Hash of every model a worker has ever served here, to tell 'unknown' from 'no worker now'."""
         return f"{self.prefix}:models"
+
+    def tenants(self) -> str:
+        """Hash: tenant name -> its limits (JSON)."""
+        return f"{self.prefix}:tenants"
+
+    def keys(self) -> str:
+        """Hash: API key id -> the key's tenant and hash (JSON); never the key itself."""
+        return f"{self.prefix}:keys"
+
+    def rate(self, tenant: str, what: str) -> str:
+        """Rate-limit state of one tenant: ``req``/``tok`` windows, ``amt`` reservations, ``sum``."""
+        return f"{self.prefix}:rate:{tenant}:{what}"
+
+    def inflight(self, tenant: str) -> str:
+        """Sorted set of a tenant's admitted, unfinished requests (score: when the slot expires)."""
+        return f"{self.prefix}:inflight:{tenant}"
+
+    def drained(self, model: str) -> str:
+        """Counter of jobs finished for a model; its rate estimates how fast a backlog drains."""
+        return f"{self.prefix}:drained:{model}"
 
     def dead_letter(self, model: str) -> str:
         return f"{self.prefix}:dead:{model}"

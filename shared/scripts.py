@@ -24,9 +24,77 @@ return lost
 """
 
 
+# Admission of one request for one tenant, atomically across every gateway: sliding 60 s windows
+# of requests and of reserved tokens, a cap on unfinished requests, and a cap on the tenant's
+# backlog (its job stream's length). Time comes from Redis, not from any gateway's clock.
+# KEYS: req window, token window, token amounts, token sum, in-flight set, job stream
+# ARGV: request id, tokens, rpm, tpm, max concurrent, max backlog, window ms, in-flight ttl ms
+# (0 = no limit). Returns {1, requests used, tokens used, req reset ms, tok reset ms} when admitted,
+# {0, reason, retry after ms, requests used, tokens used} when not.
+_ADMIT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local id, tokens = ARGV[1], tonumber(ARGV[2])
+local rpm, tpm, maxc, maxb = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local window, ttl = tonumber(ARGV[7]), tonumber(ARGV[8])
+local since = now - window
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', since)
+for _, old in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', since)) do
+  redis.call('DECRBY', KEYS[4], tonumber(redis.call('HGET', KEYS[3], old) or '0'))
+  redis.call('HDEL', KEYS[3], old)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', since)
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
+local nreq = redis.call('ZCARD', KEYS[1])
+local used = tonumber(redis.call('GET', KEYS[4]) or '0')
+local function oldest(key)
+  local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  if first[2] then return tonumber(first[2]) + window - now end
+  return 0
+end
+if rpm > 0 and nreq >= rpm then return {0, 'requests', oldest(KEYS[1]), nreq, used} end
+if tpm > 0 and used + tokens > tpm then
+  if tokens > tpm then return {0, 'tokens_too_many', 0, nreq, used} end
+  local free, wait = tpm - used, window
+  local entries = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
+  for i = 1, #entries, 2 do
+    free = free + tonumber(redis.call('HGET', KEYS[3], entries[i]) or '0')
+    if free >= tokens then wait = tonumber(entries[i + 1]) + window - now break end
+  end
+  return {0, 'tokens', wait, nreq, used}
+end
+if maxc > 0 and redis.call('ZCARD', KEYS[5]) >= maxc then return {0, 'concurrency', 1000, nreq, used} end
+if maxb > 0 and redis.call('XLEN', KEYS[6]) >= maxb then return {0, 'backlog', 0, nreq, used} end
+redis.call('ZADD', KEYS[1], now, id)
+redis.call('ZADD', KEYS[2], now, id)
+redis.call('HSET', KEYS[3], id, tokens)
+redis.call('INCRBY', KEYS[4], tokens)
+redis.call('ZADD', KEYS[5], now + ttl, id)
+for i = 1, 5 do redis.call('PEXPIRE', KEYS[i], window + ttl) end
+return {1, nreq + 1, used + tokens, oldest(KEYS[1]), oldest(KEYS[2])}
+"""
+
+# The end of an admitted request: free its concurrency slot and give back the reserved tokens it did
+# not use (if its reservation is still inside the window).
+# KEYS: token amounts, token sum, in-flight set. ARGV: request id, tokens actually used.
+_RELEASE = """
+redis.call('ZREM', KEYS[3], ARGV[1])
+local reserved = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '-1')
+local used = tonumber(ARGV[2])
+if reserved > used then
+  redis.call('HSET', KEYS[1], ARGV[1], used)
+  redis.call('DECRBY', KEYS[2], reserved - used)
+  return reserved - used
+end
+return 0
+"""
+
+
 class Scripts:
     def __init__(self, redis: Redis) -> None:
         self._refresh: AsyncScript = redis.register_script(_REFRESH_CLAIMS)
+        self.admit: AsyncScript = redis.register_script(_ADMIT)
+        self.release: AsyncScript = redis.register_script(_RELEASE)
 
     async def refresh_claims(self, stream: str, group: str, consumer: str, ids: list[str]) -> list[str]:
         """Keep ``consumer``'s claims on ``ids`` fresh; returns the ids it no longer owns."""

@@ -37,6 +37,15 @@ class GatewaySettings(RedisSettings):
     )
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0, description="Larger bodies get 413.")
     max_n: int = Field(default=8, ge=1, description="Largest `n` (choices per request) accepted.")
+    auth: bool = Field(
+        default=True, description="Require an API key (off: every request is tenant 'default')."
+    )
+    queue_timeout: float = Field(
+        default=120.0, gt=0, description="Longest a request may wait for a worker to start it."
+    )
+    max_backlog_total: int = Field(
+        default=10_000, ge=1, description="Jobs waiting or running per model before new ones get 503."
+    )
     worker_ttl: float = Field(
         default=10.0, gt=0, description="A worker whose heartbeat is older is taken for dead."
     )

@@ -22,6 +22,14 @@ from shared.serve import StartupError, check_port_free, check_redis
 from shared.settings import GatewaySettings, WorkerSettings
 
 READY_TIMEOUT = 600.0
+
+
+def dev_key_path() -> str:
+    from shared.keys import dev_key_file
+
+    return str(dev_key_file())
+
+
 STOP_GRACE = 15.0
 
 
@@ -45,6 +53,7 @@ class Supervisor:
         self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.redis: EmbeddedRedis | None = None
         self._stop_requested = False
+        self.dev_key: str | None = None
 
     @property
     def base_url(self) -> str:
@@ -80,6 +89,10 @@ class Supervisor:
         else:
             check_redis(self.gateway)
         self.worker = self._resolve_demo(self.worker)
+        if self.gateway.auth:
+            from shared.keys import ensure_dev_key
+
+            self.dev_key = ensure_dev_key(self.gateway)
         for i in range(self.workers):
             self._spawn(f"worker-{i + 1}", "worker", settings_env(self.worker))
         self._spawn("gateway", "gateway", settings_env(self.gateway))
@@ -153,15 +166,22 @@ class Supervisor:
     def _announce(self) -> None:
         model = self.worker.served_model_name or self.worker.model
         redis = self.redis.url if self.redis else self.gateway.redis_url
+        key = self.dev_key or "none"
+        auth = (
+            f"API key (tenant 'dev', kept in {dev_key_path()}):\n  {key}\n"
+            if self.dev_key
+            else "Authentication is off.\n"
+        )
         print(
             f"""
 Switchyard is serving {model} at {self.base_url}/v1   (Redis: {redis})
-
+{auth}
   curl {self.base_url}/v1/chat/completions -H 'content-type: application/json' \\
+       -H 'authorization: Bearer {key}' \\
        -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}], "max_tokens": 32}}'
 
   python -c "from openai import OpenAI; \\
-c = OpenAI(base_url='{self.base_url}/v1', api_key='none'); \\
+c = OpenAI(base_url='{self.base_url}/v1', api_key='{key}'); \\
 r = c.chat.completions.create(model='{model}', messages=[{{'role': 'user', 'content': 'Hi'}}]); \\
 print(r.choices[0].message.content)"
 

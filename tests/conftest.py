@@ -6,6 +6,7 @@ request ids, never by flushing Redis.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from redis.asyncio import Redis
 
 from shared.names import Names
 from shared.redis_server import EmbeddedRedis, free_port
+from shared.tenants import Tenant, TenantStore
 from tests.procs import ready, spawn, stop, wait_until
 
 PREFIX = "sytest"
@@ -32,6 +34,11 @@ class System:
     model: str
     model_dir: Path
     logs: Path
+    api_key: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.api_key}"}
 
     def env(self, **extra: str) -> dict[str, str]:
         base = {"REDIS_URL": self.redis_url, "SWITCHYARD_KEY_PREFIX": self.names.prefix}
@@ -73,13 +80,16 @@ def system(
 ) -> Iterator[System]:
     logs = tmp_path_factory.mktemp("logs")
     port = free_port()
+    names = Names(PREFIX)
+    key = asyncio.run(create_tenant(redis_server.url, names, Tenant(name="main")))
     sys_ = System(
         base_url=f"http://127.0.0.1:{port}",
         redis_url=redis_server.url,
-        names=Names(PREFIX),
+        names=names,
         model="switchyard-demo",
         model_dir=demo_model_dir,
         logs=logs,
+        api_key=key,
     )
     worker_log, gateway_log = logs / "worker.log", logs / "gateway.log"
     worker = spawn("worker", worker_env(sys_.env(), demo_model_dir), worker_log)
@@ -102,15 +112,26 @@ def system(
         stop(worker)
 
 
+async def create_tenant(redis_url: str, names: Names, tenant: Tenant) -> str:
+    """Register a tenant and return a new API key for it."""
+    redis = Redis.from_url(redis_url)
+    try:
+        store = TenantStore(redis, names)
+        await store.put_tenant(tenant)
+        return await store.add_key(tenant.name)
+    finally:
+        await redis.aclose()
+
+
 @pytest.fixture(scope="session")
 def client(system: System) -> OpenAI:
-    return OpenAI(base_url=f"{system.base_url}/v1", api_key="unused", max_retries=0, timeout=60)
+    return OpenAI(base_url=f"{system.base_url}/v1", api_key=system.api_key, max_retries=0, timeout=60)
 
 
 @pytest_asyncio.fixture(scope="session")
 async def aclient(system: System) -> AsyncIterator[AsyncOpenAI]:
     async with AsyncOpenAI(
-        base_url=f"{system.base_url}/v1", api_key="unused", max_retries=0, timeout=120
+        base_url=f"{system.base_url}/v1", api_key=system.api_key, max_retries=0, timeout=120
     ) as c:
         yield c
 

@@ -88,6 +88,7 @@ def test_up_serves_and_stops_cleanly(demo_model_dir: Path, tmp_path: Path) -> No
     port, redis_port = free_port(), free_port()
     log = tmp_path / "up.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHYARD_") and k != "REDIS_URL"}
+    env["XDG_CONFIG_HOME"] = str(tmp_path / "config")  # a fresh development key, not the user's
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [
@@ -118,7 +119,8 @@ def test_up_serves_and_stops_cleanly(demo_model_dir: Path, tmp_path: Path) -> No
         wait_until(lambda: ready(base), 300, "switchyard up", procs=(proc,), logs=(log,))
         descendants = psutil.Process(proc.pid).children(recursive=True)
         assert len(descendants) >= 4  # redis, gateway, worker, vLLM's engine process
-        client = OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
+        key = (tmp_path / "config" / "switchyard" / "dev-key").read_text().strip()
+        client = OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
         reply = client.chat.completions.create(
             model="up-demo",
             messages=[{"role": "user", "content": "hi"}],
@@ -128,6 +130,7 @@ def test_up_serves_and_stops_cleanly(demo_model_dir: Path, tmp_path: Path) -> No
         assert reply.usage is not None and reply.usage.completion_tokens == 5
         wait_until(lambda: "Press Ctrl-C to stop." in log.read_text(), 10, "banner")
         assert f"{base}/v1" in log.read_text()
+        assert key in log.read_text()  # printed for the user to paste
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
     finally:

@@ -149,7 +149,7 @@ async def test_fifty_concurrent_streams_all_complete_exactly(aclient: AsyncOpenA
 
 
 async def entries_added(redis: Redis, system: System) -> int:
-    stream = system.names.jobs_stream(system.model, "default")
+    stream = system.names.jobs_stream(system.model, "main")
     info = await redis.xinfo_stream(stream)
     return (
         int(info["entries-added"])
@@ -196,12 +196,15 @@ def test_unknown_model_is_404(client: OpenAI) -> None:
 
 def test_raw_http_errors_are_openai_shaped(system: System) -> None:
     url = f"{system.base_url}/v1/chat/completions"
+    auth = system.headers
     cases = [
-        (httpx.post(url, content=b"{not json", headers={"content-type": "application/json"}), 400),
-        (httpx.post(url, json={"model": system.model}), 400),
-        (httpx.post(url, json=[1, 2]), 400),
-        (httpx.get(f"{system.base_url}/v1/nothing-here"), 404),
-        (httpx.post(url, content=b"x" * (5 * 1024 * 1024)), 413),
+        (httpx.post(url, content=b"{not json", headers={"content-type": "application/json", **auth}), 400),
+        (httpx.post(url, json={"model": system.model}, headers=auth), 400),
+        (httpx.post(url, json=[1, 2], headers=auth), 400),
+        (httpx.get(f"{system.base_url}/v1/nothing-here", headers=auth), 404),
+        (httpx.post(url, content=b"x" * (5 * 1024 * 1024), headers=auth), 413),
+        (httpx.post(url, json={"model": system.model}), 401),
+        (httpx.get(f"{system.base_url}/v1/models", headers={"authorization": "Bearer sy-nope"}), 401),
     ]
     for resp, status in cases:
         assert resp.status_code == status, resp.text

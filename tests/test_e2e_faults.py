@@ -54,7 +54,7 @@ def chat_body(system: System, **extra: object) -> dict[str, object]:
 async def test_streaming_disconnect_aborts_the_engine_request(system: System, redis: Redis) -> None:
     body = chat_body(system, stream=True, **LONG)
     async with (
-        httpx.AsyncClient(base_url=system.base_url, timeout=30) as http,
+        httpx.AsyncClient(base_url=system.base_url, timeout=30, headers=system.headers) as http,
         http.stream("POST", "/v1/chat/completions", json=body) as r,
     ):
         lines = r.aiter_lines()
@@ -68,7 +68,7 @@ async def test_streaming_disconnect_aborts_the_engine_request(system: System, re
 
 
 async def test_non_streaming_disconnect_aborts_the_engine_request(system: System, redis: Redis) -> None:
-    async with httpx.AsyncClient(base_url=system.base_url) as http:
+    async with httpx.AsyncClient(base_url=system.base_url, headers=system.headers) as http:
         with pytest.raises(httpx.ReadTimeout):
             await http.post("/v1/chat/completions", json=chat_body(system, **LONG), timeout=0.8)
     took = await wait_for(lambda: engine_idle(redis, system), 5)
@@ -101,7 +101,7 @@ async def test_queued_stream_gets_keepalives_and_its_cancel_is_recorded(system: 
     body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": True}
     pings = 0
     async with (
-        httpx.AsyncClient(base_url=system.base_url, timeout=10) as http,
+        httpx.AsyncClient(base_url=system.base_url, timeout=10, headers=system.headers) as http,
         http.stream("POST", "/v1/chat/completions", json=body) as r,
     ):
         request_id = r.headers["x-request-id"]
@@ -112,7 +112,7 @@ async def test_queued_stream_gets_keepalives_and_its_cancel_is_recorded(system: 
             if time.monotonic() - begun > 1.3:
                 break
     assert pings >= 2
-    stream = system.names.jobs_stream(model, "default")
+    stream = system.names.jobs_stream(model, "main")
     assert await redis.xlen(stream) == 1  # still queued: nobody serves this model
     await wait_for(lambda: redis.exists(system.names.cancelled(request_id)), 3)
     await redis.zrem(system.names.workers(), f"idle-{model}")
@@ -121,7 +121,7 @@ async def test_queued_stream_gets_keepalives_and_its_cancel_is_recorded(system: 
 async def test_known_model_without_live_worker_is_503(system: System, redis: Redis) -> None:
     model = "retired-" + uuid.uuid4().hex[:6]
     await fake_model(redis, system, model, live=False)
-    async with httpx.AsyncClient(base_url=system.base_url) as http:
+    async with httpx.AsyncClient(base_url=system.base_url, headers=system.headers) as http:
         r = await http.post(
             "/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "hi"}]}
         )
@@ -133,7 +133,7 @@ async def test_known_model_without_live_worker_is_503(system: System, redis: Red
 def demo_job(system: System, max_tokens: int = 8) -> Job:
     return Job(
         id="req_" + uuid.uuid4().hex,
-        tenant="default",
+        tenant="main",
         model=system.model,
         prompt_token_ids=(1, 2, 3, 4),
         sampling=Sampling(max_tokens=max_tokens, ignore_eos=True),
@@ -158,9 +158,16 @@ async def replies_of(redis: Redis, system: System, job: Job, until: type, timeou
         await pubsub.aclose()
 
 
+async def registered_stream(redis: Redis, system: System) -> str:
+    """The session tenant's job stream, listed in the model's index as a gateway does it."""
+    stream = system.names.jobs_stream(system.model, "main")
+    await redis.hset(system.names.streams_index(system.model), stream, "interactive")
+    return stream
+
+
 async def enqueue_as_ghost(redis: Redis, system: System, job: Job, deliveries: int) -> str:
     """Enqueue a job and leave it pending under consumers that never finish it."""
-    stream = system.names.jobs_stream(system.model, "default")
+    stream = await registered_stream(redis, system)
     # One transaction, so the live worker cannot read the entry before the ghost does.
     async with redis.pipeline(transaction=True) as pipe:
         pipe.xadd(stream, {JOB_FIELD: encode(job)})
@@ -185,7 +192,7 @@ async def test_a_job_left_by_a_dead_worker_is_reclaimed_and_completed(system: Sy
     assert sum(len(r.token_ids) for r in got if isinstance(r, Tokens)) == 8
     assert isinstance(got[-1], Final)
     print(f"reclaimed after {took:.1f}s (reclaim idle 3s)")
-    stream = system.names.jobs_stream(system.model, "default")
+    stream = system.names.jobs_stream(system.model, "main")
     assert (await redis.xpending(stream, GROUP))["pending"] == 0
 
 
@@ -208,7 +215,7 @@ async def test_a_worker_skips_a_job_whose_client_already_left(system: System, re
     await redis.set(system.names.cancelled(job.id), b"1", ex=60)
     pubsub = redis.pubsub(ignore_subscribe_messages=True)
     await pubsub.subscribe(system.names.reply_channel(job.id))
-    stream = system.names.jobs_stream(system.model, "default")
+    stream = await registered_stream(redis, system)
     await redis.xadd(stream, {JOB_FIELD: encode(job)})
     got = []
     deadline = time.monotonic() + 2

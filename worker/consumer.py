@@ -19,6 +19,7 @@ from shared.messages import Failure, WireError, decode_job, encode
 from shared.names import GROUP, JOB_FIELD, Names
 from shared.scripts import Scripts
 from shared.settings import WorkerSettings
+from shared.tenants import PRIORITY_WEIGHT
 from worker.engine import Engine
 from worker.outbox import Outbox
 from worker.runner import Claim, JobRunner
@@ -49,6 +50,7 @@ class Consumer:
         self._room.set()
         self._stopping = asyncio.Event()
         self._streams: list[str] = []
+        self._weights: dict[str, int] = {}
         self._streams_at = float("-inf")
         self._tasks: set[asyncio.Task[None]] = set()
         self.outbox = Outbox(redis)
@@ -86,7 +88,10 @@ class Consumer:
             await asyncio.sleep(READ_BLOCK_MS / 1000)
             return
         free = self._settings.capacity - len(self.inflight)
-        count = max(1, free // len(streams))
+        # One read serves every tenant's stream, so a flooding tenant cannot starve the others;
+        # the per-stream count favours interactive over batch tenants by their weights.
+        total = sum(self._weights.get(s, 1) for s in streams)
+        count = max(1, free * max(self._weights.values(), default=1) // total)
         reply = await self._redis.xreadgroup(
             GROUP, self._worker_id, {s: ">" for s in streams}, count=count, block=READ_BLOCK_MS
         )
@@ -99,8 +104,9 @@ class Consumer:
         now = time.monotonic()
         if now - self._streams_at < STREAMS_REFRESH:
             return self._streams
-        members = await self._redis.smembers(self._names.streams_index(self._model))  # type: ignore[misc]
-        streams = sorted(_text(m) for m in members)
+        index = await self._redis.hgetall(self._names.streams_index(self._model))  # type: ignore[misc]
+        self._weights = {_text(s): PRIORITY_WEIGHT.get(_text(p), 1) for s, p in index.items()}
+        streams = sorted(self._weights)
         for stream in set(streams) - set(self._streams) if self._streams_at > float("-inf") else streams:
             await self._ensure_group(stream)
         self._streams, self._streams_at = streams, now

@@ -171,12 +171,15 @@ class JobRunner:
 
     async def _finish(self, claim: Claim, out: ReplyChannel, payloads: list[str]) -> None:
         """Publish the last replies and only then acknowledge, in one round trip."""
-        await self._outbox.send(*(out.publish_command(p) for p in payloads), *_ack(claim))
+        await self._outbox.send(*(out.publish_command(p) for p in payloads), *self._ack(claim))
 
     async def acknowledge(self, claim: Claim) -> None:
-        await self._outbox.send(*_ack(claim))
+        await self._outbox.send(*self._ack(claim))
 
-
-def _ack(claim: Claim) -> tuple[Command, Command]:
-    """Finished jobs leave the stream too, so XLEN is the live backlog."""
-    return ("XACK", claim.stream, GROUP, claim.entry_id), ("XDEL", claim.stream, claim.entry_id)
+    def _ack(self, claim: Claim) -> tuple[Command, ...]:
+        """Finished jobs leave the stream too (so XLEN is the live backlog) and count as drained."""
+        return (
+            ("XACK", claim.stream, GROUP, claim.entry_id),
+            ("XDEL", claim.stream, claim.entry_id),
+            ("INCR", self._names.drained(claim.job.model)),
+        )

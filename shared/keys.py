@@ -1,0 +1,101 @@
+"""``switchyard keys``: create, list and revoke tenants' API keys (keys are shown once, at creation)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from shared.serve import StartupError
+from shared.settings import RedisSettings
+from shared.tenants import Tenant, TenantStore, key_id_of, new_key
+
+T = TypeVar("T")
+
+
+def _with_store(settings: RedisSettings, work: Callable[[TenantStore], Awaitable[T]]) -> T:
+    async def run() -> T:
+        redis = Redis.from_url(settings.redis_url, socket_connect_timeout=3)
+        try:
+            return await work(TenantStore(redis, settings.names))
+        except (RedisError, OSError) as exc:
+            raise StartupError(f"cannot reach Redis at {settings.redis_url}: {exc}") from exc
+        finally:
+            await redis.aclose()
+
+    return asyncio.run(run())
+
+
+def create(settings: RedisSettings, tenant: Tenant) -> str:
+    """Create or update the tenant and return a new key for it."""
+
+    async def work(store: TenantStore) -> str:
+        await store.put_tenant(tenant)
+        return await store.add_key(tenant.name)
+
+    return _with_store(settings, work)
+
+
+def listing(settings: RedisSettings) -> str:
+    rows = _with_store(settings, lambda store: store.listing())
+    if not rows:
+        return "no tenants"
+    lines = [
+        f"{'tenant':<20} {'priority':<11} {'rpm':>7} {'tpm':>9} {'concurrent':>10} {'backlog':>8}  key ids"
+    ]
+    for t, ids in rows:
+        lines.append(
+            f"{t.name:<20} {t.priority:<11} {_n(t.rpm):>7} {_n(t.tpm):>9} {_n(t.max_concurrent):>10} "
+            f"{_n(t.max_backlog):>8}  {', '.join(ids) or '-'}"
+        )
+    return "\n".join(lines)
+
+
+def _n(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
+def revoke(settings: RedisSettings, key_id: str | None, tenant: str | None) -> str:
+    async def work(store: TenantStore) -> str:
+        if tenant is not None:
+            count = await store.revoke_tenant(tenant)
+            return f"revoked {count} key(s) of tenant {tenant} and removed the tenant"
+        assert key_id is not None
+        if not await store.revoke_key(key_id):
+            raise StartupError(f"no key with id {key_id}")
+        return f"revoked key {key_id}"
+
+    return _with_store(settings, work)
+
+
+DEV_TENANT = "dev"
+
+
+def dev_key_file() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "switchyard" / "dev-key"
+
+
+def ensure_dev_key(settings: RedisSettings) -> str:
+    """The local development key of ``switchyard up``: made once, kept in a private file, and
+    registered in Redis at every start (an embedded Redis starts empty)."""
+    path = dev_key_file()
+    key = path.read_text().strip() if path.exists() else ""
+    if key_id_of(key) is None:
+        _, key = new_key()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(key + "\n")
+
+    async def work(store: TenantStore) -> str:
+        if await store.tenant(DEV_TENANT) is None:
+            await store.put_tenant(Tenant(name=DEV_TENANT))
+        return await store.add_key(DEV_TENANT, key)
+
+    return _with_store(settings, work)

@@ -1,0 +1,122 @@
+"""Tenants, their limits, and their API keys, stored in Redis.
+
+A key looks like ``sy-<id>-<secret>``: the id (not secret) finds the key's record, which holds only
+a SHA-256 of the whole key; the presented key's hash is compared in constant time. Keys carry 256
+random bits, so a fast hash is enough (no password stretching needed) and nothing stored can be
+turned back into a usable key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from redis.asyncio import Redis
+
+from shared.names import Names
+
+Priority = Literal["interactive", "batch"]
+PRIORITY_WEIGHT: dict[str, int] = {"interactive": 4, "batch": 1}
+"""How many jobs a worker takes from an interactive stream for each one from a batch stream."""
+
+KEY_PREFIX = "sy-"
+
+
+class Tenant(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    rpm: int | None = Field(default=None, ge=1, description="requests per minute")
+    tpm: int | None = Field(default=None, ge=1, description="tokens (prompt + max_tokens) per minute")
+    max_concurrent: int | None = Field(default=None, ge=1)
+    max_backlog: int | None = Field(default=None, ge=1, description="jobs waiting or running at once")
+    priority: Priority = "interactive"
+    created_at: float = Field(default_factory=time.time)
+
+
+class KeyRecord(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    id: str
+    tenant: str
+    sha256: str
+    created_at: float = Field(default_factory=time.time)
+
+
+def new_key() -> tuple[str, str]:
+    """A fresh (key id, key)."""
+    key_id = secrets.token_hex(6)
+    return key_id, f"{KEY_PREFIX}{key_id}-{secrets.token_urlsafe(32)}"
+
+
+def key_id_of(key: str) -> str | None:
+    if not key.startswith(KEY_PREFIX):
+        return None
+    key_id, sep, secret = key[len(KEY_PREFIX) :].partition("-")
+    return key_id if sep and secret and len(key_id) == 12 else None
+
+
+def digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class TenantStore:
+    def __init__(self, redis: Redis, names: Names) -> None:
+        self._redis = redis
+        self._names = names
+
+    async def put_tenant(self, tenant: Tenant) -> None:
+        await self._redis.hset(self._names.tenants(), tenant.name, tenant.model_dump_json())  # type: ignore[misc]
+
+    async def tenant(self, name: str) -> Tenant | None:
+        raw = await self._redis.hget(self._names.tenants(), name)  # type: ignore[misc]
+        return Tenant.model_validate_json(raw) if raw else None
+
+    async def add_key(self, tenant: str, key: str | None = None) -> str:
+        """Register a key for ``tenant`` (a new one unless given) and return it."""
+        if key is None:
+            _, key = new_key()
+        key_id = key_id_of(key)
+        if key_id is None:
+            raise ValueError("not a Switchyard key (sy-<12 hex>-<secret>)")
+        record = KeyRecord(id=key_id, tenant=tenant, sha256=digest(key))
+        await self._redis.hset(self._names.keys(), key_id, record.model_dump_json())  # type: ignore[misc]
+        return key
+
+    async def authenticate(self, key: str) -> Tenant | None:
+        key_id = key_id_of(key)
+        if key_id is None:
+            return None
+        raw = await self._redis.hget(self._names.keys(), key_id)  # type: ignore[misc]
+        if raw is None:
+            return None
+        record = KeyRecord.model_validate_json(raw)
+        if not hmac.compare_digest(record.sha256, digest(key)):
+            return None
+        return await self.tenant(record.tenant)
+
+    async def listing(self) -> list[tuple[Tenant, list[str]]]:
+        """Every tenant with the ids of its keys."""
+        tenants = await self._redis.hgetall(self._names.tenants())  # type: ignore[misc]
+        keys = await self._redis.hgetall(self._names.keys())  # type: ignore[misc]
+        by_tenant: dict[str, list[str]] = {}
+        for raw in keys.values():
+            record = KeyRecord.model_validate_json(raw)
+            by_tenant.setdefault(record.tenant, []).append(record.id)
+        out = [Tenant.model_validate_json(raw) for raw in tenants.values()]
+        return [(t, sorted(by_tenant.get(t.name, []))) for t in sorted(out, key=lambda t: t.name)]
+
+    async def revoke_key(self, key_id: str) -> bool:
+        return bool(await self._redis.hdel(self._names.keys(), key_id))  # type: ignore[misc]
+
+    async def revoke_tenant(self, name: str) -> int:
+        """Revoke every key of a tenant and forget the tenant; returns the keys revoked."""
+        ids = [key_id for t, key_ids in await self.listing() if t.name == name for key_id in key_ids]
+        if ids:
+            await self._redis.hdel(self._names.keys(), *ids)  # type: ignore[misc]
+        await self._redis.hdel(self._names.tenants(), name)  # type: ignore[misc]
+        return len(ids)
