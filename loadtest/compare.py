@@ -132,7 +132,10 @@ def build_targets(args: argparse.Namespace, engine: EngineSettings, model_dir: P
     sy_argv = shlex.split(args.switchyard_cmd.format(**fields))
     return {
         "vllm": Target("vllm", vllm_argv, engine.env(), vllm_port),
-        "switchyard": Target("switchyard", sy_argv, engine.env(), sy_port),
+        # switchyard up registers this key for its development tenant instead of making one.
+        "switchyard": Target(
+            "switchyard", sy_argv, engine.env() | {"SWITCHYARD_DEV_KEY": args.api_key or ""}, sy_port
+        ),
     }
 
 
@@ -307,12 +310,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--repeat", type=int, default=3, help="bench runs per level; the report gives medians")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--api-key", default=None, help="sent by the bench; vLLM is started with it too")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="sent by the bench; both servers require it (default: a fresh Switchyard-format key)",
+    )
     p.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for GET /v1/models")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "loadtest" / "results" / f"tmp-compare-{stamp}")
     args = p.parse_args(argv)
     if min(args.repeat, args.requests, args.prompt_tokens, args.output_tokens) < 1 or args.warmup < 0:
         p.error("--repeat, --requests, --prompt-tokens, --output-tokens must be >= 1, --warmup >= 0")
+    if args.api_key is None:
+        from shared.tenants import new_key
+
+        args.api_key = new_key()[1]
     return args
 
 

@@ -82,10 +82,13 @@ def dev_key_file() -> Path:
 
 
 def ensure_dev_key(settings: RedisSettings) -> str:
-    """The local development key of ``switchyard up``: made once, kept in a private file, and
-    registered in Redis at every start (an embedded Redis starts empty)."""
+    """The local development key of ``switchyard up``: ``SWITCHYARD_DEV_KEY`` if set, else made once
+    and kept in a private file; registered in Redis at every start (an embedded Redis starts empty)."""
     path = dev_key_file()
-    key = path.read_text().strip() if path.exists() else ""
+    given = os.environ.get("SWITCHYARD_DEV_KEY", "")
+    if given and key_id_of(given) is None:
+        raise StartupError("SWITCHYARD_DEV_KEY is not a Switchyard key (sy-<12 hex>-<secret>)")
+    key = given or (path.read_text().strip() if path.exists() else "")
     if key_id_of(key) is None:
         _, key = new_key()
         path.parent.mkdir(parents=True, exist_ok=True)
