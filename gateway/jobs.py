@@ -120,13 +120,17 @@ class ReplyStream:
             yield reply
 
     def _on_started(self, reply: Started) -> None:
-        if self._delivered_tokens:
-            # A second worker took over a job whose tokens were already relayed; without resume
-            # support the only honest outcome is an error, never duplicated text.
-            raise UpstreamFailure("the worker running this request was lost", code="worker_lost")
-        if reply.seq != 0:
-            raise UpstreamFailure("reply stream broken: start message out of order", code="reply_gap")
-        self.started_at = time.monotonic()
+        # A start is fine when nothing reached the client yet, or when it resumes exactly from
+        # what the client has (same next message, same number of tokens): never duplicate or skip.
+        fresh = reply.seq == 0 and not self._delivered_tokens
+        resumed = reply.seq == self._expected and reply.resumed_tokens == self.generated
+        if not (fresh or resumed):
+            raise UpstreamFailure(
+                "the worker running this request was lost and the stream cannot be resumed exactly",
+                code="worker_lost",
+            )
+        if self.started_at is None:
+            self.started_at = time.monotonic()
 
     async def _next(self) -> Started | Tokens | Final | Failure:
         now = time.monotonic()

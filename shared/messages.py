@@ -54,13 +54,19 @@ class Job(_Wire):
 
 
 class Started(_Wire):
-    """A worker took the job; sent before any token."""
+    """A worker took the job; sent before any token it generates.
+
+    A worker that takes over a job another worker had begun continues its sequence numbers and
+    says how many tokens it resumes from, so the gateway can check it continues exactly where the
+    client is.
+    """
 
     type: Literal["started"] = "started"
     v: int = WIRE_VERSION
     seq: int
     worker: str
     attempt: int
+    resumed_tokens: int = 0
 
 
 class Tokens(_Wire):

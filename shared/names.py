@@ -22,6 +22,9 @@ GROUP = "workers"
 JOB_FIELD = "job"
 """Stream entry field that holds the JSON-encoded job."""
 
+HANDED_BACK_FIELD = "handed_back"
+"""Stream entry field set when a stopping worker re-queued a job it had begun."""
+
 
 @dataclass(frozen=True, slots=True)
 class Names:
@@ -43,6 +46,10 @@ class Names:
     def cancelled(self, request_id: str) -> str:
         """Marker left when a client gave up, so a worker that takes the job later skips it."""
         return f"{self.prefix}:cancelled:{request_id}"
+
+    def progress(self, request_id: str) -> str:
+        """List of the token batches a job has published so far, so another worker can resume it."""
+        return f"{self.prefix}:progress:{request_id}"
 
     def workers(self) -> str:
         return f"{self.prefix}:workers"

@@ -16,18 +16,22 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from shared.messages import Failure, WireError, decode_job, encode
-from shared.names import GROUP, JOB_FIELD, Names
+from shared.names import GROUP, HANDED_BACK_FIELD, JOB_FIELD, Names
 from shared.scripts import Scripts
 from shared.settings import WorkerSettings
 from shared.tenants import PRIORITY_WEIGHT
 from worker.engine import Engine
 from worker.outbox import Outbox
-from worker.runner import Claim, JobRunner
+from worker.runner import Claim, JobRunner, StopReason
 
 log = logging.getLogger(__name__)
 
 READ_BLOCK_MS = 250
-STREAMS_REFRESH = 1.0
+READ_BATCH = 8
+"""Most jobs one read takes from a stream: a burst is spread over every idle worker instead of
+going whole to whichever worker reads first."""
+STREAMS_REFRESH = 0.25
+"""How stale a worker's list of job streams may be: a new tenant's first job waits at most this."""
 
 
 def _text(value: bytes | str) -> str:
@@ -45,7 +49,7 @@ class Consumer:
         self._model = engine.model_name
         self._scripts = Scripts(redis)
         self.inflight: dict[str, tuple[asyncio.Task[None], Claim]] = {}
-        self._client_gone: set[str] = set()
+        self._stopped: dict[str, StopReason] = {}
         self._room = asyncio.Event()
         self._room.set()
         self._stopping = asyncio.Event()
@@ -55,11 +59,12 @@ class Consumer:
         self._tasks: set[asyncio.Task[None]] = set()
         self.outbox = Outbox(redis)
         self.runner = JobRunner(
-            self.outbox, names, engine, worker_id, settings.flush_interval, client_gone=self.client_gone
+            self.outbox, names, engine, worker_id, settings.flush_interval, stop_reason=self.stop_reason
         )
 
-    def client_gone(self, job_id: str) -> bool:
-        return job_id in self._client_gone
+    def stop_reason(self, job_id: str) -> StopReason | None:
+        """Why a job's task was cancelled (None: the worker is shutting down)."""
+        return self._stopped.get(job_id)
 
     def stop(self) -> None:
         """Stop taking jobs; running ones go on (see :meth:`drain`)."""
@@ -91,7 +96,7 @@ class Consumer:
         # One read serves every tenant's stream, so a flooding tenant cannot starve the others;
         # the per-stream count favours interactive over batch tenants by their weights.
         total = sum(self._weights.get(s, 1) for s in streams)
-        count = max(1, free * max(self._weights.values(), default=1) // total)
+        count = max(1, min(READ_BATCH, free * max(self._weights.values(), default=1) // total))
         reply = await self._redis.xreadgroup(
             GROUP, self._worker_id, {s: ">" for s in streams}, count=count, block=READ_BLOCK_MS
         )
@@ -132,7 +137,8 @@ class Consumer:
             log.error("dropping undecodable entry %s on %s: %s", entry_id, stream, exc)
             await self._dead_letter(stream, entry_id, raw, reason=str(exc))
             return
-        claim = Claim(stream=stream, entry_id=entry_id, job=job, attempt=attempt)
+        handed_back = bool((fields or {}).get(HANDED_BACK_FIELD.encode()))
+        claim = Claim(stream=stream, entry_id=entry_id, job=job, attempt=attempt, handed_back=handed_back)
         if attempt > self._settings.max_deliveries:
             await self._dead_letter(stream, entry_id, raw, reason=f"delivered {attempt - 1} times")
             failure = Failure(
@@ -150,7 +156,7 @@ class Consumer:
             await self.runner.run(claim)
         finally:
             self.inflight.pop(claim.job.id, None)
-            self._client_gone.discard(claim.job.id)
+            self._stopped.pop(claim.job.id, None)
             self._room.set()
 
     async def _dead_letter(self, stream: str, entry_id: str, raw: bytes | None, reason: str) -> None:
@@ -192,7 +198,7 @@ class Consumer:
         for task, claim in list(self.inflight.values()):
             if claim.stream == stream and claim.entry_id == entry_id:
                 log.warning("job %s was taken over by another worker; stopping it here", claim.job.id)
-                self._client_gone.add(claim.job.id)  # stop quietly: the new owner answers
+                self._stopped[claim.job.id] = "lost"  # stop quietly: the new owner answers
                 task.cancel()
 
     async def reclaim(self) -> None:
@@ -231,13 +237,14 @@ class Consumer:
     def cancel(self, job_id: str) -> None:
         held = self.inflight.get(job_id)
         if held is not None:
-            self._client_gone.add(job_id)
+            self._stopped[job_id] = "client"
             held[0].cancel()
 
     # -- shutdown --------------------------------------------------------------------------------
 
     async def drain(self, timeout: float) -> None:
-        """Let running jobs finish for up to ``timeout`` s, then stop the rest (clients get an error)."""
+        """Let running jobs finish for up to ``timeout`` s, then stop the rest: single-choice jobs are
+        handed back (another worker resumes them), others end with an error to their client."""
         tasks = [t for t, _ in self.inflight.values()]
         if tasks:
             log.info("waiting up to %.0fs for %d running jobs", timeout, len(tasks))
