@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import time
@@ -90,9 +91,7 @@ async def test_streams_survive_a_killed_worker(
 
     assert usage == [TOKENS] * STREAMS  # every token exactly once: the gateway refuses gaps and repeats
     assert finish == ["length"] * STREAMS
-    gaps = [
-        max((b - a for a, b in zip(t, t[1:], strict=False) if b > killed_at), default=0.0) for t in arrivals
-    ]
+    gaps = [max((b - a for a, b in itertools.pairwise(t) if b > killed_at), default=0.0) for t in arrivals]
     recovery = max(gaps)
     print(f"killed a worker holding {held} of {STREAMS} streams; longest pause {recovery:.1f}s")
     assert held > 0
