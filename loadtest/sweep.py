@@ -62,6 +62,7 @@ class Target:
     model: str = ""
     prompt_words: int = 0
     prompt_tokens: float = 0.0
+    server_pid: int | None = None  # when given, the CPU of its process tree is measured too
 
 
 def parse_levels(text: str) -> list[int]:
@@ -83,7 +84,7 @@ def prepare(target: Target, model: str, args: argparse.Namespace) -> Target:
         model = model or wl.discover_model(client)
         probe = wl.Workload(model, 1, 1, seed=args.prompt_seed)
         words, counted = wl.calibrate_words(client, probe, args.prompt_tokens)
-    return Target(target.name, target.url, model, words, counted)
+    return Target(target.name, target.url, model, words, counted, target.server_pid)
 
 
 def locust_argv(target: Target, users: int, args: argparse.Namespace, prefix: Path) -> list[str]:
@@ -120,37 +121,63 @@ def progress_line(
     )
 
 
-def watch(
-    proc: subprocess.Popen[bytes], target: Target, users: int, duration: float, prefix: Path
-) -> dict[str, float]:
-    """Follow a Locust run to its end: progress lines, and CPU over the window all users ran."""
+@dataclass(frozen=True)
+class CpuPoint:
+    """CPU seconds used so far by the whole host, the Locust tree and the server's tree (if known)."""
+
+    wall: float
+    host_busy: float
+    client: float
+    server: float | None
+
+
+def cpu_point(client_pid: int, server_pid: int | None) -> CpuPoint:
+    sample = proctree.cpu_sample(client_pid)  # its "server" is the tree of the pid given: Locust's
+    server = None
+    if server_pid is not None:
+        table = proctree.read_process_table()
+        tick = os.sysconf("SC_CLK_TCK")
+        server = sum(table[pid].ticks for pid in proctree.descendants(server_pid, table)) / tick
+    return CpuPoint(sample.wall, sample.machine_busy, sample.server, server)
+
+
+def apply_window(res: sr.LevelResult, first: CpuPoint | None, last: CpuPoint | None) -> None:
+    """CPU figures of the window in which all users ran, in ``res``."""
+    if first is None or last is None or last.wall <= first.wall:
+        return
+    window = res.window_s = last.wall - first.wall
+    res.client_cpu_s = last.client - first.client
+    res.client_cpu_pct = 100.0 * res.client_cpu_s / window
+    res.host_busy_cores = (last.host_busy - first.host_busy) / window
+    if first.server is not None and last.server is not None:
+        res.server_cpu_cores = (last.server - first.server) / window
+        # whatever ran besides this sweep's client and the server: other people's work
+        res.other_load_cores = max(
+            0.0, res.host_busy_cores - res.server_cpu_cores - res.client_cpu_s / window
+        )
+
+
+def watch(proc: subprocess.Popen[bytes], target: Target, users: int, args: argparse.Namespace, prefix: Path
+          ) -> tuple[CpuPoint | None, CpuPoint | None]:  # fmt: skip
+    """Follow a Locust run to its end, printing progress; CPU at the start and end of the full-load window."""
     start = time.monotonic()
-    first: proctree.CpuSample | None = None
-    last: proctree.CpuSample | None = None
+    first: CpuPoint | None = None
+    last: CpuPoint | None = None
     shown = 0.0
     while proc.poll() is None:
-        if time.monotonic() - start > duration + SHUTDOWN_GRACE_S:
+        if time.monotonic() - start > args.duration + SHUTDOWN_GRACE_S:
             print(f"  [{target.name}] Locust overran by {SHUTDOWN_GRACE_S:.0f} s: stopping it", flush=True)
             proctree.stop_tree(proc)
             break
-        sample, row = proctree.cpu_sample(proc.pid), last_history(prefix)
+        point, row = cpu_point(proc.pid, target.server_pid), last_history(prefix)
         if first is None and row is not None and int(row["User Count"]) >= users:
-            first = sample  # all users run and the statistics were just reset
-        last = sample
+            first = point  # all users run and the statistics were just reset
+        last = point
         if time.monotonic() - shown >= PROGRESS_EVERY_S:
             shown = time.monotonic()
-            print(progress_line(target, users, shown - start, duration, row), flush=True)
+            print(progress_line(target, users, shown - start, args.duration, row), flush=True)
         time.sleep(POLL_S)
-    if first is None or last is None or last.wall <= first.wall:
-        return {"window_s": 0.0, "client_cpu_s": 0.0, "client_cpu_pct": 0.0, "host_busy_cores": float("nan")}
-    window = last.wall - first.wall
-    client = last.server - first.server  # proctree calls the measured tree "server"
-    return {
-        "window_s": window,
-        "client_cpu_s": client,
-        "client_cpu_pct": 100.0 * client / window,
-        "host_busy_cores": (last.machine_busy - first.machine_busy) / window,
-    }
+    return first, last
 
 
 def run_level(target: Target, users: int, args: argparse.Namespace) -> sr.LevelResult:
@@ -165,15 +192,10 @@ def run_level(target: Target, users: int, args: argparse.Namespace) -> sr.LevelR
             locust_argv(target, users, args, prefix), env=env, cwd=HERE.parent, stdin=subprocess.DEVNULL,
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
-        cpu = watch(proc, target, users, args.duration, prefix)
+        first, last = watch(proc, target, users, args, prefix)
     res = sr.level_from_rows(users, sr.read_rows(Path(f"{prefix}_stats.csv")))
     res.exit_code = proc.wait()
-    res.window_s, res.client_cpu_s, res.client_cpu_pct = (
-        cpu["window_s"],
-        cpu["client_cpu_s"],
-        cpu["client_cpu_pct"],
-    )
-    res.host_busy_cores = cpu["host_busy_cores"] if cpu["window_s"] > 0 else None
+    apply_window(res, first, last)
     res.loadavg_before, res.loadavg_after = before, loadavg()
     return res
 
@@ -193,9 +215,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--url", required=True, help="the server under test, e.g. http://127.0.0.1:8000")
     p.add_argument("--name", default="switchyard", help="its name in the report")
     p.add_argument("--model", default="", help="default: the first of GET /v1/models")
+    p.add_argument("--server-pid", type=int, default=None, help="measure this process tree's CPU too")
     p.add_argument("--compare-url", default=None, help="a second OpenAI-compatible server, same sweep")
     p.add_argument("--compare-name", default="compare")
     p.add_argument("--compare-model", default="", help="default: the first of its GET /v1/models")
+    p.add_argument("--compare-server-pid", type=int, default=None, help="the second server's process")
     p.add_argument(
         "--levels", type=parse_levels, default=[1, 8, 32, 64], help="concurrent users, e.g. 1,8,32,64"
     )
@@ -209,6 +233,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="comma-separated, round-robin over users (default: $LOCUST_API_KEYS)")  # fmt: skip
     p.add_argument("--pause", type=float, default=2.0, help="seconds between levels")
     p.add_argument("--label", default="load sweep", help="title of the charts")
+    p.add_argument("--note", default="", help="a remark for the report's head (e.g. what else ran)")
     p.add_argument("--out", type=Path, default=HERE / "results" / f"tmp-sweep-{stamp}")
     args = p.parse_args(argv)
     if args.duration < 3 or args.output_tokens < 1 or args.prompt_tokens < 1:
@@ -218,12 +243,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def redact(argv: Sequence[str]) -> list[str]:
+    """The command line with API keys masked (the report is meant to be shared)."""
+    out: list[str] = []
+    for arg in argv:
+        if arg.startswith("--api-keys="):
+            arg = "--api-keys=***"
+        out.append("***" if out and out[-1] == "--api-keys" else arg)
+    return out
+
+
 def describe(args: argparse.Namespace, targets: Sequence[Target]) -> dict[str, Any]:
     """The run's settings and context for the report's head."""
     return {
         "label": args.label,
+        "note": args.note,
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([Path(sys.argv[0]).name if sys.argv[0] else "sweep.py", *sys.argv[1:]]),
+        "command": shlex.join(["sweep.py", *redact(sys.argv[1:])]),
         "levels": ",".join(map(str, args.levels)),
         "seconds per level": args.duration,
         "output tokens per request": args.output_tokens,
@@ -247,9 +283,9 @@ def describe(args: argparse.Namespace, targets: Sequence[Target]) -> dict[str, A
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    wanted = [Target(args.name, args.url)] + (
-        [Target(args.compare_name, args.compare_url)] if args.compare_url else []
-    )
+    wanted = [Target(args.name, args.url, server_pid=args.server_pid)]
+    if args.compare_url:
+        wanted.append(Target(args.compare_name, args.compare_url, server_pid=args.compare_server_pid))
     try:
         targets = [
             prepare(t, m, args) for t, m in zip(wanted, (args.model, args.compare_model), strict=False)

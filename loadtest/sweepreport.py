@@ -33,6 +33,8 @@ COLUMNS = (
     ("error_rate", "errors", "{:.2%}"),
     ("client_cpu_pct", "client CPU (% core)", "{:.0f}"),
     ("host_busy_cores", "host busy (cores)", "{:.2f}"),
+    ("server_cpu_cores", "server CPU (cores)", "{:.2f}"),
+    ("other_load_cores", "other load (cores)", "{:.2f}"),
 )
 # Ratios primary / compare: (field, column title); above 1 is better for throughput, worse for times.
 RATIOS = (
@@ -42,6 +44,16 @@ RATIOS = (
     ("latency_p95_ms", "latency p95"),
     ("ttft_p50_ms", "TTFT p50"),
     ("ttft_p95_ms", "TTFT p95"),
+)
+
+
+LEGEND = (
+    "Each level: users = spawn rate, statistics reset once all users run; figures over the rest of the run.",
+    "req/s and output tok/s count successful requests; latency = until the last byte; TTFT = until the first"
+    " content chunk (streamed requests); TPOT = (latency - TTFT) / (tokens - 1), mean.",
+    "client CPU: the Locust process tree, % of one core; host busy: all of the host's CPUs, in cores"
+    " (the host's count is above); server CPU: the server's process tree when its pid was given;"
+    " other load: host busy - client - server, i.e. work that is not part of this sweep.",
 )
 
 
@@ -65,6 +77,8 @@ class LevelResult:
     client_cpu_s: float = 0.0
     client_cpu_pct: float = 0.0
     host_busy_cores: float | None = None
+    server_cpu_cores: float | None = None
+    other_load_cores: float | None = None
     window_s: float = 0.0
     loadavg_before: str = ""
     loadavg_after: str = ""
@@ -167,6 +181,7 @@ def render_markdown(report: SweepReport) -> str:
     meta = report.meta
     out = [f"# Load sweep {meta.get('started', '')}", ""]
     out += [f"- {key}: {value}" for key, value in meta.items() if not isinstance(value, dict | list)]
+    out += ["", "\n>\n".join(f"> {line}" for line in LEGEND)]
     names = list(report.targets)
     for name in names:
         out += ["", f"## {name}", "", level_table(report.targets[name])]

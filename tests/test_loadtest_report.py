@@ -160,3 +160,11 @@ def test_workload_helpers() -> None:
     assert len(body["messages"][0]["content"].split()) == 5
     assert body["stream_options"] == {"include_usage": True}
     assert "stream_options" not in json.loads(Workload("m", 5, 7).body("k", stream=False))
+
+
+def test_reported_command_masks_api_keys() -> None:
+    from loadtest.sweep import redact
+
+    assert redact(["--url", "u", "--api-keys", "k1,k2", "--api-keys=k3"]) == [
+        "--url", "u", "--api-keys", "***", "--api-keys=***",
+    ]  # fmt: skip
