@@ -45,7 +45,8 @@ def plot_series(ax: Axes, targets: dict[str, list[LevelResult]], key: str, title
     ax.set_title(title)
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    if ax.get_lines():  # a level without samples (e.g. only failures) leaves nothing to label
+        ax.legend()
 
 
 def write_charts(report: SweepReport, out_dir: Path) -> list[Path]:

@@ -188,7 +188,7 @@ class ChatUser(FastHttpUser):
         ) as resp:
             if resp.status_code != 200:  # 0: connection error, already recorded as the failure
                 if resp.status_code:
-                    resp.failure(f"HTTP {resp.status_code}: {resp._response.read()[:200]!r}")
+                    resp.failure(f"HTTP {resp.status_code}: {(resp.text or '')[:200]}")
                 return
             try:
                 done, size = read_stream(resp._response, SseLines(res), t0)
