@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -9,7 +10,8 @@ import pytest
 
 from loadtest import sweep
 from loadtest.sweepreport import read_rows
-from tests.conftest import System
+from shared.tenants import Tenant
+from tests.conftest import System, create_tenant
 
 pytestmark = pytest.mark.e2e
 
@@ -17,7 +19,10 @@ pytestmark = pytest.mark.e2e
 def test_sweep_one_short_level(system: System, tmp_path: Path) -> None:
     out = tmp_path / "report"
     argv = ["--url", system.base_url, "--levels", "2", "--duration", "5", "--pause", "0", "--out", str(out)]
-    argv += ["--output-tokens", "16", "--prompt-tokens", "32", "--api-keys", "tenant-a,tenant-b"]
+    keys = [
+        asyncio.run(create_tenant(system.redis_url, system.names, Tenant(name=n))) for n in ("lt-a", "lt-b")
+    ]
+    argv += ["--output-tokens", "16", "--prompt-tokens", "32", "--api-keys", ",".join(keys)]
     argv += ["--stream-weight", "3", "--nonstream-weight", "1"]
     assert sweep.main(argv) == 0, (out / "switchyard" / "users-2.log").read_text()[-3000:]
 
