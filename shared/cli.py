@@ -50,6 +50,7 @@ def _add_gateway(p: argparse.ArgumentParser, port: bool = True) -> None:
     p.add_argument("--host", help="address the gateway listens on (default: 127.0.0.1)")
     if port:
         p.add_argument("--port", type=int, help="gateway port (default: 8000)")
+    p.add_argument("--processes", type=int, help="gateway processes sharing the port (default: 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     wk = roles.add_parser("worker", help="run one worker (engine + job consumer) against a shared Redis")
     _add_worker(wk)
     _add_redis(wk)
+    wk.add_argument("--metrics-port", type=int, help="port of the worker's /metrics (default: 0, off)")
+
+    st = roles.add_parser("status", help="queues, workers and dead letters, read from Redis")
+    _add_redis(st)
+    st.add_argument("--json", action="store_true", help="print one JSON document")
+    st.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until Ctrl-C")
 
     model = roles.add_parser("model", help="model utilities")
     model_cmds = model.add_subparsers(dest="model_command", required=True)
@@ -94,7 +101,7 @@ def _overrides(args: argparse.Namespace, fields: Sequence[str]) -> dict[str, Any
 
 
 REDIS_FIELDS = ("redis_url", "key_prefix")
-GATEWAY_FIELDS = ("host", "port", *REDIS_FIELDS)
+GATEWAY_FIELDS = ("host", "port", "processes", *REDIS_FIELDS)
 WORKER_FIELDS = (
     "model",
     "served_model_name",
@@ -103,6 +110,7 @@ WORKER_FIELDS = (
     "kv_cache_gib",
     "capacity",
     "flush_interval",
+    "metrics_port",
     *REDIS_FIELDS,
 )
 
@@ -141,6 +149,19 @@ def cmd_up(args: argparse.Namespace) -> None:
     Supervisor(gateway, worker, workers=args.workers, redis_port=args.redis_port if embedded else None).run()
 
 
+def cmd_status(args: argparse.Namespace) -> None:
+    from shared.settings import GatewaySettings
+    from shared.status import run_status
+
+    if args.watch is not None and args.watch <= 0:
+        raise CLIError("--watch must be a positive number of seconds")
+    settings = _settings(GatewaySettings, args, REDIS_FIELDS)
+    try:
+        run_status(settings, as_json=args.json, watch=args.watch)
+    except ConnectionError as exc:
+        raise CLIError(str(exc)) from exc
+
+
 def cmd_model(args: argparse.Namespace) -> None:
     from worker.demo_model import build_demo_model, default_dir
 
@@ -163,6 +184,7 @@ COMMANDS = {
     "up": cmd_up,
     "gateway": cmd_gateway,
     "worker": cmd_worker,
+    "status": cmd_status,
     "model": cmd_model,
     "redis-cli": cmd_redis_cli,
 }
