@@ -23,6 +23,8 @@ from shared.settings import GatewaySettings, WorkerSettings
 
 READY_TIMEOUT = 600.0
 STOP_GRACE = 15.0
+WORKER_METRICS_PORT = 9101
+"""Worker i (from 0) serves /metrics on this port + i, or on a free port when that one is taken."""
 
 
 def settings_env(settings: GatewaySettings | WorkerSettings) -> dict[str, str]:
@@ -44,6 +46,7 @@ class Supervisor:
         self.redis_port = redis_port
         self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.redis: EmbeddedRedis | None = None
+        self.metrics_ports: list[int] = []
         self._stop_requested = False
 
     @property
@@ -80,8 +83,12 @@ class Supervisor:
         else:
             check_redis(self.gateway)
         self.worker = self._resolve_demo(self.worker)
+        base = self.worker.metrics_port or WORKER_METRICS_PORT
         for i in range(self.workers):
-            self._spawn(f"worker-{i + 1}", "worker", settings_env(self.worker))
+            port = metrics_port(base + i, taken=self.metrics_ports)
+            self.metrics_ports.append(port)
+            env = {**settings_env(self.worker), "SWITCHYARD_METRICS_PORT": str(port)}
+            self._spawn(f"worker-{i + 1}", "worker", env)
         self._spawn("gateway", "gateway", settings_env(self.gateway))
         self._wait_ready()
         self._keep_off_engine_cores()
@@ -153,9 +160,17 @@ class Supervisor:
     def _announce(self) -> None:
         model = self.worker.served_model_name or self.worker.model
         redis = self.redis.url if self.redis else self.gateway.redis_url
+        workers = "\n".join(
+            f"  worker-{i + 1}: http://127.0.0.1:{port}/metrics" for i, port in enumerate(self.metrics_ports)
+        )
         print(
             f"""
 Switchyard is serving {model} at {self.base_url}/v1   (Redis: {redis})
+
+Metrics (Prometheus):
+  gateway:  {self.base_url}/metrics
+{workers}
+Queues and workers: switchyard status --watch 2
 
   curl {self.base_url}/v1/chat/completions -H 'content-type: application/json' \\
        -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}], "max_tokens": 32}}'
@@ -186,6 +201,20 @@ Press Ctrl-C to stop.
             proc.wait()
         if self.redis is not None:
             self.redis.stop()
+
+
+def metrics_port(wanted: int, taken: list[int]) -> int:
+    """``wanted`` if nothing listens there, else a free port."""
+    from shared.redis_server import free_port
+
+    if wanted not in taken:
+        with contextlib.suppress(StartupError):  # taken by something else: any free port will do
+            check_port_free("0.0.0.0", wanted)
+            return wanted
+    port = free_port()
+    while port in taken:
+        port = free_port()
+    return port
 
 
 def _killpg(proc: subprocess.Popen[bytes], sig: int) -> None:

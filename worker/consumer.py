@@ -20,6 +20,7 @@ from shared.names import GROUP, JOB_FIELD, Names
 from shared.scripts import Scripts
 from shared.settings import WorkerSettings
 from worker.engine import Engine
+from worker.metrics import WorkerMetrics
 from worker.outbox import Outbox
 from worker.runner import Claim, JobRunner
 
@@ -35,13 +36,20 @@ def _text(value: bytes | str) -> str:
 
 class Consumer:
     def __init__(
-        self, redis: Redis, names: Names, settings: WorkerSettings, engine: Engine, worker_id: str
+        self,
+        redis: Redis,
+        names: Names,
+        settings: WorkerSettings,
+        engine: Engine,
+        worker_id: str,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self._redis = redis
         self._names = names
         self._settings = settings
         self._worker_id = worker_id
         self._model = engine.model_name
+        self.metrics = metrics or WorkerMetrics(self._model)
         self._scripts = Scripts(redis)
         self.inflight: dict[str, tuple[asyncio.Task[None], Claim]] = {}
         self._client_gone: set[str] = set()
@@ -53,7 +61,13 @@ class Consumer:
         self._tasks: set[asyncio.Task[None]] = set()
         self.outbox = Outbox(redis)
         self.runner = JobRunner(
-            self.outbox, names, engine, worker_id, settings.flush_interval, client_gone=self.client_gone
+            self.outbox,
+            names,
+            engine,
+            worker_id,
+            settings.flush_interval,
+            client_gone=self.client_gone,
+            metrics=self.metrics,
         )
 
     def client_gone(self, job_id: str) -> bool:
@@ -140,14 +154,17 @@ class Consumer:
             self._room.clear()
 
     async def _run(self, claim: Claim) -> None:
+        self.metrics.job_started(claim.job)
         try:
             await self.runner.run(claim)
         finally:
+            self.metrics.job_left()
             self.inflight.pop(claim.job.id, None)
             self._client_gone.discard(claim.job.id)
             self._room.set()
 
     async def _dead_letter(self, stream: str, entry_id: str, raw: bytes | None, reason: str) -> None:
+        self.metrics.outcome("dead_lettered")
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.xadd(
                 self._names.dead_letter(self._model),

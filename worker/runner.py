@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from shared.messages import Failure, Final, FinishReason, Job, Started, Tokens, Usage, encode
 from shared.names import GROUP, Names
 from worker.engine import Delta, Engine, EngineRejected
+from worker.metrics import WorkerMetrics
 from worker.outbox import Command, Outbox
 
 log = logging.getLogger(__name__)
@@ -48,9 +49,10 @@ class _Pending:
 class ReplyChannel:
     """Publishes one job's replies with consecutive sequence numbers."""
 
-    def __init__(self, outbox: Outbox, channel: str) -> None:
+    def __init__(self, outbox: Outbox, channel: str, published: Callable[[], None]) -> None:
         self._outbox = outbox
         self.channel = channel
+        self._published = published
         self._seq = 0
 
     def next_seq(self) -> int:
@@ -71,6 +73,7 @@ class ReplyChannel:
         ]
 
     def publish_command(self, payload: str) -> Command:
+        self._published()
         return ("PUBLISH", self.channel, payload)
 
     async def publish(self, messages: list[Tokens]) -> None:
@@ -86,7 +89,9 @@ class JobRunner:
         worker_id: str,
         flush_interval: float,
         client_gone: Callable[[str], bool],
+        metrics: WorkerMetrics,
     ) -> None:
+        self._metrics = metrics
         self._client_gone = client_gone
         self._outbox = outbox
         self._names = names
@@ -97,7 +102,7 @@ class JobRunner:
     async def run(self, claim: Claim) -> None:
         """Run the job to its end and acknowledge it. Raises only CancelledError."""
         job = claim.job
-        out = ReplyChannel(self._outbox, self._names.reply_channel(job.id))
+        out = ReplyChannel(self._outbox, self._names.reply_channel(job.id), self._metrics.published)
         try:
             if not await self._start(claim, out):
                 await self.acknowledge(claim)
@@ -123,6 +128,7 @@ class JobRunner:
             await self.fail(claim, out, 500, "engine_error", f"generation failed: {type(exc).__name__}")
             return
         await self._finish(claim, out, [*(encode(m) for m in tail), encode(final)])
+        self._metrics.outcome("completed")
 
     async def _start(self, claim: Claim, out: ReplyChannel) -> bool:
         """Announce the job; False if its client already gave up."""
@@ -140,6 +146,7 @@ class JobRunner:
         generated = 0
         last_flush = time.monotonic()
         async for deltas in self._engine.generate(job.id, job.prompt_token_ids, job.sampling):
+            self._metrics.generated(sum(len(d.token_ids) for d in deltas))
             urgent = False
             for d in deltas:
                 pending.setdefault(d.index, _Pending()).add(d)
@@ -166,6 +173,7 @@ class JobRunner:
         return tail, final
 
     async def fail(self, claim: Claim, out: ReplyChannel, status: int, code: str, message: str) -> None:
+        self._metrics.outcome("handed_back" if code == "worker_shutdown" else "failed")
         failure = Failure(seq=out.next_seq(), status=status, code=code, message=message)
         await self._finish(claim, out, [encode(failure)])
 
@@ -174,6 +182,8 @@ class JobRunner:
         await self._outbox.send(*(out.publish_command(p) for p in payloads), *_ack(claim))
 
     async def acknowledge(self, claim: Claim) -> None:
+        """End a job whose client gave up (or whose claim moved on): nothing more to say."""
+        self._metrics.outcome("cancelled")
         await self._outbox.send(*_ack(claim))
 
 
