@@ -32,6 +32,7 @@ class System:
     model: str
     model_dir: Path
     logs: Path
+    worker_metrics_url: str
 
     def env(self, **extra: str) -> dict[str, str]:
         base = {"REDIS_URL": self.redis_url, "SWITCHYARD_KEY_PREFIX": self.names.prefix}
@@ -72,7 +73,7 @@ def system(
     redis_server: EmbeddedRedis, demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[System]:
     logs = tmp_path_factory.mktemp("logs")
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     sys_ = System(
         base_url=f"http://127.0.0.1:{port}",
         redis_url=redis_server.url,
@@ -80,9 +81,11 @@ def system(
         model="switchyard-demo",
         model_dir=demo_model_dir,
         logs=logs,
+        worker_metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
     )
     worker_log, gateway_log = logs / "worker.log", logs / "gateway.log"
-    worker = spawn("worker", worker_env(sys_.env(), demo_model_dir), worker_log)
+    worker_vars = worker_env(sys_.env(), demo_model_dir, SWITCHYARD_METRICS_PORT=str(metrics_port))
+    worker = spawn("worker", worker_vars, worker_log)
     gateway = spawn(
         "gateway",
         sys_.env(SWITCHYARD_PORT=str(port), SWITCHYARD_PING_INTERVAL="0.5", SWITCHYARD_WORKER_TTL="3"),
