@@ -40,6 +40,17 @@ TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 
 
 ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 UNKNOWN_MODEL = "unknown"
+REASONS = (
+    "invalid",
+    "too_large",
+    "auth",
+    "model_not_found",
+    "no_worker",
+    "context_length",
+    "rate_limit",
+    "backlog_full",
+    "redis_unavailable",
+)
 DEFAULT_TENANT = "default"
 
 
@@ -151,6 +162,8 @@ class GatewayMetrics:
         self.redis_up = Gauge(
             "switchyard:redis_up", "1 when the last Redis read worked", multiprocess_mode="min", registry=reg
         )
+        for reason in REASONS:  # at 0 from the start: a rate over a missing series is no data, not 0
+            self.rejections.labels(reason)
         if multiprocess_dir() is None:
             ProcessCollector(registry=reg)
 

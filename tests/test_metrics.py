@@ -13,6 +13,7 @@ import httpx
 import openai
 import pytest
 from openai import OpenAI
+from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared.redis_server import EmbeddedRedis, free_port
@@ -122,6 +123,15 @@ def test_gateway_metrics_count_requests_by_outcome(system: System, client: OpenA
     )
 
 
+def rejected_in(samples_file: Path) -> float:
+    """How many model_not_found rejections one gateway process wrote to its own sample file."""
+    return sum(
+        value
+        for key, value, _, _ in MmapedDict.read_all_values_from_file(str(samples_file))
+        if '"switchyard:rejections_total"' in key and '"model_not_found"' in key
+    )
+
+
 def test_worker_metrics_port_serves_worker_and_vllm_metrics(system: System, client: OpenAI) -> None:
     model = {"model": system.model}
     before = scrape(system.worker_metrics_url)
@@ -187,8 +197,8 @@ async def test_gateway_processes_add_up_their_counters(redis_server: EmbeddedRed
         async with httpx.AsyncClient(base_url=base, limits=limits, timeout=10) as http:
             replies = await asyncio.gather(*(http.post("/v1/chat/completions", json=body) for _ in range(60)))
         assert {r.status_code for r in replies} == {404}
-        served_by = {p.name for p in samples_dir.glob("counter_*.db")}
-        assert len(served_by) == 2, f"one process took every request: {served_by}"
+        served = {f.name: rejected_in(f) for f in samples_dir.glob("counter_*.db")}
+        assert len(served) == 2 and all(served.values()), f"one process took every request: {served}"
         for _ in range(4):  # whichever process answers the scrape reports the sum
             samples = scrape(f"{base}/metrics")
             assert value(samples, "switchyard:rejections_total", reason="model_not_found") == 60

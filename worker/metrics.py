@@ -17,6 +17,7 @@ from shared.messages import Job
 
 QUEUE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 60)
 RATE_WINDOW = 10.0
+OUTCOMES = ("completed", "failed", "cancelled", "handed_back", "dead_lettered")
 
 
 class TokenRate:
@@ -69,6 +70,11 @@ class WorkerMetrics:
             buckets=QUEUE_BUCKETS,
             registry=reg,
         )
+        # Every series exists from the start at 0, so dashboards and rate() see no gap before a job.
+        for metric in (self._running, self._tokens, self._published, self._queue_time):
+            metric.labels(model)
+        for outcome in OUTCOMES:
+            self._jobs.labels(model, outcome)
 
     def job_started(self, job: Job) -> None:
         self._running.labels(self.model).inc()
@@ -78,7 +84,7 @@ class WorkerMetrics:
         self._running.labels(self.model).dec()
 
     def outcome(self, outcome: str) -> None:
-        """``completed``, ``failed``, ``cancelled``, ``handed_back`` or ``dead_lettered``."""
+        """One of :data:`OUTCOMES`."""
         self._jobs.labels(self.model, outcome).inc()
 
     def generated(self, tokens: int) -> None:
