@@ -15,10 +15,14 @@ import pytest
 from openai import OpenAI
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
+from redis.asyncio import Redis
 
+from shared.messages import Failure, Started, decode_job, encode
+from shared.names import JOB_FIELD
 from shared.redis_server import EmbeddedRedis, free_port
 from tests.conftest import MAX_MODEL_LEN, System
 from tests.procs import spawn, stop, wait_until
+from tests.test_e2e_faults import fake_model
 
 pytestmark = pytest.mark.e2e
 
@@ -208,3 +212,45 @@ async def test_gateway_processes_add_up_their_counters(redis_server: EmbeddedRed
             assert value(samples, "process_resident_memory_bytes") > 0
     finally:
         stop(gateway)
+
+
+async def test_failure_after_admission_is_an_error_not_a_rejection(system: System, redis: Redis) -> None:
+    """A worker that reports a failure (here: its wire protocol, spoken by the test) counts as an error."""
+    model = "failing-" + uuid.uuid4().hex[:6]
+    await fake_model(redis, system, model, live=True)
+    await asyncio.sleep(0.6)  # past the gateway's registry cache
+    url = f"{system.base_url}/metrics"
+    before = await asyncio.to_thread(scrape, url)
+    body = {"model": model, "messages": USER}
+    stream = system.names.jobs_stream(model, "default")
+    try:
+        async with httpx.AsyncClient(base_url=system.base_url, timeout=10) as http:
+            call = asyncio.create_task(http.post("/v1/chat/completions", json=body))
+            entries = []
+            for _ in range(200):  # the job reaches its stream once the gateway has enqueued it
+                entries = await redis.xrange(stream)
+                if entries:
+                    break
+                await asyncio.sleep(0.05)
+            assert entries, "the gateway never enqueued the job"
+            job = decode_job(entries[0][1][JOB_FIELD.encode()])
+            channel = system.names.reply_channel(job.id)
+            await redis.publish(channel, encode(Started(seq=0, worker="test", attempt=1)))
+            failure = Failure(seq=1, status=503, code="worker_lost", message="the worker went away")
+            await redis.publish(channel, encode(failure))
+            reply = await call
+    finally:
+        await redis.delete(stream)
+        await redis.zrem(system.names.workers(), f"idle-{model}")
+    assert reply.status_code == 503
+    labels = {"model": model, "tenant": "default"}
+    after = await asyncio.to_thread(
+        settle,
+        url,
+        lambda s: value(s, "switchyard:requests_total", **labels, endpoint="chat", status="503") == 1,
+    )
+    assert value(after, "switchyard:request_errors_total", **labels, code="worker_lost") == 1
+    assert value(after, "switchyard:request_queue_time_seconds_count", **labels) == 1
+    assert value(after, "switchyard:requests_in_flight", model=model) == 0
+    rejections = {k: v for k, v in after.items() if k[0] == "switchyard:rejections_total"}
+    assert rejections == {k: v for k, v in before.items() if k[0] == "switchyard:rejections_total"}
