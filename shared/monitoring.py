@@ -67,10 +67,7 @@ class Prometheus:
 
     def start(self, log: Path | None = None) -> Prometheus:
         """Start the server and wait until it answers ``/-/ready``; output goes to ``log``."""
-        try:
-            check_port_free(self.host, self.port)
-        except StartupError as exc:
-            raise StartupError(f"prometheus: {exc} (choose one with --prometheus-port)") from exc
+        check_port_free(self.host, self.port)
         self._dir = tempfile.TemporaryDirectory(prefix="switchyard-prometheus-")
         workdir = Path(self._dir.name)
         rules = self.rules if self.rules and self.rules.is_file() else None
@@ -131,10 +128,42 @@ class Prometheus:
         self.stop()
 
 
-def start_monitoring(gateway: str, workers: list[str], port: int = DEFAULT_PORT) -> Prometheus | None:
-    """Prometheus for ``switchyard up``, or None (after one line saying how to get it) when missing."""
-    binary = shutil.which("prometheus")
-    if binary is None:
-        print(INSTALL_HINT, flush=True)
-        return None
-    return Prometheus(gateways=[gateway], workers=workers, port=port, binary=binary).start()
+class Monitoring:
+    """Prometheus beside ``switchyard up --monitoring``: optional, and never a reason not to serve."""
+
+    def __init__(self, port: int | None) -> None:
+        self.port = port
+        self.binary = shutil.which("prometheus") if port is not None else None
+        self.server: Prometheus | None = None
+
+    def check(self) -> None:
+        """Before anything starts: say when Prometheus is missing, fail early when its port is taken."""
+        if self.port is None:
+            return
+        if self.binary is None:
+            print(INSTALL_HINT, flush=True)
+            return
+        try:
+            check_port_free("127.0.0.1", self.port)
+        except StartupError as exc:
+            raise StartupError(
+                f"port {self.port} for Prometheus is in use; choose another with --prometheus-port"
+            ) from exc
+
+    def start(self, gateway_host: str, gateway_port: int, worker_ports: list[int]) -> None:
+        """Scrape the gateway and the local workers' metrics ports, with the alert rules."""
+        if self.port is None or self.binary is None:
+            return
+        host = "127.0.0.1" if gateway_host in ("0.0.0.0", "::", "") else gateway_host
+        workers = [f"127.0.0.1:{p}" for p in worker_ports]
+        self.server = Prometheus([f"{host}:{gateway_port}"], workers, port=self.port, binary=self.binary)
+        self.server.start()
+
+    def describe(self) -> str:
+        if self.server is None:
+            return ""
+        return f"Prometheus: {self.server.url}   (alerts: {self.server.url}/alerts)\n"
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
