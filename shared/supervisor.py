@@ -101,7 +101,12 @@ class Supervisor:
         for name, proc in self.children:
             if name.startswith("worker"):
                 engine |= engine_compute_cpus(proc.pid)
-        others = [proc.pid for name, proc in self.children if not name.startswith("worker")]
+        others = [
+            pid
+            for name, proc in self.children
+            if not name.startswith("worker")
+            for pid in _with_children(proc.pid)  # a gateway with --processes N serves from children
+        ]
         if self.redis and self.redis.process:
             others.append(self.redis.process.pid)
         keep_off(others, engine)
@@ -215,6 +220,15 @@ def metrics_port(wanted: int, taken: list[int]) -> int:
     while port in taken:
         port = free_port()
     return port
+
+
+def _with_children(pid: int) -> list[int]:
+    import psutil
+
+    try:
+        return [pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))]
+    except psutil.Error:  # exited meanwhile: nothing left to move
+        return [pid]
 
 
 def _killpg(proc: subprocess.Popen[bytes], sig: int) -> None:
