@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=6379,
         help="port of the embedded Redis when no --redis-url is given (default: 6379)",
     )
+    up.add_argument(
+        "--monitoring", action="store_true", help="also run Prometheus (when installed) with the alert rules"
+    )
+    up.add_argument("--prometheus-port", type=int, default=9090, help="its port (default: 9090)")
 
     gw = roles.add_parser("gateway", help="run one gateway (HTTP API) against a shared Redis")
     _add_gateway(gw)
@@ -138,6 +142,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> None:
+    from shared.monitoring import Monitoring
     from shared.settings import GatewaySettings, WorkerSettings
     from shared.supervisor import Supervisor
 
@@ -146,7 +151,9 @@ def cmd_up(args: argparse.Namespace) -> None:
     gateway = _settings(GatewaySettings, args, GATEWAY_FIELDS)
     worker = _settings(WorkerSettings, args, WORKER_FIELDS)
     embedded = args.redis_url is None and "REDIS_URL" not in os.environ
-    Supervisor(gateway, worker, workers=args.workers, redis_port=args.redis_port if embedded else None).run()
+    monitoring = Monitoring(args.prometheus_port if args.monitoring else None)
+    redis_port = args.redis_port if embedded else None
+    Supervisor(gateway, worker, workers=args.workers, redis_port=redis_port, monitoring=monitoring).run()
 
 
 def cmd_status(args: argparse.Namespace) -> None:

@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 from types import FrameType
 
+from shared.monitoring import Monitoring
 from shared.redis_server import EmbeddedRedis, RedisUnavailable
 from shared.serve import StartupError, check_port_free, check_redis
 from shared.settings import GatewaySettings, WorkerSettings
@@ -38,7 +39,12 @@ def settings_env(settings: GatewaySettings | WorkerSettings) -> dict[str, str]:
 
 class Supervisor:
     def __init__(
-        self, gateway: GatewaySettings, worker: WorkerSettings, workers: int, redis_port: int | None
+        self,
+        gateway: GatewaySettings,
+        worker: WorkerSettings,
+        workers: int,
+        redis_port: int | None,
+        monitoring: Monitoring | None = None,
     ) -> None:
         self.gateway = gateway
         self.worker = worker
@@ -47,6 +53,7 @@ class Supervisor:
         self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.redis: EmbeddedRedis | None = None
         self.metrics_ports: list[int] = []
+        self.monitoring = monitoring or Monitoring(None)
         self._stop_requested = False
 
     @property
@@ -71,6 +78,7 @@ class Supervisor:
         self._stop_requested = True
 
     def _start(self) -> None:
+        self.monitoring.check()
         check_port_free(self.gateway.host, self.gateway.port)
         if self.redis_port is not None:
             try:
@@ -92,6 +100,7 @@ class Supervisor:
         self._spawn("gateway", "gateway", settings_env(self.gateway))
         self._wait_ready()
         self._keep_off_engine_cores()
+        self.monitoring.start(self.gateway.host, self.gateway.port, self.metrics_ports)
 
     def _keep_off_engine_cores(self) -> None:
         """On CPU hosts, move the gateway and Redis off the cores vLLM computes on."""
@@ -175,7 +184,7 @@ Switchyard is serving {model} at {self.base_url}/v1   (Redis: {redis})
 Metrics (Prometheus):
   gateway:  {self.base_url}/metrics
 {workers}
-Queues and workers: switchyard status --watch 2
+{self.monitoring.describe()}Queues and workers: switchyard status --watch 2
 
   curl {self.base_url}/v1/chat/completions -H 'content-type: application/json' \\
        -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}], "max_tokens": 32}}'
@@ -196,6 +205,7 @@ Press Ctrl-C to stop.
             time.sleep(0.5)
 
     def _stop(self) -> None:
+        self.monitoring.stop()
         for _, proc in self.children:
             _killpg(proc, signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE
