@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -20,6 +20,8 @@ from gateway.auth import Authenticator
 from gateway.edge import RequestEdge
 from gateway.errors import APIError, InvalidRequest, NotFound
 from gateway.jobs import Dispatcher, Timeouts
+from gateway.metrics import ENDPOINTS, GatewayMetrics, RequestCounter, rejection_reason
+from gateway.probe import QueueProbe
 from gateway.registry import WorkerRegistry
 from gateway.replies import ReplyHub
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
@@ -32,6 +34,8 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: GatewaySettings) -> FastAPI:
+    metrics = GatewayMetrics()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         names = settings.names
@@ -48,12 +52,13 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             redis=redis,
             registry=registry,
             tokenizers=TokenizerCache(),
-            dispatcher=Dispatcher(redis, hub, names, timeouts),
+            dispatcher=Dispatcher(redis, hub, names, timeouts, metrics=metrics),
             auth=Authenticator(TenantStore(redis, names), required=settings.auth),
             admission=Admission(redis, names, settings.request_timeout, drain, settings.max_backlog_total),
             drain=drain,
         )
         app.state.gateway = gateway
+        probe = QueueProbe(redis, names, metrics, settings.worker_ttl)
 
         async def live_models() -> list[str]:
             return list(await registry.models())
@@ -62,6 +67,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             hub_task,
             asyncio.create_task(gateway.prewarm(), name="tokenizer-prewarm"),
             asyncio.create_task(drain.run(live_models), name="drain-meter"),
+            asyncio.create_task(probe.run(), name="queue-probe"),
         ]
         try:
             await asyncio.wait_for(hub.connected.wait(), 5)
@@ -76,12 +82,25 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             await redis.aclose()
+            metrics.process_exited()
 
     app = FastAPI(title="Switchyard", version="0.1.0", lifespan=lifespan)
-    _install_error_handlers(app)
+    _install_error_handlers(app, metrics)
     _install_routes(app)
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus_metrics() -> Response:  # sync: the multiprocess merge reads files, off the loop
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
+
     app.add_middleware(RequestEdge, max_body=settings.max_body_bytes, new_id=new_request_id)
+    app.add_middleware(RequestCounter, metrics=metrics)
     return app
+
+
+def app_from_env() -> FastAPI:
+    """App factory for uvicorn's worker processes, which read their settings from the environment."""
+    return create_app(GatewaySettings())
 
 
 def _gateway(request: Request) -> Gateway:
@@ -91,7 +110,9 @@ def _gateway(request: Request) -> Gateway:
 
 async def _tenant(request: Request) -> Tenant:
     """Authentication runs as a dependency, before the body is even validated."""
-    return await _gateway(request).auth.tenant(request)
+    tenant = await _gateway(request).auth.tenant(request)
+    request.state.tenant = tenant.name  # labels the request's metrics
+    return tenant
 
 
 AuthenticatedTenant = Annotated[Tenant, Depends(_tenant)]
@@ -156,9 +177,11 @@ def _install_routes(app: FastAPI) -> None:
         return JSONResponse({"status": "ready", "models": sorted(models)})
 
 
-def _install_error_handlers(app: FastAPI) -> None:
+def _install_error_handlers(app: FastAPI, metrics: GatewayMetrics) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        if not exc.admitted and request.url.path in ENDPOINTS:
+            metrics.rejected(rejection_reason(exc))
         return JSONResponse(exc.envelope(), status_code=exc.status, headers=exc.headers())
 
     @app.exception_handler(RequestValidationError)
@@ -174,6 +197,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RedisError)
     async def redis_down(request: Request, exc: RedisError) -> JSONResponse:
         log.warning("redis error: %s", exc)
+        if request.url.path in ENDPOINTS:
+            metrics.rejected("redis_unavailable")
         body = {
             "error": {
                 "message": "the queue is unreachable",

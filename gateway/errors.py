@@ -11,6 +11,8 @@ class APIError(Exception):
     status = 500
     type = "server_error"
     code: str | None = None
+    admitted = False
+    """True once the request's job was enqueued: its failure is an error, not a rejection."""
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from gateway.errors import Timeout, Unavailable, UpstreamFailure, from_status
+from gateway.errors import APIError, Timeout, Unavailable, UpstreamFailure, from_status
+from gateway.metrics import GatewayMetrics
 from gateway.replies import ReplyHub, Subscription, SubscriptionLost
 from shared.messages import Failure, Final, Job, Started, Tokens, WireError, decode_reply, encode
 from shared.names import JOB_FIELD, Names
@@ -38,7 +39,15 @@ OnClose = Callable[[int], Awaitable[None]]
 class Dispatcher:
     """Puts jobs on their tenant's stream and hands back their reply streams."""
 
-    def __init__(self, redis: Redis, hub: ReplyHub, names: Names, timeouts: Timeouts) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        hub: ReplyHub,
+        names: Names,
+        timeouts: Timeouts,
+        metrics: GatewayMetrics | None = None,
+    ) -> None:
+        self.metrics = metrics or GatewayMetrics()
         self._redis = redis
         self._hub = hub
         self._names = names
@@ -97,8 +106,18 @@ class ReplyStream:
         self._delivered_tokens = False
         self.finished = False
         self.started_at: float | None = None
+        self.track = owner.metrics.track(job)
 
     async def __aiter__(self) -> AsyncIterator[Started | Tokens | Final]:
+        try:
+            async for reply in self._replies():
+                self.track.saw(reply)
+                yield reply
+        except APIError as exc:
+            self.track.failed(exc)
+            raise
+
+    async def _replies(self) -> AsyncIterator[Started | Tokens | Final]:
         while not self.finished:
             reply = await self._next()
             if isinstance(reply, Started):
@@ -169,4 +188,5 @@ class ReplyStream:
         if self._closed:
             return
         self._closed = True
+        self.track.close()
         await self._owner.release(self, cancel=not self.finished)

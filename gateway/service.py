@@ -88,6 +88,7 @@ class Gateway:
         max_tokens: int | None,
         param: str,
     ) -> Job:
+        request.state.model = entry.name  # a served model: safe as a metrics label
         if body.n > self.settings.max_n:
             raise InvalidRequest(f"n must be at most {self.settings.max_n}", param="n")
         max_tokens = fit_context(len(prompt), max_tokens, entry.max_model_len, param)

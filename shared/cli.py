@@ -50,6 +50,7 @@ def _add_gateway(p: argparse.ArgumentParser, port: bool = True) -> None:
     p.add_argument("--host", help="address the gateway listens on (default: 127.0.0.1)")
     if port:
         p.add_argument("--port", type=int, help="gateway port (default: 8000)")
+    p.add_argument("--processes", type=int, help="gateway processes sharing the port (default: 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=6379,
         help="port of the embedded Redis when no --redis-url is given (default: 6379)",
     )
+    up.add_argument(
+        "--monitoring", action="store_true", help="also run Prometheus (when installed) with the alert rules"
+    )
+    up.add_argument("--prometheus-port", type=int, default=9090, help="its port (default: 9090)")
 
     gw = roles.add_parser("gateway", help="run one gateway (HTTP API) against a shared Redis")
     _add_gateway(gw)
@@ -76,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     wk = roles.add_parser("worker", help="run one worker (engine + job consumer) against a shared Redis")
     _add_worker(wk)
     _add_redis(wk)
+    wk.add_argument("--metrics-port", type=int, help="port of the worker's /metrics (default: 0, off)")
+
+    st = roles.add_parser("status", help="queues, workers and dead letters, read from Redis")
+    _add_redis(st)
+    st.add_argument("--json", action="store_true", help="print one JSON document")
+    st.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until Ctrl-C")
 
     model = roles.add_parser("model", help="model utilities")
     model_cmds = model.add_subparsers(dest="model_command", required=True)
@@ -121,7 +132,7 @@ def _overrides(args: argparse.Namespace, fields: Sequence[str]) -> dict[str, Any
 
 
 REDIS_FIELDS = ("redis_url", "key_prefix")
-GATEWAY_FIELDS = ("host", "port", *REDIS_FIELDS)
+GATEWAY_FIELDS = ("host", "port", "processes", *REDIS_FIELDS)
 WORKER_FIELDS = (
     "model",
     "served_model_name",
@@ -130,6 +141,7 @@ WORKER_FIELDS = (
     "kv_cache_gib",
     "capacity",
     "flush_interval",
+    "metrics_port",
     *REDIS_FIELDS,
 )
 
@@ -157,6 +169,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> None:
+    from shared.monitoring import Monitoring
     from shared.settings import GatewaySettings, WorkerSettings
     from shared.supervisor import Supervisor
 
@@ -165,7 +178,22 @@ def cmd_up(args: argparse.Namespace) -> None:
     gateway = _settings(GatewaySettings, args, GATEWAY_FIELDS)
     worker = _settings(WorkerSettings, args, WORKER_FIELDS)
     embedded = args.redis_url is None and "REDIS_URL" not in os.environ
-    Supervisor(gateway, worker, workers=args.workers, redis_port=args.redis_port if embedded else None).run()
+    monitoring = Monitoring(args.prometheus_port if args.monitoring else None)
+    redis_port = args.redis_port if embedded else None
+    Supervisor(gateway, worker, workers=args.workers, redis_port=redis_port, monitoring=monitoring).run()
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    from shared.settings import GatewaySettings
+    from shared.status import run_status
+
+    if args.watch is not None and args.watch <= 0:
+        raise CLIError("--watch must be a positive number of seconds")
+    settings = _settings(GatewaySettings, args, REDIS_FIELDS)
+    try:
+        run_status(settings, as_json=args.json, watch=args.watch)
+    except ConnectionError as exc:
+        raise CLIError(str(exc)) from exc
 
 
 def cmd_model(args: argparse.Namespace) -> None:
@@ -218,6 +246,7 @@ COMMANDS = {
     "up": cmd_up,
     "gateway": cmd_gateway,
     "worker": cmd_worker,
+    "status": cmd_status,
     "model": cmd_model,
     "keys": cmd_keys,
     "redis-cli": cmd_redis_cli,

@@ -155,5 +155,7 @@ class WorkerInfo(_Wire):
     waiting: int = 0
     """Sequences in the engine, as its scheduler last reported them."""
     kv_cache_usage: float = 0.0
+    tokens_per_s: float = 0.0
+    """Tokens generated per second over the last few seconds."""
     started_at: float
     heartbeat_at: float

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import os
 import socket
+import tempfile
+from collections.abc import Iterator
 
 from shared.settings import GatewaySettings, RedisSettings, WorkerSettings
 
@@ -46,14 +50,44 @@ def run_gateway(settings: GatewaySettings) -> None:
 
     check_port_free(settings.host, settings.port)
     check_redis(settings)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level="warning",
-        access_log=False,
-        timeout_graceful_shutdown=5,
-    )
+    options = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": "warning",
+        "access_log": False,
+        "timeout_graceful_shutdown": 5,
+    }
+    if settings.processes == 1:
+        uvicorn.run(create_app(settings), **options)  # type: ignore[arg-type]
+        return
+    from shared.supervisor import settings_env
+
+    with _multiprocess_metrics():
+        # Worker processes build their app from an import string, so settings travel by environment.
+        os.environ.update(settings_env(settings))
+        uvicorn.run(
+            "gateway.app:app_from_env",
+            factory=True,
+            workers=settings.processes,
+            **options,  # type: ignore[arg-type]
+        )
+
+
+@contextlib.contextmanager
+def _multiprocess_metrics() -> Iterator[str]:
+    """A directory where every gateway process writes its metric samples (a private one if unset)."""
+    from gateway.metrics import MULTIPROC_ENV
+
+    given = os.environ.get(MULTIPROC_ENV)
+    if given:
+        yield given
+        return
+    with tempfile.TemporaryDirectory(prefix="switchyard-metrics-") as private:
+        os.environ[MULTIPROC_ENV] = private
+        try:
+            yield private
+        finally:
+            os.environ.pop(MULTIPROC_ENV, None)
 
 
 def run_worker(settings: WorkerSettings) -> None:

@@ -26,6 +26,9 @@ class RedisSettings(BaseSettings):
 class GatewaySettings(RedisSettings):
     host: str = Field(default="127.0.0.1", description="Address the gateway listens on.")
     port: int = Field(default=8000, description="Gateway port.")
+    processes: int = Field(
+        default=1, ge=1, description="Gateway processes sharing the port (metrics summed over them)."
+    )
     ping_interval: float = Field(default=10.0, gt=0, description="Seconds between SSE keep-alives.")
     request_timeout: float = Field(
         default=600.0, gt=0, description="Longest a request may take, queueing included."
@@ -85,3 +88,6 @@ class WorkerSettings(RedisSettings):
         default=30.0, ge=0, description="On SIGTERM, how long running jobs may take to finish."
     )
     worker_id: str | None = Field(default=None, description="Consumer name; unset: host-pid-random.")
+    metrics_port: int = Field(
+        default=0, ge=0, description="Port of the worker's Prometheus /metrics; 0: no metrics server."
+    )

@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 from types import FrameType
 
+from shared.monitoring import Monitoring
 from shared.redis_server import EmbeddedRedis, RedisUnavailable
 from shared.serve import StartupError, check_port_free, check_redis
 from shared.settings import GatewaySettings, WorkerSettings
@@ -31,6 +32,8 @@ def dev_key_path() -> str:
 
 
 STOP_GRACE = 15.0
+WORKER_METRICS_PORT = 9101
+"""Worker i (from 0) serves /metrics on this port + i, or on a free port when that one is taken."""
 
 
 def settings_env(settings: GatewaySettings | WorkerSettings) -> dict[str, str]:
@@ -44,7 +47,12 @@ def settings_env(settings: GatewaySettings | WorkerSettings) -> dict[str, str]:
 
 class Supervisor:
     def __init__(
-        self, gateway: GatewaySettings, worker: WorkerSettings, workers: int, redis_port: int | None
+        self,
+        gateway: GatewaySettings,
+        worker: WorkerSettings,
+        workers: int,
+        redis_port: int | None,
+        monitoring: Monitoring | None = None,
     ) -> None:
         self.gateway = gateway
         self.worker = worker
@@ -52,6 +60,8 @@ class Supervisor:
         self.redis_port = redis_port
         self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.redis: EmbeddedRedis | None = None
+        self.metrics_ports: list[int] = []
+        self.monitoring = monitoring or Monitoring(None)
         self._stop_requested = False
         self.dev_key: str | None = None
 
@@ -77,6 +87,7 @@ class Supervisor:
         self._stop_requested = True
 
     def _start(self) -> None:
+        self.monitoring.check()
         check_port_free(self.gateway.host, self.gateway.port)
         if self.redis_port is not None:
             try:
@@ -93,11 +104,16 @@ class Supervisor:
             from shared.keys import ensure_dev_key
 
             self.dev_key = ensure_dev_key(self.gateway)
+        base = self.worker.metrics_port or WORKER_METRICS_PORT
         for i in range(self.workers):
-            self._spawn(f"worker-{i + 1}", "worker", settings_env(self.worker))
+            port = metrics_port(base + i, taken=self.metrics_ports)
+            self.metrics_ports.append(port)
+            env = {**settings_env(self.worker), "SWITCHYARD_METRICS_PORT": str(port)}
+            self._spawn(f"worker-{i + 1}", "worker", env)
         self._spawn("gateway", "gateway", settings_env(self.gateway))
         self._wait_ready()
         self._keep_off_engine_cores()
+        self.monitoring.start(self.gateway.host, self.gateway.port, self.metrics_ports)
 
     def _keep_off_engine_cores(self) -> None:
         """On CPU hosts, move the gateway and Redis off the cores vLLM computes on."""
@@ -107,7 +123,12 @@ class Supervisor:
         for name, proc in self.children:
             if name.startswith("worker"):
                 engine |= engine_compute_cpus(proc.pid)
-        others = [proc.pid for name, proc in self.children if not name.startswith("worker")]
+        others = [
+            pid
+            for name, proc in self.children
+            if not name.startswith("worker")
+            for pid in _with_children(proc.pid)  # a gateway with --processes N serves from children
+        ]
         if self.redis and self.redis.process:
             others.append(self.redis.process.pid)
         keep_off(others, engine)
@@ -172,10 +193,19 @@ class Supervisor:
             if self.dev_key
             else "Authentication is off.\n"
         )
+        workers = "\n".join(
+            f"  worker-{i + 1}: http://127.0.0.1:{port}/metrics" for i, port in enumerate(self.metrics_ports)
+        )
         print(
             f"""
 Switchyard is serving {model} at {self.base_url}/v1   (Redis: {redis})
 {auth}
+
+Metrics (Prometheus):
+  gateway:  {self.base_url}/metrics
+{workers}
+{self.monitoring.describe()}Queues and workers: switchyard status --watch 2
+
   curl {self.base_url}/v1/chat/completions -H 'content-type: application/json' \\
        -H 'authorization: Bearer {key}' \\
        -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}], "max_tokens": 32}}'
@@ -196,6 +226,7 @@ Press Ctrl-C to stop.
             time.sleep(0.5)
 
     def _stop(self) -> None:
+        self.monitoring.stop()
         for _, proc in self.children:
             _killpg(proc, signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE
@@ -206,6 +237,29 @@ Press Ctrl-C to stop.
             proc.wait()
         if self.redis is not None:
             self.redis.stop()
+
+
+def metrics_port(wanted: int, taken: list[int]) -> int:
+    """``wanted`` if nothing listens there, else a free port."""
+    from shared.redis_server import free_port
+
+    if wanted not in taken:
+        with contextlib.suppress(StartupError):  # taken by something else: any free port will do
+            check_port_free("0.0.0.0", wanted)
+            return wanted
+    port = free_port()
+    while port in taken:
+        port = free_port()
+    return port
+
+
+def _with_children(pid: int) -> list[int]:
+    import psutil
+
+    try:
+        return [pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))]
+    except psutil.Error:  # exited meanwhile: nothing left to move
+        return [pid]
 
 
 def _killpg(proc: subprocess.Popen[bytes], sig: int) -> None:

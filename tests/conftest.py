@@ -35,6 +35,7 @@ class System:
     model_dir: Path
     logs: Path
     api_key: str
+    worker_metrics_url: str
 
     @property
     def headers(self) -> dict[str, str]:
@@ -79,7 +80,7 @@ def system(
     redis_server: EmbeddedRedis, demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[System]:
     logs = tmp_path_factory.mktemp("logs")
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     names = Names(PREFIX)
     key = asyncio.run(create_tenant(redis_server.url, names, Tenant(name="main")))
     sys_ = System(
@@ -90,9 +91,11 @@ def system(
         model_dir=demo_model_dir,
         logs=logs,
         api_key=key,
+        worker_metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
     )
     worker_log, gateway_log = logs / "worker.log", logs / "gateway.log"
-    worker = spawn("worker", worker_env(sys_.env(), demo_model_dir), worker_log)
+    worker_vars = worker_env(sys_.env(), demo_model_dir, SWITCHYARD_METRICS_PORT=str(metrics_port))
+    worker = spawn("worker", worker_vars, worker_log)
     gateway = spawn(
         "gateway",
         sys_.env(SWITCHYARD_PORT=str(port), SWITCHYARD_PING_INTERVAL="0.5", SWITCHYARD_WORKER_TTL="3"),

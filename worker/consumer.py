@@ -21,6 +21,7 @@ from shared.scripts import Scripts
 from shared.settings import WorkerSettings
 from shared.tenants import PRIORITY_WEIGHT
 from worker.engine import Engine
+from worker.metrics import WorkerMetrics
 from worker.outbox import Outbox
 from worker.runner import Claim, JobRunner, StopReason
 
@@ -40,13 +41,20 @@ def _text(value: bytes | str) -> str:
 
 class Consumer:
     def __init__(
-        self, redis: Redis, names: Names, settings: WorkerSettings, engine: Engine, worker_id: str
+        self,
+        redis: Redis,
+        names: Names,
+        settings: WorkerSettings,
+        engine: Engine,
+        worker_id: str,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self._redis = redis
         self._names = names
         self._settings = settings
         self._worker_id = worker_id
         self._model = engine.model_name
+        self.metrics = metrics or WorkerMetrics(self._model)
         self._scripts = Scripts(redis)
         self.inflight: dict[str, tuple[asyncio.Task[None], Claim]] = {}
         self._stopped: dict[str, StopReason] = {}
@@ -59,7 +67,13 @@ class Consumer:
         self._tasks: set[asyncio.Task[None]] = set()
         self.outbox = Outbox(redis)
         self.runner = JobRunner(
-            self.outbox, names, engine, worker_id, settings.flush_interval, stop_reason=self.stop_reason
+            self.outbox,
+            names,
+            engine,
+            worker_id,
+            settings.flush_interval,
+            stop_reason=self.stop_reason,
+            metrics=self.metrics,
         )
 
     def stop_reason(self, job_id: str) -> StopReason | None:
@@ -152,14 +166,17 @@ class Consumer:
             self._room.clear()
 
     async def _run(self, claim: Claim) -> None:
+        self.metrics.job_started(claim.job)
         try:
             await self.runner.run(claim)
         finally:
+            self.metrics.job_left()
             self.inflight.pop(claim.job.id, None)
             self._stopped.pop(claim.job.id, None)
             self._room.set()
 
     async def _dead_letter(self, stream: str, entry_id: str, raw: bytes | None, reason: str) -> None:
+        self.metrics.outcome("dead_lettered")
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.xadd(
                 self._names.dead_letter(self._model),

@@ -20,6 +20,7 @@ from shared.settings import WorkerSettings
 from worker.consumer import Consumer
 from worker.engine import Engine, VLLMEngine
 from worker.heartbeat import Heartbeat
+from worker.metrics import MetricsServer, WorkerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,10 @@ async def start_engine(settings: WorkerSettings) -> Engine:
 async def serve(settings: WorkerSettings, engine: Engine | None = None) -> None:
     """Run one worker until SIGTERM/SIGINT; ``engine`` lets a caller supply its own."""
     redis = Redis.from_url(settings.redis_url, health_check_interval=30)
+    metrics_server: MetricsServer | None = None
     try:
         await check_redis(redis, settings.redis_url)
+        metrics_server = start_metrics(settings.metrics_port)
         own_engine = engine is None
         engine = engine or await start_engine(settings)
         # vLLM and torch leave a huge, long-lived heap; without this every full collection walks
@@ -86,13 +89,28 @@ async def serve(settings: WorkerSettings, engine: Engine | None = None) -> None:
             if own_engine:
                 engine.shutdown()
     finally:
+        if metrics_server is not None:
+            metrics_server.close()
         await redis.aclose()
+
+
+def start_metrics(port: int) -> MetricsServer | None:
+    """Serve /metrics before the engine loads, so a taken port fails fast; 0 means no server."""
+    if port == 0:
+        return None
+    try:
+        server = MetricsServer(port)
+    except OSError as exc:
+        raise WorkerStartError(f"cannot serve metrics on port {port}: {exc.strerror}") from exc
+    log.info("metrics on http://0.0.0.0:%d/metrics", server.port)
+    return server
 
 
 async def run_consumer(redis: Redis, settings: WorkerSettings, engine: Engine) -> None:
     worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
     names = settings.names
-    consumer = Consumer(redis, names, settings, engine, worker_id)
+    metrics = WorkerMetrics(engine.model_name)
+    consumer = Consumer(redis, names, settings, engine, worker_id, metrics)
     now = time.time()
     info = WorkerInfo(
         id=worker_id,
@@ -111,6 +129,7 @@ async def run_consumer(redis: Redis, settings: WorkerSettings, engine: Engine) -
             "running": stats.running,
             "waiting": stats.waiting,
             "kv_cache_usage": stats.kv_cache_usage,
+            "tokens_per_s": metrics.tokens_per_s(),
         }
 
     heartbeat = Heartbeat(redis, names, info, settings.heartbeat_interval, status)
@@ -132,6 +151,7 @@ async def run_consumer(redis: Redis, settings: WorkerSettings, engine: Engine) -
         engine.max_model_len,
         settings.capacity,
     )
+    metrics.export()
     try:
         await _until_stop_or_crash(stopping, loops)
         log.info("stopping: no new jobs")
@@ -146,6 +166,7 @@ async def run_consumer(redis: Redis, settings: WorkerSettings, engine: Engine) -
         outbox.cancel()  # last: draining jobs published their endings through it
         await asyncio.gather(outbox, return_exceptions=True)
         await heartbeat.withdraw()
+        metrics.withdraw()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
 

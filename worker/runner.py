@@ -13,6 +13,7 @@ from typing import Literal
 from shared.messages import Failure, Final, FinishReason, Job, Started, Tokens, Usage, encode
 from shared.names import GROUP, HANDED_BACK_FIELD, JOB_FIELD, Names
 from worker.engine import Delta, Engine, EngineRejected
+from worker.metrics import WorkerMetrics
 from worker.outbox import Command, Outbox
 
 log = logging.getLogger(__name__)
@@ -92,10 +93,16 @@ class ReplyChannel:
     """
 
     def __init__(
-        self, outbox: Outbox, channel: str, progress_key: str | None = None, first_seq: int = 0
+        self,
+        outbox: Outbox,
+        channel: str,
+        published: Callable[[], None],
+        progress_key: str | None = None,
+        first_seq: int = 0,
     ) -> None:
         self._outbox = outbox
         self.channel = channel
+        self._published = published
         self._progress_key = progress_key
         self._seq = first_seq
 
@@ -117,11 +124,13 @@ class ReplyChannel:
         ]
 
     def publish_command(self, payload: str) -> Command:
+        self._published()
         return ("PUBLISH", self.channel, payload)
 
     def token_command(self, message: Tokens) -> Command:
         if self._progress_key is None:
             return self.publish_command(encode(message))
+        self._published()
         entry = json.dumps({"s": message.seq, "t": message.token_ids}, separators=(",", ":"))
         return (
             "EVAL",
@@ -147,7 +156,9 @@ class JobRunner:
         worker_id: str,
         flush_interval: float,
         stop_reason: Callable[[str], StopReason | None],
+        metrics: WorkerMetrics,
     ) -> None:
+        self._metrics = metrics
         self._stop_reason = stop_reason
         self._outbox = outbox
         self._names = names
@@ -162,6 +173,7 @@ class JobRunner:
         out = ReplyChannel(
             self._outbox,
             self._names.reply_channel(job.id),
+            self._metrics.published,
             progress_key=self._names.progress(job.id) if job.sampling.n == 1 else None,
             first_seq=progress.last_seq + 1 if progress else 0,
         )
@@ -175,7 +187,8 @@ class JobRunner:
             # back when it can be resumed elsewhere, else tell the client.
             reason = self._stop_reason(job.id)
             if reason == "lost":
-                pass  # another worker owns the job now: its entry and progress are not ours to touch
+                # another worker owns the job now: its entry and progress are not ours to touch
+                self._metrics.outcome("cancelled")
             elif reason == "client":
                 await self.acknowledge(claim)
             elif job.sampling.n == 1:
@@ -196,6 +209,7 @@ class JobRunner:
             await self.fail(claim, out, 500, "engine_error", f"generation failed: {type(exc).__name__}")
             return
         await self._finish(claim, out, [*(encode(m) for m in tail), encode(final)])
+        self._metrics.outcome("completed")
 
     async def _progress(self, claim: Claim) -> Progress | None:
         """What an earlier attempt published, when this is a retry or a hand-back."""
@@ -235,6 +249,7 @@ class JobRunner:
             self._engine.generate(job.id, job.prompt_token_ids + prior, sampling) if left > 0 else _empty()
         )
         async for deltas in stream:
+            self._metrics.generated(sum(len(d.token_ids) for d in deltas))
             urgent = False
             for d in deltas:
                 pending.setdefault(d.index, _Pending()).add(d)
@@ -261,6 +276,7 @@ class JobRunner:
         return tail, final
 
     async def fail(self, claim: Claim, out: ReplyChannel, status: int, code: str, message: str) -> None:
+        self._metrics.outcome("failed")
         failure = Failure(seq=out.next_seq(), status=status, code=code, message=message)
         await self._finish(claim, out, [encode(failure)])
 
@@ -269,6 +285,8 @@ class JobRunner:
         await self._outbox.send(*(out.publish_command(p) for p in payloads), *self._ack(claim))
 
     async def acknowledge(self, claim: Claim) -> None:
+        """End a job whose client gave up: nothing more to say."""
+        self._metrics.outcome("cancelled")
         await self._outbox.send(*self._ack(claim))
 
     def _ack(self, claim: Claim) -> tuple[Command, ...]:
@@ -282,6 +300,7 @@ class JobRunner:
 
     async def hand_back(self, claim: Claim) -> None:
         """Re-queue a job this worker will not finish; its progress stays for the next worker."""
+        self._metrics.outcome("handed_back")
         await self._outbox.send(
             ("XADD", claim.stream, "*", JOB_FIELD, encode(claim.job), HANDED_BACK_FIELD, "1"),
             ("XACK", claim.stream, GROUP, claim.entry_id),
