@@ -85,7 +85,7 @@ async def gather(redis: Redis, names: Names, worker_ttl: float = 10.0) -> Snapsh
     streams: list[StreamStatus] = []
     dead: dict[str, int] = {}
     for model in sorted(models):
-        members = await redis.smembers(names.streams_index(model))  # type: ignore[misc]
+        members = await redis.hkeys(names.streams_index(model))  # type: ignore[misc]
         for stream in sorted(_text(m) for m in members):
             streams.append(await _stream(redis, names, model, stream))
         dead[model] = int(await redis.xlen(names.dead_letter(model)))

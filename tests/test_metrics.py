@@ -56,7 +56,7 @@ def settle(url: str, done: Callable[[Samples], bool], timeout: float = 3.0) -> S
 
 def test_gateway_metrics_count_requests_by_outcome(system: System, client: OpenAI) -> None:
     url = f"{system.base_url}/metrics"
-    model, mt = system.model, {"model": system.model, "tenant": "default"}
+    model, mt = system.model, {"model": system.model, "tenant": "main"}
     before = scrape(url)
     prompt_tokens = 0
     for _ in range(2):
@@ -101,8 +101,7 @@ def test_gateway_metrics_count_requests_by_outcome(system: System, client: OpenA
     assert delta("switchyard:requests_total", **mt, endpoint="completions", status="200") == 1
     assert delta("switchyard:requests_total", **mt, endpoint="chat", status="400") == 1
     assert (
-        delta("switchyard:requests_total", model="unknown", tenant="default", endpoint="chat", status="404")
-        == 1
+        delta("switchyard:requests_total", model="unknown", tenant="main", endpoint="chat", status="404") == 1
     )
     assert delta("switchyard:rejections_total", reason="context_length") == 1
     assert delta("switchyard:rejections_total", reason="model_not_found") == 1
@@ -183,6 +182,7 @@ async def test_gateway_processes_add_up_their_counters(redis_server: EmbeddedRed
         "SWITCHYARD_PORT": str(port),
         "SWITCHYARD_PROCESSES": "2",
         "PROMETHEUS_MULTIPROC_DIR": str(samples_dir),
+        "SWITCHYARD_AUTH": "false",  # every request is tenant 'default'
     }
     base, log = f"http://127.0.0.1:{port}", tmp_path / "gateway.log"
     gateway = spawn("gateway", env, log)
@@ -222,9 +222,9 @@ async def test_failure_after_admission_is_an_error_not_a_rejection(system: Syste
     url = f"{system.base_url}/metrics"
     before = await asyncio.to_thread(scrape, url)
     body = {"model": model, "messages": USER}
-    stream = system.names.jobs_stream(model, "default")
+    stream = system.names.jobs_stream(model, "main")
     try:
-        async with httpx.AsyncClient(base_url=system.base_url, timeout=10) as http:
+        async with httpx.AsyncClient(base_url=system.base_url, timeout=10, headers=system.headers) as http:
             call = asyncio.create_task(http.post("/v1/chat/completions", json=body))
             entries = []
             for _ in range(200):  # the job reaches its stream once the gateway has enqueued it
@@ -243,7 +243,7 @@ async def test_failure_after_admission_is_an_error_not_a_rejection(system: Syste
         await redis.delete(stream)
         await redis.zrem(system.names.workers(), f"idle-{model}")
     assert reply.status_code == 503
-    labels = {"model": model, "tenant": "default"}
+    labels = {"model": model, "tenant": "main"}
     after = await asyncio.to_thread(
         settle,
         url,

@@ -231,12 +231,6 @@ KEY_SERIES = [
 
 
 @pytest.mark.e2e
-@pytest.mark.xfail(
-    strict=True,
-    reason="the worker's metrics server answers Prometheus' OpenMetrics request through "
-    "prometheus-client 0.26, which escapes ':' in sample names (switchyard:worker_* and vllm:* "
-    "arrive as switchyard_worker_* and vllm_*); it must serve the text format, as the gateway does",
-)
 def test_prometheus_scrapes_the_system(prometheus: Prometheus, system: System, client: OpenAI) -> None:
     def targets_up() -> bool:
         active = _api(prometheus, "targets")["activeTargets"]

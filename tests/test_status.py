@@ -159,8 +159,8 @@ def test_status_json_describes_the_running_system(system: System, client: OpenAI
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
     demo = next(m for m in doc["models"] if m["model"] == system.model)
-    default = next(t for t in demo["tenants"] if t["tenant"] == "default")
-    assert default["stream"] == system.names.jobs_stream(system.model, "default")
+    default = next(t for t in demo["tenants"] if t["tenant"] == "main")
+    assert default["stream"] == system.names.jobs_stream(system.model, "main")
     assert default["backlog"] >= 0 and default["pending"] >= 0
     assert default["consumers"], "the worker's consumer should be listed"
     worker = next(w for w in demo["workers"] if w["live"])

@@ -7,11 +7,23 @@ the default one while the consumer runs. ``switchyard worker --metrics-port`` se
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
-from wsgiref.simple_server import WSGIServer
+from collections.abc import Callable
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 from shared.messages import Job
 
@@ -106,13 +118,31 @@ class WorkerMetrics:
         REGISTRY.unregister(self.registry)
 
 
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # scrapes are not worth a log line each
+        pass
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+def _exposition(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    """Always the plain text format: prometheus-client's OpenMetrics output (which Prometheus asks
+    for when it can) rewrites the colons of ``vllm:*`` and ``switchyard:*`` names to underscores,
+    so the stored series would no longer match the names that dashboards and alerts query."""
+    start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST)])
+    return [generate_latest(REGISTRY)]
+
+
 class MetricsServer:
-    """prometheus-client's HTTP server for the default registry, in a daemon thread."""
+    """An HTTP server for the default registry (vLLM's metrics included), in a daemon thread."""
 
     def __init__(self, port: int, host: str = "0.0.0.0") -> None:
-        self._server: WSGIServer
-        self._server, self._thread = start_http_server(port, addr=host)
+        self._server = make_server(host, port, _exposition, _ThreadingServer, handler_class=_QuietHandler)
         self.port = self._server.server_port
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True)
+        self._thread.start()
 
     def close(self) -> None:
         self._server.shutdown()
