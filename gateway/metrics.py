@@ -86,6 +86,8 @@ class GatewayMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._streams_seen: set[tuple[str, str]] = set()
+        self._models_seen: set[str] = set()
         reg = self.registry
         mt = ("model", "tenant")
         self.requests = Counter(
@@ -179,12 +181,21 @@ class GatewayMetrics:
         return RequestTrack(self, job)
 
     def queues(self, snap: Snapshot) -> None:
-        """Set the Redis-derived gauges from a fresh snapshot."""
+        """Set the Redis-derived gauges from a fresh snapshot; drop series of what is gone."""
         self.redis_up.set(1)
+        streams = {(s.model, s.tenant) for s in snap.streams}
+        models = set(snap.models())
+        for gone in self._streams_seen - streams:
+            self.queue_depth.remove(*gone)
+            self.jobs_pending.remove(*gone)
+        for gone_model in self._models_seen - models:
+            self.live_workers.remove(gone_model)
+            self.dead_letter_jobs.remove(gone_model)
+        self._streams_seen, self._models_seen = streams, models
         for s in snap.streams:
             self.queue_depth.labels(s.model, s.tenant).set(s.backlog)
             self.jobs_pending.labels(s.model, s.tenant).set(s.pending)
-        for model in snap.models():
+        for model in models:
             self.live_workers.labels(model).set(sum(w.live for w in snap.workers if w.model == model))
             self.dead_letter_jobs.labels(model).set(snap.dead_letters.get(model, 0))
 

@@ -17,7 +17,7 @@ from shared.redis_server import free_port
 from shared.tenants import Tenant
 from tests.conftest import System, create_tenant
 from tests.procs import spawn, stop, wait_until
-from tests.test_e2e_faults import fake_model, wait_for
+from tests.test_e2e_faults import fake_model, forget_model, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -133,7 +133,7 @@ async def test_one_rpm_limit_across_three_gateways(
     finally:
         for c in clients:
             await c.aclose()
-        await redis.zrem(system.names.workers(), f"idle-{model}")
+        await forget_model(redis, system, model)
     print(f"300 requests over 3 gateways in {took:.1f}s: {statuses.count(200)} admitted")
     assert took < 60  # all inside one window, so exactly the limit may pass
     assert statuses.count(200) == 100

@@ -22,7 +22,7 @@ from shared.names import JOB_FIELD
 from shared.redis_server import EmbeddedRedis, free_port
 from tests.conftest import MAX_MODEL_LEN, System
 from tests.procs import spawn, stop, wait_until
-from tests.test_e2e_faults import fake_model
+from tests.test_e2e_faults import fake_model, forget_model
 
 pytestmark = pytest.mark.e2e
 
@@ -241,7 +241,7 @@ async def test_failure_after_admission_is_an_error_not_a_rejection(system: Syste
             reply = await call
     finally:
         await redis.delete(stream)
-        await redis.zrem(system.names.workers(), f"idle-{model}")
+        await forget_model(redis, system, model)
     assert reply.status_code == 503
     labels = {"model": model, "tenant": "main"}
     after = await asyncio.to_thread(
