@@ -169,12 +169,13 @@ class Supervisor:
             self._check_children()
             if self._stop_requested:
                 raise StartupError("interrupted before the system was ready")
-            try:
-                with urllib.request.urlopen(f"{self.base_url}/readyz", timeout=2) as resp:
-                    if resp.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
+            # Not listening yet, or 503 until a worker is live: both mean "keep waiting".
+            with (
+                contextlib.suppress(urllib.error.URLError, OSError),
+                urllib.request.urlopen(f"{self.base_url}/readyz", timeout=2) as resp,
+            ):
+                if resp.status == 200:
+                    return
             time.sleep(0.5)
         raise StartupError(f"the system was not ready after {READY_TIMEOUT:.0f}s")
 
