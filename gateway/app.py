@@ -55,7 +55,6 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             dispatcher=Dispatcher(redis, hub, names, timeouts, metrics=metrics),
             auth=Authenticator(TenantStore(redis, names), required=settings.auth),
             admission=Admission(redis, names, settings.request_timeout, drain, settings.max_backlog_total),
-            drain=drain,
         )
         app.state.gateway = gateway
         probe = QueueProbe(redis, names, metrics, settings.worker_ttl)

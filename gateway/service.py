@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse
 
-from gateway.admission import Admission, DrainMeter
+from gateway.admission import Admission
 from gateway.auth import Authenticator
 from gateway.chunks import FullAssembler, Kind, Meta, StreamAssembler
 from gateway.errors import APIError, InvalidRequest, ModelNotFound, Unavailable, UpstreamFailure
@@ -46,7 +46,6 @@ class Gateway:
     dispatcher: Dispatcher
     auth: Authenticator
     admission: Admission
-    drain: DrainMeter
 
     async def prewarm(self, period: float = 2.0) -> None:
         """Load each served model's tokenizer before its first request needs it."""

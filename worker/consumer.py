@@ -64,7 +64,6 @@ class Consumer:
         self._streams: list[str] = []
         self._weights: dict[str, int] = {}
         self._streams_at = float("-inf")
-        self._tasks: set[asyncio.Task[None]] = set()
         self.outbox = Outbox(redis)
         self.runner = JobRunner(
             self.outbox,

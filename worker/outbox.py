@@ -37,8 +37,6 @@ class Outbox:
         self._max_batch = max_batch
         self._queue: deque[_Batch] = deque()
         self._wake = asyncio.Event()
-        self.batches_sent = 0
-        self.commands_sent = 0
 
     async def send(self, *commands: Command) -> list[Any]:
         """Queue commands (e.g. ``("PUBLISH", channel, data)``) and wait for their replies."""
@@ -77,8 +75,6 @@ class Outbox:
                 if not batch.done.done():
                     batch.done.set_exception(exc)
             return
-        self.batches_sent += 1
-        self.commands_sent += len(replies)
         offset = 0
         for batch in batches:
             mine = replies[offset : offset + len(batch.commands)]
