@@ -150,6 +150,12 @@ class Consumer:
             log.error("dropping undecodable entry %s on %s: %s", entry_id, stream, exc)
             await self._dead_letter(stream, entry_id, raw, reason=str(exc))
             return
+        held = self.inflight.get(job.id)
+        if held is not None and held[1].entry_id == entry_id:
+            # XAUTOCLAIM handed this worker its own entry back (its claim went idle while the event
+            # loop stalled): the job is running here already and must not start twice.
+            log.warning("job %s: claim went stale on its own worker (event loop stalled?)", job.id)
+            return
         handed_back = bool((fields or {}).get(HANDED_BACK_FIELD.encode()))
         claim = Claim(stream=stream, entry_id=entry_id, job=job, attempt=attempt, handed_back=handed_back)
         if attempt > self._settings.max_deliveries:
@@ -190,9 +196,20 @@ class Consumer:
     async def claims_loop(self) -> None:
         """Keep this worker's claims fresh and take over jobs whose worker went silent."""
         period = min(self._settings.heartbeat_interval, self._settings.reclaim_idle / 3)
+        refreshed = time.monotonic()
         while not self._stopping.is_set():
+            late = time.monotonic() - refreshed
+            if late > self._settings.reclaim_idle / 2:
+                # Other workers take over claims idle for reclaim_idle s: a worker this slow to
+                # refresh is about to lose its jobs (they stay correct, but are redone elsewhere).
+                log.warning(
+                    "claims refreshed after %.1fs (reclaim idle %.0fs): the worker is starved of CPU",
+                    late,
+                    self._settings.reclaim_idle,
+                )
             try:
                 await self.refresh_claims()
+                refreshed = time.monotonic()
                 if not self._stopping.is_set():
                     await self.reclaim()
             except (RedisError, OSError) as exc:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, get_args
 
@@ -47,7 +47,7 @@ class Engine(Protocol):
 
     def generate(
         self, request_id: str, prompt_token_ids: Sequence[int], sampling: Sampling
-    ) -> AsyncIterator[list[Delta]]: ...
+    ) -> AsyncGenerator[list[Delta]]: ...
 
     async def abort(self, request_id: str) -> None: ...
 
@@ -212,7 +212,7 @@ class VLLMEngine:
 
     async def generate(
         self, request_id: str, prompt_token_ids: Sequence[int], sampling: Sampling
-    ) -> AsyncIterator[list[Delta]]:
+    ) -> AsyncGenerator[list[Delta]]:
         """Stream the request's deltas, one list per engine step holding each choice that advanced.
 
         Cancelling the consuming task aborts the request in vLLM: ``AsyncLLM.generate`` catches

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -17,6 +18,8 @@ from worker.metrics import WorkerMetrics
 from worker.outbox import Command, Outbox
 
 log = logging.getLogger(__name__)
+
+Reply = Started | Tokens | Final | Failure
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,14 +57,53 @@ class _Pending:
             self.finish = delta.finish_reason
 
 
-# Publish a token batch and record it in the job's progress list in one atomic step, so the
-# progress a successor resumes from is exactly what the client was sent.
-# KEYS: progress list. ARGV: channel, payload, progress entry, ttl ms.
-PUBLISH_WITH_PROGRESS = """
-redis.call('RPUSH', KEYS[1], ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-return redis.call('PUBLISH', ARGV[1], ARGV[2])
+# Every write a worker makes for a job goes through one of these scripts, which first check that
+# the worker still owns the job's stream entry. A worker that stalled past the reclaim idle time and
+# lost the job to another is thereby fenced off: none of its late replies reach the client next to
+# the new owner's, and the zero it gets back tells it to stop.
+_OWNS = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if not p[1] or p[1][2] ~= ARGV[2] then return 0 end
 """
+
+# Publish replies, recording each token batch in the job's progress list (so the progress a
+# successor resumes from is exactly what the client was sent); with 'ack', then end the job: XACK,
+# XDEL (XLEN stays the live backlog), drop the progress, count it as drained.
+# KEYS: job stream, progress list, drained counter.
+# ARGV: group, consumer, entry id, channel, progress ttl ms, 'ack' or '', then pairs of
+# (payload, progress entry or '').
+CLAIMED_PUBLISH = (
+    _OWNS
+    + """
+for i = 7, #ARGV, 2 do
+  if ARGV[i + 1] ~= '' then
+    redis.call('RPUSH', KEYS[2], ARGV[i + 1])
+    redis.call('PEXPIRE', KEYS[2], ARGV[5])
+  end
+  redis.call('PUBLISH', ARGV[4], ARGV[i])
+end
+if ARGV[6] == 'ack' then
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+  redis.call('XDEL', KEYS[1], ARGV[3])
+  redis.call('DEL', KEYS[2])
+  redis.call('INCR', KEYS[3])
+end
+return 1
+"""
+)
+
+# Re-queue a job this worker will not finish, as a new entry marked handed back; its progress stays
+# for the next worker. KEYS: job stream. ARGV: group, consumer, entry id, job field, job,
+# handed-back field.
+CLAIMED_HAND_BACK = (
+    _OWNS
+    + """
+redis.call('XADD', KEYS[1], '*', ARGV[4], ARGV[5], ARGV[6], '1')
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+redis.call('XDEL', KEYS[1], ARGV[3])
+return 1
+"""
+)
 PROGRESS_TTL_MS = 3_600_000
 
 
@@ -85,26 +127,35 @@ class Progress:
         return cls(last_seq=last, token_ids=tuple(ids))
 
 
-class ReplyChannel:
-    """Publishes one job's replies with consecutive sequence numbers.
+class ClaimLost(RuntimeError):
+    """Another worker took the job over; this one must stop without a word (the new owner answers)."""
 
-    With ``progress_key`` every token batch is also recorded (single-choice jobs only: several
+
+class ReplyChannel:
+    """Publishes one job's replies with consecutive sequence numbers, while this worker owns the job.
+
+    With ``record_progress`` every token batch is also recorded (single-choice jobs only: several
     choices cannot be resumed one by one), which lets another worker resume the stream exactly.
     """
 
     def __init__(
         self,
         outbox: Outbox,
-        channel: str,
+        names: Names,
+        claim: Claim,
+        worker_id: str,
         published: Callable[[], None],
-        progress_key: str | None = None,
+        record_progress: bool,
         first_seq: int = 0,
     ) -> None:
+        job = claim.job
         self._outbox = outbox
-        self.channel = channel
         self._published = published
-        self._progress_key = progress_key
+        self._record = record_progress
         self._seq = first_seq
+        self._keys = (claim.stream, names.progress(job.id), names.drained(job.model))
+        self._owner = (GROUP, worker_id, claim.entry_id)
+        self._channel = names.reply_channel(job.id)
 
     def next_seq(self) -> int:
         seq = self._seq
@@ -123,28 +174,31 @@ class ReplyChannel:
             for i, p in sorted(pending.items())
         ]
 
-    def publish_command(self, payload: str) -> Command:
-        self._published()
-        return ("PUBLISH", self.channel, payload)
-
-    def token_command(self, message: Tokens) -> Command:
-        if self._progress_key is None:
-            return self.publish_command(encode(message))
-        self._published()
-        entry = json.dumps({"s": message.seq, "t": message.token_ids}, separators=(",", ":"))
+    def command(self, messages: Sequence[Reply], ack: bool = False) -> Command:
+        """Publish ``messages`` (and, with ``ack``, end the job) if this worker still owns it."""
+        pairs: list[str] = []
+        for message in messages:
+            self._published()
+            entry = ""
+            if self._record and isinstance(message, Tokens):
+                entry = json.dumps({"s": message.seq, "t": message.token_ids}, separators=(",", ":"))
+            pairs += (encode(message), entry)
         return (
             "EVAL",
-            PUBLISH_WITH_PROGRESS,
-            1,
-            self._progress_key,
-            self.channel,
-            encode(message),
-            entry,
+            CLAIMED_PUBLISH,
+            len(self._keys),
+            *self._keys,
+            *self._owner,
+            self._channel,
             PROGRESS_TTL_MS,
+            "ack" if ack else "",
+            *pairs,
         )
 
-    async def publish(self, messages: list[Tokens]) -> None:
-        await self._outbox.send(*(self.token_command(m) for m in messages))
+    async def send(self, messages: Sequence[Reply], ack: bool = False) -> None:
+        (owned,) = await self._outbox.send(self.command(messages, ack))
+        if not owned:
+            raise ClaimLost
 
 
 class JobRunner:
@@ -168,47 +222,57 @@ class JobRunner:
 
     async def run(self, claim: Claim) -> None:
         """Run the job to its end and acknowledge it. Raises only CancelledError."""
+        try:
+            await self._run(claim)
+        except ClaimLost:
+            log.warning("job %s was taken over by another worker; stopping it here", claim.job.id)
+            self._metrics.outcome("taken_over")
+
+    async def _run(self, claim: Claim) -> None:
         job = claim.job
         progress = await self._progress(claim)
         out = ReplyChannel(
             self._outbox,
-            self._names.reply_channel(job.id),
+            self._names,
+            claim,
+            self._worker_id,
             self._metrics.published,
-            progress_key=self._names.progress(job.id) if job.sampling.n == 1 else None,
+            record_progress=job.sampling.n == 1,
             first_seq=progress.last_seq + 1 if progress else 0,
         )
         try:
-            if not await self._start(claim, out, progress):
-                await self.acknowledge(claim)
+            if not await self._start(out, claim, progress):
+                await self.acknowledge(out)
                 return
             tail, final = await self._generate(job, out, progress.token_ids if progress else ())
         except asyncio.CancelledError:
             # The client left (nothing more to say), or this worker is shutting down: hand the job
             # back when it can be resumed elsewhere, else tell the client.
             reason = self._stop_reason(job.id)
-            if reason == "lost":
-                # another worker owns the job now: its entry and progress are not ours to touch
-                self._metrics.outcome("cancelled")
-            elif reason == "client":
-                await self.acknowledge(claim)
-            elif job.sampling.n == 1:
-                await self.hand_back(claim)
-            else:
-                await self.fail(
-                    claim, out, 503, "worker_shutdown", "the worker stopped before the job finished"
-                )
+            with contextlib.suppress(ClaimLost):  # taken over meanwhile: the new owner answers
+                if reason == "lost":
+                    # another worker owns the job now: its entry and progress are not ours to touch
+                    self._metrics.outcome("taken_over")
+                elif reason == "client":
+                    await self.acknowledge(out)
+                elif job.sampling.n == 1:
+                    await self.hand_back(claim)
+                else:
+                    await self.fail(out, 503, "worker_shutdown", "the worker stopped before the job finished")
             raise
         except EngineRejected as exc:
-            await self.fail(claim, out, 400, "invalid_request", str(exc))
+            await self.fail(out, 400, "invalid_request", str(exc))
             return
         except EngineAborted as exc:
-            await self.fail(claim, out, 503, "engine_aborted", str(exc))
+            await self.fail(out, 503, "engine_aborted", str(exc))
             return
+        except ClaimLost:
+            raise
         except Exception as exc:  # the client must hear of any failure: log it and report it
             log.exception("job %s failed", job.id)
-            await self.fail(claim, out, 500, "engine_error", f"generation failed: {type(exc).__name__}")
+            await self.fail(out, 500, "engine_error", f"generation failed: {type(exc).__name__}")
             return
-        await self._finish(claim, out, [*(encode(m) for m in tail), encode(final)])
+        await out.send([*tail, final], ack=True)  # the last replies, then the acknowledgement
         self._metrics.outcome("completed")
 
     async def _progress(self, claim: Claim) -> Progress | None:
@@ -218,15 +282,17 @@ class JobRunner:
         (entries,) = await self._outbox.send(("LRANGE", self._names.progress(claim.job.id), 0, -1))
         return Progress.parse(entries)
 
-    async def _start(self, claim: Claim, out: ReplyChannel, progress: Progress | None) -> bool:
+    async def _start(self, out: ReplyChannel, claim: Claim, progress: Progress | None) -> bool:
         """Announce the job; False if its client already gave up."""
         resumed = len(progress.token_ids) if progress else 0
         started = Started(
             seq=out.next_seq(), worker=self._worker_id, attempt=claim.attempt, resumed_tokens=resumed
         )
-        cancelled, _ = await self._outbox.send(
-            ("EXISTS", self._names.cancelled(claim.job.id)), out.publish_command(encode(started))
+        cancelled, owned = await self._outbox.send(
+            ("EXISTS", self._names.cancelled(claim.job.id)), out.command([started])
         )
+        if not owned:
+            raise ClaimLost
         return not cancelled
 
     async def _generate(
@@ -248,22 +314,23 @@ class JobRunner:
         stream = (
             self._engine.generate(job.id, job.prompt_token_ids + prior, sampling) if left > 0 else _empty()
         )
-        async for deltas in stream:
-            self._metrics.generated(sum(len(d.token_ids) for d in deltas))
-            urgent = False
-            for d in deltas:
-                pending.setdefault(d.index, _Pending()).add(d)
-                generated += len(d.token_ids)
-                if d.finish_reason is not None:
-                    reasons[d.index] = d.finish_reason
-                if d.index not in opened:  # a choice's first token goes out at once
-                    opened.add(d.index)
-                    urgent = True
-            now = time.monotonic()
-            if pending and (urgent or now - last_flush >= self._flush_interval) and None in reasons:
-                await out.publish(out.tokens(pending))
-                pending.clear()
-                last_flush = now
+        async with contextlib.aclosing(stream):  # leaving early (e.g. ClaimLost) aborts the request
+            async for deltas in stream:
+                self._metrics.generated(sum(len(d.token_ids) for d in deltas))
+                urgent = False
+                for d in deltas:
+                    pending.setdefault(d.index, _Pending()).add(d)
+                    generated += len(d.token_ids)
+                    if d.finish_reason is not None:
+                        reasons[d.index] = d.finish_reason
+                    if d.index not in opened:  # a choice's first token goes out at once
+                        opened.add(d.index)
+                        urgent = True
+                now = time.monotonic()
+                if pending and (urgent or now - last_flush >= self._flush_interval) and None in reasons:
+                    await out.send(out.tokens(pending))
+                    pending.clear()
+                    last_flush = now
         if any(r in (None, "abort") for r in reasons):
             raise EngineAborted("the engine stopped the request before it finished")
         final_reasons = tuple(r for r in reasons if r is not None)
@@ -275,39 +342,36 @@ class JobRunner:
         )
         return tail, final
 
-    async def fail(self, claim: Claim, out: ReplyChannel, status: int, code: str, message: str) -> None:
+    async def fail(self, out: ReplyChannel, status: int, code: str, message: str) -> None:
         self._metrics.outcome("failed")
-        failure = Failure(seq=out.next_seq(), status=status, code=code, message=message)
-        await self._finish(claim, out, [encode(failure)])
+        await out.send([Failure(seq=out.next_seq(), status=status, code=code, message=message)], ack=True)
 
-    async def _finish(self, claim: Claim, out: ReplyChannel, payloads: list[str]) -> None:
-        """Publish the last replies and only then acknowledge, in one round trip."""
-        await self._outbox.send(*(out.publish_command(p) for p in payloads), *self._ack(claim))
-
-    async def acknowledge(self, claim: Claim) -> None:
+    async def acknowledge(self, out: ReplyChannel) -> None:
         """End a job whose client gave up: nothing more to say."""
         self._metrics.outcome("cancelled")
-        await self._outbox.send(*self._ack(claim))
-
-    def _ack(self, claim: Claim) -> tuple[Command, ...]:
-        """Finished jobs leave the stream too (so XLEN is the live backlog) and count as drained."""
-        return (
-            ("XACK", claim.stream, GROUP, claim.entry_id),
-            ("XDEL", claim.stream, claim.entry_id),
-            ("DEL", self._names.progress(claim.job.id)),
-            ("INCR", self._names.drained(claim.job.model)),
-        )
+        await out.send([], ack=True)
 
     async def hand_back(self, claim: Claim) -> None:
         """Re-queue a job this worker will not finish; its progress stays for the next worker."""
         self._metrics.outcome("handed_back")
-        await self._outbox.send(
-            ("XADD", claim.stream, "*", JOB_FIELD, encode(claim.job), HANDED_BACK_FIELD, "1"),
-            ("XACK", claim.stream, GROUP, claim.entry_id),
-            ("XDEL", claim.stream, claim.entry_id),
+        (owned,) = await self._outbox.send(
+            (
+                "EVAL",
+                CLAIMED_HAND_BACK,
+                1,
+                claim.stream,
+                GROUP,
+                self._worker_id,
+                claim.entry_id,
+                JOB_FIELD,
+                encode(claim.job),
+                HANDED_BACK_FIELD,
+            )
         )
+        if not owned:
+            raise ClaimLost
 
 
-async def _empty() -> AsyncIterator[list[Delta]]:
+async def _empty() -> AsyncGenerator[list[Delta]]:
     return
     yield

@@ -1,0 +1,170 @@
+"""A worker's writes for a job are fenced by its claim, against a real redis-server.
+
+A worker that stalls past the reclaim idle time loses its jobs to another worker. When it wakes up
+it must not publish a single reply next to the new owner's, nor end or re-queue the job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+import pytest_asyncio
+from redis.asyncio import Redis
+
+from shared.messages import Job, Sampling, Started, Tokens, decode_reply, encode
+from shared.names import GROUP, JOB_FIELD, Names
+from worker.metrics import WorkerMetrics
+from worker.outbox import Outbox
+from worker.runner import Claim, ClaimLost, JobRunner, ReplyChannel
+
+
+@dataclass
+class Held:
+    """One job entry, read by worker ``a`` and then claimed by worker ``b``."""
+
+    names: Names
+    claim_a: Claim
+    claim_b: Claim
+    outbox: Outbox
+
+    def channel(self, claim: Claim, worker: str) -> ReplyChannel:
+        return ReplyChannel(
+            self.outbox, self.names, claim, worker, published=lambda: None, record_progress=True
+        )
+
+
+@pytest_asyncio.fixture
+async def held(redis: Redis) -> AsyncIterator[Held]:
+    names = Names(prefix=f"syclaims{uuid.uuid4().hex[:8]}")
+    stream = names.jobs_stream("m", "t")
+    job = Job(
+        id="req_" + uuid.uuid4().hex,
+        tenant="t",
+        model="m",
+        prompt_token_ids=(1, 2),
+        sampling=Sampling(max_tokens=4),
+        created_at=time.time(),
+    )
+    await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    await redis.xadd(stream, {JOB_FIELD: encode(job)})
+    ((_, [(entry, _)]),) = await redis.xreadgroup(GROUP, "a", {stream: ">"}, count=1)
+    entry_id = entry.decode()
+    outbox = Outbox(redis)
+    runner = asyncio.create_task(outbox.run())
+    claim_a = Claim(stream=stream, entry_id=entry_id, job=job, attempt=1)
+    claim_b = Claim(stream=stream, entry_id=entry_id, job=job, attempt=2)
+    try:
+        yield Held(names, claim_a, claim_b, outbox)
+    finally:
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+        await redis.delete(stream, names.progress(job.id), names.drained("m"))
+
+
+async def take_over(redis: Redis, held: Held) -> None:
+    """What XAUTOCLAIM does to a claim that went idle: worker b owns the entry now."""
+    await redis.xclaim(held.claim_a.stream, GROUP, "b", 0, [held.claim_a.entry_id])
+
+
+def tokens(seq: int, ids: tuple[int, ...]) -> Tokens:
+    return Tokens(seq=seq, index=0, text="x" * len(ids), token_ids=ids)
+
+
+async def published(redis: Redis, channel: str, action: asyncio.Future[None]) -> list[int]:
+    """Sequence numbers published on ``channel`` while ``action`` runs (and shortly after)."""
+    pubsub = redis.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe(channel)
+    seqs: list[int] = []
+    try:
+        await action
+        end = time.monotonic() + 0.3
+        while time.monotonic() < end:
+            message = await pubsub.get_message(timeout=0.05)
+            if message is not None:
+                seqs.append(decode_reply(message["data"]).seq)
+    finally:
+        await pubsub.aclose()
+    return seqs
+
+
+async def test_the_owner_publishes_and_records_progress(redis: Redis, held: Held) -> None:
+    a = held.channel(held.claim_a, "a")
+    channel = held.names.reply_channel(held.claim_a.job.id)
+
+    async def send() -> None:
+        await a.send([Started(seq=0, worker="a", attempt=1), tokens(1, (5, 6))])
+
+    assert await published(redis, channel, asyncio.ensure_future(send())) == [0, 1]
+    progress = await redis.lrange(held.names.progress(held.claim_a.job.id), 0, -1)
+    assert len(progress) == 1  # token batches only: a successor resumes after them
+
+
+async def test_a_worker_that_lost_its_claim_publishes_nothing(redis: Redis, held: Held) -> None:
+    a = held.channel(held.claim_a, "a")
+    await a.send([tokens(0, (5, 6))])
+    await take_over(redis, held)
+    channel = held.names.reply_channel(held.claim_a.job.id)
+
+    async def late_tokens() -> None:
+        with pytest.raises(ClaimLost):
+            await a.send([tokens(1, (7,))])
+
+    assert await published(redis, channel, asyncio.ensure_future(late_tokens())) == []
+    progress = await redis.lrange(held.names.progress(held.claim_a.job.id), 0, -1)
+    assert len(progress) == 1, "the late batch must not enter the progress b resumes from"
+
+    b = held.channel(held.claim_b, "b")
+    await b.send([tokens(1, (7,))])  # the new owner goes on
+    assert len(await redis.lrange(held.names.progress(held.claim_a.job.id), 0, -1)) == 2
+
+
+async def test_a_worker_that_lost_its_claim_cannot_end_the_job(redis: Redis, held: Held) -> None:
+    a = held.channel(held.claim_a, "a")
+    await take_over(redis, held)
+    with pytest.raises(ClaimLost):
+        await a.send([], ack=True)
+    pending = await redis.xpending_range(held.claim_a.stream, GROUP, min="-", max="+", count=10)
+    assert [(p["message_id"].decode(), p["consumer"].decode()) for p in pending] == [
+        (held.claim_a.entry_id, "b")
+    ]
+    assert await redis.xlen(held.claim_a.stream) == 1
+
+    await held.channel(held.claim_b, "b").send([], ack=True)  # the owner can
+    assert await redis.xlen(held.claim_a.stream) == 0
+    assert int(await redis.get(held.names.drained("m")) or 0) == 1
+
+
+async def test_a_worker_that_lost_its_claim_cannot_requeue_the_job(redis: Redis, held: Held) -> None:
+    runner_a = JobRunner(
+        held.outbox,
+        held.names,
+        engine=None,  # type: ignore[arg-type]  # hand_back never touches the engine
+        worker_id="a",
+        flush_interval=0.04,
+        stop_reason=lambda _: None,
+        metrics=WorkerMetrics("m"),
+    )
+    await take_over(redis, held)
+    with pytest.raises(ClaimLost):
+        await runner_a.hand_back(held.claim_a)
+    assert await redis.xlen(held.claim_a.stream) == 1, "a second copy of the job would run twice"
+
+    runner_b = JobRunner(
+        held.outbox,
+        held.names,
+        engine=None,  # type: ignore[arg-type]
+        worker_id="b",
+        flush_interval=0.04,
+        stop_reason=lambda _: None,
+        metrics=WorkerMetrics("m"),
+    )
+    await runner_b.hand_back(held.claim_b)
+    entries = await redis.xrange(held.claim_a.stream)
+    assert len(entries) == 1 and entries[0][0].decode() != held.claim_a.entry_id
