@@ -6,8 +6,11 @@ import asyncio
 import itertools
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from openai import AsyncOpenAI
@@ -25,23 +28,44 @@ TOKENS = 800
 
 
 MODEL = "failover-demo"
+DRAIN_TIMEOUT = 3
+
+
+@dataclass
+class Workers:
+    procs: dict[str, subprocess.Popen[bytes]]
+    logs: Path
+
+    def pid(self, name: str) -> int:
+        return self.procs[name].pid
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text()
 
 
 @pytest.fixture
-def two_workers(system: System, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, int]]:
-    """Two workers of their own model (worker id -> pid): the session's worker does not compete."""
+def two_workers(system: System, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workers]:
+    """Two workers of their own model: the session's worker does not compete."""
     logs = tmp_path_factory.mktemp("failover")
     procs = {}
     for name in ("fo-a", "fo-b"):
         env = worker_env(
-            system.env(), system.model_dir, SWITCHYARD_WORKER_ID=name, SWITCHYARD_SERVED_MODEL_NAME=MODEL
+            system.env(),
+            system.model_dir,
+            SWITCHYARD_WORKER_ID=name,
+            SWITCHYARD_SERVED_MODEL_NAME=MODEL,
+            SWITCHYARD_DRAIN_TIMEOUT=str(DRAIN_TIMEOUT),
         )
         procs[name] = spawn("worker", env, logs / f"{name}.log")
     try:
         for name, proc in procs.items():
             log = logs / f"{name}.log"
-            wait_until(lambda log=log: b"serving" in log.read_bytes(), 300, name, procs=(proc,), logs=(log,))
-        yield {name: proc.pid for name, proc in procs.items()}
+
+            def serving(log: Path = log) -> bool:
+                return b"serving" in log.read_bytes()
+
+            wait_until(serving, 300, name, procs=(proc,), logs=(log,))
+        yield Workers(procs, logs)
     finally:
         for proc in procs.values():
             stop(proc, grace=1)
@@ -70,7 +94,7 @@ async def pending(redis: Redis, system: System) -> dict[str, int]:
 
 
 async def test_streams_survive_a_killed_worker(
-    system: System, aclient: AsyncOpenAI, redis: Redis, two_workers: dict[str, int]
+    system: System, aclient: AsyncOpenAI, redis: Redis, two_workers: Workers
 ) -> None:
     begun = time.monotonic()
     while MODEL not in [m.id for m in (await aclient.models.list()).data]:  # the gateway sees both workers
@@ -111,7 +135,7 @@ async def test_streams_survive_a_killed_worker(
     assert holding, "no worker holds a job"
     victim = max(holding, key=holding.__getitem__)
     held = holding[victim]
-    os.killpg(two_workers[victim], signal.SIGKILL)
+    os.killpg(two_workers.pid(victim), signal.SIGKILL)
     killed_at = time.monotonic()
     await asyncio.wait_for(asyncio.gather(*tasks), 120)
 
@@ -122,3 +146,101 @@ async def test_streams_survive_a_killed_worker(
     print(f"killed a worker holding {held} of {STREAMS} streams; longest pause {recovery:.1f}s")
     assert held > 0
     assert recovery < 15
+
+
+async def listed_and_warm(aclient: AsyncOpenAI) -> None:
+    """The gateway lists the model and the tenant's stream exists (workers read it)."""
+    begun = time.monotonic()
+    while MODEL not in [m.id for m in (await aclient.models.list()).data]:
+        assert time.monotonic() - begun < 30, "the gateway never listed the model"
+        await asyncio.sleep(0.2)
+    await aclient.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=1
+    )
+    await asyncio.sleep(1.0)
+
+
+async def stream_tokens(aclient: AsyncOpenAI, prompt: str, tokens: int) -> tuple[str, int, str | None]:
+    """Stream one request to its end: (completion id, completion tokens, finish reason)."""
+    stream = await aclient.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=tokens,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    ident, used, finish = "", 0, None
+    async for chunk in stream:
+        ident = chunk.id
+        if chunk.choices and chunk.choices[0].finish_reason:
+            finish = chunk.choices[0].finish_reason
+        if chunk.usage:
+            used = chunk.usage.completion_tokens
+    return ident, used, finish
+
+
+async def test_a_long_generation_is_never_taken_from_its_live_worker(
+    system: System, aclient: AsyncOpenAI, redis: Redis, two_workers: Workers
+) -> None:
+    """Generations that outlast the reclaim idle time (3 s here) stay where they started, with an
+    idle second worker ready to take over anything that looks abandoned."""
+    await listed_and_warm(aclient)
+    stream = system.names.jobs_stream(MODEL, "main")
+    count, tokens = 24, 960  # enough work that every generation lasts several seconds
+
+    async def timed(i: int) -> tuple[float, int]:
+        begun = time.monotonic()
+        _, used, _ = await stream_tokens(aclient, f"long {i}", tokens)
+        return time.monotonic() - begun, used
+
+    tasks = [asyncio.create_task(timed(i)) for i in range(count)]
+    owners: dict[str, str] = {}
+    while not all(t.done() for t in tasks):
+        for row in await redis.xpending_range(stream, GROUP, min="-", max="+", count=100):
+            entry, consumer = row["message_id"].decode(), row["consumer"].decode()
+            assert row["times_delivered"] == 1, f"job entry {entry} was delivered again"
+            assert owners.setdefault(entry, consumer) == consumer, f"{entry} moved to {consumer}"
+        await asyncio.sleep(0.2)
+    results = [t.result() for t in tasks]
+    assert [used for _, used in results] == [tokens] * count
+    assert len(owners) == count
+    shortest = min(took for took, _ in results)
+    print(f"{count} generations of {tokens} tokens, shortest {shortest:.1f}s; reclaim idle 3s; none moved")
+    assert shortest > 3, "every generation must outlast the reclaim idle time, or this shows nothing"
+
+
+async def test_sigterm_finishes_short_jobs_hands_back_long_ones_and_exits_0(
+    system: System, aclient: AsyncOpenAI, redis: Redis, two_workers: Workers
+) -> None:
+    """Within the drain grace period, jobs of two tokens finish on the stopping worker; jobs of
+    960 tokens (dozens at once: far longer than the grace period) are handed back and resumed by the
+    other worker. Every client gets all its tokens."""
+    await listed_and_warm(aclient)
+    long_jobs = [asyncio.create_task(stream_tokens(aclient, f"long {i}", 960)) for i in range(32)]
+    deadline = time.monotonic() + 60
+    while sum((holding := await pending(redis, system)).values()) < len(long_jobs):
+        assert time.monotonic() < deadline, "the workers never took the jobs"
+        await asyncio.sleep(0.05)
+    victim = max(holding, key=holding.__getitem__)
+    short_jobs = [asyncio.create_task(stream_tokens(aclient, f"short {i}", 2)) for i in range(4)]
+    await asyncio.sleep(0.5)  # let the short ones be taken too (by either worker)
+    proc = two_workers.procs[victim]
+    os.killpg(proc.pid, signal.SIGTERM)
+    signalled = time.monotonic()
+    code = await asyncio.to_thread(proc.wait, 30)
+    exited = time.monotonic() - signalled
+
+    results = await asyncio.wait_for(asyncio.gather(*long_jobs, *short_jobs), 180)
+    expected = [(960, "length")] * len(long_jobs) + [(2, "length")] * len(short_jobs)
+    assert [(used, finish) for _, used, finish in results] == expected
+    log = two_workers.log(victim)
+    handed = {
+        line.split("handing job req_")[1].split()[0] for line in log.splitlines() if "handing job" in line
+    }
+    short_ids = {ident.removeprefix("chatcmpl-") for ident, _, _ in results[len(long_jobs) :]}
+    print(f"{victim} held {holding[victim]} long jobs; exit {code} {exited:.1f}s after SIGTERM;", end=" ")
+    print(f"handed back {len(handed)}")
+    assert code == 0
+    assert handed, "jobs still running after the grace period are handed back"
+    assert not handed & short_ids, "short jobs finish on the stopping worker"

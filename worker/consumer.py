@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import time
 from collections.abc import Iterable
@@ -31,6 +32,8 @@ READ_BLOCK_MS = 250
 READ_BATCH = 8
 """Most jobs one read takes from a stream: a burst is spread over every idle worker instead of
 going whole to whichever worker reads first."""
+STOP_GRACE = 10.0
+"""How long a stopping worker waits for cancelled jobs to hand themselves back."""
 STREAMS_REFRESH = 0.25
 """How stale a worker's list of job streams may be: a new tenant's first job waits at most this."""
 
@@ -284,7 +287,12 @@ class Consumer:
             _, late = await asyncio.wait(tasks, timeout=timeout)
             for task in late:
                 task.cancel()
-            await asyncio.gather(*late, return_exceptions=True)
+            if late:
+                _, stuck = await asyncio.wait(late, timeout=STOP_GRACE)
+                for task in stuck:  # never hang the exit: their entries stay pending and are reclaimed
+                    trace = io.StringIO()
+                    task.print_stack(file=trace)
+                    log.error("job task did not stop within %.0fs:\n%s", STOP_GRACE, trace.getvalue())
 
 
 def _claimed_entries(reply: Iterable[object]) -> list[tuple[str, dict[bytes, bytes] | None]]:

@@ -353,6 +353,7 @@ class JobRunner:
 
     async def hand_back(self, claim: Claim) -> None:
         """Re-queue a job this worker will not finish; its progress stays for the next worker."""
+        log.info("handing job %s back to the queue", claim.job.id)
         self._metrics.outcome("handed_back")
         (owned,) = await self._outbox.send(
             (
