@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.switchyard-installed
 ARGS ?=
 
-.PHONY: up test lint unit bench loadtest install clean
+.PHONY: up test lint unit bench fairness loadtest install clean
 
 up: $(STAMP)  ## Bring the whole system up: embedded Redis, gateway on :8000, one worker (demo model)
 	$(BIN)/switchyard up $(ARGS)
@@ -22,6 +22,9 @@ unit: $(STAMP)  ## Only the tests that start no engine
 
 bench: $(STAMP)  ## Switchyard against vLLM's own server, same model and engine settings
 	$(BIN)/python loadtest/compare.py $(ARGS)
+
+fairness: $(STAMP)  ## Another tenant's TTFT p50/p95 alone and while one tenant floods with 10x its load
+	$(BIN)/python loadtest/fairness.py $(ARGS)
 
 loadtest: $(STAMP)  ## Locust sweep over concurrency levels against a running server, e.g. ARGS="--url http://127.0.0.1:8000"
 	$(BIN)/python loadtest/sweep.py $(ARGS)

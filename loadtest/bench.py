@@ -33,12 +33,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import itertools
 import json
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 import httpx
 
@@ -80,6 +82,7 @@ _WORD_TEXT = """
 WORDS: tuple[str, ...] = tuple(_WORD_TEXT.split())
 
 CALIBRATION_PROBES = 4
+T = TypeVar("T")
 
 
 def make_prompt(seed: int, key: str, words: int) -> str:
@@ -176,19 +179,31 @@ async def one_request(client: httpx.AsyncClient, cfg: BenchConfig, prompt: str, 
 
 
 async def run_closed_loop(
-    client: httpx.AsyncClient, cfg: BenchConfig, words: int, count: int, concurrency: int, phase: str
+    client: httpx.AsyncClient,
+    cfg: BenchConfig,
+    words: int,
+    count: int | None,
+    concurrency: int,
+    phase: str,
+    stop: Callable[[], bool] | None = None,
 ) -> tuple[list[RequestResult], float]:
-    """Keep ``concurrency`` requests in flight until ``count`` are done; returns results and wall time."""
+    """Keep ``concurrency`` requests in flight until ``count`` are done (None: no limit) or, once
+    ``stop()`` is true, until those in flight are; returns results and wall time."""
+    if count is None and stop is None:
+        raise ValueError("an unlimited closed loop needs a stop condition")
     results: list[RequestResult] = []
-    next_index = iter(range(count))
+    next_index = itertools.count() if count is None else iter(range(count))
 
     async def worker() -> None:
         for index in next_index:  # shared iterator: each index is taken by exactly one worker
+            if stop is not None and stop():
+                return
             prompt = make_prompt(cfg.seed, f"{phase}{index}", words)
             results.append(await one_request(client, cfg, prompt, cfg.output_tokens))
 
+    workers = concurrency if count is None else min(concurrency, count)
     start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(max(1, min(concurrency, count)))))
+    await asyncio.gather(*(worker() for _ in range(max(1, workers))))
     return results, time.perf_counter() - start
 
 
@@ -263,13 +278,18 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, Path | N
     return cfg, a.json, not a.no_uvloop
 
 
-def run(cfg: BenchConfig, use_uvloop: bool = True) -> BenchReport:
-    """Run the benchmark on a fresh event loop (uvloop when available and wanted)."""
+def run_on_loop(main: Coroutine[Any, Any, T], use_uvloop: bool = True) -> T:
+    """Run ``main`` on a fresh event loop: uvloop when available and wanted, to spare the client CPU."""
     if use_uvloop and importlib.util.find_spec("uvloop") is not None:
         import uvloop
 
-        return uvloop.run(run_bench(cfg))
-    return asyncio.run(run_bench(cfg))
+        return uvloop.run(main)
+    return asyncio.run(main)
+
+
+def run(cfg: BenchConfig, use_uvloop: bool = True) -> BenchReport:
+    """Run the benchmark on a fresh event loop."""
+    return run_on_loop(run_bench(cfg), use_uvloop)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

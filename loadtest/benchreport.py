@@ -188,16 +188,17 @@ def format_report(rep: BenchReport) -> str:
     return "\n".join(lines)
 
 
+def json_ready(value: Any) -> Any:
+    """``value`` with every non-finite float (e.g. a percentile of no data) replaced by None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_ready(v) for v in value]
+    return value
+
+
 def to_json(rep: BenchReport) -> str:
-    """The report as strict JSON (NaN, e.g. a percentile of no data, becomes null)."""
-
-    def clean(value: Any) -> Any:
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [clean(v) for v in value]
-        return value
-
-    return json.dumps(clean(asdict(rep)), indent=2) + "\n"
+    """The report as strict JSON (NaN becomes null)."""
+    return json.dumps(json_ready(asdict(rep)), indent=2) + "\n"

@@ -90,6 +90,7 @@ class Target:
     argv: list[str]
     env: dict[str, str]
     port: int
+    redis_url: str | None = None  # the embedded Redis of a Switchyard target's default command
 
     @property
     def base_url(self) -> str:
@@ -118,25 +119,30 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def switchyard_target(
+    cmd: str, engine: EngineSettings, model_dir: Path, model_name: str, api_key: str | None
+) -> Target:
+    """Switchyard started by the command template ``cmd`` (see ``--switchyard-cmd``) on free ports."""
+    port, redis_port = free_port(), free_port()
+    fields = asdict(engine) | {
+        "port": port, "redis_port": redis_port, "model_dir": model_dir, "model_name": model_name,
+        "api_key": api_key or "", "engine_args": shlex.join(engine.switchyard_args()),
+        "vllm_engine_args": shlex.join(engine.vllm_args()),
+    }  # fmt: skip
+    argv = shlex.split(cmd.format(**fields))
+    # switchyard up registers this key for its development tenant instead of making one.
+    env = engine.env() | {"SWITCHYARD_DEV_KEY": api_key or ""}
+    return Target("switchyard", argv, env, port, redis_url=f"redis://127.0.0.1:{redis_port}/0")
+
+
 def build_targets(args: argparse.Namespace, engine: EngineSettings, model_dir: Path) -> dict[str, Target]:
     """The commands for both targets, from the one engine definition."""
-    vllm_port, sy_port, redis_port = free_port(), free_port(), free_port()
+    vllm_port = free_port()
     vllm_argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
     vllm_argv += ["--served-model-name", args.model_name, "--host", "127.0.0.1", "--port", str(vllm_port)]
     vllm_argv += engine.vllm_args() + (["--api-key", args.api_key] if args.api_key else [])
-    fields = asdict(engine) | {
-        "port": sy_port, "redis_port": redis_port, "model_dir": model_dir, "model_name": args.model_name,
-        "api_key": args.api_key or "", "engine_args": shlex.join(engine.switchyard_args()),
-        "vllm_engine_args": shlex.join(engine.vllm_args()),
-    }  # fmt: skip
-    sy_argv = shlex.split(args.switchyard_cmd.format(**fields))
-    return {
-        "vllm": Target("vllm", vllm_argv, engine.env(), vllm_port),
-        # switchyard up registers this key for its development tenant instead of making one.
-        "switchyard": Target(
-            "switchyard", sy_argv, engine.env() | {"SWITCHYARD_DEV_KEY": args.api_key or ""}, sy_port
-        ),
-    }
+    switchyard = switchyard_target(args.switchyard_cmd, engine, model_dir, args.model_name, args.api_key)
+    return {"vllm": Target("vllm", vllm_argv, engine.env(), vllm_port), "switchyard": switchyard}
 
 
 def start_server(target: Target, log_path: Path) -> subprocess.Popen[bytes]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest import sweep
+from loadtest import fairness, sweep
 from loadtest.sweepreport import read_rows
 from shared.tenants import Tenant
 from tests.conftest import System, create_tenant
@@ -41,3 +41,24 @@ def test_sweep_one_short_level(system: System, tmp_path: Path) -> None:
     assert level["window_s"] > 0 and level["client_cpu_s"] > 0
     assert doc["meta"]["targets"][0]["model"] == system.model
     assert "| 2 |" in (out / "summary.md").read_text()
+
+
+def test_fairness_short_run_against_a_running_system(system: System, tmp_path: Path) -> None:
+    key_a, key_b = (
+        asyncio.run(create_tenant(system.redis_url, system.names, Tenant(name=n)))
+        for n in ("fair-a", "fair-b")
+    )
+    out = tmp_path / "fairness.json"
+    argv = ["--base-url", f"{system.base_url}/v1", "--key-a", key_a, "--key-b", key_b, "--out", str(out)]
+    argv += ["--redis-url", system.redis_url, "--key-prefix", system.names.prefix]
+    argv += ["--concurrency", "1", "--flood-concurrency", "4", "--duration", "2", "--lead", "1"]
+    argv += ["--warmup", "1", "--prompt-tokens", "16", "--output-tokens", "8"]
+    assert fairness.main(argv) == 0
+
+    doc = json.loads(out.read_text())
+    for part in ("alone", "victim", "flooder"):
+        assert doc[part]["requests_ok"] > 0 and doc[part]["errors"] == 0, part
+        assert doc[part]["token_mismatches"] == 0 and doc[part]["ttft_p95_ms"] > 0, part
+    assert doc["options"]["flood_concurrency"] == 4 and "key_a" not in doc["options"]
+    assert doc["queue_flood"]["samples"] > 0  # Redis was read while B was measured
+    assert doc["worker_capacity"] >= 1 and doc["flood_tokens_per_s"] > 0

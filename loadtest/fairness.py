@@ -1,0 +1,396 @@
+"""Fairness benchmark: how much a tenant flooding the system slows another tenant's first token.
+
+Method
+------
+* Two tenants, each with its own API key and no limits, since this measures queueing, not rate
+  limiting: A floods, B is the victim. Both are ``interactive`` unless ``--flooder-priority batch``.
+  Every request is ``bench.py``'s: a streaming chat completion generating exactly
+  ``--output-tokens`` tokens (``ignore_eos``) after a distinct random-word prompt of about
+  ``--prompt-tokens`` tokens, TTFT measured from send to the first content chunk.
+* Phase 1, B alone: ``--concurrency`` closed-loop streams for ``--duration`` seconds (no request
+  starts after that; those in flight finish and count), after ``--warmup`` unmeasured requests.
+* Phase 2, the flood: A starts ``--flood-concurrency`` closed-loop streams (10x B's by default);
+  ``--lead`` seconds later, once A's backlog has formed, B repeats phase 1 with new prompts of the
+  same shape; A starts no more requests once B's phase is over.
+* Reported: B's TTFT p50/p95/p99 alone and under the flood with their ratio; A's TTFT; output
+  tokens/s of B, of A, and of both over B's window (requests that finished inside it).
+
+Why the worker runs with a small ``--capacity`` (16 by default, below A's concurrency): a worker
+takes at most that many jobs at once (it is also vLLM's ``max_num_seqs``) and leaves the rest in
+Redis. Only then is there a queue where B's jobs compete with A's, and the per-tenant streams
+decide who goes next: every read takes from each tenant's stream, so B's next job waits for a free
+slot rather than behind A's backlog. With capacity above A's concurrency every job would run at
+once and the figures would show only how vLLM shares its batch. To show the queue was there, Redis
+is read every ``SAMPLE_INTERVAL`` seconds as ``switchyard status`` reads it (XLEN and XPENDING of
+each tenant's stream, vLLM's running and waiting sequences from worker heartbeats) and the jobs
+waiting in A's stream are reported. What B still pays under the flood is the wait for a free slot
+and a busier engine (its prompt shares a batch of 16 instead of about 4, and every step costs
+more), which no queueing policy removes short of leaving the engine idle.
+
+By default the system is started the way ``compare.py`` starts it (``switchyard up``: embedded
+Redis, one gateway, one worker on the demo model, compare.py's engine settings) and stopped at the
+end; ``--base-url`` with ``--key-a`` and ``--key-b`` uses a running one instead (``--redis-url``
+adds the queue figures; its workers' capacity is whatever they were started with).
+
+    python loadtest/fairness.py                              # B 4 streams, A 40, capacity 16, 45 s
+    python loadtest/fairness.py --flooder-priority batch --out fairness.json
+    python loadtest/fairness.py --base-url http://127.0.0.1:8000/v1 --key-a sy-... --key-b sy-... \\
+        --redis-url redis://127.0.0.1:6379/0
+
+Exit status: 0 when every request succeeded, 1 otherwise, 2 when the run could not start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import httpx
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+try:  # run as a script, python loadtest/fairness.py: this directory is on sys.path
+    import bench
+    import compare
+    import fairreport
+    import proctree
+    from benchreport import DEFAULT_TIMEOUT_S, BenchConfig, RequestResult, summarize
+except ModuleNotFoundError:  # imported as loadtest.fairness from the repository root
+    from loadtest import bench, compare, fairreport, proctree  # type: ignore[no-redef]
+    from loadtest.benchreport import (  # type: ignore[no-redef]
+        DEFAULT_TIMEOUT_S,
+        BenchConfig,
+        RequestResult,
+        summarize,
+    )
+
+if TYPE_CHECKING:
+    from shared.names import Names
+    from shared.settings import RedisSettings
+    from shared.tenants import Priority
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+FLOODER, VICTIM = "flooder", "victim"  # tenant names when this script creates them
+SAMPLE_INTERVAL = 0.5
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The system under test and the two tenants' keys."""
+
+    base_url: str
+    model: str
+    key_a: str
+    key_b: str
+    redis: RedisSettings | None  # where its queues are, if known
+
+
+class QueueProbe:
+    """Reads the two tenants' streams and the model's workers from Redis, as ``switchyard status`` does."""
+
+    def __init__(self, redis: Redis, names: Names, model: str, flooder: str, victim: str) -> None:
+        self.redis, self.names, self.model = redis, names, model
+        self.flooder, self.victim = flooder, victim
+
+    @classmethod
+    async def connect(cls, settings: RedisSettings, model: str, key_a: str, key_b: str) -> QueueProbe:
+        """Find the keys' tenants, hence their streams."""
+        from shared.tenants import TenantStore
+
+        redis = Redis.from_url(settings.redis_url, socket_connect_timeout=3)
+        store = TenantStore(redis, settings.names)
+        tenants = [await store.authenticate(key) for key in (key_a, key_b)]
+        if tenants[0] is None or tenants[1] is None:
+            await redis.aclose()
+            raise RuntimeError(
+                f"--key-a/--key-b are not keys of tenants in {settings.redis_url} "
+                f"under prefix {settings.key_prefix!r}"
+            )
+        return cls(redis, settings.names, model, tenants[0].name, tenants[1].name)
+
+    async def snapshot(self, t: float) -> tuple[fairreport.QueueSample, int]:
+        """One sample at phase time ``t``, and the live workers' total capacity."""
+        from shared.status import gather
+
+        snap = await gather(self.redis, self.names)
+        streams = {s.tenant: s for s in snap.streams if s.model == self.model}
+        workers = [w for w in snap.workers if w.model == self.model and w.live]
+        a, b = streams.get(self.flooder), streams.get(self.victim)
+        sample = fairreport.QueueSample(
+            t=t,
+            flooder_backlog=a.backlog if a else 0,
+            flooder_running=a.pending if a else 0,
+            victim_backlog=b.backlog if b else 0,
+            victim_running=b.pending if b else 0,
+            engine_running=sum(w.running for w in workers),
+            engine_waiting=sum(w.waiting for w in workers),
+        )
+        return sample, sum(w.capacity for w in workers)
+
+    async def watch(self, out: list[fairreport.QueueSample], t0: float, stop: asyncio.Event) -> None:
+        """Sample until ``stop`` is set; a failed read is skipped, not fatal to the run."""
+        while not stop.is_set():
+            with contextlib.suppress(RedisError, OSError):
+                sample, _ = await self.snapshot(time.perf_counter() - t0)
+                out.append(sample)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), SAMPLE_INTERVAL)
+
+    async def capacity(self) -> int | None:
+        with contextlib.suppress(RedisError, OSError):
+            _, total = await self.snapshot(0.0)
+            return total or None
+        return None
+
+
+@contextlib.asynccontextmanager
+async def watching(
+    probe: QueueProbe | None, out: list[fairreport.QueueSample], t0: float
+) -> AsyncIterator[None]:
+    """Sample the queues in the background for the duration of the block."""
+    if probe is None:
+        yield
+        return
+    stop = asyncio.Event()
+    task = asyncio.create_task(probe.watch(out, t0, stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        await task
+
+
+def until(deadline: float) -> Callable[[], bool]:
+    return lambda: time.perf_counter() >= deadline
+
+
+@dataclass(frozen=True)
+class Loads:
+    """What both phases send: each tenant's request shape and client, the calibrated prompt length."""
+
+    a: BenchConfig
+    b: BenchConfig
+    client_a: httpx.AsyncClient
+    client_b: httpx.AsyncClient
+    words: int
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One tenant's requests in one phase; this process's CPU time covers both tenants."""
+
+    results: list[RequestResult]
+    wall: float
+    cpu: float
+
+
+async def phase_alone(loads: Loads, duration: float) -> Phase:
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    results, wall = await bench.run_closed_loop(
+        loads.client_b, loads.b, loads.words, None, loads.b.concurrency, "alone", stop=until(t0 + duration)
+    )
+    return Phase(results, wall, time.process_time() - cpu0)
+
+
+async def phase_flood(loads: Loads, duration: float, lead: float) -> tuple[Phase, Phase, float, float]:
+    """A floods; ``lead`` seconds later B runs as when alone. Returns B's and A's requests and when
+    B's measured window started and ended (``time.perf_counter()``)."""
+    over = asyncio.Event()
+    cpu0 = time.process_time()
+    flood = asyncio.create_task(
+        bench.run_closed_loop(
+            loads.client_a, loads.a, loads.words, None, loads.a.concurrency, "flood", stop=over.is_set
+        )
+    )
+    try:
+        await asyncio.sleep(lead)  # A's backlog forms before B is measured
+        start = time.perf_counter()
+        victim, victim_wall = await bench.run_closed_loop(
+            loads.client_b, loads.b, loads.words, None, loads.b.concurrency, "victim",
+            stop=until(start + duration),
+        )  # fmt: skip
+        end = time.perf_counter()
+    finally:
+        over.set()
+        flooder, flooder_wall = await flood
+    cpu = time.process_time() - cpu0
+    return Phase(victim, victim_wall, cpu), Phase(flooder, flooder_wall, cpu), start, end
+
+
+async def run_phases(args: argparse.Namespace, setup: Setup) -> fairreport.FairnessReport:
+    """Calibrate and warm up with B's key, run B alone, then B under A's flood, sampling the queues."""
+    cfg_b = BenchConfig(
+        base_url=setup.base_url, model=setup.model, concurrency=args.concurrency,
+        requests=0,  # both phases run for a time, not a count
+        prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens, warmup=args.warmup,
+        api_key=setup.key_b, seed=args.seed, timeout_s=args.timeout,
+    )  # fmt: skip
+    cfg_a = replace(cfg_b, concurrency=args.flood_concurrency, warmup=0, api_key=setup.key_a)
+    probe = None
+    if setup.redis is not None:
+        probe = await QueueProbe.connect(setup.redis, setup.model, setup.key_a, setup.key_b)
+    samples_alone: list[fairreport.QueueSample] = []
+    samples_flood: list[fairreport.QueueSample] = []
+    try:
+        async with bench.make_client(cfg_a) as client_a, bench.make_client(cfg_b) as client_b:
+            words = await bench.calibrate_words(client_b, cfg_b)
+            loads = Loads(cfg_a, cfg_b, client_a, client_b, words)
+            warm: list[RequestResult] = []
+            if args.warmup:
+                warm, _ = await bench.run_closed_loop(
+                    client_b, cfg_b, words, args.warmup, cfg_b.concurrency, "w"
+                )
+            capacity = await probe.capacity() if probe else None
+            print(f"phase 1: B alone, {cfg_b.concurrency} streams, {args.duration:.0f} s", flush=True)
+            async with watching(probe, samples_alone, time.perf_counter()):
+                alone = await phase_alone(loads, args.duration)
+            print(f"phase 2: A floods with {cfg_a.concurrency} streams, B as in phase 1", flush=True)
+            t0 = time.perf_counter()
+            async with watching(probe, samples_flood, t0):
+                victim, flooder, start, end = await phase_flood(loads, args.duration, args.lead)
+    finally:
+        if probe is not None:
+            await probe.redis.aclose()
+
+    options = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if "key" not in k}
+    return fairreport.FairnessReport(
+        options=options | {"base_url": setup.base_url, "model": setup.model, "prompt_words": words},
+        alone=summarize(cfg_b, words, alone.results, alone.wall, alone.cpu, sum(not r.ok for r in warm)),
+        victim=summarize(cfg_b, words, victim.results, victim.wall, victim.cpu, 0),
+        flooder=summarize(cfg_a, words, flooder.results, flooder.wall, flooder.cpu, 0),
+        flood_tokens_per_s=fairreport.window_tokens_per_s([*flooder.results, *victim.results], start, end),
+        queue_alone=fairreport.queue_summary(samples_alone, 0.0, alone.wall),
+        queue_flood=fairreport.queue_summary(samples_flood, start - t0, end - t0),
+        worker_capacity=capacity,
+    )
+
+
+def first_model(base_url: str, key: str) -> str:
+    """The first model a running system lists."""
+    headers = {"Authorization": f"Bearer {key}"}
+    resp = httpx.get(f"{base_url.rstrip('/')}/models", headers=headers, timeout=10, trust_env=False)
+    resp.raise_for_status()
+    models = [m["id"] for m in resp.json().get("data", [])]
+    if not models:
+        raise RuntimeError(f"{base_url} serves no model yet")
+    return str(models[0])
+
+
+def create_tenants(settings: RedisSettings, flooder_priority: Priority) -> tuple[str, str]:
+    """Tenants A and B with no limits, and a new key for each."""
+    from shared.keys import create
+    from shared.tenants import Tenant
+
+    key_a = create(settings, Tenant(name=FLOODER, priority=flooder_priority))
+    key_b = create(settings, Tenant(name=VICTIM, priority="interactive"))
+    return key_a, key_b
+
+
+def run_started_system(args: argparse.Namespace) -> fairreport.FairnessReport:
+    """Start ``switchyard up`` with a small capacity, run both phases, always stop it."""
+    from shared.settings import RedisSettings
+    from shared.tenants import new_key
+
+    model_dir = compare.resolve_model(args)
+    engine = compare.EngineSettings(max_num_seqs=args.capacity)
+    ready_key = new_key()[1]  # the dev tenant's, only to poll readiness
+    target = compare.switchyard_target(
+        compare.DEFAULT_SWITCHYARD_CMD, engine, model_dir, args.model_name, ready_key
+    )
+    assert target.redis_url is not None
+    log = args.log or Path(tempfile.mkdtemp(prefix="switchyard-fairness-")) / "system.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"starting: {' '.join(target.argv)} (log: {log})", flush=True)
+    proc = compare.start_server(target, log)
+    try:
+        ready = compare.wait_ready(proc, target, args.model_name, ready_key, args.ready_timeout, log)
+        print(f"ready after {ready:.0f} s", flush=True)
+        redis = RedisSettings(redis_url=target.redis_url)  # the prefix as the system reads it: env
+        key_a, key_b = create_tenants(redis, args.flooder_priority)
+        setup = Setup(target.base_url, args.model_name, key_a, key_b, redis)
+        return bench.run_on_loop(run_phases(args, setup), not args.no_uvloop)
+    finally:
+        print(f"system stopped by {proctree.stop_tree(proc)}", flush=True)
+
+
+def run_given_system(args: argparse.Namespace) -> fairreport.FairnessReport:
+    from shared.settings import RedisSettings
+
+    model = args.model_name or first_model(args.base_url, args.key_b)
+    redis = None
+    if args.redis_url:
+        prefix = {"key_prefix": args.key_prefix} if args.key_prefix else {}
+        redis = RedisSettings(redis_url=args.redis_url, **prefix)
+    setup = Setup(args.base_url, model, args.key_a, args.key_b, redis)
+    return bench.run_on_loop(run_phases(args, setup), not args.no_uvloop)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add = p.add_argument
+    add("--base-url", help="a running system, e.g. http://127.0.0.1:8000/v1 (default: start one)")
+    add("--key-a", help="with --base-url: the flooding tenant's key")
+    add("--key-b", help="with --base-url: the victim tenant's key")
+    add("--redis-url", help="with --base-url: its Redis, for the queue figures")
+    add("--key-prefix", help="with --redis-url: its prefix (default: switchyard)")
+    add("--model-dir", type=Path, help="default: the demo model (built if missing)")
+    add("--model-name", help="served model name (default: the demo's, the directory's, or the first listed)")
+    add("--capacity", type=int, default=16, help="jobs the started worker runs at once (default: 16)")
+    add("--flooder-priority", choices=["interactive", "batch"], default="interactive",
+        help="A's priority class when this script creates the tenants; B is interactive")  # fmt: skip
+    add("--concurrency", type=int, default=4, help="B's streams (default: 4)")
+    add("--flood-concurrency", type=int, help="A's streams (default: 10x B's)")
+    add("--duration", type=float, default=45.0, help="seconds B is measured in each phase (default: 45)")
+    add("--lead", type=float, default=5.0, help="seconds A floods before B's phase 2 (default: 5)")
+    add("--prompt-tokens", type=int, default=64)
+    add("--output-tokens", type=int, default=64)
+    add("--warmup", type=int, default=8, help="B's unmeasured requests before phase 1 (default: 8)")
+    add("--seed", type=int, default=0)
+    add("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="per-request read timeout (s)")
+    add("--ready-timeout", type=float, default=300.0, help="seconds to wait for the started system")
+    add("--log", type=Path, help="the started system's output (default: in a temporary directory)")
+    add("--out", type=Path, help="write every figure to this JSON file")
+    add("--no-uvloop", action="store_true")
+    args = p.parse_args(argv)
+    if args.flood_concurrency is None:
+        args.flood_concurrency = 10 * args.concurrency
+    sizes = (args.concurrency, args.flood_concurrency, args.capacity, args.prompt_tokens, args.output_tokens)
+    if min(sizes) < 1:
+        p.error("concurrency, flood concurrency, capacity, prompt and output tokens must be >= 1")
+    if args.duration <= 0 or args.lead < 0 or args.warmup < 0:
+        p.error("--duration must be > 0, --lead and --warmup >= 0")
+    if args.base_url is not None and not (args.key_a and args.key_b):
+        p.error("--base-url needs --key-a and --key-b")
+    if args.base_url is None and (args.key_a or args.key_b or args.redis_url or args.key_prefix):
+        p.error("--key-a, --key-b, --redis-url and --key-prefix go with --base-url")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if str(REPO_ROOT) not in sys.path:  # this checkout's packages, even if another one is installed
+        sys.path.insert(0, str(REPO_ROOT))
+    try:
+        rep = run_given_system(args) if args.base_url else run_started_system(args)
+    except (compare.ServerError, RuntimeError, httpx.HTTPError, RedisError, OSError) as exc:
+        print(f"fairness: cannot run: {exc}", file=sys.stderr)
+        return 2
+    print()
+    print(fairreport.render_text(rep))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(fairreport.to_json(rep))
+        print(f"wrote {args.out}")
+    return 1 if rep.alone.errors + rep.victim.errors + rep.flooder.errors + rep.alone.warmup_errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""What a ``fairness.py`` run measured, and how it is reported: plain data and pure aggregation.
+
+The method (who floods whom, what the phases are, why the worker's capacity is kept low) is
+described in ``fairness.py``. Tenant A is the flooder, tenant B the victim.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+try:  # run as a script from loadtest/: this directory is on sys.path
+    import comparison
+    from benchreport import BenchReport, RequestResult, json_ready, mean
+    from comparison import fmt, ratio
+except ModuleNotFoundError:  # imported as loadtest.fairreport from the repository root
+    from loadtest import comparison  # type: ignore[no-redef]
+    from loadtest.benchreport import BenchReport, RequestResult, json_ready, mean  # type: ignore[no-redef]
+    from loadtest.comparison import fmt, ratio  # type: ignore[no-redef]
+
+
+@dataclass(frozen=True)
+class QueueSample:
+    """One look at Redis during a phase: the tenants' streams and the engines' own queues."""
+
+    t: float  # seconds since the phase started
+    flooder_backlog: int  # XLEN of A's stream: jobs waiting or running (finished jobs leave it)
+    flooder_running: int  # XPENDING: taken by a worker, not finished
+    victim_backlog: int
+    victim_running: int
+    engine_running: int  # vLLM's running sequences over the model's live workers (heartbeats)
+    engine_waiting: int  # vLLM's own waiting queue: FCFS, blind to tenants
+
+    @property
+    def flooder_waiting(self) -> int:
+        return max(0, self.flooder_backlog - self.flooder_running)
+
+    @property
+    def victim_waiting(self) -> int:
+        return max(0, self.victim_backlog - self.victim_running)
+
+
+def queue_summary(samples: Sequence[QueueSample], start: float, end: float) -> dict[str, float | None]:
+    """Queue figures over the samples taken in [start, end] (B's measured window); None without any."""
+    inside = [s for s in samples if start <= s.t <= end]
+
+    def peak(values: list[int]) -> float | None:
+        return float(max(values)) if values else None
+
+    def average(values: list[int]) -> float | None:
+        return mean(values) if values else None
+
+    return {
+        "samples": float(len(inside)),
+        "flooder_waiting_mean": average([s.flooder_waiting for s in inside]),
+        "flooder_waiting_max": peak([s.flooder_waiting for s in inside]),
+        "flooder_running_mean": average([s.flooder_running for s in inside]),
+        "victim_waiting_mean": average([s.victim_waiting for s in inside]),
+        "victim_waiting_max": peak([s.victim_waiting for s in inside]),
+        "engine_running_mean": average([s.engine_running for s in inside]),
+        "engine_waiting_max": peak([s.engine_waiting for s in inside]),
+    }
+
+
+def window_tokens_per_s(results: Iterable[RequestResult], start: float, end: float) -> float:
+    """Output tokens/s of the successful requests that finished in [start, end] (perf_counter times).
+
+    Closed loops finish requests steadily, so counting whole requests by their end errs by at most
+    one request per stream at each edge of the window.
+    """
+    if end <= start:
+        return math.nan
+    tokens = sum(r.output_tokens for r in results if r.ok and start <= r.sent + r.latency <= end)
+    return tokens / (end - start)
+
+
+@dataclass
+class FairnessReport:
+    """Both phases: B alone, then B while A floods; A's figures cover A's whole run."""
+
+    options: dict[str, Any]
+    alone: BenchReport
+    victim: BenchReport
+    flooder: BenchReport
+    flood_tokens_per_s: float  # A and B together over B's window under the flood
+    queue_alone: dict[str, float | None]
+    queue_flood: dict[str, float | None]
+    worker_capacity: int | None  # jobs the model's workers take at once, from their heartbeats
+
+    @property
+    def ttft_p95_ratio(self) -> float | None:
+        return ratio(self.victim.ttft_p95_ms, self.alone.ttft_p95_ms)
+
+
+def _pair(a: float | None, b: float | None, pattern: str = "{:.1f}") -> str:
+    return f"{fmt(a, pattern)} / {fmt(b, pattern)}"
+
+
+def table_rows(rep: FairnessReport) -> list[list[str]]:
+    """Header plus one row per figure: B alone, B under the flood, their ratio where it means something."""
+    alone, victim, flooder = rep.alone, rep.victim, rep.flooder
+    qa, qf = rep.queue_alone, rep.queue_flood
+    rows = [["", "B alone", "B + A's flood", "flood / alone"]]
+
+    def compared(label: str, key: str, pattern: str) -> None:
+        x, y = getattr(alone, key), getattr(victim, key)
+        rows.append([label, fmt(x, pattern), fmt(y, pattern), fmt(ratio(y, x), "{:.2f}")])
+
+    compared("B TTFT p50 (ms)", "ttft_p50_ms", "{:.0f}")
+    compared("B TTFT p95 (ms)", "ttft_p95_ms", "{:.0f}")
+    compared("B TTFT p99 (ms)", "ttft_p99_ms", "{:.0f}")
+    compared("B e2e p95 (ms)", "e2e_p95_ms", "{:.0f}")
+    compared("B output tokens/s", "output_tokens_per_s", "{:.0f}")
+    rows += [
+        ["B requests ok / errors", f"{alone.requests_ok} / {alone.errors}",
+         f"{victim.requests_ok} / {victim.errors}", "-"],
+        ["A TTFT p50 / p95 (ms)", "-", _pair(flooder.ttft_p50_ms, flooder.ttft_p95_ms, "{:.0f}"), "-"],
+        ["A output tokens/s", "-", fmt(flooder.output_tokens_per_s, "{:.0f}"), "-"],
+        ["A requests ok / errors", "-", f"{flooder.requests_ok} / {flooder.errors}", "-"],
+        ["all output tokens/s", fmt(alone.output_tokens_per_s, "{:.0f}"),
+         fmt(rep.flood_tokens_per_s, "{:.0f}"),
+         fmt(ratio(rep.flood_tokens_per_s, alone.output_tokens_per_s), "{:.2f}")],
+        ["A jobs waiting in Redis, mean / max", "-",
+         _pair(qf["flooder_waiting_mean"], qf["flooder_waiting_max"]), "-"],
+        ["B jobs waiting in Redis, mean / max", _pair(qa["victim_waiting_mean"], qa["victim_waiting_max"]),
+         _pair(qf["victim_waiting_mean"], qf["victim_waiting_max"]), "-"],
+        ["engine running mean / waiting max", _pair(qa["engine_running_mean"], qa["engine_waiting_max"]),
+         _pair(qf["engine_running_mean"], qf["engine_waiting_max"]), "-"],
+        ["client CPU (% of wall)", fmt(alone.client_cpu_pct, "{:.0f}"), fmt(victim.client_cpu_pct, "{:.0f}"),
+         "-"],
+    ]  # fmt: skip
+    return rows
+
+
+def headline(rep: FairnessReport) -> str:
+    o = rep.options
+    return (
+        f"B's TTFT p95: {fmt(rep.alone.ttft_p95_ms, '{:.0f}')} ms alone, "
+        f"{fmt(rep.victim.ttft_p95_ms, '{:.0f}')} ms under A's flood (x{fmt(rep.ttft_p95_ratio, '{:.2f}')})\n"
+        f"A: {o['flood_concurrency']} streams ({o['flooder_priority']}), B: {o['concurrency']} streams "
+        f"(interactive), worker capacity {fmt(rep.worker_capacity, '{:d}')}"
+    )
+
+
+def notes(rep: FairnessReport) -> list[str]:
+    """What makes the figures mean less than they seem to."""
+    out = []
+    waiting = rep.queue_flood["flooder_waiting_max"]
+    if waiting is None:
+        out.append("queues not observed (no Redis to read): cannot tell whether A's jobs waited in Redis")
+    elif waiting == 0:
+        out.append(
+            "WARNING: A never had jobs waiting in Redis, so there was no queue to be fair about; the "
+            "figures show only how the engine shares its batch (lower the worker's capacity or raise "
+            "the flood)"
+        )
+    engine_waiting = rep.queue_flood["engine_waiting_max"]
+    if engine_waiting:
+        out.append(
+            f"vLLM's own waiting queue held up to {engine_waiting:.0f} sequences: part of B's wait was "
+            "first-come first-served inside the engine, where tenants are not told apart"
+        )
+    errors = rep.alone.errors + rep.victim.errors + rep.flooder.errors
+    if errors:
+        samples = rep.alone.error_samples | rep.victim.error_samples | rep.flooder.error_samples
+        out.append(f"{errors} requests failed, e.g. {next(iter(samples), '?')}")
+    return out
+
+
+def render_text(rep: FairnessReport) -> str:
+    table = comparison.render_text(table_rows(rep))
+    return "\n".join([headline(rep), "", table, *(f"- {n}" for n in notes(rep))])
+
+
+def to_json(rep: FairnessReport) -> str:
+    """The whole run as strict JSON: options, the three bench reports (per request too), queues."""
+    doc = asdict(rep) | {"ttft_p95_ratio": rep.ttft_p95_ratio}
+    return json.dumps(json_ready(doc), indent=2) + "\n"

@@ -1,0 +1,110 @@
+"""The fairness report from synthetic requests and queue samples: windows, queues, table, notes, JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from loadtest import fairreport as fr
+from loadtest.benchreport import BenchConfig, BenchReport, RequestResult, summarize
+
+CFG = BenchConfig(base_url="http://h/v1", model="m", concurrency=4, requests=0, output_tokens=8)
+
+
+def request(sent: float, ttft: float, latency: float, ok: bool = True, tokens: int = 8) -> RequestResult:
+    return RequestResult(ok=ok, sent=sent, ttft=ttft, latency=latency, chunks=tokens, output_tokens=tokens,
+                         finish_reason="length", error=None if ok else "HTTP 503: overloaded")  # fmt: skip
+
+
+def report(ttfts: list[float], wall: float = 10.0, errors: int = 0) -> BenchReport:
+    results = [request(i, t, t + 0.5) for i, t in enumerate(ttfts)]
+    results += [request(99, 0.1, 0.1, ok=False) for _ in range(errors)]
+    return summarize(CFG, 48, results, wall, cpu=1.0, warmup_errors=0)
+
+
+def sample(
+    t: float, a: tuple[int, int], b: tuple[int, int] = (0, 0), engine: tuple[int, int] = (16, 0)
+) -> fr.QueueSample:
+    """Backlog (XLEN) and running (XPENDING) of A and B, engine running and waiting."""
+    return fr.QueueSample(t, a[0], a[1], b[0], b[1], engine[0], engine[1])
+
+
+def test_window_counts_successful_requests_that_finished_inside_it() -> None:
+    results = [
+        request(0.0, 0.1, 1.0),  # ends at 1.0: before the window
+        request(1.5, 0.1, 1.0),  # ends at 2.5: inside
+        request(2.0, 0.1, 2.0, tokens=4),  # ends at 4.0: inside, on the edge
+        request(3.0, 0.1, 0.5, ok=False),  # failed: its tokens do not count
+        request(3.5, 0.1, 1.0),  # ends at 4.5: after
+    ]
+    assert fr.window_tokens_per_s(results, 2.0, 4.0) == pytest.approx((8 + 4) / 2.0)
+    assert math.isnan(fr.window_tokens_per_s(results, 4.0, 4.0))
+
+
+def test_queue_summary_uses_the_window_and_subtracts_running_jobs() -> None:
+    samples = [
+        sample(0.5, (40, 16)),  # before B's window: left out
+        sample(1.0, (40, 16), (2, 2)),
+        sample(2.0, (36, 16), (3, 1), engine=(16, 2)),
+        sample(9.0, (0, 0)),  # after it
+    ]
+    q = fr.queue_summary(samples, 1.0, 2.0)
+    assert q["samples"] == 2
+    assert (q["flooder_waiting_mean"], q["flooder_waiting_max"]) == (22.0, 24.0)
+    assert q["flooder_running_mean"] == 16.0
+    assert (q["victim_waiting_mean"], q["victim_waiting_max"]) == (1.0, 2.0)
+    assert (q["engine_running_mean"], q["engine_waiting_max"]) == (16.0, 2.0)
+    assert set(fr.queue_summary(samples, 20.0, 30.0).values()) == {0.0, None}
+
+
+def fairness(queue_flood: dict[str, float | None] | None = None, victim_errors: int = 0) -> fr.FairnessReport:
+    samples = [sample(1.0, (30, 16), (1, 1)), sample(2.0, (34, 16), (2, 1))]
+    return fr.FairnessReport(
+        options={"concurrency": 4, "flood_concurrency": 40, "flooder_priority": "interactive"},
+        alone=report([0.1] * 19 + [0.2]),
+        victim=report([0.1] * 19 + [0.3], errors=victim_errors),
+        flooder=report([1.0] * 20, wall=12.0),
+        flood_tokens_per_s=250.0,
+        queue_alone=fr.queue_summary([sample(1.0, (0, 0), engine=(4, 0))], 0.0, 10.0),
+        queue_flood=queue_flood if queue_flood is not None else fr.queue_summary(samples, 0.0, 10.0),
+        worker_capacity=16,
+    )
+
+
+def test_table_compares_b_alone_with_b_under_the_flood() -> None:
+    rep = fairness()
+    rows = {r[0]: r[1:] for r in fr.table_rows(rep)}
+    assert rows[""] == ["B alone", "B + A's flood", "flood / alone"]
+    alone_p95, flood_p95 = rep.alone.ttft_p95_ms, rep.victim.ttft_p95_ms
+    assert rows["B TTFT p95 (ms)"] == [f"{alone_p95:.0f}", f"{flood_p95:.0f}", f"{flood_p95 / alone_p95:.2f}"]
+    assert rep.ttft_p95_ratio == pytest.approx(flood_p95 / alone_p95)
+    assert rows["A TTFT p50 / p95 (ms)"] == ["-", "1000 / 1000", "-"]
+    assert rows["all output tokens/s"] == ["16", "250", f"{250 / 16:.2f}"]  # 20 requests x 8 tokens / 10 s
+    assert rows["A jobs waiting in Redis, mean / max"] == ["-", "16.0 / 18.0", "-"]
+    assert rows["B jobs waiting in Redis, mean / max"] == ["0.0 / 0.0", "0.5 / 1.0", "-"]
+    text = fr.render_text(rep)
+    assert text.startswith(f"B's TTFT p95: {alone_p95:.0f} ms alone, {flood_p95:.0f} ms under A's flood (x")
+    assert "A: 40 streams (interactive), B: 4 streams (interactive), worker capacity 16" in text
+    assert "WARNING" not in text
+
+
+def test_notes_say_when_there_was_no_queue_or_the_engine_queued() -> None:
+    no_queue = fr.queue_summary([sample(1.0, (16, 16))], 0.0, 10.0)
+    assert any("never had jobs waiting" in n for n in fr.notes(fairness(no_queue)))
+    unseen = fr.queue_summary([], 0.0, 10.0)
+    assert any("not observed" in n for n in fr.notes(fairness(unseen)))
+    engine = fr.queue_summary([sample(1.0, (30, 16), engine=(16, 5))], 0.0, 10.0)
+    assert any("up to 5 sequences" in n for n in fr.notes(fairness(engine)))
+    assert any(n.startswith("2 requests failed, e.g. HTTP 503") for n in fr.notes(fairness(victim_errors=2)))
+
+
+def test_json_is_strict_and_holds_every_part() -> None:
+    rep = fairness(fr.queue_summary([], 0.0, 10.0))
+    text = fr.to_json(rep)
+    assert "NaN" not in text  # Python's json would read it back; strict JSON parsers would not
+    doc = json.loads(text)
+    assert doc["queue_flood"]["flooder_waiting_max"] is None
+    assert doc["ttft_p95_ratio"] == pytest.approx(rep.ttft_p95_ratio)
+    assert doc["victim"]["config"]["concurrency"] == 4 and len(doc["flooder"]["requests"]) == 20
