@@ -67,6 +67,7 @@ class Consumer:
         self._streams: list[str] = []
         self._weights: dict[str, int] = {}
         self._streams_at = float("-inf")
+        self._plan = ReadPlan()
         self.outbox = Outbox(redis)
         self.runner = JobRunner(
             self.outbox,
@@ -109,16 +110,11 @@ class Consumer:
             await asyncio.sleep(READ_BLOCK_MS / 1000)
             return
         free = self._settings.capacity - len(self.inflight)
-        # One read serves every tenant's stream, so a flooding tenant cannot starve the others;
-        # the per-stream count favours interactive over batch tenants by their weights.
-        total = sum(self._weights.get(s, 1) for s in streams)
-        count = max(1, min(READ_BATCH, free * max(self._weights.values(), default=1) // total))
-        reply = await self._redis.xreadgroup(
-            GROUP, self._worker_id, {s: ">" for s in streams}, count=count, block=READ_BLOCK_MS
-        )
-        for stream, entries in reply or ():
-            for entry_id, fields in entries:
-                await self._take(_text(stream), _text(entry_id), fields, attempt=1)
+        weights = {s: self._weights.get(s, 1) for s in streams}
+        for stream, entry_id, fields in await read_fairly(
+            self._redis, self._worker_id, self._plan.plan(weights, free), list(weights)
+        ):
+            await self._take(stream, entry_id, fields, attempt=1)
 
     async def _job_streams(self) -> list[str]:
         """Every job stream of this model, with the consumer group ensured on new ones."""
@@ -293,6 +289,66 @@ class Consumer:
                     trace = io.StringIO()
                     task.print_stack(file=trace)
                     log.error("job task did not stop within %.0fs:\n%s", STOP_GRACE, trace.getvalue())
+
+
+class ReadPlan:
+    """How many jobs to take from each tenant stream in one read, weighted by priority class.
+
+    XREADGROUP's COUNT applies to each stream it names, so one read over every tenant's stream takes
+    up to COUNT from each: a tenant flooding its stream gets no more per read than a tenant with one
+    job waiting. Priority classes are read separately, with per-stream counts in proportion to their
+    weights; fractions carry over between reads (a deficit round robin), so interactive 4 : batch 1
+    holds even when the worker has room for one job at a time.
+    """
+
+    def __init__(self) -> None:
+        self._credit: dict[int, float] = {}
+
+    def plan(self, weights: dict[str, int], free: int) -> list[tuple[list[str], int]]:
+        """(streams, count per stream) for each class due a read now, highest weight first."""
+        if not weights:
+            return []
+        top = max(weights.values())
+        per_stream = max(1, min(READ_BATCH, free * top // sum(weights.values())))
+        reads = []
+        for weight in sorted(set(weights.values()), reverse=True):
+            share = per_stream * weight / top
+            credit = min(self._credit.get(weight, 0.0) + share, max(share, 1.0))
+            count = int(credit)
+            self._credit[weight] = credit - count
+            if count:
+                reads.append(([s for s, w in weights.items() if w == weight], count))
+        return reads
+
+
+Entry = tuple[str, str, dict[bytes, bytes] | None]
+
+
+async def read_fairly(
+    redis: Redis, consumer: str, reads: list[tuple[list[str], int]], streams: list[str]
+) -> list[Entry]:
+    """Take new entries by ``reads`` (see :class:`ReadPlan`) in one round trip; when none is
+    waiting there, block on every stream (``streams``) for whichever job arrives first."""
+    replies: list[object] = []
+    if reads:
+        async with redis.pipeline(transaction=False) as pipe:
+            for names, count in reads:
+                pipe.xreadgroup(GROUP, consumer, {s: ">" for s in names}, count=count)
+            replies = await pipe.execute()
+    entries = [entry for reply in replies for entry in _entries(reply)]
+    if entries:
+        return entries
+    reply = await redis.xreadgroup(GROUP, consumer, {s: ">" for s in streams}, count=1, block=READ_BLOCK_MS)
+    return _entries(reply)
+
+
+def _entries(reply: object) -> list[Entry]:
+    """XREADGROUP's reply as (stream, entry id, fields) triples."""
+    return [
+        (_text(stream), _text(entry_id), fields)
+        for stream, items in reply or ()  # type: ignore[attr-defined]
+        for entry_id, fields in items
+    ]
 
 
 def _claimed_entries(reply: Iterable[object]) -> list[tuple[str, dict[bytes, bytes] | None]]:
