@@ -61,8 +61,9 @@ def two_workers(system: System, tmp_path_factory: pytest.TempPathFactory) -> Ite
         for name, proc in procs.items():
             log = logs / f"{name}.log"
 
-            def serving(log: Path = log) -> bool:
-                return b"serving" in log.read_bytes()
+            def serving(log: Path = log, name: str = name) -> bool:
+                # the worker's own line: vLLM's start-up log says "serving" too, long before
+                return f"worker {name} serving".encode() in log.read_bytes()
 
             wait_until(serving, 300, name, procs=(proc,), logs=(log,))
         yield Workers(procs, logs)
