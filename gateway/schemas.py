@@ -72,7 +72,7 @@ class _Sampling(_Strict):
     top_k: int | None = Field(default=None, ge=-1)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
-    stop_token_ids: list[int] | None = Field(default=None, max_length=64)
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, max_length=64)
     include_stop_str_in_output: bool = False
 
     @field_validator("logit_bias")

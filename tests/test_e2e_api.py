@@ -174,6 +174,7 @@ async def entries_added(redis: Redis, system: System) -> int:
         ({"extra_body": {"frobnicate": True}}, "frobnicate"),
         ({"extra_body": {"min_tokens": 50}, "max_tokens": 5}, "min_tokens"),
         ({"max_tokens": MAX_MODEL_LEN}, "messages"),
+        ({"extra_body": {"stop_token_ids": [10**6]}}, "stop_token_ids"),
     ],
 )
 async def test_bad_input_is_a_400_and_enqueues_nothing(
@@ -185,6 +186,16 @@ async def test_bad_input_is_a_400_and_enqueues_nothing(
     assert info.value.status_code == 400
     body = info.value.body
     assert isinstance(body, dict) and body["param"] == param and body["type"] == "invalid_request_error"
+    assert await entries_added(redis, system) == before
+
+
+async def test_empty_prompt_is_a_400_and_enqueues_nothing(
+    aclient: AsyncOpenAI, system: System, redis: Redis
+) -> None:
+    before = await entries_added(redis, system)
+    with pytest.raises(openai.BadRequestError) as info:
+        await aclient.completions.create(model=system.model, prompt="", max_tokens=2)
+    assert info.value.param == "prompt"
     assert await entries_added(redis, system) == before
 
 
