@@ -21,6 +21,18 @@ from gateway.edge import RequestEdge
 from gateway.errors import APIError, InvalidRequest, NotFound
 from gateway.jobs import Dispatcher, Timeouts
 from gateway.metrics import ENDPOINTS, GatewayMetrics, RequestCounter, rejection_reason
+from gateway.openapi import (
+    AUTH_ERRORS,
+    MODEL_NOT_FOUND,
+    ChatCompletion,
+    Health,
+    ModelCard,
+    ModelList,
+    Readiness,
+    TextCompletion,
+    completion_responses,
+    install,
+)
 from gateway.probe import QueueProbe
 from gateway.registry import WorkerRegistry
 from gateway.replies import ReplyHub
@@ -86,6 +98,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app = FastAPI(title="Switchyard", version="0.1.0", lifespan=lifespan)
     _install_error_handlers(app, metrics)
     _install_routes(app)
+    install(app, auth=settings.auth, max_n=settings.max_n)
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus_metrics() -> Response:  # sync: the multiprocess merge reads files, off the loop
@@ -118,17 +131,22 @@ AuthenticatedTenant = Annotated[Tenant, Depends(_tenant)]
 
 
 def _install_routes(app: FastAPI) -> None:
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", response_model=None, responses=completion_responses(ChatCompletion))
     async def chat_completions(
         body: ChatCompletionRequest, request: Request, tenant: AuthenticatedTenant
     ) -> Any:
         return await _gateway(request).chat(request, body, tenant)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", response_model=None, responses=completion_responses(TextCompletion))
     async def completions(body: CompletionRequest, request: Request, tenant: AuthenticatedTenant) -> Any:
         return await _gateway(request).completion(request, body, tenant)
 
-    @app.get("/v1/models", dependencies=[Depends(_tenant)])
+    @app.get(
+        "/v1/models",
+        dependencies=[Depends(_tenant)],
+        response_model=None,
+        responses={200: {"model": ModelList}, **AUTH_ERRORS},
+    )
     async def list_models(request: Request) -> dict[str, Any]:
         models = await _gateway(request).registry.models()
         return {
@@ -145,7 +163,12 @@ def _install_routes(app: FastAPI) -> None:
             ],
         }
 
-    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(_tenant)])
+    @app.get(
+        "/v1/models/{model_id:path}",
+        dependencies=[Depends(_tenant)],
+        response_model=None,
+        responses={200: {"model": ModelCard}, 404: MODEL_NOT_FOUND, **AUTH_ERRORS},
+    )
     async def get_model(model_id: str, request: Request) -> dict[str, Any]:
         models = await _gateway(request).registry.models()
         if model_id not in models:
@@ -159,11 +182,11 @@ def _install_routes(app: FastAPI) -> None:
             "max_model_len": m.max_model_len,
         }
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=None, responses={200: {"model": Health}})
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", response_model=None, responses={200: {"model": Readiness}, 503: {"model": Readiness}})
     async def readyz(request: Request) -> JSONResponse:
         gw = _gateway(request)
         try:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+from pydantic.json_schema import JsonDict
 
 MAX_STOP_SEQUENCES = 16
 MAX_MESSAGES = 4096
@@ -18,6 +19,25 @@ MAX_TOKENS_LIMIT = 1_000_000
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _only(*values: Any) -> Any:
+    """Document the only values a validator below lets through (the OpenAPI schema shows the type)."""
+    return Field(default=None, json_schema_extra={"enum": list(values)})
+
+
+# What the ``stop`` validator enforces, stated for strings and lists alike (each keyword applies to
+# one JSON type only).
+_STOP_SCHEMA: JsonDict = {"minLength": 1, "maxItems": MAX_STOP_SEQUENCES, "items": {"minLength": 1}}
+# The prompt forms ``single_prompt`` accepts: one text, or one list of token ids, bare or wrapped.
+_TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+_ONE_TEXT = Annotated[
+    list[str], WithJsonSchema({"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1})
+]
+_TOKEN_ID_LIST = Annotated[list[int], WithJsonSchema(_TOKEN_IDS)]
+_ONE_TOKEN_ID_LIST = Annotated[
+    list[list[int]], WithJsonSchema({"type": "array", "items": _TOKEN_IDS, "minItems": 1, "maxItems": 1})
+]
 
 
 class TextPart(_Strict):
@@ -58,13 +78,13 @@ class _Sampling(_Strict):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=128)
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(default=None, json_schema_extra=_STOP_SCHEMA)
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = Field(default=None, json_schema_extra={"maxProperties": 0})
     user: str | None = Field(default=None, max_length=512)
     # vLLM-compatible extensions
     ignore_eos: bool = False
@@ -72,7 +92,7 @@ class _Sampling(_Strict):
     top_k: int | None = Field(default=None, ge=-1)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
-    stop_token_ids: list[int] | None = Field(default=None, max_length=64)
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, max_length=64)
     include_stop_str_in_output: bool = False
 
     @field_validator("logit_bias")
@@ -111,11 +131,11 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: PositiveTokens | None = None
     max_completion_tokens: PositiveTokens | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
+    logprobs: bool | None = _only(False, None)
+    top_logprobs: int | None = _only(0, None)
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = Field(default=None, json_schema_extra={"maxItems": 0})
+    tool_choice: str | dict[str, Any] | None = _only("none", None)
     parallel_tool_calls: bool | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
@@ -140,11 +160,11 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | _ONE_TEXT | _TOKEN_ID_LIST | _ONE_TOKEN_ID_LIST
     max_tokens: PositiveTokens | None = 16
-    echo: bool = False
-    logprobs: int | None = None
-    suffix: str | None = None
+    echo: bool = Field(default=False, json_schema_extra={"enum": [False]})
+    logprobs: int | None = _only(0, None)
+    suffix: str | None = _only("", None)
     best_of: int | None = None
 
     @field_validator("echo", "logprobs", "suffix")

@@ -67,13 +67,17 @@ class Gateway:
 
     async def chat(self, request: Request, body: ChatCompletionRequest, tenant: Tenant) -> Any:
         entry = await self.resolve(body.model)
-        prompt = (await self.tokenizers.get(entry.tokenizer)).chat(body.messages)
+        tokens = await self.tokenizers.get(entry.tokenizer)
+        prompt = tokens.chat(body.messages)
+        tokens.check_ids(body.stop_token_ids or (), "stop_token_ids")
         job = self._job(request, tenant, entry, body, prompt, body.output_limit(), param="messages")
         return await self._respond(request, job, "chat", body, tenant)
 
     async def completion(self, request: Request, body: CompletionRequest, tenant: Tenant) -> Any:
         entry = await self.resolve(body.model)
-        prompt = (await self.tokenizers.get(entry.tokenizer)).text(body.single_prompt())
+        tokens = await self.tokenizers.get(entry.tokenizer)
+        prompt = tokens.text(body.single_prompt())
+        tokens.check_ids(body.stop_token_ids or (), "stop_token_ids")
         job = self._job(request, tenant, entry, body, prompt, body.max_tokens, param="prompt")
         return await self._respond(request, job, "text", body, tenant)
 
@@ -141,6 +145,8 @@ class Gateway:
 
 def fit_context(prompt_len: int, max_tokens: int | None, max_model_len: int, param: str) -> int:
     """The output budget: the requested one if prompt + output fit the context, else a 400."""
+    if prompt_len == 0:  # e.g. "" with a tokenizer that adds no BOS; the engine would refuse it
+        raise InvalidRequest("the prompt is empty: it encodes to no tokens", param=param)
     room = max_model_len - prompt_len
     if max_tokens is None:
         if room < 1:

@@ -43,12 +43,16 @@ class PromptBuilder:
     def text(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             return self._tok.encode(prompt, add_special_tokens=True)
-        bad = next((t for t in prompt if not 0 <= t < self._vocab), None)
+        self.check_ids(prompt, "prompt")
+        return list(prompt)
+
+    def check_ids(self, ids: Sequence[int], param: str) -> None:
+        """Refuse token ids the model does not have, before the engine does so after enqueueing."""
+        bad = next((t for t in ids if not 0 <= t < self._vocab), None)
         if bad is not None:
             raise InvalidRequest(
-                f"token id {bad} is outside the vocabulary (0..{self._vocab - 1})", param="prompt"
+                f"token id {bad} is outside the vocabulary (0..{self._vocab - 1})", param=param
             )
-        return list(prompt)
 
 
 class TokenizerCache:

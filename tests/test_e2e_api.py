@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import time
+from collections.abc import Iterator
 
 import httpx
 import openai
@@ -10,6 +13,7 @@ import pytest
 from openai import AsyncOpenAI, OpenAI
 from redis.asyncio import Redis
 
+from shared.settings import GatewaySettings
 from tests.conftest import MAX_MODEL_LEN, System
 
 pytestmark = pytest.mark.e2e
@@ -150,6 +154,8 @@ async def test_fifty_concurrent_streams_all_complete_exactly(aclient: AsyncOpenA
 
 async def entries_added(redis: Redis, system: System) -> int:
     stream = system.names.jobs_stream(system.model, "main")
+    if not await redis.exists(stream):  # no job of this tenant yet in this session
+        return 0
     info = await redis.xinfo_stream(stream)
     return (
         int(info["entries-added"])
@@ -168,6 +174,7 @@ async def entries_added(redis: Redis, system: System) -> int:
         ({"extra_body": {"frobnicate": True}}, "frobnicate"),
         ({"extra_body": {"min_tokens": 50}, "max_tokens": 5}, "min_tokens"),
         ({"max_tokens": MAX_MODEL_LEN}, "messages"),
+        ({"extra_body": {"stop_token_ids": [10**6]}}, "stop_token_ids"),
     ],
 )
 async def test_bad_input_is_a_400_and_enqueues_nothing(
@@ -179,6 +186,16 @@ async def test_bad_input_is_a_400_and_enqueues_nothing(
     assert info.value.status_code == 400
     body = info.value.body
     assert isinstance(body, dict) and body["param"] == param and body["type"] == "invalid_request_error"
+    assert await entries_added(redis, system) == before
+
+
+async def test_empty_prompt_is_a_400_and_enqueues_nothing(
+    aclient: AsyncOpenAI, system: System, redis: Redis
+) -> None:
+    before = await entries_added(redis, system)
+    with pytest.raises(openai.BadRequestError) as info:
+        await aclient.completions.create(model=system.model, prompt="", max_tokens=2)
+    assert info.value.param == "prompt"
     assert await entries_added(redis, system) == before
 
 
@@ -210,6 +227,50 @@ def test_raw_http_errors_are_openai_shaped(system: System) -> None:
         assert resp.status_code == status, resp.text
         assert set(resp.json()["error"]) == {"message", "type", "param", "code"}
         assert resp.headers["x-request-id"]
+
+
+async def test_chunked_oversized_body_is_refused_without_reading_it_all(system: System, redis: Redis) -> None:
+    # No Content-Length: only counting the bytes as they arrive can enforce the cap. The body is a
+    # small valid request padded with whitespace (still valid JSON), so a gateway that read it all
+    # and skipped the cap would enqueue a job.
+    cap = GatewaySettings.model_fields["max_body_bytes"].default
+    total, piece = 64 * 1024 * 1024, b" " * (64 * 1024)
+    request = json.dumps({"model": system.model, "messages": USER, "max_tokens": 1}).encode()
+    produced = 0
+
+    def body() -> Iterator[bytes]:
+        nonlocal produced
+        produced += len(request)
+        yield request
+        while produced < total:
+            produced += len(piece)
+            yield piece
+
+    def upload() -> httpx.Response:
+        # The sync client: when the gateway closes mid-upload, it still reads the 413 that arrived
+        # first, where the async transport drops it and reports a read error.
+        return httpx.post(
+            f"{system.base_url}/v1/chat/completions",
+            content=body(),
+            headers={"content-type": "application/json", **system.headers},
+            timeout=30,
+        )
+
+    before = await entries_added(redis, system)
+    started = time.monotonic()
+    resp = await asyncio.to_thread(upload)
+    elapsed = time.monotonic() - started
+    assert "content-length" not in resp.request.headers
+    assert resp.request.headers["transfer-encoding"] == "chunked"
+    assert resp.status_code == 413, resp.text
+    error = resp.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["code"] == "request_too_large"
+    assert resp.headers["x-request-id"]
+    # Refused once past the cap: what was produced beyond it is at most what socket buffers held.
+    assert cap < produced < total // 4, produced
+    assert elapsed < 10
+    assert await entries_added(redis, system) == before
 
 
 def test_out_of_vocabulary_token_ids_are_rejected(client: OpenAI, system: System) -> None:

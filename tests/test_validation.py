@@ -34,6 +34,7 @@ def test_unknown_field_is_named() -> None:
         ({"model": "m", "messages": MSG, "stop": [""]}, "stop"),
         ({"model": "m", "messages": MSG, "logit_bias": {"1": 2}}, "logit_bias"),
         ({"model": "m", "messages": MSG, "tools": [{"type": "function"}]}, "tools"),
+        ({"model": "m", "messages": MSG, "stop_token_ids": [2, -1]}, "stop_token_ids.1"),
         ({"model": "m", "messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
     ],
 )
@@ -69,6 +70,9 @@ def test_context_budget() -> None:
     assert info.value.param == "messages"
     with pytest.raises(InvalidRequest):
         fit_context(100, None, 100, "prompt")
+    with pytest.raises(InvalidRequest) as info:
+        fit_context(0, 5, 100, "prompt")
+    assert info.value.param == "prompt"
 
 
 def test_sampling_defaults_and_stop_forms() -> None:

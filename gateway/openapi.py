@@ -1,0 +1,187 @@
+"""The OpenAPI document the gateway serves: the shape of every answer, errors included.
+
+Handlers return plain dicts, ``JSONResponse`` or an event stream, so FastAPI cannot infer what they
+send; the shapes are declared here. FastAPI's automatic 422 is dropped, since validation errors are
+answered with 400 in OpenAI's envelope; the ``/v1`` routes are marked as needing a bearer key, and
+the limit on ``n`` is the deployment's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import FastAPI
+from pydantic import BaseModel
+
+from shared.messages import FinishReason
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error envelope, the body of every error the gateway answers."""
+
+    error: ErrorDetail
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+    refusal: None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None
+    finish_reason: FinishReason | None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: None
+
+
+class TextChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None
+    finish_reason: FinishReason | None
+
+
+class TextCompletion(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[TextChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "unready"]
+    models: list[str] | None = None
+    reason: str | None = None
+
+
+_RETRY_AFTER = {
+    "description": "Seconds to wait before retrying.",
+    "required": True,
+    "schema": {"type": "string"},
+}
+
+
+def _error(description: str, retry_after: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {"model": ErrorResponse, "description": description}
+    if retry_after:
+        out["headers"] = {"retry-after": _RETRY_AFTER}
+    return out
+
+
+_REQUEST_ID = {
+    "description": "The request's id, also in the gateway's logs.",
+    "required": True,
+    "schema": {"type": "string"},
+}
+_STREAM_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "type": "string",
+            "description": "A JSON chunk of the response (or an error envelope); the last event is [DONE].",
+        }
+    },
+}
+
+MODEL_NOT_FOUND = _error("No such model.")
+AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: _error("Missing or unknown API key."),
+    503: _error("Redis, which holds keys and queues, is unreachable.", retry_after=True),
+}
+COMPLETION_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: _error("Invalid request, e.g. a parameter out of range or a prompt too long for the model."),
+    401: AUTH_ERRORS[401],
+    404: MODEL_NOT_FOUND,
+    413: _error("Request body over the gateway's size limit."),
+    429: _error("Over the tenant's rate, concurrency or backlog limit.", retry_after=True),
+    502: _error("The worker failed the request."),
+    503: _error(
+        "No live worker serves the model, the system is at capacity, or Redis is unreachable.",
+        retry_after=True,
+    ),
+    504: _error("The request timed out in the queue or while generating."),
+}
+
+
+def completion_responses(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    streamed = {"text/event-stream": {"schema": _STREAM_EVENT}}
+    ok = {
+        "model": model,
+        "description": "The whole response, or with `stream` its chunks.",
+        "content": streamed,
+    }
+    return {200: ok, **COMPLETION_ERRORS}
+
+
+def install(app: FastAPI, auth: bool, max_n: int) -> None:
+    """Serve the adjusted document as ``/openapi.json``; ``max_n`` is this deployment's limit on n."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            _adjust(generate(), auth, max_n)  # FastAPI caches the document it returns
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _adjust(schema: dict[str, Any], auth: bool, max_n: int) -> None:
+    for path, operations in schema["paths"].items():
+        for operation in operations.values():
+            operation["responses"].pop("422", None)
+            if auth and path.startswith("/v1/"):
+                operation["security"] = [{"bearer": []}]
+            for response in operation["responses"].values():
+                response["headers"] = {**response.get("headers", {}), "x-request-id": _REQUEST_ID}
+    components = schema.setdefault("components", {})
+    models = components.setdefault("schemas", {})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        models.pop(unused, None)
+    for request in ("ChatCompletionRequest", "CompletionRequest"):
+        models[request]["properties"]["n"]["maximum"] = max_n
+    if auth:
+        components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
