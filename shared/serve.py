@@ -8,7 +8,7 @@ import errno
 import os
 import socket
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from shared.settings import GatewaySettings, RedisSettings, WorkerSettings
 
@@ -95,17 +95,7 @@ def run_worker(settings: WorkerSettings) -> None:
 
     check_redis(settings)
     try:
-        # uvloop (as vLLM's own server and our gateway use): the worker's loop wakes every running
-        # job at every engine step, where the stock loop's per-callback cost shows.
-        with asyncio.Runner(loop_factory=_uvloop_factory()) as runner:
-            runner.run(serve(settings))
+        asyncio.run(serve(settings))
     except WorkerStartError as exc:
         raise StartupError(str(exc)) from exc
 
-
-def _uvloop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    try:
-        import uvloop
-    except ImportError:  # not on every platform: the stock loop works, a little slower
-        return None
-    return uvloop.new_event_loop
