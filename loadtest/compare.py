@@ -1,15 +1,14 @@
 """Switchyard vs vLLM's own OpenAI server: same model, same engine settings, one run, one machine.
 
-Start each target as a subprocess in its own process group and poll ``GET /v1/models`` until it
-lists the model; then, at each concurrency level, run ``bench.py`` (as a subprocess, so the
-client's CPU figure is its own) ``--repeat`` times against each target, interleaved (A B, B A, ...)
-and never two at once — the machine has 2 cores, and its speed drifts over minutes, which
-interleaving spreads over both targets alike. At the end stop every process group (SIGINT, then
-SIGTERM, then SIGKILL) and whatever it left running (``proctree.py``). Around each bench run the
-CPU time of the server's process tree, of the client and of everything else on the host is read
-from ``/proc``, so a run disturbed by other work shows it. Finally print the figures side by side
-(medians over the repeats) with Switchyard / vLLM ratios and write ``summary.json`` and
-``summary.md`` (plus each server's log and each raw bench report) to ``--out``.
+For each target in turn — never both at once, the machine has 2 cores — start the server as a
+subprocess in its own process group, poll ``GET /v1/models`` until it lists the model, run
+``bench.py`` against it (as a subprocess, so the client's CPU figure is its own) ``--repeat`` times
+at each concurrency level, then stop the whole process group (SIGINT, then SIGTERM, then SIGKILL)
+and whatever it left running (``proctree.py``). Around each bench run the CPU time of the server's
+process tree, of the client and of everything else on the host is read from ``/proc``, so a run
+disturbed by other work shows it. Finally print the figures side by side (medians over the repeats)
+with Switchyard / vLLM ratios and write ``summary.json`` and ``summary.md`` (plus each server's
+log and each raw bench report) to ``--out``.
 
     python loadtest/compare.py                     # both targets, demo model, 64 streams
     python loadtest/compare.py --only vllm --concurrency 1,64
@@ -206,46 +205,30 @@ def run_bench(
     return report | window | {"exit_code": code}
 
 
-def run_targets(
-    targets: list[Target], args: argparse.Namespace, levels: list[int], out: Path
-) -> dict[str, TargetOutcome]:
-    """Start every target, then bench them in turn, interleaved: round i runs each target once, in
-    alternating order (A B, B A, ...). The host's speed drifts over minutes (other tenants, CPU
-    frequency), so runs of one target done in one block and the other's in the next would compare
-    the drift as much as the servers; an idle server costs ~1% of a core. Always stops what it started.
-    """
-    outcomes = {t.name: TargetOutcome(t.name, shlex.join(t.argv)) for t in targets}
-    procs: dict[str, subprocess.Popen[bytes]] = {}
+def run_target(target: Target, args: argparse.Namespace, levels: list[int], out: Path) -> TargetOutcome:
+    """Start, wait, bench every concurrency level, stop — always stopping what was started."""
+    outcome = TargetOutcome(target.name, shlex.join(target.argv))
+    log = out / f"{target.name}.log"
+    print(f"\n=== {target.name}: {outcome.command}", flush=True)
     try:
-        for target in targets:
-            outcome, log = outcomes[target.name], out / f"{target.name}.log"
-            print(f"\n=== {target.name}: {outcome.command}", flush=True)
-            try:
-                procs[target.name] = proc = start_server(target, log)
-                outcome.ready_s = wait_ready(
-                    proc, target, args.model_name, args.api_key, args.ready_timeout, log
-                )
-            except (OSError, ServerError) as exc:
-                outcome.failure = f"cannot start: {exc}"
-                print(f"FAILED: {outcome.failure}", file=sys.stderr, flush=True)
-                return outcomes
-            print(f"{target.name} ready after {outcome.ready_s:.1f} s", flush=True)
+        proc = start_server(target, log)
+    except OSError as exc:
+        outcome.failure = f"cannot start: {exc}"
+        return outcome
+    try:
+        outcome.ready_s = wait_ready(proc, target, args.model_name, args.api_key, args.ready_timeout, log)
+        print(f"{target.name} ready after {outcome.ready_s:.1f} s", flush=True)
         for level in levels:
-            runs: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
-            for i in range(1, args.repeat + 1):
-                for target in targets if i % 2 else targets[::-1]:
-                    path = out / f"bench-{target.name}-c{level}-run{i}.json"
-                    runs[target.name].append(run_bench(target, args, level, path, procs[target.name].pid))
-            for name, reports in runs.items():
-                outcomes[name].reports[str(level)] = comparison.combine_runs(reports)
+            paths = [out / f"bench-{target.name}-c{level}-run{i}.json" for i in range(1, args.repeat + 1)]
+            outcome.reports[str(level)] = comparison.combine_runs(
+                [run_bench(target, args, level, p, proc.pid) for p in paths]
+            )
     except ServerError as exc:
-        for outcome in outcomes.values():
-            outcome.failure = outcome.failure or str(exc)
+        outcome.failure = str(exc)
         print(f"FAILED: {exc}", file=sys.stderr, flush=True)
     finally:
-        for name, proc in procs.items():
-            print(f"{name} stopped by {proctree.stop_tree(proc)}", flush=True)
-    return outcomes
+        print(f"{target.name} stopped by {proctree.stop_tree(proc)}", flush=True)
+    return outcome
 
 
 def summary_markdown(meta: dict[str, Any], outcomes: dict[str, TargetOutcome], levels: list[str]) -> str:
@@ -365,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench": bench | {"model_dir": str(model_dir)},
     }
     chosen = [name for name in comparison.TARGETS if args.only in (None, name)]
-    outcomes = run_targets([targets[name] for name in chosen], args, args.concurrency, args.out)
+    outcomes = {name: run_target(targets[name], args, args.concurrency, args.out) for name in chosen}
     write_summary(args.out, meta, outcomes, [str(level) for level in args.concurrency])
     failed = any(o.failure or any(r.get("exit_code") for r in o.reports.values()) for o in outcomes.values())
     return 1 if failed else 0
