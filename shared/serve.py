@@ -98,4 +98,3 @@ def run_worker(settings: WorkerSettings) -> None:
         asyncio.run(serve(settings))
     except WorkerStartError as exc:
         raise StartupError(str(exc)) from exc
-
