@@ -8,7 +8,7 @@ from redis.commands.core import AsyncScript
 # Reset the idle time of the entries a consumer still owns, and only those: a plain XCLAIM would
 # silently take back an entry that another worker has already reclaimed. Returns the ids that the
 # consumer no longer owns (the caller's job was taken over and must stop).
-_REFRESH_CLAIMS = """
+REFRESH_CLAIMS = """
 local lost = {}
 for i, id in ipairs(ARGV) do
   if i > 1 then
@@ -92,11 +92,5 @@ return 0
 
 class Scripts:
     def __init__(self, redis: Redis) -> None:
-        self._refresh: AsyncScript = redis.register_script(_REFRESH_CLAIMS)
         self.admit: AsyncScript = redis.register_script(_ADMIT)
         self.release: AsyncScript = redis.register_script(_RELEASE)
-
-    async def refresh_claims(self, stream: str, group: str, consumer: str, ids: list[str]) -> list[str]:
-        """Keep ``consumer``'s claims on ``ids`` fresh; returns the ids it no longer owns."""
-        lost = await self._refresh(keys=[stream, group], args=[consumer, *ids])
-        return [x.decode() if isinstance(x, bytes) else str(x) for x in lost]

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import pytest
 import pytest_asyncio
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from shared.messages import Job, Sampling, Started, Tokens, decode_reply, encode
 from shared.names import GROUP, JOB_FIELD, Names
@@ -168,3 +169,14 @@ async def test_a_worker_that_lost_its_claim_cannot_requeue_the_job(redis: Redis,
     await runner_b.hand_back(held.claim_b)
     entries = await redis.xrange(held.claim_a.stream)
     assert len(entries) == 1 and entries[0][0].decode() != held.claim_a.entry_id
+
+
+async def test_a_stopped_outbox_refuses_at_once_instead_of_leaving_the_sender_waiting(redis: Redis) -> None:
+    outbox = Outbox(redis)
+    runner = asyncio.create_task(outbox.run())
+    assert await outbox.send(("PING",)) == [True]
+    runner.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await runner
+    with pytest.raises(RedisError):
+        await asyncio.wait_for(outbox.send(("PING",)), 2)

@@ -10,21 +10,23 @@ import asyncio
 import contextlib
 import io
 import logging
+import threading
 import time
 from collections.abc import Iterable
 
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from shared.messages import Failure, WireError, decode_job, encode
 from shared.names import GROUP, HANDED_BACK_FIELD, JOB_FIELD, Names
-from shared.scripts import Scripts
+from shared.scripts import REFRESH_CLAIMS
 from shared.settings import WorkerSettings
 from shared.tenants import PRIORITY_WEIGHT
 from worker.engine import Engine
 from worker.metrics import WorkerMetrics
 from worker.outbox import Outbox
-from worker.runner import Claim, JobRunner, StopReason
+from worker.runner import Claim, ClaimLost, JobRunner, StopReason
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,6 @@ class Consumer:
         self._worker_id = worker_id
         self._model = engine.model_name
         self.metrics = metrics or WorkerMetrics(self._model)
-        self._scripts = Scripts(redis)
         self.inflight: dict[str, tuple[asyncio.Task[None], Claim]] = {}
         self._stopped: dict[str, StopReason] = {}
         self._room = asyncio.Event()
@@ -157,6 +158,13 @@ class Consumer:
             return
         handed_back = bool((fields or {}).get(HANDED_BACK_FIELD.encode()))
         claim = Claim(stream=stream, entry_id=entry_id, job=job, attempt=attempt, handed_back=handed_back)
+        if self._stopping.is_set():
+            # Read or reclaimed while stopping (e.g. a job this worker just handed back): starting it
+            # now would only hand it back again, or outlive the engine.
+            log.info("returning job %s, not started, to the queue", job.id)
+            with contextlib.suppress(ClaimLost):  # taken over meanwhile: the new owner has it
+                await self.runner.hand_back(claim, started=False)
+            return
         if attempt > self._settings.max_deliveries:
             await self._dead_letter(stream, entry_id, raw, reason=f"delivered {attempt - 1} times")
             failure = Failure(
@@ -193,37 +201,22 @@ class Consumer:
     # -- claims ----------------------------------------------------------------------------------
 
     async def claims_loop(self) -> None:
-        """Keep this worker's claims fresh and take over jobs whose worker went silent."""
+        """Keep this worker's claims fresh (from a thread of its own, see :class:`ClaimKeeper`) and
+        take over jobs whose worker went silent. Runs until cancelled, after draining: the claims
+        of jobs finishing during the drain must stay fresh too."""
         period = min(self._settings.heartbeat_interval, self._settings.reclaim_idle / 3)
-        refreshed = time.monotonic()
-        while not self._stopping.is_set():
-            late = time.monotonic() - refreshed
-            if late > self._settings.reclaim_idle / 2:
-                # Other workers take over claims idle for reclaim_idle s: a worker this slow to
-                # refresh is about to lose its jobs (they stay correct, but are redone elsewhere).
-                log.warning(
-                    "claims refreshed after %.1fs (reclaim idle %.0fs): the worker is starved of CPU",
-                    late,
-                    self._settings.reclaim_idle,
-                )
-            try:
-                await self.refresh_claims()
-                refreshed = time.monotonic()
+        keeper = ClaimKeeper(self, period)
+        keeper.start()
+        try:
+            while True:
                 if not self._stopping.is_set():
-                    await self.reclaim()
-            except (RedisError, OSError) as exc:
-                log.warning("claim upkeep failed: %s", exc)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), period)
-
-    async def refresh_claims(self) -> None:
-        by_stream: dict[str, list[str]] = {}
-        for _, claim in list(self.inflight.values()):
-            by_stream.setdefault(claim.stream, []).append(claim.entry_id)
-        for stream, ids in by_stream.items():
-            lost = await self._scripts.refresh_claims(stream, GROUP, self._worker_id, ids)
-            for entry_id in lost:
-                self._drop_lost(stream, entry_id)
+                    try:
+                        await self.reclaim()
+                    except (RedisError, OSError) as exc:
+                        log.warning("taking over abandoned jobs failed: %s", exc)
+                await asyncio.sleep(period)
+        finally:
+            keeper.stop()
 
     def _drop_lost(self, stream: str, entry_id: str) -> None:
         """Another worker owns this job now; running it here too would duplicate its output."""
@@ -277,18 +270,67 @@ class Consumer:
     async def drain(self, timeout: float) -> None:
         """Let running jobs finish for up to ``timeout`` s, then stop the rest: single-choice jobs are
         handed back (another worker resumes them), others end with an error to their client."""
-        tasks = [t for t, _ in self.inflight.values()]
-        if tasks:
-            log.info("waiting up to %.0fs for %d running jobs", timeout, len(tasks))
-            _, late = await asyncio.wait(tasks, timeout=timeout)
-            for task in late:
-                task.cancel()
-            if late:
-                _, stuck = await asyncio.wait(late, timeout=STOP_GRACE)
-                for task in stuck:  # never hang the exit: their entries stay pending and are reclaimed
-                    trace = io.StringIO()
-                    task.print_stack(file=trace)
-                    log.error("job task did not stop within %.0fs:\n%s", STOP_GRACE, trace.getvalue())
+        if self.inflight:
+            log.info("waiting up to %.0fs for %d running jobs", timeout, len(self.inflight))
+        deadline = time.monotonic() + timeout
+        while self.inflight and (left := deadline - time.monotonic()) > 0:
+            await asyncio.wait([t for t, _ in self.inflight.values()], timeout=left)
+        late = [t for t, _ in self.inflight.values()]
+        for task in late:
+            task.cancel()
+        if late:
+            _, stuck = await asyncio.wait(late, timeout=STOP_GRACE)
+            for task in stuck:  # never hang the exit: their entries stay pending and are reclaimed
+                trace = io.StringIO()
+                task.print_stack(file=trace)
+                log.error("job task did not stop within %.0fs:\n%s", STOP_GRACE, trace.getvalue())
+
+
+class ClaimKeeper(threading.Thread):
+    """Refreshes a worker's claims from a thread with its own Redis connection.
+
+    A claim left idle for ``reclaim_idle`` is taken over by another worker, so refreshing it must not
+    wait for the event loop: with many streams on a host short of CPU one turn of the loop can take
+    seconds, and a live worker would lose its jobs (they would stay correct, the writes being
+    fenced, but be redone elsewhere). The thread needs the GIL only for a moment each period.
+    """
+
+    def __init__(self, consumer: Consumer, period: float) -> None:
+        super().__init__(name="claim-keeper", daemon=True)
+        self._consumer = consumer
+        self._period = period
+        self._loop = asyncio.get_running_loop()
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        consumer = self._consumer
+        idle = consumer._settings.reclaim_idle
+        redis = SyncRedis.from_url(consumer._settings.redis_url, socket_timeout=max(1.0, idle / 3))
+        refresh = redis.register_script(REFRESH_CLAIMS)
+        refreshed = time.monotonic()
+        try:
+            while not self._stop.wait(self._period):
+                late = time.monotonic() - refreshed
+                if late > idle / 2:  # the whole process is starved: its jobs are about to move
+                    log.warning("claims refreshed after %.1fs (reclaim idle %.0fs): short of CPU", late, idle)
+                by_stream: dict[str, list[str]] = {}
+                for _, claim in list(consumer.inflight.values()):  # one C-level copy, under the GIL
+                    by_stream.setdefault(claim.stream, []).append(claim.entry_id)
+                try:
+                    for stream, ids in by_stream.items():
+                        lost = refresh(keys=[stream, GROUP], args=[consumer._worker_id, *ids])
+                        for entry_id in lost:
+                            self._loop.call_soon_threadsafe(consumer._drop_lost, stream, _text(entry_id))
+                    refreshed = time.monotonic()
+                except (RedisError, OSError) as exc:
+                    log.warning("refreshing claims failed: %s", exc)
+                except RuntimeError:  # the event loop closed: the worker is gone
+                    return
+        finally:
+            redis.close()
 
 
 class ReadPlan:

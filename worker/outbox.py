@@ -37,9 +37,12 @@ class Outbox:
         self._max_batch = max_batch
         self._queue: deque[_Batch] = deque()
         self._wake = asyncio.Event()
+        self._stopped = False
 
     async def send(self, *commands: Command) -> list[Any]:
         """Queue commands (e.g. ``("PUBLISH", channel, data)``) and wait for their replies."""
+        if self._stopped:  # nobody would ever send them: fail now rather than wait forever
+            raise RedisError("the worker's outbox stopped")
         batch = _Batch(commands)
         self._queue.append(batch)
         self._wake.set()
@@ -58,6 +61,7 @@ class Outbox:
                         size += len(batch.commands)
                     await self._flush(taken)
         finally:
+            self._stopped = True
             while self._queue:  # nobody will send these: their senders must not wait forever
                 batch = self._queue.popleft()
                 if not batch.done.done():

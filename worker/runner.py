@@ -351,9 +351,10 @@ class JobRunner:
         self._metrics.outcome("cancelled")
         await out.send([], ack=True)
 
-    async def hand_back(self, claim: Claim) -> None:
+    async def hand_back(self, claim: Claim, started: bool = True) -> None:
         """Re-queue a job this worker will not finish; its progress stays for the next worker."""
-        log.info("handing job %s back to the queue", claim.job.id)
+        if started:
+            log.info("handing job %s back to the queue", claim.job.id)
         self._metrics.outcome("handed_back")
         (owned,) = await self._outbox.send(
             (
