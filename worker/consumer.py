@@ -77,6 +77,7 @@ class Consumer:
             worker_id,
             settings.flush_interval,
             stop_reason=self.stop_reason,
+            stopping=self._stopping.is_set,
             metrics=self.metrics,
         )
 

@@ -211,9 +211,11 @@ class JobRunner:
         flush_interval: float,
         stop_reason: Callable[[str], StopReason | None],
         metrics: WorkerMetrics,
+        stopping: Callable[[], bool] = lambda: False,
     ) -> None:
         self._metrics = metrics
         self._stop_reason = stop_reason
+        self._stopping = stopping
         self._outbox = outbox
         self._names = names
         self._engine = engine
@@ -263,12 +265,19 @@ class JobRunner:
         except EngineRejected as exc:
             await self.fail(out, 400, "invalid_request", str(exc))
             return
-        except EngineAborted as exc:
-            await self.fail(out, 503, "engine_aborted", str(exc))
-            return
         except ClaimLost:
             raise
-        except Exception as exc:  # the client must hear of any failure: log it and report it
+        except Exception as exc:
+            if self._stopping() and job.sampling.n == 1:
+                # The engine went down with the worker (a signal to the whole process group, as
+                # systemd or a terminal's Ctrl-C send): another worker can still finish the job.
+                log.warning("job %s: engine stopped during shutdown (%s)", job.id, type(exc).__name__)
+                await self.hand_back(claim)
+                return
+            if isinstance(exc, EngineAborted):
+                await self.fail(out, 503, "engine_aborted", str(exc))
+                return
+            # the client must hear of any failure: log it and report it
             log.exception("job %s failed", job.id)
             await self.fail(out, 500, "engine_error", f"generation failed: {type(exc).__name__}")
             return
