@@ -7,18 +7,15 @@ valid YAML, so no YAML writer is needed), with the alert rules shipped in ``moni
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import subprocess
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.serve import StartupError, check_port_free
+from shared.serve import StartupError, answers_ok, check_port_free
 
 DEFAULT_PORT = 9090
 ALERT_RULES = Path(__file__).resolve().parent.parent / "monitoring" / "alerts.yml"
@@ -99,12 +96,8 @@ class Prometheus:
             if self.process.poll() is not None:
                 self.stop()
                 raise StartupError(f"prometheus exited with status {self.process.returncode}")
-            with (
-                contextlib.suppress(urllib.error.URLError, OSError),
-                urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as resp,
-            ):
-                if resp.status == 200:
-                    return
+            if answers_ok(f"{self.url}/-/ready", timeout=1):
+                return
             time.sleep(0.2)
         self.stop()
         raise StartupError(f"prometheus did not become ready on {self.url} in {READY_TIMEOUT:.0f}s")

@@ -8,6 +8,8 @@ import errno
 import os
 import socket
 import tempfile
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 
 from shared.settings import GatewaySettings, RedisSettings, WorkerSettings
@@ -28,6 +30,16 @@ def check_redis(settings: RedisSettings, timeout: float = 3.0) -> None:
         raise StartupError(f"cannot reach Redis at {settings.redis_url}: {exc}") from exc
     finally:
         client.close()
+
+
+def answers_ok(url: str, timeout: float) -> bool:
+    """Whether ``url`` answers 200 now; not listening yet, or any other status, is False."""
+    with (
+        contextlib.suppress(urllib.error.URLError, OSError),
+        urllib.request.urlopen(url, timeout=timeout) as resp,
+    ):
+        return bool(resp.status == 200)
+    return False
 
 
 def check_port_free(host: str, port: int) -> None:

@@ -13,13 +13,11 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from types import FrameType
 
 from shared.monitoring import Monitoring
 from shared.redis_server import EmbeddedRedis, RedisUnavailable
-from shared.serve import StartupError, check_port_free, check_redis
+from shared.serve import StartupError, answers_ok, check_port_free, check_redis
 from shared.settings import GatewaySettings, WorkerSettings
 
 READY_TIMEOUT = 600.0
@@ -170,12 +168,8 @@ class Supervisor:
             if self._stop_requested:
                 raise StartupError("interrupted before the system was ready")
             # Not listening yet, or 503 until a worker is live: both mean "keep waiting".
-            with (
-                contextlib.suppress(urllib.error.URLError, OSError),
-                urllib.request.urlopen(f"{self.base_url}/readyz", timeout=2) as resp,
-            ):
-                if resp.status == 200:
-                    return
+            if answers_ok(f"{self.base_url}/readyz", timeout=2):
+                return
             time.sleep(0.5)
         raise StartupError(f"the system was not ready after {READY_TIMEOUT:.0f}s")
 
