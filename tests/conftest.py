@@ -115,13 +115,13 @@ def system(
         stop(worker)
 
 
-async def create_tenant(redis_url: str, names: Names, tenant: Tenant) -> str:
-    """Register a tenant and return a new API key for it."""
+async def create_tenant(redis_url: str, names: Names, tenant: Tenant, key: str | None = None) -> str:
+    """Register a tenant and return its API key: ``key`` if given (e.g. restoring it), else a new one."""
     redis = Redis.from_url(redis_url)
     try:
         store = TenantStore(redis, names)
         await store.put_tenant(tenant)
-        return await store.add_key(tenant.name)
+        return await store.add_key(tenant.name, key)
     finally:
         await redis.aclose()
 

@@ -34,6 +34,18 @@ class Held:
     claim_b: Claim
     outbox: Outbox
 
+    def runner(self, worker: str) -> JobRunner:
+        """A runner for hand-backs, which never touch the engine."""
+        return JobRunner(
+            self.outbox,
+            self.names,
+            engine=None,  # type: ignore[arg-type]
+            worker_id=worker,
+            flush_interval=0.04,
+            stop_reason=lambda _: None,
+            metrics=WorkerMetrics("m"),
+        )
+
     def channel(self, claim: Claim, worker: str) -> ReplyChannel:
         return ReplyChannel(
             self.outbox, self.names, claim, worker, published=lambda: None, record_progress=True
@@ -143,29 +155,13 @@ async def test_a_worker_that_lost_its_claim_cannot_end_the_job(redis: Redis, hel
 
 
 async def test_a_worker_that_lost_its_claim_cannot_requeue_the_job(redis: Redis, held: Held) -> None:
-    runner_a = JobRunner(
-        held.outbox,
-        held.names,
-        engine=None,  # type: ignore[arg-type]  # hand_back never touches the engine
-        worker_id="a",
-        flush_interval=0.04,
-        stop_reason=lambda _: None,
-        metrics=WorkerMetrics("m"),
-    )
+    runner_a = held.runner("a")
     await take_over(redis, held)
     with pytest.raises(ClaimLost):
         await runner_a.hand_back(held.claim_a)
     assert await redis.xlen(held.claim_a.stream) == 1, "a second copy of the job would run twice"
 
-    runner_b = JobRunner(
-        held.outbox,
-        held.names,
-        engine=None,  # type: ignore[arg-type]
-        worker_id="b",
-        flush_interval=0.04,
-        stop_reason=lambda _: None,
-        metrics=WorkerMetrics("m"),
-    )
+    runner_b = held.runner("b")
     await runner_b.hand_back(held.claim_b)
     entries = await redis.xrange(held.claim_a.stream)
     assert len(entries) == 1 and entries[0][0].decode() != held.claim_a.entry_id

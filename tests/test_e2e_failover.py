@@ -101,15 +101,7 @@ async def pending(redis: Redis, system: System) -> dict[str, int]:
 async def test_streams_survive_a_killed_worker(
     system: System, aclient: AsyncOpenAI, redis: Redis, two_workers: Workers
 ) -> None:
-    begun = time.monotonic()
-    while MODEL not in [m.id for m in (await aclient.models.list()).data]:  # the gateway sees both workers
-        assert time.monotonic() - begun < 30, "the gateway never listed the model"
-        await asyncio.sleep(0.2)
-    # The tenant's stream exists before the burst.
-    await aclient.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=1
-    )
-    await asyncio.sleep(1.0)
+    await listed_and_warm(aclient)  # the tenant's stream exists before the burst
     arrivals: list[list[float]] = [[] for _ in range(STREAMS)]
     usage: list[int] = [0] * STREAMS
     finish: list[str | None] = [None] * STREAMS

@@ -22,8 +22,8 @@ from redis.asyncio import Redis
 
 from shared.names import GROUP, Names
 from shared.redis_server import EmbeddedRedis, free_port
-from shared.tenants import Tenant, TenantStore
-from tests.conftest import System, worker_env
+from shared.tenants import Tenant
+from tests.conftest import System, create_tenant, worker_env
 from tests.procs import ready, spawn, stop, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -40,22 +40,12 @@ class Stack:
     procs: tuple[subprocess.Popen[bytes], ...]
 
 
-async def register(url: str, names: Names, key: str | None = None) -> str:
-    redis = Redis.from_url(url)
-    try:
-        store = TenantStore(redis, names)
-        await store.put_tenant(Tenant(name="main"))
-        return await store.add_key("main", key)
-    finally:
-        await redis.aclose()
-
-
 @pytest.fixture
 def stack(system: System, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     logs = tmp_path_factory.mktemp("restart")
     server = EmbeddedRedis().start()
     names = Names("syrestart")
-    key = asyncio.run(register(server.url, names))
+    key = asyncio.run(create_tenant(server.url, names, Tenant(name="main")))
     port = free_port()
     env = {"REDIS_URL": server.url, "SWITCHYARD_KEY_PREFIX": names.prefix}
     worker = spawn(
@@ -135,7 +125,7 @@ async def test_redis_restart_errors_in_flight_requests_then_serves_again(
     assert time.monotonic() - began < 10
 
     stack.redis.start()  # same port, no data: streams, groups, workers and keys are gone
-    await register(stack.redis.url, stack.names, stack.key)
+    await create_tenant(stack.redis.url, stack.names, Tenant(name="main"), stack.key)
     restarted = time.monotonic()
     while True:
         try:
