@@ -99,9 +99,7 @@ class Consumer:
                 await self._read_once()
                 backoff = 0.1
             except (RedisError, OSError) as exc:
-                if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
-                    self._streams_at = float("-inf")  # Redis lost the group: recreate it now
-                    continue
+                self._recheck_groups(exc)
                 log.warning("reading jobs failed (%s); retrying in %.1fs", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -117,6 +115,16 @@ class Consumer:
             self._redis, self._worker_id, self._plan.plan(weights, free), list(weights)
         ):
             await self._take(stream, entry_id, fields, attempt=1)
+
+    def _recheck_groups(self, exc: BaseException) -> None:
+        """After a command error, ensure every stream's group again on the next read.
+
+        Almost always the error is NOGROUP (Redis restarted without its data). The text cannot tell:
+        redis-py 6 replaces a pipelined command's error message with a template, so any error reply
+        counts; creating a group that exists is a no-op (BUSYGROUP).
+        """
+        if isinstance(exc, ResponseError):
+            self._streams_at = float("-inf")
 
     async def _job_streams(self) -> list[str]:
         """Every job stream of this model, with the consumer group ensured on new ones."""
@@ -214,6 +222,7 @@ class Consumer:
                     try:
                         await self.reclaim()
                     except (RedisError, OSError) as exc:
+                        self._recheck_groups(exc)
                         log.warning("taking over abandoned jobs failed: %s", exc)
                 await asyncio.sleep(period)
         finally:
