@@ -235,7 +235,8 @@ async def test_sigterm_finishes_short_jobs_hands_back_long_ones_and_exits_0(
     await listed_and_warm(aclient)
     long_jobs = [asyncio.create_task(stream_tokens(aclient, f"long {i}", 960)) for i in range(64)]
     deadline = time.monotonic() + 60
-    while sum((holding := await pending(redis, system)).values()) < len(long_jobs) * 2 // 3:
+    # A quarter held is plenty: the first jobs may finish before the last are even enqueued.
+    while sum((holding := await pending(redis, system)).values()) < len(long_jobs) // 4:
         assert time.monotonic() < deadline, "the workers never took the jobs"
         await asyncio.sleep(0.05)
     victim = max(holding, key=holding.__getitem__)
