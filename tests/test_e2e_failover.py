@@ -180,48 +180,58 @@ async def stream_tokens(aclient: AsyncOpenAI, prompt: str, tokens: int) -> tuple
 async def test_a_long_generation_keeps_its_claim_fresh(
     system: System, aclient: AsyncOpenAI, redis: Redis
 ) -> None:
-    """Generations that outlast the reclaim idle time (3 s for the session's worker) never let their
+    """Jobs held longer than the reclaim idle time (3 s for the session's worker) never let their
     claim go idle that long, so no worker (this one included) ever takes them over: each is
-    delivered once, and stays with its consumer."""
-    stream = system.names.jobs_stream(system.model, "main")
-    count, tokens = 32, 960  # enough work that every generation lasts several seconds
+    delivered once, and stays with its consumer.
 
-    async def timed(i: int) -> tuple[float, int]:
-        begun = time.monotonic()
+    How long a generation lasts depends on the host, so the test watches how long each claim is
+    actually held and adds streams (32, 64, 128 of 960 tokens) until most were held past 3 s."""
+    stream = system.names.jobs_stream(system.model, "main")
+    reclaim_idle_ms, tokens = 3000, 960
+
+    async def generate(i: int) -> int:
         reply = await aclient.chat.completions.create(
             model=system.model,
             messages=[{"role": "user", "content": f"long {i}"}],
             max_tokens=tokens,
             extra_body={"ignore_eos": True},
         )
-        return time.monotonic() - begun, reply.usage.completion_tokens if reply.usage else 0
+        return reply.usage.completion_tokens if reply.usage else 0
 
-    seconds, micros = await redis.time()
-    since = seconds * 1000 + micros // 1000  # entries of earlier tests are not this test's
-    tasks = [asyncio.create_task(timed(i)) for i in range(count)]
-    owners: dict[str, str] = {}
-    most_idle = 0
-    while not all(t.done() for t in tasks):
-        try:
-            rows = await redis.xpending_range(stream, GROUP, min="-", max="+", count=100)
-        except ResponseError:  # the first job of this stream: the group is being created
-            rows = []
-        for row in rows:
-            entry, consumer = row["message_id"].decode(), row["consumer"].decode()
-            if int(entry.split("-")[0]) < since:
-                continue
-            assert row["times_delivered"] == 1, f"job entry {entry} was delivered again"
-            assert owners.setdefault(entry, consumer) == consumer, f"{entry} moved to {consumer}"
-            most_idle = max(most_idle, row["time_since_delivered"])
-        await asyncio.sleep(0.2)
-    results = [t.result() for t in tasks]
-    assert [used for _, used in results] == [tokens] * count
-    assert len(owners) == count
-    shortest = min(took for took, _ in results)
-    print(f"{count} generations of {tokens} tokens, shortest {shortest:.1f}s;", end=" ")
-    print(f"claims idle at most {most_idle} ms")
-    assert most_idle < 3000
-    assert shortest > 3, "every generation must outlast the reclaim idle time, or this shows nothing"
+    for count in (32, 64, 128):
+        seconds, micros = await redis.time()
+        since = seconds * 1000 + micros // 1000  # entries of earlier rounds and tests are not these
+        tasks = [asyncio.create_task(generate(i)) for i in range(count)]
+        owners: dict[str, str] = {}
+        claimed_at: dict[str, float] = {}  # test clock: when the entry was delivered
+        held: dict[str, float] = {}  # ms the entry was seen claimed, at least
+        most_idle = 0
+        while not all(t.done() for t in tasks):
+            try:
+                rows = await redis.xpending_range(stream, GROUP, min="-", max="+", count=200)
+            except ResponseError:  # the first job of this stream: the group is being created
+                rows = []
+            now = time.monotonic()
+            for row in rows:
+                entry, consumer = row["message_id"].decode(), row["consumer"].decode()
+                if int(entry.split("-")[0]) < since:
+                    continue
+                assert row["times_delivered"] == 1, f"job entry {entry} was delivered again"
+                assert owners.setdefault(entry, consumer) == consumer, f"{entry} moved to {consumer}"
+                idle = row["time_since_delivered"]
+                most_idle = max(most_idle, idle)
+                claimed_at.setdefault(entry, now - idle / 1000)
+                held[entry] = (now - claimed_at[entry]) * 1000
+            await asyncio.sleep(0.2)
+        assert [t.result() for t in tasks] == [tokens] * count
+        assert len(owners) == count
+        outlasting = sum(ms > reclaim_idle_ms for ms in held.values())
+        print(f"{count} generations of {tokens} tokens: {outlasting} claims held past", end=" ")
+        print(f"{reclaim_idle_ms} ms (longest {max(held.values()):.0f} ms), idle at most {most_idle} ms")
+        assert most_idle < reclaim_idle_ms
+        if outlasting >= count // 2:
+            return
+    pytest.fail("the generations never outlasted the reclaim idle time, so this shows nothing")
 
 
 async def test_sigterm_finishes_short_jobs_hands_back_long_ones_and_exits_0(
