@@ -60,11 +60,16 @@ class EngineSettings:
     max_model_len: int = 2048
     max_num_seqs: int = 256
     kv_cache_gib: int = 2
+    executor: str = "uni"
+    """Where vLLM runs the model on a CPU host: ``uni`` in the engine core process (what Switchyard's
+    workers do there), ``mp`` in a process of its own (vLLM's CPU default, whose shared-memory
+    queues spin on both cores of a small host)."""
 
     def vllm_args(self) -> list[str]:
         """The settings as flags of vLLM's OpenAI server."""
         args = ["--dtype", self.dtype, "--max-model-len", str(self.max_model_len)]
         args += ["--max-num-seqs", str(self.max_num_seqs)]
+        args += ["--distributed-executor-backend", "uni"] if self.executor == "uni" else []
         return args + (["--enforce-eager"] if self.enforce_eager else [])
 
     def switchyard_args(self) -> list[str]:
@@ -75,9 +80,12 @@ class EngineSettings:
         ]
 
     def env(self) -> dict[str, str]:
-        """Environment for both targets: vLLM's CPU KV-cache size, Switchyard workers' eager mode."""
+        """Environment for both targets: vLLM's CPU KV-cache size and executor (vLLM takes ``uni`` on
+        CPU only with multiprocessing off; Switchyard's workers read the same variable), Switchyard
+        workers' eager mode."""
         return {
             "VLLM_CPU_KVCACHE_SPACE": str(self.kv_cache_gib),
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0" if self.executor == "uni" else "1",
             "SWITCHYARD_ENFORCE_EAGER": str(self.enforce_eager).lower(),
         }
 
@@ -309,6 +317,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--switchyard-cmd", default=DEFAULT_SWITCHYARD_CMD,
                    help="placeholders: {port} {redis_port} {model_dir} {model_name} {api_key} {engine_args} "
                         "{vllm_engine_args} and each EngineSettings field, e.g. {max_model_len}")  # fmt: skip
+    p.add_argument("--executor", choices=["uni", "mp"], default="uni",
+                   help="vLLM's model executor on a CPU host, for both targets (default: uni, "
+                        "in the engine core process; mp: vLLM's CPU default)")  # fmt: skip
     p.add_argument("--concurrency", type=parse_levels, default=[64], help="e.g. 64 or 1,64")
     p.add_argument("--requests", type=int, default=256)
     p.add_argument("--prompt-tokens", type=int, default=64)
@@ -335,7 +346,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    engine = EngineSettings()
+    engine = EngineSettings(executor=args.executor)
     model_dir = resolve_model(args)
     args.out.mkdir(parents=True, exist_ok=True)
     targets = build_targets(args, engine, model_dir)
