@@ -215,7 +215,8 @@ def run_bench(
 
 def run_target(target: Target, args: argparse.Namespace, levels: list[int], out: Path) -> TargetOutcome:
     """Start, wait, bench every concurrency level, stop — always stopping what was started."""
-    outcome = TargetOutcome(target.name, shlex.join(target.argv))
+    shown = ["<api key>" if arg == args.api_key else arg for arg in target.argv]  # reports get shared
+    outcome = TargetOutcome(target.name, shlex.join(shown))
     log = out / f"{target.name}.log"
     print(f"\n=== {target.name}: {outcome.command}", flush=True)
     try:

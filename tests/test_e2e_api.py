@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Iterator
 
 import httpx
 import openai
+import psutil
 import pytest
 from openai import AsyncOpenAI, OpenAI
 from redis.asyncio import Redis
@@ -116,6 +118,19 @@ def test_text_completions_string_and_token_ids(client: OpenAI, system: System) -
 def test_default_completion_budget_is_openais_16(client: OpenAI, system: System) -> None:
     resp = client.completions.create(model=system.model, prompt="Hello", extra_body=EXACT)
     assert resp.usage is not None and resp.usage.completion_tokens == 16
+
+
+def test_the_cpu_engine_runs_the_model_in_its_engine_core(client: OpenAI, system: System) -> None:
+    """No separate model-runner process (vLLM's "VLLM::Worker"), whose spinning queues would starve
+    the gateway and Redis on a small host; the engine core serves, the model answers."""
+    reply = client.completions.create(model=system.model, prompt="harbour", max_tokens=3, extra_body=EXACT)
+    assert reply.usage is not None and reply.usage.completion_tokens == 3
+    names = []
+    for proc in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            names.append(proc.name())
+    assert any(name.startswith("VLLM::EngineCor") for name in names), names
+    assert not any(name.startswith("VLLM::Worker") for name in names), names
 
 
 def test_models_and_health(client: OpenAI, system: System) -> None:

@@ -1,9 +1,11 @@
 """Keep Switchyard's own processes off the CPU cores vLLM's CPU backend binds its compute to.
 
-On a CPU host vLLM pins the model runner's OpenMP threads to some cores (and keeps one core for
-its scheduler). A gateway, a worker's front end or Redis that the kernel places on a compute core
-competes with a dozen busy threads and is starved for hundreds of milliseconds at a time, which
-shows up directly as time to first token. GPU hosts pin nothing and are left alone.
+When vLLM runs a CPU host's model in a process of its own (``VLLM_ENABLE_V1_MULTIPROCESSING=1``;
+workers run it in the engine core process otherwise, see ``worker.engine.in_process_model_runner``)
+it pins that process's OpenMP threads to some cores and keeps one core for its scheduler. A gateway,
+a worker's front end or Redis that the kernel places on a compute core competes with a dozen busy
+threads and is starved for hundreds of milliseconds at a time, which shows up directly as time to
+first token. Hosts where nothing is pinned (GPU hosts, the in-process runner) are left alone.
 """
 
 from __future__ import annotations
