@@ -12,8 +12,12 @@ Method
 * Phase 2, the flood: A starts ``--flood-concurrency`` closed-loop streams (10x B's by default);
   ``--lead`` seconds later, once A's backlog has formed, B repeats phase 1 with new prompts of the
   same shape; A starts no more requests once B's phase is over.
-* Reported: B's TTFT p50/p95/p99 alone and under the flood with their ratio; A's TTFT; output
-  tokens/s of B, of A, and of both over B's window (requests that finished inside it).
+* Phase 3, the baseline (skipped with ``--no-shared-queue``): the same flood, and B's requests sent
+  with A's key, so they wait in A's stream behind A's backlog: what B would see if every tenant
+  shared one first-come first-served queue, measured in the same run.
+* Reported: B's TTFT p50/p95/p99 alone, under the flood, and in the shared queue, with their ratios
+  to alone; A's TTFT; output tokens/s of B, of A, and of both over B's window (requests that
+  finished inside it).
 
 Why the worker runs with a small ``--capacity`` (16 by default, below A's concurrency): a worker
 takes at most that many jobs at once (it is also vLLM's ``max_num_seqs``) and leaves the rest in
@@ -200,9 +204,13 @@ async def phase_alone(loads: Loads, duration: float) -> Phase:
     return Phase(results, wall, time.process_time() - cpu0)
 
 
-async def phase_flood(loads: Loads, duration: float, lead: float) -> tuple[Phase, Phase, float, float]:
-    """A floods; ``lead`` seconds later B runs as when alone. Returns B's and A's requests and when
-    B's measured window started and ended (``time.perf_counter()``)."""
+async def phase_flood(
+    loads: Loads, duration: float, lead: float, victim: tuple[httpx.AsyncClient, BenchConfig] | None = None
+) -> tuple[Phase, Phase, float, float]:
+    """A floods; ``lead`` seconds later B runs as when alone (with ``victim``'s client and config
+    instead of B's own, e.g. A's key). Returns B's and A's requests and when B's measured window
+    started and ended (``time.perf_counter()``)."""
+    client_b, cfg_b = victim or (loads.client_b, loads.b)
     over = asyncio.Event()
     cpu0 = time.process_time()
     flood = asyncio.create_task(
@@ -213,16 +221,15 @@ async def phase_flood(loads: Loads, duration: float, lead: float) -> tuple[Phase
     try:
         await asyncio.sleep(lead)  # A's backlog forms before B is measured
         start = time.perf_counter()
-        victim, victim_wall = await bench.run_closed_loop(
-            loads.client_b, loads.b, loads.words, None, loads.b.concurrency, "victim",
-            stop=until(start + duration),
-        )  # fmt: skip
+        measured, measured_wall = await bench.run_closed_loop(
+            client_b, cfg_b, loads.words, None, cfg_b.concurrency, "victim", stop=until(start + duration)
+        )
         end = time.perf_counter()
     finally:
         over.set()
         flooder, flooder_wall = await flood
     cpu = time.process_time() - cpu0
-    return Phase(victim, victim_wall, cpu), Phase(flooder, flooder_wall, cpu), start, end
+    return Phase(measured, measured_wall, cpu), Phase(flooder, flooder_wall, cpu), start, end
 
 
 async def run_phases(args: argparse.Namespace, setup: Setup) -> fairreport.FairnessReport:
@@ -256,6 +263,14 @@ async def run_phases(args: argparse.Namespace, setup: Setup) -> fairreport.Fairn
             t0 = time.perf_counter()
             async with watching(probe, samples_flood, t0):
                 victim, flooder, start, end = await phase_flood(loads, args.duration, args.lead)
+            shared = None
+            if not args.no_shared_queue:
+                print("phase 3: A floods again, B's requests go to A's queue (first come, first served)")
+                cfg_shared = replace(cfg_b, api_key=setup.key_a)
+                async with bench.make_client(cfg_shared) as client_shared:
+                    shared, _, _, _ = await phase_flood(
+                        loads, args.duration, args.lead, victim=(client_shared, cfg_shared)
+                    )
     finally:
         if probe is not None:
             await probe.redis.aclose()
@@ -266,6 +281,9 @@ async def run_phases(args: argparse.Namespace, setup: Setup) -> fairreport.Fairn
         alone=summarize(cfg_b, words, alone.results, alone.wall, alone.cpu, sum(not r.ok for r in warm)),
         victim=summarize(cfg_b, words, victim.results, victim.wall, victim.cpu, 0),
         flooder=summarize(cfg_a, words, flooder.results, flooder.wall, flooder.cpu, 0),
+        shared_queue=None
+        if shared is None
+        else summarize(cfg_b, words, shared.results, shared.wall, shared.cpu, 0),
         flood_tokens_per_s=fairreport.window_tokens_per_s([*flooder.results, *victim.results], start, end),
         queue_alone=fairreport.queue_summary(samples_alone, 0.0, alone.wall),
         queue_flood=fairreport.queue_summary(samples_flood, start - t0, end - t0),
@@ -352,6 +370,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--lead", type=float, default=5.0, help="seconds A floods before B's phase 2 (default: 5)")
     add("--prompt-tokens", type=int, default=64)
     add("--output-tokens", type=int, default=64)
+    add("--no-shared-queue", action="store_true",
+        help="skip phase 3, B's requests sent with A's key into A's queue: what B would see if "
+             "tenants shared one first-come first-served queue")  # fmt: skip
     add("--warmup", type=int, default=8, help="B's unmeasured requests before phase 1 (default: 8)")
     add("--seed", type=int, default=0)
     add("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="per-request read timeout (s)")
@@ -389,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(fairreport.to_json(rep))
         print(f"wrote {args.out}")
-    return 1 if rep.alone.errors + rep.victim.errors + rep.flooder.errors + rep.alone.warmup_errors else 0
+    runs = [rep.alone, rep.victim, rep.flooder, *([rep.shared_queue] if rep.shared_queue else [])]
+    return 1 if sum(r.errors for r in runs) + rep.alone.warmup_errors else 0
 
 
 if __name__ == "__main__":

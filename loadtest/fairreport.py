@@ -89,10 +89,20 @@ class FairnessReport:
     queue_alone: dict[str, float | None]
     queue_flood: dict[str, float | None]
     worker_capacity: int | None  # jobs the model's workers take at once, from their heartbeats
+    shared_queue: BenchReport | None = None
+    """B again under the flood, its requests sent with A's key into A's queue: one FCFS queue."""
 
     @property
     def ttft_p95_ratio(self) -> float | None:
         return ratio(self.victim.ttft_p95_ms, self.alone.ttft_p95_ms)
+
+    @property
+    def shared_ttft_p95_ratio(self) -> float | None:
+        return (
+            None
+            if self.shared_queue is None
+            else ratio(self.shared_queue.ttft_p95_ms, self.alone.ttft_p95_ms)
+        )
 
 
 def _pair(a: float | None, b: float | None, pattern: str = "{:.1f}") -> str:
@@ -100,14 +110,18 @@ def _pair(a: float | None, b: float | None, pattern: str = "{:.1f}") -> str:
 
 
 def table_rows(rep: FairnessReport) -> list[list[str]]:
-    """Header plus one row per figure: B alone, B under the flood, their ratio where it means something."""
-    alone, victim, flooder = rep.alone, rep.victim, rep.flooder
+    """Header plus one row per figure: B alone, B under the flood, their ratio where it means
+    something; with the shared-queue phase, B in A's queue and its ratio to alone as well."""
+    alone, victim, flooder, shared = rep.alone, rep.victim, rep.flooder, rep.shared_queue
     qa, qf = rep.queue_alone, rep.queue_flood
     rows = [["", "B alone", "B + A's flood", "flood / alone"]]
 
     def compared(label: str, key: str, pattern: str) -> None:
         x, y = getattr(alone, key), getattr(victim, key)
         rows.append([label, fmt(x, pattern), fmt(y, pattern), fmt(ratio(y, x), "{:.2f}")])
+        if shared is not None:
+            z = getattr(shared, key)
+            rows[-1] += [fmt(z, pattern), fmt(ratio(z, x), "{:.2f}")]
 
     compared("B TTFT p50 (ms)", "ttft_p50_ms", "{:.0f}")
     compared("B TTFT p95 (ms)", "ttft_p95_ms", "{:.0f}")
@@ -132,6 +146,12 @@ def table_rows(rep: FairnessReport) -> list[list[str]]:
         ["client CPU (% of wall)", fmt(alone.client_cpu_pct, "{:.0f}"), fmt(victim.client_cpu_pct, "{:.0f}"),
          "-"],
     ]  # fmt: skip
+    if shared is not None:
+        rows[0] += ["B in A's queue", "A's queue / alone"]
+        for row in rows:
+            if row[0] == "B requests ok / errors":
+                row += [f"{shared.requests_ok} / {shared.errors}"]
+            row += ["-"] * (len(rows[0]) - len(row))
     return rows
 
 
@@ -139,7 +159,14 @@ def headline(rep: FairnessReport) -> str:
     o = rep.options
     return (
         f"B's TTFT p95: {fmt(rep.alone.ttft_p95_ms, '{:.0f}')} ms alone, "
-        f"{fmt(rep.victim.ttft_p95_ms, '{:.0f}')} ms under A's flood (x{fmt(rep.ttft_p95_ratio, '{:.2f}')})\n"
+        f"{fmt(rep.victim.ttft_p95_ms, '{:.0f}')} ms under A's flood (x{fmt(rep.ttft_p95_ratio, '{:.2f}')})"
+        + (
+            ""
+            if rep.shared_queue is None
+            else f", {fmt(rep.shared_queue.ttft_p95_ms, '{:.0f}')} ms in A's queue "
+            f"(x{fmt(rep.shared_ttft_p95_ratio, '{:.2f}')})"
+        )
+        + "\n"
         f"A: {o['flood_concurrency']} streams ({o['flooder_priority']}), B: {o['concurrency']} streams "
         f"(interactive), worker capacity {fmt(rep.worker_capacity, '{:d}')}"
     )
@@ -163,9 +190,10 @@ def notes(rep: FairnessReport) -> list[str]:
             f"vLLM's own waiting queue held up to {engine_waiting:.0f} sequences: part of B's wait was "
             "first-come first-served inside the engine, where tenants are not told apart"
         )
-    errors = rep.alone.errors + rep.victim.errors + rep.flooder.errors
+    reports = [rep.alone, rep.victim, rep.flooder, *([rep.shared_queue] if rep.shared_queue else [])]
+    errors = sum(r.errors for r in reports)
     if errors:
-        samples = rep.alone.error_samples | rep.victim.error_samples | rep.flooder.error_samples
+        samples = {k: v for r in reports for k, v in r.error_samples.items()}
         out.append(f"{errors} requests failed, e.g. {next(iter(samples), '?')}")
     return out
 
@@ -177,5 +205,8 @@ def render_text(rep: FairnessReport) -> str:
 
 def to_json(rep: FairnessReport) -> str:
     """The whole run as strict JSON: options, the three bench reports (per request too), queues."""
-    doc = asdict(rep) | {"ttft_p95_ratio": rep.ttft_p95_ratio}
+    doc = asdict(rep) | {
+        "ttft_p95_ratio": rep.ttft_p95_ratio,
+        "shared_ttft_p95_ratio": rep.shared_ttft_p95_ratio,
+    }
     return json.dumps(json_ready(doc), indent=2) + "\n"

@@ -90,6 +90,22 @@ def test_table_compares_b_alone_with_b_under_the_flood() -> None:
     assert "WARNING" not in text
 
 
+def test_the_shared_queue_phase_adds_its_column_and_ratio() -> None:
+    rep = fairness()
+    rep.shared_queue = report([0.9] * 19 + [1.2], errors=1)
+    rows = {r[0]: r[1:] for r in fr.table_rows(rep)}
+    assert rows[""] == ["B alone", "B + A's flood", "flood / alone", "B in A's queue", "A's queue / alone"]
+    alone_p95, shared_p95 = rep.alone.ttft_p95_ms, rep.shared_queue.ttft_p95_ms
+    assert rows["B TTFT p95 (ms)"][3:] == [f"{shared_p95:.0f}", f"{shared_p95 / alone_p95:.2f}"]
+    assert rows["B requests ok / errors"] == ["20 / 0", "20 / 0", "-", "20 / 1", "-"]
+    assert rows["A TTFT p50 / p95 (ms)"] == ["-", "1000 / 1000", "-", "-", "-"]
+    assert rep.shared_ttft_p95_ratio == pytest.approx(shared_p95 / alone_p95)
+    text = fr.render_text(rep)
+    assert f", {shared_p95:.0f} ms in A's queue (x{shared_p95 / alone_p95:.2f})" in text.splitlines()[0]
+    assert any(n.startswith("1 requests failed") for n in fr.notes(rep))
+    assert json.loads(fr.to_json(rep))["shared_ttft_p95_ratio"] == pytest.approx(rep.shared_ttft_p95_ratio)
+
+
 def test_notes_say_when_there_was_no_queue_or_the_engine_queued() -> None:
     no_queue = fr.queue_summary([sample(1.0, (16, 16))], 0.0, 10.0)
     assert any("never had jobs waiting" in n for n in fr.notes(fairness(no_queue)))
