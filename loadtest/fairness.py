@@ -172,6 +172,43 @@ async def watching(
         await task
 
 
+QUEUE_METRIC = "switchyard:request_queue_time_seconds"
+TTFT_METRIC = "switchyard:time_to_first_token_seconds"
+
+
+async def gateway_totals(client: httpx.AsyncClient, base_url: str, tenant: str) -> dict[str, float] | None:
+    """Sums and counts of the gateway's queue-time and TTFT histograms for ``tenant`` (every model),
+    or None when the gateway exposes no metrics (e.g. not a Switchyard gateway)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = base_url.rstrip("/").removesuffix("/v1") + "/metrics"
+    try:
+        resp = await client.get(url)
+        resp.raise_for_status()
+    except httpx.HTTPError:
+        return None
+    totals = dict.fromkeys(("queue_sum", "queue_count", "ttft_sum", "ttft_count"), 0.0)
+    for family in text_string_to_metric_families(resp.text):
+        kind = {QUEUE_METRIC: "queue", TTFT_METRIC: "ttft"}.get(family.name)
+        for sample in family.samples if kind else ():
+            if sample.labels.get("tenant") == tenant and sample.name.endswith(("_sum", "_count")):
+                totals[f"{kind}_{sample.name.rsplit('_', 1)[1]}"] += sample.value
+    return totals
+
+
+def gateway_split(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, float | None]:
+    """Mean wait for a worker to start the job and mean TTFT, both as the gateway saw them (ms),
+    over the requests between two :func:`gateway_totals` readings."""
+    if before is None or after is None:
+        return {"queue_mean_ms": None, "ttft_mean_ms": None}
+
+    def mean_ms(kind: str) -> float | None:
+        count = after[f"{kind}_count"] - before[f"{kind}_count"]
+        return 1000 * (after[f"{kind}_sum"] - before[f"{kind}_sum"]) / count if count > 0 else None
+
+    return {"queue_mean_ms": mean_ms("queue"), "ttft_mean_ms": mean_ms("ttft")}
+
+
 def until(deadline: float) -> Callable[[], bool]:
     return lambda: time.perf_counter() >= deadline
 
@@ -256,13 +293,22 @@ async def run_phases(args: argparse.Namespace, setup: Setup) -> fairreport.Fairn
                     client_b, cfg_b, words, args.warmup, cfg_b.concurrency, "w"
                 )
             capacity = await probe.capacity() if probe else None
+            victim_name = probe.victim if probe else VICTIM
+
+            async def totals() -> dict[str, float] | None:
+                return await gateway_totals(client_b, setup.base_url, victim_name)
+
             print(f"phase 1: B alone, {cfg_b.concurrency} streams, {args.duration:.0f} s", flush=True)
+            before = await totals()
             async with watching(probe, samples_alone, time.perf_counter()):
                 alone = await phase_alone(loads, args.duration)
+            split_alone = gateway_split(before, await totals())
             print(f"phase 2: A floods with {cfg_a.concurrency} streams, B as in phase 1", flush=True)
             t0 = time.perf_counter()
+            before = await totals()
             async with watching(probe, samples_flood, t0):
                 victim, flooder, start, end = await phase_flood(loads, args.duration, args.lead)
+            split_flood = gateway_split(before, await totals())
             shared = None
             if not args.no_shared_queue:
                 print("phase 3: A floods again, B's requests go to A's queue (first come, first served)")
@@ -288,6 +334,8 @@ async def run_phases(args: argparse.Namespace, setup: Setup) -> fairreport.Fairn
         queue_alone=fairreport.queue_summary(samples_alone, 0.0, alone.wall),
         queue_flood=fairreport.queue_summary(samples_flood, start - t0, end - t0),
         worker_capacity=capacity,
+        gateway_alone=split_alone,
+        gateway_flood=split_flood,
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 try:  # run as a script from loadtest/: this directory is on sys.path
@@ -91,6 +91,9 @@ class FairnessReport:
     worker_capacity: int | None  # jobs the model's workers take at once, from their heartbeats
     shared_queue: BenchReport | None = None
     """B again under the flood, its requests sent with A's key into A's queue: one FCFS queue."""
+    gateway_alone: dict[str, float | None] = field(default_factory=dict)
+    """B's mean wait for a worker to start its job and mean TTFT as its gateway measured them (ms)."""
+    gateway_flood: dict[str, float | None] = field(default_factory=dict)
 
     @property
     def ttft_p95_ratio(self) -> float | None:
@@ -146,6 +149,12 @@ def table_rows(rep: FairnessReport) -> list[list[str]]:
         ["client CPU (% of wall)", fmt(alone.client_cpu_pct, "{:.0f}"), fmt(victim.client_cpu_pct, "{:.0f}"),
          "-"],
     ]  # fmt: skip
+    ga, gf = rep.gateway_alone, rep.gateway_flood
+    for label, key in (("B mean TTFT at the gateway (ms)", "ttft_mean_ms"),
+                       ("  of which waiting to start (ms)", "queue_mean_ms")):  # fmt: skip
+        x, y = ga.get(key), gf.get(key)
+        if x is not None or y is not None:
+            rows.append([label, fmt(x, "{:.0f}"), fmt(y, "{:.0f}"), fmt(ratio(y, x), "{:.2f}")])
     if shared is not None:
         rows[0] += ["B in A's queue", "A's queue / alone"]
         for row in rows:

@@ -68,6 +68,15 @@ class WorkerSettings(RedisSettings):
         description="KV cache size in GiB; unset lets vLLM size it (the demo model defaults to 1).",
     )
     capacity: int = Field(default=256, ge=1, description="Jobs one worker runs at once.")
+    headroom_window: float = Field(
+        default=10.0,
+        ge=0,
+        description=(
+            "Seconds a worker remembers how many of its slots each tenant held; while others are "
+            "active a tenant may not take the room they used lately (at most a quarter of the "
+            "capacity), so their next jobs need not wait for a flood's to finish. 0: off."
+        ),
+    )
     flush_interval: float = Field(
         default=0.04,
         ge=0,

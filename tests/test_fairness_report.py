@@ -106,6 +106,25 @@ def test_the_shared_queue_phase_adds_its_column_and_ratio() -> None:
     assert json.loads(fr.to_json(rep))["shared_ttft_p95_ratio"] == pytest.approx(rep.shared_ttft_p95_ratio)
 
 
+def test_gateway_split_is_the_mean_over_the_phase_and_adds_rows() -> None:
+    from loadtest.fairness import gateway_split
+
+    before = {"queue_sum": 1.0, "queue_count": 10.0, "ttft_sum": 2.0, "ttft_count": 10.0}
+    after = {"queue_sum": 1.5, "queue_count": 20.0, "ttft_sum": 3.0, "ttft_count": 20.0}
+    split = gateway_split(before, after)
+    assert split["queue_mean_ms"] == pytest.approx(50.0) and split["ttft_mean_ms"] == pytest.approx(100.0)
+    assert gateway_split(before, before) == {"queue_mean_ms": None, "ttft_mean_ms": None}  # no requests
+    assert gateway_split(None, after) == {"queue_mean_ms": None, "ttft_mean_ms": None}  # no metrics
+    rep = fairness()
+    rows = {r[0]: r[1:] for r in fr.table_rows(rep)}
+    assert "B mean TTFT at the gateway (ms)" not in rows  # not measured: no rows
+    rep.gateway_alone = {"queue_mean_ms": 2.0, "ttft_mean_ms": 20.0}
+    rep.gateway_flood = split
+    rows = {r[0]: r[1:] for r in fr.table_rows(rep)}
+    assert rows["B mean TTFT at the gateway (ms)"] == ["20", "100", "5.00"]
+    assert rows["  of which waiting to start (ms)"] == ["2", "50", "25.00"]
+
+
 def test_notes_say_when_there_was_no_queue_or_the_engine_queued() -> None:
     no_queue = fr.queue_summary([sample(1.0, (16, 16))], 0.0, 10.0)
     assert any("never had jobs waiting" in n for n in fr.notes(fairness(no_queue)))

@@ -12,7 +12,7 @@ from collections import Counter
 from redis.asyncio import Redis
 
 from shared.names import GROUP
-from worker.consumer import READ_BATCH, ReadPlan, read_fairly
+from worker.consumer import READ_BATCH, Headroom, ReadPlan, read_fairly, within
 
 INTERACTIVE, BATCH = 4, 1
 
@@ -83,3 +83,44 @@ async def test_reads_from_redis_follow_the_weights(redis: Redis) -> None:
         assert got[batch] - before >= 5
     finally:
         await redis.delete(interactive, batch)
+
+
+def test_a_flood_alone_may_use_every_slot() -> None:
+    room = Headroom(window=10, capacity=16)
+    held = Counter({"a": 10})
+    room.update(held, now=0.0)
+    assert room.room(["a"], held, free=6) == {"a": 6}
+
+
+def test_a_flood_leaves_the_room_an_active_tenant_used_lately() -> None:
+    room = Headroom(window=10, capacity=16)
+    room.update(Counter({"a": 16}), now=0.0)
+    # The flood's wave ends; the other tenant's first job is read along with the flood's next ones.
+    held = Counter({"a": 12, "b": 1})
+    room.update(held, now=1.0)
+    assert room.room(["a", "b"], held, free=3) == {"a": 3, "b": 3}  # b has used one slot so far
+    held = Counter({"a": 13, "b": 3})  # b got two more when slots freed up
+    room.update(held, now=2.0)
+    # b's jobs end and its clients send the next ones: the slots it used wait for them.
+    held = Counter({"a": 13, "b": 0})
+    room.update(held, now=3.0)
+    assert room.room(["a", "b"], held, free=3) == {"b": 3}
+
+
+def test_the_room_kept_for_others_is_at_most_a_quarter_and_expires() -> None:
+    room = Headroom(window=10, capacity=16)
+    held = Counter({"a": 4, "b": 6, "c": 6})
+    room.update(held, now=0.0)
+    # b and c used 12 slots: a flood by a would still get three quarters of the worker.
+    assert room.room(["a"], Counter({"b": 0, "c": 0}), free=16) == {"a": 12}
+    quiet: Counter[str] = Counter()
+    room.update(quiet, now=5.0)
+    assert room.room(["a"], quiet, free=16) == {"a": 12}  # quiet for less than the window
+    room.update(quiet, now=10.5)
+    assert room.room(["a"], quiet, free=16) == {"a": 16}  # gone quiet: their room is given back
+    assert Headroom(window=0, capacity=16).room(["a"], quiet, free=16) == {"a": 16}  # 0: off
+
+
+def test_reads_never_ask_a_stream_for_more_than_its_room() -> None:
+    reads = within([(["a", "b", "c"], 4), (["d"], 1)], {"a": 1, "b": 8, "c": 4, "d": 2})
+    assert reads == [(["b", "c"], 4), (["a"], 1), (["d"], 1)]

@@ -12,6 +12,7 @@ import io
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable
 
 from redis import Redis as SyncRedis
@@ -69,6 +70,8 @@ class Consumer:
         self._weights: dict[str, int] = {}
         self._streams_at = float("-inf")
         self._plan = ReadPlan()
+        self._headroom = Headroom(settings.headroom_window, settings.capacity)
+        self._finished = asyncio.Event()
         self.outbox = Outbox(redis)
         self.runner = JobRunner(
             self.outbox,
@@ -106,14 +109,18 @@ class Consumer:
 
     async def _read_once(self) -> None:
         streams = await self._job_streams()
-        if not streams:
-            await asyncio.sleep(READ_BLOCK_MS / 1000)
-            return
         free = self._settings.capacity - len(self.inflight)
-        weights = {s: self._weights.get(s, 1) for s in streams}
-        for stream, entry_id, fields in await read_fairly(
-            self._redis, self._worker_id, self._plan.plan(weights, free), list(weights)
-        ):
+        held = Counter(claim.stream for _, claim in self.inflight.values())
+        self._headroom.update(held, time.monotonic())
+        rooms = self._headroom.room(streams, held, free)
+        if not rooms:  # no tenants yet, or the free slots are kept for tenants not sending right now
+            self._finished.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._finished.wait(), READ_BLOCK_MS / 1000)
+            return
+        weights = {s: self._weights.get(s, 1) for s in rooms}
+        reads = within(self._plan.plan(weights, max(rooms.values())), rooms)
+        for stream, entry_id, fields in await read_fairly(self._redis, self._worker_id, reads, list(weights)):
             await self._take(stream, entry_id, fields, attempt=1)
 
     def _recheck_groups(self, exc: BaseException) -> None:
@@ -195,6 +202,7 @@ class Consumer:
             self.inflight.pop(claim.job.id, None)
             self._stopped.pop(claim.job.id, None)
             self._room.set()
+            self._finished.set()
 
     async def _dead_letter(self, stream: str, entry_id: str, raw: bytes | None, reason: str) -> None:
         self.metrics.outcome("dead_lettered")
@@ -343,6 +351,49 @@ class ClaimKeeper(threading.Thread):
             redis.close()
 
 
+class Headroom:
+    """Room a worker keeps for other tenants while one floods it, so their jobs need not wait.
+
+    Per-tenant streams decide who goes next only when a slot frees up. A flood that holds every slot
+    makes another tenant's job wait for the flood's jobs to end (and jobs of equal length end
+    together, in waves). So while other streams are active (they held slots within the last
+    ``window`` seconds), a stream may hold at most ``capacity`` minus the slots the others held at
+    their recent peaks, counting at least one each, and keeping at most a quarter of the capacity
+    for them. An active stream thus finds a free slot at once, up to what it used lately; a stream
+    alone on the worker, or whose peers went quiet for ``window`` seconds, may use every slot.
+    """
+
+    def __init__(self, window: float, capacity: int) -> None:
+        self._window = window
+        self._capacity = capacity
+        self._peaks: dict[str, tuple[int, float]] = {}  # active stream -> (peak held, when reached)
+
+    def update(self, held: Counter[str], now: float) -> None:
+        """Record the slots each stream holds now."""
+        for stream in set(self._peaks) | set(held):
+            count = held.get(stream, 0)
+            peak, at = self._peaks.get(stream, (0, now))
+            if count >= peak or now - at > self._window:
+                peak, at = count, now
+            if peak:
+                self._peaks[stream] = (peak, at)
+            else:
+                self._peaks.pop(stream, None)
+
+    def room(self, streams: Iterable[str], held: Counter[str], free: int) -> dict[str, int]:
+        """Free slots each of ``streams`` may take now (streams with none are left out)."""
+        limit = self._capacity // 4 if self._window > 0 else 0
+        wanted = {s: max(1, peak) for s, (peak, _) in self._peaks.items()}
+        total = sum(wanted.values())
+        rooms = {}
+        for stream in streams:
+            kept = min(limit, total - wanted.get(stream, 0))
+            room = min(free, self._capacity - kept - held.get(stream, 0))
+            if room > 0:
+                rooms[stream] = room
+        return rooms
+
+
 class ReadPlan:
     """How many jobs to take from each tenant stream in one read, weighted by priority class.
 
@@ -371,6 +422,17 @@ class ReadPlan:
             if count:
                 reads.append(([s for s, w in weights.items() if w == weight], count))
         return reads
+
+
+def within(reads: list[tuple[list[str], int]], rooms: dict[str, int]) -> list[tuple[list[str], int]]:
+    """``reads`` with no stream asked for more jobs than its room (see :class:`Headroom`)."""
+    out = []
+    for names, count in reads:
+        by_count: dict[int, list[str]] = {}
+        for name in names:
+            by_count.setdefault(min(count, rooms[name]), []).append(name)
+        out += [(group, n) for n, group in sorted(by_count.items(), reverse=True)]
+    return out
 
 
 Entry = tuple[str, str, dict[bytes, bytes] | None]
