@@ -1,0 +1,98 @@
+"""compose.yaml and the Dockerfile, checked offline (no Docker engine here): the Compose
+specification's schema, and that the files agree with the code and the monitoring configuration."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from compose_spec import PyCompose
+
+from shared.settings import GatewaySettings, WorkerSettings
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = ROOT / "compose.yaml"
+DOCKERFILE = ROOT / "Dockerfile"
+PROMETHEUS = ROOT / "monitoring" / "prometheus-compose.yml"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    # Compose resolves YAML anchors and merge keys before applying its schema; so does PyYAML.
+    raw = yaml.safe_load(COMPOSE.read_text())
+    spec = PyCompose.from_json(json.dumps(raw))
+    spec.to_spec()  # raises ValueError on anything the Compose specification does not allow
+    doc: dict[str, Any] = spec.to_dict()
+    return doc
+
+
+def test_the_services_and_their_references_exist(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert {"redis", "gateway", "worker", "prometheus", "grafana"} <= services.keys()
+    volumes = set(compose.get("volumes") or {})
+    for name, service in services.items():
+        for dependency in service.get("depends_on") or {}:
+            assert dependency in services, f"{name} depends on a missing service {dependency}"
+        for mount in service.get("volumes") or []:
+            source = mount.split(":", 1)[0]
+            if source.startswith("."):
+                assert (ROOT / source).exists(), f"{name} mounts {source}, which is not in the repository"
+            else:
+                assert source in volumes, f"{name} mounts an undeclared volume {source}"
+
+
+def test_workers_scale_and_are_found_where_prometheus_looks(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    worker, gateway = services["worker"], services["gateway"]
+    assert not worker.get("ports"), "published worker ports would collide under --scale worker=N"
+    jobs = {
+        job["job_name"]: job["dns_sd_configs"][0]
+        for job in yaml.safe_load(PROMETHEUS.read_text())["scrape_configs"]
+    }
+    assert jobs["switchyard-worker"]["names"] == ["worker"]
+    assert jobs["switchyard-worker"]["port"] == int(worker["environment"]["SWITCHYARD_METRICS_PORT"])
+    assert jobs["switchyard-gateway"]["names"] == ["gateway"]
+    assert jobs["switchyard-gateway"]["port"] == int(
+        gateway["command"][gateway["command"].index("--port") + 1]
+    )
+    assert "8000:8000" in gateway["ports"]
+
+
+def test_every_setting_named_is_one_the_code_reads(compose: dict[str, Any]) -> None:
+    known = {"REDIS_URL"}
+    for settings in (GatewaySettings, WorkerSettings):
+        known |= {f"SWITCHYARD_{name.upper()}" for name in settings.model_fields}
+    for name, service in compose["services"].items():
+        if service.get("image") != "switchyard:latest":
+            continue
+        named = set(service.get("environment") or {})
+        assert named <= known, f"{name} sets unknown variables {named - known}"
+        assert named >= {"REDIS_URL"}, f"{name} would look for Redis on its own localhost"
+
+
+def test_commands_are_cli_commands_and_shutdown_has_time_to_drain(compose: dict[str, Any]) -> None:
+    for name in ("gateway", "worker"):
+        command = compose["services"][name]["command"]
+        assert command[0] == "switchyard"
+        done = subprocess.run(
+            [sys.executable, "-m", "shared.cli", *command[1:], "--help"],
+            cwd=ROOT, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, f"{name}: {done.stderr[-500:]}"
+    grace = re.fullmatch(r"(\d+)s", compose["services"]["worker"]["stop_grace_period"])
+    assert grace is not None and int(grace[1]) > WorkerSettings().drain_timeout
+
+
+def test_the_image_holds_every_package_the_project_installs() -> None:
+    text = DOCKERFILE.read_text()
+    copied = set(re.findall(r"^COPY (\w+) \1$", text, flags=re.MULTILINE))
+    packages = {"gateway", "worker", "shared"}  # pyproject's [tool.setuptools.packages.find] include
+    assert packages <= copied
+    assert all((ROOT / p / "__init__.py").is_file() for p in packages)
+    assert 'pip install --extra-index-url "$TORCH_INDEX" ".[$ENGINE]"' in text
