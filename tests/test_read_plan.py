@@ -121,6 +121,18 @@ def test_the_room_kept_for_others_is_at_most_a_quarter_and_expires() -> None:
     assert Headroom(window=0, capacity=16).room(["a"], quiet, free=16) == {"a": 16}  # 0: off
 
 
+def test_room_is_kept_for_the_same_or_a_higher_priority_class_only() -> None:
+    room = Headroom(window=10, capacity=16)
+    room.update(Counter({"i": 2, "b": 2}), now=0.0)  # an interactive and a batch tenant, active
+    held = Counter({"f": 12})
+    # An interactive flood keeps room for the interactive tenant only: 16 - 2 - 12.
+    interactive = {"i": INTERACTIVE, "b": BATCH, "f": INTERACTIVE}
+    assert room.room(["f"], held, free=4, weights=interactive) == {"f": 2}
+    # A batch flood keeps room for both: 16 - (2 + 2) - 12 leaves it none.
+    batch = {"i": INTERACTIVE, "b": BATCH, "f": BATCH}
+    assert room.room(["f"], held, free=4, weights=batch) == {}
+
+
 def test_reads_never_ask_a_stream_for_more_than_its_room() -> None:
     reads = within([(["a", "b", "c"], 4), (["d"], 1)], {"a": 1, "b": 8, "c": 4, "d": 2})
     assert reads == [(["b", "c"], 4), (["a"], 1), (["d"], 1)]

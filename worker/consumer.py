@@ -32,6 +32,8 @@ from worker.runner import Claim, ClaimLost, JobRunner, StopReason
 log = logging.getLogger(__name__)
 
 READ_BLOCK_MS = 250
+HELD_BACK_BLOCK_MS = 20
+"""How long a read blocks while some stream is held back by the headroom (see :class:`Headroom`)."""
 READ_BATCH = 8
 """Most jobs one read takes from a stream: a burst is spread over every idle worker instead of
 going whole to whichever worker reads first."""
@@ -112,7 +114,7 @@ class Consumer:
         free = self._settings.capacity - len(self.inflight)
         held = Counter(claim.stream for _, claim in self.inflight.values())
         self._headroom.update(held, time.monotonic())
-        rooms = self._headroom.room(streams, held, free)
+        rooms = self._headroom.room(streams, held, free, self._weights)
         if not rooms:  # no tenants yet, or the free slots are kept for tenants not sending right now
             self._finished.clear()
             with contextlib.suppress(TimeoutError):
@@ -120,7 +122,11 @@ class Consumer:
             return
         weights = {s: self._weights.get(s, 1) for s in rooms}
         reads = within(self._plan.plan(weights, max(rooms.values())), rooms)
-        for stream, entry_id, fields in await read_fairly(self._redis, self._worker_id, reads, list(weights)):
+        # A stream held back by the headroom gets room again as soon as one of its jobs ends, which
+        # nothing would tell a long blocking read on the other streams: block briefly then.
+        block = READ_BLOCK_MS if len(rooms) == len(streams) else HELD_BACK_BLOCK_MS
+        entries = await read_fairly(self._redis, self._worker_id, reads, list(weights), block)
+        for stream, entry_id, fields in entries:
             await self._take(stream, entry_id, fields, attempt=1)
 
     def _recheck_groups(self, exc: BaseException) -> None:
@@ -360,7 +366,8 @@ class Headroom:
     ``window`` seconds), a stream may hold at most ``capacity`` minus the slots the others held at
     their recent peaks, counting at least one each, and keeping at most a quarter of the capacity
     for them. An active stream thus finds a free slot at once, up to what it used lately; a stream
-    alone on the worker, or whose peers went quiet for ``window`` seconds, may use every slot.
+    alone on the worker, or whose peers went quiet for ``window`` seconds, may use every slot. Room
+    is kept only for streams of the same or a higher priority class: batch tenants yield.
     """
 
     def __init__(self, window: float, capacity: int) -> None:
@@ -380,14 +387,19 @@ class Headroom:
             else:
                 self._peaks.pop(stream, None)
 
-    def room(self, streams: Iterable[str], held: Counter[str], free: int) -> dict[str, int]:
-        """Free slots each of ``streams`` may take now (streams with none are left out)."""
+    def room(
+        self, streams: Iterable[str], held: Counter[str], free: int, weights: dict[str, int] | None = None
+    ) -> dict[str, int]:
+        """Free slots each of ``streams`` may take now (streams with none are left out). With
+        ``weights`` (priority class weights), a stream keeps room only for streams weighing as much
+        or more: a batch tenant's recent jobs do not hold an interactive flood back."""
         limit = self._capacity // 4 if self._window > 0 else 0
+        weight = (weights or {}).get
         wanted = {s: max(1, peak) for s, (peak, _) in self._peaks.items()}
-        total = sum(wanted.values())
         rooms = {}
         for stream in streams:
-            kept = min(limit, total - wanted.get(stream, 0))
+            others = (n for s, n in wanted.items() if s != stream and weight(s, 1) >= weight(stream, 1))
+            kept = min(limit, sum(others))
             room = min(free, self._capacity - kept - held.get(stream, 0))
             if room > 0:
                 rooms[stream] = room
@@ -439,7 +451,11 @@ Entry = tuple[str, str, dict[bytes, bytes] | None]
 
 
 async def read_fairly(
-    redis: Redis, consumer: str, reads: list[tuple[list[str], int]], streams: list[str]
+    redis: Redis,
+    consumer: str,
+    reads: list[tuple[list[str], int]],
+    streams: list[str],
+    block_ms: int = READ_BLOCK_MS,
 ) -> list[Entry]:
     """Take new entries by ``reads`` (see :class:`ReadPlan`) in one round trip; when none is
     waiting there, block on every stream (``streams``) for whichever job arrives first."""
@@ -452,7 +468,7 @@ async def read_fairly(
     entries = [entry for reply in replies for entry in _entries(reply)]
     if entries:
         return entries
-    reply = await redis.xreadgroup(GROUP, consumer, {s: ">" for s in streams}, count=1, block=READ_BLOCK_MS)
+    reply = await redis.xreadgroup(GROUP, consumer, {s: ">" for s in streams}, count=1, block=block_ms)
     return _entries(reply)
 
 
