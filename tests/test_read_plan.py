@@ -6,13 +6,15 @@ each stream it names (the reason a single weighted read cannot favour one class 
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from collections import Counter
 
 from redis.asyncio import Redis
 
 from shared.names import GROUP
-from worker.consumer import READ_BATCH, Headroom, ReadPlan, read_fairly, within
+from worker.consumer import READ_BATCH, READ_BLOCK_MS, Headroom, ReadPlan, read_fairly, within
 
 INTERACTIVE, BATCH = 4, 1
 
@@ -83,6 +85,31 @@ async def test_reads_from_redis_follow_the_weights(redis: Redis) -> None:
         assert got[batch] - before >= 5
     finally:
         await redis.delete(interactive, batch)
+
+
+async def test_a_blocking_read_on_its_own_client_ends_at_client_unblock(redis: Redis) -> None:
+    """How a worker whose flooding stream is held back notices that one of its jobs ended: the read
+    blocked on the other streams is cut short, not left to run its READ_BLOCK_MS."""
+    stream = f"syread{uuid.uuid4().hex[:8]}:quiet"
+    blocking = redis.__class__(connection_pool=redis.connection_pool, single_connection_client=True)
+    try:
+        await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+        client_id = await blocking.client_id()
+        started = time.monotonic()
+        read = asyncio.create_task(read_fairly(redis, "w", [([stream], 1)], [stream], blocking=blocking))
+        await asyncio.sleep(0.05)
+        assert not read.done()  # blocked: nothing to read
+        assert await redis.client_unblock(client_id) == 1
+        assert await read == []
+        assert time.monotonic() - started < READ_BLOCK_MS / 1000 - 0.1
+        # Unblocked, the same client goes on serving blocking reads: a job that arrives ends the next.
+        read = asyncio.create_task(read_fairly(redis, "w", [([stream], 1)], [stream], blocking=blocking))
+        await asyncio.sleep(0.05)
+        await redis.xadd(stream, {"n": 1})
+        assert [entry[0] for entry in await read] == [stream]
+    finally:
+        await blocking.aclose()
+        await redis.delete(stream)
 
 
 def test_a_flood_alone_may_use_every_slot() -> None:

@@ -32,8 +32,6 @@ from worker.runner import Claim, ClaimLost, JobRunner, StopReason
 log = logging.getLogger(__name__)
 
 READ_BLOCK_MS = 250
-HELD_BACK_BLOCK_MS = 20
-"""How long a read blocks while some stream is held back by the headroom (see :class:`Headroom`)."""
 READ_BATCH = 8
 """Most jobs one read takes from a stream: a burst is spread over every idle worker instead of
 going whole to whichever worker reads first."""
@@ -74,6 +72,9 @@ class Consumer:
         self._plan = ReadPlan()
         self._headroom = Headroom(settings.headroom_window, settings.capacity)
         self._finished = asyncio.Event()
+        self._blocking = redis
+        self._blocked_id: int | None = None
+        self._wakers: set[asyncio.Task[None]] = set()
         self.outbox = Outbox(redis)
         self.runner = JobRunner(
             self.outbox,
@@ -97,17 +98,23 @@ class Consumer:
     # -- reading ---------------------------------------------------------------------------------
 
     async def read_loop(self) -> None:
+        # Blocking reads while a stream is held back (see _read_once) use a connection of their
+        # own, which a job that ends can wake with CLIENT UNBLOCK.
+        self._blocking = Redis.from_url(self._settings.redis_url, single_connection_client=True)
         backoff = 0.1
-        while not self._stopping.is_set():
-            await self._room.wait()
-            try:
-                await self._read_once()
-                backoff = 0.1
-            except (RedisError, OSError) as exc:
-                self._recheck_groups(exc)
-                log.warning("reading jobs failed (%s); retrying in %.1fs", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+        try:
+            while not self._stopping.is_set():
+                await self._room.wait()
+                try:
+                    await self._read_once()
+                    backoff = 0.1
+                except (RedisError, OSError) as exc:
+                    self._recheck_groups(exc)
+                    log.warning("reading jobs failed (%s); retrying in %.1fs", exc, backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+        finally:
+            await self._blocking.aclose()
 
     async def _read_once(self) -> None:
         streams = await self._job_streams()
@@ -122,12 +129,33 @@ class Consumer:
             return
         weights = {s: self._weights.get(s, 1) for s in rooms}
         reads = within(self._plan.plan(weights, max(rooms.values())), rooms)
-        # A stream held back by the headroom gets room again as soon as one of its jobs ends, which
-        # nothing would tell a long blocking read on the other streams: block briefly then.
-        block = READ_BLOCK_MS if len(rooms) == len(streams) else HELD_BACK_BLOCK_MS
-        entries = await read_fairly(self._redis, self._worker_id, reads, list(weights), block)
+        if len(rooms) == len(streams):
+            entries = await read_fairly(self._redis, self._worker_id, reads, list(weights))
+        else:
+            # A stream held back by the headroom regains room when one of its jobs ends, which a
+            # read blocked on the other streams would not notice: the job's end unblocks it.
+            self._blocked_id = await self._blocking.client_id()
+            try:
+                entries = await read_fairly(
+                    self._redis, self._worker_id, reads, list(weights), blocking=self._blocking
+                )
+            finally:
+                self._blocked_id = None
         for stream, entry_id, fields in entries:
             await self._take(stream, entry_id, fields, attempt=1)
+
+    def _wake_reader(self) -> None:
+        """Cut short a read blocked while some stream was held back (a slot just freed up)."""
+        if self._blocked_id is None or self._stopping.is_set():
+            return
+
+        async def unblock(client_id: int) -> None:
+            with contextlib.suppress(RedisError, OSError):  # the read then just times out
+                await self._redis.client_unblock(client_id)
+
+        task = asyncio.create_task(unblock(self._blocked_id))
+        self._wakers.add(task)
+        task.add_done_callback(self._wakers.discard)
 
     def _recheck_groups(self, exc: BaseException) -> None:
         """After a command error, ensure every stream's group again on the next read.
@@ -209,6 +237,7 @@ class Consumer:
             self._stopped.pop(claim.job.id, None)
             self._room.set()
             self._finished.set()
+            self._wake_reader()
 
     async def _dead_letter(self, stream: str, entry_id: str, raw: bytes | None, reason: str) -> None:
         self.metrics.outcome("dead_lettered")
@@ -455,10 +484,11 @@ async def read_fairly(
     consumer: str,
     reads: list[tuple[list[str], int]],
     streams: list[str],
-    block_ms: int = READ_BLOCK_MS,
+    blocking: Redis | None = None,
 ) -> list[Entry]:
     """Take new entries by ``reads`` (see :class:`ReadPlan`) in one round trip; when none is
-    waiting there, block on every stream (``streams``) for whichever job arrives first."""
+    waiting there, block on every stream (``streams``) for whichever job arrives first (on
+    ``blocking``, a client of its own, when given)."""
     replies: list[object] = []
     if reads:
         async with redis.pipeline(transaction=False) as pipe:
@@ -468,7 +498,9 @@ async def read_fairly(
     entries = [entry for reply in replies for entry in _entries(reply)]
     if entries:
         return entries
-    reply = await redis.xreadgroup(GROUP, consumer, {s: ">" for s in streams}, count=1, block=block_ms)
+    reply = await (blocking or redis).xreadgroup(
+        GROUP, consumer, {s: ">" for s in streams}, count=1, block=READ_BLOCK_MS
+    )
     return _entries(reply)
 
 
