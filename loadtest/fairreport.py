@@ -32,7 +32,7 @@ class QueueSample:
     victim_backlog: int
     victim_running: int
     engine_running: int  # vLLM's running sequences over the model's live workers (heartbeats)
-    engine_waiting: int  # vLLM's own waiting queue: FCFS, blind to tenants
+    engine_waiting: int  # sent to vLLM and not running: queued (FCFS, blind to tenants) or not collected
 
     @property
     def flooder_waiting(self) -> int:
@@ -196,8 +196,9 @@ def notes(rep: FairnessReport) -> list[str]:
     engine_waiting = rep.queue_flood["engine_waiting_max"]
     if engine_waiting:
         out.append(
-            f"vLLM's own waiting queue held up to {engine_waiting:.0f} sequences: part of B's wait was "
-            "first-come first-served inside the engine, where tenants are not told apart"
+            f"the engine held up to {engine_waiting:.0f} sequences it was not running (from worker "
+            "heartbeats: sent but not yet scheduled, which the engine serves first come first "
+            "served, or finished but not yet collected by the worker)"
         )
     reports = [rep.alone, rep.victim, rep.flooder, *([rep.shared_queue] if rep.shared_queue else [])]
     errors = sum(r.errors for r in reports)
