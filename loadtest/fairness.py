@@ -458,8 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(fairreport.to_json(rep))
         print(f"wrote {args.out}")
-    runs = [rep.alone, rep.victim, rep.flooder, *([rep.shared_queue] if rep.shared_queue else [])]
-    return 1 if sum(r.errors for r in runs) + rep.alone.warmup_errors else 0
+    return 1 if sum(r.errors for r in rep.runs) + rep.alone.warmup_errors else 0
 
 
 if __name__ == "__main__":

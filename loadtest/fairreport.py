@@ -100,6 +100,11 @@ class FairnessReport:
         return ratio(self.victim.ttft_p95_ms, self.alone.ttft_p95_ms)
 
     @property
+    def runs(self) -> list[BenchReport]:
+        """Every measured run: B alone, B and A under the flood, B in A's queue if measured."""
+        return [self.alone, self.victim, self.flooder, *([self.shared_queue] if self.shared_queue else [])]
+
+    @property
     def shared_ttft_p95_ratio(self) -> float | None:
         return (
             None
@@ -200,10 +205,9 @@ def notes(rep: FairnessReport) -> list[str]:
             "heartbeats: sent but not yet scheduled, which the engine serves first come first "
             "served, or finished but not yet collected by the worker)"
         )
-    reports = [rep.alone, rep.victim, rep.flooder, *([rep.shared_queue] if rep.shared_queue else [])]
-    errors = sum(r.errors for r in reports)
+    errors = sum(r.errors for r in rep.runs)
     if errors:
-        samples = {k: v for r in reports for k, v in r.error_samples.items()}
+        samples = {k: v for r in rep.runs for k, v in r.error_samples.items()}
         out.append(f"{errors} requests failed, e.g. {next(iter(samples), '?')}")
     return out
 

@@ -24,6 +24,8 @@ from tests.procs import ready, spawn, stop, wait_until
 
 PREFIX = "sytest"
 MAX_MODEL_LEN = 1024
+SESSION_RECLAIM_IDLE = 3
+"""Seconds a test worker's claim may stay idle before another worker may take the job over."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ def worker_env(system_env: dict[str, str], model_dir: Path, **extra: str) -> dic
         "SWITCHYARD_DTYPE": "float32",
         "SWITCHYARD_KV_CACHE_GIB": "1",
         "SWITCHYARD_HEARTBEAT_INTERVAL": "0.25",
-        "SWITCHYARD_RECLAIM_IDLE": "3",
+        "SWITCHYARD_RECLAIM_IDLE": str(SESSION_RECLAIM_IDLE),
         "SWITCHYARD_DRAIN_TIMEOUT": "5",
         **extra,
     }

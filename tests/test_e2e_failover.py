@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from shared.names import GROUP
-from tests.conftest import System, worker_env
+from tests.conftest import SESSION_RECLAIM_IDLE, System, worker_env
 from tests.procs import spawn, stop, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -180,14 +180,14 @@ async def stream_tokens(aclient: AsyncOpenAI, prompt: str, tokens: int) -> tuple
 async def test_a_long_generation_keeps_its_claim_fresh(
     system: System, aclient: AsyncOpenAI, redis: Redis
 ) -> None:
-    """Jobs held longer than the reclaim idle time (3 s for the session's worker) never let their
-    claim go idle that long, so no worker (this one included) ever takes them over: each is
+    """Jobs held longer than the session worker's reclaim idle time never let their claim go idle
+    that long, so no worker (this one included) ever takes them over: each is
     delivered once, and stays with its consumer.
 
     How long a generation lasts depends on the host, so the test watches how long each claim is
-    actually held and adds streams (32, 64, 128 of 960 tokens) until most were held past 3 s."""
+    actually held and adds streams (32, 64, 128 of 960 tokens) until most were held past that."""
     stream = system.names.jobs_stream(system.model, "main")
-    reclaim_idle_ms, tokens = 3000, 960
+    reclaim_idle_ms, tokens = SESSION_RECLAIM_IDLE * 1000, 960
 
     async def generate(i: int) -> int:
         reply = await aclient.chat.completions.create(

@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 
 from shared.messages import Failure, Final, Job, Sampling, Started, Tokens, WorkerInfo, decode_reply, encode
 from shared.names import GROUP, JOB_FIELD
-from tests.conftest import System
+from tests.conftest import SESSION_RECLAIM_IDLE, System
 
 pytestmark = pytest.mark.e2e
 
@@ -203,7 +203,7 @@ async def test_a_job_left_by_a_dead_worker_is_reclaimed_and_completed(system: Sy
     assert started and started[-1].attempt >= 2
     assert sum(len(r.token_ids) for r in got if isinstance(r, Tokens)) == 8
     assert isinstance(got[-1], Final)
-    print(f"reclaimed after {took:.1f}s (reclaim idle 3s)")
+    print(f"reclaimed after {took:.1f}s (reclaim idle {SESSION_RECLAIM_IDLE}s)")
     stream = system.names.jobs_stream(system.model, "main")
     assert (await redis.xpending(stream, GROUP))["pending"] == 0
 
