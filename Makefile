@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.switchyard-installed
 ARGS ?=
 
-.PHONY: up test lint unit bench fairness loadtest install clean
+.PHONY: up test lint unit fuzz bench fairness loadtest install clean
 
 up: $(STAMP)  ## Bring the whole system up: embedded Redis, gateway on :8000, one worker (demo model)
 	$(BIN)/switchyard up $(ARGS)
@@ -19,6 +19,10 @@ lint: $(STAMP)
 
 unit: $(STAMP)  ## Only the tests that start no engine
 	$(BIN)/pytest -m "not e2e" $(ARGS)
+
+FUZZ_EXAMPLES ?= 500
+fuzz: $(STAMP)  ## Schemathesis with fresh random cases (the suite replays a fixed set), e.g. FUZZ_EXAMPLES=2000
+	SWITCHYARD_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest tests/test_schemathesis.py $(ARGS)
 
 bench: $(STAMP)  ## Switchyard against vLLM's own server, same model and engine settings
 	$(BIN)/python loadtest/compare.py $(ARGS)

@@ -6,8 +6,8 @@ set -euo pipefail
 venv="${1:-.venv}"
 python="${PYTHON:-python3}"
 
-if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
-    echo "switchyard needs Python 3.10 or newer ($python is $("$python" --version 2>&1))" >&2
+if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    echo "switchyard needs Python 3.11 or newer ($python is $("$python" --version 2>&1))" >&2
     exit 1
 fi
 
@@ -29,5 +29,5 @@ if [ "$engine" = cpu ]; then
     # importing transformers fails. Text generation needs none of them.
     "$venv/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
-"$venv/bin/python" -c "import vllm, gateway, worker, shared" 2>/dev/null \
+"$venv/bin/python" -c "import vllm, gateway, worker, shared, control" 2>/dev/null \
     || { echo "install check failed: cannot import vllm and switchyard" >&2; exit 1; }

@@ -1,5 +1,9 @@
 """Admission: per-tenant rate limits and backlog caps (atomic in Redis), and a bound on the total
-backlog with a Retry-After derived from how fast workers are actually draining it."""
+backlog with a Retry-After derived from how fast workers are actually draining it.
+
+The one owner of a request's token accounting: :meth:`Admission.admit` reserves what a job may use
+(prompt + ``max_tokens`` for each choice), :meth:`Admission.settle` gives back what it did not use.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gateway.errors import InvalidRequest, RateLimited, Unavailable
+from shared.fleet import backlog
+from shared.messages import Job, Usage
 from shared.names import Names
 from shared.scripts import Scripts
 from shared.tenants import Tenant
@@ -26,12 +32,26 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class Ticket:
-    """An admitted request: what it reserved and the rate-limit headers to send back."""
+    """An admitted request, and the rate-limit headers to send back."""
 
     tenant: str
     request_id: str
-    reserved_tokens: int
     headers: dict[str, str]
+
+
+def reservation(job: Job) -> int:
+    """Tokens a job may use at most: its prompt, and ``max_tokens`` for each of its choices."""
+    return len(job.prompt_token_ids) + job.sampling.max_tokens * job.sampling.n
+
+
+def default_output(room: int, prompt_tokens: int, n: int, tpm: int | None) -> int:
+    """The output budget of a request that names none: up to the end of the context, but for a
+    tenant with a tokens-per-minute limit no more than that limit leaves for each choice (a request
+    can never use more than a minute's tokens, so reserving the whole context would only refuse it).
+    At least 1, so that a prompt over the limit is refused by admission with its own message."""
+    if tpm is None:
+        return room
+    return max(1, min(room, (tpm - prompt_tokens) // n))
 
 
 def reset_text(ms: float) -> str:
@@ -69,8 +89,9 @@ class Admission:
         self._drain = drain
         self._max_total = max_backlog_total
 
-    async def admit(self, tenant: Tenant, request_id: str, model: str, tokens: int) -> Ticket:
-        """Reserve the request's slot and tokens, or raise 429/503 (fail closed without Redis)."""
+    async def admit(self, tenant: Tenant, job: Job) -> Ticket:
+        """Reserve the job's slot and tokens, or raise 429/503 (fail closed without Redis)."""
+        request_id, model, tokens = job.id, job.model, reservation(job)
         backlog = self._drain.backlog(model)
         if backlog >= self._max_total:
             raise Unavailable(
@@ -106,10 +127,7 @@ class Admission:
         if int(result[0]) == 1:
             _, req_used, tok_used, reset_req, reset_tok = (int(x) for x in result)
             return Ticket(
-                tenant.name,
-                request_id,
-                tokens,
-                limit_headers(tenant, req_used, tok_used, reset_req, reset_tok),
+                tenant.name, request_id, limit_headers(tenant, req_used, tok_used, reset_req, reset_tok)
             )
         reason = result[1].decode() if isinstance(result[1], bytes) else str(result[1])
         wait_ms, req_used, tok_used = int(result[2]), int(result[3]), int(result[4])
@@ -147,33 +165,49 @@ class Admission:
             headers=headers,
         )
 
-    async def release(self, ticket: Ticket, used_tokens: int) -> None:
+    async def settle(self, ticket: Ticket, usage: Usage) -> None:
+        """The request ended having used ``usage``: free its concurrency slot, refund the rest."""
         n = self._names
         keys = [n.rate(ticket.tenant, "amt"), n.rate(ticket.tenant, "sum"), n.inflight(ticket.tenant)]
         try:
-            await self._scripts.release(keys=keys, args=[ticket.request_id, used_tokens])
+            await self._scripts.release(keys=keys, args=[ticket.request_id, usage.total_tokens])
         except (RedisError, OSError) as exc:  # the slot expires by itself; log and move on
             log.warning("could not release %s: %s", ticket.request_id, exc)
 
 
 class DrainMeter:
-    """Samples each model's backlog and finished-job counter every few seconds."""
+    """Samples each model's backlog and finished-job counter every few seconds.
 
-    def __init__(self, redis: Redis, names: Names, period: float = 2.0, horizon: float = 30.0) -> None:
+    Its figures decide 503s, so a failing sample is logged (once, then again when it recovers) and
+    figures older than ``stale_after`` seconds count as unknown: no backlog, no rate.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        names: Names,
+        period: float = 2.0,
+        horizon: float = 30.0,
+        stale_after: float = 10.0,
+    ) -> None:
         self._redis = redis
         self._names = names
         self._period = period
         self._horizon = horizon
+        self._stale_after = stale_after
         self._samples: dict[str, deque[tuple[float, int]]] = {}
-        self._backlog: dict[str, int] = {}
+        self._backlog: dict[str, tuple[float, int]] = {}
+        self._failing = False
 
     def backlog(self, model: str) -> int:
-        return self._backlog.get(model, 0)
+        """Jobs waiting or running for ``model`` at the last sample (0 when unknown or stale)."""
+        at, count = self._backlog.get(model, (float("-inf"), 0))
+        return count if time.monotonic() - at <= self._stale_after else 0
 
     def rate(self, model: str) -> float:
         """Jobs finished per second recently (0 when unknown)."""
         samples = self._samples.get(model)
-        if not samples or len(samples) < 2:
+        if not samples or len(samples) < 2 or time.monotonic() - samples[-1][0] > self._stale_after:
             return 0.0
         (t0, v0), (t1, v1) = samples[0], samples[-1]
         return max(0.0, (v1 - v0) / (t1 - t0)) if t1 > t0 else 0.0
@@ -185,18 +219,13 @@ class DrainMeter:
             return 10.0  # nothing finished lately: a cautious wait rather than a guess of zero
         return min(60.0, max(1.0, math.ceil(excess / rate)))
 
-    async def sample(self, models: list[str]) -> None:
+    async def sample(self, models: Iterable[str]) -> None:
         now = time.monotonic()
         for model in models:
-            streams = await self._redis.hkeys(self._names.streams_index(model))  # type: ignore[misc]
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.get(self._names.drained(model))
-                for s in streams:
-                    pipe.xlen(s)
-                done, *lengths = await pipe.execute()
-            self._backlog[model] = sum(int(x) for x in lengths)
+            waiting, done = await backlog(self._redis, self._names, model)
+            self._backlog[model] = (now, waiting)
             samples = self._samples.setdefault(model, deque())
-            samples.append((now, int(done or 0)))
+            samples.append((now, done))
             while samples and now - samples[0][0] > self._horizon:
                 samples.popleft()
 
@@ -204,6 +233,15 @@ class DrainMeter:
         while True:
             try:
                 await self.sample(list(await models()))
+                if self._failing:
+                    log.info("drain sampling works again")
+                self._failing = False
             except (RedisError, OSError) as exc:
-                log.debug("drain sampling failed: %s", exc)
+                if not self._failing:
+                    log.warning(
+                        "drain sampling failed (%s); its figures stop counting after %.0fs",
+                        exc,
+                        self._stale_after,
+                    )
+                self._failing = True
             await asyncio.sleep(self._period)

@@ -52,7 +52,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         names = settings.names
         redis = Redis.from_url(settings.redis_url, health_check_interval=30)
-        hub = ReplyHub(redis, control_channel=f"{names.prefix}:gateway-hub")
+        hub = ReplyHub(redis, control_channel=names.hub_channel())
         hub_task = asyncio.create_task(hub.run(), name="reply-hub")
         timeouts = Timeouts(
             total=settings.request_timeout, stall=settings.stall_timeout, queue=settings.queue_timeout
@@ -214,7 +214,7 @@ def _install_error_handlers(app: FastAPI, metrics: GatewayMetrics) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         err = NotFound(str(exc.detail)) if exc.status_code == 404 else InvalidRequest(str(exc.detail))
         err.status = exc.status_code
-        return JSONResponse(err.envelope(), status_code=exc.status_code)
+        return JSONResponse(err.envelope(), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RedisError)
     async def redis_down(request: Request, exc: RedisError) -> JSONResponse:
@@ -241,8 +241,11 @@ def validation_error(errors: Any) -> InvalidRequest:
     msg = str(first.get("msg", "invalid request"))
     if kind == "extra_forbidden":
         msg = f"Unrecognized request argument supplied: {param}"
-    elif kind == "json_invalid":
-        msg, param = "The request body is not valid JSON", None
+    elif kind == "json_invalid" or (param is None and isinstance(first.get("input"), bytes | str)):
+        # Also a body sent with another content type: FastAPI hands it over unparsed.
+        msg = "The request body is not valid JSON (send a JSON object with content-type: application/json)"
+    elif param is None and kind in ("model_attributes_type", "dict_type", "model_type"):
+        msg = "The request body must be a JSON object"
     elif kind == "missing":
         msg = f"Missing required parameter: '{param}'"
     else:

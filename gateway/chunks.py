@@ -60,23 +60,38 @@ def _choice(meta: Meta, index: int, text: str, finish: str | None, first: bool) 
 
 @dataclass
 class StreamAssembler:
-    """Builds the streamed chunks of one response, reply by reply."""
+    """Builds the streamed chunks of one response, reply by reply.
+
+    ``include_usage`` adds a last chunk with the request's usage; ``continuous_usage`` (vLLM's
+    ``stream_options.continuous_usage_stats``, which needs ``include_usage`` too) also puts the
+    usage so far on every chunk, counted from the tokens sent.
+    """
 
     meta: Meta
     include_usage: bool
+    continuous_usage: bool = False
+    prompt_tokens: int = 0
     _opened: set[int] = field(default_factory=set)
+    _generated: int = 0
 
     def tokens(self, reply: Tokens) -> list[dict[str, Any]]:
         first = reply.index not in self._opened
         self._opened.add(reply.index)
+        self._generated += len(reply.token_ids)
         if not reply.text and not first and reply.finish_reason is None:
             return []
-        return [_chunk(self.meta, [_choice(self.meta, reply.index, reply.text, reply.finish_reason, first)])]
+        choice = _choice(self.meta, reply.index, reply.text, reply.finish_reason, first)
+        return [_chunk(self.meta, [choice], self._so_far())]
+
+    def _so_far(self) -> Usage | None:
+        if not self.continuous_usage:
+            return None
+        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self._generated)
 
     def final(self, reply: Final) -> list[dict[str, Any]]:
         """Choices that never produced a token still get their opening and finish chunk."""
         out = [
-            _chunk(self.meta, [_choice(self.meta, i, "", reason, True)])
+            _chunk(self.meta, [_choice(self.meta, i, "", reason, True)], self._so_far())
             for i, reason in enumerate(reply.finish_reasons)
             if i not in self._opened
         ]

@@ -1,13 +1,17 @@
-"""ASGI edge concerns: a request id on every response and a hard cap on body size."""
+"""ASGI edge concerns: a request id on every response, a hard cap on body size, and an OpenAI error
+envelope (with that id) for any exception nothing else handled, its traceback logged once."""
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.errors import BodyTooLarge
+from gateway.errors import APIError, BodyTooLarge, InternalError
+
+log = logging.getLogger(__name__)
 
 
 class RequestEdge:
@@ -29,9 +33,12 @@ class RequestEdge:
         request_id: str = self.new_id()
         scope.setdefault("state", {})["request_id"] = request_id
         header = (b"x-request-id", request_id.encode())
+        started = False
 
         async def send_with_id(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 message = {**message, "headers": [*message.get("headers", []), header]}
             await send(message)
 
@@ -41,7 +48,15 @@ class RequestEdge:
                 await _reject(send_with_id, BodyTooLarge(f"request body exceeds {self.max_body} bytes"))
                 return
             receive = _replay(body, receive)
-        await self.app(scope, receive, send_with_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            # Logged here, once, and not re-raised (the server would log it again and answer in
+            # plain text). A response already under way can only be cut; streams report their own
+            # failures as error events before they get here.
+            log.exception("request %s %s (%s) failed", scope["method"], scope.get("path"), request_id)
+            if not started:
+                await _reject(send_with_id, InternalError(request_id))
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
         for name, value in scope["headers"]:
@@ -76,7 +91,7 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-async def _reject(send: Send, error: BodyTooLarge) -> None:
+async def _reject(send: Send, error: APIError) -> None:
     payload = json.dumps(error.envelope()).encode()
     await send(
         {

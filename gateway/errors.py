@@ -73,6 +73,17 @@ class Unavailable(APIError):
         return {"retry-after": str(max(1, round(self.retry_after)))}
 
 
+class InternalError(APIError):
+    """A defect: answered in OpenAI's envelope with the request id to quote; the traceback is logged."""
+
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(f"The server had an error while processing your request (request id {request_id}).")
+
+
 class Timeout(APIError):
     status = 504
     type = "server_error"

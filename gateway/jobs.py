@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
@@ -14,7 +14,19 @@ from redis.exceptions import RedisError
 from gateway.errors import APIError, Timeout, Unavailable, UpstreamFailure, from_status
 from gateway.metrics import GatewayMetrics
 from gateway.replies import ReplyHub, Subscription, SubscriptionLost
-from shared.messages import Failure, Final, Job, Started, Tokens, WireError, decode_reply, encode
+from shared.messages import (
+    Failure,
+    Final,
+    Job,
+    Priority,
+    Started,
+    StreamRecord,
+    Tokens,
+    Usage,
+    WireError,
+    decode_reply,
+    encode,
+)
 from shared.names import JOB_FIELD, Names
 
 log = logging.getLogger(__name__)
@@ -30,10 +42,6 @@ class Timeouts:
     """Longest silence once a worker has started the job."""
     queue: float = float("inf")
     """Longest wait for a worker to start the job."""
-
-
-OnClose = Callable[[int], Awaitable[None]]
-"""Called once when a request ends, with the tokens (prompt + generated) it actually used."""
 
 
 class Dispatcher:
@@ -53,9 +61,7 @@ class Dispatcher:
         self._names = names
         self._timeouts = timeouts
 
-    async def submit(
-        self, job: Job, priority: str = "interactive", on_close: OnClose | None = None
-    ) -> ReplyStream:
+    async def submit(self, job: Job, priority: Priority = "interactive") -> ReplyStream:
         """Subscribe to the job's replies first, then enqueue it."""
         try:
             sub = await self._hub.open(self._names.reply_channel(job.id))
@@ -65,17 +71,16 @@ class Dispatcher:
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.xadd(stream, {JOB_FIELD: encode(job)})
-                pipe.hset(self._names.streams_index(job.model), stream, priority)
+                record = StreamRecord(tenant=job.tenant, priority=priority)
+                pipe.hset(self._names.streams_index(job.model), stream, encode(record))
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             await self._hub.close(sub)
             raise Unavailable("the queue is unreachable; nothing was enqueued", retry_after=2) from exc
-        return ReplyStream(job, sub, self, self._timeouts, on_close)
+        return ReplyStream(job, sub, self, self._timeouts)
 
     async def release(self, stream: ReplyStream, *, cancel: bool) -> None:
         await self._hub.close(stream.subscription)
-        if stream.on_close is not None:
-            await stream.on_close(len(stream.job.prompt_token_ids) + stream.generated)
         if not cancel:
             return
         try:
@@ -90,12 +95,11 @@ class Dispatcher:
 class ReplyStream:
     """The replies of one job, in order; raises APIError subclasses on any failure."""
 
-    def __init__(
-        self, job: Job, sub: Subscription, owner: Dispatcher, timeouts: Timeouts, on_close: OnClose | None
-    ) -> None:
+    def __init__(self, job: Job, sub: Subscription, owner: Dispatcher, timeouts: Timeouts) -> None:
         self.job = job
-        self.on_close = on_close
         self.generated = 0
+        """Tokens the client has been sent (a resumed start must continue from exactly these)."""
+        self.final: Final | None = None
         self._closed = False
         self._queue_deadline = time.monotonic() + timeouts.queue
         self.subscription = sub
@@ -133,6 +137,7 @@ class ReplyStream:
                 raise from_status(reply.status, reply.code, reply.message)
             if isinstance(reply, Final):
                 self.finished = True
+                self.final = reply
             elif isinstance(reply, Tokens):
                 self._delivered_tokens = True
                 self.generated += len(reply.token_ids)
@@ -182,6 +187,13 @@ class ReplyStream:
             return decode_reply(raw)
         except WireError as exc:
             raise UpstreamFailure(str(exc), code="bad_reply") from exc
+
+    def usage(self) -> Usage:
+        """What the request used: the worker's count when it finished, else the prompt and the
+        tokens the client was sent before it ended."""
+        if self.final is not None:
+            return self.final.usage
+        return Usage(prompt_tokens=len(self.job.prompt_token_ids), completion_tokens=self.generated)
 
     async def close(self) -> None:
         """Stop listening; if the job had not finished, tell the workers to drop it. Idempotent."""

@@ -29,8 +29,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import APIError
 from gateway.replies import SubscriptionLost
+from shared.fleet import Snapshot
 from shared.messages import Final, Job, Started, Tokens
-from shared.status import Snapshot
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 

@@ -13,8 +13,8 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gateway.metrics import GatewayMetrics
+from shared.fleet import BadRecords, gather
 from shared.names import Names
-from shared.status import gather
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +30,13 @@ class QueueProbe:
         self._metrics = metrics
         self._worker_ttl = worker_ttl
         self._period = period
+        self._bad = BadRecords()
 
     async def refresh(self) -> bool:
         """One reading; False (and ``redis_up`` 0) when Redis did not answer in time."""
         try:
             snap = await asyncio.wait_for(
-                gather(self._redis, self._names, self._worker_ttl), self._period * 2
+                gather(self._redis, self._names, self._worker_ttl, self._bad), self._period * 2
             )
         except (RedisError, OSError, TimeoutError) as exc:
             log.debug("queue probe: %s", exc)

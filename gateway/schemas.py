@@ -12,9 +12,15 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 from pydantic.json_schema import JsonDict
 
+from shared.messages import Sampling
+
 MAX_STOP_SEQUENCES = 16
 MAX_MESSAGES = 4096
 MAX_TOKENS_LIMIT = 1_000_000
+INT32_MAX = 2**31 - 1
+INT64 = 2**63
+"""vLLM's bounds: a seed must fit a signed 64-bit integer; top_k beyond the vocabulary means no limit,
+but the engine holds it in 32 bits."""
 
 
 class _Strict(BaseModel):
@@ -79,7 +85,7 @@ class _Sampling(_Strict):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=128)
     stop: str | list[str] | None = Field(default=None, json_schema_extra=_STOP_SCHEMA)
-    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
+    seed: int | None = Field(default=None, ge=-INT64, le=INT64 - 1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
@@ -89,10 +95,12 @@ class _Sampling(_Strict):
     # vLLM-compatible extensions
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS_LIMIT)
-    top_k: int | None = Field(default=None, ge=-1)
+    top_k: int | None = Field(default=None, ge=-1, le=INT32_MAX)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, max_length=64)
+    stop_token_ids: list[Annotated[int, Field(ge=0, le=INT32_MAX)]] | None = Field(
+        default=None, max_length=64
+    )
     include_stop_str_in_output: bool = False
 
     @field_validator("logit_bias")
@@ -123,8 +131,29 @@ class _Sampling(_Strict):
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
+    def to_sampling(self, max_tokens: int) -> Sampling:
+        """The wire's sampling parameters: each field of :class:`~shared.messages.Sampling` from the
+        field of the same name here (unset: the wire's default), so a new parameter is added in two
+        places, here and there; ``test_validation`` checks they stay in step."""
+        given = {
+            name: value
+            for name in Sampling.model_fields
+            if name != "max_tokens" and (value := getattr(self, name)) is not None
+        }
+        given["stop"] = tuple(self.stop_list())
+        given["stop_token_ids"] = tuple(self.stop_token_ids or ())
+        if self.top_k == -1:  # vLLM's other spelling of "no limit"
+            given.pop("top_k")
+        return Sampling(max_tokens=max_tokens, **given)
+
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    def continuous_usage(self) -> bool:
+        """Usage on every chunk: vLLM's ``continuous_usage_stats``, honoured with ``include_usage``."""
+        return self.include_usage() and bool(
+            self.stream_options and self.stream_options.continuous_usage_stats
+        )
 
 
 class ChatCompletionRequest(_Sampling):

@@ -1,38 +1,41 @@
-"""The request path shared by chat and text completions: resolve, tokenize, check, enqueue, relay."""
+"""The request path shared by chat and text completions: resolve, tokenize, check, admit, enqueue."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
-import anyio
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse
 
-from gateway.admission import Admission
+from gateway.admission import Admission, default_output
 from gateway.auth import Authenticator
 from gateway.chunks import FullAssembler, Kind, Meta, StreamAssembler
-from gateway.errors import APIError, InvalidRequest, ModelNotFound, Unavailable, UpstreamFailure
-from gateway.jobs import Dispatcher, ReplyStream
+from gateway.errors import APIError, InvalidRequest, ModelNotFound, Unavailable
+from gateway.jobs import Dispatcher
 from gateway.registry import ModelEntry, WorkerRegistry
+from gateway.relay import Admitted, collect, sse_events, until_disconnect
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, _Sampling
-from gateway.tokenizer import TokenizerCache
-from shared.messages import Final, Job, Sampling, Tokens
+from gateway.tokenizer import PromptBuilder, TokenizerCache
+from shared.messages import Job, Usage
 from shared.settings import GatewaySettings
 from shared.tenants import Tenant
 
-T = TypeVar("T")
-
 log = logging.getLogger(__name__)
+
+SSE_SEPARATOR = "\n"
+"""Line ending of SSE events, as OpenAI and vLLM send them: clients that split events on a blank
+line written as ``\\n\\n`` (vLLM's benchmark client among them) misread ``\\r\\n`` streams."""
+
+
+NOTHING = Usage(prompt_tokens=0, completion_tokens=0)
 
 
 @dataclass
@@ -68,16 +71,20 @@ class Gateway:
     async def chat(self, request: Request, body: ChatCompletionRequest, tenant: Tenant) -> Any:
         entry = await self.resolve(body.model)
         tokens = await self.tokenizers.get(entry.tokenizer)
-        prompt = tokens.chat(body.messages)
+        check_length(tokens, sum(len(m.text()) for m in body.messages), entry.max_model_len, "messages")
         tokens.check_ids(body.stop_token_ids or (), "stop_token_ids")
+        prompt = await tokens.chat_async(body.messages)
         job = self._job(request, tenant, entry, body, prompt, body.output_limit(), param="messages")
         return await self._respond(request, job, "chat", body, tenant)
 
     async def completion(self, request: Request, body: CompletionRequest, tenant: Tenant) -> Any:
         entry = await self.resolve(body.model)
         tokens = await self.tokenizers.get(entry.tokenizer)
-        prompt = tokens.text(body.single_prompt())
+        text = body.single_prompt()
+        if isinstance(text, str):
+            check_length(tokens, len(text), entry.max_model_len, "prompt")
         tokens.check_ids(body.stop_token_ids or (), "stop_token_ids")
+        prompt = await tokens.text_async(text)
         job = self._job(request, tenant, entry, body, prompt, body.max_tokens, param="prompt")
         return await self._respond(request, job, "text", body, tenant)
 
@@ -94,7 +101,9 @@ class Gateway:
         request.state.model = entry.name  # a served model: safe as a metrics label
         if body.n > self.settings.max_n:
             raise InvalidRequest(f"n must be at most {self.settings.max_n}", param="n")
-        max_tokens = fit_context(len(prompt), max_tokens, entry.max_model_len, param)
+        room = fit_context(len(prompt), max_tokens, entry.max_model_len, param)
+        if max_tokens is None:
+            max_tokens = default_output(room, len(prompt), body.n, tenant.tpm)
         if body.min_tokens > max_tokens:
             raise InvalidRequest("min_tokens must not exceed max_tokens", param="min_tokens")
         return Job(
@@ -102,49 +111,60 @@ class Gateway:
             tenant=tenant.name,
             model=entry.name,
             prompt_token_ids=tuple(prompt),
-            sampling=to_sampling(body, max_tokens),
+            sampling=body.to_sampling(max_tokens),
             created_at=time.time(),
         )
 
-    async def _submit(self, job: Job, tenant: Tenant) -> tuple[ReplyStream, dict[str, str]]:
+    async def _submit(self, job: Job, tenant: Tenant) -> Admitted:
         """Admit (rate limits, backlog) and enqueue; the reservation is settled when the reply ends."""
-        reserve = len(job.prompt_token_ids) + job.sampling.max_tokens * job.sampling.n
-        ticket = await self.admission.admit(tenant, job.id, job.model, reserve)
-
-        async def settle(used: int) -> None:
-            await self.admission.release(ticket, used)
-
+        ticket = await self.admission.admit(tenant, job)
         try:
-            replies = await self.dispatcher.submit(job, tenant.priority, on_close=settle)
-        except APIError:
-            await settle(0)
+            replies = await self.dispatcher.submit(job, tenant.priority)
+        except BaseException:
+            await self.admission.settle(ticket, NOTHING)  # nothing was enqueued
             raise
-        return replies, ticket.headers
+        return Admitted(replies, ticket, self.admission)
 
     async def _respond(self, request: Request, job: Job, kind: Kind, body: _Sampling, tenant: Tenant) -> Any:
         prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
         meta = Meta(
             id=prefix + job.id.removeprefix("req_"), created=int(job.created_at), model=job.model, kind=kind
         )
-        replies, headers = await self._submit(job, tenant)
+        admitted = await self._submit(job, tenant)
         if body.stream:
+            assembler = StreamAssembler(
+                meta, body.include_usage(), body.continuous_usage(), len(job.prompt_token_ids)
+            )
             return EventSourceResponse(
-                sse_events(replies, StreamAssembler(meta, body.include_usage())),
+                sse_events(admitted, assembler),
                 ping=self.settings.ping_interval,
-                headers=headers,
+                headers=admitted.ticket.headers,
+                sep=SSE_SEPARATOR,
             )
         try:
-            result = await until_disconnect(request, lambda: collect(replies, FullAssembler(meta)))
+            result = await until_disconnect(request, lambda: collect(admitted.replies, FullAssembler(meta)))
         finally:
-            with anyio.CancelScope(shield=True):
-                await replies.close()
+            await admitted.close()
         if result is None:  # the client left; nobody reads a response
             return JSONResponse({}, status_code=499)
-        return JSONResponse(result, headers=headers)
+        return JSONResponse(result, headers=admitted.ticket.headers)
+
+
+def check_length(tokens: PromptBuilder, chars: int, max_model_len: int, param: str) -> None:
+    """Refuse, without encoding it, a prompt too long to fit the context whatever it encodes to."""
+    least = tokens.least_tokens(chars)
+    if least >= max_model_len:
+        raise InvalidRequest(
+            f"This model's maximum context length is {max_model_len} tokens. However, the prompt "
+            f"alone has at least {least} tokens. Please reduce the prompt.",
+            param=param,
+            code="context_length_exceeded",
+        )
 
 
 def fit_context(prompt_len: int, max_tokens: int | None, max_model_len: int, param: str) -> int:
-    """The output budget: the requested one if prompt + output fit the context, else a 400."""
+    """The output budget: ``max_tokens`` if prompt and output fit the context (else a 400), and
+    when it is unset the whole room the prompt leaves."""
     if prompt_len == 0:  # e.g. "" with a tokenizer that adds no BOS; the engine would refuse it
         raise InvalidRequest("the prompt is empty: it encodes to no tokens", param=param)
     room = max_model_len - prompt_len
@@ -165,81 +185,6 @@ def _too_long(prompt_len: int, max_tokens: int, limit: int, param: str) -> Inval
         param=param,
         code="context_length_exceeded",
     )
-
-
-def to_sampling(body: _Sampling, max_tokens: int) -> Sampling:
-    return Sampling(
-        max_tokens=max_tokens,
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=0 if body.top_k in (None, -1) else body.top_k,
-        min_p=body.min_p or 0.0,
-        presence_penalty=body.presence_penalty or 0.0,
-        frequency_penalty=body.frequency_penalty or 0.0,
-        repetition_penalty=body.repetition_penalty or 1.0,
-        stop=tuple(body.stop_list()),
-        stop_token_ids=tuple(body.stop_token_ids or ()),
-        seed=body.seed,
-        n=body.n,
-        ignore_eos=body.ignore_eos,
-        min_tokens=body.min_tokens,
-        include_stop_str_in_output=body.include_stop_str_in_output,
-    )
-
-
-async def collect(replies: ReplyStream, assembler: FullAssembler) -> dict[str, Any]:
-    async for reply in replies:
-        if isinstance(reply, Tokens):
-            assembler.tokens(reply)
-        elif isinstance(reply, Final):
-            return assembler.response(reply)
-    raise UpstreamFailure("the reply stream ended without a final message")
-
-
-async def sse_events(replies: ReplyStream, assembler: StreamAssembler) -> AsyncIterator[dict[str, str]]:
-    """SSE payloads of one streamed response; an error after the start becomes an error event."""
-    try:
-        async for reply in replies:
-            if isinstance(reply, Tokens):
-                chunks = assembler.tokens(reply)
-            elif isinstance(reply, Final):
-                chunks = assembler.final(reply)
-            else:
-                continue
-            for chunk in chunks:
-                yield {"data": json.dumps(chunk, separators=(",", ":"))}
-        yield {"data": "[DONE]"}
-    except APIError as exc:
-        yield {"data": json.dumps(exc.envelope())}
-    finally:
-        # Cancellation (client gone) must not skip telling the worker to stop.
-        with anyio.CancelScope(shield=True):
-            await replies.close()
-
-
-async def until_disconnect(request: Request, work: Callable[[], Awaitable[T]]) -> T | None:
-    """Run ``work`` unless the client disconnects first (then ``None``)."""
-    result: list[T] = []
-    failure: list[APIError] = []
-    async with anyio.create_task_group() as group:
-
-        async def run() -> None:
-            try:
-                result.append(await work())
-            except APIError as exc:  # re-raised below, not wrapped in an ExceptionGroup
-                failure.append(exc)
-            group.cancel_scope.cancel()
-
-        async def watch() -> None:
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-            group.cancel_scope.cancel()
-
-        group.start_soon(run)
-        group.start_soon(watch)
-    if failure:
-        raise failure[0]
-    return result[0] if result else None
 
 
 def new_request_id() -> str:

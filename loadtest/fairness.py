@@ -122,7 +122,7 @@ class QueueProbe:
 
     async def snapshot(self, t: float) -> tuple[fairreport.QueueSample, int]:
         """One sample at phase time ``t``, and the live workers' total capacity."""
-        from shared.status import gather
+        from shared.fleet import gather
 
         snap = await gather(self.redis, self.names)
         streams = {s.tenant: s for s in snap.streams if s.model == self.model}
@@ -352,7 +352,7 @@ def first_model(base_url: str, key: str) -> str:
 
 def create_tenants(settings: RedisSettings, flooder_priority: Priority) -> tuple[str, str]:
     """Tenants A and B with no limits, and a new key for each."""
-    from shared.keys import create
+    from control.keys import create
     from shared.tenants import Tenant
 
     key_a = create(settings, Tenant(name=FLOODER, priority=flooder_priority))

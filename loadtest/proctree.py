@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from control.processes import group_alive, wait_until
+
 # (signal, seconds to wait for the server's process group to go) — escalated in this order.
 STOP_SEQUENCE = ((signal.SIGINT, 20.0), (signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0))
 LEFTOVER_GRACE_S = 5.0
@@ -98,28 +100,16 @@ def cpu_window(before: CpuSample, after: CpuSample) -> dict[str, float]:
     }
 
 
-def _group_alive(proc: subprocess.Popen[bytes]) -> bool:
-    proc.poll()  # reap the leader, or a zombie leader keeps the group "alive"
-    try:
-        os.killpg(proc.pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def _stop_group(proc: subprocess.Popen[bytes]) -> str:
     for sig, grace in STOP_SEQUENCE:
-        if not _group_alive(proc):
+        if not group_alive(proc):
             return "already exited"
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
             return sig.name
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            if not _group_alive(proc):
-                return sig.name
-            time.sleep(0.2)
+        if wait_until(lambda: not group_alive(proc), grace):
+            return sig.name
     return "SIGKILL (group still listed: leftover zombies?)"
 
 
@@ -143,10 +133,8 @@ def stop_tree(proc: subprocess.Popen[bytes]) -> str:
     if leftovers:
         found = len(leftovers)
         _signal_all(leftovers, signal.SIGTERM)
-        deadline = time.monotonic() + LEFTOVER_GRACE_S
-        while leftovers and time.monotonic() < deadline:
-            time.sleep(0.2)
-            leftovers = running(leftovers)
+        wait_until(lambda: not running(leftovers), LEFTOVER_GRACE_S)
+        leftovers = running(leftovers)
         _signal_all(leftovers, signal.SIGKILL)
         how += f"; then stopped {found} leftover descendant(s)"
     return how

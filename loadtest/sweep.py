@@ -29,7 +29,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -210,7 +210,7 @@ def level_line(name: str, r: sr.LevelResult) -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--url", required=True, help="the server under test, e.g. http://127.0.0.1:8000")
     p.add_argument("--name", default="switchyard", help="its name in the report")
@@ -258,7 +258,7 @@ def describe(args: argparse.Namespace, targets: Sequence[Target]) -> dict[str, A
     return {
         "label": args.label,
         "note": args.note,
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": shlex.join(["sweep.py", *redact(sys.argv[1:])]),
         "levels": ",".join(map(str, args.levels)),
         "seconds per level": args.duration,
@@ -306,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(level_line(target.name, result), flush=True)
             time.sleep(args.pause)
     report.meta["loadavg at end"] = loadavg()
-    report.meta["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    report.meta["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
     (args.out / "summary.md").write_text(sr.render_markdown(report))
     (args.out / "summary.json").write_text(sr.to_json(report))
     charts.write_charts(report, args.out)

@@ -7,17 +7,21 @@ cannot understand each other instead of guessing.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 WIRE_VERSION = 1
 
 FinishReason = Literal["stop", "length", "abort"]
+Priority = Literal["interactive", "batch"]
 
 
 class _Wire(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+_W = TypeVar("_W", bound=_Wire)
 
 
 class Sampling(_Wire):
@@ -123,6 +127,13 @@ def encode(message: _Wire) -> str:
     return message.model_dump_json()
 
 
+def _decode(model: type[_W], raw: str | bytes, what: str) -> _W:
+    try:
+        return model.model_validate_json(raw)
+    except ValueError as exc:
+        raise WireError(f"undecodable {what}: {exc}") from exc
+
+
 def decode_reply(raw: str | bytes) -> Started | Tokens | Final | Failure:
     try:
         return _reply_adapter.validate_json(raw)
@@ -131,10 +142,7 @@ def decode_reply(raw: str | bytes) -> Started | Tokens | Final | Failure:
 
 
 def decode_job(raw: str | bytes) -> Job:
-    try:
-        job = Job.model_validate_json(raw)
-    except ValueError as exc:
-        raise WireError(f"undecodable job: {exc}") from exc
+    job = _decode(Job, raw, "job")
     if job.v != WIRE_VERSION:
         raise WireError(f"job wire version {job.v} is not {WIRE_VERSION}")
     return job
@@ -159,3 +167,56 @@ class WorkerInfo(_Wire):
     """Tokens generated per second over the last few seconds."""
     started_at: float
     heartbeat_at: float
+    engine: str = "vllm"
+    """What generates: ``vllm``, or ``sim`` for the simulated engine of capacity tests."""
+    draining: bool = False
+    """The worker takes no new jobs (it is stopping)."""
+
+
+def decode_worker_info(raw: str | bytes) -> WorkerInfo:
+    return _decode(WorkerInfo, raw, "worker record")
+
+
+class StreamRecord(_Wire):
+    """What the streams index says of one job stream (hash field: the stream's name)."""
+
+    v: int = WIRE_VERSION
+    tenant: str
+    priority: Priority = "interactive"
+
+
+def decode_stream_record(raw: str | bytes) -> StreamRecord:
+    return _decode(StreamRecord, raw, "stream record")
+
+
+class DeadLetter(_Wire):
+    """An entry of a model's dead-letter stream: a job that could not be run, and why.
+
+    Kept as flat stream fields (``XRANGE`` shows them as they are), the job as it was enqueued.
+    """
+
+    stream: str
+    entry: str
+    reason: str
+    job: str = ""
+
+    def fields(self) -> dict[str, str]:
+        return {"stream": self.stream, "entry": self.entry, "reason": self.reason, "job": self.job}
+
+    @classmethod
+    def parse(cls, fields: dict[bytes, bytes]) -> DeadLetter:
+        try:
+            return cls.model_validate({k.decode(): v.decode(errors="replace") for k, v in fields.items()})
+        except ValueError as exc:
+            raise WireError(f"undecodable dead letter: {exc}") from exc
+
+
+def decode_progress(entries: list[bytes]) -> list[Tokens]:
+    """A job's progress list: the token messages its earlier attempts published, in order."""
+    out = []
+    for raw in entries:
+        reply = decode_reply(raw)
+        if not isinstance(reply, Tokens):
+            raise WireError(f"progress entry is a {reply.type} message, not tokens")
+        out.append(reply)
+    return out

@@ -5,7 +5,7 @@ several test runs, can share one Redis. They are plain strings meant to be typed
 
     XLEN       switchyard:jobs:<model>:<tenant>          backlog of one tenant for one model
     XPENDING   switchyard:jobs:<model>:<tenant> workers  jobs taken by workers, not yet finished
-    HGETALL    switchyard:streams:<model>                every job stream of a model, with priority
+    HGETALL    switchyard:streams:<model>                every job stream of a model: tenant, priority
     HGETALL    switchyard:tenants                        tenants and their limits
     ZRANGE     switchyard:workers 0 -1 WITHSCORES        live workers by last heartbeat
     GET        switchyard:worker:<id>                    what one worker serves (JSON)
@@ -40,6 +40,11 @@ class Names:
     def reply_channel(self, request_id: str) -> str:
         return f"{self.prefix}:reply:{request_id}"
 
+    def hub_channel(self) -> str:
+        """Channel each gateway's reply connection stays subscribed to (nothing is published on it):
+        its confirmation tells the gateway the connection is up."""
+        return f"{self.prefix}:gateway-hub"
+
     def cancel_channel(self) -> str:
         return f"{self.prefix}:cancel"
 
@@ -48,7 +53,7 @@ class Names:
         return f"{self.prefix}:cancelled:{request_id}"
 
     def progress(self, request_id: str) -> str:
-        """List of the token batches a job has published so far, so another worker can resume it."""
+        """List of the token messages a job has published so far, so another worker can resume it."""
         return f"{self.prefix}:progress:{request_id}"
 
     def workers(self) -> str:

@@ -1,14 +1,44 @@
-"""Multi-step Redis operations that must be atomic, as Lua scripts (one place, like the names)."""
+"""Every multi-step Redis operation that must be atomic, as a Lua script (one place, like the names).
+
+Scripts are called by their SHA1 (``EVALSHA``); a Redis that does not know one yet (just started,
+or restarted empty) answers ``NOSCRIPT`` and the caller loads it and sends the call again.
+"""
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
+
+
+@dataclass(frozen=True, slots=True)
+class Lua:
+    """One script and its SHA1, so a call can name it without sending its text."""
+
+    text: str
+    sha: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.text.encode()).hexdigest())
+
+    def call(self, keys: list[str] | tuple[str, ...], args: list[Any] | tuple[Any, ...]) -> tuple[Any, ...]:
+        """The ``EVALSHA`` command that runs this script (for a pipeline or the worker's outbox)."""
+        return ("EVALSHA", self.sha, len(keys), *keys, *args)
+
+
+def is_noscript(reply: object) -> bool:
+    """Whether a command's reply says Redis does not have the script (so it did not run)."""
+    return isinstance(reply, NoScriptError)
+
 
 # Reset the idle time of the entries a consumer still owns, and only those: a plain XCLAIM would
 # silently take back an entry that another worker has already reclaimed. Returns the ids that the
 # consumer no longer owns (the caller's job was taken over and must stop).
-REFRESH_CLAIMS = """
+REFRESH_CLAIMS = Lua("""
 local lost = {}
 for i, id in ipairs(ARGV) do
   if i > 1 then
@@ -21,7 +51,7 @@ for i, id in ipairs(ARGV) do
   end
 end
 return lost
-"""
+""")
 
 
 # Admission of one request for one tenant, atomically across every gateway: sliding 60 s windows
@@ -90,7 +120,61 @@ return 0
 """
 
 
+# Every write a worker makes for a job goes through one of the scripts below, which first check that
+# the worker still owns the job's stream entry. A worker that stalled past the reclaim idle time and
+# lost the job to another is thereby fenced off: none of its late replies reach the client next to
+# the new owner's, and the zero it gets back tells it to stop.
+_OWNS = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if not p[1] or p[1][2] ~= ARGV[2] then return 0 end
+"""
+
+# Publish replies, keeping each token message in the job's progress list (so the progress a
+# successor resumes from is exactly what the client was sent); with 'ack', then end the job: XACK,
+# XDEL (XLEN stays the live backlog), drop the progress, count it as drained.
+# KEYS: job stream, progress list, drained counter.
+# ARGV: group, consumer, entry id, channel, progress ttl ms, 'ack' or '', then pairs of
+# (payload, '1' to keep it in the progress list or '').
+CLAIMED_PUBLISH = Lua(
+    _OWNS
+    + """
+for i = 7, #ARGV, 2 do
+  if ARGV[i + 1] ~= '' then
+    redis.call('RPUSH', KEYS[2], ARGV[i])
+    redis.call('PEXPIRE', KEYS[2], ARGV[5])
+  end
+  redis.call('PUBLISH', ARGV[4], ARGV[i])
+end
+if ARGV[6] == 'ack' then
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+  redis.call('XDEL', KEYS[1], ARGV[3])
+  redis.call('DEL', KEYS[2])
+  redis.call('INCR', KEYS[3])
+end
+return 1
+"""
+)
+
+# Re-queue a job this worker will not finish, as a new entry marked handed back; its progress stays
+# for the next worker. KEYS: job stream. ARGV: group, consumer, entry id, job field, job,
+# handed-back field.
+CLAIMED_HAND_BACK = Lua(
+    _OWNS
+    + """
+redis.call('XADD', KEYS[1], '*', ARGV[4], ARGV[5], ARGV[6], '1')
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+redis.call('XDEL', KEYS[1], ARGV[3])
+return 1
+"""
+)
+
+WORKER_SCRIPTS = (CLAIMED_PUBLISH, CLAIMED_HAND_BACK)
+"""The scripts a worker's outbox calls: loaded again whenever Redis answers NOSCRIPT."""
+
+
 class Scripts:
+    """The gateway's admission scripts; redis-py loads them on ``NOSCRIPT`` by itself."""
+
     def __init__(self, redis: Redis) -> None:
         self.admit: AsyncScript = redis.register_script(_ADMIT)
         self.release: AsyncScript = redis.register_script(_RELEASE)

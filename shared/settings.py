@@ -22,6 +22,14 @@ class RedisSettings(BaseSettings):
     def names(self) -> Names:
         return Names(self.key_prefix)
 
+    def environment(self) -> dict[str, str]:
+        """These settings as the environment variables a process started with them reads."""
+        env = {}
+        for name, value in self.model_dump(exclude_none=True).items():
+            key = "REDIS_URL" if name == "redis_url" else f"SWITCHYARD_{name.upper()}"
+            env[key] = str(value).lower() if isinstance(value, bool) else str(value)
+        return env
+
 
 class GatewaySettings(RedisSettings):
     host: str = Field(default="127.0.0.1", description="Address the gateway listens on.")

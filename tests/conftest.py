@@ -17,8 +17,9 @@ import pytest_asyncio
 from openai import AsyncOpenAI, OpenAI
 from redis.asyncio import Redis
 
+from control.processes import free_port
+from control.redis_server import EmbeddedRedis
 from shared.names import Names
-from shared.redis_server import EmbeddedRedis, free_port
 from shared.tenants import Tenant, TenantStore
 from tests.procs import ready, spawn, stop, wait_until
 

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+
+from control.processes import stop_process
+from control.processes import wait_until as poll_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,7 +23,7 @@ def spawn(role: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     out = log.open("ab")
     try:
         return subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", role],
+            [sys.executable, "-m", "control.cli", role],
             env=full,
             cwd=ROOT,
             stdout=out,
@@ -37,13 +37,7 @@ def spawn(role: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
 
 def stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> int:
     """SIGTERM, then SIGKILL the whole process group (vLLM's engine process included)."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=grace)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    return proc.wait()
+    return stop_process(proc, grace, group=True)
 
 
 def wait_until(
@@ -53,19 +47,19 @@ def wait_until(
     procs: tuple[subprocess.Popen[bytes], ...] = (),
     logs: tuple[Path, ...] = (),
 ) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    """Poll ``check``; fail at once, with the log, if one of ``procs`` exits meanwhile."""
+
+    def alive() -> None:
         for proc, log in zip(procs, logs, strict=False):
             if proc.poll() is not None:
                 raise RuntimeError(
                     f"process exited ({proc.returncode}) while waiting for {what}:\n"
                     + log.read_text()[-3000:]
                 )
-        if check():
-            return
-        time.sleep(0.2)
-    tail = "\n".join(log.read_text()[-2000:] for log in logs)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}\n{tail}")
+
+    if not poll_until(check, timeout, watch=alive):
+        tail = "\n".join(log.read_text()[-2000:] for log in logs)
+        raise TimeoutError(f"timed out after {timeout}s waiting for {what}\n{tail}")
 
 
 def ready(base_url: str) -> bool:

@@ -20,9 +20,10 @@ from redis.exceptions import RedisError
 
 from shared.messages import Job, Sampling, Started, Tokens, decode_reply, encode
 from shared.names import GROUP, JOB_FIELD, Names
+from worker.channel import Claim, ClaimLost, ReplyChannel
 from worker.metrics import WorkerMetrics
 from worker.outbox import Outbox
-from worker.runner import Claim, ClaimLost, JobRunner, ReplyChannel
+from worker.runner import JobRunner
 
 
 @dataclass
@@ -116,7 +117,7 @@ async def test_the_owner_publishes_and_records_progress(redis: Redis, held: Held
 
     assert await published(redis, channel, asyncio.ensure_future(send())) == [0, 1]
     progress = await redis.lrange(held.names.progress(held.claim_a.job.id), 0, -1)
-    assert len(progress) == 1  # token batches only: a successor resumes after them
+    assert len(progress) == 1  # token messages only: a successor resumes after them
 
 
 async def test_a_worker_that_lost_its_claim_publishes_nothing(redis: Redis, held: Held) -> None:
@@ -176,3 +177,18 @@ async def test_a_stopped_outbox_refuses_at_once_instead_of_leaving_the_sender_wa
         await runner
     with pytest.raises(RedisError):
         await asyncio.wait_for(outbox.send(("PING",)), 2)
+
+
+async def test_calls_that_meet_a_redis_without_the_scripts_load_them_and_run_once(
+    redis: Redis, held: Held
+) -> None:
+    a = held.channel(held.claim_a, "a")
+    await a.send([tokens(0, (5, 6))])
+    await redis.script_flush()  # what a restarted Redis knows of them
+    channel = held.names.reply_channel(held.claim_a.job.id)
+
+    async def send() -> None:
+        await a.send([tokens(1, (7,)), tokens(2, (8,))])
+
+    assert await published(redis, channel, asyncio.ensure_future(send())) == [1, 2]
+    assert len(await redis.lrange(held.names.progress(held.claim_a.job.id), 0, -1)) == 3

@@ -14,7 +14,8 @@ import psutil
 import pytest
 from openai import OpenAI
 
-from shared.redis_server import EmbeddedRedis, free_port
+from control.processes import free_port
+from control.redis_server import EmbeddedRedis
 from tests.procs import ROOT, ready, wait_until
 
 
@@ -22,7 +23,7 @@ def switchyard(*args: str, timeout: float = 60, **env: str) -> subprocess.Comple
     full = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHYARD_") and k != "REDIS_URL"}
     full.update(env)
     return subprocess.run(
-        [sys.executable, "-m", "shared.cli", *args],
+        [sys.executable, "-m", "control.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -94,7 +95,7 @@ def test_up_serves_and_stops_cleanly(demo_model_dir: Path, tmp_path: Path) -> No
             [
                 sys.executable,
                 "-m",
-                "shared.cli",
+                "control.cli",
                 "up",
                 "--port",
                 str(port),

@@ -81,7 +81,7 @@ def test_commands_are_cli_commands_and_shutdown_has_time_to_drain(compose: dict[
         command = compose["services"][name]["command"]
         assert command[0] == "switchyard"
         done = subprocess.run(
-            [sys.executable, "-m", "shared.cli", *command[1:], "--help"],
+            [sys.executable, "-m", "control.cli", *command[1:], "--help"],
             cwd=ROOT, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert done.returncode == 0, f"{name}: {done.stderr[-500:]}"

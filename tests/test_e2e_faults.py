@@ -11,7 +11,18 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from shared.messages import Failure, Final, Job, Sampling, Started, Tokens, WorkerInfo, decode_reply, encode
+from shared.messages import (
+    Failure,
+    Final,
+    Job,
+    Sampling,
+    Started,
+    StreamRecord,
+    Tokens,
+    WorkerInfo,
+    decode_reply,
+    encode,
+)
 from shared.names import GROUP, JOB_FIELD
 from tests.conftest import SESSION_RECLAIM_IDLE, System
 
@@ -28,14 +39,14 @@ async def worker_info(redis: Redis, system: System) -> WorkerInfo:
     return live[0]
 
 
-async def wait_for(predicate, timeout: float) -> float:  # type: ignore[no-untyped-def]
-    """Seconds until ``await predicate()`` holds; fails after ``timeout``."""
+async def wait_for(predicate, within: float) -> float:  # type: ignore[no-untyped-def]
+    """Seconds until ``await predicate()`` holds; fails after ``within`` seconds."""
     begun = time.monotonic()
-    while time.monotonic() - begun < timeout:
+    while time.monotonic() - begun < within:
         if await predicate():
             return time.monotonic() - begun
         await asyncio.sleep(0.05)
-    raise AssertionError(f"condition not met in {timeout}s")
+    raise AssertionError(f"condition not met in {within}s")
 
 
 async def engine_busy(redis: Redis, system: System) -> bool:
@@ -153,19 +164,19 @@ def demo_job(system: System, max_tokens: int = 8) -> Job:
     )
 
 
-async def replies_of(redis: Redis, system: System, job: Job, until: type, timeout: float) -> list[object]:
+async def replies_of(redis: Redis, system: System, job: Job, until: type, within: float) -> list[object]:
     pubsub = redis.pubsub(ignore_subscribe_messages=True)
     await pubsub.subscribe(system.names.reply_channel(job.id))
     got: list[object] = []
     try:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + within
         while time.monotonic() < deadline:
             msg = await pubsub.get_message(timeout=0.2)
             if msg:
                 got.append(decode_reply(msg["data"]))
                 if isinstance(got[-1], until | Failure):
                     return got
-        raise AssertionError(f"no {until.__name__} within {timeout}s; got {got}")
+        raise AssertionError(f"no {until.__name__} within {within}s; got {got}")
     finally:
         await pubsub.aclose()
 
@@ -173,7 +184,7 @@ async def replies_of(redis: Redis, system: System, job: Job, until: type, timeou
 async def registered_stream(redis: Redis, system: System) -> str:
     """The session tenant's job stream, listed in the model's index as a gateway does it."""
     stream = system.names.jobs_stream(system.model, "main")
-    await redis.hset(system.names.streams_index(system.model), stream, "interactive")
+    await redis.hset(system.names.streams_index(system.model), stream, encode(StreamRecord(tenant="main")))
     return stream
 
 
@@ -193,7 +204,7 @@ async def enqueue_as_ghost(redis: Redis, system: System, job: Job, deliveries: i
 
 async def test_a_job_left_by_a_dead_worker_is_reclaimed_and_completed(system: System, redis: Redis) -> None:
     job = demo_job(system)
-    listening = asyncio.create_task(replies_of(redis, system, job, Final, timeout=20))
+    listening = asyncio.create_task(replies_of(redis, system, job, Final, within=20))
     await asyncio.sleep(0.2)
     begun = time.monotonic()
     await enqueue_as_ghost(redis, system, job, deliveries=1)
@@ -212,7 +223,7 @@ async def test_a_job_that_keeps_failing_goes_to_the_dead_letter_stream(system: S
     job = demo_job(system)
     dead = system.names.dead_letter(system.model)
     before = await redis.xlen(dead)
-    listening = asyncio.create_task(replies_of(redis, system, job, Final, timeout=20))
+    listening = asyncio.create_task(replies_of(redis, system, job, Final, within=20))
     await asyncio.sleep(0.2)
     await enqueue_as_ghost(redis, system, job, deliveries=3)
     got = await listening

@@ -20,8 +20,9 @@ import pytest_asyncio
 from openai import AsyncOpenAI
 from redis.asyncio import Redis
 
+from control.processes import free_port
+from control.redis_server import EmbeddedRedis
 from shared.names import GROUP, Names
-from shared.redis_server import EmbeddedRedis, free_port
 from shared.tenants import Tenant
 from tests.conftest import System, create_tenant, worker_env
 from tests.procs import ready, spawn, stop, wait_until

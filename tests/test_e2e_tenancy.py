@@ -13,7 +13,7 @@ import openai
 import pytest
 from redis.asyncio import Redis
 
-from shared.redis_server import free_port
+from control.processes import free_port
 from shared.tenants import Tenant
 from tests.conftest import System, create_tenant
 from tests.procs import spawn, stop, wait_until

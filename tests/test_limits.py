@@ -10,10 +10,11 @@ import pytest
 import pytest_asyncio
 from redis.asyncio import Redis
 
-from gateway.admission import Admission, DrainMeter, Ticket, reset_text
+from control.redis_server import EmbeddedRedis
+from gateway.admission import Admission, DrainMeter, Ticket, default_output, reservation, reset_text
 from gateway.errors import InvalidRequest, RateLimited
+from shared.messages import Job, Sampling, Usage
 from shared.names import Names
-from shared.redis_server import EmbeddedRedis
 from shared.tenants import Tenant, TenantStore, key_id_of
 
 
@@ -27,8 +28,20 @@ async def admission(redis: Redis, names: Names) -> AsyncIterator[Admission]:
     yield Admission(redis, names, request_ttl=60, drain=DrainMeter(redis, names), max_backlog_total=10_000)
 
 
-def rid() -> str:
-    return "req_" + uuid.uuid4().hex
+def job(reserve: int, model: str = "m") -> Job:
+    """A job whose reservation is ``reserve`` tokens: a prompt of ``reserve - 1`` and one to generate."""
+    return Job(
+        id="req_" + uuid.uuid4().hex,
+        tenant="t",
+        model=model,
+        prompt_token_ids=tuple(range(reserve - 1)),
+        sampling=Sampling(max_tokens=1),
+        created_at=0.0,
+    )
+
+
+def used(tokens: int) -> Usage:
+    return Usage(prompt_tokens=tokens, completion_tokens=0)
 
 
 async def test_keys_are_stored_hashed_and_checked(redis: Redis, names: Names) -> None:
@@ -52,38 +65,38 @@ async def test_keys_are_stored_hashed_and_checked(redis: Redis, names: Names) ->
 
 async def test_requests_per_minute(admission: Admission) -> None:
     tenant = Tenant(name="t", rpm=5)
-    tickets = [await admission.admit(tenant, rid(), "m", 1) for _ in range(5)]
+    tickets = [await admission.admit(tenant, job(1)) for _ in range(5)]
     assert tickets[-1].headers["x-ratelimit-remaining-requests"] == "0"
     assert tickets[0].headers["x-ratelimit-limit-requests"] == "5"
     with pytest.raises(RateLimited) as info:
-        await admission.admit(tenant, rid(), "m", 1)
+        await admission.admit(tenant, job(1))
     assert info.value.status == 429 and 55 <= info.value.retry_after <= 60
     assert int(info.value.headers()["retry-after"]) >= 55
 
 
 async def test_tokens_are_reserved_then_refunded(admission: Admission) -> None:
     tenant = Tenant(name="t", tpm=100)
-    first = await admission.admit(tenant, rid(), "m", 60)
+    first = await admission.admit(tenant, job(60))
     assert first.headers["x-ratelimit-remaining-tokens"] == "40"
     with pytest.raises(RateLimited) as info:
-        await admission.admit(tenant, rid(), "m", 60)
+        await admission.admit(tenant, job(60))
     assert info.value.code == "rate_limit_exceeded"
-    await admission.release(first, used_tokens=10)  # 50 of the 60 come back
-    second = await admission.admit(tenant, rid(), "m", 60)
+    await admission.settle(first, used(10))  # 50 of the 60 come back
+    second = await admission.admit(tenant, job(60))
     assert second.headers["x-ratelimit-remaining-tokens"] == "30"
     with pytest.raises(InvalidRequest) as too_big:
-        await admission.admit(tenant, rid(), "m", 101)
+        await admission.admit(tenant, job(101))
     assert too_big.value.code == "tokens_exceed_limit"
 
 
 async def test_concurrency_slots_free_on_release(admission: Admission) -> None:
     tenant = Tenant(name="t", max_concurrent=2)
-    held: list[Ticket] = [await admission.admit(tenant, rid(), "m", 1) for _ in range(2)]
+    held: list[Ticket] = [await admission.admit(tenant, job(1)) for _ in range(2)]
     with pytest.raises(RateLimited) as info:
-        await admission.admit(tenant, rid(), "m", 1)
+        await admission.admit(tenant, job(1))
     assert info.value.code == "concurrency_limit_exceeded"
-    await admission.release(held[0], 1)
-    await admission.admit(tenant, rid(), "m", 1)
+    await admission.settle(held[0], used(1))
+    await admission.admit(tenant, job(1))
 
 
 async def test_backlog_cap_counts_the_tenants_stream(
@@ -93,9 +106,9 @@ async def test_backlog_cap_counts_the_tenants_stream(
     for _ in range(2):
         await redis.xadd(names.jobs_stream("m", "t"), {"job": "{}"})
     with pytest.raises(RateLimited) as info:
-        await admission.admit(tenant, rid(), "m", 1)
+        await admission.admit(tenant, job(1))
     assert info.value.code == "backlog_full"
-    await admission.admit(Tenant(name="other", max_backlog=2), rid(), "m", 1)  # other tenants unaffected
+    await admission.admit(Tenant(name="other", max_backlog=2), job(1))  # other tenants unaffected
 
 
 async def test_limit_holds_under_concurrent_admissions(admission: Admission) -> None:
@@ -103,7 +116,7 @@ async def test_limit_holds_under_concurrent_admissions(admission: Admission) -> 
 
     async def one() -> bool:
         try:
-            await admission.admit(tenant, rid(), "m", 1)
+            await admission.admit(tenant, job(1))
             return True
         except RateLimited:
             return False
@@ -122,10 +135,46 @@ async def test_redis_down_fails_closed() -> None:
         from gateway.errors import Unavailable
 
         with pytest.raises(Unavailable):
-            await admission.admit(Tenant(name="t", rpm=5), rid(), "m", 1)
+            await admission.admit(Tenant(name="t", rpm=5), job(1))
     finally:
         await redis.aclose()
 
 
 def test_reset_text() -> None:
     assert [reset_text(x) for x in (250, 1500, 60_000, 372_000)] == ["250ms", "1.5s", "1m0s", "6m12s"]
+
+
+def test_reservation_and_the_default_output_budget() -> None:
+    many = Job(
+        id="r", tenant="t", model="m", prompt_token_ids=(1, 2, 3),
+        sampling=Sampling(max_tokens=10, n=2), created_at=0.0,
+    )  # fmt: skip
+    assert reservation(many) == 3 + 10 * 2
+    # No tokens-per-minute limit: up to the end of the context.
+    assert default_output(room=900, prompt_tokens=100, n=1, tpm=None) == 900
+    # A tenant whose limit is below the context: what one request may use in a minute, per choice.
+    assert default_output(room=900, prompt_tokens=100, n=1, tpm=500) == 400
+    assert default_output(room=900, prompt_tokens=100, n=2, tpm=500) == 200
+    assert default_output(room=300, prompt_tokens=100, n=1, tpm=5000) == 300
+    # A prompt over the limit keeps one token: admission refuses it with its own message.
+    assert default_output(room=900, prompt_tokens=600, n=1, tpm=500) == 1
+
+
+async def test_a_request_without_max_tokens_fits_a_small_tokens_per_minute_limit(
+    admission: Admission,
+) -> None:
+    tenant = Tenant(name="t", tpm=500)
+    budget = default_output(room=1024 - 100, prompt_tokens=100, n=1, tpm=tenant.tpm)
+    ticket = await admission.admit(tenant, job(100 + budget))
+    assert ticket.headers["x-ratelimit-remaining-tokens"] == "0"
+
+
+async def test_the_drain_meter_stops_deciding_on_stale_figures(redis: Redis, names: Names) -> None:
+    meter = DrainMeter(redis, names, stale_after=0.2)
+    for _ in range(3):
+        await redis.xadd(names.jobs_stream("m", "t"), {"job": "{}"})
+    await redis.hset(names.streams_index("m"), names.jobs_stream("m", "t"), '{"tenant": "t"}')
+    await meter.sample(["m"])
+    assert meter.backlog("m") == 3
+    await asyncio.sleep(0.3)  # no sample since: Redis unreachable, say
+    assert meter.backlog("m") == 0 and meter.rate("m") == 0.0

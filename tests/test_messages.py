@@ -62,6 +62,8 @@ def test_names_share_the_prefix_and_are_distinct() -> None:
         names.worker("w"),
         names.models(),
         names.dead_letter("m"),
+        names.hub_channel(),
+        names.progress("r"),
     }
-    assert len(built) == 9
+    assert len(built) == 11
     assert all(n.startswith("p:") for n in built)

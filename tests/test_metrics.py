@@ -17,9 +17,10 @@ from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
+from control.processes import free_port
+from control.redis_server import EmbeddedRedis
 from shared.messages import Failure, Started, decode_job, encode
 from shared.names import JOB_FIELD
-from shared.redis_server import EmbeddedRedis, free_port
 from tests.conftest import MAX_MODEL_LEN, System
 from tests.procs import spawn, stop, wait_until
 from tests.test_e2e_faults import fake_model, forget_model

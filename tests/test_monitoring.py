@@ -20,8 +20,8 @@ import yaml
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
-from shared.monitoring import ALERT_RULES, GATEWAY_JOB, WORKER_JOB, Monitoring, Prometheus
-from shared.redis_server import free_port
+from control.monitoring import ALERT_RULES, GATEWAY_JOB, WORKER_JOB, Monitoring, Prometheus
+from control.processes import free_port
 from tests.conftest import System
 
 MONITORING = Path(__file__).resolve().parent.parent / "monitoring"

@@ -14,7 +14,8 @@ from collections import Counter
 from redis.asyncio import Redis
 
 from shared.names import GROUP
-from worker.consumer import READ_BATCH, READ_BLOCK_MS, Headroom, ReadPlan, read_fairly, within
+from worker.planner import READ_BATCH, Headroom, ReadPlan, within
+from worker.reader import READ_BLOCK_MS, read_fairly
 
 INTERACTIVE, BATCH = 4, 1
 

@@ -8,6 +8,7 @@ import pytest
 from openai import OpenAI
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from control.status import as_json, render
 from gateway.errors import (
     APIError,
     BodyTooLarge,
@@ -17,7 +18,7 @@ from gateway.errors import (
     Unavailable,
 )
 from gateway.metrics import rejection_reason
-from shared.status import ConsumerStatus, Snapshot, StreamStatus, WorkerStatus, as_json, render
+from shared.fleet import ConsumerStatus, Snapshot, StreamStatus, WorkerStatus
 from tests.conftest import System
 from tests.test_cli import switchyard
 from worker.metrics import TokenRate
@@ -175,7 +176,7 @@ def test_status_json_describes_the_running_system(system: System, client: OpenAI
 
 
 def test_status_without_redis_is_a_one_line_error() -> None:
-    from shared.redis_server import free_port
+    from control.processes import free_port
 
     result = switchyard("status", "--redis-url", f"redis://127.0.0.1:{free_port()}/0")
     assert result.returncode == 1

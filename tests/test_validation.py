@@ -6,7 +6,8 @@ from pydantic import ValidationError
 from gateway.app import validation_error
 from gateway.errors import InvalidRequest
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
-from gateway.service import fit_context, to_sampling
+from gateway.service import fit_context
+from shared.messages import Sampling
 
 MSG = [{"role": "user", "content": "hi"}]
 
@@ -77,5 +78,57 @@ def test_context_budget() -> None:
 
 def test_sampling_defaults_and_stop_forms() -> None:
     req = ChatCompletionRequest.model_validate({"model": "m", "messages": MSG, "stop": "END", "seed": 3})
-    s = to_sampling(req, 12)
+    s = req.to_sampling(12)
     assert (s.max_tokens, s.stop, s.seed, s.temperature, s.top_p, s.top_k) == (12, ("END",), 3, 1.0, 1.0, 0)
+
+
+# A value other than the default for every field of the wire's Sampling but max_tokens. A field
+# added there without one here fails the test below: it must reach the engine, and be checked to.
+NON_DEFAULT = {
+    "temperature": 0.5,
+    "top_p": 0.9,
+    "top_k": 7,
+    "min_p": 0.05,
+    "presence_penalty": 0.5,
+    "frequency_penalty": -0.5,
+    "repetition_penalty": 1.2,
+    "stop": ("END",),
+    "stop_token_ids": (3, 4),
+    "seed": 11,
+    "n": 2,
+    "ignore_eos": True,
+    "min_tokens": 2,
+    "include_stop_str_in_output": True,
+}
+
+
+def test_every_sampling_parameter_travels_from_the_request_to_the_engine() -> None:
+    from worker.vllm_engine import sampling_params
+
+    fields = set(Sampling.model_fields) - {"max_tokens"}
+    assert fields == set(NON_DEFAULT), "a new sampling field needs a value in NON_DEFAULT"
+    body = {name: list(v) if isinstance(v, tuple) else v for name, v in NON_DEFAULT.items()}
+    req = ChatCompletionRequest.model_validate({"model": "m", "messages": MSG, **body})
+    wire = req.to_sampling(12)
+    defaults = Sampling(max_tokens=12)
+    for name, value in NON_DEFAULT.items():
+        assert getattr(wire, name) == value != getattr(defaults, name), name
+    params = sampling_params(wire)
+    assert params.max_tokens == 12
+    for name, value in NON_DEFAULT.items():
+        got = getattr(params, name)
+        assert (tuple(got) if isinstance(got, list) else got) == value, name
+
+
+def test_engine_parameters_are_bounded_like_vllms_server() -> None:
+    for field, value in [
+        ("top_k", 2**31),
+        ("top_k", 100325800847805464576),
+        ("seed", 2**63),
+        ("seed", -(2**63) - 1),
+    ]:
+        with pytest.raises(ValidationError) as info:
+            ChatCompletionRequest.model_validate({"model": "m", "messages": MSG, field: value})
+        assert info.value.errors()[0]["loc"] == (field,)
+    for field, value in [("top_k", 2**31 - 1), ("top_k", -1), ("seed", 2**63 - 1), ("seed", -(2**63))]:
+        ChatCompletionRequest.model_validate({"model": "m", "messages": MSG, field: value})

@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 from shared.messages import WorkerInfo
 from shared.settings import WorkerSettings
 from worker.consumer import Consumer
-from worker.engine import Engine, VLLMEngine
+from worker.engine import Engine
 from worker.heartbeat import Heartbeat
 from worker.metrics import MetricsServer, WorkerMetrics
 
@@ -58,6 +58,8 @@ async def start_engine(settings: WorkerSettings) -> Engine:
     if kv_gib is None and settings.model == "demo":
         kv_gib = DEMO_KV_CACHE_GIB  # a few MB of model has no use for most of the host's memory
     extra = {} if kv_gib is None else {"kv_cache_memory_bytes": int(kv_gib * 2**30)}
+    from worker.vllm_engine import VLLMEngine
+
     return await VLLMEngine.start(
         path,
         served_name=served,
@@ -69,15 +71,14 @@ async def start_engine(settings: WorkerSettings) -> Engine:
     )
 
 
-async def serve(settings: WorkerSettings, engine: Engine | None = None) -> None:
-    """Run one worker until SIGTERM/SIGINT; ``engine`` lets a caller supply its own."""
+async def serve(settings: WorkerSettings) -> None:
+    """Run one worker until SIGTERM/SIGINT."""
     redis = Redis.from_url(settings.redis_url, health_check_interval=30)
     metrics_server: MetricsServer | None = None
     try:
         await check_redis(redis, settings.redis_url)
         metrics_server = start_metrics(settings.metrics_port)
-        own_engine = engine is None
-        engine = engine or await start_engine(settings)
+        engine = await start_engine(settings)
         # vLLM and torch leave a huge, long-lived heap; without this every full collection walks
         # it again and stalls token publishing for a large fraction of a second.
         gc.collect()
@@ -86,8 +87,7 @@ async def serve(settings: WorkerSettings, engine: Engine | None = None) -> None:
         try:
             await run_consumer(redis, settings, engine)
         finally:
-            if own_engine:
-                engine.shutdown()
+            engine.shutdown()
     finally:
         if metrics_server is not None:
             metrics_server.close()
@@ -118,6 +118,7 @@ async def run_consumer(redis: Redis, settings: WorkerSettings, engine: Engine) -
         tokenizer=engine.tokenizer_source,
         max_model_len=engine.max_model_len,
         capacity=settings.capacity,
+        engine=engine.kind,
         started_at=now,
         heartbeat_at=now,
     )
@@ -130,6 +131,7 @@ async def run_consumer(redis: Redis, settings: WorkerSettings, engine: Engine) -
             "waiting": stats.waiting,
             "kv_cache_usage": stats.kv_cache_usage,
             "tokens_per_s": metrics.tokens_per_s(),
+            "draining": consumer.stopping.is_set(),
         }
 
     heartbeat = Heartbeat(redis, names, info, settings.heartbeat_interval, status)

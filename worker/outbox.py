@@ -4,6 +4,10 @@ With dozens of jobs streaming at once, publishing each job's tokens on its own r
 socket write and a pooled connection per message. The outbox sends whatever all jobs queued while
 the previous batch was in flight as one pipeline: one write, one read, in FIFO order — so a job's
 final message and its XACK still follow its tokens.
+
+Scripts are called by SHA1; when Redis answers ``NOSCRIPT`` (it started, or restarted, without
+them) the outbox loads them and sends those calls again, in their order, before anything else:
+a call that met ``NOSCRIPT`` did not run.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+
+from shared.scripts import WORKER_SCRIPTS, Lua, is_noscript
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +38,9 @@ class _Batch:
 
 
 class Outbox:
-    def __init__(self, redis: Redis, max_batch: int = 512) -> None:
+    def __init__(self, redis: Redis, scripts: Sequence[Lua] = WORKER_SCRIPTS, max_batch: int = 512) -> None:
         self._redis = redis
+        self._scripts = scripts
         self._max_batch = max_batch
         self._queue: deque[_Batch] = deque()
         self._wake = asyncio.Event()
@@ -68,12 +75,16 @@ class Outbox:
                     batch.done.set_exception(RedisError("the worker's outbox stopped"))
 
     async def _flush(self, batches: list[_Batch]) -> None:
+        commands = [command for batch in batches for command in batch.commands]
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for batch in batches:
-                    for command in batch.commands:
-                        pipe.execute_command(*command)
-                replies = await pipe.execute(raise_on_error=False)
+            replies = await self._execute(commands)
+            missing = [i for i, reply in enumerate(replies) if is_noscript(reply)]
+            if missing and self._scripts:
+                for script in self._scripts:
+                    await self._redis.script_load(script.text)
+                again = await self._execute([commands[i] for i in missing])
+                for i, reply in zip(missing, again, strict=True):
+                    replies[i] = reply
         except (RedisError, OSError) as exc:
             for batch in batches:
                 if not batch.done.done():
@@ -90,3 +101,9 @@ class Outbox:
                 batch.done.set_exception(error)
             else:
                 batch.done.set_result(mine)
+
+    async def _execute(self, commands: list[Command]) -> list[Any]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for command in commands:
+                pipe.execute_command(*command)
+            return list(await pipe.execute(raise_on_error=False))

@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import os
-import socket
 import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 
+from control.processes import StartupError, check_port_free
 from shared.settings import GatewaySettings, RedisSettings, WorkerSettings
-
-
-class StartupError(Exception):
-    """Something a user can fix before the process can serve (address taken, Redis down, bad path)."""
 
 
 def check_redis(settings: RedisSettings, timeout: float = 3.0) -> None:
@@ -30,29 +23,6 @@ def check_redis(settings: RedisSettings, timeout: float = 3.0) -> None:
         raise StartupError(f"cannot reach Redis at {settings.redis_url}: {exc}") from exc
     finally:
         client.close()
-
-
-def answers_ok(url: str, timeout: float) -> bool:
-    """Whether ``url`` answers 200 now; not listening yet, or any other status, is False."""
-    with (
-        contextlib.suppress(urllib.error.URLError, OSError),
-        urllib.request.urlopen(url, timeout=timeout) as resp,
-    ):
-        return bool(resp.status == 200)
-    return False
-
-
-def check_port_free(host: str, port: int) -> None:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise StartupError(
-                    f"port {port} on {host} is already in use; pick another with --port"
-                ) from exc
-            raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
 
 
 def run_gateway(settings: GatewaySettings) -> None:
@@ -72,11 +42,9 @@ def run_gateway(settings: GatewaySettings) -> None:
     if settings.processes == 1:
         uvicorn.run(create_app(settings), **options)  # type: ignore[arg-type]
         return
-    from shared.supervisor import settings_env
-
     with _multiprocess_metrics():
         # Worker processes build their app from an import string, so settings travel by environment.
-        os.environ.update(settings_env(settings))
+        os.environ.update(settings.environment())
         uvicorn.run(
             "gateway.app:app_from_env",
             factory=True,

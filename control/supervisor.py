@@ -15,32 +15,21 @@ import sys
 import time
 from types import FrameType
 
-from shared.monitoring import Monitoring
-from shared.redis_server import EmbeddedRedis, RedisUnavailable
-from shared.serve import StartupError, answers_ok, check_port_free, check_redis
+from control.affinity import engine_compute_cpus, keep_off
+from control.keys import dev_key_file, ensure_dev_key
+from control.monitoring import Monitoring
+from control.processes import StartupError, answers_ok, check_port_free, free_port, stop_process, wait_until
+from control.redis_server import EmbeddedRedis, RedisUnavailable
+from control.serve import check_redis
 from shared.settings import GatewaySettings, WorkerSettings
+from worker.main import DEMO_KV_CACHE_GIB, WorkerStartError, resolve_model
 
 READY_TIMEOUT = 600.0
-
-
-def dev_key_path() -> str:
-    from shared.keys import dev_key_file
-
-    return str(dev_key_file())
 
 
 STOP_GRACE = 15.0
 WORKER_METRICS_PORT = 9101
 """Worker i (from 0) serves /metrics on this port + i, or on a free port when that one is taken."""
-
-
-def settings_env(settings: GatewaySettings | WorkerSettings) -> dict[str, str]:
-    """The settings as the environment variables a child process reads them from."""
-    env = {}
-    for name, value in settings.model_dump(exclude_none=True).items():
-        key = "REDIS_URL" if name == "redis_url" else f"SWITCHYARD_{name.upper()}"
-        env[key] = str(value).lower() if isinstance(value, bool) else str(value)
-    return env
 
 
 class Supervisor:
@@ -99,24 +88,20 @@ class Supervisor:
             check_redis(self.gateway)
         self.worker = self._resolve_demo(self.worker)
         if self.gateway.auth:
-            from shared.keys import ensure_dev_key
-
             self.dev_key = ensure_dev_key(self.gateway)
         base = self.worker.metrics_port or WORKER_METRICS_PORT
         for i in range(self.workers):
             port = metrics_port(base + i, taken=self.metrics_ports)
             self.metrics_ports.append(port)
-            env = {**settings_env(self.worker), "SWITCHYARD_METRICS_PORT": str(port)}
+            env = {**self.worker.environment(), "SWITCHYARD_METRICS_PORT": str(port)}
             self._spawn(f"worker-{i + 1}", "worker", env)
-        self._spawn("gateway", "gateway", settings_env(self.gateway))
+        self._spawn("gateway", "gateway", self.gateway.environment())
         self._wait_ready()
         self._keep_off_engine_cores()
         self.monitoring.start(self.gateway.host, self.gateway.port, self.metrics_ports)
 
     def _keep_off_engine_cores(self) -> None:
         """On CPU hosts, move the gateway and Redis off the cores vLLM computes on."""
-        from worker.affinity import engine_compute_cpus, keep_off
-
         engine: set[int] = set()
         for name, proc in self.children:
             if name.startswith("worker"):
@@ -134,8 +119,6 @@ class Supervisor:
     @staticmethod
     def _resolve_demo(worker: WorkerSettings) -> WorkerSettings:
         """Build the demo model once here, not once per worker."""
-        from worker.main import DEMO_KV_CACHE_GIB, WorkerStartError, resolve_model
-
         try:
             path, served = resolve_model(worker.model, worker.served_model_name)
         except WorkerStartError as exc:
@@ -149,7 +132,7 @@ class Supervisor:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHYARD_")}
         full_env.update(env)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", role],
+            [sys.executable, "-m", "control.cli", role],
             env=full_env,
             start_new_session=True,
             stdin=subprocess.DEVNULL,
@@ -162,15 +145,15 @@ class Supervisor:
             "demo model and loads the engine; this takes a minute)...",
             flush=True,
         )
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline:
+
+        def watch() -> None:
             self._check_children()
             if self._stop_requested:
                 raise StartupError("interrupted before the system was ready")
-            # Not listening yet, or 503 until a worker is live: both mean "keep waiting".
-            if answers_ok(f"{self.base_url}/readyz", timeout=2):
-                return
-            time.sleep(0.5)
+
+        # Not listening yet, or 503 until a worker is live: both mean "keep waiting".
+        if wait_until(lambda: answers_ok(f"{self.base_url}/readyz", timeout=2), READY_TIMEOUT, 0.5, watch):
+            return
         raise StartupError(f"the system was not ready after {READY_TIMEOUT:.0f}s")
 
     def _check_children(self) -> None:
@@ -184,7 +167,7 @@ class Supervisor:
         redis = self.redis.url if self.redis else self.gateway.redis_url
         key = self.dev_key or "none"
         auth = (
-            f"API key (tenant 'dev', kept in {dev_key_path()}):\n  {key}\n"
+            f"API key (tenant 'dev', kept in {dev_key_file()}):\n  {key}\n"
             if self.dev_key
             else "Authentication is off.\n"
         )
@@ -224,20 +207,14 @@ Press Ctrl-C to stop.
         self.monitoring.stop()
         for _, proc in self.children:
             _killpg(proc, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE
-        for _, proc in self.children:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            _killpg(proc, signal.SIGKILL)  # the whole group: vLLM's engine process too
-            proc.wait()
+        for _, proc in self.children:  # the whole group: vLLM's engine process too
+            stop_process(proc, STOP_GRACE, group=True)
         if self.redis is not None:
             self.redis.stop()
 
 
 def metrics_port(wanted: int, taken: list[int]) -> int:
     """``wanted`` if nothing listens there, else a free port."""
-    from shared.redis_server import free_port
-
     if wanted not in taken:
         with contextlib.suppress(StartupError):  # taken by something else: any free port will do
             check_port_free("0.0.0.0", wanted)

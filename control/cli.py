@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from shared.serve import StartupError
+from control.processes import StartupError
 
 
 class CLIError(Exception):
@@ -155,23 +155,23 @@ def _settings(cls: type, args: argparse.Namespace, fields: Sequence[str]) -> Any
 
 
 def cmd_gateway(args: argparse.Namespace) -> None:
-    from shared.serve import run_gateway
+    from control.serve import run_gateway
     from shared.settings import GatewaySettings
 
     run_gateway(_settings(GatewaySettings, args, GATEWAY_FIELDS))
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
-    from shared.serve import run_worker
+    from control.serve import run_worker
     from shared.settings import WorkerSettings
 
     run_worker(_settings(WorkerSettings, args, WORKER_FIELDS))
 
 
 def cmd_up(args: argparse.Namespace) -> None:
-    from shared.monitoring import Monitoring
+    from control.monitoring import Monitoring
+    from control.supervisor import Supervisor
     from shared.settings import GatewaySettings, WorkerSettings
-    from shared.supervisor import Supervisor
 
     if args.workers < 1:
         raise CLIError("--workers must be at least 1")
@@ -184,8 +184,8 @@ def cmd_up(args: argparse.Namespace) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> None:
+    from control.status import run_status
     from shared.settings import GatewaySettings
-    from shared.status import run_status
 
     if args.watch is not None and args.watch <= 0:
         raise CLIError("--watch must be a positive number of seconds")
@@ -205,7 +205,7 @@ def cmd_model(args: argparse.Namespace) -> None:
 
 
 def cmd_keys(args: argparse.Namespace) -> None:
-    from shared import keys
+    from control import keys
     from shared.settings import RedisSettings
     from shared.tenants import Tenant
 

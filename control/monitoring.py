@@ -11,11 +11,10 @@ import json
 import shutil
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.serve import StartupError, answers_ok, check_port_free
+from control.processes import StartupError, answers_ok, check_port_free, stop_process, wait_until
 
 DEFAULT_PORT = 9090
 ALERT_RULES = Path(__file__).resolve().parent.parent / "monitoring" / "alerts.yml"
@@ -90,26 +89,22 @@ class Prometheus:
         return self
 
     def _wait_ready(self) -> None:
-        assert self.process is not None
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
+        process = self.process
+        assert process is not None
+
+        def exited() -> None:
+            if process.poll() is not None:
                 self.stop()
-                raise StartupError(f"prometheus exited with status {self.process.returncode}")
-            if answers_ok(f"{self.url}/-/ready", timeout=1):
-                return
-            time.sleep(0.2)
+                raise StartupError(f"prometheus exited with status {process.returncode}")
+
+        if wait_until(lambda: answers_ok(f"{self.url}/-/ready", timeout=1), READY_TIMEOUT, watch=exited):
+            return
         self.stop()
         raise StartupError(f"prometheus did not become ready on {self.url} in {READY_TIMEOUT:.0f}s")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=STOP_GRACE)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process, grace=STOP_GRACE)
         if self._dir is not None:
             self._dir.cleanup()
             self._dir = None

@@ -11,7 +11,7 @@ from typing import TypeVar
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from shared.serve import StartupError
+from control.processes import StartupError
 from shared.settings import RedisSettings
 from shared.tenants import Tenant, TenantStore, key_id_of, new_key
 

@@ -1,0 +1,102 @@
+"""Relaying one admitted request's replies to its client: as SSE events, or as one JSON body.
+
+Every stream ends with ``[DONE]`` after a finish reason, or with an error event: whatever goes wrong
+after the response has started (a worker failure, Redis lost, a defect here) reaches the client as
+an OpenAI error the SDK raises, never as a stream that simply stops.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import anyio
+from fastapi import Request
+
+from gateway.admission import Admission, Ticket
+from gateway.chunks import FullAssembler, StreamAssembler
+from gateway.errors import APIError, InternalError, UpstreamFailure
+from gateway.jobs import ReplyStream
+from shared.messages import Final, Tokens
+
+T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+
+class Admitted:
+    """An admitted request: its reply stream and its reservation, released together."""
+
+    def __init__(self, replies: ReplyStream, ticket: Ticket, admission: Admission) -> None:
+        self.replies = replies
+        self.ticket = ticket
+        self._admission = admission
+        self._closed = False
+
+    async def close(self) -> None:
+        """Stop listening (cancelling the job if it is unfinished) and settle the tokens it used.
+        Shielded: a cancelled client must not skip telling the worker to stop."""
+        if self._closed:
+            return
+        self._closed = True
+        with anyio.CancelScope(shield=True):
+            await self.replies.close()
+            await self._admission.settle(self.ticket, self.replies.usage())
+
+
+async def collect(replies: ReplyStream, assembler: FullAssembler) -> dict[str, Any]:
+    async for reply in replies:
+        if isinstance(reply, Tokens):
+            assembler.tokens(reply)
+        elif isinstance(reply, Final):
+            return assembler.response(reply)
+    raise UpstreamFailure("the reply stream ended without a final message")
+
+
+async def sse_events(request: Admitted, assembler: StreamAssembler) -> AsyncIterator[dict[str, str]]:
+    """SSE payloads of one streamed response; an error after the start becomes an error event."""
+    try:
+        async for reply in request.replies:
+            if isinstance(reply, Tokens):
+                chunks = assembler.tokens(reply)
+            elif isinstance(reply, Final):
+                chunks = assembler.final(reply)
+            else:
+                continue
+            for chunk in chunks:
+                yield {"data": json.dumps(chunk, separators=(",", ":"))}
+        yield {"data": "[DONE]"}
+    except APIError as exc:
+        yield {"data": json.dumps(exc.envelope())}
+    except Exception:  # a defect: the client must still learn the stream is broken
+        log.exception("stream of %s failed", request.replies.job.id)
+        yield {"data": json.dumps(InternalError(request_id=request.replies.job.id).envelope())}
+    finally:
+        await request.close()
+
+
+async def until_disconnect(request: Request, work: Callable[[], Awaitable[T]]) -> T | None:
+    """Run ``work`` unless the client disconnects first (then ``None``)."""
+    result: list[T] = []
+    failure: list[APIError] = []
+    async with anyio.create_task_group() as group:
+
+        async def run() -> None:
+            try:
+                result.append(await work())
+            except APIError as exc:  # re-raised below, not wrapped in an ExceptionGroup
+                failure.append(exc)
+            group.cancel_scope.cancel()
+
+        async def watch() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            group.cancel_scope.cancel()
+
+        group.start_soon(run)
+        group.start_soon(watch)
+    if failure:
+        raise failure[0]
+    return result[0] if result else None

@@ -1,0 +1,33 @@
+"""How a worker configures vLLM on a CPU host where nobody sized the KV cache (pure, no engine)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from worker.vllm_engine import MIN_CPU_KV_CACHE, cpu_kv_cache_bytes, sized_cpu_kv_cache, weight_bytes
+
+GIB = 2**30
+
+
+def test_half_of_what_the_weights_leave_free() -> None:
+    assert cpu_kv_cache_bytes(available=10 * GIB, weights=2 * GIB) == 4 * GIB
+    assert cpu_kv_cache_bytes(available=GIB, weights=2 * GIB) == MIN_CPU_KV_CACHE
+
+
+def test_weights_are_counted_from_the_model_directory(tmp_path: Path) -> None:
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 1000)
+    (tmp_path / "tokenizer.json").write_bytes(b"x" * 5000)
+    assert weight_bytes(str(tmp_path)) == 1000
+    assert weight_bytes("no-such-org/no-such-model") == 0
+
+
+def test_a_size_chosen_by_the_operator_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    chosen = {"kv_cache_memory_bytes": 123}
+    assert sized_cpu_kv_cache(str(tmp_path), chosen) == chosen
+    sized = sized_cpu_kv_cache(str(tmp_path), {"max_num_seqs": 4})
+    assert sized["max_num_seqs"] == 4 and sized["kv_cache_memory_bytes"] >= MIN_CPU_KV_CACHE
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")  # vLLM's own setting: left to vLLM
+    assert "kv_cache_memory_bytes" not in sized_cpu_kv_cache(str(tmp_path), {})

@@ -1,0 +1,104 @@
+"""How a job's engine output becomes token messages: pure functions, no I/O.
+
+A choice's first token goes out at once (time to first token is what clients feel), later ones
+every ``flush_interval`` seconds, so a message carries many tokens and Redis sees far fewer
+messages than tokens. Once every choice has finished, what is left waits for the final message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from shared.messages import FinishReason, Sampling
+from worker.engine import Delta
+
+
+class EngineAborted(RuntimeError):
+    """The engine ended a choice without finishing it."""
+
+
+@dataclass
+class Chunk:
+    """Tokens of one choice not yet published."""
+
+    index: int
+    texts: list[str] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
+    finish: FinishReason | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.texts)
+
+    def add(self, delta: Delta) -> None:
+        self.texts.append(delta.text)
+        self.ids.extend(delta.token_ids)
+        if delta.finish_reason is not None:
+            self.finish = delta.finish_reason
+
+
+@dataclass(frozen=True, slots=True)
+class Ending:
+    """What a job's last message says: the tokens not sent yet, each choice's finish reason and how
+    many tokens the job generated in all (earlier attempts included)."""
+
+    tail: list[Chunk]
+    finish_reasons: tuple[FinishReason, ...]
+    generated: int
+
+
+class Coalescer:
+    def __init__(self, n: int, flush_interval: float, now: float, prior: int = 0) -> None:
+        self._interval = flush_interval
+        self._reasons: list[FinishReason | None] = [None] * n
+        self._pending: dict[int, Chunk] = {}
+        self._opened: set[int] = set()
+        self._last_flush = now
+        self.generated = prior
+
+    def add(self, deltas: list[Delta], now: float) -> list[Chunk]:
+        """Take one engine step's deltas; returns the chunks to publish now (often none)."""
+        urgent = False
+        for d in deltas:
+            chunk = self._pending.get(d.index)
+            if chunk is None:
+                chunk = self._pending[d.index] = Chunk(d.index)
+            chunk.add(d)
+            self.generated += len(d.token_ids)
+            if d.finish_reason is not None:
+                self._reasons[d.index] = d.finish_reason
+            if d.index not in self._opened:
+                self._opened.add(d.index)
+                urgent = True
+        due = urgent or now - self._last_flush >= self._interval
+        if not (self._pending and due and None in self._reasons):
+            return []
+        self._last_flush = now
+        return self._take()
+
+    def end(self) -> Ending:
+        """After the engine's last step: the job's ending, or EngineAborted if a choice did not finish."""
+        if any(r in (None, "abort") for r in self._reasons):
+            raise EngineAborted("the engine stopped the request before it finished")
+        reasons = tuple(r for r in self._reasons if r is not None)
+        return Ending(tail=self._take(), finish_reasons=reasons, generated=self.generated)
+
+    def finish_all(self, reason: FinishReason) -> None:
+        """Mark every choice finished without generating (nothing was left to generate)."""
+        self._reasons = [reason] * len(self._reasons)
+
+    def _take(self) -> list[Chunk]:
+        chunks = [self._pending[i] for i in sorted(self._pending)]
+        self._pending = {}
+        return chunks
+
+
+def resumed(sampling: Sampling, prior: int) -> Sampling | None:
+    """The sampling that continues a job after ``prior`` tokens already sent to the client, or
+    ``None`` when the earlier attempt generated everything and only the final message is missing."""
+    left = sampling.max_tokens - prior
+    if left <= 0:
+        return None
+    if prior == 0:
+        return sampling
+    return sampling.model_copy(update={"max_tokens": left, "min_tokens": max(0, sampling.min_tokens - prior)})

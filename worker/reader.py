@@ -1,0 +1,155 @@
+"""Reads new jobs from the model's tenant streams while the worker has room.
+
+Reading stops while the worker is at capacity, so jobs wait in Redis (visible to ``XLEN``) rather
+than in a worker's memory, and any worker with room can take them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from shared.names import GROUP
+from worker.inflight import Inflight
+from worker.planner import Headroom, ReadPlan, within
+from worker.streams import JobStreams
+
+log = logging.getLogger(__name__)
+
+READ_BLOCK_MS = 250
+
+Entry = tuple[str, str, dict[bytes, bytes] | None]
+Take = Callable[[str, str, dict[bytes, bytes] | None, int], Awaitable[None]]
+"""Start (or refuse) the job of a stream entry: stream, entry id, fields, delivery count."""
+
+
+class Reader:
+    def __init__(
+        self,
+        redis: Redis,
+        redis_url: str,
+        worker_id: str,
+        streams: JobStreams,
+        inflight: Inflight,
+        headroom_window: float,
+        take: Take,
+    ) -> None:
+        self._redis = redis
+        self._redis_url = redis_url
+        self._worker_id = worker_id
+        self._streams = streams
+        self._inflight = inflight
+        self._take = take
+        self._plan = ReadPlan()
+        self._headroom = Headroom(headroom_window, inflight.capacity)
+        self._blocking = redis
+        self._blocked_id: int | None = None
+        self._wakers: set[asyncio.Task[None]] = set()
+        self._stopping = False
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        # Blocking reads while a stream is held back (see _read_once) use a connection of their
+        # own, which a job that ends can wake with CLIENT UNBLOCK.
+        self._blocking = Redis.from_url(self._redis_url, single_connection_client=True)
+        backoff = 0.1
+        try:
+            while not stopping.is_set():
+                await self._inflight.room.wait()
+                if stopping.is_set():
+                    break
+                try:
+                    await self._read_once()
+                    backoff = 0.1
+                except (RedisError, OSError) as exc:
+                    self._streams.recheck(exc)
+                    log.warning("reading jobs failed (%s); retrying in %.1fs", exc, backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+        finally:
+            self._stopping = True
+            await self._blocking.aclose()
+
+    async def _read_once(self) -> None:
+        streams = await self._streams.current()
+        weights_all = self._streams.weights
+        held = self._inflight.held()
+        self._headroom.update(held, time.monotonic())
+        rooms = self._headroom.room(streams, held, self._inflight.free(), weights_all)
+        if not rooms:  # no tenants yet, or the free slots are kept for tenants not sending right now
+            self._inflight.finished.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._inflight.finished.wait(), READ_BLOCK_MS / 1000)
+            return
+        weights = {s: weights_all.get(s, 1) for s in rooms}
+        reads = within(self._plan.plan(weights, max(rooms.values())), rooms)
+        if len(rooms) == len(streams):
+            entries = await read_fairly(self._redis, self._worker_id, reads, list(weights))
+        else:
+            # A stream held back by the headroom regains room when one of its jobs ends, which a
+            # read blocked on the other streams would not notice: the job's end unblocks it.
+            self._blocked_id = await self._blocking.client_id()
+            try:
+                entries = await read_fairly(
+                    self._redis, self._worker_id, reads, list(weights), blocking=self._blocking
+                )
+            finally:
+                self._blocked_id = None
+        for stream, entry_id, fields in entries:
+            await self._take(stream, entry_id, fields, 1)
+
+    def wake(self) -> None:
+        """Cut short a read blocked while some stream was held back (a slot just freed up)."""
+        if self._blocked_id is None or self._stopping:
+            return
+
+        async def unblock(client_id: int) -> None:
+            with contextlib.suppress(RedisError, OSError):  # the read then just times out
+                await self._redis.client_unblock(client_id)
+
+        task = asyncio.create_task(unblock(self._blocked_id))
+        self._wakers.add(task)
+        task.add_done_callback(self._wakers.discard)
+
+
+async def read_fairly(
+    redis: Redis,
+    consumer: str,
+    reads: list[tuple[list[str], int]],
+    streams: list[str],
+    blocking: Redis | None = None,
+) -> list[Entry]:
+    """Take new entries by ``reads`` (see :class:`~worker.planner.ReadPlan`) in one round trip; when
+    none is waiting there, block on every stream (``streams``) for whichever job arrives first (on
+    ``blocking``, a client of its own, when given)."""
+    replies: list[object] = []
+    if reads:
+        async with redis.pipeline(transaction=False) as pipe:
+            for names, count in reads:
+                pipe.xreadgroup(GROUP, consumer, {s: ">" for s in names}, count=count)
+            replies = await pipe.execute()
+    entries = [entry for reply in replies for entry in _entries(reply)]
+    if entries:
+        return entries
+    reply = await (blocking or redis).xreadgroup(
+        GROUP, consumer, {s: ">" for s in streams}, count=1, block=READ_BLOCK_MS
+    )
+    return _entries(reply)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _entries(reply: object) -> list[Entry]:
+    """XREADGROUP's reply as (stream, entry id, fields) triples."""
+    return [
+        (_text(stream), _text(entry_id), fields)
+        for stream, items in reply or ()  # type: ignore[attr-defined]
+        for entry_id, fields in items
+    ]
