@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_redis(up)
     up.add_argument("--workers", type=int, default=1, help="worker processes to start (default: 1)")
     up.add_argument(
+        "--autoscale",
+        metavar="MIN:MAX",
+        help="start and retire workers by demand, between MIN and MAX (MIN 0: scale to zero when idle)",
+    )
+    up.add_argument(
         "--redis-port",
         type=int,
         default=6379,
@@ -77,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     gw = roles.add_parser("gateway", help="run one gateway (HTTP API) against a shared Redis")
     _add_gateway(gw)
     _add_redis(gw)
+    gw.add_argument("--shared-port", action="store_true", help=argparse.SUPPRESS)  # one of --processes N
 
     wk = roles.add_parser("worker", help="run one worker (engine + job consumer) against a shared Redis")
     _add_worker(wk)
@@ -158,7 +164,7 @@ def cmd_gateway(args: argparse.Namespace) -> None:
     from control.serve import run_gateway
     from shared.settings import GatewaySettings
 
-    run_gateway(_settings(GatewaySettings, args, GATEWAY_FIELDS))
+    run_gateway(_settings(GatewaySettings, args, GATEWAY_FIELDS), shared_port=args.shared_port)
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
@@ -170,17 +176,25 @@ def cmd_worker(args: argparse.Namespace) -> None:
 
 def cmd_up(args: argparse.Namespace) -> None:
     from control.monitoring import Monitoring
-    from control.supervisor import Supervisor
+    from control.supervisor import Autoscale, Supervisor
     from shared.settings import GatewaySettings, WorkerSettings
 
     if args.workers < 1:
         raise CLIError("--workers must be at least 1")
+    autoscale = Autoscale.parse(args.autoscale) if args.autoscale else None
     gateway = _settings(GatewaySettings, args, GATEWAY_FIELDS)
     worker = _settings(WorkerSettings, args, WORKER_FIELDS)
     embedded = args.redis_url is None and "REDIS_URL" not in os.environ
     monitoring = Monitoring(args.prometheus_port if args.monitoring else None)
     redis_port = args.redis_port if embedded else None
-    Supervisor(gateway, worker, workers=args.workers, redis_port=redis_port, monitoring=monitoring).run()
+    Supervisor(
+        gateway,
+        worker,
+        workers=args.workers,
+        redis_port=redis_port,
+        monitoring=monitoring,
+        autoscale=autoscale,
+    ).run()
 
 
 def cmd_status(args: argparse.Namespace) -> None:

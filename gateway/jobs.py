@@ -61,6 +61,10 @@ class Dispatcher:
         self._names = names
         self._timeouts = timeouts
 
+    def connected(self) -> bool:
+        """Whether replies can be received now (the shared pub/sub connection is up)."""
+        return self._hub.connected.is_set()
+
     async def submit(self, job: Job, priority: Priority = "interactive") -> ReplyStream:
         """Subscribe to the job's replies first, then enqueue it."""
         try:
@@ -187,6 +191,10 @@ class ReplyStream:
             return decode_reply(raw)
         except WireError as exc:
             raise UpstreamFailure(str(exc), code="bad_reply") from exc
+
+    def interrupt(self, error: APIError) -> None:
+        """Make the reader of these replies fail with ``error`` (e.g. the gateway is stopping)."""
+        self.subscription.fail(error)
 
     def usage(self) -> Usage:
         """What the request used: the worker's count when it finished, else the prompt and the

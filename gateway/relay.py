@@ -19,6 +19,7 @@ from gateway.admission import Admission, Ticket
 from gateway.chunks import FullAssembler, StreamAssembler
 from gateway.errors import APIError, InternalError, UpstreamFailure
 from gateway.jobs import ReplyStream
+from gateway.lifecycle import Lifecycle
 from shared.messages import Final, Tokens
 
 T = TypeVar("T")
@@ -27,13 +28,21 @@ log = logging.getLogger(__name__)
 
 
 class Admitted:
-    """An admitted request: its reply stream and its reservation, released together."""
+    """An admitted request: its reply stream and its reservation, released together, and known to
+    the process's lifecycle until then (a draining gateway waits for it, or cuts it)."""
 
-    def __init__(self, replies: ReplyStream, ticket: Ticket, admission: Admission) -> None:
+    def __init__(
+        self, replies: ReplyStream, ticket: Ticket, admission: Admission, lifecycle: Lifecycle
+    ) -> None:
         self.replies = replies
         self.ticket = ticket
         self._admission = admission
+        self._lifecycle = lifecycle
         self._closed = False
+        lifecycle.opened(self)
+
+    def interrupt(self, error: APIError) -> None:
+        self.replies.interrupt(error)
 
     async def close(self) -> None:
         """Stop listening (cancelling the job if it is unfinished) and settle the tokens it used.
@@ -41,9 +50,12 @@ class Admitted:
         if self._closed:
             return
         self._closed = True
-        with anyio.CancelScope(shield=True):
-            await self.replies.close()
-            await self._admission.settle(self.ticket, self.replies.usage())
+        try:
+            with anyio.CancelScope(shield=True):
+                await self.replies.close()
+                await self._admission.settle(self.ticket, self.replies.usage())
+        finally:
+            self._lifecycle.closed(self)
 
 
 async def collect(replies: ReplyStream, assembler: FullAssembler) -> dict[str, Any]:

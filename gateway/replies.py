@@ -25,16 +25,20 @@ class SubscriptionLost(Exception):
 @dataclass(eq=False)
 class Subscription:
     channel: str
-    queue: asyncio.Queue[bytes | SubscriptionLost] = field(default_factory=asyncio.Queue)
+    queue: asyncio.Queue[bytes | Exception] = field(default_factory=asyncio.Queue)
     confirmed: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
 
     async def get(self) -> bytes:
         item = await self.queue.get()
-        if isinstance(item, SubscriptionLost):
+        if isinstance(item, Exception):
             raise item
         return item
+
+    def fail(self, error: Exception) -> None:
+        """End the wait of whoever reads this subscription with ``error``."""
+        self.queue.put_nowait(error)
 
 
 class ReplyHub:

@@ -20,6 +20,7 @@ from gateway.auth import Authenticator
 from gateway.chunks import FullAssembler, Kind, Meta, StreamAssembler
 from gateway.errors import APIError, InvalidRequest, ModelNotFound, Unavailable
 from gateway.jobs import Dispatcher
+from gateway.lifecycle import Lifecycle
 from gateway.registry import ModelEntry, WorkerRegistry
 from gateway.relay import Admitted, collect, sse_events, until_disconnect
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, _Sampling
@@ -49,9 +50,11 @@ class Gateway:
     dispatcher: Dispatcher
     auth: Authenticator
     admission: Admission
+    lifecycle: Lifecycle
 
-    async def prewarm(self, period: float = 2.0) -> None:
-        """Load each served model's tokenizer before its first request needs it."""
+    async def prewarm(self, period: float = 1.0) -> None:
+        """Load each served model's tokenizer before its first request needs it (until then the
+        gateway is not ready: see :meth:`unready`)."""
         while True:
             try:
                 for entry in (await self.registry.models()).values():
@@ -59,6 +62,20 @@ class Gateway:
             except (APIError, RedisError, OSError) as exc:
                 log.warning("tokenizer prewarm: %s", exc)
             await asyncio.sleep(period)
+
+    async def unready(self) -> str | None:
+        """Why this gateway cannot serve at full speed now (None: it can). Redis errors propagate."""
+        if self.lifecycle.draining:
+            return "shutting down"
+        if not self.dispatcher.connected():
+            return "reconnecting to Redis"
+        models = await self.registry.models()
+        if not models:
+            return "no live worker"
+        loading = sorted(m.name for m in models.values() if not self.tokenizers.loaded(m.tokenizer))
+        if loading:
+            return f"loading the tokenizer of {', '.join(loading)}"
+        return None
 
     async def resolve(self, model: str) -> ModelEntry:
         live = await self.registry.models()
@@ -69,6 +86,7 @@ class Gateway:
         raise ModelNotFound(f"The model '{model}' does not exist", param="model")
 
     async def chat(self, request: Request, body: ChatCompletionRequest, tenant: Tenant) -> Any:
+        self.lifecycle.check_open()
         entry = await self.resolve(body.model)
         tokens = await self.tokenizers.get(entry.tokenizer)
         check_length(tokens, sum(len(m.text()) for m in body.messages), entry.max_model_len, "messages")
@@ -78,6 +96,7 @@ class Gateway:
         return await self._respond(request, job, "chat", body, tenant)
 
     async def completion(self, request: Request, body: CompletionRequest, tenant: Tenant) -> Any:
+        self.lifecycle.check_open()
         entry = await self.resolve(body.model)
         tokens = await self.tokenizers.get(entry.tokenizer)
         text = body.single_prompt()
@@ -117,13 +136,14 @@ class Gateway:
 
     async def _submit(self, job: Job, tenant: Tenant) -> Admitted:
         """Admit (rate limits, backlog) and enqueue; the reservation is settled when the reply ends."""
+        self.lifecycle.check_open()  # it may have begun draining while this request was tokenized
         ticket = await self.admission.admit(tenant, job)
         try:
             replies = await self.dispatcher.submit(job, tenant.priority)
         except BaseException:
             await self.admission.settle(ticket, NOTHING)  # nothing was enqueued
             raise
-        return Admitted(replies, ticket, self.admission)
+        return Admitted(replies, ticket, self.admission, self.lifecycle)
 
     async def _respond(self, request: Request, job: Job, kind: Kind, body: _Sampling, tenant: Tenant) -> Any:
         prefix = "chatcmpl-" if kind == "chat" else "cmpl-"

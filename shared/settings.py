@@ -60,6 +60,35 @@ class GatewaySettings(RedisSettings):
     worker_ttl: float = Field(
         default=10.0, gt=0, description="A worker whose heartbeat is older is taken for dead."
     )
+    scale_from_zero: bool = Field(
+        default=False,
+        description=(
+            "Models served here before stay servable with no live worker: requests wait in their "
+            "stream while an autoscaler starts one (on for `switchyard up --autoscale 0:N`)."
+        ),
+    )
+    scale_target_utilization: float = Field(
+        default=0.75, gt=0, le=1, description="Autoscaling: share of a worker's slots to aim for."
+    )
+    scale_max_queue_wait: float = Field(
+        default=5.0,
+        ge=0,
+        description="Autoscaling: a backlog the workers drain within this many seconds needs no new worker.",
+    )
+    scale_down_after: float = Field(
+        default=60.0, ge=0, description="Autoscaling: seconds of low demand before a worker is retired."
+    )
+    scale_cooldown: float = Field(
+        default=15.0, ge=0, description="Autoscaling: seconds between two retirements."
+    )
+    shutdown_grace: float = Field(
+        default=30.0,
+        ge=0,
+        description=(
+            "On SIGTERM, how long requests in flight may take to finish before they are cut with an "
+            "error (new requests get 503 meanwhile)."
+        ),
+    )
 
 
 class WorkerSettings(RedisSettings):

@@ -52,13 +52,19 @@ class Heartbeat:
             await pipe.execute()
 
     async def run(self, stopping: asyncio.Event) -> None:
-        while not stopping.is_set():
+        """Beat every interval until cancelled, and once more as soon as ``stopping`` is set, so
+        that gateways and autoscalers see at once that the worker drains (it keeps beating while
+        its jobs finish: its claims and its place in the fleet stay visible)."""
+        while True:
             try:
                 await self.beat()
             except (RedisError, OSError) as exc:
                 log.warning("heartbeat failed: %s", exc)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), self._interval)
+            if stopping.is_set():
+                await asyncio.sleep(self._interval)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), self._interval)
 
     async def withdraw(self) -> None:
         """Leave the index at once so gateways stop routing here."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -15,7 +16,7 @@ from pathlib import Path
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from shared.messages import WorkerInfo
+from shared.messages import Sampling, WorkerInfo
 from shared.settings import WorkerSettings
 from worker.consumer import Consumer
 from worker.engine import Engine
@@ -49,6 +50,8 @@ async def check_redis(redis: Redis, url: str) -> None:
 
 
 DEMO_KV_CACHE_GIB = 1.0
+WARM_UP_PROMPT = (1, 2, 3, 4, 5, 6, 7, 8)
+WARM_UP_SAMPLING = Sampling(max_tokens=4, ignore_eos=True)
 
 
 async def start_engine(settings: WorkerSettings) -> Engine:
@@ -79,12 +82,12 @@ async def serve(settings: WorkerSettings) -> None:
         await check_redis(redis, settings.redis_url)
         metrics_server = start_metrics(settings.metrics_port)
         engine = await start_engine(settings)
-        # vLLM and torch leave a huge, long-lived heap; without this every full collection walks
-        # it again and stalls token publishing for a large fraction of a second.
-        gc.collect()
-        gc.freeze()
-
         try:
+            await warm_up(engine)
+            # vLLM and torch leave a huge, long-lived heap; without this every full collection walks
+            # it again and stalls token publishing for a large fraction of a second.
+            gc.collect()
+            gc.freeze()
             await run_consumer(redis, settings, engine)
         finally:
             engine.shutdown()
@@ -92,6 +95,17 @@ async def serve(settings: WorkerSettings) -> None:
         if metrics_server is not None:
             metrics_server.close()
         await redis.aclose()
+
+
+async def warm_up(engine: Engine) -> None:
+    """Run one short generation before the worker registers: a worker that joins the fleet serves its
+    first job at full speed, not after the engine's first-step setup."""
+    started = time.monotonic()
+    stream = engine.generate(f"warm-up-{secrets.token_hex(4)}", WARM_UP_PROMPT, WARM_UP_SAMPLING)
+    async with contextlib.aclosing(stream):
+        async for _ in stream:
+            pass
+    log.info("engine warmed up in %.2fs", time.monotonic() - started)
 
 
 def start_metrics(port: int) -> MetricsServer | None:
@@ -131,11 +145,11 @@ async def run_consumer(redis: Redis, settings: WorkerSettings, engine: Engine) -
             "waiting": stats.waiting,
             "kv_cache_usage": stats.kv_cache_usage,
             "tokens_per_s": metrics.tokens_per_s(),
-            "draining": consumer.stopping.is_set(),
+            "draining": stopping.is_set(),
         }
 
-    heartbeat = Heartbeat(redis, names, info, settings.heartbeat_interval, status)
     stopping = asyncio.Event()
+    heartbeat = Heartbeat(redis, names, info, settings.heartbeat_interval, status)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)

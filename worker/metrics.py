@@ -29,7 +29,7 @@ from shared.messages import Job
 
 QUEUE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 60)
 RATE_WINDOW = 10.0
-OUTCOMES = ("completed", "failed", "cancelled", "handed_back", "taken_over", "dead_lettered")
+OUTCOMES = ("completed", "failed", "cancelled", "abandoned", "handed_back", "taken_over", "dead_lettered")
 
 
 class TokenRate:

@@ -15,7 +15,7 @@ from collections.abc import AsyncGenerator, Callable
 from shared.messages import Failure, Final, Job, Started, Usage, encode
 from shared.names import GROUP, HANDED_BACK_FIELD, JOB_FIELD, Names
 from shared.scripts import CLAIMED_HAND_BACK
-from worker.channel import Claim, ClaimLost, Progress, ReplyChannel
+from worker.channel import Claim, ClaimLost, NobodyListening, Progress, ReplyChannel, check
 from worker.coalesce import Coalescer, resumed
 from worker.engine import Delta, Engine
 from worker.metrics import WorkerMetrics
@@ -53,6 +53,12 @@ class JobRunner:
         except ClaimLost:
             log.warning("job %s was taken over by another worker; stopping it here", claim.job.id)
             self._metrics.outcome("taken_over")
+        except NobodyListening:
+            # Like a client that disconnected, but its gateway could not say so (it died, or lost
+            # Redis): the engine's time goes to jobs someone waits for.
+            log.info("job %s: nobody listens for its replies any more; stopping it", claim.job.id)
+            with contextlib.suppress(ClaimLost):
+                await self._abandon(claim)
 
     async def _run(self, claim: Claim) -> None:
         job = claim.job
@@ -71,7 +77,7 @@ class JobRunner:
                 await self.acknowledge(out)
                 return
             await self._generate(job, out, progress.token_ids if progress else ())
-        except ClaimLost:
+        except (ClaimLost, NobodyListening):
             raise
         except asyncio.CancelledError as exc:
             with contextlib.suppress(ClaimLost):  # taken over meanwhile: the new owner answers
@@ -111,12 +117,13 @@ class JobRunner:
         started = Started(
             seq=out.next_seq(), worker=self._worker_id, attempt=claim.attempt, resumed_tokens=resumed_tokens
         )
-        cancelled, owned = await self._outbox.send(
+        cancelled, result = await self._outbox.send(
             ("EXISTS", self._names.cancelled(claim.job.id)), out.command([started])
         )
-        if not owned:
-            raise ClaimLost
-        return not cancelled
+        if cancelled:
+            return False
+        check(result)
+        return True
 
     async def _generate(self, job: Job, out: ReplyChannel, prior: tuple[int, ...]) -> None:
         """Generate (continuing after ``prior`` tokens, if any), publish, and end the job."""
@@ -150,6 +157,12 @@ class JobRunner:
     async def acknowledge(self, out: ReplyChannel) -> None:
         """End a job whose client gave up: nothing more to say."""
         self._metrics.outcome("cancelled")
+        await out.send([], ack=True)
+
+    async def _abandon(self, claim: Claim) -> None:
+        """End a job nobody listens to any more, without a word (there is no one to say it to)."""
+        self._metrics.outcome("abandoned")
+        out = ReplyChannel(self._outbox, self._names, claim, self._worker_id, lambda: None, False)
         await out.send([], ack=True)
 
     async def hand_back(self, claim: Claim, started: bool = True) -> None:
