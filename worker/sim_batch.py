@@ -182,6 +182,10 @@ class Batch(Generic[OwnerT]):
 
     def _preempt(self) -> None:
         """Send the newest sequences back to the queue while the next decodes would overflow the cache."""
+        # The common case, known without a pass over the batch: since the last schedule each running
+        # sequence grew by at most one token, and the next decodes add one each.
+        if self.kv_held + 2 * len(self.running) <= self.kv_capacity:
+            return
         need = sum(c.held + (c.todo == 0) for c in self.running)
         while len(self.running) > 1 and need > self.kv_capacity:
             victim = self.running.pop()
