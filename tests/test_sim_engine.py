@@ -170,6 +170,8 @@ async def test_shutdown_ends_running_requests_with_an_error(demo_model_dir: Path
     with pytest.raises(EngineStopped):
         async for _ in stream:
             pass
+    with pytest.raises(EngineStopped):  # and later requests are refused rather than left waiting
+        await collect(sim, "y", [5])
 
 
 async def test_invalid_requests_are_rejected(engine: SimEngine) -> None:

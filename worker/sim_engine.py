@@ -132,6 +132,8 @@ class SimEngine:
         """Stream the request's deltas, one list per step (or several steps' worth when the consumer
         was slower). Closing the generator or cancelling its consumer drops the request at once."""
         self._check(prompt_token_ids, sampling)
+        if self._task is None or self._task.done():
+            raise EngineStopped("the simulated engine is not running")
         request = _Request(choices=sampling.n)
         key = str(sampling.seed) if sampling.seed is not None else request_id
         ids, texts = self._pool.ids, self._pool.texts
@@ -201,6 +203,9 @@ class SimEngine:
                 for request, delta in self._batch.advance():
                     request.deltas.append(delta)
                     request.ready.set()
+        except Exception:
+            log.exception("the simulated engine's step loop failed")
+            raise
         finally:
             self._fail_all()
 
