@@ -8,11 +8,12 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import ValidationError
 
 from control.processes import StartupError
+from shared.settings import SimPreset
 
 
 class CLIError(Exception):
@@ -39,6 +40,22 @@ def _add_worker(p: argparse.ArgumentParser) -> None:
         help="KV cache size in GiB (default: vLLM sizes it; 1 for the demo model)",
     )
     p.add_argument("--capacity", type=int, help="jobs one worker runs at once (default: 256)")
+    p.add_argument(
+        "--engine",
+        choices=["vllm", "sim"],
+        help="what generates: vllm (default), or sim, the simulated engine of capacity and scale "
+        "tests (no model: realistic timing, tokens of the model's tokenizer)",
+    )
+    p.add_argument(
+        "--sim-preset",
+        choices=get_args(SimPreset),
+        help="timing of the simulated engine: a GPU serving a ~8B model, or cpu-demo (default: h100)",
+    )
+    p.add_argument(
+        "--sim-speed",
+        type=float,
+        help="the simulated engine runs this many times faster than its preset (default: 1)",
+    )
     p.add_argument(
         "--flush-interval",
         type=float,
@@ -146,6 +163,9 @@ WORKER_FIELDS = (
     "dtype",
     "kv_cache_gib",
     "capacity",
+    "engine",
+    "sim_preset",
+    "sim_speed",
     "flush_interval",
     "metrics_port",
     *REDIS_FIELDS,

@@ -192,6 +192,7 @@ def _install_routes(app: FastAPI) -> None:
                     "created": m.created,
                     "owned_by": "switchyard",
                     "max_model_len": m.max_model_len,
+                    "engine": m.engine,
                 }
                 for m in sorted(models.values(), key=lambda m: m.name)
             ],
@@ -214,6 +215,7 @@ def _install_routes(app: FastAPI) -> None:
             "created": m.created,
             "owned_by": "switchyard",
             "max_model_len": m.max_model_len,
+            "engine": m.engine,
         }
 
     @app.get("/healthz", response_model=None, responses={200: {"model": Health}})

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.names import Names
+
+SimPreset = Literal["l4", "a100", "h100", "cpu-demo"]
+"""Timing presets of the simulated engine (``worker/sim_timing.py`` holds their figures and sources)."""
 
 
 class RedisSettings(BaseSettings):
@@ -92,9 +97,30 @@ class GatewaySettings(RedisSettings):
 
 
 class WorkerSettings(RedisSettings):
+    engine: Literal["vllm", "sim"] = Field(
+        default="vllm",
+        description=(
+            "What generates: vLLM, or 'sim', the simulated engine of capacity and scale tests (no model, "
+            "timing from sim_preset, tokens from the model's tokenizer). Never the default."
+        ),
+    )
+    sim_preset: SimPreset = Field(
+        default="h100",
+        description=(
+            "The simulated engine's timing: a GPU serving a ~8B model (l4, a100, h100) or cpu-demo, the "
+            "demo model on a 2-core CPU."
+        ),
+    )
+    sim_speed: float = Field(
+        default=1.0,
+        gt=0,
+        description="The simulated engine runs this many times faster than its preset (tests: 10 or more).",
+    )
     model: str = Field(default="demo", description="'demo', a Hugging Face model id, or a path.")
     served_model_name: str | None = Field(default=None, description="Name clients use for the model.")
-    max_model_len: int | None = Field(default=None, description="Context length; unset: the model's.")
+    max_model_len: int | None = Field(
+        default=None, description="Context length; unset: the model's (the simulated engine: 4096)."
+    )
     dtype: str = Field(default="auto", description="Weights dtype passed to vLLM.")
     enforce_eager: bool | None = Field(
         default=None, description="Skip graph compilation; unset: on CPU hosts only."

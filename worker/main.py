@@ -55,8 +55,11 @@ WARM_UP_SAMPLING = Sampling(max_tokens=4, ignore_eos=True)
 
 
 async def start_engine(settings: WorkerSettings) -> Engine:
+    """vLLM on the configured model, or the simulated engine with the model's tokenizer."""
     # Building the demo model on first use takes seconds: keep the loop free meanwhile.
     path, served = await asyncio.to_thread(resolve_model, settings.model, settings.served_model_name)
+    if settings.engine == "sim":
+        return await start_sim_engine(settings, path, served)
     kv_gib = settings.kv_cache_gib
     if kv_gib is None and settings.model == "demo":
         kv_gib = DEMO_KV_CACHE_GIB  # a few MB of model has no use for most of the host's memory
@@ -72,6 +75,24 @@ async def start_engine(settings: WorkerSettings) -> Engine:
         max_num_seqs=settings.capacity,
         **extra,
     )
+
+
+async def start_sim_engine(settings: WorkerSettings, path: str, served: str | None) -> Engine:
+    from worker.sim_engine import SimEngine
+    from worker.sim_timing import PRESETS
+    from worker.sim_tokens import UnsuitableTokenizer
+
+    try:
+        return await SimEngine.start(
+            path,
+            PRESETS[settings.sim_preset],
+            served_name=served,
+            max_model_len=settings.max_model_len,
+            capacity=settings.capacity,
+            speed=settings.sim_speed,
+        )
+    except (OSError, UnsuitableTokenizer) as exc:
+        raise WorkerStartError(f"the simulated engine cannot use the tokenizer of {path}: {exc}") from exc
 
 
 async def serve(settings: WorkerSettings) -> None:
@@ -161,9 +182,10 @@ async def run_consumer(redis: Redis, settings: WorkerSettings, engine: Engine) -
         asyncio.create_task(heartbeat.run(stopping), name="heartbeat"),
     ]
     log.info(
-        "worker %s serving %s (max_model_len %d, capacity %d)",
+        "worker %s serving %s (engine %s, max_model_len %d, capacity %d)",
         worker_id,
         engine.model_name,
+        engine.kind,
         engine.max_model_len,
         settings.capacity,
     )
