@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 
 from control.children import Child
 from gateway.admission import DrainMeter
-from gateway.scaling import Policy, Scaler
+from gateway.scaling import Scaler, scaling_policy
 from shared.fleet import gather
 
 if TYPE_CHECKING:
@@ -34,22 +34,12 @@ def worker_id(child: Child) -> str:
 
 
 class LocalAutoscaler:
-    def __init__(
-        self, supervisor: Supervisor, min_workers: int, max_workers: int, period: float = PERIOD
-    ) -> None:
-        gateway = supervisor.gateway
+    def __init__(self, supervisor: Supervisor, period: float = PERIOD) -> None:
         self.period = period
         self._supervisor = supervisor
-        self._scaler = Scaler(
-            Policy(
-                min_workers=min_workers,
-                max_workers=max_workers,
-                target_utilization=gateway.scale_target_utilization,
-                max_queue_wait=gateway.scale_max_queue_wait,
-                scale_down_after=gateway.scale_down_after,
-                cooldown=gateway.scale_cooldown,
-            )
-        )
+        # The gateway's settings carry the policy (and --autoscale's bounds): the gateway exports
+        # the very decision applied here.
+        self._scaler = Scaler(scaling_policy(supervisor.gateway))
         self._drain = DrainMeter()
         self._redis: Redis | None = None
         self._failing = False

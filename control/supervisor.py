@@ -121,8 +121,13 @@ class Supervisor:
             self.dev_key = ensure_dev_key(self.gateway)
         for _ in range(self.workers):
             self.add_worker()
-        if self.autoscale is not None and self.autoscale.min_workers == 0:
-            self.gateway = self.gateway.model_copy(update={"scale_from_zero": True})
+        if self.autoscale is not None:
+            bounds = {
+                "scale_min_workers": self.autoscale.min_workers,
+                "scale_max_workers": self.autoscale.max_workers,
+            }
+            zero = {"scale_from_zero": True} if self.autoscale.min_workers == 0 else {}
+            self.gateway = self.gateway.model_copy(update={**bounds, **zero})
         self.children.add(Child("gateway", self._argv("gateway"), self._env(self.gateway.environment())))
         self._wait_ready()
         self._keep_off_engine_cores()
@@ -276,11 +281,7 @@ Press Ctrl-C to stop.
 
     async def _watch(self) -> None:
         """Start dead children again (and re-register the dev key when Redis came back), and scale."""
-        scaler = (
-            LocalAutoscaler(self, self.autoscale.min_workers, self.autoscale.max_workers)
-            if self.autoscale
-            else None
-        )
+        scaler = LocalAutoscaler(self) if self.autoscale else None
         try:
             next_scale = 0.0
             while not self._signals:

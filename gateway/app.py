@@ -37,7 +37,7 @@ from gateway.openapi import (
 from gateway.probe import QueueProbe
 from gateway.registry import WorkerRegistry
 from gateway.replies import ReplyHub
-from gateway.scaling import Decision, Load, Policy, Scaler
+from gateway.scaling import Decision, Load, Scaler, scaling_policy
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.service import Gateway, new_request_id
 from gateway.tokenizer import TokenizerCache
@@ -121,15 +121,6 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.add_middleware(RequestEdge, max_body=settings.max_body_bytes, new_id=new_request_id)
     app.add_middleware(RequestCounter, metrics=metrics)
     return app
-
-
-def scaling_policy(settings: GatewaySettings) -> Policy:
-    return Policy(
-        target_utilization=settings.scale_target_utilization,
-        max_queue_wait=settings.scale_max_queue_wait,
-        scale_down_after=settings.scale_down_after,
-        cooldown=settings.scale_cooldown,
-    )
 
 
 def scaling_row(load: Load, decision: Decision) -> dict[str, Any]:

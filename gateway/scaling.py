@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from shared.fleet import Snapshot
+from shared.settings import GatewaySettings
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +68,18 @@ class Decision:
     desired: int
     reason: str
     memory: Memory
+
+
+def scaling_policy(settings: GatewaySettings) -> Policy:
+    """The policy the settings (``SWITCHYARD_SCALE_*``) describe."""
+    return Policy(
+        min_workers=settings.scale_min_workers,
+        max_workers=settings.scale_max_workers,
+        target_utilization=settings.scale_target_utilization,
+        max_queue_wait=settings.scale_max_queue_wait,
+        scale_down_after=settings.scale_down_after,
+        cooldown=settings.scale_cooldown,
+    )
 
 
 def needed(load: Load, policy: Policy) -> int:

@@ -72,6 +72,14 @@ class GatewaySettings(RedisSettings):
             "stream while an autoscaler starts one (on for `switchyard up --autoscale 0:N`)."
         ),
     )
+    scale_min_workers: int = Field(
+        default=0, ge=0, description="Autoscaling: fewest workers the decision asks for (per model)."
+    )
+    scale_max_workers: int = Field(
+        default=1000,
+        ge=1,
+        description="Autoscaling: most workers the decision asks for (per model; KEDA's bounds apply too).",
+    )
     scale_target_utilization: float = Field(
         default=0.75, gt=0, le=1, description="Autoscaling: share of a worker's slots to aim for."
     )

@@ -104,9 +104,13 @@ def up(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             proc.kill()
 
 
-async def stream(client: AsyncOpenAI, tokens: int) -> tuple[str | None, int, Exception | None]:
-    """(finish reason, tokens received, error) of one streamed request."""
+async def stream(
+    client: AsyncOpenAI, tokens: int, pauses: list[float] | None = None
+) -> tuple[str | None, int, Exception | None]:
+    """(finish reason, tokens received, error) of one streamed request; its longest wait between
+    two chunks goes to ``pauses``."""
     finish, received = None, 0
+    last, longest = None, 0.0
     try:
         chunks = await client.chat.completions.create(
             model="fleet-demo",
@@ -117,12 +121,17 @@ async def stream(client: AsyncOpenAI, tokens: int) -> tuple[str | None, int, Exc
             extra_body={"ignore_eos": True},
         )
         async for chunk in chunks:
+            now = time.monotonic()
+            longest, last = max(longest, now - last) if last else longest, now
             if chunk.choices and chunk.choices[0].finish_reason:
                 finish = chunk.choices[0].finish_reason
             if chunk.usage is not None:
                 received = chunk.usage.completion_tokens
     except openai.APIError as exc:
         return finish, received, exc
+    finally:
+        if pauses is not None:
+            pauses.append(longest)
     return finish, received, None
 
 
@@ -136,7 +145,8 @@ async def worker_records(redis_url: str) -> list[WorkerInfo]:
 
 async def test_a_killed_worker_costs_no_stream_and_comes_back(up: Up) -> None:
     client = up.client()
-    streams = [asyncio.create_task(stream(client, 600)) for _ in range(24)]
+    pauses: list[float] = []
+    streams = [asyncio.create_task(stream(client, 600, pauses)) for _ in range(24)]
     await asyncio.sleep(3)
     workers = await worker_records(up.redis_url)
     busiest = max(workers, key=lambda w: w.inflight)
@@ -154,7 +164,11 @@ async def test_a_killed_worker_costs_no_stream_and_comes_back(up: Up) -> None:
             break
         await asyncio.sleep(1)
     assert back is not None, "the killed worker was not started again"
-    print(f"the killed worker ({busiest.inflight} streams) was back after {back:.1f}s")
+    print(
+        f"killed a worker holding {busiest.inflight} of 24 streams: longest pause {max(pauses):.1f}s,",
+        end=" ",
+    )
+    print(f"the worker was back after {back:.1f}s")
     status = await asyncio.to_thread(
         subprocess.run,
         [sys.executable, "-m", "control.cli", "status", "--json", "--redis-url", up.redis_url],

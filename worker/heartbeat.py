@@ -29,7 +29,9 @@ class Heartbeat:
         info: WorkerInfo,
         interval: float,
         status: Callable[[], dict[str, Any]],
+        on_beat: Callable[[], None] = lambda: None,
     ) -> None:
+        self._on_beat = on_beat
         self._redis = redis
         self._names = names
         self._info = info
@@ -56,6 +58,7 @@ class Heartbeat:
         that gateways and autoscalers see at once that the worker drains (it keeps beating while
         its jobs finish: its claims and its place in the fleet stay visible)."""
         while True:
+            self._on_beat()  # the event loop turns, whether or not Redis answers
             try:
                 await self.beat()
             except (RedisError, OSError) as exc:

@@ -20,6 +20,7 @@ from shared.messages import Sampling, WorkerInfo
 from shared.settings import WorkerSettings
 from worker.consumer import Consumer
 from worker.engine import Engine
+from worker.health import Health
 from worker.heartbeat import Heartbeat
 from worker.metrics import MetricsServer, WorkerMetrics
 
@@ -101,7 +102,8 @@ async def serve(settings: WorkerSettings) -> None:
     metrics_server: MetricsServer | None = None
     try:
         await check_redis(redis, settings.redis_url)
-        metrics_server = start_metrics(settings.metrics_port)
+        health = Health(stale_after=max(30.0, settings.heartbeat_interval * 10))
+        metrics_server = start_metrics(settings.metrics_port, health)
         engine = await start_engine(settings)
         try:
             await warm_up(engine)
@@ -109,7 +111,7 @@ async def serve(settings: WorkerSettings) -> None:
             # it again and stalls token publishing for a large fraction of a second.
             gc.collect()
             gc.freeze()
-            await run_consumer(redis, settings, engine)
+            await run_consumer(redis, settings, engine, health)
         finally:
             engine.shutdown()
     finally:
@@ -129,19 +131,19 @@ async def warm_up(engine: Engine) -> None:
     log.info("engine warmed up in %.2fs", time.monotonic() - started)
 
 
-def start_metrics(port: int) -> MetricsServer | None:
+def start_metrics(port: int, health: Health) -> MetricsServer | None:
     """Serve /metrics before the engine loads, so a taken port fails fast; 0 means no server."""
     if port == 0:
         return None
     try:
-        server = MetricsServer(port)
+        server = MetricsServer(port, health)
     except OSError as exc:
         raise WorkerStartError(f"cannot serve metrics on port {port}: {exc.strerror}") from exc
     log.info("metrics on http://0.0.0.0:%d/metrics", server.port)
     return server
 
 
-async def run_consumer(redis: Redis, settings: WorkerSettings, engine: Engine) -> None:
+async def run_consumer(redis: Redis, settings: WorkerSettings, engine: Engine, health: Health) -> None:
     worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
     names = settings.names
     metrics = WorkerMetrics(engine.model_name)
@@ -170,7 +172,7 @@ async def run_consumer(redis: Redis, settings: WorkerSettings, engine: Engine) -
         }
 
     stopping = asyncio.Event()
-    heartbeat = Heartbeat(redis, names, info, settings.heartbeat_interval, status)
+    heartbeat = Heartbeat(redis, names, info, settings.heartbeat_interval, status, on_beat=health.beat)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
@@ -190,8 +192,10 @@ async def run_consumer(redis: Redis, settings: WorkerSettings, engine: Engine) -
         settings.capacity,
     )
     metrics.export()
+    health.serving = True
     try:
         await _until_stop_or_crash(stopping, loops)
+        health.draining = True
         log.info("stopping: no new jobs")
         consumer.stop()
         await consumer.drain(settings.drain_timeout)
