@@ -81,7 +81,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             asyncio.create_task(probe.run(), name="fleet-probe"),
         ]
         try:
-            await asyncio.wait_for(hub.connected.wait(), 5)
+            async with asyncio.timeout(5):
+                await hub.connected.wait()
             await gateway.admission.prepare()
         except (TimeoutError, RedisError, OSError):
             log.warning(

@@ -174,7 +174,9 @@ class ReplyStream:
                 "stall" if self._timeouts.stall < remaining else "total",
             )
         try:
-            raw = await asyncio.wait_for(self.subscription.get(), max(wait, 0))
+            # asyncio.timeout, not wait_for: no task per message on the hottest path of the gateway.
+            async with asyncio.timeout(max(wait, 0)):
+                raw = await self.subscription.get()
         except TimeoutError as exc:
             if why == "queue":
                 raise Unavailable(

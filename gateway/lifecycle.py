@@ -73,14 +73,16 @@ class Lifecycle:
         begun = time.monotonic()
         log.info("draining: %d request(s) in flight, up to %.0fs to finish", len(self._open), self.grace)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), self.grace)
+            async with asyncio.timeout(self.grace):
+                await self._idle.wait()
         cut = list(self._open)
         for request in cut:
             request.interrupt(ShuttingDown("the gateway stopped before the request finished; retry it"))
         if cut:
             log.warning("cut %d request(s) still running after %.0fs", len(cut), self.grace)
             try:
-                await asyncio.wait_for(self._idle.wait(), CUT_WAIT)
+                async with asyncio.timeout(CUT_WAIT):
+                    await self._idle.wait()
             except TimeoutError:
                 log.error("%d cut request(s) did not close in %.0fs", len(self._open), CUT_WAIT)
         log.info("drained in %.1fs", time.monotonic() - begun)

@@ -49,9 +49,8 @@ class QueueProbe:
     async def refresh(self) -> bool:
         """One reading; False (and ``redis_up`` 0) when Redis did not answer in time."""
         try:
-            snap = await asyncio.wait_for(
-                gather(self._redis, self._names, self._worker_ttl, self._bad), self._period * 2
-            )
+            async with asyncio.timeout(self._period * 2):
+                snap = await gather(self._redis, self._names, self._worker_ttl, self._bad)
         except (RedisError, OSError, TimeoutError) as exc:
             if not self._failing:  # its figures decide 503s: say when they stop being fresh
                 log.warning(

@@ -7,7 +7,6 @@ an OpenAI error the SDK raises, never as a stream that simply stops.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -16,7 +15,7 @@ import anyio
 from fastapi import Request
 
 from gateway.admission import Admission, Ticket
-from gateway.chunks import FullAssembler, StreamAssembler
+from gateway.chunks import FullAssembler, StreamAssembler, encode, sse
 from gateway.errors import APIError, InternalError, UpstreamFailure
 from gateway.jobs import ReplyStream
 from gateway.lifecycle import Lifecycle
@@ -67,24 +66,23 @@ async def collect(replies: ReplyStream, assembler: FullAssembler) -> dict[str, A
     raise UpstreamFailure("the reply stream ended without a final message")
 
 
-async def sse_events(request: Admitted, assembler: StreamAssembler) -> AsyncIterator[dict[str, str]]:
-    """SSE payloads of one streamed response; an error after the start becomes an error event."""
+DONE = sse("[DONE]")
+
+
+async def sse_events(request: Admitted, assembler: StreamAssembler) -> AsyncIterator[bytes]:
+    """SSE events of one streamed response, as bytes; an error after the start becomes an error
+    event."""
     try:
         async for reply in request.replies:
-            if isinstance(reply, Tokens):
-                chunks = assembler.tokens(reply)
-            elif isinstance(reply, Final):
-                chunks = assembler.final(reply)
-            else:
-                continue
-            for chunk in chunks:
-                yield {"data": json.dumps(chunk, separators=(",", ":"))}
-        yield {"data": "[DONE]"}
+            if isinstance(reply, Tokens | Final):
+                for event in assembler.events(reply):
+                    yield event
+        yield DONE
     except APIError as exc:
-        yield {"data": json.dumps(exc.envelope())}
+        yield encode(exc.envelope())
     except Exception:  # a defect: the client must still learn the stream is broken
         log.exception("stream of %s failed", request.replies.job.id)
-        yield {"data": json.dumps(InternalError(request_id=request.replies.job.id).envelope())}
+        yield encode(InternalError(request_id=request.replies.job.id).envelope())
     finally:
         await request.close()
 

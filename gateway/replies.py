@@ -110,7 +110,8 @@ class ReplyHub:
         self._subs[channel.encode()] = sub
         try:
             await pubsub.subscribe(channel)
-            await asyncio.wait_for(asyncio.shield(sub.confirmed), self._timeout)
+            async with asyncio.timeout(self._timeout):
+                await asyncio.shield(sub.confirmed)
         except (RedisError, OSError, TimeoutError) as exc:
             self._subs.pop(channel.encode(), None)
             raise SubscriptionLost(f"could not subscribe to replies: {exc!r}") from exc

@@ -153,6 +153,14 @@ class WorkerSettings(RedisSettings):
         ge=0,
         description="Seconds a worker gathers tokens before publishing them (first token: at once).",
     )
+    max_flush_interval: float = Field(
+        default=0.1,
+        ge=0,
+        description=(
+            "Longest a worker gathers a job's tokens when it runs many jobs (the interval grows "
+            "with them beyond 16, so each message carries more tokens under load)."
+        ),
+    )
     heartbeat_interval: float = Field(
         default=2.0, gt=0, description="Seconds between a worker's heartbeats and claim refreshes."
     )

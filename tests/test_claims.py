@@ -42,7 +42,7 @@ class Held:
             self.names,
             engine=None,  # type: ignore[arg-type]
             worker_id=worker,
-            flush_interval=0.04,
+            flush_interval=lambda: 0.04,
             stop_reason=lambda _: None,
             metrics=WorkerMetrics("m"),
         )

@@ -111,3 +111,26 @@ def test_several_choices_and_a_natural_end(sim: OpenAI) -> None:
     ended = sim.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4000, seed=3)
     assert ended.choices[0].finish_reason == "stop"
     assert ended.usage is not None and 0 < ended.usage.completion_tokens < 4000
+
+
+def test_an_idle_worker_leaves_promptly_on_sigterm(
+    redis_server: EmbeddedRedis, demo_model_dir: Path, tmp_path: Path
+) -> None:
+    """A SIGTERM sets the stop event and cancels the heartbeat at once; a cancellation lost in
+    that race (Python 3.11's wait_for drops it) once left workers running forever."""
+    import signal
+    import time
+
+    env = {"REDIS_URL": redis_server.url, "SWITCHYARD_KEY_PREFIX": f"sytest-term-{uuid.uuid4().hex[:8]}"}
+    env |= {"SWITCHYARD_MODEL": str(demo_model_dir), "SWITCHYARD_HEARTBEAT_INTERVAL": "0.2"}
+    for attempt in range(3):
+        log = tmp_path / f"worker-{attempt}.log"
+        worker = spawn("worker", env, log, "--engine", "sim", "--sim-preset", "cpu-demo")
+        try:
+            serving = lambda log=log: "serving" in log.read_text()  # noqa: E731
+            wait_until(serving, 60, "the worker serving", (worker,), (log,))
+            time.sleep(0.35)
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(timeout=15) == 0, log.read_text()[-2000:]
+        finally:
+            stop(worker)

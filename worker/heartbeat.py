@@ -66,8 +66,11 @@ class Heartbeat:
             if stopping.is_set():
                 await asyncio.sleep(self._interval)
             else:
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for loses a cancellation that
+                # arrives as the event is set (a SIGTERM does both), and the worker never exits.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stopping.wait(), self._interval)
+                    async with asyncio.timeout(self._interval):
+                        await stopping.wait()
 
     async def withdraw(self) -> None:
         """Leave the index at once so gateways stop routing here."""

@@ -45,7 +45,8 @@ def resolve_model(model: str, served_name: str | None) -> tuple[str, str | None]
 
 async def check_redis(redis: Redis, url: str) -> None:
     try:
-        await asyncio.wait_for(redis.ping(), 5)
+        async with asyncio.timeout(5):
+            await redis.ping()
     except (RedisError, OSError, TimeoutError) as exc:
         raise WorkerStartError(f"cannot reach Redis at {url}: {exc}") from exc
 

@@ -32,7 +32,7 @@ class JobRunner:
         names: Names,
         engine: Engine,
         worker_id: str,
-        flush_interval: float,
+        flush_interval: Callable[[], float],
         stop_reason: Callable[[str], StopReason | None],
         metrics: WorkerMetrics,
         stopping: Callable[[], bool] = lambda: False,
@@ -127,7 +127,7 @@ class JobRunner:
 
     async def _generate(self, job: Job, out: ReplyChannel, prior: tuple[int, ...]) -> None:
         """Generate (continuing after ``prior`` tokens, if any), publish, and end the job."""
-        coalescer = Coalescer(job.sampling.n, self._flush_interval, time.monotonic(), prior=len(prior))
+        coalescer = Coalescer(job.sampling.n, time.monotonic(), prior=len(prior))
         sampling = resumed(job.sampling, len(prior))
         if sampling is None:  # the previous worker generated everything but died before the end
             coalescer.finish_all("length")
@@ -136,11 +136,12 @@ class JobRunner:
             stream = self._engine.generate(job.id, job.prompt_token_ids + prior, sampling)
         async with contextlib.aclosing(stream):  # leaving early (e.g. ClaimLost) aborts the request
             async for deltas in stream:
-                self._metrics.generated(sum(len(d.token_ids) for d in deltas))
-                chunks = coalescer.add(deltas, time.monotonic())
+                chunks = coalescer.add(deltas, time.monotonic(), self._flush_interval())
                 if chunks:
+                    self._metrics.generated(sum(len(c.ids) for c in chunks))
                     await out.send(out.tokens(chunks))
         ending = coalescer.end()
+        self._metrics.generated(sum(len(c.ids) for c in ending.tail))
         tail = out.tokens(ending.tail)
         final = Final(
             seq=out.next_seq(),
