@@ -90,6 +90,8 @@ class EmbeddedRedis:
             *aof,
             "--daemonize",
             "no",
+            "--loglevel",
+            "warning",  # its start-up banner has no place among switchyard up's messages
         ]
 
     def answers(self) -> bool:

@@ -209,13 +209,13 @@ class Supervisor:
         )
 
         def watch() -> None:
+            if self._signals:  # first: a second Ctrl-C kills the children, which is no failure of theirs
+                raise StartupError("interrupted before the system was ready")
             # Before the system ever served, a child that dies is a start-up error, not a restart.
             for child in self.children.all:
                 if not child.running():
                     status = child.proc.returncode if child.proc else None
                     raise StartupError(f"{child.name} exited with status {status}; see its message above")
-            if self._signals:
-                raise StartupError("interrupted before the system was ready")
 
         # Not listening yet, or 503 until a worker is live and warm: both mean "keep waiting".
         if not wait_until(
