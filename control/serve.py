@@ -1,4 +1,5 @@
-"""Start one gateway or one worker in this process, with start-up problems reported as one line."""
+"""Start one gateway, one worker or the background jobs in this process, with start-up problems
+reported as one line."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import tempfile
 from collections.abc import Iterator
 
 from control.processes import StartupError, check_port_free
-from shared.settings import GatewaySettings, RedisSettings, WorkerSettings
+from shared.settings import GatewaySettings, JobsSettings, RedisSettings, WorkerSettings
 
 
 def check_redis(settings: RedisSettings, timeout: float = 3.0) -> None:
@@ -78,3 +79,11 @@ def run_worker(settings: WorkerSettings) -> None:
         asyncio.run(serve(settings))
     except WorkerStartError as exc:
         raise StartupError(str(exc)) from exc
+
+
+def run_jobs(settings: JobsSettings) -> None:
+    """The background jobs role: batch runs and housekeeping (arq), until SIGTERM or SIGINT."""
+    from gateway.background import serve
+
+    check_redis(settings)
+    asyncio.run(serve(settings))
