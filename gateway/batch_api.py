@@ -46,6 +46,7 @@ LATEST = 253_402_300_799
 """The last second of year 9999: the largest time a query may name."""
 DAY = 86400
 
+
 router = APIRouter()
 
 
@@ -62,6 +63,21 @@ async def _tenant(request: Request) -> Tenant:
 
 Owner = Annotated[Tenant, Depends(_tenant)]
 ObjectId = Annotated[str, Query(max_length=128)]
+
+
+def _query(*known: str) -> Any:
+    """Refuse query parameters the operation does not take, or takes once but got twice: unknown
+    fields are refused here as in request bodies, and a repeated one is ambiguous."""
+
+    def check(request: Request, tenant: Owner) -> None:  # the key is checked first, as everywhere
+        names = [name for name, _ in request.query_params.multi_items()]
+        for name in names:
+            if name not in known:
+                raise InvalidRequest(f"Unrecognized query parameter: '{name}'", param=name)
+            if names.count(name) > 1:
+                raise InvalidRequest(f"the query parameter '{name}' is given more than once", param=name)
+
+    return Depends(check)
 
 
 def upload_cap(max_file_bytes: int) -> int:
@@ -151,7 +167,8 @@ async def upload_file(request: Request, tenant: Owner) -> dict[str, Any]:
     return file_object(record)
 
 
-@router.get("/v1/files", response_model=None, responses=resource_responses(FileList, 400))
+@router.get("/v1/files", response_model=None, responses=resource_responses(FileList, 400),
+            dependencies=[_query("after", "limit", "order", "purpose")])  # fmt: skip
 async def list_files(
     request: Request,
     tenant: Owner,
@@ -198,7 +215,8 @@ async def create_batch(body: BatchCreateRequest, request: Request, tenant: Owner
     return batch_object(state)
 
 
-@router.get("/v1/batches", response_model=None, responses=resource_responses(BatchList, 400))
+@router.get("/v1/batches", response_model=None, responses=resource_responses(BatchList, 400),
+            dependencies=[_query("after", "limit")])  # fmt: skip
 async def list_batches(
     request: Request,
     tenant: Owner,
@@ -223,7 +241,8 @@ async def cancel_batch(batch_id: str, request: Request, tenant: Owner) -> dict[s
 # -- usage -----------------------------------------------------------------------------------------
 
 
-@router.get("/v1/usage", response_model=None, responses=resource_responses(UsageList, 400))
+@router.get("/v1/usage", response_model=None, responses=resource_responses(UsageList, 400),
+            dependencies=[_query("start_time", "end_time")])  # fmt: skip
 async def usage(
     request: Request,
     tenant: Owner,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -163,13 +164,13 @@ class Batches:
         return bool(int(moved))
 
     async def finished(self, batch_id: str) -> None:
-        """A batch reached a final status: it is no longer active, and its record goes after the
-        retention time."""
+        """A batch reached a final status: it is no longer active, its record goes after the
+        retention time, and its lines' results (in its files now) go at once."""
         n = self._names
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.srem(n.active_batches(), batch_id)
             pipe.zadd(n.batch_expiry(), {batch_id: time.time() + self._retention})
-            pipe.delete(n.batch_jobs(batch_id))
+            pipe.delete(n.batch_jobs(batch_id), n.batch_results(batch_id))
             await pipe.execute()
 
     async def active(self) -> list[str]:
@@ -188,3 +189,38 @@ class Batches:
                 pipe.zrem(n.batch_expiry(), batch_id)
                 await pipe.execute()
         return len(due)
+
+
+@dataclass
+class BatchFigures:
+    """What the batch metrics show (see :class:`gateway.metrics.BatchCollector`)."""
+
+    batches: dict[str, int]
+    lines: dict[str, int]
+    finished: dict[str, int]
+
+
+async def batch_figures(redis: Redis, names: Names) -> BatchFigures:
+    """Unfinished batches by status and their lines by state, and lines finished ever."""
+    ids = [i.decode() for i in await redis.smembers(names.active_batches())]  # type: ignore[misc]
+    async with redis.pipeline(transaction=False) as pipe:
+        for batch_id in ids:
+            pipe.hmget(names.batch(batch_id), ["status", "total", "completed", "failed"])
+            pipe.hlen(names.batch_jobs(batch_id))
+        pipe.hgetall(names.batch_stats())
+        *per_batch, stats = await pipe.execute()
+    batches: Counter[str] = Counter()
+    lines: Counter[str] = Counter()
+    for (status, total, completed, failed), running in zip(per_batch[::2], per_batch[1::2], strict=True):
+        if status is None:
+            continue
+        batches[status.decode()] += 1
+        done, bad = int(completed or 0), int(failed or 0)
+        lines.update(
+            completed=done,
+            failed=bad,
+            running=int(running),
+            queued=max(0, int(total or 0) - done - bad - int(running)),
+        )
+    finished = {k.decode(): int(v) for k, v in stats.items()}
+    return BatchFigures(dict(batches), dict(lines), finished)

@@ -149,7 +149,8 @@ class Files:
     def _index_into(self, pipe: object, record: FileRecord) -> None:
         n = self._names
         pipe.set(n.file(record.id), record.model_dump_json())  # type: ignore[attr-defined]
-        pipe.zadd(n.files(record.tenant), {record.id: record.created_at})  # type: ignore[attr-defined]
+        # Milliseconds, not the record's seconds: files listed in the order they were made.
+        pipe.zadd(n.files(record.tenant), {record.id: time.time() * 1000})  # type: ignore[attr-defined]
         if record.expires_at is not None:
             pipe.zadd(n.file_expiry(), {record.id: record.expires_at})  # type: ignore[attr-defined]
 

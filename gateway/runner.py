@@ -94,11 +94,12 @@ class BatchRunner:
 
     async def _drive(self, batch_id: str, token: str) -> str:
         state = await self._batches.load(batch_id)
-        if state is None:
-            await self._batches.finished(batch_id)
+        if state is None:  # its record expired: nothing left to run
+            await self._parts.redis.srem(self._parts.names.active_batches(), batch_id)  # type: ignore[misc]
             return "gone"
         if state.final:
-            await self._batches.finished(batch_id)
+            if batch_id in await self._batches.active():
+                await self._batches.finished(batch_id)
             return state.status
         lines: list[BatchLine] = []
         if state.status == "validating":
