@@ -1,4 +1,4 @@
-"""A background task that keeps the gateway's queue gauges fresh from Redis.
+"""A background task that keeps the gateway's queue gauges (and batch figures) fresh from Redis.
 
 Prometheus collectors are synchronous, so they cannot read Redis during a scrape without blocking
 the event loop; instead this task reads a snapshot every couple of seconds and sets the gauges.
@@ -12,6 +12,7 @@ import logging
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from gateway.batches import batch_figures
 from gateway.metrics import GatewayMetrics
 from shared.fleet import BadRecords, gather
 from shared.names import Names
@@ -38,11 +39,13 @@ class QueueProbe:
             snap = await asyncio.wait_for(
                 gather(self._redis, self._names, self._worker_ttl, self._bad), self._period * 2
             )
+            figures = await asyncio.wait_for(batch_figures(self._redis, self._names), self._period * 2)
         except (RedisError, OSError, TimeoutError) as exc:
             log.debug("queue probe: %s", exc)
             self._metrics.redis_up.set(0)
             return False
         self._metrics.queues(snap)
+        self._metrics.batches.update(figures.batches, figures.lines, figures.finished)
         return True
 
     async def run(self) -> None:
