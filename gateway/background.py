@@ -22,6 +22,7 @@ from typing import Any
 
 import anyio
 from arq.connections import ArqRedis
+from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from arq.cron import CronJob, cron
 from arq.worker import Worker, func
 from redis.asyncio import ConnectionPool, Redis
@@ -68,6 +69,25 @@ async def start_batch(redis: Redis, names: Names, batch_id: str, key: str) -> No
     while the first is queued or running queues nothing)."""
     job_id = names.background_job("run-batch", f"{batch_id}:{key}")
     await arq_client(redis.connection_pool, names).enqueue_job(RUN_BATCH, batch_id, _job_id=job_id)
+
+
+async def prune_runs(redis: Redis, names: Names) -> int:
+    """Drop queued runs of batches that are no longer active. A run whose process was killed stays
+    in arq's queue, marked in progress for the whole run timeout, and arq would look at it on every
+    poll until then; its batch is finished (or taken over) long before."""
+    prefix = names.background_job("run-batch", "")
+    pruned = 0
+    async for member, _ in redis.zscan_iter(names.arq_queue(), match=prefix + "*"):
+        job_id = member.decode()
+        batch_id = job_id.removeprefix(prefix).rsplit(":", 1)[0]
+        if await redis.sismember(names.active_batches(), batch_id):  # type: ignore[misc]
+            continue
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(names.arq_queue(), job_id)
+            pipe.delete(*(key + job_id for key in (job_key_prefix, in_progress_key_prefix, retry_key_prefix)))
+            await pipe.execute()
+        pruned += 1
+    return pruned
 
 
 def cron_fields(period: int) -> dict[str, set[int]]:
@@ -123,7 +143,8 @@ class Jobs:
         async def revive() -> dict[str, int]:
             tick = tick_of(ctx["job_id"])
             names = self.settings.names
-            return await self.housekeeping.check_batches(lambda b: start_batch(self.redis, names, b, tick))
+            result = await self.housekeeping.check_batches(lambda b: start_batch(self.redis, names, b, tick))
+            return {**result, "pruned": await prune_runs(self.redis, names)}
 
         return await self._tick(ctx, "check-batches", revive)
 

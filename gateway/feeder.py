@@ -185,7 +185,8 @@ class Feeder:
 
     async def _room(self) -> int:
         """Lines to add now (see :func:`lines_to_add`); the window leaves the tenant half its
-        concurrency limit for its own interactive requests."""
+        concurrency limit for its own interactive requests, and stays within its backlog limit
+        (admission would only refuse the lines beyond)."""
         parts, now = self._parts, time.monotonic()
         if now - self._tenant_read > TENANT_EVERY:
             self._tenant = await parts.tenants.tenant(self._state.request.tenant) or self._tenant
@@ -193,6 +194,8 @@ class Feeder:
         window = parts.settings.batch_window
         if self._tenant.max_concurrent:
             window = min(window, max(1, self._tenant.max_concurrent // 2))
+        if self._tenant.max_backlog:
+            window = min(window, self._tenant.max_backlog)
         if now - self._checked >= CHECK_EVERY:
             model = self._state.model or ""
             self._capacity = await fleet_capacity(parts.redis, parts.names, model, parts.settings.worker_ttl)

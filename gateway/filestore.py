@@ -44,7 +44,14 @@ class DirectoryStore:
     def __init__(self, root: Path) -> None:
         self._root = anyio.Path(root)
 
+    def _path(self, file_id: str) -> anyio.Path:
+        # Ids are made here (``file-<hex>``); anything else must never name a path outside root.
+        if not file_id or "/" in file_id or "\\" in file_id or file_id.startswith("."):
+            raise MissingFile(file_id)
+        return self._root / file_id
+
     async def write(self, file_id: str, chunks: AsyncIterable[bytes]) -> int:
+        target = self._path(file_id)
         await self._root.mkdir(parents=True, exist_ok=True)
         part = self._root / f".{file_id}.{secrets.token_hex(4)}.part"
         size = 0
@@ -53,14 +60,14 @@ class DirectoryStore:
                 async for chunk in chunks:
                     await out.write(chunk)
                     size += len(chunk)
-            await part.rename(self._root / file_id)
+            await part.rename(target)
         finally:
             await part.unlink(missing_ok=True)
         return size
 
     async def read(self, file_id: str) -> AsyncIterator[bytes]:
         try:
-            source = await anyio.open_file(self._root / file_id, "rb")
+            source = await anyio.open_file(self._path(file_id), "rb")
         except FileNotFoundError as exc:
             raise MissingFile(file_id) from exc
         async with source:
@@ -68,7 +75,10 @@ class DirectoryStore:
                 yield chunk
 
     async def delete(self, file_id: str) -> None:
-        await (self._root / file_id).unlink(missing_ok=True)
+        try:
+            await self._path(file_id).unlink(missing_ok=True)
+        except MissingFile:
+            return
 
 
 class RedisStore:

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from arq.constants import in_progress_key_prefix, job_key_prefix
 from redis.asyncio import Redis
 
 from control.redis_server import EmbeddedRedis
-from gateway.background import first_run
+from gateway.background import first_run, prune_runs, start_batch
 from gateway.batches import Batches
 from gateway.files import Files
 from gateway.housekeeping import Housekeeping
@@ -192,6 +193,24 @@ async def test_batches_nobody_runs_are_started_again(
 
     assert await keeper.check_batches(start) == {"started": 1}
     assert started == [orphan]
+
+
+async def test_runs_of_finished_batches_leave_the_queue(redis: Redis, settings: JobsSettings) -> None:
+    names, files, batches = settings.names, Files(redis, settings), Batches(redis, settings)
+    source = await files.create("t", "in.jsonl", "batch", io.BytesIO(LINE), 1, ttl=3600)
+    body = BatchCreateRequest(
+        input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    live, done = [(await batches.create("t", body, files)).request.id for _ in range(2)]
+    for batch_id in (live, done):
+        await start_batch(redis, names, batch_id, "created")
+    zombie = names.background_job("run-batch", f"{done}:created")
+    await redis.set(in_progress_key_prefix + zombie, b"1")  # its process was killed mid-run
+    await batches.finished(done)
+    assert await prune_runs(redis, names) == 1
+    queued = [m.decode() for m in await redis.zrange(names.arq_queue(), 0, -1)]
+    assert queued == [names.background_job("run-batch", f"{live}:created")]
+    assert not await redis.exists(in_progress_key_prefix + zombie, job_key_prefix + zombie)
 
 
 def test_one_run_per_tick_across_two_processes(redis_server: EmbeddedRedis, tmp_path: Path) -> None:
