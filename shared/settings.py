@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.names import Names
@@ -126,13 +126,13 @@ class JobsSettings(GatewaySettings):
         default=30.0, ge=0, description="On SIGTERM, how long running batch lines may take to finish."
     )
 
-    @model_validator(mode="after")
-    def _cron_periods(self) -> JobsSettings:
-        for name in ("batch_check_interval", "housekeeping_interval"):
-            period = getattr(self, name)
-            if (period < 60 and 60 % period) or (period >= 60 and (period % 60 or 3600 % period)):
-                raise ValueError(f"{name} must divide a minute, or be whole minutes dividing an hour")
-        return self
+    @field_validator("batch_check_interval", "housekeeping_interval")
+    @classmethod
+    def _clock_aligned(cls, period: int) -> int:
+        """Runs are aligned to the clock so that every process agrees on the ticks."""
+        if (period < 60 and 60 % period) or (period >= 60 and (period % 60 or 3600 % period)):
+            raise ValueError("must divide a minute, or be whole minutes dividing an hour")
+        return period
 
 
 class WorkerSettings(RedisSettings):
