@@ -99,7 +99,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app = FastAPI(title="Switchyard", version="0.1.0", lifespan=lifespan)
     _install_error_handlers(app, metrics)
     _install_routes(app)
-    app.include_router(batch_api.router)  # Files, Batches, Usage
+    app.include_router(batch_api.router())  # Files, Batches, Usage
     install(app, auth=settings.auth, max_n=settings.max_n)
 
     @app.get("/metrics", include_in_schema=False)

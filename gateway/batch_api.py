@@ -47,9 +47,6 @@ LATEST = 253_402_300_799
 DAY = 86400
 
 
-router = APIRouter()
-
-
 def _gateway(request: Request) -> Gateway:
     gw: Gateway = request.app.state.gateway
     return gw
@@ -138,8 +135,6 @@ def _check_file(source: IO[bytes], max_n: int, max_lines: int) -> Scan:
         source.seek(0)
 
 
-@router.post("/v1/files", response_model=None, openapi_extra=UPLOAD_BODY,
-             responses=resource_responses(FileObject, 400, 413))  # fmt: skip
 async def upload_file(request: Request, tenant: Owner) -> dict[str, Any]:
     settings = _gateway(request).settings
     form = await request.form(max_files=1, max_fields=8)
@@ -167,8 +162,6 @@ async def upload_file(request: Request, tenant: Owner) -> dict[str, Any]:
     return file_object(record)
 
 
-@router.get("/v1/files", response_model=None, responses=resource_responses(FileList, 400),
-            dependencies=[_query("after", "limit", "order", "purpose")])  # fmt: skip
 async def list_files(
     request: Request,
     tenant: Owner,
@@ -181,21 +174,15 @@ async def list_files(
     return _listing([file_object(r) for r in page.records], page.has_more)
 
 
-@router.get("/v1/files/{file_id}", response_model=None, responses=resource_responses(FileObject, 404))
 async def get_file(file_id: str, request: Request, tenant: Owner) -> dict[str, Any]:
     return file_object(await _files(request).get(tenant.name, file_id, param="file_id"))
 
 
-@router.delete(
-    "/v1/files/{file_id}", response_model=None, responses=resource_responses(FileDeleted, 404, 409)
-)
 async def delete_file(file_id: str, request: Request, tenant: Owner) -> dict[str, Any]:
     await _files(request).delete(tenant.name, file_id)
     return {"id": file_id, "object": "file", "deleted": True}
 
 
-@router.get("/v1/files/{file_id}/content", response_model=None,
-            responses={**resource_responses(None, 404), 200: FILE_CONTENT})  # fmt: skip
 async def file_content(file_id: str, request: Request, tenant: Owner) -> StreamingResponse:
     chunks = await _files(request).content(tenant.name, file_id)
     return StreamingResponse(chunks, media_type="application/octet-stream")
@@ -204,7 +191,6 @@ async def file_content(file_id: str, request: Request, tenant: Owner) -> Streami
 # -- batches ---------------------------------------------------------------------------------------
 
 
-@router.post("/v1/batches", response_model=None, responses=resource_responses(BatchObject, 400, 404))
 async def create_batch(body: BatchCreateRequest, request: Request, tenant: Owner) -> dict[str, Any]:
     gw = _gateway(request)
     state = await _batches(request).create(tenant.name, body, _files(request))
@@ -215,8 +201,6 @@ async def create_batch(body: BatchCreateRequest, request: Request, tenant: Owner
     return batch_object(state)
 
 
-@router.get("/v1/batches", response_model=None, responses=resource_responses(BatchList, 400),
-            dependencies=[_query("after", "limit")])  # fmt: skip
 async def list_batches(
     request: Request,
     tenant: Owner,
@@ -227,13 +211,10 @@ async def list_batches(
     return _listing([batch_object(s) for s in page.states], page.has_more)
 
 
-@router.get("/v1/batches/{batch_id}", response_model=None, responses=resource_responses(BatchObject, 404))
 async def get_batch(batch_id: str, request: Request, tenant: Owner) -> dict[str, Any]:
     return batch_object(await _batches(request).get(tenant.name, batch_id))
 
 
-@router.post("/v1/batches/{batch_id}/cancel", response_model=None,
-             responses=resource_responses(BatchObject, 404, 409))  # fmt: skip
 async def cancel_batch(batch_id: str, request: Request, tenant: Owner) -> dict[str, Any]:
     return batch_object(await _batches(request).cancel(tenant.name, batch_id))
 
@@ -241,8 +222,6 @@ async def cancel_batch(batch_id: str, request: Request, tenant: Owner) -> dict[s
 # -- usage -----------------------------------------------------------------------------------------
 
 
-@router.get("/v1/usage", response_model=None, responses=resource_responses(UsageList, 400),
-            dependencies=[_query("start_time", "end_time")])  # fmt: skip
 async def usage(
     request: Request,
     tenant: Owner,
@@ -257,3 +236,57 @@ async def usage(
     since = start_time if start_time is not None else int(time.time()) - DAY
     rows = await reader.read(tenant.name, since, end_time)
     return {"object": "list", "tenant": tenant.name, "data": [row.as_bucket() for row in rows]}
+
+
+def router() -> APIRouter:
+    """The Files, Batches and Usage routes, to add to an app."""
+    routes = APIRouter()
+
+    def add(path: str, endpoint: Any, methods: list[str], **options: Any) -> None:
+        routes.add_api_route(path, endpoint, methods=methods, response_model=None, **options)
+
+    add(
+        "/v1/files",
+        upload_file,
+        ["POST"],
+        openapi_extra=UPLOAD_BODY,
+        responses=resource_responses(FileObject, 400, 413),
+    )
+    add(
+        "/v1/files",
+        list_files,
+        ["GET"],
+        responses=resource_responses(FileList, 400),
+        dependencies=[_query("after", "limit", "order", "purpose")],
+    )
+    add("/v1/files/{file_id}", get_file, ["GET"], responses=resource_responses(FileObject, 404))
+    add("/v1/files/{file_id}", delete_file, ["DELETE"], responses=resource_responses(FileDeleted, 404, 409))
+    add(
+        "/v1/files/{file_id}/content",
+        file_content,
+        ["GET"],
+        responses={**resource_responses(None, 404), 200: FILE_CONTENT},
+    )
+    add("/v1/batches", create_batch, ["POST"], responses=resource_responses(BatchObject, 400, 404))
+    add(
+        "/v1/batches",
+        list_batches,
+        ["GET"],
+        responses=resource_responses(BatchList, 400),
+        dependencies=[_query("after", "limit")],
+    )
+    add("/v1/batches/{batch_id}", get_batch, ["GET"], responses=resource_responses(BatchObject, 404))
+    add(
+        "/v1/batches/{batch_id}/cancel",
+        cancel_batch,
+        ["POST"],
+        responses=resource_responses(BatchObject, 404, 409),
+    )
+    add(
+        "/v1/usage",
+        usage,
+        ["GET"],
+        responses=resource_responses(UsageList, 400),
+        dependencies=[_query("start_time", "end_time")],
+    )
+    return routes
