@@ -153,7 +153,16 @@ class Feeder:
         if lost:
             log.warning("batch %s: another process took it over; stopping here", self._state.request.id)
             return "stopping"
+        if outcome == "done" and not await self._all_answered():
+            return "stopping"  # a line ended without a result: the next run feeds it again
         return outcome
+
+    async def _all_answered(self) -> bool:
+        results = int(await self._parts.redis.hlen(self._keys[1]))  # type: ignore[misc]
+        if results < len(self._lines):
+            log.error("batch %s: %d lines have no result", self._state.request.id, len(self._lines) - results)
+            return False
+        return True
 
     async def _pending(self) -> deque[tuple[BatchLine, str | None]]:
         """Lines without a result: those a previous run had on a queue first (they run again)."""
@@ -255,12 +264,12 @@ class Feeder:
             )
             return True
         stream = self._parts.names.batch_stream(job.model, job.tenant)
-        try:
-            replies = await self._dispatcher.submit(job, "batch", stream=stream)
-        except APIError:  # nothing was enqueued: Redis is unreachable; a later attempt may do
-            await self._parts.admission.settle(ticket, Usage(prompt_tokens=0, completion_tokens=0))
-            await anyio.sleep(NO_WORKER_WAIT)
-            return last
+        while True:
+            try:
+                replies = await self._dispatcher.submit(job, "batch", stream=stream)
+                break
+            except APIError:  # nothing was enqueued (Redis unreachable): the line waits for it
+                await anyio.sleep(NO_WORKER_WAIT)
         admitted = Admitted(replies, ticket, self._parts.admission)
         kind: Kind = "chat" if line.url == "/v1/chat/completions" else "text"
         meta = Meta(id=("chatcmpl-" if kind == "chat" else "cmpl-") + job_id[4:], created=int(job.created_at),
