@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 Outcome = Literal["done", "cancelling", "expired", "stopping"]
 CHECK_EVERY = 0.5
 """Seconds between reads of the batch's status and the fleet's capacity: a cancel acts this fast."""
+INTERACTIVE_MEMORY = 10.0
+"""Seconds interactive traffic counts as present after its last job: a pause between two bursts
+is no idle capacity to fill with batch lines that would then slow the next burst."""
 LOOP_EVERY = 0.05
 """Shortest pause between two rounds of feeding, however fast lines finish."""
 TENANT_EVERY = 5.0
@@ -81,15 +84,19 @@ async def fleet_capacity(redis: Redis, names: Names, model: str, worker_ttl: flo
             pipe.xpending(stream, GROUP)
         replies = await pipe.execute(raise_on_error=False)
     waiting = {"interactive": 0, "batch": 0}
+    running = {"interactive": 0, "batch": 0}
     for i, record in enumerate(records.values()):
         length, pending = replies[2 * i], replies[2 * i + 1]
         taken = 0 if isinstance(pending, Exception) else int(pending["pending"])
         queued = 0 if isinstance(length, Exception) else int(length)
         waiting[record.priority] += max(0, queued - taken)
+        running[record.priority] += taken
     return Capacity(
         free_slots=sum(max(0, w.capacity - w.inflight) for w in workers),
         interactive_waiting=waiting["interactive"],
         batch_waiting=waiting["batch"],
+        interactive_running=running["interactive"],
+        batch_running=running["batch"],
     )
 
 
@@ -117,6 +124,8 @@ class Feeder:
         self._capacity = Capacity(free_slots=0, interactive_waiting=0, batch_waiting=0)
         self._added = 0
         """Lines put on the queue since the capacity was read (they wait there as far as it knows)."""
+        self._interactive: deque[tuple[float, int]] = deque()
+        """(when, interactive jobs running) over the last INTERACTIVE_MEMORY seconds."""
         left = max(1.0, state.request.expires_at - time.time())
         self._dispatcher = Dispatcher(
             parts.redis,
@@ -207,7 +216,12 @@ class Feeder:
             window = min(window, self._tenant.max_backlog)
         if now - self._checked >= CHECK_EVERY:
             model = self._state.model or ""
-            self._capacity = await fleet_capacity(parts.redis, parts.names, model, parts.settings.worker_ttl)
+            read = await fleet_capacity(parts.redis, parts.names, model, parts.settings.worker_ttl)
+            self._interactive.append((now, read.interactive_running))
+            while self._interactive[0][0] < now - INTERACTIVE_MEMORY:
+                self._interactive.popleft()
+            peak = max(n for _, n in self._interactive)
+            self._capacity = replace(read, interactive_running=peak)
             self._checked, self._added = now, 0
         capacity = replace(self._capacity, batch_waiting=self._capacity.batch_waiting + self._added)
         return lines_to_add(len(self._in_flight), window, capacity)

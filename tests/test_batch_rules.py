@@ -124,21 +124,39 @@ def test_result_lines_have_openai_shape() -> None:
 
 
 @pytest.mark.parametrize(
-    ("in_flight", "window", "free", "interactive", "batch", "add"),
+    ("in_flight", "window", "free", "waiting", "running", "add"),
     [
-        (0, 64, 10, 0, 0, 10),  # idle slots: fill them
-        (0, 4, 10, 0, 0, 4),  # never beyond the window
-        (60, 64, 10, 0, 0, 4),
-        (64, 64, 10, 0, 0, 0),
-        (0, 64, 0, 0, 0, 1),  # no free slot: keep one line waiting for the next one
-        (3, 64, 0, 0, 1, 0),  # ... but only one
-        (0, 64, 10, 0, 4, 6),  # lines of other batches already wait for those slots
-        (0, 64, 10, 2, 0, 1),  # interactive jobs wait: only a batch with nothing in flight gets one
-        (1, 64, 10, 2, 0, 0),
+        # nothing interactive: fill the idle slots
+        (0, 64, 10, (0, 0), (0, 0), 10),
+        (0, 4, 10, (0, 0), (0, 0), 4),  # never beyond the window
+        (60, 64, 10, (0, 0), (0, 0), 4),
+        (64, 64, 10, (0, 0), (0, 0), 0),
+        (0, 64, 0, (0, 0), (0, 0), 1),  # no free slot: keep one line waiting for the next one
+        (3, 64, 0, (0, 1), (0, 0), 0),  # ... but only one
+        (0, 64, 10, (0, 4), (0, 0), 6),  # lines of other batches already wait for those slots
+        # interactive jobs waiting for a worker: only a batch with nothing in flight gets one
+        (0, 64, 10, (2, 0), (0, 0), 1),
+        (1, 64, 10, (2, 0), (8, 1), 0),
+        # interactive jobs running: batches together get one line per four of them
+        (0, 64, 100, (0, 0), (8, 0), 2),
+        (1, 64, 100, (0, 0), (8, 1), 1),
+        (2, 64, 100, (0, 0), (8, 2), 0),
+        (0, 64, 100, (0, 0), (2, 0), 1),  # at least one
+        (1, 64, 100, (0, 0), (2, 1), 0),
+        (0, 64, 100, (0, 0), (8, 3), 1),  # other batches took the share: still one for this one
+        (0, 1, 100, (0, 0), (40, 0), 1),  # and never beyond the window
     ],
 )
-def test_pacing(in_flight: int, window: int, free: int, interactive: int, batch: int, add: int) -> None:
-    capacity = Capacity(free_slots=free, interactive_waiting=interactive, batch_waiting=batch)
+def test_pacing(
+    in_flight: int, window: int, free: int, waiting: tuple[int, int], running: tuple[int, int], add: int
+) -> None:
+    capacity = Capacity(
+        free_slots=free,
+        interactive_waiting=waiting[0],
+        batch_waiting=waiting[1],
+        interactive_running=running[0],
+        batch_running=running[1],
+    )
     assert lines_to_add(in_flight, window, capacity) == add
 
 
