@@ -11,6 +11,7 @@ Method
   about ``--batch-prompt-tokens`` tokens asking for exactly ``--batch-output-tokens``. Interactive
   requests run from the batch's creation until it ends; those sent while it was ``in_progress``
   are the ones measured.
+* Phase 3 (``--alone-lines N``): a batch of N lines with no interactive traffic, for comparison.
 * Reported: interactive TTFT p50/p95/p99 alone and beside the batch (with ratios), interactive
   output tokens/s in both phases, the batch's lines/s (lines over the time it was in progress, as
   polled every ``POLL`` s) and its time from creation to completion, its request counts, and this
@@ -174,12 +175,23 @@ async def measure(args: argparse.Namespace, setup: Setup) -> dict[str, Any]:
         )
         await batch
         beside_cpu = time.process_time() - cpu0
+        alone_run = None
+        if args.alone_lines:
+            print(f"phase 3: a batch of {args.alone_lines} lines with no interactive traffic", flush=True)
+            alone_run = BatchRun()
+            data = batch_lines(
+                setup.model, args.alone_lines, batch_words, args.batch_output_tokens, args.seed + 1
+            )
+            await run_batch(api, data, alone_run, args.batch_timeout)
     window = [
         r
         for r in beside
         if run.in_progress is not None and run.in_progress <= r.sent <= (run.ended or math.inf)
     ]
-    return report(args, cfg, words, (alone, alone_wall, alone_cpu), (window, beside_wall, beside_cpu), run)
+    rep = report(args, cfg, words, (alone, alone_wall, alone_cpu), (window, beside_wall, beside_cpu), run)
+    if alone_run is not None:
+        rep["batch_alone"] = asdict(alone_run) | {"lines_per_s": alone_run.lines_per_s}
+    return rep
 
 
 def report(
@@ -239,6 +251,11 @@ def render(rep: dict[str, Any]) -> str:
         f"batch {batch['id']}: {batch['status']}, {batch['completed']} completed, {batch['failed']} failed"
         f" of {batch['total']}; {batch['lines_per_s']:.1f} lines/s while in progress,"
         f" {batch['seconds']:.1f} s from creation to the end, {batch['output_tokens']} output tokens",
+        *(
+            [f"batch with no interactive traffic: {rep['batch_alone']['lines_per_s']:.1f} lines/s"]
+            if "batch_alone" in rep
+            else []
+        ),
         f"client CPU {cpu['alone']:.0f}% alone, {cpu['beside_batch']:.0f}% beside the batch;"
         f" host load average (1 min) at the end {rep['load_average_1m']:.1f}",
     ]
@@ -302,6 +319,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--lines", type=int, default=1000, help="lines in the batch (default: 1000)")
     add("--batch-prompt-tokens", type=int, default=64)
     add("--batch-output-tokens", type=int, default=64)
+    add("--alone-lines", type=int, default=0,
+        help="then a batch of this many lines with no interactive traffic (default: 0, none)")  # fmt: skip
     add("--batch-timeout", type=float, default=1800.0, help="seconds the batch may take (default: 1800)")
     add("--concurrency", type=int, default=4, help="interactive streams (default: 4)")
     add("--duration", type=float, default=45.0, help="seconds of interactive traffic alone (default: 45)")
