@@ -8,11 +8,12 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import ValidationError
 
 from control.processes import StartupError
+from shared.settings import SimPreset
 
 
 class CLIError(Exception):
@@ -40,6 +41,22 @@ def _add_worker(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--capacity", type=int, help="jobs one worker runs at once (default: 256)")
     p.add_argument(
+        "--engine",
+        choices=["vllm", "sim"],
+        help="what generates: vllm (default), or sim, the simulated engine of capacity and scale "
+        "tests (no model: realistic timing, tokens of the model's tokenizer)",
+    )
+    p.add_argument(
+        "--sim-preset",
+        choices=get_args(SimPreset),
+        help="timing of the simulated engine: a GPU serving a ~8B model, or cpu-demo (default: h100)",
+    )
+    p.add_argument(
+        "--sim-speed",
+        type=float,
+        help="the simulated engine runs this many times faster than its preset (default: 1)",
+    )
+    p.add_argument(
         "--flush-interval",
         type=float,
         help="seconds a worker gathers tokens before publishing them (default: 0.04)",
@@ -64,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_redis(up)
     up.add_argument("--workers", type=int, default=1, help="worker processes to start (default: 1)")
     up.add_argument(
+        "--autoscale",
+        metavar="MIN:MAX",
+        help="start and retire workers by demand, between MIN and MAX (MIN 0: scale to zero when idle)",
+    )
+    up.add_argument(
         "--redis-port",
         type=int,
         default=6379,
@@ -77,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     gw = roles.add_parser("gateway", help="run one gateway (HTTP API) against a shared Redis")
     _add_gateway(gw)
     _add_redis(gw)
+    gw.add_argument("--shared-port", action="store_true", help=argparse.SUPPRESS)  # one of --processes N
 
     wk = roles.add_parser("worker", help="run one worker (engine + job consumer) against a shared Redis")
     _add_worker(wk)
@@ -160,6 +183,9 @@ WORKER_FIELDS = (
     "dtype",
     "kv_cache_gib",
     "capacity",
+    "engine",
+    "sim_preset",
+    "sim_speed",
     "flush_interval",
     "metrics_port",
     *REDIS_FIELDS,
@@ -181,7 +207,7 @@ def cmd_gateway(args: argparse.Namespace) -> None:
     from control.serve import run_gateway
     from shared.settings import GatewaySettings
 
-    run_gateway(_settings(GatewaySettings, args, GATEWAY_FIELDS))
+    run_gateway(_settings(GatewaySettings, args, GATEWAY_FIELDS), shared_port=args.shared_port)
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
@@ -217,17 +243,25 @@ def cmd_usage(args: argparse.Namespace) -> None:
 
 def cmd_up(args: argparse.Namespace) -> None:
     from control.monitoring import Monitoring
-    from control.supervisor import Supervisor
+    from control.supervisor import Autoscale, Supervisor
     from shared.settings import GatewaySettings, WorkerSettings
 
     if args.workers < 1:
         raise CLIError("--workers must be at least 1")
+    autoscale = Autoscale.parse(args.autoscale) if args.autoscale else None
     gateway = _settings(GatewaySettings, args, GATEWAY_FIELDS)
     worker = _settings(WorkerSettings, args, WORKER_FIELDS)
     embedded = args.redis_url is None and "REDIS_URL" not in os.environ
     monitoring = Monitoring(args.prometheus_port if args.monitoring else None)
     redis_port = args.redis_port if embedded else None
-    Supervisor(gateway, worker, workers=args.workers, redis_port=redis_port, monitoring=monitoring).run()
+    Supervisor(
+        gateway,
+        worker,
+        workers=args.workers,
+        redis_port=redis_port,
+        monitoring=monitoring,
+        autoscale=autoscale,
+    ).run()
 
 
 def cmd_status(args: argparse.Namespace) -> None:

@@ -45,8 +45,10 @@ def _answers_ping(port: int) -> bool:
 class EmbeddedRedis:
     """A private ``redis-server`` on 127.0.0.1; a context manager that always cleans up."""
 
-    def __init__(self, port: int | None = None, data_dir: Path | None = None) -> None:
+    def __init__(self, port: int | None = None, data_dir: Path | None = None, durable: bool = False) -> None:
         self.port = port or free_port()
+        self.durable = durable
+        """Keep an append-only file, so a server started again after a crash has its data back."""
         self._own_dir = data_dir is None
         self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="switchyard-redis-"))
         self.process: subprocess.Popen[bytes] | None = None
@@ -58,23 +60,8 @@ class EmbeddedRedis:
     def start(self, timeout: float = 10.0) -> EmbeddedRedis:
         if _answers_ping(self.port):
             raise RedisUnavailable(f"port {self.port} is already taken by another server")
-        args = [
-            redis_binary(),
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(self.data_dir),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--daemonize",
-            "no",
-        ]
         process = self.process = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
+            self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
         )
 
         def exited() -> None:
@@ -87,6 +74,27 @@ class EmbeddedRedis:
         self.stop()
         raise RedisUnavailable(f"redis-server did not answer on port {self.port} in {timeout:.0f}s")
 
+    def command(self) -> list[str]:
+        """The ``redis-server`` command line (the supervisor runs it as a child of its own)."""
+        aof = ["--appendonly", "yes", "--appendfsync", "everysec"] if self.durable else ["--appendonly", "no"]
+        return [
+            redis_binary(),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.data_dir),
+            "--save",
+            "",
+            *aof,
+            "--daemonize",
+            "no",
+        ]
+
+    def answers(self) -> bool:
+        return _answers_ping(self.port)
+
     def kill(self) -> None:
         """SIGKILL the server (fault tests); data in memory is lost."""
         if self.process and self.process.poll() is None:
@@ -96,6 +104,9 @@ class EmbeddedRedis:
     def stop(self) -> None:
         if self.process is not None:
             stop_process(self.process, grace=5)
+        self.remove_data()
+
+    def remove_data(self) -> None:
         if self._own_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 

@@ -1,16 +1,38 @@
 """Start one gateway, one worker or the background jobs in this process, with start-up problems
-reported as one line."""
+reported as one line.
+
+A gateway drains before it stops (see :mod:`gateway.lifecycle`): the first SIGTERM or Ctrl-C turns
+it unready and refuses new requests while those in flight finish; a second one stops it at once.
+With ``--processes N`` this process supervises N gateway processes that share the port through
+``SO_REUSEPORT`` (the kernel spreads connections over them), each draining on its own, and starts
+again any that dies.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
+import signal
+import socket
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
+from types import FrameType
+from typing import TYPE_CHECKING
 
+import uvicorn
+
+from control.children import Child, Children, CrashLoop
 from control.processes import StartupError, check_port_free
 from shared.settings import GatewaySettings, JobsSettings, RedisSettings, WorkerSettings
+
+if TYPE_CHECKING:
+    from gateway.lifecycle import Lifecycle
+
+log = logging.getLogger(__name__)
 
 
 def check_redis(settings: RedisSettings, timeout: float = 3.0) -> None:
@@ -26,32 +48,114 @@ def check_redis(settings: RedisSettings, timeout: float = 3.0) -> None:
         client.close()
 
 
-def run_gateway(settings: GatewaySettings) -> None:
-    import uvicorn
-
+def run_gateway(settings: GatewaySettings, shared_port: bool = False) -> None:
+    """Serve until stopped; ``shared_port``: bind with SO_REUSEPORT beside sibling processes."""
+    if not shared_port:
+        check_port_free(settings.host, settings.port)
+    check_redis(settings)
+    if settings.processes > 1:
+        _supervise_gateways(settings)
+        return
     from gateway.app import create_app
 
-    check_port_free(settings.host, settings.port)
-    check_redis(settings)
-    options = {
-        "host": settings.host,
-        "port": settings.port,
-        "log_level": "warning",
-        "access_log": False,
-        "timeout_graceful_shutdown": 5,
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app, log_level="warning", access_log=False, timeout_graceful_shutdown=5, lifespan="on"
+    )
+    server = DrainingServer(config, app.state.lifecycle)
+    server.run(sockets=[listen(settings.host, settings.port, reuse_port=shared_port)])
+
+
+def listen(host: str, port: int, reuse_port: bool) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, but a stop signal first drains the gateway and only then stops serving."""
+
+    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle) -> None:
+        super().__init__(config)
+        self._lifecycle = lifecycle
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_asked = False
+        self._drain: asyncio.Task[None] | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._stop_asked or self._loop is None:  # a second signal, or not serving yet: stop now
+            self.force_exit = self._stop_asked
+            super().handle_exit(sig, frame)
+            return
+        self._stop_asked = True
+        self._loop.call_soon_threadsafe(self._begin_drain)
+
+    def _begin_drain(self) -> None:
+        self._drain = asyncio.ensure_future(self._drain_then_stop())
+
+    async def _drain_then_stop(self) -> None:
+        try:
+            await self._lifecycle.drain()
+        finally:
+            self.should_exit = True
+
+
+def _supervise_gateways(settings: GatewaySettings) -> None:
+    """N gateway processes on one port, started again when one dies, drained together on a signal."""
+    from gateway.metrics import MASTER_ENV, MULTIPROC_ENV
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHYARD_")}
+    env.update(settings.model_copy(update={"processes": 1}).environment())
+    env[MASTER_ENV] = str(os.getpid())
+    argv = [sys.executable, "-m", "control.cli", "gateway", "--shared-port"]
+    signals: list[int] = []
+    previous = {
+        s: signal.signal(s, lambda sig, _: signals.append(sig)) for s in (signal.SIGINT, signal.SIGTERM)
     }
-    if settings.processes == 1:
-        uvicorn.run(create_app(settings), **options)  # type: ignore[arg-type]
-        return
-    with _multiprocess_metrics():
-        # Worker processes build their app from an import string, so settings travel by environment.
-        os.environ.update(settings.environment())
-        uvicorn.run(
-            "gateway.app:app_from_env",
-            factory=True,
-            workers=settings.processes,
-            **options,  # type: ignore[arg-type]
-        )
+    children = Children()
+    with _multiprocess_metrics() as samples:
+        env[MULTIPROC_ENV] = samples
+        try:
+            for i in range(settings.processes):
+                children.add(Child(f"gateway-{i + 1}", argv, env))
+            while not signals:
+                children.check()
+                time.sleep(0.5)
+        except CrashLoop as exc:
+            raise StartupError(str(exc)) from exc
+        finally:
+            _drain_all(children, settings.shutdown_grace + 10, signals)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def _drain_all(children: Children, grace: float, signals: list[int]) -> None:
+    """SIGTERM to each process, which drains; a second signal to this one stops them at once."""
+    for child in children.all:
+        child.retired = True
+        child.signal(signal.SIGTERM)
+    deadline, hurried = time.monotonic() + grace, False
+    while any(c.running() for c in children.all) and time.monotonic() < deadline:
+        if len(signals) > 1 and not hurried:
+            hurried = True
+            for child in children.all:
+                child.signal(signal.SIGINT)
+        time.sleep(0.2)
+    children.stop_all(grace=0)
 
 
 @contextlib.contextmanager
@@ -64,11 +168,7 @@ def _multiprocess_metrics() -> Iterator[str]:
         yield given
         return
     with tempfile.TemporaryDirectory(prefix="switchyard-metrics-") as private:
-        os.environ[MULTIPROC_ENV] = private
-        try:
-            yield private
-        finally:
-            os.environ.pop(MULTIPROC_ENV, None)
+        yield private
 
 
 def run_worker(settings: WorkerSettings) -> None:

@@ -92,7 +92,7 @@ def render(snap: Snapshot) -> str:
         lines += _table(["tenant", "backlog", "pending", "consumers"], queue_rows)
         worker_rows = [
             [
-                w.id,
+                w.id + ("" if w.engine == "vllm" else f" ({w.engine})"),  # a simulated worker says so
                 _age(w.age_s) + ("" if w.live else " (stale)"),
                 f"{w.inflight}/{w.capacity}",
                 str(w.running),

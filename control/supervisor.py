@@ -1,35 +1,63 @@
-"""``switchyard up``: Redis (embedded unless given), one gateway and N workers as child processes.
+"""``switchyard up``: Redis (embedded unless given), a gateway and workers, supervised.
 
-Children run in their own sessions so that Ctrl-C reaches only the supervisor, which then stops
-them in order (gateway and workers get SIGTERM and a grace period, then SIGKILL of their whole
-process group, vLLM's engine process included) and finally the embedded Redis.
+The one-machine form is as sturdy as the production one. A child that dies is started again with
+backoff while the others keep serving (a dead worker's jobs are taken over by the other workers, as
+anywhere); one that keeps dying soon after each start is a crash loop, which stops everything with
+one message. With ``--autoscale MIN:MAX`` workers are started and retired by the scaling decision
+(:mod:`gateway.scaling`, through :mod:`control.autoscaler`).
+
+Children run in sessions of their own so that Ctrl-C reaches only the supervisor, which then stops
+them in order: gateway and workers drain (SIGTERM, then their grace periods), then the embedded
+Redis. A second Ctrl-C kills everything at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import os
+import secrets
 import signal
-import subprocess
+import socket
 import sys
 import time
+from dataclasses import dataclass
 from types import FrameType
 
+import psutil
+
 from control.affinity import engine_compute_cpus, keep_off
+from control.autoscaler import LocalAutoscaler
+from control.children import Child, Children, CrashLoop
 from control.keys import dev_key_file, ensure_dev_key
 from control.monitoring import Monitoring
-from control.processes import StartupError, answers_ok, check_port_free, free_port, stop_process, wait_until
-from control.redis_server import EmbeddedRedis, RedisUnavailable
+from control.processes import StartupError, answers_ok, check_port_free, free_port, wait_until
+from control.redis_server import EmbeddedRedis
 from control.serve import check_redis
 from shared.settings import GatewaySettings, WorkerSettings
 from worker.main import DEMO_KV_CACHE_GIB, WorkerStartError, resolve_model
+from worker.vllm_engine import cpu_build, cpu_kv_cache_bytes, weight_bytes
+
+log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 600.0
-
-
-STOP_GRACE = 15.0
 WORKER_METRICS_PORT = 9101
-"""Worker i (from 0) serves /metrics on this port + i, or on a free port when that one is taken."""
+"""Worker i (from 1) serves /metrics on this port + i - 1, or on a free port when that one is taken."""
+TICK = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class Autoscale:
+    min_workers: int
+    max_workers: int
+
+    @classmethod
+    def parse(cls, text: str) -> Autoscale:
+        low, sep, high = text.partition(":")
+        if not sep or not low.isdigit() or not high.isdigit() or int(high) < max(1, int(low)):
+            raise StartupError(f"--autoscale wants MIN:MAX with 0 <= MIN <= MAX and MAX >= 1, not {text!r}")
+        return cls(int(low), int(high))
 
 
 class Supervisor:
@@ -40,17 +68,21 @@ class Supervisor:
         workers: int,
         redis_port: int | None,
         monitoring: Monitoring | None = None,
+        autoscale: Autoscale | None = None,
     ) -> None:
         self.gateway = gateway
         self.worker = worker
-        self.workers = workers
+        self.workers = workers if autoscale is None else max(1, autoscale.min_workers)
+        self.autoscale = autoscale
         self.redis_port = redis_port
-        self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.redis: EmbeddedRedis | None = None
+        self.children = Children()
         self.metrics_ports: list[int] = []
         self.monitoring = monitoring or Monitoring(None)
-        self._stop_requested = False
         self.dev_key: str | None = None
+        self._signals: list[int] = []
+        self._worker_index = 0
+        self._redis_starts = 0
 
     @property
     def base_url(self) -> str:
@@ -61,83 +93,113 @@ class Supervisor:
         try:
             self._start()
             self._announce()
-            self._watch()
+            asyncio.run(self._watch())
+        except CrashLoop as exc:
+            raise StartupError(str(exc)) from exc
         finally:
             self._stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        if self._stop_requested:  # a second Ctrl-C: no more waiting
-            for _, proc in self.children:
-                _killpg(proc, signal.SIGKILL)
-        self._stop_requested = True
+        if self._signals:  # a second Ctrl-C: no more waiting
+            for child in self.children.all:
+                child.reap()
+        self._signals.append(signum)
+
+    # -- starting ----------------------------------------------------------------------------------
 
     def _start(self) -> None:
         self.monitoring.check()
         check_port_free(self.gateway.host, self.gateway.port)
         if self.redis_port is not None:
-            try:
-                self.redis = EmbeddedRedis(self.redis_port).start()
-            except RedisUnavailable as exc:
-                raise StartupError(f"{exc} (use --redis-url to use that server, or --redis-port)") from exc
-            url = self.redis.url
-            self.gateway = self.gateway.model_copy(update={"redis_url": url})
-            self.worker = self.worker.model_copy(update={"redis_url": url})
+            self._start_redis(self.redis_port)
         else:
             check_redis(self.gateway)
-        self.worker = self._resolve_demo(self.worker)
+        self.worker = self._resolve_model(self.worker)
         if self.gateway.auth:
             self.dev_key = ensure_dev_key(self.gateway)
-        base = self.worker.metrics_port or WORKER_METRICS_PORT
-        for i in range(self.workers):
-            port = metrics_port(base + i, taken=self.metrics_ports)
-            self.metrics_ports.append(port)
-            env = {**self.worker.environment(), "SWITCHYARD_METRICS_PORT": str(port)}
-            self._spawn(f"worker-{i + 1}", "worker", env)
-        self._spawn("gateway", "gateway", self.gateway.environment())
+        for _ in range(self.workers):
+            self.add_worker()
+        if self.autoscale is not None:
+            bounds = {
+                "scale_min_workers": self.autoscale.min_workers,
+                "scale_max_workers": self.autoscale.max_workers,
+            }
+            zero = {"scale_from_zero": True} if self.autoscale.min_workers == 0 else {}
+            self.gateway = self.gateway.model_copy(update={**bounds, **zero})
+        self.children.add(Child("gateway", self._argv("gateway"), self._env(self.gateway.environment())))
         self._wait_ready()
         self._keep_off_engine_cores()
         self.monitoring.start(self.gateway.host, self.gateway.port, self.metrics_ports)
 
-    def _keep_off_engine_cores(self) -> None:
-        """On CPU hosts, move the gateway and Redis off the cores vLLM computes on."""
-        engine: set[int] = set()
-        for name, proc in self.children:
-            if name.startswith("worker"):
-                engine |= engine_compute_cpus(proc.pid)
-        others = [
-            pid
-            for name, proc in self.children
-            if not name.startswith("worker")
-            for pid in _with_children(proc.pid)  # a gateway with --processes N serves from children
-        ]
-        if self.redis and self.redis.process:
-            others.append(self.redis.process.pid)
-        keep_off(others, engine)
+    def _start_redis(self, port: int) -> None:
+        # An append-only file, so that a Redis that crashed is started again with its data.
+        self.redis = EmbeddedRedis(port, durable=True)
+        if self.redis.answers():
+            raise StartupError(
+                f"port {port} is already taken by another server (use --redis-url to use that server, "
+                "or --redis-port)"
+            )
+        self.children.add(Child("redis", self.redis.command(), dict(os.environ)))
+        redis = self.redis
+        child = self.children.named("redis")
+        assert child is not None
+
+        def exited() -> None:
+            if not child.running():
+                raise StartupError(
+                    f"redis-server exited at start with status {child.proc and child.proc.returncode}"
+                )
+
+        if not wait_until(redis.answers, 10, interval=0.05, watch=exited):
+            raise StartupError(f"redis-server did not answer on port {port} in 10s")
+        url = redis.url
+        self.gateway = self.gateway.model_copy(update={"redis_url": url})
+        self.worker = self.worker.model_copy(update={"redis_url": url})
+
+    def add_worker(self) -> Child:
+        """Start one more worker (its metrics on the next port)."""
+        self._worker_index += 1
+        name = f"worker-{self._worker_index}"
+        port = metrics_port(
+            (self.worker.metrics_port or WORKER_METRICS_PORT) + self._worker_index - 1, self.metrics_ports
+        )
+        self.metrics_ports.append(port)
+        env = self._env({**self.worker.environment(), "SWITCHYARD_METRICS_PORT": str(port)})
+
+        def fresh_id(child: Child) -> None:
+            # A new consumer name at each start: the jobs of the worker that died stay its own until
+            # another worker takes them over, and this one starts clean.
+            child.env["SWITCHYARD_WORKER_ID"] = f"{socket.gethostname()}-{child.name}-{secrets.token_hex(3)}"
+
+        return self.children.add(Child(name, self._argv("worker"), env, before_start=fresh_id))
+
+    def _argv(self, role: str) -> list[str]:
+        return [sys.executable, "-m", "control.cli", role]
 
     @staticmethod
-    def _resolve_demo(worker: WorkerSettings) -> WorkerSettings:
-        """Build the demo model once here, not once per worker."""
+    def _env(settings: dict[str, str]) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHYARD_")}
+        env.update(settings)
+        return env
+
+    def _resolve_model(self, worker: WorkerSettings) -> WorkerSettings:
+        """Build the demo model once here, not once per worker; size a CPU host's KV cache for all the
+        workers that may run at once (each would otherwise take half of the free memory)."""
         try:
             path, served = resolve_model(worker.model, worker.served_model_name)
         except WorkerStartError as exc:
             raise StartupError(str(exc)) from exc
         update: dict[str, object] = {"model": path, "served_model_name": served}
-        if worker.model == "demo" and worker.kv_cache_gib is None:
-            update["kv_cache_gib"] = DEMO_KV_CACHE_GIB
+        if worker.kv_cache_gib is None:
+            if worker.model == "demo":
+                update["kv_cache_gib"] = DEMO_KV_CACHE_GIB
+            elif cpu_build() and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+                most = self.autoscale.max_workers if self.autoscale else self.workers
+                size = cpu_kv_cache_bytes(psutil.virtual_memory().available, weight_bytes(path) * most)
+                update["kv_cache_gib"] = round(size / most / 2**30, 2)
         return worker.model_copy(update=update)
-
-    def _spawn(self, name: str, role: str, env: dict[str, str]) -> None:
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHYARD_")}
-        full_env.update(env)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "control.cli", role],
-            env=full_env,
-            start_new_session=True,
-            stdin=subprocess.DEVNULL,
-        )
-        self.children.append((name, proc))
 
     def _wait_ready(self) -> None:
         print(
@@ -147,20 +209,32 @@ class Supervisor:
         )
 
         def watch() -> None:
-            self._check_children()
-            if self._stop_requested:
+            # Before the system ever served, a child that dies is a start-up error, not a restart.
+            for child in self.children.all:
+                if not child.running():
+                    status = child.proc.returncode if child.proc else None
+                    raise StartupError(f"{child.name} exited with status {status}; see its message above")
+            if self._signals:
                 raise StartupError("interrupted before the system was ready")
 
-        # Not listening yet, or 503 until a worker is live: both mean "keep waiting".
-        if wait_until(lambda: answers_ok(f"{self.base_url}/readyz", timeout=2), READY_TIMEOUT, 0.5, watch):
-            return
-        raise StartupError(f"the system was not ready after {READY_TIMEOUT:.0f}s")
+        # Not listening yet, or 503 until a worker is live and warm: both mean "keep waiting".
+        if not wait_until(
+            lambda: answers_ok(f"{self.base_url}/readyz", timeout=2), READY_TIMEOUT, 0.5, watch
+        ):
+            raise StartupError(f"the system was not ready after {READY_TIMEOUT:.0f}s")
 
-    def _check_children(self) -> None:
-        for name, proc in self.children:
-            code = proc.poll()
-            if code is not None:
-                raise StartupError(f"{name} exited with status {code}; see its message above")
+    def _keep_off_engine_cores(self) -> None:
+        """On CPU hosts, move the gateway and Redis off the cores vLLM computes on."""
+        engine: set[int] = set()
+        others: list[int] = []
+        for child in self.children.all:
+            if child.pid is None:
+                continue
+            if child.name.startswith("worker"):
+                engine |= engine_compute_cpus(child.pid)
+            else:
+                others += _with_children(child.pid)  # a gateway with --processes N serves from children
+        keep_off(others, engine)
 
     def _announce(self) -> None:
         model = self.worker.served_model_name or self.worker.model
@@ -174,11 +248,16 @@ class Supervisor:
         workers = "\n".join(
             f"  worker-{i + 1}: http://127.0.0.1:{port}/metrics" for i, port in enumerate(self.metrics_ports)
         )
+        scaling = (
+            f"Workers: {self.autoscale.min_workers} to {self.autoscale.max_workers}, by demand "
+            f"(now {self.workers}; see {self.base_url}/scaling)\n"
+            if self.autoscale
+            else ""
+        )
         print(
             f"""
 Switchyard is serving {model} at {self.base_url}/v1   (Redis: {redis})
-{auth}
-
+{auth}{scaling}
 Metrics (Prometheus):
   gateway:  {self.base_url}/metrics
 {workers}
@@ -198,19 +277,54 @@ Press Ctrl-C to stop.
             flush=True,
         )
 
-    def _watch(self) -> None:
-        while not self._stop_requested:
-            self._check_children()
-            time.sleep(0.5)
+    # -- running -----------------------------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        """Start dead children again (and re-register the dev key when Redis came back), and scale."""
+        scaler = LocalAutoscaler(self) if self.autoscale else None
+        try:
+            next_scale = 0.0
+            while not self._signals:
+                self.children.check()
+                await self._after_redis_restart()
+                if scaler is not None and time.monotonic() >= next_scale:
+                    await scaler.tick()
+                    next_scale = time.monotonic() + scaler.period
+                await asyncio.sleep(TICK)
+        finally:
+            if scaler is not None:
+                await scaler.close()
+
+    async def _after_redis_restart(self) -> None:
+        """Keys survive in the append-only file; the dev key is registered again all the same."""
+        child = self.children.named("redis")
+        if child is None or self.redis is None or child.restarts == self._redis_starts:
+            return
+        if not self.redis.answers():
+            return  # not up yet: next tick
+        self._redis_starts = child.restarts
+        if self.dev_key is not None:
+            with contextlib.suppress(StartupError):
+                await asyncio.to_thread(ensure_dev_key, self.gateway)
+
+    # -- stopping ----------------------------------------------------------------------------------
 
     def _stop(self) -> None:
         self.monitoring.stop()
-        for _, proc in self.children:
-            _killpg(proc, signal.SIGTERM)
-        for _, proc in self.children:  # the whole group: vLLM's engine process too
-            stop_process(proc, STOP_GRACE, group=True)
+        served = [c for c in self.children.all if c.name != "redis"]
+        redis = [c for c in self.children.all if c.name == "redis"]
+        hurry = len(self._signals) > 1
+        self.children.all = served
+        self.children.stop_all(
+            0 if hurry else max(self.gateway.shutdown_grace, self.worker.drain_timeout) + 15
+        )
+        self.children.all = redis
+        self.children.stop_all(5)
         if self.redis is not None:
-            self.redis.stop()
+            self.redis.remove_data()
+        summary = ", ".join(f"{c.name} {c.restarts}" for c in served + redis if c.restarts)
+        if summary:
+            print(f"switchyard: restarts while serving: {summary}", flush=True)
 
 
 def metrics_port(wanted: int, taken: list[int]) -> int:
@@ -226,14 +340,7 @@ def metrics_port(wanted: int, taken: list[int]) -> int:
 
 
 def _with_children(pid: int) -> list[int]:
-    import psutil
-
     try:
         return [pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))]
     except psutil.Error:  # exited meanwhile: nothing left to move
         return [pid]
-
-
-def _killpg(proc: subprocess.Popen[bytes], sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, sig)

@@ -11,8 +11,8 @@ if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
     exit 1
 fi
 
-if [ -n "${SWITCHYARD_ENGINE:-}" ]; then
-    engine="$SWITCHYARD_ENGINE"
+if [ -n "${SWITCHYARD_VLLM_BUILD:-}" ]; then
+    engine="$SWITCHYARD_VLLM_BUILD"
 elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     engine=gpu
 else

@@ -7,19 +7,17 @@ The one owner of a request's token accounting: :meth:`Admission.admit` reserves 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gateway.errors import InvalidRequest, RateLimited, Unavailable
-from shared.fleet import backlog
+from shared.fleet import Snapshot
 from shared.messages import Job, Usage, UsageEvent
 from shared.names import Names
 from shared.scripts import Scripts, is_noscript
@@ -92,6 +90,10 @@ class Admission:
         self._ttl_ms = int(request_ttl * 1000) + 30_000
         self._drain = drain
         self._max_total = max_backlog_total
+
+    async def prepare(self) -> None:
+        """Load the scripts now, so the first request does not wait for it."""
+        await self._scripts.load()
 
     async def admit(self, tenant: Tenant, job: Job, stream: str | None = None) -> Ticket:
         """Reserve the job's slot and tokens, or raise 429/503 (fail closed without Redis). The
@@ -194,28 +196,18 @@ class Admission:
 
 
 class DrainMeter:
-    """Samples each model's backlog and finished-job counter every few seconds.
+    """Each model's backlog and how fast workers finish jobs, from the fleet snapshots the gateway's
+    probe reads every few seconds (see :mod:`gateway.probe`).
 
-    Its figures decide 503s, so a failing sample is logged (once, then again when it recovers) and
-    figures older than ``stale_after`` seconds count as unknown: no backlog, no rate.
+    Its figures decide 503s, so figures older than ``stale_after`` seconds (Redis unreachable, the
+    probe failing) count as unknown: no backlog, no rate.
     """
 
-    def __init__(
-        self,
-        redis: Redis,
-        names: Names,
-        period: float = 2.0,
-        horizon: float = 30.0,
-        stale_after: float = 10.0,
-    ) -> None:
-        self._redis = redis
-        self._names = names
-        self._period = period
+    def __init__(self, horizon: float = 30.0, stale_after: float = 10.0) -> None:
         self._horizon = horizon
         self._stale_after = stale_after
         self._samples: dict[str, deque[tuple[float, int]]] = {}
         self._backlog: dict[str, tuple[float, int]] = {}
-        self._failing = False
 
     def backlog(self, model: str) -> int:
         """Jobs waiting or running for ``model`` at the last sample (0 when unknown or stale)."""
@@ -237,29 +229,11 @@ class DrainMeter:
             return 10.0  # nothing finished lately: a cautious wait rather than a guess of zero
         return min(60.0, max(1.0, math.ceil(excess / rate)))
 
-    async def sample(self, models: Iterable[str]) -> None:
+    def observe(self, snap: Snapshot) -> None:
         now = time.monotonic()
-        for model in models:
-            waiting, done = await backlog(self._redis, self._names, model)
-            self._backlog[model] = (now, waiting)
+        for model in snap.models():
+            self._backlog[model] = (now, snap.backlog(model))
             samples = self._samples.setdefault(model, deque())
-            samples.append((now, done))
+            samples.append((now, snap.drained.get(model, 0)))
             while samples and now - samples[0][0] > self._horizon:
                 samples.popleft()
-
-    async def run(self, models: Callable[[], Awaitable[Iterable[str]]]) -> None:
-        while True:
-            try:
-                await self.sample(list(await models()))
-                if self._failing:
-                    log.info("drain sampling works again")
-                self._failing = False
-            except (RedisError, OSError) as exc:
-                if not self._failing:
-                    log.warning(
-                        "drain sampling failed (%s); its figures stop counting after %.0fs",
-                        exc,
-                        self._stale_after,
-                    )
-                self._failing = True
-            await asyncio.sleep(self._period)

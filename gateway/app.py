@@ -21,6 +21,7 @@ from gateway.auth import Authenticator
 from gateway.edge import RequestEdge
 from gateway.errors import APIError, InvalidRequest, NotFound
 from gateway.jobs import Dispatcher, Timeouts
+from gateway.lifecycle import Lifecycle
 from gateway.metrics import ENDPOINTS, GatewayMetrics, RequestCounter, rejection_reason
 from gateway.openapi import (
     AUTH_ERRORS,
@@ -37,6 +38,7 @@ from gateway.openapi import (
 from gateway.probe import QueueProbe
 from gateway.registry import WorkerRegistry
 from gateway.replies import ReplyHub
+from gateway.scaling import Decision, Load, Scaler, scaling_policy
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.service import Gateway, new_request_id
 from gateway.tokenizer import TokenizerCache
@@ -48,6 +50,8 @@ log = logging.getLogger(__name__)
 
 def create_app(settings: GatewaySettings) -> FastAPI:
     metrics = GatewayMetrics()
+    lifecycle = Lifecycle(settings.shutdown_grace)
+    scaler = Scaler(scaling_policy(settings))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -58,8 +62,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         timeouts = Timeouts(
             total=settings.request_timeout, stall=settings.stall_timeout, queue=settings.queue_timeout
         )
-        registry = WorkerRegistry(redis, names, settings.worker_ttl)
-        drain = DrainMeter(redis, names)
+        registry = WorkerRegistry(redis, names, settings.worker_ttl, scale_from_zero=settings.scale_from_zero)
+        drain = DrainMeter()
         gateway = Gateway(
             settings=settings,
             redis=redis,
@@ -68,22 +72,20 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             dispatcher=Dispatcher(redis, hub, names, timeouts, metrics=metrics),
             auth=Authenticator(TenantStore(redis, names), required=settings.auth),
             admission=Admission(redis, names, settings.request_timeout, drain, settings.max_backlog_total),
+            lifecycle=lifecycle,
         )
         app.state.gateway = gateway
-        probe = QueueProbe(redis, names, metrics, settings.worker_ttl)
-
-        async def live_models() -> list[str]:
-            return list(await registry.models())
-
+        probe = QueueProbe(redis, names, metrics, settings.worker_ttl, drain, scaler)
         background = [
             hub_task,
             asyncio.create_task(gateway.prewarm(), name="tokenizer-prewarm"),
-            asyncio.create_task(drain.run(live_models), name="drain-meter"),
-            asyncio.create_task(probe.run(), name="queue-probe"),
+            asyncio.create_task(probe.run(), name="fleet-probe"),
         ]
         try:
-            await asyncio.wait_for(hub.connected.wait(), 5)
-        except TimeoutError:
+            async with asyncio.timeout(5):
+                await hub.connected.wait()
+            await gateway.admission.prepare()
+        except (TimeoutError, RedisError, OSError):
             log.warning(
                 "Redis at %s is not answering yet; requests get 503 until it does", settings.redis_url
             )
@@ -97,10 +99,22 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             metrics.process_exited()
 
     app = FastAPI(title="Switchyard", version="0.1.0", lifespan=lifespan)
+    app.state.lifecycle = lifecycle  # the server that runs the app drains it when told to stop
     _install_error_handlers(app, metrics)
     _install_routes(app)
     app.include_router(batch_api.router())  # Files, Batches, Usage
     install(app, auth=settings.auth, max_n=settings.max_n)
+
+    @app.get("/scaling", include_in_schema=False)
+    def scaling(model: str | None = None) -> JSONResponse:
+        """Workers each model should have, by the scaling decision: what KEDA's metrics-api trigger
+        reads (``valueLocation: desired_workers`` with ``?model=``). No tenant data: no key needed."""
+        rows = {m: scaling_row(load, d) for m, (load, d) in scaler.latest.items()}
+        if model is None:
+            return JSONResponse({"models": rows})
+        if model not in rows:
+            return JSONResponse({"model": model, "desired_workers": 0, "known": False})
+        return JSONResponse({"model": model, "known": True, **rows[model]})
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus_metrics() -> Response:  # sync: the multiprocess merge reads files, off the loop
@@ -111,6 +125,18 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.add_middleware(RequestEdge, max_body=settings.max_body_bytes, new_id=new_request_id, streamed=uploads)
     app.add_middleware(RequestCounter, metrics=metrics)
     return app
+
+
+def scaling_row(load: Load, decision: Decision) -> dict[str, Any]:
+    return {
+        "desired_workers": decision.desired,
+        "reason": decision.reason,
+        "workers": load.workers,
+        "waiting": load.waiting,
+        "running": load.running,
+        "capacity": load.capacity,
+        "drain_rate": round(load.drain_rate, 3),
+    }
 
 
 def app_from_env() -> FastAPI:
@@ -161,6 +187,7 @@ def _install_routes(app: FastAPI) -> None:
                     "created": m.created,
                     "owned_by": "switchyard",
                     "max_model_len": m.max_model_len,
+                    "engine": m.engine,
                 }
                 for m in sorted(models.values(), key=lambda m: m.name)
             ],
@@ -183,6 +210,7 @@ def _install_routes(app: FastAPI) -> None:
             "created": m.created,
             "owned_by": "switchyard",
             "max_model_len": m.max_model_len,
+            "engine": m.engine,
         }
 
     @app.get("/healthz", response_model=None, responses={200: {"model": Health}})
@@ -191,14 +219,15 @@ def _install_routes(app: FastAPI) -> None:
 
     @app.get("/readyz", response_model=None, responses={200: {"model": Readiness}, 503: {"model": Readiness}})
     async def readyz(request: Request) -> JSONResponse:
+        """Ready means fast: Redis answers, a live worker serves a model and its tokenizer is loaded."""
         gw = _gateway(request)
         try:
-            await gw.redis.ping()
+            reason = await gw.unready()
             models = await gw.registry.models()
         except (RedisError, OSError) as exc:
             return JSONResponse({"status": "unready", "reason": f"redis: {exc}"}, status_code=503)
-        if not models:
-            return JSONResponse({"status": "unready", "reason": "no live worker"}, status_code=503)
+        if reason is not None:
+            return JSONResponse({"status": "unready", "reason": reason}, status_code=503)
         return JSONResponse({"status": "ready", "models": sorted(models)})
 
 

@@ -32,11 +32,13 @@ from gateway.admission import Admission, DrainMeter
 from gateway.batches import COMPLETION_WINDOW
 from gateway.feeder import Parts
 from gateway.housekeeping import Housekeeping
+from gateway.lifecycle import Lifecycle
 from gateway.registry import WorkerRegistry
 from gateway.replies import ReplyHub
 from gateway.runner import BatchRunner
 from gateway.service import JobBuilder
 from gateway.tokenizer import TokenizerCache
+from shared.fleet import gather
 from shared.names import Names
 from shared.settings import JobsSettings
 from shared.tenants import TenantStore
@@ -47,6 +49,7 @@ RUN_BATCH = "run_batch"
 CRON_TIMEOUT = 300
 TICK_MARKER_TTL = 86400
 REDIS_RETRY = 2.0
+FLEET_PERIOD = 2.0
 
 
 def _dumps(value: Any) -> bytes:
@@ -118,10 +121,12 @@ class Jobs:
         self.stopping = stopping
         self.hub = ReplyHub(redis, control_channel=names.hub_channel())
         self.registry = WorkerRegistry(redis, names, settings.worker_ttl)
-        self.drain = DrainMeter(redis, names)
+        self.drain = DrainMeter()
         admission = Admission(redis, names, settings.request_timeout, self.drain, settings.max_backlog_total)
         builder = JobBuilder(self.registry, TokenizerCache(), settings.max_n)
-        parts = Parts(redis, settings, self.hub, builder, admission, TenantStore(redis, names), stopping)
+        lifecycle = Lifecycle(settings.jobs_drain_timeout)
+        tenants = TenantStore(redis, names)
+        parts = Parts(redis, settings, self.hub, builder, admission, tenants, stopping, lifecycle)
         self.runner = BatchRunner(parts)
         self.housekeeping = Housekeeping(redis, settings)
 
@@ -218,13 +223,10 @@ async def serve(settings: JobsSettings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop)
 
-    async def live_models() -> list[str]:
-        return list(await jobs.registry.models())
-
     try:
         async with anyio.create_task_group() as group:
             group.start_soon(jobs.hub.run)
-            group.start_soon(jobs.drain.run, live_models)
+            group.start_soon(watch_fleet, redis, settings, jobs.drain)
             group.start_soon(keep_polling, worker)
             log.info("switchyard jobs: batches and housekeeping on %s", names_of(settings))
             await stopping.wait()
@@ -236,6 +238,18 @@ async def serve(settings: JobsSettings) -> None:
         with anyio.CancelScope(shield=True):
             await worker.close()
             await redis.aclose()
+
+
+async def watch_fleet(redis: Redis, settings: JobsSettings, drain: DrainMeter) -> None:
+    """Feed admission's drain meter (overload 503s, Retry-After) with the fleet's state, as a
+    gateway's queue probe does; a failed reading leaves its figures to go stale."""
+    while True:
+        try:
+            async with asyncio.timeout(FLEET_PERIOD * 2):
+                drain.observe(await gather(redis, settings.names, settings.worker_ttl))
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.debug("reading the fleet's state failed: %s", exc)
+        await anyio.sleep(FLEET_PERIOD)
 
 
 async def keep_polling(worker: Worker) -> None:

@@ -1,7 +1,9 @@
-"""Pure functions turning worker replies into OpenAI response objects (chat and text completions)."""
+"""Pure functions turning worker replies into OpenAI response objects (chat and text completions),
+and streamed ones into the bytes of their Server-Sent Events."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -58,6 +60,19 @@ def _choice(meta: Meta, index: int, text: str, finish: str | None, first: bool) 
     return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
 
 
+_MARK = "\x00text\x00"
+_QUOTED_MARK = json.dumps(_MARK)
+
+
+def sse(payload: str) -> bytes:
+    """One Server-Sent Event with ``payload`` as its data, ended by a blank line as OpenAI does."""
+    return b"data: " + payload.encode() + b"\n\n"
+
+
+def encode(chunk: dict[str, Any]) -> bytes:
+    return sse(json.dumps(chunk, separators=(",", ":")))
+
+
 @dataclass
 class StreamAssembler:
     """Builds the streamed chunks of one response, reply by reply.
@@ -73,6 +88,29 @@ class StreamAssembler:
     prompt_tokens: int = 0
     _opened: set[int] = field(default_factory=set)
     _generated: int = 0
+    _templates: dict[int, tuple[str, str]] = field(default_factory=dict)
+
+    def events(self, reply: Tokens | Final) -> list[bytes]:
+        """The SSE events of one reply. Most are a choice's next text and nothing else: those are
+        written from a template of the same chunk (its JSON around the text), so the hot path does
+        not build and serialize a dict per message; the rest go through :meth:`tokens` or
+        :meth:`final`."""
+        if isinstance(reply, Final):
+            return [encode(chunk) for chunk in self.final(reply)]
+        plain = reply.finish_reason is None and reply.text and not self.continuous_usage
+        if not plain or reply.index not in self._opened:
+            return [encode(chunk) for chunk in self.tokens(reply)]
+        self._generated += len(reply.token_ids)
+        before, after = self._template(reply.index)
+        return [sse(before + json.dumps(reply.text) + after)]
+
+    def _template(self, index: int) -> tuple[str, str]:
+        template = self._templates.get(index)
+        if template is None:
+            chunk = _chunk(self.meta, [_choice(self.meta, index, _MARK, None, False)])
+            before, _, after = json.dumps(chunk, separators=(",", ":")).partition(_QUOTED_MARK)
+            template = self._templates[index] = (before, after)
+        return template
 
     def tokens(self, reply: Tokens) -> list[dict[str, Any]]:
         first = reply.index not in self._opened

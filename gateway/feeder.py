@@ -28,6 +28,7 @@ from gateway.batchpolicy import MAX_ATTEMPTS, Capacity, lines_to_add, retryable
 from gateway.chunks import FullAssembler, Kind, Meta
 from gateway.errors import APIError, RateLimited, Unavailable
 from gateway.jobs import Dispatcher, Timeouts
+from gateway.lifecycle import Lifecycle
 from gateway.relay import Admitted, collect
 from gateway.replies import ReplyHub
 from gateway.service import JobBuilder, new_request_id
@@ -68,6 +69,8 @@ class Parts:
     admission: Admission
     tenants: TenantStore
     stopping: asyncio.Event
+    lifecycle: Lifecycle
+    """Knows the lines in flight, as a gateway's knows its requests."""
 
     @property
     def names(self) -> Names:
@@ -284,7 +287,7 @@ class Feeder:
                 break
             except APIError:  # nothing was enqueued (Redis unreachable): the line waits for it
                 await anyio.sleep(NO_WORKER_WAIT)
-        admitted = Admitted(replies, ticket, self._parts.admission)
+        admitted = Admitted(replies, ticket, self._parts.admission, self._parts.lifecycle)
         kind: Kind = "chat" if line.url == "/v1/chat/completions" else "text"
         meta = Meta(id=("chatcmpl-" if kind == "chat" else "cmpl-") + job_id[4:], created=int(job.created_at),
                     model=job.model, kind=kind)  # fmt: skip

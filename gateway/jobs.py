@@ -64,6 +64,10 @@ class Dispatcher:
         self._cancel_keep = cancel_keep
         """How long a cancelled job's marker stays: as long as the job may still wait on a queue."""
 
+    def connected(self) -> bool:
+        """Whether replies can be received now (the shared pub/sub connection is up)."""
+        return self._hub.connected.is_set()
+
     async def submit(
         self, job: Job, priority: Priority = "interactive", stream: str | None = None
     ) -> ReplyStream:
@@ -183,7 +187,9 @@ class ReplyStream:
                 "stall" if self._timeouts.stall < remaining else "total",
             )
         try:
-            raw = await asyncio.wait_for(self.subscription.get(), max(wait, 0))
+            # asyncio.timeout, not wait_for: no task per message on the hottest path of the gateway.
+            async with asyncio.timeout(max(wait, 0)):
+                raw = await self.subscription.get()
         except TimeoutError as exc:
             if why == "queue":
                 raise Unavailable(
@@ -200,6 +206,10 @@ class ReplyStream:
             return decode_reply(raw)
         except WireError as exc:
             raise UpstreamFailure(str(exc), code="bad_reply") from exc
+
+    def interrupt(self, error: APIError) -> None:
+        """Make the reader of these replies fail with ``error`` (e.g. the gateway is stopping)."""
+        self.subscription.fail(error)
 
     def usage(self) -> Usage:
         """What the request used: the worker's count when it finished, else the prompt and the

@@ -7,10 +7,9 @@ One :class:`GatewayMetrics` per app, on its own registry. When ``PROMETHEUS_MULT
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import psutil
 from prometheus_client import (
@@ -29,10 +28,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import APIError
 from gateway.replies import SubscriptionLost
+from gateway.scaling import Decision
 from shared.fleet import Snapshot
 from shared.messages import Final, Job, Started, Tokens
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+MASTER_ENV = "SWITCHYARD_GATEWAY_MASTER"
+"""Set in each process of a gateway that runs several: the pid of the process that started them."""
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 60)
 E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 60, 120, 300, 600)
@@ -88,6 +90,7 @@ class GatewayMetrics:
         self.registry = CollectorRegistry()
         self._streams_seen: set[tuple[str, str]] = set()
         self._models_seen: set[str] = set()
+        self._scaled: set[str] = set()
         reg = self.registry
         mt = ("model", "tenant")
         self.requests = Counter(
@@ -161,6 +164,13 @@ class GatewayMetrics:
             multiprocess_mode="max",
             registry=reg,
         )
+        self.desired_workers = Gauge(
+            "switchyard:desired_workers",
+            "Workers the scaling decision wants for the model (what KEDA scales on)",
+            ["model"],
+            multiprocess_mode="max",
+            registry=reg,
+        )
         self.redis_up = Gauge(
             "switchyard:redis_up", "1 when the last Redis read worked", multiprocess_mode="min", registry=reg
         )
@@ -200,6 +210,13 @@ class GatewayMetrics:
         for model in models:
             self.live_workers.labels(model).set(sum(w.live for w in snap.workers if w.model == model))
             self.dead_letter_jobs.labels(model).set(snap.dead_letters.get(model, 0))
+
+    def scaling(self, decisions: Mapping[str, Decision]) -> None:
+        for gone in set(self._scaled) - set(decisions):
+            self.desired_workers.remove(gone)
+        self._scaled = set(decisions)
+        for model, decision in decisions.items():
+            self.desired_workers.labels(model).set(decision.desired)
 
     # -- exposition ------------------------------------------------------------------------------
 
@@ -346,8 +363,11 @@ class _SiblingProcesses:
 
 
 def _gateway_processes() -> list[psutil.Process]:
-    parent = multiprocessing.parent_process()  # set in uvicorn's worker processes only
-    if parent is None or parent.pid is None:
+    master = os.environ.get(MASTER_ENV)
+    if not master:
         return [psutil.Process()]
-    master = psutil.Process(parent.pid)
-    return [master, *master.children()]
+    try:
+        parent = psutil.Process(int(master))
+        return [parent, *parent.children()]
+    except psutil.Error:  # the master is gone: this process is all there is
+        return [psutil.Process()]

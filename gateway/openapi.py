@@ -80,6 +80,8 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str
     max_model_len: int
+    engine: str
+    """What generates: ``vllm``, or ``sim`` for the simulated engine of capacity tests."""
 
 
 class ModelList(BaseModel):

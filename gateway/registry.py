@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from redis.asyncio import Redis
 
-from shared.fleet import BadRecords, known_models, live_workers
+from shared.fleet import BadRecords, known_models, live_workers, model_records
 from shared.messages import WorkerInfo
 from shared.names import Names
 
@@ -19,17 +19,28 @@ class ModelEntry:
     max_model_len: int
     created: int
     engine: str = "vllm"
+    live: bool = True
+    """False: no worker serves it now, but one will be started for it (scaled to zero)."""
 
 
 class WorkerRegistry:
-    """Lists the models served by live workers (see :func:`shared.fleet.is_live`); cached briefly
-    per process."""
+    """Lists the models served by live workers (see :func:`shared.fleet.is_live`), and with
+    ``scale_from_zero`` also those served here before, which an autoscaler starts workers for;
+    cached briefly per process."""
 
-    def __init__(self, redis: Redis, names: Names, worker_ttl: float, cache_seconds: float = 0.5) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        names: Names,
+        worker_ttl: float,
+        cache_seconds: float = 0.5,
+        scale_from_zero: bool = False,
+    ) -> None:
         self._redis = redis
         self._names = names
         self._ttl = worker_ttl
         self._cache_seconds = cache_seconds
+        self._scale_from_zero = scale_from_zero
         self._cached: dict[str, ModelEntry] = {}
         self._cached_at = float("-inf")
         self._bad = BadRecords()
@@ -37,9 +48,17 @@ class WorkerRegistry:
     async def models(self) -> dict[str, ModelEntry]:
         now = time.monotonic()
         if now - self._cached_at > self._cache_seconds:
-            self._cached = aggregate(await live_workers(self._redis, self._names, self._ttl, self._bad))
+            self._cached = await self._read()
             self._cached_at = now
         return self._cached
+
+    async def _read(self) -> dict[str, ModelEntry]:
+        entries = aggregate(await live_workers(self._redis, self._names, self._ttl, self._bad))
+        if self._scale_from_zero:
+            for model, last in (await model_records(self._redis, self._names, self._bad)).items():
+                if model not in entries:
+                    entries[model] = replace(aggregate([last])[model], live=False)
+        return entries
 
     async def known(self, model: str) -> bool:
         """Has any worker ever served this model here?"""

@@ -7,7 +7,6 @@ an OpenAI error the SDK raises, never as a stream that simply stops.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -16,9 +15,10 @@ import anyio
 from fastapi import Request
 
 from gateway.admission import Admission, Ticket
-from gateway.chunks import FullAssembler, StreamAssembler
+from gateway.chunks import FullAssembler, StreamAssembler, encode, sse
 from gateway.errors import APIError, InternalError, UpstreamFailure
 from gateway.jobs import ReplyStream
+from gateway.lifecycle import Lifecycle
 from shared.messages import Final, Tokens, UsageEvent
 
 T = TypeVar("T")
@@ -27,13 +27,21 @@ log = logging.getLogger(__name__)
 
 
 class Admitted:
-    """An admitted request: its reply stream and its reservation, released together."""
+    """An admitted request: its reply stream and its reservation, released together, and known to
+    the process's lifecycle until then (a draining gateway waits for it, or cuts it)."""
 
-    def __init__(self, replies: ReplyStream, ticket: Ticket, admission: Admission) -> None:
+    def __init__(
+        self, replies: ReplyStream, ticket: Ticket, admission: Admission, lifecycle: Lifecycle
+    ) -> None:
         self.replies = replies
         self.ticket = ticket
         self._admission = admission
+        self._lifecycle = lifecycle
         self._closed = False
+        lifecycle.opened(self)
+
+    def interrupt(self, error: APIError) -> None:
+        self.replies.interrupt(error)
 
     async def close(self) -> None:
         """Stop listening (cancelling the job if it is unfinished) and settle the tokens it used.
@@ -41,17 +49,20 @@ class Admitted:
         if self._closed:
             return
         self._closed = True
-        with anyio.CancelScope(shield=True):
-            await self.replies.close()
-            usage, job = self.replies.usage(), self.replies.job
-            served = UsageEvent(
-                tenant=job.tenant,
-                model=job.model,
-                prompt_tokens=usage.prompt_tokens,
-                completion_tokens=usage.completion_tokens,
-                error=self.replies.error or "",
-            )
-            await self._admission.settle(self.ticket, usage, served)
+        try:
+            with anyio.CancelScope(shield=True):
+                await self.replies.close()
+                usage, job = self.replies.usage(), self.replies.job
+                served = UsageEvent(
+                    tenant=job.tenant,
+                    model=job.model,
+                    prompt_tokens=usage.prompt_tokens,
+                    completion_tokens=usage.completion_tokens,
+                    error=self.replies.error or "",
+                )
+                await self._admission.settle(self.ticket, usage, served)
+        finally:
+            self._lifecycle.closed(self)
 
 
 async def collect(replies: ReplyStream, assembler: FullAssembler) -> dict[str, Any]:
@@ -63,24 +74,23 @@ async def collect(replies: ReplyStream, assembler: FullAssembler) -> dict[str, A
     raise UpstreamFailure("the reply stream ended without a final message")
 
 
-async def sse_events(request: Admitted, assembler: StreamAssembler) -> AsyncIterator[dict[str, str]]:
-    """SSE payloads of one streamed response; an error after the start becomes an error event."""
+DONE = sse("[DONE]")
+
+
+async def sse_events(request: Admitted, assembler: StreamAssembler) -> AsyncIterator[bytes]:
+    """SSE events of one streamed response, as bytes; an error after the start becomes an error
+    event."""
     try:
         async for reply in request.replies:
-            if isinstance(reply, Tokens):
-                chunks = assembler.tokens(reply)
-            elif isinstance(reply, Final):
-                chunks = assembler.final(reply)
-            else:
-                continue
-            for chunk in chunks:
-                yield {"data": json.dumps(chunk, separators=(",", ":"))}
-        yield {"data": "[DONE]"}
+            if isinstance(reply, Tokens | Final):
+                for event in assembler.events(reply):
+                    yield event
+        yield DONE
     except APIError as exc:
-        yield {"data": json.dumps(exc.envelope())}
+        yield encode(exc.envelope())
     except Exception:  # a defect: the client must still learn the stream is broken
         log.exception("stream of %s failed", request.replies.job.id)
-        yield {"data": json.dumps(InternalError(request_id=request.replies.job.id).envelope())}
+        yield encode(InternalError(request_id=request.replies.job.id).envelope())
     finally:
         await request.close()
 

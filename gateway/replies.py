@@ -25,16 +25,20 @@ class SubscriptionLost(Exception):
 @dataclass(eq=False)
 class Subscription:
     channel: str
-    queue: asyncio.Queue[bytes | SubscriptionLost] = field(default_factory=asyncio.Queue)
+    queue: asyncio.Queue[bytes | Exception] = field(default_factory=asyncio.Queue)
     confirmed: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
 
     async def get(self) -> bytes:
         item = await self.queue.get()
-        if isinstance(item, SubscriptionLost):
+        if isinstance(item, Exception):
             raise item
         return item
+
+    def fail(self, error: Exception) -> None:
+        """End the wait of whoever reads this subscription with ``error``."""
+        self.queue.put_nowait(error)
 
 
 class ReplyHub:
@@ -106,7 +110,8 @@ class ReplyHub:
         self._subs[channel.encode()] = sub
         try:
             await pubsub.subscribe(channel)
-            await asyncio.wait_for(asyncio.shield(sub.confirmed), self._timeout)
+            async with asyncio.timeout(self._timeout):
+                await asyncio.shield(sub.confirmed)
         except (RedisError, OSError, TimeoutError) as exc:
             self._subs.pop(channel.encode(), None)
             raise SubscriptionLost(f"could not subscribe to replies: {exc!r}") from exc

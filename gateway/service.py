@@ -20,6 +20,7 @@ from gateway.auth import Authenticator
 from gateway.chunks import FullAssembler, Kind, Meta, StreamAssembler
 from gateway.errors import APIError, InvalidRequest, ModelNotFound, Unavailable
 from gateway.jobs import Dispatcher
+from gateway.lifecycle import Lifecycle
 from gateway.registry import ModelEntry, WorkerRegistry
 from gateway.relay import Admitted, collect, sse_events, until_disconnect
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, _Sampling
@@ -111,13 +112,15 @@ class Gateway:
     dispatcher: Dispatcher
     auth: Authenticator
     admission: Admission
+    lifecycle: Lifecycle
     jobs: JobBuilder = field(init=False)
 
     def __post_init__(self) -> None:
         self.jobs = JobBuilder(self.registry, self.tokenizers, self.settings.max_n)
 
-    async def prewarm(self, period: float = 2.0) -> None:
-        """Load each served model's tokenizer before its first request needs it."""
+    async def prewarm(self, period: float = 1.0) -> None:
+        """Load each served model's tokenizer before its first request needs it (until then the
+        gateway is not ready: see :meth:`unready`)."""
         while True:
             try:
                 for entry in (await self.registry.models()).values():
@@ -126,30 +129,47 @@ class Gateway:
                 log.warning("tokenizer prewarm: %s", exc)
             await asyncio.sleep(period)
 
+    async def unready(self) -> str | None:
+        """Why this gateway cannot serve at full speed now (None: it can). Redis errors propagate."""
+        if self.lifecycle.draining:
+            return "shutting down"
+        if not self.dispatcher.connected():
+            return "reconnecting to Redis"
+        models = await self.registry.models()
+        if not models:
+            return "no live worker"
+        loading = sorted(m.name for m in models.values() if not self.tokenizers.loaded(m.tokenizer))
+        if loading:
+            return f"loading the tokenizer of {', '.join(loading)}"
+        return None
+
     async def resolve(self, request: Request, model: str) -> ModelEntry:
         entry = await self.jobs.resolve(model)
         request.state.model = entry.name  # a served model: safe as a metrics label
         return entry
 
     async def chat(self, request: Request, body: ChatCompletionRequest, tenant: Tenant) -> Any:
+        self.lifecycle.check_open()
         entry = await self.resolve(request, body.model)
         job = await self.jobs.chat(entry, body, tenant, request.state.request_id)
         return await self._respond(request, job, "chat", body, tenant)
 
     async def completion(self, request: Request, body: CompletionRequest, tenant: Tenant) -> Any:
+        self.lifecycle.check_open()
         entry = await self.resolve(request, body.model)
         job = await self.jobs.completion(entry, body, tenant, request.state.request_id)
         return await self._respond(request, job, "text", body, tenant)
 
     async def _submit(self, job: Job, tenant: Tenant) -> Admitted:
         """Admit (rate limits, backlog) and enqueue; the reservation is settled when the reply ends."""
+        self.lifecycle.check_open()  # it may have begun draining while this request was tokenized
         ticket = await self.admission.admit(tenant, job)
         try:
             replies = await self.dispatcher.submit(job, tenant.priority)
         except BaseException:
             await self.admission.settle(ticket, NOTHING)  # nothing was enqueued
             raise
-        return Admitted(replies, ticket, self.admission)
+        return Admitted(replies, ticket, self.admission, self.lifecycle)
 
     async def _respond(self, request: Request, job: Job, kind: Kind, body: _Sampling, tenant: Tenant) -> Any:
         prefix = "chatcmpl-" if kind == "chat" else "cmpl-"

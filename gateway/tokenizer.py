@@ -11,6 +11,7 @@ encoded on a thread (the tokenizer's Rust core releases the GIL), short ones inl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -91,15 +92,27 @@ class TokenizerCache:
         self._loaded: dict[str, PromptBuilder] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
+    def loaded(self, source: str) -> bool:
+        return source in self._loaded
+
     async def get(self, source: str) -> PromptBuilder:
         if (builder := self._loaded.get(source)) is not None:
             return builder
         lock = self._locks.setdefault(source, asyncio.Lock())
         async with lock:
             if (builder := self._loaded.get(source)) is None:
-                builder = PromptBuilder(await asyncio.to_thread(_load, source))
+                builder = await asyncio.to_thread(
+                    _warm, PromptBuilder(await asyncio.to_thread(_load, source))
+                )
                 self._loaded[source] = builder
         return builder
+
+
+def _warm(builder: PromptBuilder) -> PromptBuilder:
+    """Compile the chat template and run the encoder once, so the first request pays for neither."""
+    with contextlib.suppress(InvalidRequest):  # a template that needs more than one user message
+        builder.chat([ChatMessage(role="user", content="Hello")])
+    return builder
 
 
 def _load(source: str) -> _HFTokenizer:

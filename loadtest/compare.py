@@ -138,13 +138,30 @@ def switchyard_target(
 
 
 def build_targets(args: argparse.Namespace, engine: EngineSettings, model_dir: Path) -> dict[str, Target]:
-    """The commands for both targets, from the one engine definition."""
-    vllm_port = free_port()
-    vllm_argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
-    vllm_argv += ["--served-model-name", args.model_name, "--host", "127.0.0.1", "--port", str(vllm_port)]
-    vllm_argv += engine.vllm_args() + (["--api-key", args.api_key] if args.api_key else [])
+    """The commands of the targets: vLLM and Switchyard from the one engine definition, and vLLM in
+    its default configuration (what a user starts: only the model, its name, dtype and context
+    length are given, as a fair comparison needs them the same)."""
+
+    def vllm(port: int, settings: list[str]) -> list[str]:
+        argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
+        argv += ["--served-model-name", args.model_name, "--host", "127.0.0.1", "--port", str(port)]
+        return argv + settings + (["--api-key", args.api_key] if args.api_key else [])
+
+    port, default_port = free_port(), free_port()
+    same = ["--dtype", engine.dtype, "--max-model-len", str(engine.max_model_len)]
     switchyard = switchyard_target(args.switchyard_cmd, engine, model_dir, args.model_name, args.api_key)
-    return {"vllm": Target("vllm", vllm_argv, engine.env(), vllm_port), "switchyard": switchyard}
+    return {
+        "vllm": Target("vllm", vllm(port, engine.vllm_args()), engine.env(), port),
+        "switchyard": switchyard,
+        # vLLM sizes its own KV cache unless told; on a CPU host it asks for 92% of the node's memory
+        # and refuses to start when that much is not free, so the cache size alone is given.
+        "vllm-default": Target(
+            "vllm-default",
+            vllm(default_port, same),
+            {"VLLM_CPU_KVCACHE_SPACE": str(engine.kv_cache_gib)},
+            default_port,
+        ),
+    }
 
 
 def start_server(target: Target, log_path: Path) -> subprocess.Popen[bytes]:
@@ -315,7 +332,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-dir", type=Path, default=None, help="default: the demo model (built if missing)")
     p.add_argument("--model-name", default=None, help="served model name (default: demo name or dir name)")
-    p.add_argument("--only", choices=comparison.TARGETS, default=None)
+    p.add_argument("--only", choices=comparison.TARGETS, action="append", default=None,
+                   help="run only these targets (repeatable; default: all three)")  # fmt: skip
     p.add_argument("--switchyard-cmd", default=DEFAULT_SWITCHYARD_CMD,
                    help="placeholders: {port} {redis_port} {model_dir} {model_name} {api_key} {engine_args} "
                         "{vllm_engine_args} and each EngineSettings field, e.g. {max_model_len}")  # fmt: skip
@@ -360,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         "engine": asdict(engine),
         "bench": bench | {"model_dir": str(model_dir)},
     }
-    chosen = [name for name in comparison.TARGETS if args.only in (None, name)]
+    chosen = [name for name in comparison.TARGETS if args.only is None or name in args.only]
     outcomes = {name: run_target(targets[name], args, args.concurrency, args.out) for name in chosen}
     write_summary(args.out, meta, outcomes, [str(level) for level in args.concurrency])
     failed = any(o.failure or any(r.get("exit_code") for r in o.reports.values()) for o in outcomes.values())

@@ -11,7 +11,10 @@ from collections import Counter
 from typing import Any
 
 Reports = dict[str, dict[str, dict[str, Any]]]
-TARGETS = ("vllm", "switchyard")  # ratios are targets[1] / targets[0]
+TARGETS = ("vllm", "switchyard", "vllm-default")
+"""vLLM with the same engine settings as Switchyard, Switchyard, and vLLM in its default
+configuration (same model, dtype and context length): ratios are Switchyard / each vLLM."""
+BASELINES = ("vllm", "vllm-default")
 
 # Counted across repeated runs rather than taking the median; PER_RUN figures are listed run by run.
 SUMMED = ("errors", "warmup_errors", "token_mismatches", "exit_code")
@@ -57,23 +60,26 @@ def fmt(value: Any, pattern: str) -> str:
     return pattern.format(int(value)) if pattern == "{:d}" else pattern.format(float(value))
 
 
-def level_ratios(reports: Reports, level: str) -> dict[str, float | None]:
-    """Switchyard / vLLM for every metric at one concurrency level (empty unless both ran)."""
-    vllm, sy = (reports.get(t, {}).get(level) for t in TARGETS)
-    if vllm is None or sy is None:
+def level_ratios(reports: Reports, level: str, baseline: str = "vllm") -> dict[str, float | None]:
+    """Switchyard / ``baseline`` for every metric at one concurrency level (empty unless both ran)."""
+    base, sy = (reports.get(t, {}).get(level) for t in (baseline, "switchyard"))
+    if base is None or sy is None:
         return {}
-    return {key: ratio(sy.get(key), vllm.get(key)) for key, _, _ in METRICS}
+    return {key: ratio(sy.get(key), base.get(key)) for key, _, _ in METRICS}
 
 
 def check_lines(reports: Reports, level: str) -> list[str]:
-    """Pass/fail lines for the design targets at one level."""
-    ratios = level_ratios(reports, level)
+    """Pass/fail lines for the design targets at one level, against each vLLM that ran."""
     lines = []
-    for key, op, bound in CHECKS:
-        r = ratios.get(key)
-        if r is not None:
-            ok = r >= bound if op == ">=" else r <= bound
-            lines.append(f"{'PASS' if ok else 'FAIL'}: {key} ratio {r:.3f} (target {op} {bound})")
+    for baseline in BASELINES:
+        ratios = level_ratios(reports, level, baseline)
+        for key, op, bound in CHECKS:
+            r = ratios.get(key)
+            if r is not None:
+                ok = r >= bound if op == ">=" else r <= bound
+                verdict = "PASS" if ok else "FAIL"
+                lines.append(f"{verdict}: {key} ratio to {baseline} {r:.3f} (target {op} {bound})")
+    ratios = level_ratios(reports, level)
     if level == "1" and ratios:
         sy, vllm = (reports[t][level]["ttft_p50_ms"] for t in ("switchyard", "vllm"))
         verdict = "PASS" if sy - vllm < ADDED_TTFT_LIMIT_MS else "FAIL"
@@ -93,15 +99,16 @@ def spread_lines(reports: Reports, level: str) -> list[str]:
 
 
 def table_rows(reports: Reports, level: str) -> list[list[str]]:
-    """Header plus one row per metric: the targets that ran, then the ratio if both did; [] if none ran."""
+    """Header plus one row per metric: the targets that ran, then Switchyard's ratio to each vLLM
+    that ran beside it; [] if none ran."""
     names = [t for t in TARGETS if level in reports.get(t, {})]
     if not names:
         return []
-    ratios = level_ratios(reports, level)
-    rows = [["metric", *names] + (["switchyard / vllm"] if ratios else [])]
+    ratios = {b: r for b in BASELINES if (r := level_ratios(reports, level, b))}
+    rows = [["metric", *names] + [f"switchyard / {b}" for b in ratios]]
     for key, label, pattern in METRICS:
         row = [label] + [fmt(reports[t][level].get(key), pattern) for t in names]
-        rows.append(row + ([fmt(ratios.get(key), "{:.3f}")] if ratios else []))
+        rows.append(row + [fmt(r.get(key), "{:.3f}") for r in ratios.values()])
     return rows
 
 

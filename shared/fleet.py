@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 
@@ -70,10 +70,28 @@ class Snapshot:
     streams: tuple[StreamStatus, ...]
     workers: tuple[WorkerStatus, ...]
     dead_letters: dict[str, int]
+    drained: dict[str, int] = field(default_factory=dict)
+    """Jobs finished ever, per model (the counter workers increment)."""
 
     def models(self) -> list[str]:
         found = {s.model for s in self.streams} | {w.model for w in self.workers} | set(self.dead_letters)
         return sorted(found)
+
+    def backlog(self, model: str) -> int:
+        """Jobs of ``model`` waiting or running (finished jobs leave their stream)."""
+        return sum(s.backlog for s in self.streams if s.model == model)
+
+    def running(self, model: str) -> int:
+        """Jobs of ``model`` a worker has taken and not finished."""
+        return sum(s.pending for s in self.streams if s.model == model)
+
+    def waiting(self, model: str) -> int:
+        """Jobs of ``model`` no worker has taken yet."""
+        return sum(max(0, s.backlog - s.pending) for s in self.streams if s.model == model)
+
+    def serving(self, model: str) -> list[WorkerStatus]:
+        """Live workers of ``model`` that take jobs (not draining)."""
+        return [w for w in self.workers if w.model == model and w.live and not w.draining]
 
 
 def _text(value: bytes | str) -> str:
@@ -137,20 +155,22 @@ async def stream_records(
     return out
 
 
-async def backlog(redis: Redis, names: Names, model: str) -> tuple[int, int]:
-    """(jobs waiting or running, jobs finished ever) of one model, in one round trip after the index."""
-    streams = await redis.hkeys(names.streams_index(model))  # type: ignore[misc]
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.get(names.drained(model))
-        for s in streams:
-            pipe.xlen(s)
-        done, *lengths = await pipe.execute()
-    return sum(int(x) for x in lengths), int(done or 0)
-
-
 async def known_models(redis: Redis, names: Names) -> set[str]:
     """Every model a worker has ever served here (the gateway tells 'unknown' from 'no worker now')."""
     return {_text(m) for m in await redis.hkeys(names.models())}  # type: ignore[misc]
+
+
+async def model_records(redis: Redis, names: Names, bad: BadRecords | None = None) -> dict[str, WorkerInfo]:
+    """The last heartbeat of any worker of each model ever served here: how to serve it while no
+    worker is live (its tokenizer and context length)."""
+    bad = bad or BadRecords()
+    out = {}
+    for model, raw in (await redis.hgetall(names.models())).items():  # type: ignore[misc]
+        try:
+            out[_text(model)] = decode_worker_info(raw)
+        except WireError as exc:
+            bad.report(f"{names.models()} {_text(model)}", exc)
+    return out
 
 
 def _worker_status(info: WorkerInfo, now: float, ttl: float) -> WorkerStatus:
@@ -183,12 +203,19 @@ async def gather(
     models = await known_models(redis, names) | {w.model for w in workers}
     streams: list[StreamStatus] = []
     dead: dict[str, int] = {}
+    drained: dict[str, int] = {}
     for model in sorted(models):
         records = await stream_records(redis, names, model, bad)
         for stream in sorted(records):
             streams.append(await _stream(redis, model, stream, records[stream]))
-        dead[model] = int(await redis.xlen(names.dead_letter(model)))
-    return Snapshot(taken_at=now, streams=tuple(streams), workers=tuple(workers), dead_letters=dead)
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.xlen(names.dead_letter(model))
+            pipe.get(names.drained(model))
+            dead_count, done = await pipe.execute()
+        dead[model], drained[model] = int(dead_count), int(done or 0)
+    return Snapshot(
+        taken_at=now, streams=tuple(streams), workers=tuple(workers), dead_letters=dead, drained=drained
+    )
 
 
 async def _stream(redis: Redis, model: str, stream: str, record: StreamRecord) -> StreamStatus:

@@ -135,23 +135,27 @@ if not p[1] or p[1][2] ~= ARGV[2] then return 0 end
 # KEYS: job stream, progress list, drained counter.
 # ARGV: group, consumer, entry id, channel, progress ttl ms, 'ack' or '', then pairs of
 # (payload, '1' to keep it in the progress list or '').
+# Returns 0 when the worker does not own the job, 2 when nobody listens on the channel any more (the
+# gateway that took the request is gone: the job is of no use), else 1.
 CLAIMED_PUBLISH = Lua(
     _OWNS
     + """
+local heard = 1
 for i = 7, #ARGV, 2 do
   if ARGV[i + 1] ~= '' then
     redis.call('RPUSH', KEYS[2], ARGV[i])
     redis.call('PEXPIRE', KEYS[2], ARGV[5])
   end
-  redis.call('PUBLISH', ARGV[4], ARGV[i])
+  if redis.call('PUBLISH', ARGV[4], ARGV[i]) == 0 then heard = 2 end
 end
 if ARGV[6] == 'ack' then
   redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
   redis.call('XDEL', KEYS[1], ARGV[3])
   redis.call('DEL', KEYS[2])
   redis.call('INCR', KEYS[3])
+  return 1
 end
-return 1
+return heard
 """
 )
 
@@ -176,8 +180,13 @@ class Scripts:
     """The gateway's admission scripts; redis-py loads them on ``NOSCRIPT`` by itself."""
 
     def __init__(self, redis: Redis) -> None:
+        self._redis = redis
         self.admit: AsyncScript = redis.register_script(_ADMIT)
         self.release: AsyncScript = redis.register_script(_RELEASE)
+
+    async def load(self) -> None:
+        for script in (_ADMIT, _RELEASE):
+            await self._redis.script_load(script)
 
 
 # -- the Batch API ---------------------------------------------------------------------------------

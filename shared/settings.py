@@ -10,6 +10,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.names import Names
 
+SimPreset = Literal["l4", "a100", "h100", "cpu-demo"]
+"""Timing presets of the simulated engine (``worker/sim_timing.py`` holds their figures and sources)."""
+
 
 class RedisSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SWITCHYARD_", extra="ignore", populate_by_name=True)
@@ -62,6 +65,43 @@ class GatewaySettings(RedisSettings):
     )
     worker_ttl: float = Field(
         default=10.0, gt=0, description="A worker whose heartbeat is older is taken for dead."
+    )
+    scale_from_zero: bool = Field(
+        default=False,
+        description=(
+            "Models served here before stay servable with no live worker: requests wait in their "
+            "stream while an autoscaler starts one (on for `switchyard up --autoscale 0:N`)."
+        ),
+    )
+    scale_min_workers: int = Field(
+        default=0, ge=0, description="Autoscaling: fewest workers the decision asks for (per model)."
+    )
+    scale_max_workers: int = Field(
+        default=1000,
+        ge=1,
+        description="Autoscaling: most workers the decision asks for (per model; KEDA's bounds apply too).",
+    )
+    scale_target_utilization: float = Field(
+        default=0.75, gt=0, le=1, description="Autoscaling: share of a worker's slots to aim for."
+    )
+    scale_max_queue_wait: float = Field(
+        default=5.0,
+        ge=0,
+        description="Autoscaling: a backlog the workers drain within this many seconds needs no new worker.",
+    )
+    scale_down_after: float = Field(
+        default=60.0, ge=0, description="Autoscaling: seconds of low demand before a worker is retired."
+    )
+    scale_cooldown: float = Field(
+        default=15.0, ge=0, description="Autoscaling: seconds between two retirements."
+    )
+    shutdown_grace: float = Field(
+        default=30.0,
+        ge=0,
+        description=(
+            "On SIGTERM, how long requests in flight may take to finish before they are cut with an "
+            "error (new requests get 503 meanwhile)."
+        ),
     )
     file_store: Literal["directory", "redis"] = Field(
         default="directory",
@@ -136,9 +176,30 @@ class JobsSettings(GatewaySettings):
 
 
 class WorkerSettings(RedisSettings):
+    engine: Literal["vllm", "sim"] = Field(
+        default="vllm",
+        description=(
+            "What generates: vLLM, or 'sim', the simulated engine of capacity and scale tests (no model, "
+            "timing from sim_preset, tokens from the model's tokenizer). Never the default."
+        ),
+    )
+    sim_preset: SimPreset = Field(
+        default="h100",
+        description=(
+            "The simulated engine's timing: a GPU serving a ~8B model (l4, a100, h100) or cpu-demo, the "
+            "demo model on a 2-core CPU."
+        ),
+    )
+    sim_speed: float = Field(
+        default=1.0,
+        gt=0,
+        description="The simulated engine runs this many times faster than its preset (tests: 10 or more).",
+    )
     model: str = Field(default="demo", description="'demo', a Hugging Face model id, or a path.")
     served_model_name: str | None = Field(default=None, description="Name clients use for the model.")
-    max_model_len: int | None = Field(default=None, description="Context length; unset: the model's.")
+    max_model_len: int | None = Field(
+        default=None, description="Context length; unset: the model's (the simulated engine: 4096)."
+    )
     dtype: str = Field(default="auto", description="Weights dtype passed to vLLM.")
     enforce_eager: bool | None = Field(
         default=None, description="Skip graph compilation; unset: on CPU hosts only."
@@ -162,6 +223,14 @@ class WorkerSettings(RedisSettings):
         default=0.04,
         ge=0,
         description="Seconds a worker gathers tokens before publishing them (first token: at once).",
+    )
+    max_flush_interval: float = Field(
+        default=0.1,
+        ge=0,
+        description=(
+            "Longest a worker gathers a job's tokens when it runs many jobs (the interval grows "
+            "with them beyond 16, so each message carries more tokens under load)."
+        ),
     )
     heartbeat_interval: float = Field(
         default=2.0, gt=0, description="Seconds between a worker's heartbeats and claim refreshes."

@@ -16,14 +16,14 @@ from control.processes import wait_until as poll_until
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def spawn(role: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    """Start ``switchyard <role>`` in its own session, output to ``log``."""
+def spawn(role: str, env: dict[str, str], log: Path, *flags: str) -> subprocess.Popen[bytes]:
+    """Start ``switchyard <role> [flags]`` in its own session, output to ``log``."""
     full = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHYARD_")}
     full.update(env)
     out = log.open("ab")
     try:
         return subprocess.Popen(
-            [sys.executable, "-m", "control.cli", role],
+            [sys.executable, "-m", "control.cli", role, *flags],
             env=full,
             cwd=ROOT,
             stdout=out,

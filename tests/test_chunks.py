@@ -72,3 +72,27 @@ def test_text_completion_shape() -> None:
     assert body["object"] == "text_completion"
     assert body["choices"][0]["text"] == "abc"
     assert "system_fingerprint" not in body
+
+
+def test_the_events_of_a_stream_are_its_chunks_as_sse_byte_for_byte() -> None:
+    """The template path for plain text and the dict path give the same bytes."""
+    import json
+
+    from gateway.chunks import encode
+
+    replies = [
+        tok(1, "He"),
+        tok(2, 'l"lo\\n é'),
+        tok(3, "", index=1),
+        tok(4, "x", index=1),
+        tok(5, "!", finish="stop"),
+    ]
+    final = Final(seq=6, finish_reasons=("stop", "length"), usage=Usage(prompt_tokens=5, completion_tokens=5))
+    for meta in (CHAT, TEXT):
+        fast, slow = StreamAssembler(meta, include_usage=True), StreamAssembler(meta, include_usage=True)
+        for reply in replies:
+            assert fast.events(reply) == [encode(c) for c in slow.tokens(reply)], (meta.kind, reply)
+        assert fast.events(final) == [encode(c) for c in slow.final(final)]
+    event = StreamAssembler(CHAT, include_usage=False).events(tok(1, "hi"))[0]
+    assert event.startswith(b"data: {") and event.endswith(b"}\n\n")
+    assert json.loads(event[6:])["choices"][0]["delta"]["content"] == "hi"

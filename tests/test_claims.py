@@ -11,7 +11,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import pytest_asyncio
@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 
 from shared.messages import Job, Sampling, Started, Tokens, decode_reply, encode
 from shared.names import GROUP, JOB_FIELD, Names
-from worker.channel import Claim, ClaimLost, ReplyChannel
+from worker.channel import Claim, ClaimLost, NobodyListening, ReplyChannel
 from worker.metrics import WorkerMetrics
 from worker.outbox import Outbox
 from worker.runner import JobRunner
@@ -42,7 +42,7 @@ class Held:
             self.names,
             engine=None,  # type: ignore[arg-type]
             worker_id=worker,
-            flush_interval=0.04,
+            flush_interval=lambda: 0.04,
             stop_reason=lambda _: None,
             metrics=WorkerMetrics("m"),
         )
@@ -73,9 +73,12 @@ async def held(redis: Redis) -> AsyncIterator[Held]:
     runner = asyncio.create_task(outbox.run())
     claim_a = Claim(stream=stream, entry_id=entry_id, job=job, attempt=1)
     claim_b = Claim(stream=stream, entry_id=entry_id, job=job, attempt=2)
+    gateway = redis.pubsub()  # someone listens, as the gateway that enqueued the job does
+    await gateway.subscribe(names.reply_channel(job.id))
     try:
         yield Held(names, claim_a, claim_b, outbox)
     finally:
+        await gateway.aclose()
         runner.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await runner
@@ -192,3 +195,11 @@ async def test_calls_that_meet_a_redis_without_the_scripts_load_them_and_run_onc
 
     assert await published(redis, channel, asyncio.ensure_future(send())) == [1, 2]
     assert len(await redis.lrange(held.names.progress(held.claim_a.job.id), 0, -1)) == 3
+
+
+async def test_a_publish_nobody_hears_says_so_but_still_ends_the_job(redis: Redis, held: Held) -> None:
+    lonely = replace(held.claim_a, job=held.claim_a.job.model_copy(update={"id": "req_nobody"}))
+    with pytest.raises(NobodyListening):  # its gateway is gone: the worker should stop the job
+        await held.channel(lonely, "a").send([tokens(0, (5,))])
+    await held.channel(lonely, "a").send([], ack=True)  # ending it is heard or not: no matter
+    assert await redis.xlen(held.claim_a.stream) == 0

@@ -87,12 +87,21 @@ def test_commands_are_cli_commands_and_shutdown_has_time_to_drain(compose: dict[
         assert done.returncode == 0, f"{name}: {done.stderr[-500:]}"
     grace = re.fullmatch(r"(\d+)s", compose["services"]["worker"]["stop_grace_period"])
     assert grace is not None and int(grace[1]) > WorkerSettings().drain_timeout
+    grace = re.fullmatch(r"(\d+)s", compose["services"]["gateway"]["stop_grace_period"])
+    assert grace is not None and int(grace[1]) > GatewaySettings().shutdown_grace
+
+
+def test_healthchecks_ask_whether_ready(compose: dict[str, Any]) -> None:
+    gateway, worker = compose["services"]["gateway"], compose["services"]["worker"]
+    assert "127.0.0.1:8000/readyz" in " ".join(gateway["healthcheck"]["test"])
+    port = worker["environment"]["SWITCHYARD_METRICS_PORT"]
+    assert f"127.0.0.1:{port}/readyz" in " ".join(worker["healthcheck"]["test"])
 
 
 def test_the_image_holds_every_package_the_project_installs() -> None:
     text = DOCKERFILE.read_text()
     copied = set(re.findall(r"^COPY (\w+) \1$", text, flags=re.MULTILINE))
-    packages = {"gateway", "worker", "shared"}  # pyproject's [tool.setuptools.packages.find] include
+    packages = {"gateway", "worker", "shared", "control"}  # pyproject's packages.find include
     assert packages <= copied
     assert all((ROOT / p / "__init__.py").is_file() for p in packages)
     assert 'pip install --extra-index-url "$TORCH_INDEX" ".[$ENGINE]"' in text

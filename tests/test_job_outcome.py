@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from shared.messages import Sampling
-from worker.coalesce import Chunk, Coalescer, EngineAborted, resumed
+from worker.coalesce import Chunk, Coalescer, EngineAborted, flush_interval, resumed
 from worker.engine import Delta, EngineRejected
 from worker.outcome import Action, early_end
 
@@ -21,41 +21,64 @@ def sent(chunks: list[Chunk]) -> list[tuple[int, tuple[int, ...], str | None]]:
     return [(c.index, tuple(c.ids), c.finish) for c in chunks]
 
 
-def test_first_token_of_each_choice_goes_out_at_once_then_every_interval() -> None:
-    c = Coalescer(n=2, flush_interval=0.04, now=0.0)
-    assert sent(c.add([d(0, (1,))], now=0.001)) == [(0, (1,), None)]  # choice 0 opens: at once
-    assert sent(c.add([d(0, (2,))], now=0.010)) == []  # gathered
-    assert sent(c.add([d(0, (3,)), d(1, (7,))], now=0.020)) == [(0, (2, 3), None), (1, (7,), None)]
-    assert sent(c.add([d(0, (4,))], now=0.030)) == []  # 10 ms after the last flush
-    assert sent(c.add([d(1, (8,))], now=0.061)) == [(0, (4,), None), (1, (8,), None)]  # interval passed
-    assert c.generated == 6
+def test_first_token_of_each_choice_goes_out_at_once_then_at_the_ticks() -> None:
+    c = Coalescer(n=2, now=0.0)
+    assert sent(c.add([d(0, (1,))], now=0.001, interval=0.04)) == [(0, (1,), None)]  # opens: at once
+    assert sent(c.add([d(0, (2,))], now=0.010, interval=0.04)) == []  # gathered until the 0.04 tick
+    assert sent(c.add([d(0, (3,)), d(1, (7,))], now=0.020, interval=0.04)) == [
+        (0, (2, 3), None),
+        (1, (7,), None),
+    ]
+    assert sent(c.add([d(0, (4,))], now=0.030, interval=0.04)) == []  # the next tick is 0.04
+    assert sent(c.add([d(0, (5,))], now=0.041, interval=0.04)) == [(0, (4, 5), None)]
+    assert sent(c.add([d(1, (8,))], now=0.079, interval=0.04)) == []
+    assert sent(c.add([d(1, (9,))], now=0.081, interval=0.04)) == [(1, (8, 9), None)]
+    assert c.generated == 8
+
+
+def test_every_job_flushes_on_the_same_ticks() -> None:
+    """Jobs that started at different times flush in the same engine step after a tick."""
+    jobs = [Coalescer(n=1, now=start) for start in (0.003, 0.017, 0.029)]
+    for job, start in zip(jobs, (0.003, 0.017, 0.029), strict=True):
+        job.add([d(0, (1,))], now=start, interval=0.04)  # first token: at once
+    steps = [0.035, 0.045, 0.055, 0.085]
+    flushed = [[bool(job.add([d(0, (2,))], now=t, interval=0.04)) for job in jobs] for t in steps]
+    assert flushed == [[False] * 3, [True] * 3, [False] * 3, [True] * 3]
+
+
+@pytest.mark.parametrize(
+    ("jobs", "expected"),
+    [(0, 0.04), (1, 0.04), (16, 0.04), (32, 0.08), (40, 0.1), (256, 0.1)],
+)
+def test_the_flush_interval_grows_with_the_jobs_a_worker_runs(jobs: int, expected: float) -> None:
+    assert flush_interval(0.04, 0.1, jobs) == pytest.approx(expected)
 
 
 def test_once_every_choice_finished_the_rest_waits_for_the_final_message() -> None:
-    c = Coalescer(n=1, flush_interval=0.0, now=0.0)
-    assert sent(c.add([d(0, (1,))], now=0.0)) == [(0, (1,), None)]
-    assert sent(c.add([d(0, (2, 3), "length")], now=1.0)) == []  # finished: goes with the final
+    c = Coalescer(n=1, now=0.0)
+    assert sent(c.add([d(0, (1,))], now=0.0, interval=0.0)) == [(0, (1,), None)]
+    assert sent(c.add([d(0, (2, 3), "length")], now=1.0, interval=0.0)) == []  # goes with the final
     ending = c.end()
     assert sent(ending.tail) == [(0, (2, 3), "length")]
     assert ending.finish_reasons == ("length",) and ending.generated == 3
 
 
 def test_a_choice_that_did_not_finish_is_an_abort_not_a_stop() -> None:
-    c = Coalescer(n=2, flush_interval=0.04, now=0.0)
-    c.add([d(0, (1,), "stop"), d(1, (2,))], now=0.0)
+    c = Coalescer(n=2, now=0.0)
+    c.add([d(0, (1,), "stop"), d(1, (2,))], now=0.0, interval=0.04)
     with pytest.raises(EngineAborted):
         c.end()
-    aborted = Coalescer(n=1, flush_interval=0.04, now=0.0)
-    aborted.add([d(0, (1,), "abort")], now=0.0)
+    aborted = Coalescer(n=1, now=0.0)
+    aborted.add([d(0, (1,), "abort")], now=0.0, interval=0.04)
     with pytest.raises(EngineAborted):
         aborted.end()
 
 
 def test_a_resumed_job_counts_what_earlier_attempts_generated() -> None:
-    c = Coalescer(n=1, flush_interval=0.04, now=0.0, prior=5)
-    c.add([d(0, (9,), "stop")], now=0.0)
+    c = Coalescer(n=1, now=0.0, prior=5)
+    c.add([d(0, (9,), "stop")], now=0.0, interval=0.04)
     assert c.end().generated == 6
-    nothing_left = Coalescer(n=1, flush_interval=0.04, now=0.0, prior=8)
+    nothing_left = Coalescer(n=1, now=0.0, prior=8)
     nothing_left.finish_all("length")
     ending = nothing_left.end()
     assert (ending.tail, ending.finish_reasons, ending.generated) == ([], ("length",), 8)

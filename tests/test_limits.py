@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 from control.redis_server import EmbeddedRedis
 from gateway.admission import Admission, DrainMeter, Ticket, default_output, reservation, reset_text
 from gateway.errors import InvalidRequest, RateLimited
+from shared.fleet import gather
 from shared.messages import Job, Sampling, Usage
 from shared.names import Names
 from shared.tenants import Tenant, TenantStore, key_id_of
@@ -25,7 +26,7 @@ async def names() -> Names:
 
 @pytest_asyncio.fixture
 async def admission(redis: Redis, names: Names) -> AsyncIterator[Admission]:
-    yield Admission(redis, names, request_ttl=60, drain=DrainMeter(redis, names), max_backlog_total=10_000)
+    yield Admission(redis, names, request_ttl=60, drain=DrainMeter(), max_backlog_total=10_000)
 
 
 def job(reserve: int, model: str = "m") -> Job:
@@ -129,7 +130,7 @@ async def test_redis_down_fails_closed() -> None:
     server = EmbeddedRedis().start()
     redis = Redis.from_url(server.url)
     names = Names("down")
-    admission = Admission(redis, names, request_ttl=60, drain=DrainMeter(redis, names), max_backlog_total=10)
+    admission = Admission(redis, names, request_ttl=60, drain=DrainMeter(), max_backlog_total=10)
     server.stop()
     try:
         from gateway.errors import Unavailable
@@ -170,11 +171,16 @@ async def test_a_request_without_max_tokens_fits_a_small_tokens_per_minute_limit
 
 
 async def test_the_drain_meter_stops_deciding_on_stale_figures(redis: Redis, names: Names) -> None:
-    meter = DrainMeter(redis, names, stale_after=0.2)
+    meter = DrainMeter(stale_after=0.2)
     for _ in range(3):
         await redis.xadd(names.jobs_stream("m", "t"), {"job": "{}"})
     await redis.hset(names.streams_index("m"), names.jobs_stream("m", "t"), '{"tenant": "t"}')
-    await meter.sample(["m"])
-    assert meter.backlog("m") == 3
-    await asyncio.sleep(0.3)  # no sample since: Redis unreachable, say
+    await redis.hset(names.models(), "m", b"{}")
+    await redis.set(names.drained("m"), 5)
+    meter.observe(await gather(redis, names))
+    await redis.set(names.drained("m"), 15)
+    await asyncio.sleep(0.1)
+    meter.observe(await gather(redis, names))
+    assert meter.backlog("m") == 3 and meter.rate("m") > 0
+    await asyncio.sleep(0.3)  # no snapshot since: Redis unreachable, say
     assert meter.backlog("m") == 0 and meter.rate("m") == 0.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -79,6 +80,13 @@ def test_render_shows_queues_workers_and_dead_letters() -> None:
     assert w1.split() == ["w-1", "0.5s", "2/8", "2", "1", "12.5%", "431.2"]
     w2 = next(line for line in lines if line.strip().startswith("w-2"))
     assert "(stale)" in w2
+
+
+def test_render_marks_simulated_workers() -> None:
+    snap = snapshot()
+    sim = dataclasses.replace(snap.workers[0], id="w-3", engine="sim")
+    lines = render(dataclasses.replace(snap, workers=(sim,))).splitlines()
+    assert next(line for line in lines if "w-3" in line).split()[:3] == ["w-3", "(sim)", "0.5s"]
 
 
 def test_render_of_an_empty_system_says_so() -> None:

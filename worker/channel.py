@@ -31,6 +31,10 @@ class ClaimLost(RuntimeError):
     """Another worker took the job over; this one must stop without a word (the new owner answers)."""
 
 
+class NobodyListening(RuntimeError):
+    """No gateway listens for the job's replies any more (its client's gateway died or gave up)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Progress:
     """What earlier attempts of a job already published: resume from here."""
@@ -102,6 +106,13 @@ class ReplyChannel:
         return CLAIMED_PUBLISH.call(self._keys, args)
 
     async def send(self, messages: Sequence[Reply], ack: bool = False) -> None:
-        (owned,) = await self._outbox.send(self.command(messages, ack))
-        if not owned:
-            raise ClaimLost
+        (result,) = await self._outbox.send(self.command(messages, ack))
+        check(result)
+
+
+def check(result: int) -> None:
+    """Raise what the fenced publish's result says (see ``shared.scripts.CLAIMED_PUBLISH``)."""
+    if result == 0:
+        raise ClaimLost
+    if result == 2:
+        raise NobodyListening

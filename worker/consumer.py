@@ -23,6 +23,7 @@ from shared.settings import WorkerSettings
 from worker.cancels import listen_for_cancels
 from worker.channel import Claim, ClaimLost
 from worker.claims import ClaimKeeper, Reclaimer
+from worker.coalesce import flush_interval
 from worker.deadletter import dead_letter, tell_client
 from worker.engine import Engine
 from worker.inflight import Inflight
@@ -63,7 +64,7 @@ class Consumer:
             names,
             engine,
             worker_id,
-            settings.flush_interval,
+            lambda: flush_interval(settings.flush_interval, settings.max_flush_interval, len(self.inflight)),
             stop_reason=self.inflight.stop_reason,
             stopping=self.stopping.is_set,
             metrics=self.metrics,

@@ -29,7 +29,9 @@ class Heartbeat:
         info: WorkerInfo,
         interval: float,
         status: Callable[[], dict[str, Any]],
+        on_beat: Callable[[], None] = lambda: None,
     ) -> None:
+        self._on_beat = on_beat
         self._redis = redis
         self._names = names
         self._info = info
@@ -52,13 +54,23 @@ class Heartbeat:
             await pipe.execute()
 
     async def run(self, stopping: asyncio.Event) -> None:
-        while not stopping.is_set():
+        """Beat every interval until cancelled, and once more as soon as ``stopping`` is set, so
+        that gateways and autoscalers see at once that the worker drains (it keeps beating while
+        its jobs finish: its claims and its place in the fleet stay visible)."""
+        while True:
+            self._on_beat()  # the event loop turns, whether or not Redis answers
             try:
                 await self.beat()
             except (RedisError, OSError) as exc:
                 log.warning("heartbeat failed: %s", exc)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), self._interval)
+            if stopping.is_set():
+                await asyncio.sleep(self._interval)
+            else:
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for loses a cancellation that
+                # arrives as the event is set (a SIGTERM does both), and the worker never exits.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._interval):
+                        await stopping.wait()
 
     async def withdraw(self) -> None:
         """Leave the index at once so gateways stop routing here."""

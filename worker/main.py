@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -15,10 +16,11 @@ from pathlib import Path
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from shared.messages import WorkerInfo
+from shared.messages import Sampling, WorkerInfo
 from shared.settings import WorkerSettings
 from worker.consumer import Consumer
 from worker.engine import Engine
+from worker.health import Health
 from worker.heartbeat import Heartbeat
 from worker.metrics import MetricsServer, WorkerMetrics
 
@@ -43,17 +45,23 @@ def resolve_model(model: str, served_name: str | None) -> tuple[str, str | None]
 
 async def check_redis(redis: Redis, url: str) -> None:
     try:
-        await asyncio.wait_for(redis.ping(), 5)
+        async with asyncio.timeout(5):
+            await redis.ping()
     except (RedisError, OSError, TimeoutError) as exc:
         raise WorkerStartError(f"cannot reach Redis at {url}: {exc}") from exc
 
 
 DEMO_KV_CACHE_GIB = 1.0
+WARM_UP_PROMPT = (1, 2, 3, 4, 5, 6, 7, 8)
+WARM_UP_SAMPLING = Sampling(max_tokens=4, ignore_eos=True)
 
 
 async def start_engine(settings: WorkerSettings) -> Engine:
+    """vLLM on the configured model, or the simulated engine with the model's tokenizer."""
     # Building the demo model on first use takes seconds: keep the loop free meanwhile.
     path, served = await asyncio.to_thread(resolve_model, settings.model, settings.served_model_name)
+    if settings.engine == "sim":
+        return await start_sim_engine(settings, path, served)
     kv_gib = settings.kv_cache_gib
     if kv_gib is None and settings.model == "demo":
         kv_gib = DEMO_KV_CACHE_GIB  # a few MB of model has no use for most of the host's memory
@@ -71,21 +79,40 @@ async def start_engine(settings: WorkerSettings) -> Engine:
     )
 
 
+async def start_sim_engine(settings: WorkerSettings, path: str, served: str | None) -> Engine:
+    from worker.sim_engine import SimEngine
+    from worker.sim_timing import PRESETS
+    from worker.sim_tokens import UnsuitableTokenizer
+
+    try:
+        return await SimEngine.start(
+            path,
+            PRESETS[settings.sim_preset],
+            served_name=served,
+            max_model_len=settings.max_model_len,
+            capacity=settings.capacity,
+            speed=settings.sim_speed,
+        )
+    except (OSError, UnsuitableTokenizer) as exc:
+        raise WorkerStartError(f"the simulated engine cannot use the tokenizer of {path}: {exc}") from exc
+
+
 async def serve(settings: WorkerSettings) -> None:
     """Run one worker until SIGTERM/SIGINT."""
     redis = Redis.from_url(settings.redis_url, health_check_interval=30)
     metrics_server: MetricsServer | None = None
     try:
         await check_redis(redis, settings.redis_url)
-        metrics_server = start_metrics(settings.metrics_port)
+        health = Health(stale_after=max(30.0, settings.heartbeat_interval * 10))
+        metrics_server = start_metrics(settings.metrics_port, health)
         engine = await start_engine(settings)
-        # vLLM and torch leave a huge, long-lived heap; without this every full collection walks
-        # it again and stalls token publishing for a large fraction of a second.
-        gc.collect()
-        gc.freeze()
-
         try:
-            await run_consumer(redis, settings, engine)
+            await warm_up(engine)
+            # vLLM and torch leave a huge, long-lived heap; without this every full collection walks
+            # it again and stalls token publishing for a large fraction of a second.
+            gc.collect()
+            gc.freeze()
+            await run_consumer(redis, settings, engine, health)
         finally:
             engine.shutdown()
     finally:
@@ -94,19 +121,30 @@ async def serve(settings: WorkerSettings) -> None:
         await redis.aclose()
 
 
-def start_metrics(port: int) -> MetricsServer | None:
+async def warm_up(engine: Engine) -> None:
+    """Run one short generation before the worker registers: a worker that joins the fleet serves its
+    first job at full speed, not after the engine's first-step setup."""
+    started = time.monotonic()
+    stream = engine.generate(f"warm-up-{secrets.token_hex(4)}", WARM_UP_PROMPT, WARM_UP_SAMPLING)
+    async with contextlib.aclosing(stream):
+        async for _ in stream:
+            pass
+    log.info("engine warmed up in %.2fs", time.monotonic() - started)
+
+
+def start_metrics(port: int, health: Health) -> MetricsServer | None:
     """Serve /metrics before the engine loads, so a taken port fails fast; 0 means no server."""
     if port == 0:
         return None
     try:
-        server = MetricsServer(port)
+        server = MetricsServer(port, health)
     except OSError as exc:
         raise WorkerStartError(f"cannot serve metrics on port {port}: {exc.strerror}") from exc
     log.info("metrics on http://0.0.0.0:%d/metrics", server.port)
     return server
 
 
-async def run_consumer(redis: Redis, settings: WorkerSettings, engine: Engine) -> None:
+async def run_consumer(redis: Redis, settings: WorkerSettings, engine: Engine, health: Health) -> None:
     worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
     names = settings.names
     metrics = WorkerMetrics(engine.model_name)
@@ -131,11 +169,11 @@ async def run_consumer(redis: Redis, settings: WorkerSettings, engine: Engine) -
             "waiting": stats.waiting,
             "kv_cache_usage": stats.kv_cache_usage,
             "tokens_per_s": metrics.tokens_per_s(),
-            "draining": consumer.stopping.is_set(),
+            "draining": stopping.is_set(),
         }
 
-    heartbeat = Heartbeat(redis, names, info, settings.heartbeat_interval, status)
     stopping = asyncio.Event()
+    heartbeat = Heartbeat(redis, names, info, settings.heartbeat_interval, status, on_beat=health.beat)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
@@ -147,15 +185,18 @@ async def run_consumer(redis: Redis, settings: WorkerSettings, engine: Engine) -
         asyncio.create_task(heartbeat.run(stopping), name="heartbeat"),
     ]
     log.info(
-        "worker %s serving %s (max_model_len %d, capacity %d)",
+        "worker %s serving %s (engine %s, max_model_len %d, capacity %d)",
         worker_id,
         engine.model_name,
+        engine.kind,
         engine.max_model_len,
         settings.capacity,
     )
     metrics.export()
+    health.serving = True
     try:
         await _until_stop_or_crash(stopping, loops)
+        health.draining = True
         log.info("stopping: no new jobs")
         consumer.stop()
         await consumer.drain(settings.drain_timeout)

@@ -26,10 +26,11 @@ from prometheus_client import (
 )
 
 from shared.messages import Job
+from worker.health import Health
 
 QUEUE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 60)
 RATE_WINDOW = 10.0
-OUTCOMES = ("completed", "failed", "cancelled", "handed_back", "taken_over", "dead_lettered")
+OUTCOMES = ("completed", "failed", "cancelled", "abandoned", "handed_back", "taken_over", "dead_lettered")
 
 
 class TokenRate:
@@ -127,7 +128,7 @@ class _ThreadingServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
 
 
-def _exposition(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+def _exposition(start_response: Callable[..., Any]) -> list[bytes]:
     """Always the plain text format: prometheus-client's OpenMetrics output (which Prometheus asks
     for when it can) rewrites the colons of ``vllm:*`` and ``switchyard:*`` names to underscores,
     so the stored series would no longer match the names that dashboards and alerts query."""
@@ -135,11 +136,28 @@ def _exposition(environ: dict[str, Any], start_response: Callable[..., Any]) -> 
     return [generate_latest(REGISTRY)]
 
 
-class MetricsServer:
-    """An HTTP server for the default registry (vLLM's metrics included), in a daemon thread."""
+def _answer(start_response: Callable[..., Any], ok: bool) -> list[bytes]:
+    start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
+    return [b"ok\n" if ok else b"no\n"]
 
-    def __init__(self, port: int, host: str = "0.0.0.0") -> None:
-        self._server = make_server(host, port, _exposition, _ThreadingServer, handler_class=_QuietHandler)
+
+class MetricsServer:
+    """An HTTP server for the default registry (vLLM's metrics included) and the worker's health
+    (see :mod:`worker.health`), in a daemon thread."""
+
+    def __init__(self, port: int, health: Health, host: str = "0.0.0.0") -> None:
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+            path = environ.get("PATH_INFO", "")
+            if path == "/readyz":
+                return _answer(start_response, health.ready())
+            if path == "/healthz":
+                return _answer(start_response, health.alive())
+            if path in ("/", "/metrics"):
+                return _exposition(start_response)
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found\n"]
+
+        self._server = make_server(host, port, app, _ThreadingServer, handler_class=_QuietHandler)
         self.port = self._server.server_port
         self._thread = threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True)
         self._thread.start()

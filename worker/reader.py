@@ -84,7 +84,8 @@ class Reader:
         if not rooms:  # no tenants yet, or the free slots are kept for tenants not sending right now
             self._inflight.finished.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._inflight.finished.wait(), READ_BLOCK_MS / 1000)
+                async with asyncio.timeout(READ_BLOCK_MS / 1000):
+                    await self._inflight.finished.wait()
             return
         weights = {s: weights_all.get(s, 1) for s in rooms}
         reads = within(self._plan.plan(weights, max(rooms.values())), rooms)

@@ -15,7 +15,7 @@ from collections.abc import AsyncGenerator, Callable
 from shared.messages import Failure, Final, Job, Started, Usage, encode
 from shared.names import GROUP, HANDED_BACK_FIELD, JOB_FIELD, Names
 from shared.scripts import CLAIMED_HAND_BACK
-from worker.channel import Claim, ClaimLost, Progress, ReplyChannel
+from worker.channel import Claim, ClaimLost, NobodyListening, Progress, ReplyChannel, check
 from worker.coalesce import Coalescer, resumed
 from worker.engine import Delta, Engine
 from worker.metrics import WorkerMetrics
@@ -32,7 +32,7 @@ class JobRunner:
         names: Names,
         engine: Engine,
         worker_id: str,
-        flush_interval: float,
+        flush_interval: Callable[[], float],
         stop_reason: Callable[[str], StopReason | None],
         metrics: WorkerMetrics,
         stopping: Callable[[], bool] = lambda: False,
@@ -53,6 +53,12 @@ class JobRunner:
         except ClaimLost:
             log.warning("job %s was taken over by another worker; stopping it here", claim.job.id)
             self._metrics.outcome("taken_over")
+        except NobodyListening:
+            # Like a client that disconnected, but its gateway could not say so (it died, or lost
+            # Redis): the engine's time goes to jobs someone waits for.
+            log.info("job %s: nobody listens for its replies any more; stopping it", claim.job.id)
+            with contextlib.suppress(ClaimLost):
+                await self._abandon(claim)
 
     async def _run(self, claim: Claim) -> None:
         job = claim.job
@@ -71,7 +77,7 @@ class JobRunner:
                 await self.acknowledge(out)
                 return
             await self._generate(job, out, progress.token_ids if progress else ())
-        except ClaimLost:
+        except (ClaimLost, NobodyListening):
             raise
         except asyncio.CancelledError as exc:
             with contextlib.suppress(ClaimLost):  # taken over meanwhile: the new owner answers
@@ -111,16 +117,17 @@ class JobRunner:
         started = Started(
             seq=out.next_seq(), worker=self._worker_id, attempt=claim.attempt, resumed_tokens=resumed_tokens
         )
-        cancelled, owned = await self._outbox.send(
+        cancelled, result = await self._outbox.send(
             ("EXISTS", self._names.cancelled(claim.job.id)), out.command([started])
         )
-        if not owned:
-            raise ClaimLost
-        return not cancelled
+        if cancelled:
+            return False
+        check(result)
+        return True
 
     async def _generate(self, job: Job, out: ReplyChannel, prior: tuple[int, ...]) -> None:
         """Generate (continuing after ``prior`` tokens, if any), publish, and end the job."""
-        coalescer = Coalescer(job.sampling.n, self._flush_interval, time.monotonic(), prior=len(prior))
+        coalescer = Coalescer(job.sampling.n, time.monotonic(), prior=len(prior))
         sampling = resumed(job.sampling, len(prior))
         if sampling is None:  # the previous worker generated everything but died before the end
             coalescer.finish_all("length")
@@ -129,11 +136,12 @@ class JobRunner:
             stream = self._engine.generate(job.id, job.prompt_token_ids + prior, sampling)
         async with contextlib.aclosing(stream):  # leaving early (e.g. ClaimLost) aborts the request
             async for deltas in stream:
-                self._metrics.generated(sum(len(d.token_ids) for d in deltas))
-                chunks = coalescer.add(deltas, time.monotonic())
+                chunks = coalescer.add(deltas, time.monotonic(), self._flush_interval())
                 if chunks:
+                    self._metrics.generated(sum(len(c.ids) for c in chunks))
                     await out.send(out.tokens(chunks))
         ending = coalescer.end()
+        self._metrics.generated(sum(len(c.ids) for c in ending.tail))
         tail = out.tokens(ending.tail)
         final = Final(
             seq=out.next_seq(),
@@ -150,6 +158,12 @@ class JobRunner:
     async def acknowledge(self, out: ReplyChannel) -> None:
         """End a job whose client gave up: nothing more to say."""
         self._metrics.outcome("cancelled")
+        await out.send([], ack=True)
+
+    async def _abandon(self, claim: Claim) -> None:
+        """End a job nobody listens to any more, without a word (there is no one to say it to)."""
+        self._metrics.outcome("abandoned")
+        out = ReplyChannel(self._outbox, self._names, claim, self._worker_id, lambda: None, False)
         await out.send([], ack=True)
 
     async def hand_back(self, claim: Claim, started: bool = True) -> None:

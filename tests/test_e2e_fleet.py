@@ -1,0 +1,310 @@
+"""A fleet that survives its parts, tried the way failures happen, on real processes.
+
+``switchyard up --workers 2`` (supervised): a SIGKILLed worker's streams all finish whole and the
+worker is back; a SIGTERMed gateway drains (unready at once, new requests refused, streams finish)
+and is started again; a SIGKILLed embedded Redis is started again with its data. Beside the
+session's system: a gateway with a short grace cuts its streams with an error the SDK raises, and a
+SIGKILLed gateway's jobs are dropped by the worker (nobody listens for them any more).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+import pytest
+from openai import AsyncOpenAI
+from redis.asyncio import Redis
+
+from control.processes import free_port
+from shared.fleet import live_workers
+from shared.messages import WorkerInfo
+from shared.names import Names
+from tests.conftest import MAX_MODEL_LEN, SESSION_RECLAIM_IDLE, System
+from tests.procs import ROOT, ready, spawn, stop, wait_until
+
+pytestmark = pytest.mark.e2e
+
+USER = [{"role": "user", "content": "Tell me about the harbour."}]
+
+
+@dataclass
+class Up:
+    proc: subprocess.Popen[bytes]
+    base_url: str
+    redis_url: str
+    key: str
+    log: Path
+
+    def client(self) -> AsyncOpenAI:
+        return AsyncOpenAI(base_url=f"{self.base_url}/v1", api_key=self.key, max_retries=0, timeout=180)
+
+    def children(self, role: str) -> list[psutil.Process]:
+        found = []
+        for p in psutil.Process(self.proc.pid).children():
+            try:
+                if p.cmdline()[-1] == role or (role == "redis" and "redis-server" in p.cmdline()[0]):
+                    found.append(p)
+            except psutil.Error:
+                continue
+        return found
+
+
+@pytest.fixture(scope="module")
+def up(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
+    home = tmp_path_factory.mktemp("up")
+    port, redis_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHYARD_") and k != "REDIS_URL"}
+    env |= {
+        "XDG_CONFIG_HOME": str(home / "config"),
+        "SWITCHYARD_RECLAIM_IDLE": str(SESSION_RECLAIM_IDLE),
+        "SWITCHYARD_HEARTBEAT_INTERVAL": "0.5",
+        "SWITCHYARD_WORKER_TTL": "3",
+        "SWITCHYARD_SHUTDOWN_GRACE": "60",
+    }
+    argv = ["up", "--workers", "2", "--port", str(port), "--redis-port", str(redis_port)]
+    argv += ["--model", str(demo_model_dir), "--served-model-name", "fleet-demo"]
+    argv += ["--max-model-len", str(MAX_MODEL_LEN), "--dtype", "float32", "--kv-cache-gib", "1"]
+    log = home / "up.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "control.cli", *argv],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=env,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: ready(base), 300, "switchyard up --workers 2", procs=(proc,), logs=(log,))
+        key = (home / "config" / "switchyard" / "dev-key").read_text().strip()
+        system = Up(proc, base, f"redis://127.0.0.1:{redis_port}/0", key, log)
+        family = psutil.Process(proc.pid).children(recursive=True)
+        yield system
+        family += psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+        time.sleep(0.5)
+        alive = [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert alive == [], f"orphans left behind: {alive}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+async def stream(
+    client: AsyncOpenAI, tokens: int, pauses: list[float] | None = None
+) -> tuple[str | None, int, Exception | None]:
+    """(finish reason, tokens received, error) of one streamed request; its longest wait between
+    two chunks goes to ``pauses``."""
+    finish, received = None, 0
+    last, longest = None, 0.0
+    try:
+        chunks = await client.chat.completions.create(
+            model="fleet-demo",
+            messages=USER,
+            max_tokens=tokens,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        async for chunk in chunks:
+            now = time.monotonic()
+            longest, last = max(longest, now - last) if last else longest, now
+            if chunk.choices and chunk.choices[0].finish_reason:
+                finish = chunk.choices[0].finish_reason
+            if chunk.usage is not None:
+                received = chunk.usage.completion_tokens
+    except openai.APIError as exc:
+        return finish, received, exc
+    finally:
+        if pauses is not None:
+            pauses.append(longest)
+    return finish, received, None
+
+
+async def worker_records(redis_url: str) -> list[WorkerInfo]:
+    redis = Redis.from_url(redis_url)
+    try:
+        return await live_workers(redis, Names(), ttl=3)
+    finally:
+        await redis.aclose()
+
+
+async def test_a_killed_worker_costs_no_stream_and_comes_back(up: Up) -> None:
+    client = up.client()
+    pauses: list[float] = []
+    streams = [asyncio.create_task(stream(client, 600, pauses)) for _ in range(24)]
+    await asyncio.sleep(3)
+    workers = await worker_records(up.redis_url)
+    busiest = max(workers, key=lambda w: w.inflight)
+    assert busiest.inflight > 0
+    victim = next(p for p in up.children("worker") if p.environ().get("SWITCHYARD_WORKER_ID") == busiest.id)
+    killed = time.monotonic()
+    os.kill(victim.pid, signal.SIGKILL)  # the process alone, as the OOM killer does
+    results = await asyncio.gather(*streams)
+    assert Counter(results) == Counter({("length", 600, None): 24}), results
+    back = None
+    for _ in range(120):
+        live = [w for w in await worker_records(up.redis_url) if w.id != busiest.id]
+        if len(live) == 2:
+            back = time.monotonic() - killed
+            break
+        await asyncio.sleep(1)
+    assert back is not None, "the killed worker was not started again"
+    print(
+        f"killed a worker holding {busiest.inflight} of 24 streams: longest pause {max(pauses):.1f}s,",
+        end=" ",
+    )
+    print(f"the worker was back after {back:.1f}s")
+    status = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "control.cli", "status", "--json", "--redis-url", up.redis_url],
+        capture_output=True, text=True, cwd=ROOT, timeout=30,
+    )  # fmt: skip
+    model = json.loads(status.stdout)["models"][0]
+    assert sum(w["live"] for w in model["workers"]) == 2
+
+
+async def test_a_gateway_told_to_stop_finishes_its_streams_first(up: Up) -> None:
+    client = up.client()
+    streams = [asyncio.create_task(stream(client, 300)) for _ in range(16)]
+    await asyncio.sleep(2)
+    (gateway,) = up.children("gateway")
+    gateway.send_signal(signal.SIGTERM)
+    await asyncio.sleep(0.3)
+    async with httpx.AsyncClient(base_url=up.base_url) as http:
+        readyz = await http.get("/readyz")
+        assert readyz.status_code == 503 and readyz.json()["reason"] == "shutting down"
+        refused = await http.post(
+            "/v1/completions",
+            json={"model": "fleet-demo", "prompt": "hi", "max_tokens": 2},
+            headers={"authorization": f"Bearer {up.key}"},
+        )
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["code"] == "shutting_down"
+    results = await asyncio.gather(*streams)
+    assert Counter(results) == Counter({("length", 300, None): 16}), results
+    wait_until(lambda: ready(up.base_url), 120, "the gateway started again")
+    assert "gateway exited with status 0" in up.log.read_text()
+
+
+async def test_a_killed_redis_is_started_again_with_its_data(up: Up) -> None:
+    client = up.client()
+    streams = [asyncio.create_task(stream(client, 400)) for _ in range(6)]
+    await asyncio.sleep(2)
+    (redis,) = up.children("redis")
+    redis.send_signal(signal.SIGKILL)
+    results = await asyncio.gather(*streams)
+    for finish, received, error in results:  # cut short, but never silently
+        assert (finish == "length" and received == 400) or error is not None, results
+    wait_until(lambda: ready(up.base_url), 120, "serving again after Redis came back")
+    reply = await client.chat.completions.create(model="fleet-demo", messages=USER, max_tokens=3)
+    assert reply.choices[0].finish_reason in ("stop", "length")  # the dev key survived too
+
+
+# -- a gateway beside the session's system -----------------------------------------------------------
+
+
+def abandoned(system: System) -> float:
+    """Jobs the session's worker ended because nobody listened for them any more."""
+    for line in httpx.get(system.worker_metrics_url).text.splitlines():
+        if line.startswith("switchyard:worker_jobs_total") and 'outcome="abandoned"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def extra_gateway(system: System, log: Path, **env: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    proc = spawn("gateway", system.env(SWITCHYARD_PORT=str(port), SWITCHYARD_WORKER_TTL="3", **env), log)
+    base = f"http://127.0.0.1:{port}"
+    wait_until(lambda: ready(base), 120, "an extra gateway", procs=(proc,), logs=(log,))
+    return proc, base
+
+
+async def test_a_short_grace_cuts_streams_with_an_error_the_sdk_raises(
+    system: System, tmp_path: Path
+) -> None:
+    proc, base = extra_gateway(system, tmp_path / "gw.log", SWITCHYARD_SHUTDOWN_GRACE="1")
+    try:
+        client = AsyncOpenAI(base_url=f"{base}/v1", api_key=system.api_key, max_retries=0, timeout=120)
+        streams = [
+            asyncio.create_task(
+                client.chat.completions.create(
+                    model=system.model, messages=USER, max_tokens=MAX_MODEL_LEN - 64, stream=True,
+                    extra_body={"ignore_eos": True},
+                )
+            )
+            for _ in range(8)
+        ]  # fmt: skip
+        opened = await asyncio.gather(*streams)
+        await asyncio.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+
+        async def read(chunks: openai.AsyncStream) -> str:  # type: ignore[type-arg]
+            try:
+                async for chunk in chunks:
+                    if chunk.choices and chunk.choices[0].finish_reason:
+                        return "finished"
+            except openai.APIError as exc:
+                assert "shutting down" in str(exc) or "stopped before" in str(exc), exc
+                return "error"
+            return "silent"
+
+        outcomes = await asyncio.gather(*(read(c) for c in opened))
+        assert Counter(outcomes)["silent"] == 0, outcomes
+        assert Counter(outcomes)["error"] > 0, outcomes
+        assert proc.wait(timeout=30) == 0
+    finally:
+        stop(proc)
+
+
+async def test_jobs_of_a_killed_gateway_stop_running(system: System, redis: Redis, tmp_path: Path) -> None:
+    proc, base = extra_gateway(system, tmp_path / "gw.log")
+    try:
+        client = AsyncOpenAI(base_url=f"{base}/v1", api_key=system.api_key, max_retries=0, timeout=120)
+        opened = await asyncio.gather(
+            *(
+                client.chat.completions.create(
+                    model=system.model, messages=USER, max_tokens=MAX_MODEL_LEN - 64, stream=True,
+                    extra_body={"ignore_eos": True},
+                )
+                for _ in range(4)
+            )
+        )  # fmt: skip
+        await opened[0].__anext__()
+
+        async def inflight() -> int:
+            (worker,) = await live_workers(redis, system.names, ttl=3)
+            return worker.inflight
+
+        for _ in range(50):
+            if await inflight() >= 4:
+                break
+            await asyncio.sleep(0.1)
+        assert await inflight() >= 4
+        before = abandoned(system)
+        os.killpg(proc.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        for _ in range(100):
+            if await inflight() == 0:
+                break
+            await asyncio.sleep(0.1)
+        took = time.monotonic() - killed
+        assert await inflight() == 0, "the worker still generates for a gateway that is gone"
+        assert abandoned(system) == before + 4
+        print(f"the worker dropped the dead gateway's jobs {took:.1f}s after the kill")
+    finally:
+        stop(proc)

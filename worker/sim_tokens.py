@@ -1,0 +1,140 @@
+"""The simulated engine's vocabulary: token ids of the model's tokenizer whose text is known in advance.
+
+A real engine detokenizes incrementally: each token's text is what it adds to the decoded sequence.
+Doing that per token would cost the simulator more CPU than the rest of a worker, so it generates
+only from a pool of plain tokens (ASCII letters, with or without one leading space; never special
+or added tokens) that decode the same alone as after another token. For such tokens the decoded
+text of any sequence is the concatenation of their texts, so a table lookup gives exact deltas;
+:func:`build_pool` checks that on a sample sequence and refuses a tokenizer for which it fails.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+POOL_SIZE = 512
+_PLAIN = re.compile(r" ?[A-Za-z]+")
+_SCAN_LIMIT = 20_000
+"""Vocabulary ids tried at most: enough for a full pool from any real tokenizer, and quick."""
+
+
+class Tokenizer(Protocol):
+    """The part of a Hugging Face tokenizer the simulator uses."""
+
+    eos_token_id: int | None
+    all_special_ids: list[int]
+
+    def __len__(self) -> int: ...
+    def get_added_vocab(self) -> dict[str, int]: ...
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = ..., **kwargs: Any) -> str: ...
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """The tokenizer of a model directory or Hugging Face id.
+
+    A directory with a ``tokenizer.json`` (the demo model's, and most others) is read with the
+    ``tokenizers`` library alone, in milliseconds; anything else goes through ``transformers``,
+    whose import alone takes seconds. For the plain tokens the simulator emits both decode alike.
+    """
+    local = Path(path).expanduser()
+    if (local / "tokenizer.json").is_file():
+        return FastTokenizer(local)
+    from transformers import AutoTokenizer
+
+    tokenizer: Tokenizer = AutoTokenizer.from_pretrained(str(local) if local.is_dir() else path)  # type: ignore[assignment]
+    return tokenizer
+
+
+class FastTokenizer:
+    """:class:`Tokenizer` on a ``tokenizer.json`` and the EOS named in ``tokenizer_config.json``."""
+
+    def __init__(self, directory: Path) -> None:
+        from tokenizers import Tokenizer as RustTokenizer
+
+        self._tok = RustTokenizer.from_file(str(directory / "tokenizer.json"))
+        added = self._tok.get_added_tokens_decoder()
+        self._added = {token.content: i for i, token in added.items()}
+        self.all_special_ids = [i for i, token in added.items() if token.special]
+        config = directory / "tokenizer_config.json"
+        eos = json.loads(config.read_text()).get("eos_token") if config.is_file() else None
+        if isinstance(eos, dict):  # older configs spell an AddedToken out
+            eos = eos.get("content")
+        self.eos_token_id: int | None = self._tok.token_to_id(eos) if isinstance(eos, str) else None
+
+    def __len__(self) -> int:
+        return int(self._tok.get_vocab_size(with_added_tokens=True))
+
+    def get_added_vocab(self) -> dict[str, int]:
+        return dict(self._added)
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = False, **kwargs: Any) -> str:
+        return str(self._tok.decode(token_ids, skip_special_tokens=skip_special_tokens))
+
+
+class UnsuitableTokenizer(ValueError):
+    """The tokenizer has too few tokens that detokenize one by one."""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenPool:
+    ids: tuple[int, ...]
+    texts: tuple[str, ...]
+    """The text each of ``ids`` adds to any sequence of pool tokens."""
+    eos_token_id: int | None
+    vocab_size: int
+
+    def without(self, excluded: Iterable[int]) -> tuple[tuple[int, ...], tuple[str, ...]]:
+        """The pool less some ids (a request's stop token ids, which only end a choice)."""
+        drop = set(excluded)
+        kept = [(i, t) for i, t in zip(self.ids, self.texts, strict=True) if i not in drop]
+        return tuple(i for i, _ in kept), tuple(t for _, t in kept)
+
+
+def build_pool(tokenizer: Tokenizer, size: int = POOL_SIZE, seed: int = 0) -> TokenPool:
+    """Up to ``size`` plain tokens, picked in a fixed pseudo-random order of the vocabulary."""
+    vocab = len(tokenizer)
+    special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+    order = list(range(vocab))
+    random.Random(seed).shuffle(order)
+    candidates = [
+        (i, text)
+        for i in order[:_SCAN_LIMIT]
+        if i not in special and _PLAIN.fullmatch(text := tokenizer.decode([i]))
+    ]
+    # Neighbours to test candidates against: tokens that at least repeat cleanly.
+    anchors = [i for i, text in candidates if tokenizer.decode([i, i]) == text + text][:2]
+    ids: list[int] = []
+    texts: list[str] = []
+    for i, text in candidates:
+        if len(ids) == size:
+            break
+        if all(_adds(tokenizer, a, i, text) for a in anchors):
+            ids.append(i)
+            texts.append(text)
+    if len(ids) < 2:
+        raise UnsuitableTokenizer(f"only {len(ids)} tokens of the vocabulary decode one by one")
+    _check_concatenation(tokenizer, ids, texts)
+    return TokenPool(tuple(ids), tuple(texts), tokenizer.eos_token_id, vocab)
+
+
+def _adds(tokenizer: Tokenizer, anchor: int, token: int, text: str) -> bool:
+    """Does ``token`` add ``text`` after ``anchor``, and leave ``anchor``'s text alone before it?"""
+    before = tokenizer.decode([anchor])
+    return (
+        tokenizer.decode([anchor, token]) == before + text
+        and tokenizer.decode([token, anchor]) == text + before
+    )
+
+
+def _check_concatenation(tokenizer: Tokenizer, ids: list[int], texts: list[str]) -> None:
+    rng = random.Random(1)
+    sample = [rng.randrange(len(ids)) for _ in range(256)]
+    decoded = tokenizer.decode([ids[k] for k in sample])
+    if decoded != "".join(texts[k] for k in sample):
+        raise UnsuitableTokenizer("a sequence of plain tokens does not decode to the sum of their texts")
