@@ -120,7 +120,11 @@ class Jobs:
         self.redis = redis
         self.stopping = stopping
         self.hub = ReplyHub(redis, control_channel=names.hub_channel())
-        self.registry = WorkerRegistry(redis, names, settings.worker_ttl)
+        # As the gateways see the models: with scale-from-zero a batch's lines go on the queue while
+        # no worker runs, and their backlog is what starts one.
+        self.registry = WorkerRegistry(
+            redis, names, settings.worker_ttl, scale_from_zero=settings.scale_from_zero
+        )
         self.drain = DrainMeter()
         admission = Admission(redis, names, settings.request_timeout, self.drain, settings.max_backlog_total)
         builder = JobBuilder(self.registry, TokenizerCache(), settings.max_n)
