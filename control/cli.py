@@ -106,6 +106,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_redis(wk)
     wk.add_argument("--metrics-port", type=int, help="port of the worker's /metrics (default: 0, off)")
 
+    jobs = roles.add_parser(
+        "jobs", help="run the background jobs (Batch API runs, housekeeping) against a shared Redis"
+    )
+    _add_redis(jobs)
+    jobs.add_argument("--max-batches", type=int, help="batches this process feeds at once (default: 8)")
+    jobs.add_argument(
+        "--batch-window", type=int, help="most lines of one batch on worker queues at once (default: 64)"
+    )
+
+    use = roles.add_parser("usage", help="tenants' usage per hour and model (rolled up by 'jobs')")
+    _add_redis(use)
+    use.add_argument("--tenant", help="one tenant (default: every tenant with usage)")
+    use.add_argument(
+        "--since",
+        default="24h",
+        help="a duration back from now (90m, 24h, 7d), a UTC date or date-time, or Unix seconds "
+        "(default: 24h)",
+    )
+    use.add_argument("--json", action="store_true", help="print one JSON document")
+
     st = roles.add_parser("status", help="queues, workers and dead letters, read from Redis")
     _add_redis(st)
     st.add_argument("--json", action="store_true", help="print one JSON document")
@@ -172,6 +192,9 @@ WORKER_FIELDS = (
 )
 
 
+JOBS_FIELDS = ("max_batches", "batch_window", *REDIS_FIELDS)
+
+
 def _settings(cls: type, args: argparse.Namespace, fields: Sequence[str]) -> Any:
     try:
         return cls(**_overrides(args, fields))
@@ -192,6 +215,30 @@ def cmd_worker(args: argparse.Namespace) -> None:
     from shared.settings import WorkerSettings
 
     run_worker(_settings(WorkerSettings, args, WORKER_FIELDS))
+
+
+def cmd_jobs(args: argparse.Namespace) -> None:
+    from control.serve import run_jobs
+    from shared.settings import JobsSettings
+
+    run_jobs(_settings(JobsSettings, args, JOBS_FIELDS))
+
+
+def cmd_usage(args: argparse.Namespace) -> None:
+    import time
+
+    from control.usage import parse_since, run_usage
+    from shared.settings import GatewaySettings
+
+    settings = _settings(GatewaySettings, args, REDIS_FIELDS)
+    try:
+        since = parse_since(args.since, time.time())
+    except ValueError as exc:
+        raise CLIError(f"--since: {args.since!r} is not a duration, date or Unix time") from exc
+    try:
+        print(run_usage(settings, args.tenant, since, args.json))
+    except ConnectionError as exc:
+        raise CLIError(str(exc)) from exc
 
 
 def cmd_up(args: argparse.Namespace) -> None:
@@ -280,6 +327,8 @@ COMMANDS = {
     "up": cmd_up,
     "gateway": cmd_gateway,
     "worker": cmd_worker,
+    "jobs": cmd_jobs,
+    "usage": cmd_usage,
     "status": cmd_status,
     "model": cmd_model,
     "keys": cmd_keys,

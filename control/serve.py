@@ -1,4 +1,5 @@
-"""Start one gateway or one worker in this process, with start-up problems reported as one line.
+"""Start one gateway, one worker or the background jobs in this process, with start-up problems
+reported as one line.
 
 A gateway drains before it stops (see :mod:`gateway.lifecycle`): the first SIGTERM or Ctrl-C turns
 it unready and refuses new requests while those in flight finish; a second one stops it at once.
@@ -26,7 +27,7 @@ import uvicorn
 
 from control.children import Child, Children, CrashLoop
 from control.processes import StartupError, check_port_free
-from shared.settings import GatewaySettings, RedisSettings, WorkerSettings
+from shared.settings import GatewaySettings, JobsSettings, RedisSettings, WorkerSettings
 
 if TYPE_CHECKING:
     from gateway.lifecycle import Lifecycle
@@ -178,3 +179,11 @@ def run_worker(settings: WorkerSettings) -> None:
         asyncio.run(serve(settings))
     except WorkerStartError as exc:
         raise StartupError(str(exc)) from exc
+
+
+def run_jobs(settings: JobsSettings) -> None:
+    """The background jobs role: batch runs and housekeeping (arq), until SIGTERM or SIGINT."""
+    from gateway.background import serve
+
+    check_redis(settings)
+    asyncio.run(serve(settings))

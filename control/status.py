@@ -79,7 +79,16 @@ def render(snap: Snapshot) -> str:
         workers = [w for w in snap.workers if w.model == model]
         live = sum(w.live for w in workers)
         lines += ["", f"model {model}: {live} live worker(s), dead letters {snap.dead_letters.get(model, 0)}"]
-        queue_rows = [[s.tenant, str(s.backlog), str(s.pending), _consumers(s)] for s in streams]
+        # A tenant may have two streams: its requests, and its Batch API lines (batch priority).
+        queue_rows = [
+            [
+                s.tenant + (" (batch)" if s.priority == "batch" else ""),
+                str(s.backlog),
+                str(s.pending),
+                _consumers(s),
+            ]
+            for s in streams
+        ]
         lines += _table(["tenant", "backlog", "pending", "consumers"], queue_rows)
         worker_rows = [
             [

@@ -18,12 +18,15 @@ from redis.exceptions import RedisError
 
 from gateway.errors import InvalidRequest, RateLimited, Unavailable
 from shared.fleet import Snapshot
-from shared.messages import Job, Usage
+from shared.messages import Job, Usage, UsageEvent
 from shared.names import Names
-from shared.scripts import Scripts
+from shared.scripts import Scripts, is_noscript
 from shared.tenants import Tenant
 
 WINDOW_MS = 60_000
+USAGE_LOG_BOUND = 500_000
+"""Most finished requests the usage log keeps while the roll-ups (``switchyard jobs``) do not run:
+beyond it the oldest are dropped rather than Redis's memory filled."""
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +85,7 @@ class Admission:
         self, redis: Redis, names: Names, request_ttl: float, drain: DrainMeter, max_backlog_total: int
     ) -> None:
         self._scripts = Scripts(redis)
+        self._redis = redis
         self._names = names
         self._ttl_ms = int(request_ttl * 1000) + 30_000
         self._drain = drain
@@ -91,8 +95,9 @@ class Admission:
         """Load the scripts now, so the first request does not wait for it."""
         await self._scripts.load()
 
-    async def admit(self, tenant: Tenant, job: Job) -> Ticket:
-        """Reserve the job's slot and tokens, or raise 429/503 (fail closed without Redis)."""
+    async def admit(self, tenant: Tenant, job: Job, stream: str | None = None) -> Ticket:
+        """Reserve the job's slot and tokens, or raise 429/503 (fail closed without Redis). The
+        tenant's backlog is counted on ``stream``, its job stream of the model unless given."""
         request_id, model, tokens = job.id, job.model, reservation(job)
         backlog = self._drain.backlog(model)
         if backlog >= self._max_total:
@@ -108,7 +113,7 @@ class Admission:
             n.rate(tenant.name, "amt"),
             n.rate(tenant.name, "sum"),
             n.inflight(tenant.name),
-            n.jobs_stream(model, tenant.name),
+            stream or n.jobs_stream(model, tenant.name),
         ]
         args: list[str | int] = [
             request_id,
@@ -167,12 +172,25 @@ class Admission:
             headers=headers,
         )
 
-    async def settle(self, ticket: Ticket, usage: Usage) -> None:
-        """The request ended having used ``usage``: free its concurrency slot, refund the rest."""
+    async def settle(self, ticket: Ticket, usage: Usage, served: UsageEvent | None = None) -> None:
+        """The request ended having used ``usage``: free its concurrency slot, refund the rest.
+        A request that was served (not only admitted) is logged for the tenant's usage roll-ups
+        in the same round trip."""
         n = self._names
         keys = [n.rate(ticket.tenant, "amt"), n.rate(ticket.tenant, "sum"), n.inflight(ticket.tenant)]
+        args: list[str | int] = [ticket.request_id, usage.total_tokens]
         try:
-            await self._scripts.release(keys=keys, args=[ticket.request_id, usage.total_tokens])
+            if served is None:
+                await self._scripts.release(keys=keys, args=args)
+                return
+            async with self._redis.pipeline(transaction=False) as pipe:
+                # EVALSHA by hand: a pipeline given the script object would ask SCRIPT EXISTS first,
+                # a second round trip at the end of every request.
+                pipe.execute_command("EVALSHA", self._scripts.release.sha, len(keys), *keys, *args)
+                pipe.xadd(n.usage_log(), served.fields(), maxlen=USAGE_LOG_BOUND, approximate=True)  # type: ignore[arg-type]
+                released, _ = await pipe.execute(raise_on_error=False)
+            if is_noscript(released):  # Redis restarted empty: load it and release again
+                await self._scripts.release(keys=keys, args=args)
         except (RedisError, OSError) as exc:  # the slot expires by itself; log and move on
             log.warning("could not release %s: %s", ticket.request_id, exc)
 

@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gateway import batch_api
 from gateway.admission import Admission, DrainMeter
 from gateway.auth import Authenticator
 from gateway.edge import RequestEdge
@@ -101,6 +102,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.state.lifecycle = lifecycle  # the server that runs the app drains it when told to stop
     _install_error_handlers(app, metrics)
     _install_routes(app)
+    app.include_router(batch_api.router())  # Files, Batches, Usage
     install(app, auth=settings.auth, max_n=settings.max_n)
 
     @app.get("/scaling", include_in_schema=False)
@@ -119,7 +121,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         body, content_type = metrics.exposition()
         return Response(body, media_type=content_type)
 
-    app.add_middleware(RequestEdge, max_body=settings.max_body_bytes, new_id=new_request_id)
+    uploads = {"/v1/files": batch_api.upload_cap(settings.file_max_bytes)}
+    app.add_middleware(RequestEdge, max_body=settings.max_body_bytes, new_id=new_request_id, streamed=uploads)
     app.add_middleware(RequestCounter, metrics=metrics)
     return app
 

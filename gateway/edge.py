@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -18,13 +18,22 @@ class RequestEdge:
     """Tags every response with ``x-request-id`` and refuses bodies over ``max_body`` bytes.
 
     The body is read (bounded) before the app sees it, so an oversized upload, chunked or not, is
-    answered with 413 as soon as it crosses the limit and nothing is buffered without bound.
+    answered with 413 as soon as it crosses the limit and nothing is buffered without bound. Paths
+    in ``streamed`` (file uploads) have caps of their own and are not buffered here: the app reads
+    them as they arrive, and reading past the cap raises 413.
     """
 
-    def __init__(self, app: ASGIApp, max_body: int, new_id: Callable[[], str]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_body: int,
+        new_id: Callable[[], str],
+        streamed: Mapping[str, int] | None = None,
+    ) -> None:
         self.app = app
         self.max_body = max_body
         self.new_id = new_id
+        self.streamed = dict(streamed or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -42,7 +51,13 @@ class RequestEdge:
                 message = {**message, "headers": [*message.get("headers", []), header]}
             await send(message)
 
-        if scope["method"] in ("POST", "PUT", "PATCH"):
+        cap = self.streamed.get(scope.get("path", ""))
+        if scope["method"] in ("POST", "PUT", "PATCH") and cap is not None:
+            if _declared(scope) > cap:
+                await _reject(send_with_id, BodyTooLarge(f"request body exceeds {cap} bytes"))
+                return
+            receive = _capped(receive, cap)
+        elif scope["method"] in ("POST", "PUT", "PATCH"):
             body = await self._read_body(scope, receive)
             if body is None:
                 await _reject(send_with_id, BodyTooLarge(f"request body exceeds {self.max_body} bytes"))
@@ -59,9 +74,8 @@ class RequestEdge:
                 await _reject(send_with_id, InternalError(request_id))
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
-        for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_body:
-                return None
+        if _declared(scope) > self.max_body:
+            return None
         parts: list[bytes] = []
         size = 0
         while True:
@@ -76,6 +90,29 @@ class RequestEdge:
             if not message.get("more_body", False):
                 break
         return b"".join(parts)
+
+
+def _declared(scope: Scope) -> int:
+    """The body size the request's content-length announces (0 when it names none)."""
+    for name, value in scope["headers"]:
+        if name == b"content-length" and value.isdigit():
+            return int(value)
+    return 0
+
+
+def _capped(receive: Receive, cap: int) -> Receive:
+    """``receive`` that raises 413 once more than ``cap`` body bytes came through it."""
+    size = 0
+
+    async def capped() -> Message:
+        nonlocal size
+        message = await receive()
+        size += len(message.get("body", b""))
+        if size > cap:
+            raise BodyTooLarge(f"request body exceeds {cap} bytes")
+        return message
+
+    return capped
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

@@ -54,24 +54,30 @@ class Dispatcher:
         names: Names,
         timeouts: Timeouts,
         metrics: GatewayMetrics | None = None,
+        cancel_keep: float = CANCEL_MARKER_TTL,
     ) -> None:
         self.metrics = metrics or GatewayMetrics()
         self._redis = redis
         self._hub = hub
         self._names = names
         self._timeouts = timeouts
+        self._cancel_keep = cancel_keep
+        """How long a cancelled job's marker stays: as long as the job may still wait on a queue."""
 
     def connected(self) -> bool:
         """Whether replies can be received now (the shared pub/sub connection is up)."""
         return self._hub.connected.is_set()
 
-    async def submit(self, job: Job, priority: Priority = "interactive") -> ReplyStream:
-        """Subscribe to the job's replies first, then enqueue it."""
+    async def submit(
+        self, job: Job, priority: Priority = "interactive", stream: str | None = None
+    ) -> ReplyStream:
+        """Subscribe to the job's replies first, then enqueue it (on its tenant's stream of the
+        model unless ``stream`` names another, e.g. the tenant's batch stream)."""
         try:
             sub = await self._hub.open(self._names.reply_channel(job.id))
         except SubscriptionLost as exc:
             raise Unavailable(f"the queue is unreachable: {exc}", retry_after=2) from exc
-        stream = self._names.jobs_stream(job.model, job.tenant)
+        stream = stream or self._names.jobs_stream(job.model, job.tenant)
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.xadd(stream, {JOB_FIELD: encode(job)})
@@ -85,15 +91,19 @@ class Dispatcher:
 
     async def release(self, stream: ReplyStream, *, cancel: bool) -> None:
         await self._hub.close(stream.subscription)
-        if not cancel:
-            return
+        if cancel:
+            await self.cancel(stream.job.id, self._cancel_keep)
+
+    async def cancel(self, job_id: str, keep: float = CANCEL_MARKER_TTL) -> None:
+        """Tell the workers to drop a job: one that takes it within ``keep`` seconds skips it, one
+        running it aborts."""
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.set(self._names.cancelled(stream.job.id), b"1", ex=CANCEL_MARKER_TTL)
-                pipe.publish(self._names.cancel_channel(), stream.job.id)
+                pipe.set(self._names.cancelled(job_id), b"1", ex=max(1, round(keep)))
+                pipe.publish(self._names.cancel_channel(), job_id)
                 await pipe.execute()
         except (RedisError, OSError) as exc:
-            log.warning("could not cancel job %s: %s", stream.job.id, exc)
+            log.warning("could not cancel job %s: %s", job_id, exc)
 
 
 class ReplyStream:
@@ -104,6 +114,8 @@ class ReplyStream:
         self.generated = 0
         """Tokens the client has been sent (a resumed start must continue from exactly these)."""
         self.final: Final | None = None
+        self.error: str | None = None
+        """The code of the error the job ended with, if it did."""
         self._closed = False
         self._queue_deadline = time.monotonic() + timeouts.queue
         self.subscription = sub
@@ -122,6 +134,7 @@ class ReplyStream:
                 self.track.saw(reply)
                 yield reply
         except APIError as exc:
+            self.error = exc.code or "error"
             self.track.failed(exc)
             raise
 

@@ -174,6 +174,8 @@ class GatewayMetrics:
         self.redis_up = Gauge(
             "switchyard:redis_up", "1 when the last Redis read worked", multiprocess_mode="min", registry=reg
         )
+        self.batches = BatchCollector()
+        reg.register(self.batches)
         for reason in REASONS:  # at 0 from the start: a rate over a missing series is no data, not 0
             self.rejections.labels(reason)
         if multiprocess_dir() is None:
@@ -225,12 +227,53 @@ class GatewayMetrics:
         merged = CollectorRegistry()
         multiprocess.MultiProcessCollector(merged)
         merged.register(_SiblingProcesses())
+        merged.register(self.batches)
         return generate_latest(merged), CONTENT_TYPE_LATEST
 
     def process_exited(self) -> None:
         """Drop this process's share of live-summed gauges (in-flight) from the shared directory."""
         if multiprocess_dir() is not None:
             multiprocess.mark_process_dead(os.getpid())
+
+
+BATCH_STATUSES = ("validating", "in_progress", "finalizing", "cancelling")
+LINE_STATES = ("queued", "running", "completed", "failed")
+LINE_OUTCOMES = ("completed", "failed")
+
+
+class BatchCollector:
+    """The Batch API's figures as the queue probe last read them from Redis (a scrape never waits
+    on Redis): unfinished batches by status, their lines by state, and lines finished ever. Every
+    gateway reports the same figures, so dashboards take the ``max`` over gateways."""
+
+    def __init__(self) -> None:
+        self.batches: dict[str, int] = dict.fromkeys(BATCH_STATUSES, 0)
+        self.lines: dict[str, int] = dict.fromkeys(LINE_STATES, 0)
+        self.finished: dict[str, int] = dict.fromkeys(LINE_OUTCOMES, 0)
+
+    def update(self, batches: dict[str, int], lines: dict[str, int], finished: dict[str, int]) -> None:
+        """New figures; statuses, states and outcomes not named are 0 (their series stay)."""
+        self.batches = {s: batches.get(s, 0) for s in BATCH_STATUSES}
+        self.lines = {s: lines.get(s, 0) for s in LINE_STATES}
+        self.finished = {o: finished.get(o, 0) for o in LINE_OUTCOMES}
+
+    def collect(self) -> Iterable[Metric]:
+        batches = GaugeMetricFamily("switchyard:batches", "Unfinished batches by status", labels=["status"])
+        for status, count in self.batches.items():
+            batches.add_metric([status], count)
+        lines = GaugeMetricFamily(
+            "switchyard:batch_lines",
+            "Lines of unfinished batches (queued: not fed yet; running: on a worker queue)",
+            labels=["state"],
+        )
+        for state, count in self.lines.items():
+            lines.add_metric([state], count)
+        finished = CounterMetricFamily(
+            "switchyard:batch_lines_finished", "Batch lines finished ever, by outcome", labels=["outcome"]
+        )
+        for outcome, count in self.finished.items():
+            finished.add_metric([outcome], count)
+        yield from (batches, lines, finished)
 
 
 class RequestTrack:

@@ -99,6 +99,118 @@ class Readiness(BaseModel):
     reason: str | None = None
 
 
+class FileObject(BaseModel):
+    id: str
+    object: Literal["file"]
+    bytes: int
+    created_at: int
+    expires_at: int | None
+    filename: str
+    purpose: Literal["batch", "batch_output"]
+    status: Literal["processed"]
+    status_details: None
+
+
+class FileList(BaseModel):
+    object: Literal["list"]
+    data: list[FileObject]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"]
+    deleted: bool
+
+
+class BatchLineError(BaseModel):
+    code: str
+    message: str
+    line: int | None
+    param: str | None
+
+
+class BatchErrors(BaseModel):
+    object: Literal["list"]
+    data: list[BatchLineError]
+
+
+class RequestCounts(BaseModel):
+    total: int
+    completed: int
+    failed: int
+
+
+class InputTokensDetails(BaseModel):
+    cached_tokens: int
+
+
+class OutputTokensDetails(BaseModel):
+    reasoning_tokens: int
+
+
+class BatchUsage(BaseModel):
+    input_tokens: int
+    input_tokens_details: InputTokensDetails
+    output_tokens: int
+    output_tokens_details: OutputTokensDetails
+    total_tokens: int
+
+
+class BatchObject(BaseModel):
+    id: str
+    object: Literal["batch"]
+    endpoint: str
+    model: str | None
+    errors: BatchErrors | None
+    input_file_id: str
+    completion_window: str
+    status: Literal[
+        "validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling", "cancelled"
+    ]
+    output_file_id: str | None
+    error_file_id: str | None
+    created_at: int
+    expires_at: int
+    in_progress_at: int | None
+    finalizing_at: int | None
+    completed_at: int | None
+    failed_at: int | None
+    expired_at: int | None
+    cancelling_at: int | None
+    cancelled_at: int | None
+    request_counts: RequestCounts
+    usage: BatchUsage
+    metadata: dict[str, str] | None
+
+
+class BatchList(BaseModel):
+    object: Literal["list"]
+    data: list[BatchObject]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class UsageBucket(BaseModel):
+    object: Literal["usage.bucket"]
+    start_time: int
+    end_time: int
+    model: str
+    requests: int
+    errors: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class UsageList(BaseModel):
+    object: Literal["list"]
+    tenant: str
+    data: list[UsageBucket]
+
+
 _RETRY_AFTER = {
     "description": "Seconds to wait before retrying.",
     "required": True,
@@ -146,6 +258,51 @@ COMPLETION_ERRORS: dict[int | str, dict[str, Any]] = {
         retry_after=True,
     ),
     504: _error("The request timed out in the queue or while generating."),
+}
+
+
+NOT_FOUND = _error("No such object for this tenant (another tenant's objects are not found either).")
+INVALID = _error("Invalid request: a parameter out of range, or an input file with bad lines.")
+CONFLICT = _error("The object is in a state that does not allow this (e.g. a finished batch).")
+
+
+def resource_responses(model: type[BaseModel] | None, *errors: int) -> dict[int | str, dict[str, Any]]:
+    """A Files, Batches or Usage operation's answers: ``model`` and the given error statuses."""
+    known: dict[int, dict[str, Any]] = {
+        400: INVALID,
+        404: NOT_FOUND,
+        409: CONFLICT,
+        413: _error("The file is over the size limit, or the file store is full."),
+    }
+    out: dict[int | str, dict[str, Any]] = {**AUTH_ERRORS, **{status: known[status] for status in errors}}
+    if model is not None:
+        out[200] = {"model": model}
+    return out
+
+
+FILE_CONTENT = {
+    "description": "The file's bytes (JSON Lines).",
+    "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+}
+
+UPLOAD_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file", "purpose"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "purpose": {"type": "string", "enum": ["batch"]},
+                        "expires_after[anchor]": {"type": "string", "enum": ["created_at"]},
+                        "expires_after[seconds]": {"type": "integer", "minimum": 3600, "maximum": 2592000},
+                    },
+                }
+            }
+        },
+    }
 }
 
 

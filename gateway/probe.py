@@ -1,6 +1,6 @@
 """A background task that reads the fleet's state from Redis every couple of seconds and feeds it
-to what needs it: the queue gauges, the drain meter (admission's backlog and Retry-After) and the
-scaling decision the gateway exports.
+to what needs it: the queue gauges (and the Batch API's figures), the drain meter (admission's
+backlog and Retry-After) and the scaling decision the gateway exports.
 
 Prometheus collectors are synchronous, so they cannot read Redis during a scrape without blocking
 the event loop; this task reads a snapshot and sets the gauges instead.
@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gateway.admission import DrainMeter
+from gateway.batches import batch_figures
 from gateway.metrics import GatewayMetrics
 from gateway.scaling import Scaler
 from shared.fleet import BadRecords, gather
@@ -51,6 +52,7 @@ class QueueProbe:
         try:
             async with asyncio.timeout(self._period * 2):
                 snap = await gather(self._redis, self._names, self._worker_ttl, self._bad)
+                figures = await batch_figures(self._redis, self._names)
         except (RedisError, OSError, TimeoutError) as exc:
             if not self._failing:  # its figures decide 503s: say when they stop being fresh
                 log.warning(
@@ -65,6 +67,7 @@ class QueueProbe:
         self._drain.observe(snap)
         self._metrics.queues(snap)
         self._metrics.scaling(self._scaler.observe(snap, self._drain.rate))
+        self._metrics.batches.update(figures.batches, figures.lines, figures.finished)
         return True
 
     async def run(self) -> None:

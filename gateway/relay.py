@@ -19,7 +19,7 @@ from gateway.chunks import FullAssembler, StreamAssembler, encode, sse
 from gateway.errors import APIError, InternalError, UpstreamFailure
 from gateway.jobs import ReplyStream
 from gateway.lifecycle import Lifecycle
-from shared.messages import Final, Tokens
+from shared.messages import Final, Tokens, UsageEvent
 
 T = TypeVar("T")
 
@@ -52,7 +52,15 @@ class Admitted:
         try:
             with anyio.CancelScope(shield=True):
                 await self.replies.close()
-                await self._admission.settle(self.ticket, self.replies.usage())
+                usage, job = self.replies.usage(), self.replies.job
+                served = UsageEvent(
+                    tenant=job.tenant,
+                    model=job.model,
+                    prompt_tokens=usage.prompt_tokens,
+                    completion_tokens=usage.completion_tokens,
+                    error=self.replies.error or "",
+                )
+                await self._admission.settle(self.ticket, usage, served)
         finally:
             self._lifecycle.closed(self)
 

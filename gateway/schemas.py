@@ -223,3 +223,24 @@ class CompletionRequest(_Sampling):
             only = p[0]
             return only if isinstance(only, str) else [int(x) for x in only]  # type: ignore[union-attr]
         raise ValueError("a request takes one prompt; send several prompts as several requests")
+
+
+# -- the Batch API ---------------------------------------------------------------------------------
+
+MetadataKey = Annotated[str, Field(max_length=64)]
+MetadataValue = Annotated[str, Field(max_length=512)]
+
+
+class OutputExpiresAfter(_Strict):
+    anchor: Literal["created_at"]
+    seconds: int = Field(ge=3600, le=2_592_000)
+
+
+class BatchCreateRequest(_Strict):
+    """``POST /v1/batches``: run the requests of an uploaded file, within the completion window."""
+
+    input_file_id: str = Field(min_length=1, max_length=128)
+    endpoint: Literal["/v1/chat/completions", "/v1/completions"]
+    completion_window: Literal["24h"]
+    metadata: dict[MetadataKey, MetadataValue] | None = Field(default=None, max_length=16)
+    output_expires_after: OutputExpiresAfter | None = None

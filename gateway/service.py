@@ -6,7 +6,7 @@ import asyncio
 import logging
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
@@ -40,6 +40,68 @@ NOTHING = Usage(prompt_tokens=0, completion_tokens=0)
 
 
 @dataclass
+class JobBuilder:
+    """A request body becomes a job, or a 4xx: resolve the model, tokenize, check the lengths.
+    Shared by the HTTP path and the batch runner, so a batch line is held to the same rules."""
+
+    registry: WorkerRegistry
+    tokenizers: TokenizerCache
+    max_n: int
+
+    async def resolve(self, model: str) -> ModelEntry:
+        live = await self.registry.models()
+        if model in live:
+            return live[model]
+        if await self.registry.known(model):
+            raise Unavailable(f"no live worker serves the model '{model}' right now", retry_after=5)
+        raise ModelNotFound(f"The model '{model}' does not exist", param="model")
+
+    async def chat(self, entry: ModelEntry, body: ChatCompletionRequest, tenant: Tenant, job_id: str) -> Job:
+        tokens = await self.tokenizers.get(entry.tokenizer)
+        check_length(tokens, sum(len(m.text()) for m in body.messages), entry.max_model_len, "messages")
+        tokens.check_ids(body.stop_token_ids or (), "stop_token_ids")
+        prompt = await tokens.chat_async(body.messages)
+        return self._job(job_id, tenant, entry, body, prompt, body.output_limit(), param="messages")
+
+    async def completion(
+        self, entry: ModelEntry, body: CompletionRequest, tenant: Tenant, job_id: str
+    ) -> Job:
+        tokens = await self.tokenizers.get(entry.tokenizer)
+        text = body.single_prompt()
+        if isinstance(text, str):
+            check_length(tokens, len(text), entry.max_model_len, "prompt")
+        tokens.check_ids(body.stop_token_ids or (), "stop_token_ids")
+        prompt = await tokens.text_async(text)
+        return self._job(job_id, tenant, entry, body, prompt, body.max_tokens, param="prompt")
+
+    def _job(
+        self,
+        job_id: str,
+        tenant: Tenant,
+        entry: ModelEntry,
+        body: _Sampling,
+        prompt: list[int],
+        max_tokens: int | None,
+        param: str,
+    ) -> Job:
+        if body.n > self.max_n:
+            raise InvalidRequest(f"n must be at most {self.max_n}", param="n")
+        room = fit_context(len(prompt), max_tokens, entry.max_model_len, param)
+        if max_tokens is None:
+            max_tokens = default_output(room, len(prompt), body.n, tenant.tpm)
+        if body.min_tokens > max_tokens:
+            raise InvalidRequest("min_tokens must not exceed max_tokens", param="min_tokens")
+        return Job(
+            id=job_id,
+            tenant=tenant.name,
+            model=entry.name,
+            prompt_token_ids=tuple(prompt),
+            sampling=body.to_sampling(max_tokens),
+            created_at=time.time(),
+        )
+
+
+@dataclass
 class Gateway:
     """Everything a request needs, built once by the app's lifespan."""
 
@@ -51,6 +113,10 @@ class Gateway:
     auth: Authenticator
     admission: Admission
     lifecycle: Lifecycle
+    jobs: JobBuilder = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.jobs = JobBuilder(self.registry, self.tokenizers, self.settings.max_n)
 
     async def prewarm(self, period: float = 1.0) -> None:
         """Load each served model's tokenizer before its first request needs it (until then the
@@ -77,62 +143,22 @@ class Gateway:
             return f"loading the tokenizer of {', '.join(loading)}"
         return None
 
-    async def resolve(self, model: str) -> ModelEntry:
-        live = await self.registry.models()
-        if model in live:
-            return live[model]
-        if await self.registry.known(model):
-            raise Unavailable(f"no live worker serves the model '{model}' right now", retry_after=5)
-        raise ModelNotFound(f"The model '{model}' does not exist", param="model")
+    async def resolve(self, request: Request, model: str) -> ModelEntry:
+        entry = await self.jobs.resolve(model)
+        request.state.model = entry.name  # a served model: safe as a metrics label
+        return entry
 
     async def chat(self, request: Request, body: ChatCompletionRequest, tenant: Tenant) -> Any:
         self.lifecycle.check_open()
-        entry = await self.resolve(body.model)
-        tokens = await self.tokenizers.get(entry.tokenizer)
-        check_length(tokens, sum(len(m.text()) for m in body.messages), entry.max_model_len, "messages")
-        tokens.check_ids(body.stop_token_ids or (), "stop_token_ids")
-        prompt = await tokens.chat_async(body.messages)
-        job = self._job(request, tenant, entry, body, prompt, body.output_limit(), param="messages")
+        entry = await self.resolve(request, body.model)
+        job = await self.jobs.chat(entry, body, tenant, request.state.request_id)
         return await self._respond(request, job, "chat", body, tenant)
 
     async def completion(self, request: Request, body: CompletionRequest, tenant: Tenant) -> Any:
         self.lifecycle.check_open()
-        entry = await self.resolve(body.model)
-        tokens = await self.tokenizers.get(entry.tokenizer)
-        text = body.single_prompt()
-        if isinstance(text, str):
-            check_length(tokens, len(text), entry.max_model_len, "prompt")
-        tokens.check_ids(body.stop_token_ids or (), "stop_token_ids")
-        prompt = await tokens.text_async(text)
-        job = self._job(request, tenant, entry, body, prompt, body.max_tokens, param="prompt")
+        entry = await self.resolve(request, body.model)
+        job = await self.jobs.completion(entry, body, tenant, request.state.request_id)
         return await self._respond(request, job, "text", body, tenant)
-
-    def _job(
-        self,
-        request: Request,
-        tenant: Tenant,
-        entry: ModelEntry,
-        body: _Sampling,
-        prompt: list[int],
-        max_tokens: int | None,
-        param: str,
-    ) -> Job:
-        request.state.model = entry.name  # a served model: safe as a metrics label
-        if body.n > self.settings.max_n:
-            raise InvalidRequest(f"n must be at most {self.settings.max_n}", param="n")
-        room = fit_context(len(prompt), max_tokens, entry.max_model_len, param)
-        if max_tokens is None:
-            max_tokens = default_output(room, len(prompt), body.n, tenant.tpm)
-        if body.min_tokens > max_tokens:
-            raise InvalidRequest("min_tokens must not exceed max_tokens", param="min_tokens")
-        return Job(
-            id=request.state.request_id,
-            tenant=tenant.name,
-            model=entry.name,
-            prompt_token_ids=tuple(prompt),
-            sampling=body.to_sampling(max_tokens),
-            created_at=time.time(),
-        )
 
     async def _submit(self, job: Job, tenant: Tenant) -> Admitted:
         """Admit (rate limits, backlog) and enqueue; the reservation is settled when the reply ends."""

@@ -220,3 +220,33 @@ def decode_progress(entries: list[bytes]) -> list[Tokens]:
             raise WireError(f"progress entry is a {reply.type} message, not tokens")
         out.append(reply)
     return out
+
+
+class UsageEvent(_Wire):
+    """One finished request, as a gateway (or the batch runner) logs it for the usage roll-ups.
+
+    Flat stream fields like :class:`DeadLetter`; the entry's id says when it finished.
+    """
+
+    tenant: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    error: str = ""
+    """The error code it ended with; empty when it finished (or its client left)."""
+
+    def fields(self) -> dict[str, str | int]:
+        return {
+            "tenant": self.tenant,
+            "model": self.model,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "error": self.error,
+        }
+
+    @classmethod
+    def parse(cls, fields: dict[bytes, bytes]) -> UsageEvent:
+        try:
+            return cls.model_validate({k.decode(): v.decode(errors="replace") for k, v in fields.items()})
+        except ValueError as exc:
+            raise WireError(f"undecodable usage event: {exc}") from exc

@@ -10,6 +10,19 @@ several test runs, can share one Redis. They are plain strings meant to be typed
     ZRANGE     switchyard:workers 0 -1 WITHSCORES        live workers by last heartbeat
     GET        switchyard:worker:<id>                    what one worker serves (JSON)
     PUBSUB CHANNELS switchyard:reply:*                   requests being answered right now
+
+The Batch API and the background jobs (``switchyard jobs``) keep theirs beside them:
+
+    XLEN       switchyard:batchjobs:<model>:<tenant>     batch lines of a tenant waiting or running
+    HGETALL    switchyard:batch:<id>                     one batch: status, counts, timestamps
+    HLEN       switchyard:batch:<id>:results             its lines with a result (output or error)
+    HGETALL    switchyard:batch:<id>:jobs                its lines on a worker queue now: job ids
+    SMEMBERS   switchyard:active-batches                 batches not finished yet
+    GET        switchyard:file:<id>                      one uploaded or produced file (JSON)
+    ZRANGE     switchyard:files:<tenant> 0 -1            a tenant's files, oldest first
+    HGETALL    switchyard:usage:<tenant>:<YYYY-MM-DD>    a tenant's usage that day, per hour and model
+    XREVRANGE  switchyard:housekeeping + - COUNT 10      the last housekeeping runs
+    ZRANGE     switchyard:arq 0 -1 WITHSCORES            background jobs queued for arq
 """
 
 from __future__ import annotations
@@ -88,3 +101,100 @@ class Names:
 
     def dead_letter(self, model: str) -> str:
         return f"{self.prefix}:dead:{model}"
+
+    # -- the Batch API and background jobs (``switchyard jobs``) ---------------------------------
+
+    def batch_stream(self, model: str, tenant: str) -> str:
+        """Job stream of a tenant's batch lines for one model, read at batch priority (its own
+        prefix, so no model or tenant name can make it collide with an interactive stream)."""
+        return f"{self.prefix}:batchjobs:{model}:{tenant}"
+
+    def file(self, file_id: str) -> str:
+        """One file's record (JSON): owner, name, purpose, size, expiry."""
+        return f"{self.prefix}:file:{file_id}"
+
+    def file_data(self, file_id: str) -> str:
+        """A file's bytes, when files are kept in Redis (``SWITCHYARD_FILE_STORE=redis``)."""
+        return f"{self.prefix}:file-data:{file_id}"
+
+    def files(self, tenant: str) -> str:
+        """Sorted set of a tenant's file ids by creation time (ms)."""
+        return f"{self.prefix}:files:{tenant}"
+
+    def file_expiry(self) -> str:
+        """Sorted set of every file id by the time (s) it expires."""
+        return f"{self.prefix}:file-expiry"
+
+    def file_bytes(self) -> str:
+        """Counter of the bytes every stored file takes, checked against the store's bound."""
+        return f"{self.prefix}:file-bytes"
+
+    def batch(self, batch_id: str) -> str:
+        """Hash of one batch: its request (JSON), status, timestamps, counts and files."""
+        return f"{self.prefix}:batch:{batch_id}"
+
+    def batch_results(self, batch_id: str) -> str:
+        """Hash: custom_id -> the line's output (or error) line, written once."""
+        return f"{self.prefix}:batch:{batch_id}:results"
+
+    def batch_jobs(self, batch_id: str) -> str:
+        """Hash: custom_id -> job id of the line's attempt on a worker queue now."""
+        return f"{self.prefix}:batch:{batch_id}:jobs"
+
+    def batch_lease(self, batch_id: str) -> str:
+        """Who feeds the batch now (a random token with a short expiry), so only one process does."""
+        return f"{self.prefix}:batch:{batch_id}:lease"
+
+    def batches(self, tenant: str) -> str:
+        """Sorted set of a tenant's batch ids by creation time (ms)."""
+        return f"{self.prefix}:batches:{tenant}"
+
+    def active_batches(self) -> str:
+        """Set of the batches not finished yet (validating, in progress, finalizing, cancelling)."""
+        return f"{self.prefix}:active-batches"
+
+    def batch_expiry(self) -> str:
+        """Sorted set of finished batch ids by the time (s) their records are deleted."""
+        return f"{self.prefix}:batch-expiry"
+
+    def batch_stats(self) -> str:
+        """Hash: batch lines finished ever, by outcome (``completed``, ``failed``)."""
+        return f"{self.prefix}:batch-stats"
+
+    def usage_log(self) -> str:
+        """Stream of finished requests (tenant, model, tokens, error) waiting to be rolled up."""
+        return f"{self.prefix}:usage-log"
+
+    def usage_cursor(self) -> str:
+        """Id of the last usage-log entry rolled up."""
+        return f"{self.prefix}:usage-cursor"
+
+    def usage(self, tenant: str, day: str) -> str:
+        """Hash of a tenant's usage on one UTC day (``YYYY-MM-DD``): ``HH|model|metric`` -> count."""
+        return f"{self.prefix}:usage:{tenant}:{day}"
+
+    def usage_tenants(self) -> str:
+        """Set of the tenants with rolled-up usage."""
+        return f"{self.prefix}:usage-tenants"
+
+    def arq_queue(self) -> str:
+        """arq's queue of background jobs (sorted set of job ids by when they are due). arq keeps
+        each job under its own fixed ``arq:job:<id>``; ids start with this prefix."""
+        return f"{self.prefix}:arq"
+
+    def background_job(self, kind: str, key: str) -> str:
+        """Id of one background job, e.g. one run of a batch."""
+        return f"{self.prefix}:{kind}:{key}"
+
+    def cron(self, name: str) -> str:
+        """Name of a housekeeping job; arq names each of its runs ``<this>:<scheduled ms>``."""
+        return f"{self.prefix}:cron:{name}"
+
+    def cron_ran(self, name: str, tick: str) -> str:
+        """Marker that one tick of a housekeeping job ran, so it runs once per tick however many
+        processes schedule it."""
+        return f"{self.prefix}:cron-ran:{name}:{tick}"
+
+    def housekeeping_log(self) -> str:
+        """Stream of housekeeping runs: job, tick, process, what it did."""
+        return f"{self.prefix}:housekeeping"

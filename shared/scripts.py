@@ -187,3 +187,87 @@ class Scripts:
     async def load(self) -> None:
         for script in (_ADMIT, _RELEASE):
             await self._redis.script_load(script)
+
+
+# -- the Batch API ---------------------------------------------------------------------------------
+
+# Move a batch's status if it is one of the allowed sources, stamping ``<status>_at`` and setting
+# any further fields in the same step, so a cancel from a gateway and a move by the process
+# running the batch can never overwrite each other. KEYS: batch hash. ARGV: target status, now,
+# number of sources n, the n sources, then (field, value) pairs. Returns {1 if moved, status before}.
+_BATCH_MOVE = """
+local current = redis.call('HGET', KEYS[1], 'status')
+if not current then return {0, ''} end
+local n = tonumber(ARGV[3])
+for i = 4, 3 + n do
+  if ARGV[i] == current then
+    redis.call('HSET', KEYS[1], 'status', ARGV[1], ARGV[1] .. '_at', ARGV[2])
+    for j = 4 + n, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[j], ARGV[j + 1]) end
+    return {1, current}
+  end
+end
+return {0, current}
+"""
+
+# Take or keep the lease on a batch: one process feeds it at a time, and one that stops renewing
+# (killed, stalled) loses it after the expiry. KEYS: lease. ARGV: token, ms. Returns 1 if held.
+_LEASE_KEEP = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+if not holder then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
+return 0
+"""
+
+_LEASE_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# The lease fences every write about a batch's lines: a process that lost it (stalled past the
+# expiry while another took over) can neither put a line on a queue nor record a result.
+_LEASED = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+"""
+
+# Give a line to a new job, if it has no result and its current job is the expected one (none: '').
+# KEYS: lease, results, jobs. ARGV: token, custom_id, job id, expected job id.
+# Returns 1 when assigned, 0 when not (finished, or assigned meanwhile), -1 without the lease.
+_LINE_ASSIGN = (
+    _LEASED
+    + """
+if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then return 0 end
+local current = redis.call('HGET', KEYS[3], ARGV[2]) or ''
+if current ~= ARGV[4] then return 0 end
+redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
+return 1
+"""
+)
+
+# Record a line's result once: only from the job the line is assigned to now, and only if it has
+# none yet, counting it in the batch and in the totals. KEYS: lease, results, jobs, batch, stats.
+# ARGV: token, custom_id, job id, result line, outcome (completed|failed), prompt, completion tokens.
+# Returns 1 when recorded, 0 when refused, -1 without the lease.
+_LINE_RESULT = (
+    _LEASED
+    + """
+if redis.call('HGET', KEYS[3], ARGV[2]) ~= ARGV[3] then return 0 end
+if redis.call('HSETNX', KEYS[2], ARGV[2], ARGV[4]) == 0 then return 0 end
+redis.call('HDEL', KEYS[3], ARGV[2])
+redis.call('HINCRBY', KEYS[4], ARGV[5], 1)
+redis.call('HINCRBY', KEYS[4], 'prompt_tokens', ARGV[6])
+redis.call('HINCRBY', KEYS[4], 'completion_tokens', ARGV[7])
+redis.call('HINCRBY', KEYS[5], ARGV[5], 1)
+return 1
+"""
+)
+
+
+class BatchScripts:
+    """The Batch API's atomic steps; redis-py loads them on ``NOSCRIPT`` by itself."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.move: AsyncScript = redis.register_script(_BATCH_MOVE)
+        self.lease_keep: AsyncScript = redis.register_script(_LEASE_KEEP)
+        self.lease_release: AsyncScript = redis.register_script(_LEASE_RELEASE)
+        self.assign: AsyncScript = redis.register_script(_LINE_ASSIGN)
+        self.result: AsyncScript = redis.register_script(_LINE_RESULT)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.names import Names
@@ -102,6 +103,76 @@ class GatewaySettings(RedisSettings):
             "error (new requests get 503 meanwhile)."
         ),
     )
+    file_store: Literal["directory", "redis"] = Field(
+        default="directory",
+        description=(
+            "Where file bytes live: 'directory' (files_dir, shared by gateways and background "
+            "jobs) or 'redis' (no shared volume needed; for modest files)."
+        ),
+    )
+    files_dir: Path | None = Field(
+        default=None,
+        description="Directory of the 'directory' store; unset: ~/.local/share/switchyard/files.",
+    )
+    file_ttl: float = Field(
+        default=30 * 86400, gt=0, description="Seconds a file is kept unless its upload asks for less."
+    )
+    file_max_bytes: int = Field(default=200 * 1024 * 1024, gt=0, description="Largest file accepted.")
+    file_max_lines: int = Field(default=50_000, gt=0, description="Most requests in one batch file.")
+    files_max_total_bytes: int = Field(
+        default=20 * 1024**3, gt=0, description="Bytes all stored files may take; uploads beyond get 413."
+    )
+    batch_ttl: float = Field(
+        default=30 * 86400, gt=0, description="Seconds a finished batch's record is kept."
+    )
+    usage_retention_days: int = Field(
+        default=90, ge=1, description="Days of hourly usage roll-ups kept per tenant."
+    )
+
+    @property
+    def files_path(self) -> Path:
+        """The 'directory' store's root, under which each key prefix has its own directory."""
+        return self.files_dir or Path.home() / ".local" / "share" / "switchyard" / "files"
+
+
+class JobsSettings(GatewaySettings):
+    """The background jobs role (``switchyard jobs``): batches and housekeeping, on arq. It builds
+    and admits jobs as a gateway does, so it reads the gateway's settings too."""
+
+    batch_window: int = Field(
+        default=64,
+        ge=1,
+        description="Most lines of one batch on worker queues at once (fewer while interactive jobs wait).",
+    )
+    batch_lease: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds a batch stays with a process that stopped renewing its claim on it.",
+    )
+    batch_check_interval: int = Field(
+        default=5, ge=1, le=60, description="Seconds between checks for batches nobody feeds (divides 60)."
+    )
+    housekeeping_interval: int = Field(
+        default=60,
+        ge=1,
+        le=3600,
+        description="Seconds between housekeeping runs: expiry, dead-letter trimming, usage roll-ups.",
+    )
+    dead_letter_max: int = Field(
+        default=10_000, ge=1, description="Entries a dead-letter stream is trimmed to (unread ones stay)."
+    )
+    max_batches: int = Field(default=8, ge=1, description="Batches one jobs process feeds at once.")
+    jobs_drain_timeout: float = Field(
+        default=30.0, ge=0, description="On SIGTERM, how long running batch lines may take to finish."
+    )
+
+    @field_validator("batch_check_interval", "housekeeping_interval")
+    @classmethod
+    def _clock_aligned(cls, period: int) -> int:
+        """Runs are aligned to the clock so that every process agrees on the ticks."""
+        if (period < 60 and 60 % period) or (period >= 60 and (period % 60 or 3600 % period)):
+            raise ValueError("must divide a minute, or be whole minutes dividing an hour")
+        return period
 
 
 class WorkerSettings(RedisSettings):

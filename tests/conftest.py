@@ -39,13 +39,19 @@ class System:
     logs: Path
     api_key: str
     worker_metrics_url: str
+    files_dir: Path
+    """Where the session's gateway (and any background jobs process of the tests) keep files."""
 
     @property
     def headers(self) -> dict[str, str]:
         return {"authorization": f"Bearer {self.api_key}"}
 
     def env(self, **extra: str) -> dict[str, str]:
-        base = {"REDIS_URL": self.redis_url, "SWITCHYARD_KEY_PREFIX": self.names.prefix}
+        base = {
+            "REDIS_URL": self.redis_url,
+            "SWITCHYARD_KEY_PREFIX": self.names.prefix,
+            "SWITCHYARD_FILES_DIR": str(self.files_dir),
+        }
         return {**base, **extra}
 
 
@@ -95,6 +101,7 @@ def system(
         logs=logs,
         api_key=key,
         worker_metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
+        files_dir=tmp_path_factory.mktemp("files"),
     )
     worker_log, gateway_log = logs / "worker.log", logs / "gateway.log"
     worker_vars = worker_env(sys_.env(), demo_model_dir, SWITCHYARD_METRICS_PORT=str(metrics_port))

@@ -1,0 +1,348 @@
+"""The in-progress phase of a batch: its lines fed to the tenant's batch stream at the pace
+:mod:`gateway.batchpolicy` sets, each followed to its end like a gateway follows a request, and its
+result recorded once per ``custom_id``.
+
+What makes a restart safe at any moment: before a line goes on a queue it is assigned to its new
+job (Redis keeps ``custom_id -> job id``), and a result is recorded only from the job the line is
+assigned to, only if the line has none yet, and only by the process holding the batch's lease (one
+Lua step). A line whose job was on a queue when its runner died is run again as a new job, after
+the old one is cancelled (a worker skips or aborts it) and unassigned, so it can never also write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import anyio
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from gateway.admission import Admission, Ticket
+from gateway.batchlines import BatchLine, encode_line, response_line
+from gateway.batchpolicy import MAX_ATTEMPTS, Capacity, lines_to_add, retryable
+from gateway.chunks import FullAssembler, Kind, Meta
+from gateway.errors import APIError, RateLimited, Unavailable
+from gateway.jobs import Dispatcher, Timeouts
+from gateway.lifecycle import Lifecycle
+from gateway.relay import Admitted, collect
+from gateway.replies import ReplyHub
+from gateway.service import JobBuilder, new_request_id
+from shared.batches import BatchState
+from shared.fleet import live_workers, stream_records
+from shared.messages import Job, Usage
+from shared.names import GROUP, Names
+from shared.scripts import BatchScripts
+from shared.settings import JobsSettings
+from shared.tenants import Tenant, TenantStore
+
+log = logging.getLogger(__name__)
+
+Outcome = Literal["done", "cancelling", "expired", "stopping"]
+CHECK_EVERY = 0.5
+"""Seconds between reads of the batch's status and the fleet's capacity: a cancel acts this fast."""
+INTERACTIVE_MEMORY = 10.0
+"""Seconds interactive traffic counts as present after its last job: a pause between two bursts
+is no idle capacity to fill with batch lines that would then slow the next burst."""
+LOOP_EVERY = 0.05
+"""Shortest pause between two rounds of feeding, however fast lines finish."""
+TENANT_EVERY = 5.0
+NO_WORKER_WAIT = 2.0
+
+
+class LeaseLost(Exception):
+    """Another process runs this batch now; this one must stop without writing anything more."""
+
+
+@dataclass
+class Parts:
+    """What every batch run of a jobs process shares."""
+
+    redis: Redis
+    settings: JobsSettings
+    hub: ReplyHub
+    builder: JobBuilder
+    admission: Admission
+    tenants: TenantStore
+    stopping: asyncio.Event
+    lifecycle: Lifecycle
+    """Knows the lines in flight, as a gateway's knows its requests."""
+
+    @property
+    def names(self) -> Names:
+        return self.settings.names
+
+
+async def fleet_capacity(redis: Redis, names: Names, model: str, worker_ttl: float) -> Capacity:
+    """Free slots of the model's live workers, and the jobs waiting for one, by priority class."""
+    workers = [w for w in await live_workers(redis, names, worker_ttl) if w.model == model and not w.draining]
+    records = await stream_records(redis, names, model)
+    async with redis.pipeline(transaction=False) as pipe:
+        for stream in records:
+            pipe.xlen(stream)
+            pipe.xpending(stream, GROUP)
+        replies = await pipe.execute(raise_on_error=False)
+    waiting = {"interactive": 0, "batch": 0}
+    running = {"interactive": 0, "batch": 0}
+    for i, record in enumerate(records.values()):
+        length, pending = replies[2 * i], replies[2 * i + 1]
+        taken = 0 if isinstance(pending, Exception) else int(pending["pending"])
+        queued = 0 if isinstance(length, Exception) else int(length)
+        waiting[record.priority] += max(0, queued - taken)
+        running[record.priority] += taken
+    return Capacity(
+        free_slots=sum(max(0, w.capacity - w.inflight) for w in workers),
+        interactive_waiting=waiting["interactive"],
+        batch_waiting=waiting["batch"],
+        interactive_running=running["interactive"],
+        batch_running=running["batch"],
+    )
+
+
+async def cancel_jobs(parts: Parts, job_ids: list[str], keep: float) -> None:
+    """Tell the workers to drop these jobs (a worker that takes one within ``keep`` s skips it)."""
+    dispatcher = Dispatcher(parts.redis, parts.hub, parts.names, Timeouts(total=1, stall=1))
+    for job_id in job_ids:
+        await dispatcher.cancel(job_id, keep)
+
+
+class Feeder:
+    def __init__(self, parts: Parts, state: BatchState, lines: list[BatchLine], token: str) -> None:
+        self._parts = parts
+        self._state = state
+        self._lines = lines
+        self._token = token
+        self._scripts = BatchScripts(parts.redis)
+        n, batch_id = parts.names, state.request.id
+        self._keys = (n.batch_lease(batch_id), n.batch_results(batch_id), n.batch_jobs(batch_id))
+        self._in_flight: set[str] = set()
+        self._wake = asyncio.Event()
+        self._tenant = Tenant(name=state.request.tenant)
+        self._tenant_read = float("-inf")
+        self._checked = float("-inf")
+        self._capacity = Capacity(free_slots=0, interactive_waiting=0, batch_waiting=0)
+        self._added = 0
+        """Lines put on the queue since the capacity was read (they wait there as far as it knows)."""
+        self._interactive: deque[tuple[float, int]] = deque()
+        """(when, interactive jobs running) over the last INTERACTIVE_MEMORY seconds."""
+        left = max(1.0, state.request.expires_at - time.time())
+        self._dispatcher = Dispatcher(
+            parts.redis,
+            parts.hub,
+            n,
+            Timeouts(total=left + 60, stall=parts.settings.stall_timeout, queue=left + 60),
+            cancel_keep=left + 3600,  # a cancelled line may wait on the queue until the batch expires
+        )
+
+    async def run(self) -> Outcome:
+        """Feed and follow every line without a result; returns why it stopped."""
+        queue = await self._pending()
+        outcome: Outcome = "done"
+        lost = False
+        try:
+            async with anyio.create_task_group() as group:
+                while queue or self._in_flight:
+                    stop = await self._interrupted()
+                    if stop is not None:
+                        outcome = stop
+                        break
+                    for _ in range(min(len(queue), await self._room())):
+                        line, previous = queue.popleft()
+                        self._in_flight.add(line.custom_id)
+                        self._added += 1
+                        group.start_soon(self._line, line, previous)
+                    await anyio.sleep(LOOP_EVERY)
+                    await self._pause(CHECK_EVERY)
+                if outcome == "stopping":
+                    await self._drain()
+                group.cancel_scope.cancel()  # lines still running are cancelled as they close
+        except* LeaseLost:
+            lost = True
+        if lost:
+            log.warning("batch %s: another process took it over; stopping here", self._state.request.id)
+            return "stopping"
+        if outcome == "done" and not await self._all_answered():
+            return "stopping"  # a line ended without a result: the next run feeds it again
+        return outcome
+
+    async def _all_answered(self) -> bool:
+        results = int(await self._parts.redis.hlen(self._keys[1]))  # type: ignore[misc]
+        if results < len(self._lines):
+            log.error("batch %s: %d lines have no result", self._state.request.id, len(self._lines) - results)
+            return False
+        return True
+
+    async def _pending(self) -> deque[tuple[BatchLine, str | None]]:
+        """Lines without a result: those a previous run had on a queue first (they run again)."""
+        redis, (_, results, jobs) = self._parts.redis, self._keys
+        done = {k.decode() for k in await redis.hkeys(results)}  # type: ignore[misc]
+        assigned = {k.decode(): v.decode() for k, v in (await redis.hgetall(jobs)).items()}  # type: ignore[misc]
+        todo = [line for line in self._lines if line.custom_id not in done]
+        orphans = [(line, assigned[line.custom_id]) for line in todo if line.custom_id in assigned]
+        if orphans:
+            log.info(
+                "batch %s: running %d lines of an earlier run again", self._state.request.id, len(orphans)
+            )
+        fresh = [(line, None) for line in todo if line.custom_id not in assigned]
+        return deque([*orphans, *fresh])
+
+    async def _interrupted(self) -> Outcome | None:
+        if self._parts.stopping.is_set():
+            return "stopping"
+        if time.monotonic() - self._checked < CHECK_EVERY:
+            return None
+        status = await self._parts.redis.hget(self._parts.names.batch(self._state.request.id), "status")  # type: ignore[misc]
+        if status == b"cancelling":
+            return "cancelling"
+        if status != b"in_progress":  # gone, or moved by another process: not ours to finish
+            return "stopping"
+        if time.time() >= self._state.request.expires_at:
+            return "expired"
+        return None
+
+    async def _room(self) -> int:
+        """Lines to add now (see :func:`lines_to_add`); the window leaves the tenant half its
+        concurrency limit for its own interactive requests, and stays within its backlog limit
+        (admission would only refuse the lines beyond)."""
+        parts, now = self._parts, time.monotonic()
+        if now - self._tenant_read > TENANT_EVERY:
+            self._tenant = await parts.tenants.tenant(self._state.request.tenant) or self._tenant
+            self._tenant_read = now
+        window = parts.settings.batch_window
+        if self._tenant.max_concurrent:
+            window = min(window, max(1, self._tenant.max_concurrent // 2))
+        if self._tenant.max_backlog:
+            window = min(window, self._tenant.max_backlog)
+        if now - self._checked >= CHECK_EVERY:
+            model = self._state.model or ""
+            read = await fleet_capacity(parts.redis, parts.names, model, parts.settings.worker_ttl)
+            self._interactive.append((now, read.interactive_running))
+            while self._interactive[0][0] < now - INTERACTIVE_MEMORY:
+                self._interactive.popleft()
+            peak = max(n for _, n in self._interactive)
+            self._capacity = replace(read, interactive_running=peak)
+            self._checked, self._added = now, 0
+        capacity = replace(self._capacity, batch_waiting=self._capacity.batch_waiting + self._added)
+        return lines_to_add(len(self._in_flight), window, capacity)
+
+    async def _pause(self, seconds: float) -> None:
+        with anyio.move_on_after(seconds):
+            await self._wake.wait()
+        self._wake.clear()
+
+    async def _drain(self) -> None:
+        """On shutdown: let the lines on a queue finish for a while (the rest run again later)."""
+        with anyio.move_on_after(self._parts.settings.jobs_drain_timeout):
+            while self._in_flight:
+                await self._pause(CHECK_EVERY)
+
+    # -- one line ----------------------------------------------------------------------------------
+
+    async def _line(self, line: BatchLine, previous: str | None) -> None:
+        """Run one line until it has a result: as a new job for each attempt, the earlier one
+        cancelled first so it can never also complete into the output."""
+        try:
+            for attempt in range(1, MAX_ATTEMPTS + 1):
+                if previous is not None:
+                    await self._dispatcher.cancel(previous, self._dispatcher_keep())
+                job_id = new_request_id()
+                if not await self._assign(line, job_id, previous):
+                    return  # it has a result already
+                if await self._attempt(line, job_id, last=attempt == MAX_ATTEMPTS):
+                    return
+                previous = job_id
+        finally:
+            self._in_flight.discard(line.custom_id)
+            self._wake.set()
+
+    def _dispatcher_keep(self) -> float:
+        return max(1.0, self._state.request.expires_at - time.time()) + 3600
+
+    async def _assign(self, line: BatchLine, job_id: str, previous: str | None) -> bool:
+        assigned = await self._scripts.assign(
+            keys=list(self._keys), args=[self._token, line.custom_id, job_id, previous or ""]
+        )
+        if int(assigned) < 0:
+            raise LeaseLost
+        return bool(int(assigned))
+
+    async def _attempt(self, line: BatchLine, job_id: str, last: bool) -> bool:
+        """One job for the line; True once the line has its result (False: try again)."""
+        try:
+            job = await self._build(line, job_id)
+            ticket = await self._admit(job)
+        except APIError as exc:  # the line's own fault: refused as the endpoint would refuse it
+            await self._record(
+                line, job_id, response_line(line.custom_id, job_id, exc.status, exc.envelope())
+            )
+            return True
+        stream = self._parts.names.batch_stream(job.model, job.tenant)
+        while True:
+            try:
+                replies = await self._dispatcher.submit(job, "batch", stream=stream)
+                break
+            except APIError:  # nothing was enqueued (Redis unreachable): the line waits for it
+                await anyio.sleep(NO_WORKER_WAIT)
+        admitted = Admitted(replies, ticket, self._parts.admission, self._parts.lifecycle)
+        kind: Kind = "chat" if line.url == "/v1/chat/completions" else "text"
+        meta = Meta(id=("chatcmpl-" if kind == "chat" else "cmpl-") + job_id[4:], created=int(job.created_at),
+                    model=job.model, kind=kind)  # fmt: skip
+        try:
+            body = await collect(replies, FullAssembler(meta))
+        except APIError as exc:
+            if retryable(exc) and not last:
+                log.info("batch line %s failed (%s); running it again", line.custom_id, exc.code)
+                return False
+            result = response_line(line.custom_id, job_id, exc.status, exc.envelope())
+            await self._record(line, job_id, result)
+            return True
+        finally:
+            await admitted.close()
+        usage = replies.usage()
+        await self._record(line, job_id, response_line(line.custom_id, job_id, 200, body), usage)
+        return True
+
+    async def _build(self, line: BatchLine, job_id: str) -> Job:
+        """The line's job, built as the gateway builds a request's; waits while no worker serves
+        the model (the batch continues when one comes back)."""
+        parts = self._parts
+        while True:
+            try:
+                entry = await parts.builder.resolve(line.model)
+            except Unavailable:
+                await anyio.sleep(NO_WORKER_WAIT)
+                continue
+            if line.url == "/v1/chat/completions":
+                return await parts.builder.chat(entry, line.body, self._tenant, job_id)  # type: ignore[arg-type]
+            return await parts.builder.completion(entry, line.body, self._tenant, job_id)  # type: ignore[arg-type]
+
+    async def _admit(self, job: Job) -> Ticket:
+        """Admission as for any request of the tenant (the batch counts against its limits); a
+        limit reached means waiting, not failing. Raises only for a line that can never fit."""
+        stream = self._parts.names.batch_stream(job.model, job.tenant)
+        while True:
+            try:
+                return await self._parts.admission.admit(self._tenant, job, stream=stream)
+            except RateLimited as exc:
+                await anyio.sleep(max(0.2, exc.retry_after))
+            except (Unavailable, RedisError, OSError) as exc:
+                await anyio.sleep(max(0.5, getattr(exc, "retry_after", 1.0)))
+
+    async def _record(
+        self, line: BatchLine, job_id: str, result: dict[str, object], usage: Usage | None = None
+    ) -> None:
+        status = int(result["response"]["status_code"])  # type: ignore[index]
+        outcome = "completed" if 200 <= status < 300 else "failed"
+        used = usage or Usage(prompt_tokens=0, completion_tokens=0)
+        n, batch_id = self._parts.names, self._state.request.id
+        recorded = await self._scripts.result(
+            keys=[*self._keys, n.batch(batch_id), n.batch_stats()],
+            args=[self._token, line.custom_id, job_id, encode_line(result), outcome,
+                  used.prompt_tokens, used.completion_tokens],
+        )  # fmt: skip
+        if int(recorded) < 0:
+            raise LeaseLost

@@ -1,0 +1,137 @@
+"""Periodic work off the token path, run by the background jobs on a schedule (see
+:mod:`gateway.background`): expiring files and finished batches, trimming dead-letter streams,
+rolling up usage, and restarting batches nobody runs. Each job is a plain method here, callable
+against any Redis; each run is logged in ``Names.housekeeping_log``.
+
+Dead letters are trimmed to a bound without dropping anything unread: whoever must see every dead
+letter reads the stream through a consumer group, and no entry that a group has not been delivered
+or has not acknowledged is ever trimmed (the stream may then stay above the bound).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from gateway.batches import Batches
+from gateway.files import Files
+from gateway.usage import Usage, next_id
+from shared.fleet import known_models
+from shared.names import Names
+from shared.settings import JobsSettings
+
+LOG_BOUND = 1000
+"""Housekeeping runs kept in the log."""
+PAGE = 500
+
+
+def id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def unread_from(last_delivered: str, oldest_pending: str | None) -> str:
+    """Pure: the first entry a consumer group still needs: its oldest unacknowledged entry, or else
+    the one after the last it was delivered."""
+    after = next_id(last_delivered)
+    if oldest_pending is None:
+        return after
+    return min(oldest_pending, after, key=id_key)
+
+
+def trim_minid(first_kept: str, unread: Iterable[str]) -> str:
+    """Pure: where to trim (``XTRIM MINID``): at the first entry the bound keeps, or earlier if a
+    group has not read an entry before it."""
+    return min([first_kept, *unread], key=id_key)
+
+
+@dataclass
+class Housekeeping:
+    redis: Redis
+    settings: JobsSettings
+
+    @property
+    def names(self) -> Names:
+        return self.settings.names
+
+    async def expire(self, now: float | None = None) -> dict[str, int]:
+        """Delete files past their expiry (not while a running batch reads them) and the records of
+        batches finished longer ago than the retention time."""
+        now = time.time() if now is None else now
+        files = await Files(self.redis, self.settings).expire(now)
+        batches = await Batches(self.redis, self.settings).expire(now)
+        return {"files": files, "batches": batches}
+
+    async def trim_dead_letters(self) -> dict[str, int]:
+        """Trim every model's dead-letter stream to ``dead_letter_max`` entries, oldest first,
+        keeping every entry a consumer group has not read. Returns entries dropped per model."""
+        dropped = {}
+        for model in sorted(await known_models(self.redis, self.names)):
+            gone = await self._trim(self.names.dead_letter(model), self.settings.dead_letter_max)
+            if gone:
+                dropped[model] = gone
+        return dropped
+
+    async def _trim(self, stream: str, bound: int) -> int:
+        excess = int(await self.redis.xlen(stream)) - bound
+        if excess <= 0:
+            return 0
+        unread = await self._unread(stream)
+        if not unread:
+            return int(await self.redis.xtrim(stream, maxlen=bound, approximate=False))
+        last, start = "", "-"
+        left = excess
+        while left > 0:  # the ids of the `excess` oldest entries, a page at a time
+            page = await self.redis.xrange(stream, min=start, count=min(PAGE, left))
+            if not page:
+                break
+            last = page[-1][0].decode()
+            start, left = "(" + last, left - len(page)
+        if not last:
+            return 0
+        minid = trim_minid(next_id(last), unread)
+        return int(await self.redis.xtrim(stream, minid=minid, approximate=False))
+
+    async def _unread(self, stream: str) -> list[str]:
+        """Where each consumer group of the stream still has entries to read or acknowledge."""
+        try:
+            groups = await self.redis.xinfo_groups(stream)
+        except ResponseError:  # no such stream
+            return []
+        out = []
+        for group in groups:
+            name = group["name"]
+            pending = await self.redis.xpending(stream, name) if int(group["pending"]) else None
+            oldest = pending["min"].decode() if pending and pending["min"] else None
+            out.append(unread_from(group["last-delivered-id"].decode(), oldest))
+        return out
+
+    async def roll_up_usage(self) -> dict[str, int]:
+        usage = Usage(self.redis, self.names, self.settings.usage_retention_days)
+        return {"requests": await usage.roll_up()}
+
+    async def check_batches(self, start: Callable[[str], Awaitable[object]]) -> dict[str, int]:
+        """Start a run of every unfinished batch that no process holds the lease of (its runner
+        died, stalled or stopped)."""
+        started = 0
+        for batch_id in await Batches(self.redis, self.settings).active():
+            if not await self.redis.exists(self.names.batch_lease(batch_id)):
+                await start(batch_id)
+                started += 1
+        return {"started": started}
+
+    async def log_run(self, job: str, tick: str, result: dict[str, int], took: float) -> None:
+        fields = {
+            "job": job,
+            "tick": tick,
+            "process": f"{socket.gethostname()}:{os.getpid()}",
+            "took_ms": round(took * 1000),
+            **{f"result.{k}": v for k, v in result.items()},
+        }
+        await self.redis.xadd(self.names.housekeeping_log(), fields, maxlen=LOG_BOUND, approximate=True)  # type: ignore[arg-type]
