@@ -1,0 +1,160 @@
+"""As a user compares: `vllm serve` as shipped against `switchyard up` as shipped, on this host.
+
+    python loadtest/defaults.py                                   # 4 and 64 streams, demo model
+    python loadtest/defaults.py --variant "threads=2:OMP_NUM_THREADS=2"   # Switchyard with other env
+
+Both servers get only what a fair comparison must make equal (the model, its served name, dtype,
+context length, and on a CPU host the KV-cache size, without which vLLM does not start here);
+everything else is each one's default. One server at a time, each driven by vLLM's own benchmark
+client (``vllmbench.py``: random dataset, ``--input-len`` / ``--output-len`` tokens with
+``ignore_eos``, ``--num-prompts`` at each concurrency). ``--variant NAME:VAR=VALUE,...`` adds a
+Switchyard run with extra environment, to choose defaults by measurement. Prints a table with each
+Switchyard run's ratio to vLLM and writes ``defaults.json`` and ``summary.md`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+try:  # run as a script, python loadtest/defaults.py: this directory is on sys.path
+    import compare
+    import proctree
+except ModuleNotFoundError:  # imported as loadtest.defaults from the repository root
+    from loadtest import compare, proctree  # type: ignore[no-redef]
+
+from control.processes import free_port
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+VLLMBENCH = Path(__file__).resolve().parent / "vllmbench.py"
+KEY = "sy-0123456789ab-defaultsdefaultsdefaultsdefaultsdefaul"
+FIGURES = (
+    ("output_throughput", "output tok/s"),
+    ("median_ttft_ms", "TTFT p50 ms"),
+    ("p99_ttft_ms", "TTFT p99 ms"),
+    ("median_tpot_ms", "TPOT p50 ms"),
+    ("median_itl_ms", "ITL p50 ms"),
+    ("failed", "failed"),
+)
+
+
+def targets(args: argparse.Namespace, model_dir: Path) -> list[compare.Target]:
+    same = ["--dtype", args.dtype, "--max-model-len", str(args.max_model_len)]
+    kv = {"VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib)}
+    port = free_port()
+    vllm = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
+    vllm += ["--served-model-name", args.model_name, "--port", str(port), "--api-key", KEY, *same]
+    out = [compare.Target("vllm serve", vllm, kv, port)]
+    for name, extra in [("switchyard up", {}), *args.variant]:
+        port, redis_port = free_port(), free_port()
+        argv = [sys.executable, "-m", "control.cli", "up", "--model", str(model_dir), "--port", str(port)]
+        argv += ["--served-model-name", args.model_name, "--redis-port", str(redis_port), *same]
+        argv += ["--kv-cache-gib", str(args.kv_cache_gib)]
+        env = {"SWITCHYARD_DEV_KEY": KEY, "XDG_CONFIG_HOME": str(args.out / "config"), **extra}
+        out.append(compare.Target(name, argv, env, port))
+    return out
+
+
+def bench(target: compare.Target, args: argparse.Namespace, model_dir: Path, level: int) -> dict[str, Any]:
+    path = args.out / f"{target.name.replace(' ', '-')}-c{level}.json"
+    argv = [sys.executable, str(VLLMBENCH), "--base-url", target.base_url.removesuffix("/v1")]
+    argv += ["--model", args.model_name, "--tokenizer", str(model_dir), "--api-key", KEY]
+    argv += ["--concurrency", str(level), "--num-prompts", str(args.num_prompts), "--json", str(path)]
+    argv += ["--input-len", str(args.input_len), "--output-len", str(args.output_len)]
+    subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, timeout=3600)
+    return dict(json.loads(path.read_text())) if path.exists() else {"failed": args.num_prompts}
+
+
+def run(target: compare.Target, args: argparse.Namespace, model_dir: Path) -> dict[str, dict[str, Any]]:
+    log = args.out / f"{target.name.replace(' ', '-')}.log"
+    print(f"=== {target.name}: {' '.join(target.argv)}", flush=True)
+    proc = compare.start_server(target, log)
+    try:
+        compare.wait_ready(proc, target, args.model_name, KEY, 600, log)
+        results = {}
+        for level in args.concurrency:
+            results[str(level)] = bench(target, args, model_dir, level)
+            print(f"{target.name} at {level}: {json.dumps(results[str(level)])}", flush=True)
+        return results
+    finally:
+        print(f"{target.name} stopped by {proctree.stop_tree(proc)}", flush=True)
+
+
+def table(results: dict[str, dict[str, dict[str, Any]]], levels: list[int]) -> str:
+    names = list(results)
+    rows = [
+        "| streams | figure | "
+        + " | ".join(names)
+        + " | "
+        + " | ".join(f"{n} / vllm serve" for n in names[1:])
+        + " |"
+    ]
+    rows.append("| ---: | --- |" + " ---: |" * (2 * len(names) - 1))
+    for level in levels:
+        for key, label in FIGURES:
+            values = [results[n].get(str(level), {}).get(key) for n in names]
+            base = values[0]
+            cells = ["-" if v is None else f"{v:.1f}" if isinstance(v, float) else str(v) for v in values]
+            ratios = [f"{v / base:.2f}" if isinstance(v, int | float) and base else "-" for v in values[1:]]
+            rows.append(f"| {level} | {label} | " + " | ".join(cells + ratios) + " |")
+    return "\n".join(rows)
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    name, _, assignments = text.partition(":")
+    return name, dict(pair.split("=", 1) for pair in assignments.split(",") if pair)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d")
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[4, 64])
+    p.add_argument("--num-prompts", type=int, default=400)
+    p.add_argument("--input-len", type=int, default=64)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--kv-cache-gib", type=int, default=2)
+    p.add_argument("--model-dir", type=Path)
+    p.add_argument("--model-name", default="switchyard-demo")
+    p.add_argument("--variant", type=parse_variant, action="append", default=[])
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "loadtest" / "results" / f"{stamp}-defaults")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.model_dir is None:
+        from worker.demo_model import ensure_demo_model
+
+        args.model_dir = ensure_demo_model()
+    model_dir = Path(args.model_dir).resolve()
+    results = {t.name: run(t, args, model_dir) for t in targets(args, model_dir)}
+    text = "\n".join(
+        [
+            f"# `vllm serve` vs `switchyard up`, each as shipped ({datetime.now(UTC):%Y-%m-%d}, "
+            f"{os.cpu_count()} cores)",
+            "",
+            f"vLLM's benchmark client, random dataset, {args.input_len} prompt / {args.output_len} output "
+            f"tokens (ignore_eos), {args.num_prompts} prompts per level; model {args.model_name}, dtype "
+            f"{args.dtype}, context {args.max_model_len}, KV cache {args.kv_cache_gib} GiB for both.",
+            "",
+            table(results, args.concurrency),
+            "",
+        ]
+    )
+    (args.out / "summary.md").write_text(text)
+    (args.out / "defaults.json").write_text(json.dumps(results, indent=1))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
