@@ -1,4 +1,5 @@
-"""``switchyard up``: Redis (embedded unless given), a gateway and workers, supervised.
+"""``switchyard up``: Redis (embedded unless given), a gateway, workers and the background jobs
+process (batches, housekeeping), supervised.
 
 The one-machine form is as sturdy as the production one. A child that dies is started again with
 backoff while the others keep serving (a dead worker's jobs are taken over by the other workers, as
@@ -45,6 +46,7 @@ READY_TIMEOUT = 600.0
 WORKER_METRICS_PORT = 9101
 """Worker i (from 1) serves /metrics on this port + i - 1, or on a free port when that one is taken."""
 TICK = 0.5
+JOBS_DRAIN = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +131,10 @@ class Supervisor:
             zero = {"scale_from_zero": True} if self.autoscale.min_workers == 0 else {}
             self.gateway = self.gateway.model_copy(update={**bounds, **zero})
         self.children.add(Child("gateway", self._argv("gateway"), self._env(self.gateway.environment())))
+        # Batches and housekeeping (arq), beside the gateway it shares settings and files with; on a
+        # stop it gives its queued lines a few seconds, not production's half minute.
+        jobs = {**self.gateway.environment(), "SWITCHYARD_JOBS_DRAIN_TIMEOUT": str(JOBS_DRAIN)}
+        self.children.add(Child("jobs", self._argv("jobs"), self._env(jobs)))
         self._wait_ready()
         self._keep_off_engine_cores()
         self.monitoring.start(self.gateway.host, self.gateway.port, self.metrics_ports)

@@ -18,8 +18,8 @@ Method
   process's CPU (the load generator competes with the system on a small host).
 
 By default the system is started the way ``fairness.py`` starts it (``switchyard up`` with
-``compare.py``'s engine settings: embedded Redis, one gateway, one worker on the demo model) plus one
-``switchyard jobs`` process (``--no-jobs`` when ``up`` runs its own), and stopped at the end;
+``compare.py``'s engine settings: embedded Redis, one gateway, one worker on the demo model, and its
+jobs process; ``--extra-jobs`` adds another ``switchyard jobs``), and stopped at the end;
 ``--base-url`` with ``--key`` and ``--batch-key`` measures a running system with its jobs processes.
 
     python loadtest/batchbench.py                                   # 1,000 lines, 4 streams, 45 s alone
@@ -272,7 +272,8 @@ def create_tenants(redis_url: str) -> tuple[str, str]:
 
 
 def run_started_system(args: argparse.Namespace) -> dict[str, Any]:
-    """``switchyard up`` and one ``switchyard jobs`` sharing a files directory; always stopped."""
+    """``switchyard up`` (which runs a jobs process), with ``--extra-jobs`` another ``switchyard
+    jobs`` sharing its files directory; always stopped."""
     from shared.tenants import new_key
 
     model_dir = compare.resolve_model(args)
@@ -293,7 +294,7 @@ def run_started_system(args: argparse.Namespace) -> dict[str, Any]:
             system, target, args.model_name, ready_key, args.ready_timeout, work / "system.log"
         )
         print(f"ready after {ready:.0f} s", flush=True)
-        if not args.no_jobs:
+        if args.extra_jobs:
             jobs_target = replace(target, argv=[sys.executable, "-m", "control.cli", "jobs"],
                                   env=target.env | {"REDIS_URL": target.redis_url})  # fmt: skip
             jobs = compare.start_server(jobs_target, work / "jobs.log")
@@ -315,7 +316,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--model-dir", type=Path, help="default: the demo model (built if missing)")
     add("--model-name", help="served model name (default: the demo's, the directory's, or the first listed)")
     add("--capacity", type=int, default=256, help="jobs the started worker runs at once (default: 256)")
-    add("--no-jobs", action="store_true", help="do not start a jobs process (the system runs its own)")
+    add("--extra-jobs", action="store_true", help="start a second jobs process beside up's own")
     add("--lines", type=int, default=1000, help="lines in the batch (default: 1000)")
     add("--batch-prompt-tokens", type=int, default=64)
     add("--batch-output-tokens", type=int, default=64)

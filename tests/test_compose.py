@@ -14,7 +14,7 @@ import pytest
 import yaml
 from compose_spec import PyCompose
 
-from shared.settings import GatewaySettings, WorkerSettings
+from shared.settings import GatewaySettings, JobsSettings, WorkerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose.yaml"
@@ -34,7 +34,7 @@ def compose() -> dict[str, Any]:
 
 def test_the_services_and_their_references_exist(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert {"redis", "gateway", "worker", "prometheus", "grafana"} <= services.keys()
+    assert {"redis", "gateway", "worker", "jobs", "prometheus", "grafana"} <= services.keys()
     volumes = set(compose.get("volumes") or {})
     for name, service in services.items():
         for dependency in service.get("depends_on") or {}:
@@ -66,7 +66,7 @@ def test_workers_scale_and_are_found_where_prometheus_looks(compose: dict[str, A
 
 def test_every_setting_named_is_one_the_code_reads(compose: dict[str, Any]) -> None:
     known = {"REDIS_URL"}
-    for settings in (GatewaySettings, WorkerSettings):
+    for settings in (GatewaySettings, JobsSettings, WorkerSettings):
         known |= {f"SWITCHYARD_{name.upper()}" for name in settings.model_fields}
     for name, service in compose["services"].items():
         if service.get("image") != "switchyard:latest":
@@ -77,7 +77,7 @@ def test_every_setting_named_is_one_the_code_reads(compose: dict[str, Any]) -> N
 
 
 def test_commands_are_cli_commands_and_shutdown_has_time_to_drain(compose: dict[str, Any]) -> None:
-    for name in ("gateway", "worker"):
+    for name in ("gateway", "worker", "jobs"):
         command = compose["services"][name]["command"]
         assert command[0] == "switchyard"
         done = subprocess.run(
@@ -105,3 +105,13 @@ def test_the_image_holds_every_package_the_project_installs() -> None:
     assert packages <= copied
     assert all((ROOT / p / "__init__.py").is_file() for p in packages)
     assert 'pip install --extra-index-url "$TORCH_INDEX" ".[$ENGINE]"' in text
+
+
+def test_gateway_and_jobs_share_the_uploaded_files(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    dirs = {services[name]["environment"]["SWITCHYARD_FILES_DIR"] for name in ("gateway", "jobs")}
+    assert len(dirs) == 1, "the jobs service would not find the files the gateway stored"
+    (files_dir,) = dirs
+    for name in ("gateway", "jobs"):
+        assert f"files:{files_dir}" in services[name]["volumes"], name
+    assert int(services["jobs"]["stop_grace_period"].removesuffix("s")) > JobsSettings().jobs_drain_timeout

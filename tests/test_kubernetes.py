@@ -21,7 +21,7 @@ import yaml
 from control.processes import free_port
 from gateway.app import create_app, scaling_row
 from gateway.scaling import Decision, Load, Memory
-from shared.settings import GatewaySettings, WorkerSettings
+from shared.settings import GatewaySettings, JobsSettings, WorkerSettings
 from worker.health import Health
 from worker.metrics import MetricsServer
 
@@ -115,7 +115,8 @@ def test_keda_asks_the_gateways_about_the_served_model() -> None:
 
 
 def test_every_setting_named_is_one_the_code_reads() -> None:
-    known = {f"SWITCHYARD_{n.upper()}" for s in (GatewaySettings, WorkerSettings) for n in s.model_fields}
+    settings = (GatewaySettings, JobsSettings, WorkerSettings)
+    known = {f"SWITCHYARD_{n.upper()}" for s in settings for n in s.model_fields}
     assert set(CONFIG) <= known, set(CONFIG) - known
     GatewaySettings(
         **{
@@ -131,13 +132,15 @@ def test_every_setting_named_is_one_the_code_reads() -> None:
             if k.removeprefix("SWITCHYARD_").lower() in WorkerSettings.model_fields
         }
     )
-    for name in ("switchyard-gateway", "switchyard-worker"):
+    for name in ("switchyard-gateway", "switchyard-worker", "switchyard-jobs"):
         env = {e["name"] for e in container(name).get("env", [])}
         assert "REDIS_URL" in env, f"{name} would look for Redis on its own localhost"
+    # Gateways store uploads, jobs pods read them: without a shared volume they meet in Redis.
+    assert CONFIG["SWITCHYARD_FILE_STORE"] == "redis"
 
 
 def test_commands_are_cli_commands() -> None:
-    for name in ("switchyard-gateway", "switchyard-worker"):
+    for name in ("switchyard-gateway", "switchyard-worker", "switchyard-jobs"):
         args = container(name)["args"]
         assert args[0] == "switchyard"
         done = subprocess.run(
@@ -197,6 +200,8 @@ def test_grace_periods_outlast_the_drains() -> None:
     assert gateway["terminationGracePeriodSeconds"] > float(CONFIG["SWITCHYARD_SHUTDOWN_GRACE"]) + pause
     worker = find("Deployment", "switchyard-worker")["spec"]["template"]["spec"]
     assert worker["terminationGracePeriodSeconds"] > float(CONFIG["SWITCHYARD_DRAIN_TIMEOUT"])
+    jobs = find("Deployment", "switchyard-jobs")["spec"]["template"]["spec"]
+    assert jobs["terminationGracePeriodSeconds"] > JobsSettings().jobs_drain_timeout
     budget = find("PodDisruptionBudget", "switchyard-gateway")
     assert budget["spec"]["selector"] == find("Deployment", "switchyard-gateway")["spec"]["selector"]
 
