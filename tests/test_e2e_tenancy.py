@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 from control.processes import free_port
 from shared.tenants import Tenant
 from tests.conftest import System, create_tenant
-from tests.procs import spawn, stop, wait_until
+from tests.procs import ready, spawn, stop, wait_until
 from tests.test_e2e_faults import fake_model, forget_model, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -87,20 +87,15 @@ def three_gateways(system: System, tmp_path_factory: pytest.TempPathFactory) -> 
     urls = [f"http://127.0.0.1:{p}" for p in ports]
     try:
         for url, proc, i in zip(urls, procs, range(3), strict=True):
+            # Ready, not just alive: a gateway is ready once it has loaded the served model's
+            # tokenizer, which 300 requests at once would otherwise all wait for.
             wait_until(
-                lambda u=url: _alive(u), 120, f"gateway {i}", procs=(proc,), logs=(logs / f"gw{i}.log",)
+                lambda u=url: ready(u), 120, f"gateway {i}", procs=(proc,), logs=(logs / f"gw{i}.log",)
             )
         yield urls
     finally:
         for proc in procs:
             stop(proc)
-
-
-def _alive(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 async def test_one_rpm_limit_across_three_gateways(

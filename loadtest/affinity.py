@@ -1,0 +1,206 @@
+"""Prefix affinity, measured: multi-turn conversations on two real vLLM workers, with and without it.
+
+    python loadtest/affinity.py                     # 16 conversations of 4 turns, twice
+    python loadtest/affinity.py --conversations 32 --turns 6 --first-words 400
+
+Each phase starts its own ``switchyard up --workers 2`` on the demo model (cold prefix caches), with
+``SWITCHYARD_PREFIX_AFFINITY`` off, then on. Conversations run concurrently: each opens with a long
+first message of its own, and every turn sends the whole conversation so far (earlier questions and
+answers) plus a short new question, so each turn's prompt starts with the previous turn's. Reported
+per phase: TTFT of the first turns and of the later ones (the ones a prefix cache can serve), vLLM's
+own prefix-cache hit rate summed over both workers (``vllm:prefix_cache_hits`` / ``queries`` from
+their metrics), and how many jobs each worker ran. Written as ``affinity.json`` and ``summary.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+
+from control.processes import free_port, wait_until
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+KEY = "sy-0123456789ab-affinityaffinityaffinityaffinityaffini"
+WORDS = [
+    *("harbour", "lantern", "quiet", "river", "stone", "market"),
+    *("bridge", "window", "orchard", "silver", "meadow", "candle"),
+]
+
+
+@dataclass
+class Phase:
+    affinity: bool
+    first_turn_ttft_ms: list[float] = field(default_factory=list)
+    later_turn_ttft_ms: list[float] = field(default_factory=list)
+    prefix_hits: float = 0.0
+    prefix_queries: float = 0.0
+    jobs_per_worker: list[float] = field(default_factory=list)
+    errors: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
+
+    def figures(self) -> dict[str, float]:
+        def p(values: list[float], q: float) -> float:
+            return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 1 else float("nan")
+
+        return {
+            "first_turn_ttft_p50_ms": p(self.first_turn_ttft_ms, 50),
+            "later_turn_ttft_p50_ms": p(self.later_turn_ttft_ms, 50),
+            "later_turn_ttft_p95_ms": p(self.later_turn_ttft_ms, 95),
+            "prefix_cache_hit_rate": round(self.hit_rate, 3),
+        }
+
+
+def worker_metrics(ports: list[int]) -> tuple[float, float, list[float]]:
+    """(prefix-cache hits, queries, jobs completed) summed over the workers' metrics endpoints."""
+    hits = queries = 0.0
+    jobs = []
+    for port in ports:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        done = 0.0
+        for line in text.splitlines():
+            if line.startswith("vllm:prefix_cache_hits_total"):
+                hits += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("vllm:prefix_cache_queries_total"):
+                queries += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("switchyard:worker_jobs_total") and 'outcome="completed"' in line:
+                done += float(line.rsplit(" ", 1)[1])
+        jobs.append(done)
+    return hits, queries, jobs
+
+
+async def conversation(
+    http: httpx.AsyncClient, rng: random.Random, args: argparse.Namespace, phase: Phase
+) -> None:
+    opening = " ".join(rng.choice(WORDS) for _ in range(args.first_words))
+    messages = [{"role": "user", "content": f"Read this and answer my questions. {opening}"}]
+    for turn in range(args.turns):
+        body = {"model": "switchyard-demo", "messages": messages, "max_tokens": args.reply_tokens,
+                "stream": True, "ignore_eos": True}  # fmt: skip
+        begun, first, text = time.monotonic(), None, []
+        async with http.stream("POST", "/v1/chat/completions", json=body) as resp:
+            if resp.status_code != 200:
+                phase.errors += 1
+                return
+            async for line in resp.aiter_lines():
+                if line.startswith("data: {"):
+                    chunk = json.loads(line[6:])
+                    if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                        first = first or time.monotonic()
+                        text.append(chunk["choices"][0]["delta"]["content"])
+        if first is None:
+            phase.errors += 1
+            return
+        ttft = (first - begun) * 1000
+        (phase.first_turn_ttft_ms if turn == 0 else phase.later_turn_ttft_ms).append(ttft)
+        question = " ".join(rng.choice(WORDS) for _ in range(args.question_words))
+        messages += [{"role": "assistant", "content": "".join(text)}, {"role": "user", "content": question}]
+
+
+async def drive(base_url: str, args: argparse.Namespace, phase: Phase) -> None:
+    headers = {"authorization": f"Bearer {KEY}"}
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=300) as http:
+        rngs = [random.Random(args.seed + i) for i in range(args.conversations)]
+        await asyncio.gather(*(conversation(http, rng, args, phase) for rng in rngs))
+
+
+def run_phase(args: argparse.Namespace, affinity: bool) -> Phase:
+    phase = Phase(affinity)
+    port, redis_port = free_port(), free_port()
+    metrics = [free_port(), free_port()]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHYARD_")}
+    env |= {"SWITCHYARD_DEV_KEY": KEY, "XDG_CONFIG_HOME": str(args.out / "config")}
+    env |= {"SWITCHYARD_PREFIX_AFFINITY": str(affinity).lower(), "SWITCHYARD_METRICS_PORT": str(metrics[0])}
+    argv = [sys.executable, "-m", "control.cli", "up", "--workers", "2", "--port", str(port)]
+    argv += ["--redis-port", str(redis_port), "--max-model-len", "2048", "--dtype", args.dtype]
+    log = args.out / f"up-affinity-{'on' if affinity else 'off'}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, env=env, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        if not wait_until(lambda: "Press Ctrl-C to stop." in log.read_text(errors="replace"), 600, 1.0):
+            raise RuntimeError(f"switchyard up did not start: {log}")
+        ports = [int(line.rsplit(":", 1)[1].split("/")[0]) for line in log.read_text().splitlines()
+                 if line.strip().startswith("worker-") and "/metrics" in line]  # fmt: skip
+        hits0, queries0, jobs0 = worker_metrics(ports)
+        asyncio.run(drive(f"http://127.0.0.1:{port}", args, phase))
+        hits1, queries1, jobs1 = worker_metrics(ports)
+        phase.prefix_hits, phase.prefix_queries = hits1 - hits0, queries1 - queries0
+        phase.jobs_per_worker = [b - a for a, b in zip(jobs0, jobs1, strict=True)]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=180)
+    return phase
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d")
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p.add_argument("--conversations", type=int, default=16)
+    p.add_argument("--turns", type=int, default=4)
+    p.add_argument("--first-words", type=int, default=300)
+    p.add_argument("--question-words", type=int, default=12)
+    p.add_argument("--reply-tokens", type=int, default=32)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "loadtest" / "results" / f"{stamp}-affinity")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    phases = [run_phase(args, affinity) for affinity in (False, True)]
+    columns = [
+        "prefix affinity", "first-turn TTFT p50 ms", "later-turn TTFT p50 ms", "later-turn TTFT p95 ms",
+        "vLLM prefix-cache hit rate", "jobs per worker", "errors",
+    ]  # fmt: skip
+    rows = ["| " + " | ".join(columns) + " |", "| --- | ---: | ---: | ---: | ---: | --- | ---: |"]
+    for ph in phases:
+        f = ph.figures()
+        cells = [
+            "on" if ph.affinity else "off",
+            *(
+                f"{f[k]:.0f}"
+                for k in ("first_turn_ttft_p50_ms", "later_turn_ttft_p50_ms", "later_turn_ttft_p95_ms")
+            ),
+            f"{f['prefix_cache_hit_rate']:.1%}",
+            ", ".join(f"{j:.0f}" for j in ph.jobs_per_worker),
+            str(ph.errors),
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
+    text = "\n".join(
+        [
+            f"# Prefix affinity on a multi-turn workload ({datetime.now(UTC):%Y-%m-%d}, "
+            f"{os.cpu_count()} cores)",
+            "",
+            f"`switchyard up --workers 2`, demo model, {args.conversations} concurrent conversations of "
+            f"{args.turns} turns: a {args.first_words}-word opening, then {args.question_words}-word "
+            f"questions, {args.reply_tokens}-token answers.",
+            "",
+            *rows,
+            "",
+        ]
+    )
+    (args.out / "summary.md").write_text(text)
+    (args.out / "affinity.json").write_text(json.dumps([asdict(p) | p.figures() for p in phases], indent=1))
+    print(text)
+    return 0 if all(p.errors == 0 for p in phases) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
