@@ -127,7 +127,7 @@ class Jobs:
         )
         self.drain = DrainMeter()
         admission = Admission(redis, names, settings.request_timeout, self.drain, settings.max_backlog_total)
-        builder = JobBuilder(self.registry, TokenizerCache(), settings.max_n)
+        builder = JobBuilder(self.registry, TokenizerCache(), settings.max_n, settings.affinity_tokens)
         lifecycle = Lifecycle(settings.jobs_drain_timeout)
         tenants = TenantStore(redis, names)
         parts = Parts(redis, settings, self.hub, builder, admission, tenants, stopping, lifecycle)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import secrets
 import time
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +50,7 @@ class JobBuilder:
     registry: WorkerRegistry
     tokenizers: TokenizerCache
     max_n: int
+    affinity_tokens: int = 0
 
     async def resolve(self, model: str) -> ModelEntry:
         live = await self.registry.models()
@@ -98,6 +102,7 @@ class JobBuilder:
             prompt_token_ids=tuple(prompt),
             sampling=body.to_sampling(max_tokens),
             created_at=time.time(),
+            affinity=prefix_digest(prompt, self.affinity_tokens),
         )
 
 
@@ -116,7 +121,9 @@ class Gateway:
     jobs: JobBuilder = field(init=False)
 
     def __post_init__(self) -> None:
-        self.jobs = JobBuilder(self.registry, self.tokenizers, self.settings.max_n)
+        self.jobs = JobBuilder(
+            self.registry, self.tokenizers, self.settings.max_n, self.settings.affinity_tokens
+        )
 
     async def prewarm(self, period: float = 1.0) -> None:
         """Load each served model's tokenizer before its first request needs it (until then the
@@ -194,6 +201,14 @@ class Gateway:
         if result is None:  # the client left; nobody reads a response
             return JSONResponse({}, status_code=499)
         return JSONResponse(result, headers=admitted.ticket.headers)
+
+
+def prefix_digest(prompt: Sequence[int], length: int) -> str | None:
+    """A digest of the prompt's first ``length`` tokens, when it has more (see ``Job.affinity``):
+    the turns of a conversation, or requests that open with one long system prompt, share it."""
+    if length <= 0 or len(prompt) <= length:
+        return None
+    return hashlib.blake2b(array("l", prompt[:length]).tobytes(), digest_size=8).hexdigest()
 
 
 def check_length(tokens: PromptBuilder, chars: int, max_model_len: int, param: str) -> None:

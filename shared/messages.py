@@ -55,6 +55,9 @@ class Job(_Wire):
     sampling: Sampling
     created_at: float
     """Gateway wall-clock time (seconds) when the job was enqueued; used for queue-wait metrics."""
+    affinity: str | None = None
+    """A digest of the prompt's first tokens: jobs that share it share a prompt prefix, so a worker
+    whose engine holds that prefix in its cache should run them (see ``worker/affinity.py``)."""
 
 
 class Started(_Wire):

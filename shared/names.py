@@ -69,6 +69,10 @@ class Names:
         """List of the token messages a job has published so far, so another worker can resume it."""
         return f"{self.prefix}:progress:{request_id}"
 
+    def inbox(self, worker_id: str) -> str:
+        """Channel on which a worker is told of a job another worker handed to it (prefix affinity)."""
+        return f"{self.prefix}:inbox:{worker_id}"
+
     def workers(self) -> str:
         return f"{self.prefix}:workers"
 

@@ -95,6 +95,14 @@ class GatewaySettings(RedisSettings):
     scale_cooldown: float = Field(
         default=15.0, ge=0, description="Autoscaling: seconds between two retirements."
     )
+    affinity_tokens: int = Field(
+        default=64,
+        ge=0,
+        description=(
+            "Prompts longer than this many tokens carry a digest of their first ones, so that jobs "
+            "sharing that prefix can run on the worker whose prefix cache holds it. 0: none."
+        ),
+    )
     shutdown_grace: float = Field(
         default=30.0,
         ge=0,
@@ -234,6 +242,13 @@ class WorkerSettings(RedisSettings):
     )
     heartbeat_interval: float = Field(
         default=2.0, gt=0, description="Seconds between a worker's heartbeats and claim refreshes."
+    )
+    prefix_affinity: bool = Field(
+        default=True,
+        description=(
+            "Hand a job whose prompt prefix belongs to another worker (by the prompt's digest) to "
+            "that worker while it is not busier than this one, so its prefix cache serves it."
+        ),
     )
     reclaim_idle: float = Field(
         default=15.0,

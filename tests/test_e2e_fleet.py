@@ -91,6 +91,8 @@ def up(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         wait_until(lambda: ready(base), 300, "switchyard up --workers 2", procs=(proc,), logs=(log,))
         key = (home / "config" / "switchyard" / "dev-key").read_text().strip()
         system = Up(proc, base, f"redis://127.0.0.1:{redis_port}/0", key, log)
+        # Ready means one worker serves; these tests need both.
+        wait_until(lambda: len(asyncio.run(worker_records(system.redis_url))) == 2, 300, "two workers")
         family = psutil.Process(proc.pid).children(recursive=True)
         yield system
         family += psutil.Process(proc.pid).children(recursive=True)
@@ -141,6 +143,33 @@ async def worker_records(redis_url: str) -> list[WorkerInfo]:
         return await live_workers(redis, Names(), ttl=3)
     finally:
         await redis.aclose()
+
+
+def completed_by_worker(up: Up) -> dict[int, float]:
+    """Jobs each worker completed, by its metrics port."""
+    out = {}
+    for proc in up.children("worker"):
+        port = int(proc.environ()["SWITCHYARD_METRICS_PORT"])
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        done = [line for line in text.splitlines() if 'outcome="completed"' in line]
+        out[port] = float(done[0].rsplit(" ", 1)[1]) if done else 0.0
+    return out
+
+
+async def test_the_turns_of_a_conversation_run_on_one_worker(up: Up) -> None:
+    client = up.client()
+    for _ in range(2):  # two conversations: each keeps to its worker, wherever each is read
+        before = await asyncio.to_thread(completed_by_worker, up)
+        opening = "Read this and answer. " + " ".join(f"harbour {i} lights" for i in range(60))
+        messages: list[dict[str, str]] = [{"role": "user", "content": opening}]
+        for _ in range(4):
+            reply = await client.chat.completions.create(model="fleet-demo", messages=messages, max_tokens=8)  # type: ignore[arg-type]
+            messages += [
+                {"role": "assistant", "content": reply.choices[0].message.content or ""},
+                {"role": "user", "content": "And then?"},
+            ]
+        after = await asyncio.to_thread(completed_by_worker, up)
+        assert sorted(after[p] - before[p] for p in after) == [0, 4], (before, after)
 
 
 async def test_a_killed_worker_costs_no_stream_and_comes_back(up: Up) -> None:

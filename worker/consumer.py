@@ -26,15 +26,19 @@ from worker.claims import ClaimKeeper, Reclaimer
 from worker.coalesce import flush_interval
 from worker.deadletter import dead_letter, tell_client
 from worker.engine import Engine
+from worker.handover import Peers, hand_over, receive
 from worker.inflight import Inflight
 from worker.metrics import WorkerMetrics
 from worker.outbox import Outbox
+from worker.prefix_affinity import hand_to
 from worker.reader import Reader
 from worker.runner import JobRunner
 from worker.streams import JobStreams
 
 log = logging.getLogger(__name__)
 
+PEERS_REFRESH = 1.0
+"""How stale this worker's view of the others' load may be when it hands a job over."""
 STOP_GRACE = 10.0
 """How long a stopping worker waits for cancelled jobs to hand themselves back."""
 
@@ -81,6 +85,7 @@ class Consumer:
         self._reclaimer = Reclaimer(
             redis, worker_id, self._streams, self.inflight, settings.reclaim_idle, take=self.take
         )
+        self._peers = Peers(redis, names, self._model, ttl=settings.reclaim_idle, refresh=PEERS_REFRESH)
 
     def stop(self) -> None:
         """Stop taking jobs; running ones go on (see :meth:`drain`)."""
@@ -97,8 +102,23 @@ class Consumer:
 
     # -- starting a job --------------------------------------------------------------------------
 
-    async def take(self, stream: str, entry_id: str, fields: dict[bytes, bytes] | None, attempt: int) -> None:
-        """Start the job of a stream entry this worker just read or took over (or refuse it)."""
+    async def handover_loop(self) -> None:
+        """Start the jobs other workers hand to this one (prefix affinity)."""
+        await receive(self._redis, self._names, self._worker_id, self.stopping, self.take_handed)
+
+    async def take_handed(self, stream: str, entry_id: str, fields: dict[bytes, bytes] | None) -> None:
+        await self.take(stream, entry_id, fields, attempt=1, handed=True)
+
+    async def take(
+        self,
+        stream: str,
+        entry_id: str,
+        fields: dict[bytes, bytes] | None,
+        attempt: int,
+        handed: bool = False,
+    ) -> None:
+        """Start the job of a stream entry this worker just read, took over or was handed (or refuse
+        it, or hand it to the worker its prompt prefix belongs to)."""
         raw = (fields or {}).get(JOB_FIELD.encode())
         try:
             if raw is None:
@@ -127,9 +147,28 @@ class Consumer:
             await self._dead_letter(stream, entry_id, raw, f"delivered {attempt - 1} times")
             await tell_client(self._redis, self._names, job.id)
             return
+        if not handed and await self._hand_over(claim):
+            return
         task = asyncio.create_task(self._run(claim), name=f"job-{job.id}")
         task.add_done_callback(_log_escaped)
         self.inflight.add(claim, task)
+
+    async def _hand_over(self, claim: Claim) -> bool:
+        """Hand a new job to the worker its prompt prefix belongs to, if that one has room; False
+        to run it here (see :mod:`worker.prefix_affinity`)."""
+        digest = claim.job.affinity
+        if not (self._settings.prefix_affinity and digest and claim.attempt == 1 and not claim.handed_back):
+            return False
+        target = hand_to(digest, self._worker_id, len(self.inflight), await self._peers.current())
+        if target is None:
+            return False
+        try:
+            await hand_over(self._redis, self._names, claim.stream, claim.entry_id, target)
+        except (RedisError, OSError) as exc:
+            log.warning("could not hand job %s to %s (%s); running it here", claim.job.id, target, exc)
+            return False
+        self.metrics.handed_over()
+        return True
 
     async def _run(self, claim: Claim) -> None:
         self.metrics.job_started(claim.job)

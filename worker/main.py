@@ -182,6 +182,7 @@ async def run_consumer(redis: Redis, settings: WorkerSettings, engine: Engine, h
         asyncio.create_task(consumer.read_loop(), name="read"),
         asyncio.create_task(consumer.claims_loop(), name="claims"),
         asyncio.create_task(consumer.cancel_loop(), name="cancel"),
+        asyncio.create_task(consumer.handover_loop(), name="handover"),
         asyncio.create_task(heartbeat.run(stopping), name="heartbeat"),
     ]
     log.info(

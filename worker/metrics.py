@@ -76,6 +76,12 @@ class WorkerMetrics:
         self._published = Counter(
             "switchyard:worker_messages_published", "Reply messages published", ["model"], registry=reg
         )
+        self._handed = Counter(
+            "switchyard:worker_jobs_handed_over",
+            "Jobs handed to the worker their prompt prefix belongs to (prefix affinity)",
+            ["model"],
+            registry=reg,
+        )
         self._queue_time = Histogram(
             "switchyard:worker_queue_time_seconds",
             "Enqueue (gateway clock) to taken by this worker",
@@ -84,7 +90,7 @@ class WorkerMetrics:
             registry=reg,
         )
         # Every series exists from the start at 0, so dashboards and rate() see no gap before a job.
-        for metric in (self._running, self._tokens, self._published, self._queue_time):
+        for metric in (self._running, self._tokens, self._published, self._handed, self._queue_time):
             metric.labels(model)
         for outcome in OUTCOMES:
             self._jobs.labels(model, outcome)
@@ -104,6 +110,9 @@ class WorkerMetrics:
         if tokens:
             self._tokens.labels(self.model).inc(tokens)
             self.rate.add(tokens)
+
+    def handed_over(self) -> None:
+        self._handed.labels(self.model).inc()
 
     def published(self) -> None:
         self._published.labels(self.model).inc()

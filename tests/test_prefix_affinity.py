@@ -1,0 +1,83 @@
+"""Prefix affinity: the routing as tables (pure), the digest a gateway puts on jobs, and the
+hand-over between two workers against a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections import Counter
+
+from redis.asyncio import Redis
+
+from gateway.service import prefix_digest
+from shared.messages import Job, Sampling, encode
+from shared.names import GROUP, JOB_FIELD, Names
+from worker.handover import hand_over, receive
+from worker.prefix_affinity import SLACK, Peer, hand_to, preferred
+
+
+def test_a_conversation_keeps_its_digest_and_short_prompts_have_none() -> None:
+    turn1 = list(range(100))
+    turn2 = [*turn1, 7, 7, 7, 500, 501]  # the first turn, its answer, the next question
+    assert prefix_digest(turn1, 64) == prefix_digest(turn2, 64) is not None
+    assert prefix_digest([9, *turn1], 64) != prefix_digest(turn1, 64)
+    assert prefix_digest(list(range(64)), 64) is None  # not longer than the prefix: nothing to share
+    assert prefix_digest(turn1, 0) is None  # off
+
+
+def test_digests_spread_over_workers_and_keep_their_worker_when_another_joins() -> None:
+    digests = [f"{i:016x}" for i in range(3000)]
+    three = {d: preferred(d, ["w1", "w2", "w3"]) for d in digests}
+    shares = Counter(three.values())
+    assert all(800 < n < 1200 for n in shares.values()), shares
+    four = {d: preferred(d, ["w1", "w2", "w3", "w4"]) for d in digests}
+    moved = [d for d in digests if four[d] != three[d]]
+    assert all(four[d] == "w4" for d in moved)  # only what the new worker takes moves
+    assert 500 < len(moved) < 1000
+    assert preferred("ab", ["w3", "w1", "w2"]) == preferred("ab", ["w1", "w2", "w3"])  # order-free
+
+
+def test_a_job_goes_to_its_worker_while_that_one_has_room() -> None:
+    digest = next(d for d in (f"{i:x}" for i in range(100)) if preferred(d, ["me", "other"]) == "other")
+    mine = next(d for d in (f"{i:x}" for i in range(100)) if preferred(d, ["me", "other"]) == "me")
+    idle = Peer("other", inflight=0, capacity=8)
+    assert hand_to(mine, "me", 0, [idle]) is None  # its own
+    assert hand_to(digest, "me", 0, [idle]) == "other"
+    assert hand_to(digest, "me", 0, [Peer("other", inflight=SLACK, capacity=8)]) == "other"
+    assert hand_to(digest, "me", 0, [Peer("other", inflight=SLACK + 1, capacity=64)]) is None  # busier
+    assert hand_to(digest, "me", 10, [Peer("other", inflight=8, capacity=8)]) is None  # full
+    assert hand_to(digest, "me", 0, []) is None  # alone: nobody to hand it to
+
+
+async def test_a_handed_job_reaches_its_worker_without_counting_as_a_delivery(redis: Redis) -> None:
+    names = Names(f"syaff{uuid.uuid4().hex[:8]}")
+    stream = names.jobs_stream("m", "t")
+    job = Job(
+        id="req_" + uuid.uuid4().hex, tenant="t", model="m", prompt_token_ids=(1, 2),
+        sampling=Sampling(max_tokens=2), created_at=time.time(), affinity="abc",
+    )  # fmt: skip
+    await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    await redis.xadd(stream, {JOB_FIELD: encode(job)})
+    ((_, [(entry, _)]),) = await redis.xreadgroup(GROUP, "giver", {stream: ">"}, count=1)
+    taken: asyncio.Queue[tuple[str, str, dict[bytes, bytes] | None]] = asyncio.Queue()
+
+    async def take(s: str, e: str, fields: dict[bytes, bytes] | None) -> None:
+        await taken.put((s, e, fields))
+
+    stopping = asyncio.Event()
+    inbox = asyncio.create_task(receive(redis, names, "taker", stopping, take))
+    try:
+        await asyncio.sleep(0.2)  # subscribed
+        await hand_over(redis, names, stream, entry.decode(), "taker")
+        s, e, fields = await asyncio.wait_for(taken.get(), 5)
+        assert (s, e) == (stream, entry.decode()) and fields is not None and fields[JOB_FIELD.encode()]
+        (pending,) = await redis.xpending_range(stream, GROUP, min="-", max="+", count=10)
+        assert pending["consumer"] == b"taker" and pending["times_delivered"] == 1
+    finally:
+        stopping.set()
+        inbox.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await inbox
+        await redis.delete(stream)
