@@ -58,3 +58,18 @@ def test_the_readme_layout_names_every_module() -> None:
     present = {str(p.relative_to(ROOT)) for pkg in PACKAGES for p in modules(pkg) if p.name != "__init__.py"}
     assert present - named == set(), "modules the README's Layout does not describe"
     assert named - present == set(), "modules the README's Layout names that do not exist"
+
+
+def test_the_readme_configuration_table_lists_every_setting() -> None:
+    from shared.settings import GatewaySettings, JobsSettings, WorkerSettings
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Configuration") :]
+    table = table[: table.index("\n## ", 1)]
+    names = {
+        f"SWITCHYARD_{n.upper()}"
+        for s in (GatewaySettings, JobsSettings, WorkerSettings)
+        for n in s.model_fields
+    }
+    names = {"REDIS_URL" if n == "SWITCHYARD_REDIS_URL" else n for n in names}
+    assert sorted(n for n in names if f"`{n}`" not in table) == []
