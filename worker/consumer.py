@@ -28,6 +28,7 @@ from worker.engine import Engine
 from worker.inflight import Inflight
 from worker.metrics import WorkerMetrics
 from worker.outbox import Outbox
+from worker.peers import Peers
 from worker.reader import Reader
 from worker.runner import JobRunner
 from worker.streams import JobStreams
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 
 STOP_GRACE = 10.0
 """How long a stopping worker waits for cancelled jobs to hand themselves back."""
+PEER_TTL_BEATS = 2.5
+"""Heartbeat intervals after which a silent worker is no longer left a share of the jobs waiting."""
 
 
 class Consumer:
@@ -76,6 +79,7 @@ class Consumer:
             self.inflight,
             settings.headroom_window,
             take=self.take,
+            peers=Peers(redis, names, self._model, worker_id, PEER_TTL_BEATS * settings.heartbeat_interval),
         )
         self._reclaimer = Reclaimer(
             redis, worker_id, self._streams, self.inflight, settings.reclaim_idle, take=self.take
