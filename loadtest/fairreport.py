@@ -182,7 +182,8 @@ def headline(rep: FairnessReport) -> str:
         )
         + "\n"
         f"A: {o['flood_concurrency']} streams ({o['flooder_priority']}), B: {o['concurrency']} streams "
-        f"(interactive), worker capacity {fmt(rep.worker_capacity, '{:d}')}"
+        f"(interactive), {o.get('workers', 1)} {o.get('engine', 'vllm')} worker(s) with "
+        f"{fmt(rep.worker_capacity, '{:d}')} slots in all"
     )
 
 

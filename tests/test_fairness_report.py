@@ -86,7 +86,7 @@ def test_table_compares_b_alone_with_b_under_the_flood() -> None:
     assert rows["B jobs waiting in Redis, mean / max"] == ["0.0 / 0.0", "0.5 / 1.0", "-"]
     text = fr.render_text(rep)
     assert text.startswith(f"B's TTFT p95: {alone_p95:.0f} ms alone, {flood_p95:.0f} ms under A's flood (x")
-    assert "A: 40 streams (interactive), B: 4 streams (interactive), worker capacity 16" in text
+    assert "A: 40 streams (interactive), B: 4 streams (interactive), 1 vllm worker(s) with 16 slots" in text
     assert "WARNING" not in text
 
 
