@@ -1,10 +1,11 @@
 """The other live workers of a worker's model, and what every worker and stream holds right now.
 
-Two cheap reads feed :mod:`worker.balance`: the peers' heartbeats (who is live and not draining, with
-what capacity; re-read at most every :data:`PEERS_REFRESH` seconds, as membership changes slowly)
-and, before a read, one pipelined ``XLEN`` + ``XPENDING`` per job stream (:func:`peek`): how many
-jobs wait in each stream and how many each consumer holds, exact at that instant, where a
-heartbeat's ``inflight`` may be seconds old.
+Two cheap reads feed :mod:`worker.balance` and, in a fleet, :class:`~worker.planner.Headroom`: the
+peers' heartbeats (who is live and not draining, with what capacity; re-read at most every
+:data:`PEERS_REFRESH` seconds, as membership changes slowly) and, before a read, one pipelined
+``XLEN`` + ``XPENDING`` per job stream (:func:`peek`): how many jobs wait and run in each stream
+and how many each consumer holds, exact at that instant, where a heartbeat's ``inflight`` may be
+seconds old.
 """
 
 from __future__ import annotations
@@ -54,10 +55,13 @@ class Peers:
 
 @dataclass(frozen=True, slots=True)
 class Loads:
-    """One look at the model's streams: jobs waiting in each, jobs each consumer holds over all."""
+    """One look at the model's streams: jobs waiting and running in each, jobs each consumer holds."""
 
     waiting: dict[str, int]
+    pending: dict[str, int]
+    """Jobs of each stream that some worker has taken and not finished."""
     held: Counter[str]
+    """Jobs each consumer (worker) holds, over every stream."""
 
 
 def _text(value: bytes | str) -> str:
@@ -73,9 +77,11 @@ async def peek(redis: Redis, streams: list[str]) -> Loads:
             pipe.xpending(stream, GROUP)
         replies = await pipe.execute()
     waiting: dict[str, int] = {}
+    running: dict[str, int] = {}
     held: Counter[str] = Counter()
     for stream, length, pending in zip(streams, replies[::2], replies[1::2], strict=True):
-        waiting[stream] = max(0, int(length) - int(pending["pending"]))
+        running[stream] = int(pending["pending"])
+        waiting[stream] = max(0, int(length) - running[stream])
         for row in pending.get("consumers") or ():
             held[_text(row["name"])] += int(row["pending"])
-    return Loads(waiting, held)
+    return Loads(waiting, running, held)

@@ -21,7 +21,7 @@ from shared.names import GROUP
 from worker.balance import Load, Spread, stands_back
 from worker.inflight import Inflight
 from worker.peers import Peers, peek
-from worker.planner import Headroom, ReadPlan, within
+from worker.planner import Headroom, ReadPlan, fleet_shares, within
 from worker.streams import JobStreams
 
 log = logging.getLogger(__name__)
@@ -89,17 +89,23 @@ class Reader:
     async def _read_once(self) -> None:
         streams = await self._streams.current()
         held = self._inflight.held()
-        self._headroom.update(held, time.monotonic())
+        peers = await self._peers.current() if self._peers is not None and streams else {}
+        loads = await peek(self._redis, streams) if peers else None
+        if loads is None:  # alone: the room kept for a tenant is what it held here lately
+            self._headroom.update(held, time.monotonic())
+        else:  # in a fleet: its share of what the tenant holds on every worker
+            fleet = self._inflight.capacity + sum(peers.values())
+            self._headroom.update(
+                fleet_shares(loads.pending, self._inflight.capacity, fleet), time.monotonic()
+            )
         rooms = self._headroom.room(streams, held, self._inflight.free(), self._streams.weights)
         if not rooms:  # no tenants yet, or the free slots are kept for tenants not sending right now
             await self._pause(READ_BLOCK_MS / 1000)
             return
-        peers = await self._peers.current() if self._peers is not None else {}
-        if not peers:  # alone: every job waiting is this worker's to take
+        if loads is None:  # alone: every job waiting is this worker's to take
             reads = self._reads(rooms, max(rooms.values()))
             await self._read(reads, rooms, len(rooms) == len(streams))
             return
-        loads = await peek(self._redis, streams)
         me = Load(len(self._inflight), self._inflight.capacity)
         others = [Load(min(loads.held[p], cap), cap) for p, cap in peers.items()]
         waiting = {s: n for s in rooms if (n := loads.waiting.get(s, 0))}
