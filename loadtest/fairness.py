@@ -60,7 +60,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -103,6 +103,8 @@ class Setup:
     key_a: str
     key_b: str
     redis: RedisSettings | None  # where its queues are, if known
+    processes: dict[str, int] = field(default_factory=dict)
+    """Its processes (name -> pid of a process tree), when started here: their CPU is reported."""
 
 
 class QueueProbe:
@@ -230,6 +232,8 @@ class Loads:
     client_a: httpx.AsyncClient
     client_b: httpx.AsyncClient
     words: int
+    ramp: float = 0.0
+    """Seconds over which each tenant's streams start (A's within the lead)."""
 
 
 @dataclass(frozen=True)
@@ -244,8 +248,9 @@ class Phase:
 async def phase_alone(loads: Loads, duration: float) -> Phase:
     cpu0, t0 = time.process_time(), time.perf_counter()
     results, wall = await bench.run_closed_loop(
-        loads.client_b, loads.b, loads.words, None, loads.b.concurrency, "alone", stop=until(t0 + duration)
-    )
+        loads.client_b, loads.b, loads.words, None, loads.b.concurrency, "alone", until(t0 + duration),
+        ramp=loads.ramp,
+    )  # fmt: skip
     return Phase(results, wall, time.process_time() - cpu0)
 
 
@@ -258,17 +263,18 @@ async def phase_flood(
     client_b, cfg_b = victim or (loads.client_b, loads.b)
     over = asyncio.Event()
     cpu0 = time.process_time()
+    a = loads.a
+    ramp = min(loads.ramp, lead)
     flood = asyncio.create_task(
-        bench.run_closed_loop(
-            loads.client_a, loads.a, loads.words, None, loads.a.concurrency, "flood", stop=over.is_set
-        )
+        bench.run_closed_loop(loads.client_a, a, loads.words, None, a.concurrency, "flood", over.is_set, ramp)
     )
     try:
         await asyncio.sleep(lead)  # A's backlog forms before B is measured
         start = time.perf_counter()
         measured, measured_wall = await bench.run_closed_loop(
-            client_b, cfg_b, loads.words, None, cfg_b.concurrency, "victim", stop=until(start + duration)
-        )
+            client_b, cfg_b, loads.words, None, cfg_b.concurrency, "victim", until(start + duration),
+            ramp=loads.ramp,
+        )  # fmt: skip
         end = time.perf_counter()
     finally:
         over.set()
@@ -294,7 +300,7 @@ async def run_phases(args: argparse.Namespace, setup: Setup) -> fairreport.Fairn
     try:
         async with bench.make_client(cfg_a) as client_a, bench.make_client(cfg_b) as client_b:
             words = await bench.calibrate_words(client_b, cfg_b)
-            loads = Loads(cfg_a, cfg_b, client_a, client_b, words)
+            loads = Loads(cfg_a, cfg_b, client_a, client_b, words, args.ramp)
             warm: list[RequestResult] = []
             if args.warmup:
                 warm, _ = await bench.run_closed_loop(
@@ -307,15 +313,17 @@ async def run_phases(args: argparse.Namespace, setup: Setup) -> fairreport.Fairn
                 return await gateway_totals(client_b, setup.base_url, victim_name)
 
             print(f"phase 1: B alone, {cfg_b.concurrency} streams, {args.duration:.0f} s", flush=True)
-            before = await totals()
+            before, cpu = await totals(), proctree.cpu_seconds(setup.processes)
             async with watching(probe, samples_alone, time.perf_counter()):
                 alone = await phase_alone(loads, args.duration)
+            cpu_alone = proctree.cores(cpu, proctree.cpu_seconds(setup.processes), alone.wall)
             split_alone = gateway_split(before, await totals())
             print(f"phase 2: A floods with {cfg_a.concurrency} streams, B as in phase 1", flush=True)
             t0 = time.perf_counter()
-            before = await totals()
+            before, cpu = await totals(), proctree.cpu_seconds(setup.processes)
             async with watching(probe, samples_flood, t0):
                 victim, flooder, start, end = await phase_flood(loads, args.duration, args.lead)
+            cpu_flood = proctree.cores(cpu, proctree.cpu_seconds(setup.processes), time.perf_counter() - t0)
             split_flood = gateway_split(before, await totals())
             shared = None
             if not args.no_shared_queue:
@@ -344,6 +352,8 @@ async def run_phases(args: argparse.Namespace, setup: Setup) -> fairreport.Fairn
         worker_capacity=capacity,
         gateway_alone=split_alone,
         gateway_flood=split_flood,
+        cpu_alone=cpu_alone,
+        cpu_flood=cpu_flood,
     )
 
 
@@ -390,7 +400,7 @@ def run_started_system(args: argparse.Namespace) -> fairreport.FairnessReport:
         print(f"ready after {ready:.0f} s", flush=True)
         redis = RedisSettings(redis_url=target.redis_url)  # the prefix as the system reads it: env
         key_a, key_b = create_tenants(redis, args.flooder_priority)
-        setup = Setup(target.base_url, args.model_name, key_a, key_b, redis)
+        setup = Setup(target.base_url, args.model_name, key_a, key_b, redis, {"system": proc.pid})
         return bench.run_on_loop(run_phases(args, setup), not args.no_uvloop)
     finally:
         print(f"system stopped by {proctree.stop_tree(proc)}", flush=True)
@@ -413,7 +423,7 @@ def run_simulated_system(args: argparse.Namespace) -> fairreport.FairnessReport:
         key_a = fleet.add_tenant(FLOODER, args.flooder_priority)
         key_b = fleet.add_tenant(VICTIM)
         redis = RedisSettings(redis_url=fleet.redis_url)
-        setup = Setup(f"{fleet.base_url}/v1", spec.served_name, key_a, key_b, redis)
+        setup = Setup(f"{fleet.base_url}/v1", spec.served_name, key_a, key_b, redis, fleet.processes())
         return bench.run_on_loop(run_phases(args, setup), not args.no_uvloop)
 
 
@@ -452,6 +462,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--flood-concurrency", type=int, help="A's streams (default: 10x B's)")
     add("--duration", type=float, default=45.0, help="seconds B is measured in each phase (default: 45)")
     add("--lead", type=float, default=5.0, help="seconds A floods before B's phase 2 (default: 5)")
+    add("--ramp", type=float, default=0.0,
+        help="seconds over which each tenant's streams start, A's within the lead (default: 0)")  # fmt: skip
     add("--prompt-tokens", type=int, default=64)
     add("--output-tokens", type=int, default=64)
     add("--no-shared-queue", action="store_true",

@@ -145,3 +145,19 @@ def stop_tree(proc: subprocess.Popen[bytes]) -> str:
         _signal_all(leftovers, signal.SIGKILL)
         how += f"; then stopped {found} leftover descendant(s)"
     return how
+
+
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds used so far by each named process tree, by this process (``client``) and by the
+    whole host (``host``)."""
+    table = read_process_table()
+    used = {name: tree_seconds(pid, table) for name, pid in pids.items()}
+    return used | {"client": time.process_time(), "host": machine_busy()}
+
+
+def cores(before: dict[str, float], after: dict[str, float], wall: float) -> dict[str, float]:
+    """Cores each entry of two :func:`cpu_seconds` readings used over ``wall`` seconds, and
+    ``other``: the host's busy time none of them used (work from elsewhere)."""
+    used = {k: (after[k] - before.get(k, 0.0)) / wall for k in after} if wall > 0 else {}
+    ours = sum(v for k, v in used.items() if k != "host")
+    return used | {"other": max(0.0, used.get("host", 0.0) - ours)}

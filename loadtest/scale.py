@@ -97,24 +97,9 @@ async def worker_counters(
     return jobs, tokens
 
 
-def cpu_seconds(fleet: simfleet.SimFleet) -> dict[str, float]:
-    """CPU seconds used so far by each process of the fleet, this process and the whole host."""
-    table = proctree.read_process_table()
-    used = {name: proctree.tree_seconds(pid, table) for name, pid in fleet.processes().items()}
-    return used | {"client": time.process_time(), "host": proctree.machine_busy()}
-
-
 async def snapshot(http: httpx.AsyncClient, fleet: simfleet.SimFleet) -> Snapshot:
     jobs, tokens = await worker_counters(http, fleet)
-    return Snapshot(time.perf_counter(), jobs, tokens, cpu_seconds(fleet))
-
-
-def cores(before: Snapshot, after: Snapshot) -> dict[str, float]:
-    """Cores each process used between two snapshots; ``other``: the host's busy time none of them used."""
-    wall = after.at - before.at
-    used = {k: (after.cpu[k] - before.cpu.get(k, 0.0)) / wall for k in after.cpu}
-    ours = sum(v for k, v in used.items() if k != "host")
-    return used | {"other": max(0.0, used["host"] - ours)}
+    return Snapshot(time.perf_counter(), jobs, tokens, proctree.cpu_seconds(fleet.processes()))
 
 
 async def burst(
@@ -161,16 +146,18 @@ async def measure(args: argparse.Namespace, fleet: simfleet.SimFleet, keys: list
         print(f"  burst of {args.burst_per_worker * n}: jobs per worker {burst_jobs}", flush=True)
         words = await bench.calibrate_words(*clients[0])
         stop = asyncio.Event()
-
-        async def stream(index: int) -> list[RequestResult]:
-            # Starts spread over half the warm-up: streams that all began together would keep
-            # finishing together, and every worker would prefill its whole batch in one step.
-            await asyncio.sleep(index * args.warmup / 2 / streams)
-            client, cfg = clients[index % len(clients)]
-            results, _ = await bench.run_closed_loop(client, cfg, words, None, 1, f"s{index}-", stop.is_set)
-            return results
-
-        loops = [asyncio.create_task(stream(i)) for i in range(streams)]
+        split = [streams // len(clients) + (i < streams % len(clients)) for i in range(len(clients))]
+        loops = [
+            # Started over half the warm-up: streams started together would finish together, in
+            # waves, and every worker would prefill its whole batch in one step.
+            asyncio.create_task(
+                bench.run_closed_loop(
+                    client, cfg, words, None, c, f"t{i}-", stop.is_set, ramp=args.warmup / 2
+                )
+            )
+            for i, ((client, cfg), c) in enumerate(zip(clients, split, strict=True))
+            if c
+        ]
         try:
             await asyncio.sleep(args.warmup)
             before = await snapshot(http, fleet)
@@ -179,7 +166,7 @@ async def measure(args: argparse.Namespace, fleet: simfleet.SimFleet, keys: list
         finally:
             stop.set()
             done = await asyncio.gather(*loops)
-    results: list[RequestResult] = [r for rs in done for r in rs]
+    results: list[RequestResult] = [r for rs, _ in done for r in rs]
     inside = [r for r in results if before.at <= r.sent <= after.at]
     ttft = scalereport.ttfts_ms(results, before.at, after.at)
     window = after.at - before.at
@@ -197,7 +184,7 @@ async def measure(args: argparse.Namespace, fleet: simfleet.SimFleet, keys: list
         jobs=[round(b - a) for a, b in zip(before.jobs, after.jobs, strict=True)],
         burst=args.burst_per_worker * n,
         burst_jobs=burst_jobs,
-        cores=cores(before, after),
+        cores=proctree.cores(before.cpu, after.cpu, window),
         error_samples={e.error or "?": 1 for e in errors[:5]},
     )
 

@@ -125,6 +125,17 @@ def test_gateway_split_is_the_mean_over_the_phase_and_adds_rows() -> None:
     assert rows["  of which waiting to start (ms)"] == ["2", "50", "25.00"]
 
 
+def test_cpu_rows_show_the_host_and_each_process_when_measured() -> None:
+    rep = fairness()
+    assert "host CPU busy (cores)" not in {r[0] for r in fr.table_rows(rep)}
+    rep.cpu_alone = {"gateway": 0.1, "worker-1": 0.05, "client": 0.04, "host": 0.5, "other": 0.31}
+    rep.cpu_flood = {"gateway": 0.4, "worker-1": 0.2, "client": 0.3, "host": 1.9, "other": 1.0}
+    rows = {r[0]: r[1:] for r in fr.table_rows(rep)}
+    assert rows["host CPU busy (cores)"] == ["0.50", "1.90", "-"]
+    assert rows["  of it others' work"] == ["0.31", "1.00", "-"]
+    assert rows["  gateway"] == ["0.10", "0.40", "-"] and rows["  worker-1"] == ["0.05", "0.20", "-"]
+
+
 def test_notes_say_when_there_was_no_queue_or_the_engine_queued() -> None:
     no_queue = fr.queue_summary([sample(1.0, (16, 16))], 0.0, 10.0)
     assert any("never had jobs waiting" in n for n in fr.notes(fairness(no_queue)))
