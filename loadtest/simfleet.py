@@ -207,17 +207,3 @@ def counter(text: str, name: str, **labels: str) -> float:
             ):
                 total += sample.value
     return total
-
-
-def wait_quiet(fleet: SimFleet, limit: float = 30.0) -> None:
-    """Wait until no worker holds a job (the previous phase's stragglers are gone)."""
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        running = sum(
-            counter(scrape(w.metrics_url), "switchyard:worker_jobs_running")
-            for w in fleet.workers
-            if w.metrics_url
-        )
-        if running == 0:
-            return
-        time.sleep(0.2)
