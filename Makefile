@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.switchyard-installed
 ARGS ?=
 
-.PHONY: up test lint unit fuzz bench fairness loadtest install clean
+.PHONY: up test lint unit fuzz bench fairness scale loadtest install clean
 
 up: $(STAMP)  ## Bring the whole system up: embedded Redis, gateway on :8000, one worker (demo model)
 	$(BIN)/switchyard up $(ARGS)
@@ -29,6 +29,9 @@ bench: $(STAMP)  ## Switchyard against vLLM's own server, same model and engine 
 
 fairness: $(STAMP)  ## Another tenant's TTFT p50/p95 alone and while one tenant floods with 10x its load
 	$(BIN)/python loadtest/fairness.py $(ARGS)
+
+scale: $(STAMP)  ## 1, 2, 4, 8, 16 simulated workers: tokens/s against N x one worker's, jobs per worker, CPU
+	$(BIN)/python loadtest/scale.py $(ARGS)
 
 loadtest: $(STAMP)  ## Locust sweep over concurrency levels against a running server, e.g. ARGS="--url http://127.0.0.1:8000"
 	$(BIN)/python loadtest/sweep.py $(ARGS)

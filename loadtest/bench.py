@@ -186,24 +186,29 @@ async def run_closed_loop(
     concurrency: int,
     phase: str,
     stop: Callable[[], bool] | None = None,
+    ramp: float = 0.0,
 ) -> tuple[list[RequestResult], float]:
     """Keep ``concurrency`` requests in flight until ``count`` are done (None: no limit) or, once
-    ``stop()`` is true, until those in flight are; returns results and wall time."""
+    ``stop()`` is true, until those in flight are; returns results and wall time. With ``ramp``,
+    the streams start one after another over that many seconds instead of all at once: requests
+    of one shape sent together keep ending together, and an engine then prefills every next one in
+    the same step."""
     if count is None and stop is None:
         raise ValueError("an unlimited closed loop needs a stop condition")
     results: list[RequestResult] = []
     next_index = itertools.count() if count is None else iter(range(count))
 
-    async def worker() -> None:
+    async def worker(delay: float) -> None:
+        await asyncio.sleep(delay)
         for index in next_index:  # shared iterator: each index is taken by exactly one worker
             if stop is not None and stop():
                 return
             prompt = make_prompt(cfg.seed, f"{phase}{index}", words)
             results.append(await one_request(client, cfg, prompt, cfg.output_tokens))
 
-    workers = concurrency if count is None else min(concurrency, count)
+    workers = max(1, concurrency if count is None else min(concurrency, count))
     start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(max(1, workers))))
+    await asyncio.gather(*(worker(i * ramp / workers) for i in range(workers)))
     return results, time.perf_counter() - start
 
 

@@ -32,11 +32,18 @@ and a busier engine (its prompt shares a batch of 16 instead of about 4, and eve
 more), which no queueing policy removes short of leaving the engine idle.
 
 By default the system is started the way ``compare.py`` starts it (``switchyard up``: embedded
-Redis, one gateway, one worker on the demo model, compare.py's engine settings) and stopped at the
-end; ``--base-url`` with ``--key-a`` and ``--key-b`` uses a running one instead (``--redis-url``
-adds the queue figures; its workers' capacity is whatever they were started with).
+Redis, one gateway, ``--workers`` workers on the demo model, compare.py's engine settings) and
+stopped at the end; ``--base-url`` with ``--key-a`` and ``--key-b`` uses a running one instead
+(``--redis-url`` adds the queue figures; its workers' capacity is whatever they were started with).
+
+``--engine sim`` runs the workers on the simulated engine instead (``simfleet.py``: real gateway,
+worker and Redis processes; ``--sim-preset``, ``--sim-speed``): it takes the time a GPU would and
+next to no CPU, so what is left between B and its first token is queueing and scheduling, not the
+flood's client and engine competing with everything for this host's cores. B's streams default to
+4 per worker and A's to 10 times B's, so that with more workers the flood still outgrows them all.
 
     python loadtest/fairness.py                              # B 4 streams, A 40, capacity 16, 45 s
+    python loadtest/fairness.py --engine sim --workers 4     # B 16, A 160, four simulated workers
     python loadtest/fairness.py --flooder-priority batch --out fairness.json
     python loadtest/fairness.py --base-url http://127.0.0.1:8000/v1 --key-a sy-... --key-b sy-... \\
         --redis-url redis://127.0.0.1:6379/0
@@ -53,7 +60,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -66,9 +73,10 @@ try:  # run as a script, python loadtest/fairness.py: this directory is on sys.p
     import compare
     import fairreport
     import proctree
+    import simfleet
     from benchreport import DEFAULT_TIMEOUT_S, BenchConfig, RequestResult, summarize
 except ModuleNotFoundError:  # imported as loadtest.fairness from the repository root
-    from loadtest import bench, compare, fairreport, proctree  # type: ignore[no-redef]
+    from loadtest import bench, compare, fairreport, proctree, simfleet  # type: ignore[no-redef]
     from loadtest.benchreport import (  # type: ignore[no-redef]
         DEFAULT_TIMEOUT_S,
         BenchConfig,
@@ -95,6 +103,8 @@ class Setup:
     key_a: str
     key_b: str
     redis: RedisSettings | None  # where its queues are, if known
+    processes: dict[str, int] = field(default_factory=dict)
+    """Its processes (name -> pid of a process tree), when started here: their CPU is reported."""
 
 
 class QueueProbe:
@@ -222,6 +232,8 @@ class Loads:
     client_a: httpx.AsyncClient
     client_b: httpx.AsyncClient
     words: int
+    ramp: float = 0.0
+    """Seconds over which each tenant's streams start (A's within the lead)."""
 
 
 @dataclass(frozen=True)
@@ -236,8 +248,9 @@ class Phase:
 async def phase_alone(loads: Loads, duration: float) -> Phase:
     cpu0, t0 = time.process_time(), time.perf_counter()
     results, wall = await bench.run_closed_loop(
-        loads.client_b, loads.b, loads.words, None, loads.b.concurrency, "alone", stop=until(t0 + duration)
-    )
+        loads.client_b, loads.b, loads.words, None, loads.b.concurrency, "alone", until(t0 + duration),
+        ramp=loads.ramp,
+    )  # fmt: skip
     return Phase(results, wall, time.process_time() - cpu0)
 
 
@@ -250,17 +263,18 @@ async def phase_flood(
     client_b, cfg_b = victim or (loads.client_b, loads.b)
     over = asyncio.Event()
     cpu0 = time.process_time()
+    a = loads.a
+    ramp = min(loads.ramp, lead)
     flood = asyncio.create_task(
-        bench.run_closed_loop(
-            loads.client_a, loads.a, loads.words, None, loads.a.concurrency, "flood", stop=over.is_set
-        )
+        bench.run_closed_loop(loads.client_a, a, loads.words, None, a.concurrency, "flood", over.is_set, ramp)
     )
     try:
         await asyncio.sleep(lead)  # A's backlog forms before B is measured
         start = time.perf_counter()
         measured, measured_wall = await bench.run_closed_loop(
-            client_b, cfg_b, loads.words, None, cfg_b.concurrency, "victim", stop=until(start + duration)
-        )
+            client_b, cfg_b, loads.words, None, cfg_b.concurrency, "victim", until(start + duration),
+            ramp=loads.ramp,
+        )  # fmt: skip
         end = time.perf_counter()
     finally:
         over.set()
@@ -286,7 +300,7 @@ async def run_phases(args: argparse.Namespace, setup: Setup) -> fairreport.Fairn
     try:
         async with bench.make_client(cfg_a) as client_a, bench.make_client(cfg_b) as client_b:
             words = await bench.calibrate_words(client_b, cfg_b)
-            loads = Loads(cfg_a, cfg_b, client_a, client_b, words)
+            loads = Loads(cfg_a, cfg_b, client_a, client_b, words, args.ramp)
             warm: list[RequestResult] = []
             if args.warmup:
                 warm, _ = await bench.run_closed_loop(
@@ -299,15 +313,17 @@ async def run_phases(args: argparse.Namespace, setup: Setup) -> fairreport.Fairn
                 return await gateway_totals(client_b, setup.base_url, victim_name)
 
             print(f"phase 1: B alone, {cfg_b.concurrency} streams, {args.duration:.0f} s", flush=True)
-            before = await totals()
+            before, cpu = await totals(), proctree.cpu_seconds(setup.processes)
             async with watching(probe, samples_alone, time.perf_counter()):
                 alone = await phase_alone(loads, args.duration)
+            cpu_alone = proctree.cores(cpu, proctree.cpu_seconds(setup.processes), alone.wall)
             split_alone = gateway_split(before, await totals())
             print(f"phase 2: A floods with {cfg_a.concurrency} streams, B as in phase 1", flush=True)
             t0 = time.perf_counter()
-            before = await totals()
+            before, cpu = await totals(), proctree.cpu_seconds(setup.processes)
             async with watching(probe, samples_flood, t0):
                 victim, flooder, start, end = await phase_flood(loads, args.duration, args.lead)
+            cpu_flood = proctree.cores(cpu, proctree.cpu_seconds(setup.processes), time.perf_counter() - t0)
             split_flood = gateway_split(before, await totals())
             shared = None
             if not args.no_shared_queue:
@@ -336,6 +352,8 @@ async def run_phases(args: argparse.Namespace, setup: Setup) -> fairreport.Fairn
         worker_capacity=capacity,
         gateway_alone=split_alone,
         gateway_flood=split_flood,
+        cpu_alone=cpu_alone,
+        cpu_flood=cpu_flood,
     )
 
 
@@ -369,8 +387,9 @@ def run_started_system(args: argparse.Namespace) -> fairreport.FairnessReport:
     engine = compare.EngineSettings(max_num_seqs=args.capacity)
     ready_key = new_key()[1]  # the dev tenant's, only to poll readiness
     target = compare.switchyard_target(
-        compare.DEFAULT_SWITCHYARD_CMD, engine, model_dir, args.model_name, ready_key
-    )
+        compare.DEFAULT_SWITCHYARD_CMD + f" --workers {args.workers}", engine, model_dir, args.model_name,
+        ready_key,
+    )  # fmt: skip
     assert target.redis_url is not None
     log = args.log or Path(tempfile.mkdtemp(prefix="switchyard-fairness-")) / "system.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -381,10 +400,31 @@ def run_started_system(args: argparse.Namespace) -> fairreport.FairnessReport:
         print(f"ready after {ready:.0f} s", flush=True)
         redis = RedisSettings(redis_url=target.redis_url)  # the prefix as the system reads it: env
         key_a, key_b = create_tenants(redis, args.flooder_priority)
-        setup = Setup(target.base_url, args.model_name, key_a, key_b, redis)
+        setup = Setup(target.base_url, args.model_name, key_a, key_b, redis, {"system": proc.pid})
         return bench.run_on_loop(run_phases(args, setup), not args.no_uvloop)
     finally:
         print(f"system stopped by {proctree.stop_tree(proc)}", flush=True)
+
+
+def run_simulated_system(args: argparse.Namespace) -> fairreport.FairnessReport:
+    """Start a simulated fleet (Redis, a gateway, ``--workers`` workers), run the phases, stop it."""
+    from shared.settings import RedisSettings
+
+    tokenizer = {} if args.model_dir is None else {"model": str(args.model_dir.resolve())}
+    name = args.model_name or (args.model_dir.name if args.model_dir else None)
+    spec = simfleet.FleetSpec(
+        workers=args.workers, capacity=args.capacity, preset=args.sim_preset, speed=args.sim_speed,
+        **tokenizer, **({"served_name": name} if name else {}),
+    )  # fmt: skip
+    logs = args.log.parent if args.log else Path(tempfile.mkdtemp(prefix="switchyard-fairness-"))
+    print(f"starting {args.workers} simulated worker(s) ({args.sim_preset} at {args.sim_speed}x, "
+          f"capacity {args.capacity}), a gateway and Redis (logs: {logs})", flush=True)  # fmt: skip
+    with simfleet.SimFleet(spec, logs) as fleet:
+        key_a = fleet.add_tenant(FLOODER, args.flooder_priority)
+        key_b = fleet.add_tenant(VICTIM)
+        redis = RedisSettings(redis_url=fleet.redis_url)
+        setup = Setup(f"{fleet.base_url}/v1", spec.served_name, key_a, key_b, redis, fleet.processes())
+        return bench.run_on_loop(run_phases(args, setup), not args.no_uvloop)
 
 
 def run_given_system(args: argparse.Namespace) -> fairreport.FairnessReport:
@@ -409,13 +449,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--key-prefix", help="with --redis-url: its prefix (default: switchyard)")
     add("--model-dir", type=Path, help="default: the demo model (built if missing)")
     add("--model-name", help="served model name (default: the demo's, the directory's, or the first listed)")
-    add("--capacity", type=int, default=16, help="jobs the started worker runs at once (default: 16)")
+    add("--capacity", type=int, default=16, help="jobs each started worker runs at once (default: 16)")
+    add("--workers", type=int, default=1, help="workers to start (default: 1)")
+    add("--engine", choices=["vllm", "sim"], default="vllm",
+        help="what the started workers run: vLLM on the model, or the simulated engine")  # fmt: skip
+    add("--sim-preset", choices=["l4", "a100", "h100", "cpu-demo"], default="a100",
+        help="with --engine sim: its timing (default: a100)")  # fmt: skip
+    add("--sim-speed", type=float, default=1.0, help="with --engine sim: its speed-up (default: 1)")
     add("--flooder-priority", choices=["interactive", "batch"], default="interactive",
         help="A's priority class when this script creates the tenants; B is interactive")  # fmt: skip
-    add("--concurrency", type=int, default=4, help="B's streams (default: 4)")
+    add("--concurrency", type=int, help="B's streams (default: 4 per worker)")
     add("--flood-concurrency", type=int, help="A's streams (default: 10x B's)")
     add("--duration", type=float, default=45.0, help="seconds B is measured in each phase (default: 45)")
     add("--lead", type=float, default=5.0, help="seconds A floods before B's phase 2 (default: 5)")
+    add("--ramp", type=float, default=0.0,
+        help="seconds over which each tenant's streams start, A's within the lead (default: 0)")  # fmt: skip
     add("--prompt-tokens", type=int, default=64)
     add("--output-tokens", type=int, default=64)
     add("--no-shared-queue", action="store_true",
@@ -429,11 +477,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--out", type=Path, help="write every figure to this JSON file")
     add("--no-uvloop", action="store_true")
     args = p.parse_args(argv)
+    if args.concurrency is None:
+        args.concurrency = 4 * args.workers
     if args.flood_concurrency is None:
         args.flood_concurrency = 10 * args.concurrency
     sizes = (args.concurrency, args.flood_concurrency, args.capacity, args.prompt_tokens, args.output_tokens)
-    if min(sizes) < 1:
-        p.error("concurrency, flood concurrency, capacity, prompt and output tokens must be >= 1")
+    if min(*sizes, args.workers) < 1 or args.sim_speed <= 0:
+        p.error("concurrency, flood concurrency, capacity, workers, prompt and output tokens must be >= 1")
     if args.duration <= 0 or args.lead < 0 or args.warmup < 0:
         p.error("--duration must be > 0, --lead and --warmup >= 0")
     if args.base_url is not None and not (args.key_a and args.key_b):
@@ -448,7 +498,12 @@ def main(argv: list[str] | None = None) -> int:
     if str(REPO_ROOT) not in sys.path:  # this checkout's packages, even if another one is installed
         sys.path.insert(0, str(REPO_ROOT))
     try:
-        rep = run_given_system(args) if args.base_url else run_started_system(args)
+        if args.base_url:
+            rep = run_given_system(args)
+        elif args.engine == "sim":
+            rep = run_simulated_system(args)
+        else:
+            rep = run_started_system(args)
     except (compare.ServerError, RuntimeError, httpx.HTTPError, RedisError, OSError) as exc:
         print(f"fairness: cannot run: {exc}", file=sys.stderr)
         return 2

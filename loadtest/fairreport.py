@@ -94,6 +94,10 @@ class FairnessReport:
     gateway_alone: dict[str, float | None] = field(default_factory=dict)
     """B's mean wait for a worker to start its job and mean TTFT as its gateway measured them (ms)."""
     gateway_flood: dict[str, float | None] = field(default_factory=dict)
+    cpu_alone: dict[str, float] = field(default_factory=dict)
+    """Cores used in phase 1: each process of the system (when started here), this client, the host
+    (all its busy time) and other (busy time none of them used); phase 2 below, its lead included."""
+    cpu_flood: dict[str, float] = field(default_factory=dict)
 
     @property
     def ttft_p95_ratio(self) -> float | None:
@@ -160,6 +164,14 @@ def table_rows(rep: FairnessReport) -> list[list[str]]:
         x, y = ga.get(key), gf.get(key)
         if x is not None or y is not None:
             rows.append([label, fmt(x, "{:.0f}"), fmt(y, "{:.0f}"), fmt(ratio(y, x), "{:.2f}")])
+    ca, cf = rep.cpu_alone, rep.cpu_flood
+    if ca and cf:
+        rows += [
+            ["host CPU busy (cores)", fmt(ca.get("host"), "{:.2f}"), fmt(cf.get("host"), "{:.2f}"), "-"],
+            ["  of it others' work", fmt(ca.get("other"), "{:.2f}"), fmt(cf.get("other"), "{:.2f}"), "-"],
+        ]
+        for name in sorted(k for k in cf if k not in ("host", "other")):
+            rows.append([f"  {name}", fmt(ca.get(name), "{:.2f}"), fmt(cf.get(name), "{:.2f}"), "-"])
     if shared is not None:
         rows[0] += ["B in A's queue", "A's queue / alone"]
         for row in rows:
@@ -182,7 +194,8 @@ def headline(rep: FairnessReport) -> str:
         )
         + "\n"
         f"A: {o['flood_concurrency']} streams ({o['flooder_priority']}), B: {o['concurrency']} streams "
-        f"(interactive), worker capacity {fmt(rep.worker_capacity, '{:d}')}"
+        f"(interactive), {o.get('workers', 1)} {o.get('engine', 'vllm')} worker(s) with "
+        f"{fmt(rep.worker_capacity, '{:d}')} slots in all"
     )
 
 

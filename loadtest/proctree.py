@@ -76,14 +76,21 @@ class CpuSample:
     children: float
 
 
-def cpu_sample(server_pid: int) -> CpuSample:
-    tick = os.sysconf("SC_CLK_TCK")
+def machine_busy() -> float:
+    """CPU seconds the whole machine has been busy (every CPU, everything but idle and iowait)."""
     cpu = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    busy = sum(cpu) - cpu[3] - cpu[4]  # everything but idle and iowait
-    table = read_process_table()
-    server = sum(table[pid].ticks for pid in descendants(server_pid, table))
+    return (sum(cpu) - cpu[3] - cpu[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_seconds(root: int, table: ProcessTable) -> float:
+    """CPU seconds used by ``root`` and every process below it (reaped children included)."""
+    return sum(table[pid].ticks for pid in descendants(root, table)) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_sample(server_pid: int) -> CpuSample:
+    server = tree_seconds(server_pid, read_process_table())
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return CpuSample(time.monotonic(), busy / tick, server / tick, usage.ru_utime + usage.ru_stime)
+    return CpuSample(time.monotonic(), machine_busy(), server, usage.ru_utime + usage.ru_stime)
 
 
 def cpu_window(before: CpuSample, after: CpuSample) -> dict[str, float]:
@@ -138,3 +145,19 @@ def stop_tree(proc: subprocess.Popen[bytes]) -> str:
         _signal_all(leftovers, signal.SIGKILL)
         how += f"; then stopped {found} leftover descendant(s)"
     return how
+
+
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds used so far by each named process tree, by this process (``client``) and by the
+    whole host (``host``)."""
+    table = read_process_table()
+    used = {name: tree_seconds(pid, table) for name, pid in pids.items()}
+    return used | {"client": time.process_time(), "host": machine_busy()}
+
+
+def cores(before: dict[str, float], after: dict[str, float], wall: float) -> dict[str, float]:
+    """Cores each entry of two :func:`cpu_seconds` readings used over ``wall`` seconds, and
+    ``other``: the host's busy time none of them used (work from elsewhere)."""
+    used = {k: (after[k] - before.get(k, 0.0)) / wall for k in after} if wall > 0 else {}
+    ours = sum(v for k, v in used.items() if k != "host")
+    return used | {"other": max(0.0, used.get("host", 0.0) - ours)}

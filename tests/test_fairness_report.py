@@ -86,7 +86,7 @@ def test_table_compares_b_alone_with_b_under_the_flood() -> None:
     assert rows["B jobs waiting in Redis, mean / max"] == ["0.0 / 0.0", "0.5 / 1.0", "-"]
     text = fr.render_text(rep)
     assert text.startswith(f"B's TTFT p95: {alone_p95:.0f} ms alone, {flood_p95:.0f} ms under A's flood (x")
-    assert "A: 40 streams (interactive), B: 4 streams (interactive), worker capacity 16" in text
+    assert "A: 40 streams (interactive), B: 4 streams (interactive), 1 vllm worker(s) with 16 slots" in text
     assert "WARNING" not in text
 
 
@@ -123,6 +123,17 @@ def test_gateway_split_is_the_mean_over_the_phase_and_adds_rows() -> None:
     rows = {r[0]: r[1:] for r in fr.table_rows(rep)}
     assert rows["B mean TTFT at the gateway (ms)"] == ["20", "100", "5.00"]
     assert rows["  of which waiting to start (ms)"] == ["2", "50", "25.00"]
+
+
+def test_cpu_rows_show_the_host_and_each_process_when_measured() -> None:
+    rep = fairness()
+    assert "host CPU busy (cores)" not in {r[0] for r in fr.table_rows(rep)}
+    rep.cpu_alone = {"gateway": 0.1, "worker-1": 0.05, "client": 0.04, "host": 0.5, "other": 0.31}
+    rep.cpu_flood = {"gateway": 0.4, "worker-1": 0.2, "client": 0.3, "host": 1.9, "other": 1.0}
+    rows = {r[0]: r[1:] for r in fr.table_rows(rep)}
+    assert rows["host CPU busy (cores)"] == ["0.50", "1.90", "-"]
+    assert rows["  of it others' work"] == ["0.31", "1.00", "-"]
+    assert rows["  gateway"] == ["0.10", "0.40", "-"] and rows["  worker-1"] == ["0.05", "0.20", "-"]
 
 
 def test_notes_say_when_there_was_no_queue_or_the_engine_queued() -> None:

@@ -11,10 +11,11 @@ import time
 import uuid
 from collections import Counter
 
+import pytest
 from redis.asyncio import Redis
 
 from shared.names import GROUP
-from worker.planner import READ_BATCH, Headroom, ReadPlan, within
+from worker.planner import READ_BATCH, Headroom, ReadPlan, fleet_shares, within
 from worker.reader import READ_BLOCK_MS, read_fairly
 
 INTERACTIVE, BATCH = 4, 1
@@ -164,3 +165,32 @@ def test_room_is_kept_for_the_same_or_a_higher_priority_class_only() -> None:
 def test_reads_never_ask_a_stream_for_more_than_its_room() -> None:
     reads = within([(["a", "b", "c"], 4), (["d"], 1)], {"a": 1, "b": 8, "c": 4, "d": 2})
     assert reads == [(["b", "c"], 4), (["a"], 1), (["d"], 1)]
+
+
+@pytest.mark.parametrize(
+    ("pending", "capacity", "fleet", "expected"),
+    [
+        ({"a": 48, "b": 16}, 16, 64, {"a": 12, "b": 4}),  # four equal workers: a quarter each
+        ({"a": 48, "b": 1}, 16, 64, {"a": 12, "b": 1}),  # rounded up: one job keeps one slot
+        ({"a": 10, "b": 0}, 16, 16, {"a": 10}),  # alone: what it holds
+        ({"a": 30}, 48, 64, {"a": 23}),  # a bigger worker, a bigger share
+        ({"a": 5}, 16, 0, {}),
+    ],
+)
+def test_a_streams_share_of_the_fleets_jobs(
+    pending: dict[str, int], capacity: int, fleet: int, expected: dict[str, int]
+) -> None:
+    assert fleet_shares(pending, capacity, fleet) == Counter(expected)
+
+
+def test_in_a_fleet_room_is_kept_for_a_tenant_whose_jobs_ran_on_other_workers() -> None:
+    """Measured with four simulated workers: kept by each worker's own history, a tenant's jobs
+    went to the workers that happened to have run one lately; the flood took every slot of the
+    others, and the tenant's next jobs waited up to 0.8 s for the flood's to end."""
+    room = Headroom(window=10, capacity=16)
+    local = Counter({"flood": 16})  # this worker has not run any of b's jobs lately
+    room.update(local, now=0.0)
+    assert room.room(["flood", "b"], Counter({"flood": 12}), free=4) == {"flood": 4, "b": 4}
+    room = Headroom(window=10, capacity=16)
+    room.update(fleet_shares({"flood": 48, "b": 16}, 16, 64), now=0.0)  # b runs 16 jobs elsewhere
+    assert room.room(["flood", "b"], Counter({"flood": 12}), free=4) == {"b": 4}

@@ -26,10 +26,11 @@ from worker.claims import ClaimKeeper, Reclaimer
 from worker.coalesce import flush_interval
 from worker.deadletter import dead_letter, tell_client
 from worker.engine import Engine
-from worker.handover import Peers, hand_over, receive
+from worker.handover import hand_over, receive
 from worker.inflight import Inflight
 from worker.metrics import WorkerMetrics
 from worker.outbox import Outbox
+from worker.peers import Peers
 from worker.prefix_affinity import hand_to
 from worker.reader import Reader
 from worker.runner import JobRunner
@@ -37,10 +38,10 @@ from worker.streams import JobStreams
 
 log = logging.getLogger(__name__)
 
-PEERS_REFRESH = 1.0
-"""How stale this worker's view of the others' load may be when it hands a job over."""
 STOP_GRACE = 10.0
 """How long a stopping worker waits for cancelled jobs to hand themselves back."""
+PEER_TTL_BEATS = 2.5
+"""Heartbeat intervals after which a silent worker is no longer left a share of the jobs waiting."""
 
 
 class Consumer:
@@ -73,6 +74,9 @@ class Consumer:
             stopping=self.stopping.is_set,
             metrics=self.metrics,
         )
+        self._peers = Peers(
+            redis, names, self._model, worker_id, PEER_TTL_BEATS * settings.heartbeat_interval
+        )
         self.reader = Reader(
             redis,
             settings.redis_url,
@@ -81,11 +85,11 @@ class Consumer:
             self.inflight,
             settings.headroom_window,
             take=self.take,
+            peers=self._peers,
         )
         self._reclaimer = Reclaimer(
             redis, worker_id, self._streams, self.inflight, settings.reclaim_idle, take=self.take
         )
-        self._peers = Peers(redis, names, self._model, ttl=settings.reclaim_idle, refresh=PEERS_REFRESH)
 
     def stop(self) -> None:
         """Stop taking jobs; running ones go on (see :meth:`drain`)."""
@@ -159,7 +163,12 @@ class Consumer:
         digest = claim.job.affinity
         if not (self._settings.prefix_affinity and digest and claim.attempt == 1 and not claim.handed_back):
             return False
-        target = hand_to(digest, self._worker_id, len(self.inflight), await self._peers.current())
+        try:
+            peers = await self._peers.loads()
+        except (RedisError, OSError) as exc:
+            log.warning("cannot read the other workers (%s): job %s runs here", exc, claim.job.id)
+            return False
+        target = hand_to(digest, self._worker_id, len(self.inflight), peers)
         if target is None:
             return False
         try:

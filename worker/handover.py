@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from shared.fleet import live_workers
 from shared.names import GROUP, Names
-from worker.prefix_affinity import Peer
 
 log = logging.getLogger(__name__)
 
@@ -57,32 +54,3 @@ async def receive(redis: Redis, names: Names, worker_id: str, stopping: asyncio.
             await asyncio.sleep(1.0)
         finally:
             await pubsub.aclose()
-
-
-class Peers:
-    """The model's other live workers, re-read at most every ``refresh`` seconds."""
-
-    def __init__(self, redis: Redis, names: Names, model: str, ttl: float, refresh: float) -> None:
-        self._redis = redis
-        self._names = names
-        self._model = model
-        self._ttl = ttl
-        self._refresh = refresh
-        self._peers: list[Peer] = []
-        self._read_at = float("-inf")
-
-    async def current(self) -> list[Peer]:
-        if time.monotonic() - self._read_at >= self._refresh:
-            self._read_at = time.monotonic()
-            try:
-                workers = await live_workers(self._redis, self._names, self._ttl)
-            except (RedisError, OSError) as exc:
-                log.warning("cannot read the other workers (%s): jobs run where they are read", exc)
-                self._peers = []
-            else:
-                self._peers = [
-                    Peer(w.id, w.inflight, w.capacity)
-                    for w in workers
-                    if w.model == self._model and not w.draining
-                ]
-        return self._peers

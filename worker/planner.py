@@ -1,14 +1,15 @@
 """How many jobs a worker takes from each tenant's stream: pure policy, proven by table tests.
 
 :class:`ReadPlan` shares each read between priority classes and tenants; :class:`Headroom` keeps
-room for tenants that used the worker lately while another floods it; :func:`within` caps a plan by
-that room.
+room for tenants that used the worker (or, in a fleet, any worker: :func:`fleet_shares`) lately
+while another floods it; :func:`within` caps a plan by that room.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 READ_BATCH = 8
 """Most jobs one read takes from a stream: a burst is spread over every idle worker instead of
@@ -34,7 +35,7 @@ class Headroom:
         self._peaks: dict[str, tuple[int, float]] = {}  # active stream -> (peak held, when reached)
 
     def update(self, held: Counter[str], now: float) -> None:
-        """Record the slots each stream holds now."""
+        """Record the slots each stream holds now (in a fleet: its share, see :func:`fleet_shares`)."""
         for stream in set(self._peaks) | set(held):
             count = held.get(stream, 0)
             peak, at = self._peaks.get(stream, (0, now))
@@ -62,6 +63,19 @@ class Headroom:
             if room > 0:
                 rooms[stream] = room
         return rooms
+
+
+def fleet_shares(pending: Mapping[str, int], capacity: int, fleet_capacity: int) -> Counter[str]:
+    """The slots each stream's jobs would hold on this worker if every job the fleet runs were
+    spread over its workers by capacity (rounded up): what :class:`Headroom` remembers in a fleet.
+
+    A worker's own counts say little there: a tenant's jobs land on any worker, and one that has
+    not had any lately would keep no room for it and let a flood take every slot, on every worker
+    in turn, until the tenant's jobs wait for the flood's to end wherever they arrive. Its share of
+    the tenant's jobs across the fleet is what the tenant will want of this worker next."""
+    if fleet_capacity <= 0:
+        return Counter()
+    return Counter({s: math.ceil(n * capacity / fleet_capacity) for s, n in pending.items() if n > 0})
 
 
 class ReadPlan:

@@ -1,7 +1,9 @@
 """Reads new jobs from the model's tenant streams while the worker has room.
 
 Reading stops while the worker is at capacity, so jobs wait in Redis (visible to ``XLEN``) rather
-than in a worker's memory, and any worker with room can take them.
+than in a worker's memory, and any worker with room can take them. Which tenant's jobs a read takes
+is :mod:`worker.planner`'s decision; how many of the waiting jobs this worker takes, and when it
+leaves the next one to a less busy worker, is :mod:`worker.balance`'s.
 """
 
 from __future__ import annotations
@@ -16,15 +18,21 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared.names import GROUP
+from worker.balance import Load, Spread, stands_back
 from worker.inflight import Inflight
-from worker.planner import Headroom, ReadPlan, within
+from worker.peers import Peers, peek
+from worker.planner import Headroom, ReadPlan, fleet_shares, within
 from worker.streams import JobStreams
 
 log = logging.getLogger(__name__)
 
 READ_BLOCK_MS = 250
+STAND_BACK = 0.025
+"""Seconds a worker that stands back or left jobs for others waits (unless one of its own jobs ends)
+before it looks at the streams again: short, since it is also how soon it notices jobs that wait."""
 
 Entry = tuple[str, str, dict[bytes, bytes] | None]
+Reads = list[tuple[list[str], int]]
 Take = Callable[[str, str, dict[bytes, bytes] | None, int], Awaitable[None]]
 """Start (or refuse) the job of a stream entry: stream, entry id, fields, delivery count."""
 
@@ -39,6 +47,7 @@ class Reader:
         inflight: Inflight,
         headroom_window: float,
         take: Take,
+        peers: Peers | None = None,
     ) -> None:
         self._redis = redis
         self._redis_url = redis_url
@@ -46,8 +55,10 @@ class Reader:
         self._streams = streams
         self._inflight = inflight
         self._take = take
+        self._peers = peers
         self._plan = ReadPlan()
         self._headroom = Headroom(headroom_window, inflight.capacity)
+        self._spread = Spread()
         self._blocking = redis
         self._blocked_id: int | None = None
         self._wakers: set[asyncio.Task[None]] = set()
@@ -77,32 +88,72 @@ class Reader:
 
     async def _read_once(self) -> None:
         streams = await self._streams.current()
-        weights_all = self._streams.weights
         held = self._inflight.held()
-        self._headroom.update(held, time.monotonic())
-        rooms = self._headroom.room(streams, held, self._inflight.free(), weights_all)
+        peers = await self._peers.current() if self._peers is not None and streams else {}
+        loads = await peek(self._redis, streams) if peers else None
+        if loads is None:  # alone: the room kept for a tenant is what it held here lately
+            self._headroom.update(held, time.monotonic())
+        else:  # in a fleet: its share of what the tenant holds on every worker
+            fleet = self._inflight.capacity + sum(peers.values())
+            self._headroom.update(
+                fleet_shares(loads.pending, self._inflight.capacity, fleet), time.monotonic()
+            )
+        rooms = self._headroom.room(streams, held, self._inflight.free(), self._streams.weights)
         if not rooms:  # no tenants yet, or the free slots are kept for tenants not sending right now
-            self._inflight.finished.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(READ_BLOCK_MS / 1000):
-                    await self._inflight.finished.wait()
+            await self._pause(READ_BLOCK_MS / 1000)
             return
-        weights = {s: weights_all.get(s, 1) for s in rooms}
-        reads = within(self._plan.plan(weights, max(rooms.values())), rooms)
-        if len(rooms) == len(streams):
-            entries = await read_fairly(self._redis, self._worker_id, reads, list(weights))
+        if loads is None:  # alone: every job waiting is this worker's to take
+            reads = self._reads(rooms, max(rooms.values()))
+            await self._read(reads, rooms, len(rooms) == len(streams))
+            return
+        me = Load(len(self._inflight), self._inflight.capacity)
+        others = [Load(min(loads.held[p], cap), cap) for p, cap in peers.items()]
+        waiting = {s: n for s in rooms if (n := loads.waiting.get(s, 0))}
+        if waiting:
+            count = self._spread.take(sum(waiting.values()), me, others, time.monotonic())
+            if count:
+                reads = self._reads({s: rooms[s] for s in waiting}, count)
+                await self._start(await read_now(self._redis, self._worker_id, reads))
+            if count < min(sum(waiting.values()), me.free):
+                await self._pause(STAND_BACK)  # the rest is the others' for now: let them come for it
+            return
+        self._spread.settled()
+        if stands_back(me, others):
+            await self._pause(STAND_BACK)
+            return
+        await self._read([], rooms, len(rooms) == len(streams))
+
+    def _reads(self, rooms: dict[str, int], count: int) -> Reads:
+        """Up to ``count`` jobs in all from the streams of ``rooms``, shared by the read plan."""
+        weights = {s: self._streams.weights.get(s, 1) for s in rooms}
+        return within(self._plan.plan(weights, min(count, max(rooms.values()))), rooms)
+
+    async def _read(self, reads: Reads, rooms: dict[str, int], every_stream: bool) -> None:
+        """``reads`` now, or when they find nothing, a blocking read on every stream of ``rooms``."""
+        if every_stream:
+            entries = await read_fairly(self._redis, self._worker_id, reads, list(rooms))
         else:
             # A stream held back by the headroom regains room when one of its jobs ends, which a
             # read blocked on the other streams would not notice: the job's end unblocks it.
             self._blocked_id = await self._blocking.client_id()
             try:
                 entries = await read_fairly(
-                    self._redis, self._worker_id, reads, list(weights), blocking=self._blocking
+                    self._redis, self._worker_id, reads, list(rooms), blocking=self._blocking
                 )
             finally:
                 self._blocked_id = None
+        await self._start(entries)
+
+    async def _start(self, entries: list[Entry]) -> None:
         for stream, entry_id, fields in entries:
             await self._take(stream, entry_id, fields, 1)
+
+    async def _pause(self, seconds: float) -> None:
+        """Wait ``seconds``, or less if one of this worker's jobs ends meanwhile."""
+        self._inflight.finished.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._inflight.finished.wait()
 
     def wake(self) -> None:
         """Cut short a read blocked while some stream was held back (a slot just freed up)."""
@@ -118,23 +169,29 @@ class Reader:
         task.add_done_callback(self._wakers.discard)
 
 
+async def read_now(redis: Redis, consumer: str, reads: Reads) -> list[Entry]:
+    """Take the entries ``reads`` asks for (see :class:`~worker.planner.ReadPlan`) in one round trip,
+    without waiting for any."""
+    if not reads:
+        return []
+    async with redis.pipeline(transaction=False) as pipe:
+        for names, count in reads:
+            pipe.xreadgroup(GROUP, consumer, {s: ">" for s in names}, count=count)
+        replies = await pipe.execute()
+    return [entry for reply in replies for entry in _entries(reply)]
+
+
 async def read_fairly(
     redis: Redis,
     consumer: str,
-    reads: list[tuple[list[str], int]],
+    reads: Reads,
     streams: list[str],
     blocking: Redis | None = None,
 ) -> list[Entry]:
-    """Take new entries by ``reads`` (see :class:`~worker.planner.ReadPlan`) in one round trip; when
-    none is waiting there, block on every stream (``streams``) for whichever job arrives first (on
-    ``blocking``, a client of its own, when given)."""
-    replies: list[object] = []
-    if reads:
-        async with redis.pipeline(transaction=False) as pipe:
-            for names, count in reads:
-                pipe.xreadgroup(GROUP, consumer, {s: ">" for s in names}, count=count)
-            replies = await pipe.execute()
-    entries = [entry for reply in replies for entry in _entries(reply)]
+    """Take new entries by ``reads`` in one round trip; when none is waiting there, block on every
+    stream (``streams``) for whichever job arrives first (on ``blocking``, a client of its own, when
+    given)."""
+    entries = await read_now(redis, consumer, reads)
     if entries:
         return entries
     reply = await (blocking or redis).xreadgroup(

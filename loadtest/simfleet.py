@@ -1,0 +1,208 @@
+"""A fleet of simulated workers as real processes on free ports: for scale and fairness benchmarks.
+
+One embedded ``redis-server``, one gateway and N workers running the simulated engine
+(``switchyard worker --engine sim``), each started as ``switchyard gateway`` / ``switchyard worker``
+would be in production, in a session of its own, with its output in a log file. Started by this
+module rather than by ``switchyard up`` so that a benchmark knows every process's pid (its CPU time
+is read per role) and every worker's metrics port and consumer name (jobs are counted per worker).
+
+Nothing here is timing-sensitive: the fleet is ready once the gateway answers ``/readyz`` and every
+worker's heartbeat is in Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+from redis.asyncio import Redis
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # this checkout's packages, even if another one is installed
+    sys.path.insert(0, str(REPO_ROOT))
+
+from control.processes import answers_ok, free_port, stop_process, wait_until  # noqa: E402
+from control.redis_server import EmbeddedRedis  # noqa: E402
+from shared.fleet import live_workers  # noqa: E402
+from shared.names import Names  # noqa: E402
+from shared.tenants import Priority, Tenant, TenantStore  # noqa: E402
+
+
+class FleetError(RuntimeError):
+    """The fleet did not start (a process died or never became ready)."""
+
+
+@dataclass(frozen=True)
+class FleetSpec:
+    """What to start: N simulated workers of one capacity, and their engine's preset and speed."""
+
+    workers: int
+    capacity: int
+    preset: str = "l4"
+    speed: float = 1.0
+    model: str = "demo"
+    """The model whose tokenizer the simulated engine uses (``demo``: the offline demo model's)."""
+    served_name: str = "switchyard-demo"
+    worker_env: dict[str, str] = field(default_factory=dict)
+    """Extra ``SWITCHYARD_*`` settings for every worker (e.g. the headroom window)."""
+    gateway_env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Proc:
+    """One started process: its role, pid and log; a worker's consumer name and metrics URL too."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+    worker_id: str | None = None
+    metrics_url: str | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+
+class SimFleet:
+    """Redis, a gateway and N simulated workers; a context manager that always stops them all."""
+
+    def __init__(self, spec: FleetSpec, logs: Path) -> None:
+        self.spec = spec
+        self.logs = logs
+        self.names = Names()
+        self.redis = EmbeddedRedis()
+        self.port = free_port()
+        self.gateway: Proc | None = None
+        self.workers: list[Proc] = []
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def redis_url(self) -> str:
+        return self.redis.url
+
+    def processes(self) -> dict[str, int]:
+        """Role name -> pid of every process the fleet runs (Redis, gateway, worker-1..N)."""
+        pids = {"redis": self.redis.process.pid} if self.redis.process else {}
+        return pids | {p.name: p.pid for p in [*([self.gateway] if self.gateway else []), *self.workers]}
+
+    def __enter__(self) -> SimFleet:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def start(self, timeout: float = 120.0) -> None:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.redis.start()
+        for index in range(1, self.spec.workers + 1):
+            self.workers.append(self._start_worker(index))
+        gateway_env = {"SWITCHYARD_PORT": str(self.port), **self.spec.gateway_env}
+        self.gateway = self._spawn("gateway", "gateway", gateway_env)
+        everyone = [self.gateway, *self.workers]
+
+        def watch() -> None:
+            for proc in everyone:
+                if proc.popen.poll() is not None:
+                    tail = proc.log.read_text(errors="replace")[-2000:]
+                    raise FleetError(f"{proc.name} exited with {proc.popen.returncode}:\n{tail}")
+
+        def ready() -> bool:
+            if not answers_ok(f"{self.base_url}/readyz", timeout=2):
+                return False
+            return asyncio.run(self._live()) >= self.spec.workers
+
+        if not wait_until(ready, timeout, interval=0.5, watch=watch):
+            raise FleetError(f"the fleet was not ready after {timeout:.0f} s (logs in {self.logs})")
+
+    def _start_worker(self, index: int) -> Proc:
+        port = free_port()
+        worker_id = f"sim-worker-{index}-{os.getpid()}"
+        env = {
+            "SWITCHYARD_ENGINE": "sim",
+            "SWITCHYARD_SIM_PRESET": self.spec.preset,
+            "SWITCHYARD_SIM_SPEED": str(self.spec.speed),
+            "SWITCHYARD_CAPACITY": str(self.spec.capacity),
+            "SWITCHYARD_MODEL": self.spec.model,
+            "SWITCHYARD_SERVED_MODEL_NAME": self.spec.served_name,
+            "SWITCHYARD_METRICS_PORT": str(port),
+            "SWITCHYARD_WORKER_ID": worker_id,
+            **self.spec.worker_env,
+        }
+        proc = self._spawn(f"worker-{index}", "worker", env)
+        proc.worker_id, proc.metrics_url = worker_id, f"http://127.0.0.1:{port}/metrics"
+        return proc
+
+    def _spawn(self, name: str, role: str, env: dict[str, str]) -> Proc:
+        full = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHYARD_") and k != "REDIS_URL"}
+        full |= {"REDIS_URL": self.redis_url, **env}
+        log = self.logs / f"{name}.log"
+        with log.open("wb") as out:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "control.cli", role],
+                env=full, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        return Proc(name, popen, log)
+
+    async def _live(self) -> int:
+        redis = Redis.from_url(self.redis_url)
+        try:
+            return len(await live_workers(redis, self.names, ttl=10))
+        finally:
+            await redis.aclose()
+
+    def add_tenant(self, name: str, priority: Priority = "interactive") -> str:
+        """Create a tenant with no limits and return a new API key for it."""
+
+        async def create() -> str:
+            redis = Redis.from_url(self.redis_url)
+            try:
+                store = TenantStore(redis, self.names)
+                await store.put_tenant(Tenant(name=name, priority=priority))
+                return await store.add_key(name)
+            finally:
+                await redis.aclose()
+
+        return asyncio.run(create())
+
+    def stop(self) -> None:
+        """Gateway first (its clients are gone by now), then the workers, then Redis."""
+        for proc in [*([self.gateway] if self.gateway else []), *self.workers]:
+            stop_process(proc.popen, grace=15, group=True)
+        self.gateway, self.workers = None, []
+        self.redis.stop()
+
+
+def scrape(url: str, timeout: float = 5.0) -> str:
+    """The text of a Prometheus endpoint."""
+    return httpx.get(url, timeout=timeout, trust_env=False).text
+
+
+def counter(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples of ``name`` (its ``_total`` series) whose labels include ``labels``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in (name, f"{name}_total") and all(
+                sample.labels.get(k) == v for k, v in labels.items()
+            ):
+                total += sample.value
+    return total
