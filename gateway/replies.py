@@ -109,8 +109,8 @@ class ReplyHub:
         sub = Subscription(channel)
         self._subs[channel.encode()] = sub
         try:
-            await pubsub.subscribe(channel)
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout(self._timeout):  # the SUBSCRIBE's write and its confirmation
+                await pubsub.subscribe(channel)
                 await asyncio.shield(sub.confirmed)
         except (RedisError, OSError, TimeoutError) as exc:
             self._subs.pop(channel.encode(), None)

@@ -78,13 +78,16 @@ async def test_unused_tokens_are_refunded_when_the_client_leaves(system: System,
 
 
 @pytest.fixture
-def three_gateways(system: System, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
+def three_gateways(
+    system: System, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[list[str]]:
     logs = tmp_path_factory.mktemp("gateways")
     ports = [free_port() for _ in range(3)]
     procs = [
         spawn("gateway", system.env(SWITCHYARD_PORT=str(p)), logs / f"gw{i}.log") for i, p in enumerate(ports)
     ]
     urls = [f"http://127.0.0.1:{p}" for p in ports]
+    request.node.gateway_logs = [logs / f"gw{i}.log" for i in range(3)]
     try:
         for url, proc, i in zip(urls, procs, range(3), strict=True):
             # Ready, not just alive: a gateway is ready once it has loaded the served model's
@@ -99,17 +102,22 @@ def three_gateways(system: System, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 async def test_one_rpm_limit_across_three_gateways(
-    system: System, redis: Redis, three_gateways: list[str]
+    system: System, redis: Redis, three_gateways: list[str], request: pytest.FixtureRequest
 ) -> None:
     model = "limited-" + uuid.uuid4().hex[:6]
     await fake_model(redis, system, model, live=True)  # admitted jobs just wait: no engine needed
     key = await tenant_key(system, Tenant(name="shared-" + uuid.uuid4().hex[:6], rpm=100))
     body = {"model": model, "messages": USER, "max_tokens": 4, "stream": True}
     statuses: list[int] = []
+    slow: list[str] = []
 
-    async def one(http: httpx.AsyncClient) -> None:
-        async with http.stream("POST", "/v1/chat/completions", json=body) as r:
-            statuses.append(r.status_code)
+    async def one(i: int) -> None:
+        started = time.monotonic()
+        try:
+            async with clients[i % 3].stream("POST", "/v1/chat/completions", json=body) as r:
+                statuses.append(r.status_code)
+        except httpx.TimeoutException as exc:
+            slow.append(f"request {i} to gateway {i % 3}: {exc!r} after {time.monotonic() - started:.1f}s")
 
     clients = [
         httpx.AsyncClient(
@@ -123,12 +131,17 @@ async def test_one_rpm_limit_across_three_gateways(
     try:
         await asyncio.sleep(0.6)  # every gateway's registry sees the model
         begun = time.monotonic()
-        await asyncio.gather(*(one(clients[i % 3]) for i in range(300)))
+        await asyncio.gather(*(one(i) for i in range(300)))
         took = time.monotonic() - begun
     finally:
         for c in clients:
             await c.aclose()
         await forget_model(redis, system, model)
+    tails = "".join(
+        f"\n--- {log.name}:\n" + "\n".join(log.read_text(errors="replace").splitlines()[-20:])
+        for log in request.node.gateway_logs
+    )
+    assert not slow, f"{len(slow)} request(s) got no answer: {slow[:5]}{tails}"
     print(f"300 requests over 3 gateways in {took:.1f}s: {statuses.count(200)} admitted")
     assert took < 60  # all inside one window, so exactly the limit may pass
     assert statuses.count(200) == 100
