@@ -38,7 +38,7 @@ from control.redis_server import EmbeddedRedis
 from control.serve import check_redis
 from shared.settings import GatewaySettings, WorkerSettings
 from worker.main import DEMO_KV_CACHE_GIB, WorkerStartError, resolve_model
-from worker.vllm_engine import cpu_build, cpu_kv_cache_bytes, weight_bytes
+from worker.vllm_engine import cpu_build, cpu_kv_cache_bytes, model_threads, usable_cpus, weight_bytes
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +173,8 @@ class Supervisor:
         )
         self.metrics_ports.append(port)
         env = self._env({**self.worker.environment(), "SWITCHYARD_METRICS_PORT": str(port)})
+        if self._share_cpus:  # workers on one CPU host split its cores instead of each taking all
+            env["OMP_NUM_THREADS"] = str(model_threads(usable_cpus(), self._most_workers()))
 
         def fresh_id(child: Child) -> None:
             # A new consumer name at each start: the jobs of the worker that died stay its own until
@@ -180,6 +182,19 @@ class Supervisor:
             child.env["SWITCHYARD_WORKER_ID"] = f"{socket.gethostname()}-{child.name}-{secrets.token_hex(3)}"
 
         return self.children.add(Child(name, self._argv("worker"), env, before_start=fresh_id))
+
+    def _most_workers(self) -> int:
+        return self.autoscale.max_workers if self.autoscale else self.workers
+
+    @property
+    def _share_cpus(self) -> bool:
+        """A CPU host's workers that run the model in process and were given no thread count."""
+        return (
+            self.worker.engine == "vllm"
+            and cpu_build()
+            and "OMP_NUM_THREADS" not in os.environ
+            and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") == "0"
+        )
 
     def _argv(self, role: str) -> list[str]:
         return [sys.executable, "-m", "control.cli", role]
@@ -202,7 +217,7 @@ class Supervisor:
             if worker.model == "demo":
                 update["kv_cache_gib"] = DEMO_KV_CACHE_GIB
             elif cpu_build() and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-                most = self.autoscale.max_workers if self.autoscale else self.workers
+                most = self._most_workers()
                 size = cpu_kv_cache_bytes(psutil.virtual_memory().available, weight_bytes(path) * most)
                 update["kv_cache_gib"] = round(size / most / 2**30, 2)
         return worker.model_copy(update=update)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -61,8 +62,10 @@ def targets(args: argparse.Namespace, model_dir: Path) -> list[compare.Target]:
     return out
 
 
-def bench(target: compare.Target, args: argparse.Namespace, model_dir: Path, level: int) -> dict[str, Any]:
-    path = args.out / f"{target.name.replace(' ', '-')}-c{level}.json"
+def bench(
+    target: compare.Target, args: argparse.Namespace, model_dir: Path, level: int, round_: int
+) -> dict[str, Any]:
+    path = args.out / f"{target.name.replace(' ', '-')}-c{level}-r{round_}.json"
     argv = [sys.executable, str(VLLMBENCH), "--base-url", target.base_url.removesuffix("/v1")]
     argv += ["--model", args.model_name, "--tokenizer", str(model_dir), "--api-key", KEY]
     argv += ["--concurrency", str(level), "--num-prompts", str(args.num_prompts), "--json", str(path)]
@@ -71,19 +74,41 @@ def bench(target: compare.Target, args: argparse.Namespace, model_dir: Path, lev
     return dict(json.loads(path.read_text())) if path.exists() else {"failed": args.num_prompts}
 
 
-def run(target: compare.Target, args: argparse.Namespace, model_dir: Path) -> dict[str, dict[str, Any]]:
-    log = args.out / f"{target.name.replace(' ', '-')}.log"
-    print(f"=== {target.name}: {' '.join(target.argv)}", flush=True)
+def run(
+    target: compare.Target, args: argparse.Namespace, model_dir: Path, round_: int
+) -> dict[str, dict[str, Any]]:
+    log = args.out / f"{target.name.replace(' ', '-')}-r{round_}.log"
+    print(f"=== {target.name}, round {round_}: {' '.join(target.argv)}", flush=True)
     proc = compare.start_server(target, log)
     try:
         compare.wait_ready(proc, target, args.model_name, KEY, 600, log)
         results = {}
         for level in args.concurrency:
-            results[str(level)] = bench(target, args, model_dir, level)
+            results[str(level)] = bench(target, args, model_dir, level, round_)
             print(f"{target.name} at {level}: {json.dumps(results[str(level)])}", flush=True)
         return results
     finally:
         print(f"{target.name} stopped by {proctree.stop_tree(proc)}", flush=True)
+
+
+def medians(rounds: list[dict[str, dict[str, dict[str, Any]]]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per server and level, the median of each figure over the rounds."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for name in rounds[0]:
+        out[name] = {}
+        for level in rounds[0][name]:
+            runs = [r[name][level] for r in rounds]
+            out[name][level] = {
+                key: statistics.median(values)
+                for key, _ in FIGURES
+                if (values := [run[key] for run in runs if isinstance(run.get(key), int | float)])
+            }
+    return out
+
+
+def round_ratio(round_: dict[str, dict[str, dict[str, Any]]], name: str, base: str, level: str) -> str:
+    ours, theirs = round_[name][level].get("output_throughput"), round_[base][level].get("output_throughput")
+    return f"{ours / theirs:.2f}" if ours and theirs else "-"
 
 
 def table(results: dict[str, dict[str, dict[str, Any]]], levels: list[int]) -> str:
@@ -116,6 +141,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[4, 64])
     p.add_argument("--num-prompts", type=int, default=400)
+    p.add_argument("--repeat", type=int, default=1, help="rounds, servers in alternating order")
     p.add_argument("--input-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--dtype", default="float32")
@@ -136,7 +162,19 @@ def main(argv: list[str] | None = None) -> int:
 
         args.model_dir = ensure_demo_model()
     model_dir = Path(args.model_dir).resolve()
-    results = {t.name: run(t, args, model_dir) for t in targets(args, model_dir)}
+    servers = targets(args, model_dir)
+    rounds = []
+    for round_ in range(1, args.repeat + 1):  # each round in the other order, so drift hits both
+        order = servers if round_ % 2 else servers[::-1]
+        done = {t.name: run(t, args, model_dir, round_) for t in order}
+        rounds.append({t.name: done[t.name] for t in servers})
+    results = medians(rounds)
+    base = servers[0].name
+    ratios = {
+        (t.name, level): " ".join(round_ratio(r, t.name, base, str(level)) for r in rounds)
+        for t in servers[1:]
+        for level in args.concurrency
+    }
     text = "\n".join(
         [
             f"# `vllm serve` vs `switchyard up`, each as shipped ({datetime.now(UTC):%Y-%m-%d}, "
@@ -144,14 +182,22 @@ def main(argv: list[str] | None = None) -> int:
             "",
             f"vLLM's benchmark client, random dataset, {args.input_len} prompt / {args.output_len} output "
             f"tokens (ignore_eos), {args.num_prompts} prompts per level; model {args.model_name}, dtype "
-            f"{args.dtype}, context {args.max_model_len}, KV cache {args.kv_cache_gib} GiB for both.",
+            f"{args.dtype}, context {args.max_model_len}, KV cache {args.kv_cache_gib} GiB for both. "
+            f"Medians of {args.repeat} round(s), servers in alternating order.",
             "",
             table(results, args.concurrency),
+            "",
+            "Output tokens/s against `vllm serve` in each round: "
+            + "; ".join(
+                f"{t.name} at {level}: {ratios[t.name, level]}"
+                for level in args.concurrency
+                for t in servers[1:]
+            ),
             "",
         ]
     )
     (args.out / "summary.md").write_text(text)
-    (args.out / "defaults.json").write_text(json.dumps(results, indent=1))
+    (args.out / "defaults.json").write_text(json.dumps({"medians": results, "rounds": rounds}, indent=1))
     print(text)
     return 0
 

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from worker.vllm_engine import MIN_CPU_KV_CACHE, cpu_kv_cache_bytes, sized_cpu_kv_cache, weight_bytes
+from worker.vllm_engine import (
+    MIN_CPU_KV_CACHE,
+    cpu_kv_cache_bytes,
+    model_threads,
+    sized_cpu_kv_cache,
+    weight_bytes,
+)
 
 GIB = 2**30
 
@@ -31,3 +37,12 @@ def test_a_size_chosen_by_the_operator_wins(tmp_path: Path, monkeypatch: pytest.
     assert sized["max_num_seqs"] == 4 and sized["kv_cache_memory_bytes"] >= MIN_CPU_KV_CACHE
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")  # vLLM's own setting: left to vLLM
     assert "kv_cache_memory_bytes" not in sized_cpu_kv_cache(str(tmp_path), {})
+
+
+def test_model_threads_share_the_host_unless_the_operator_chose() -> None:
+    assert model_threads(cpus=2) == 2
+    assert model_threads(cpus=8, workers=2) == 4
+    assert model_threads(cpus=2, workers=4) == 1  # never zero
+    assert model_threads(cpus=8, workers=2, configured="3") == 3
+    assert model_threads(cpus=8, workers=2, configured="0") == 1
+    assert model_threads(cpus=8, workers=2, configured="4,2") == 4  # not a count: the share
