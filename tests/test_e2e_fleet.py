@@ -107,10 +107,13 @@ def up(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 async def stream(
-    client: AsyncOpenAI, tokens: int, pauses: list[float] | None = None
+    client: AsyncOpenAI,
+    tokens: int,
+    pauses: list[float] | None = None,
+    started: asyncio.Queue[float] | None = None,
 ) -> tuple[str | None, int, Exception | None]:
     """(finish reason, tokens received, error) of one streamed request; its longest wait between
-    two chunks goes to ``pauses``."""
+    two chunks goes to ``pauses``, the time of its first chunk to ``started``."""
     finish, received = None, 0
     last, longest = None, 0.0
     try:
@@ -124,6 +127,8 @@ async def stream(
         )
         async for chunk in chunks:
             now = time.monotonic()
+            if last is None and started is not None:
+                started.put_nowait(now)
             longest, last = max(longest, now - last) if last else longest, now
             if chunk.choices and chunk.choices[0].finish_reason:
                 finish = chunk.choices[0].finish_reason
@@ -209,8 +214,11 @@ async def test_a_killed_worker_costs_no_stream_and_comes_back(up: Up) -> None:
 
 async def test_a_gateway_told_to_stop_finishes_its_streams_first(up: Up) -> None:
     client = up.client()
-    streams = [asyncio.create_task(stream(client, 300)) for _ in range(16)]
-    await asyncio.sleep(2)
+    started: asyncio.Queue[float] = asyncio.Queue()
+    streams = [asyncio.create_task(stream(client, 600, started=started)) for _ in range(16)]
+    async with asyncio.timeout(60):  # SIGTERM once all 16 are under way, with seconds still to go
+        for _ in range(16):
+            await started.get()
     (gateway,) = up.children("gateway")
     gateway.send_signal(signal.SIGTERM)
     await asyncio.sleep(0.3)
@@ -225,7 +233,7 @@ async def test_a_gateway_told_to_stop_finishes_its_streams_first(up: Up) -> None
         assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
         assert refused.json()["error"]["code"] == "shutting_down"
     results = await asyncio.gather(*streams)
-    assert Counter(results) == Counter({("length", 300, None): 16}), results
+    assert Counter(results) == Counter({("length", 600, None): 16}), results
     wait_until(lambda: ready(up.base_url), 120, "the gateway started again")
     assert "gateway exited with status 0" in up.log.read_text()
 
