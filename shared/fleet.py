@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from redis.asyncio import Redis
 
 from shared.messages import StreamRecord, WireError, WorkerInfo, decode_stream_record, decode_worker_info
-from shared.names import GROUP, Names
+from shared.names import GROUP, Names, as_text
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +94,6 @@ class Snapshot:
         return [w for w in self.workers if w.model == model and w.live and not w.draining]
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 class BadRecords:
     """Logs each undecodable record once, not at every read: a reader that polls keeps one."""
 
@@ -117,7 +113,7 @@ async def worker_records(
 ) -> list[WorkerInfo]:
     """Heartbeat records of the workers whose last beat was at or after ``since`` (Unix time)."""
     bad = bad or BadRecords()
-    ids = [_text(i) for i in await redis.zrangebyscore(names.workers(), since, "+inf")]
+    ids = [as_text(i) for i in await redis.zrangebyscore(names.workers(), since, "+inf")]
     if not ids:
         return []
     keys = [names.worker(i) for i in ids]
@@ -147,7 +143,7 @@ async def stream_records(
     index = await redis.hgetall(names.streams_index(model))  # type: ignore[misc]
     out = {}
     for stream, raw in index.items():
-        key = _text(stream)
+        key = as_text(stream)
         try:
             out[key] = decode_stream_record(raw)
         except WireError as exc:
@@ -157,7 +153,7 @@ async def stream_records(
 
 async def known_models(redis: Redis, names: Names) -> set[str]:
     """Every model a worker has ever served here (the gateway tells 'unknown' from 'no worker now')."""
-    return {_text(m) for m in await redis.hkeys(names.models())}  # type: ignore[misc]
+    return {as_text(m) for m in await redis.hkeys(names.models())}  # type: ignore[misc]
 
 
 async def model_records(redis: Redis, names: Names, bad: BadRecords | None = None) -> dict[str, WorkerInfo]:
@@ -167,9 +163,9 @@ async def model_records(redis: Redis, names: Names, bad: BadRecords | None = Non
     out = {}
     for model, raw in (await redis.hgetall(names.models())).items():  # type: ignore[misc]
         try:
-            out[_text(model)] = decode_worker_info(raw)
+            out[as_text(model)] = decode_worker_info(raw)
         except WireError as exc:
-            bad.report(f"{names.models()} {_text(model)}", exc)
+            bad.report(f"{names.models()} {as_text(model)}", exc)
     return out
 
 
@@ -235,7 +231,7 @@ async def _stream(redis: Redis, model: str, stream: str, record: StreamRecord) -
         backlog=0 if isinstance(length, Exception) else int(length),
         pending=pending_count,
         consumers=tuple(
-            ConsumerStatus(name=_text(c["name"]), pending=int(c["pending"]), idle_s=int(c["idle"]) / 1000)
+            ConsumerStatus(name=as_text(c["name"]), pending=int(c["pending"]), idle_s=int(c["idle"]) / 1000)
             for c in rows
         ),
     )

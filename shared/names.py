@@ -39,6 +39,11 @@ HANDED_BACK_FIELD = "handed_back"
 """Stream entry field set when a stopping worker re-queued a job it had begun."""
 
 
+def as_text(value: bytes | str) -> str:
+    """A name as a Redis reply gives it (a stream, an entry id, a consumer, a channel's data), as text."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 @dataclass(frozen=True, slots=True)
 class Names:
     prefix: str = "switchyard"

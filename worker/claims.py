@@ -17,17 +17,13 @@ from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from shared.names import GROUP
+from shared.names import GROUP, as_text
 from shared.scripts import REFRESH_CLAIMS
 from worker.inflight import Inflight
 from worker.reader import Take
 from worker.streams import JobStreams
 
 log = logging.getLogger(__name__)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 class ClaimKeeper(threading.Thread):
@@ -76,7 +72,7 @@ class ClaimKeeper(threading.Thread):
                     for stream, ids in self._inflight.entries().items():
                         lost = refresh(keys=[stream, GROUP], args=[self._worker_id, *ids])
                         for entry_id in lost:
-                            self._loop.call_soon_threadsafe(self._lost, stream, _text(entry_id))
+                            self._loop.call_soon_threadsafe(self._lost, stream, as_text(entry_id))
                     refreshed = time.monotonic()
                 except (RedisError, OSError) as exc:
                     log.warning("refreshing claims failed: %s", exc)
@@ -132,5 +128,5 @@ def claimed_entries(reply: Iterable[object]) -> list[tuple[str, dict[bytes, byte
         entry_id, fields = entry
         if entry_id is None:  # Redis 6.2 reports an entry deleted since it was read as nil
             continue
-        out.append((_text(entry_id), fields))
+        out.append((as_text(entry_id), fields))
     return out

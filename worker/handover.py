@@ -10,15 +10,12 @@ it is pending under that worker like any of its jobs, and another worker takes i
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Awaitable, Callable
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from shared.names import GROUP, Names
-
-log = logging.getLogger(__name__)
+from worker.listen import listen
 
 SEPARATOR = "\n"  # no stream name or entry id holds a line break
 
@@ -35,22 +32,11 @@ async def hand_over(redis: Redis, names: Names, stream: str, entry_id: str, work
 
 async def receive(redis: Redis, names: Names, worker_id: str, stopping: asyncio.Event, take: Take) -> None:
     """Start every job handed to this worker until ``stopping``."""
-    while not stopping.is_set():
-        pubsub = redis.pubsub(ignore_subscribe_messages=True)
-        try:
-            await pubsub.subscribe(names.inbox(worker_id))
-            async for message in pubsub.listen():
-                if message["type"] != "message":
-                    continue
-                data = message["data"]
-                stream, _, entry_id = (data.decode() if isinstance(data, bytes) else data).partition(
-                    SEPARATOR
-                )
-                found = await redis.xrange(stream, entry_id, entry_id)
-                if found:  # else it ended meanwhile (another worker took it over and finished it)
-                    await take(stream, entry_id, found[0][1])
-        except (RedisError, OSError) as exc:
-            log.warning("inbox lost: %s", exc)
-            await asyncio.sleep(1.0)
-        finally:
-            await pubsub.aclose()
+
+    async def handle(data: str) -> None:
+        stream, _, entry_id = data.partition(SEPARATOR)
+        found = await redis.xrange(stream, entry_id, entry_id)
+        if found:  # else it ended meanwhile (another worker took it over and finished it)
+            await take(stream, entry_id, found[0][1])
+
+    await listen(redis, names.inbox(worker_id), stopping, handle)

@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 
 from shared.fleet import live_workers
 from shared.messages import WorkerInfo
-from shared.names import GROUP, Names
+from shared.names import GROUP, Names, as_text
 from worker.prefix_affinity import Peer
 
 PEERS_REFRESH = 1.0
@@ -71,10 +71,6 @@ class Loads:
     """Jobs each consumer (worker) holds, over every stream."""
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 async def peek(redis: Redis, streams: list[str]) -> Loads:
     """Jobs waiting per stream (``XLEN`` less ``XPENDING``: finished jobs leave their stream) and jobs
     held per consumer, in one round trip."""
@@ -90,5 +86,5 @@ async def peek(redis: Redis, streams: list[str]) -> Loads:
         running[stream] = int(pending["pending"])
         waiting[stream] = max(0, int(length) - running[stream])
         for row in pending.get("consumers") or ():
-            held[_text(row["name"])] += int(row["pending"])
+            held[as_text(row["name"])] += int(row["pending"])
     return Loads(waiting, running, held)

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from shared.names import GROUP
+from shared.names import GROUP, as_text
 from worker.balance import Load, Spread, stands_back
 from worker.inflight import Inflight
 from worker.peers import Peers, peek
@@ -200,14 +200,10 @@ async def read_fairly(
     return _entries(reply)
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def _entries(reply: object) -> list[Entry]:
     """XREADGROUP's reply as (stream, entry id, fields) triples."""
     return [
-        (_text(stream), _text(entry_id), fields)
+        (as_text(stream), as_text(entry_id), fields)
         for stream, items in reply or ()  # type: ignore[attr-defined]
         for entry_id, fields in items
     ]
