@@ -22,18 +22,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-import httpx
 import psutil
 import redis
 
-from control.processes import free_port, wait_until
+try:  # run as a script, python loadtest/pathcost.py: this directory is on sys.path
+    import compare
+    import proctree
+except ModuleNotFoundError:  # imported as loadtest.pathcost from the repository root
+    from loadtest import compare, proctree  # type: ignore[no-redef]
+
+from control.processes import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent / "bench.py"
@@ -148,24 +152,6 @@ def start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[b
         )
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
-def models_listed(base_url: str) -> bool:
-    try:
-        return (
-            httpx.get(f"{base_url}/models", headers={"authorization": f"Bearer {KEY}"}, timeout=3).status_code
-            == 200
-        )
-    except httpx.HTTPError:
-        return False
-
-
 def warm_up(server: str, base_url: str, args: argparse.Namespace) -> None:
     """One unmeasured run at the first level: a fresh process's first requests pay for imports,
     caches and the tokenizer's first encodes (measured: the gateway's CPU per token at 64 streams
@@ -183,17 +169,18 @@ def run_switchyard(args: argparse.Namespace, processes: int) -> list[Level]:
     argv += ["--port", str(port), "--redis-port", str(redis_port), "--workers", str(args.workers)]
     argv += ["--capacity", str(args.capacity), "--processes", str(processes)]
     env["SWITCHYARD_SIM_SPEED"] = str(args.sim_speed)
-    proc = start(argv, env, args.out / f"switchyard-p{processes}.log")
-    base = f"http://127.0.0.1:{port}/v1"
+    name = "switchyard" if processes == 1 else f"switchyard --processes {processes}"
+    target = compare.Target(name, argv, env, port)
+    log = args.out / f"switchyard-p{processes}.log"
+    proc = start(argv, env, log)
+    base = target.base_url
     try:
-        if not wait_until(lambda: models_listed(base), 180, 1.0):
-            raise RuntimeError("switchyard did not start: see its log")
+        compare.wait_ready(proc, target, "switchyard-demo", KEY, 180, log)
         parts = children_by_role(proc.pid)
-        name = "switchyard" if processes == 1 else f"switchyard --processes {processes}"
         warm_up(name, base, args)
         return [measure(name, parts, base, "switchyard-demo", s, args, redis_port) for s in args.streams]
     finally:
-        stop(proc)
+        proctree.stop_tree(proc)
 
 
 def run_vllm(args: argparse.Namespace) -> list[Level]:
@@ -204,11 +191,12 @@ def run_vllm(args: argparse.Namespace) -> list[Level]:
     argv += ["--served-model-name", "switchyard-demo", "--port", str(port), "--api-key", KEY]
     argv += ["--dtype", args.dtype, "--max-model-len", str(args.max_model_len)]
     env = dict(os.environ) | {"VLLM_CPU_KVCACHE_SPACE": "1"}  # the demo model's size, as Switchyard sizes it
-    proc = start(argv, env, args.out / "vllm.log")
-    base = f"http://127.0.0.1:{port}/v1"
+    target = compare.Target("vllm api_server", argv, env, port)
+    log = args.out / "vllm.log"
+    proc = start(argv, env, log)
+    base = target.base_url
     try:
-        if not wait_until(lambda: models_listed(base), 600, 2.0):
-            raise RuntimeError("vLLM did not start: see its log")
+        compare.wait_ready(proc, target, "switchyard-demo", KEY, 600, log)
         warm_up("vllm api_server", base, args)
         # Its front end is the server process itself; the engine core and any model runner are below it.
         return [
@@ -216,7 +204,7 @@ def run_vllm(args: argparse.Namespace) -> list[Level]:
             for s in args.streams
         ]
     finally:
-        stop(proc)
+        proctree.stop_tree(proc)
 
 
 def table(levels: list[Level]) -> str:
