@@ -19,9 +19,7 @@ import asyncio
 import json
 import os
 import random
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,7 +28,12 @@ from pathlib import Path
 
 import httpx
 
-from control.processes import free_port, wait_until
+try:  # run as a script: this directory is on sys.path
+    import proctree
+except ModuleNotFoundError:  # imported from the repository root
+    from loadtest import proctree  # type: ignore[no-redef]
+
+from control.processes import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KEY = "sy-0123456789ab-affinityaffinityaffinityaffinityaffini"
@@ -123,17 +126,12 @@ def run_phase(args: argparse.Namespace, affinity: bool) -> Phase:
     phase = Phase(affinity)
     port, redis_port = free_port(), free_port()
     metrics = [free_port(), free_port()]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHYARD_")}
-    env |= {"SWITCHYARD_DEV_KEY": KEY, "XDG_CONFIG_HOME": str(args.out / "config")}
+    env = {"SWITCHYARD_DEV_KEY": KEY, "XDG_CONFIG_HOME": str(args.out / "config")}
     env |= {"SWITCHYARD_PREFIX_AFFINITY": str(affinity).lower(), "SWITCHYARD_METRICS_PORT": str(metrics[0])}
-    argv = [sys.executable, "-m", "control.cli", "up", "--workers", "2", "--port", str(port)]
-    argv += ["--redis-port", str(redis_port), "--max-model-len", "2048", "--dtype", args.dtype]
+    flags = ["--workers", "2", "--port", str(port)]
+    flags += ["--redis-port", str(redis_port), "--max-model-len", "2048", "--dtype", args.dtype]
     log = args.out / f"up-affinity-{'on' if affinity else 'off'}.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, env=env, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        if not wait_until(lambda: "Press Ctrl-C to stop." in log.read_text(errors="replace"), 600, 1.0):
-            raise RuntimeError(f"switchyard up did not start: {log}")
+    with proctree.switchyard_up(flags, env, log):
         ports = [int(line.rsplit(":", 1)[1].split("/")[0]) for line in log.read_text().splitlines()
                  if line.strip().startswith("worker-") and "/metrics" in line]  # fmt: skip
         hits0, queries0, jobs0 = worker_metrics(ports)
@@ -141,9 +139,6 @@ def run_phase(args: argparse.Namespace, affinity: bool) -> Phase:
         hits1, queries1, jobs1 = worker_metrics(ports)
         phase.prefix_hits, phase.prefix_queries = hits1 - hits0, queries1 - queries0
         phase.jobs_per_worker = [b - a for a, b in zip(jobs0, jobs1, strict=True)]
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=180)
     return phase
 
 

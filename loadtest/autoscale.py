@@ -16,9 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,7 +25,12 @@ from pathlib import Path
 import httpx
 from redis.asyncio import Redis
 
-from control.processes import free_port, wait_until
+try:  # run as a script: this directory is on sys.path
+    import proctree
+except ModuleNotFoundError:  # imported from the repository root
+    from loadtest import proctree  # type: ignore[no-redef]
+
+from control.processes import free_port
 from shared.fleet import gather
 from shared.names import Names
 
@@ -208,24 +210,20 @@ def summary(args: argparse.Namespace, burst: Burst, samples: list[Sample], to_ze
     )
 
 
-def start_up(
-    args: argparse.Namespace, port: int, redis_port: int, home: Path, log: Path
-) -> subprocess.Popen[bytes]:
-    argv = [sys.executable, "-m", "control.cli", "up", "--autoscale", f"0:{args.max}"]
-    argv += ["--port", str(port), "--redis-port", str(redis_port), "--capacity", str(args.capacity)]
-    argv += ["--engine", args.engine]
+def up_flags(args: argparse.Namespace, port: int, redis_port: int) -> tuple[list[str], dict[str, str]]:
+    """``switchyard up --autoscale 0:MAX`` as this run wants it: its flags and settings."""
+    flags = ["--autoscale", f"0:{args.max}", "--port", str(port), "--redis-port", str(redis_port)]
+    flags += ["--capacity", str(args.capacity), "--engine", args.engine]
     if args.engine == "sim":
-        argv += ["--sim-preset", args.sim_preset]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHYARD_")}
-    env |= {
-        "XDG_CONFIG_HOME": str(home),
+        flags += ["--sim-preset", args.sim_preset]
+    env = {
+        "XDG_CONFIG_HOME": str(args.out / "config"),
         "SWITCHYARD_SCALE_DOWN_AFTER": str(args.scale_down_after),
         "SWITCHYARD_SCALE_COOLDOWN": str(args.cooldown),
         "SWITCHYARD_HEARTBEAT_INTERVAL": "0.5",
         "SWITCHYARD_WORKER_TTL": "3",
     }
-    with log.open("wb") as out:
-        return subprocess.Popen(argv, env=env, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT)
+    return flags, env
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -249,24 +247,20 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     port, redis_port = free_port(), free_port()
     log = args.out / "up.log"
-    proc = start_up(args, port, redis_port, args.out / "config", log)
     base = f"http://127.0.0.1:{port}"
+    flags, env = up_flags(args, port, redis_port)
     try:
-        ready = wait_until(lambda: "Press Ctrl-C to stop." in log.read_text(errors="replace"), 600, 1.0)
-        if not ready or proc.poll() is not None:
-            print(log.read_text(errors="replace")[-3000:], file=sys.stderr)
-            return 1
-        key = (args.out / "config" / "switchyard" / "dev-key").read_text().strip()
-        model = httpx.get(f"{base}/v1/models", headers={"authorization": f"Bearer {key}"}).json()["data"][0][
-            "id"
-        ]
-        redis_url = f"redis://127.0.0.1:{redis_port}/0"
-        to_zero = asyncio.run(until_zero(redis_url, model, 300))
-        burst = Burst(args.requests, args.tokens)
-        samples = asyncio.run(watch_burst(base, redis_url, key, model, burst, args.every, settle=120))
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=180)
+        with proctree.switchyard_up(flags, env, log):
+            key = (args.out / "config" / "switchyard" / "dev-key").read_text().strip()
+            listed = httpx.get(f"{base}/v1/models", headers={"authorization": f"Bearer {key}"}).json()
+            model = listed["data"][0]["id"]
+            redis_url = f"redis://127.0.0.1:{redis_port}/0"
+            to_zero = asyncio.run(until_zero(redis_url, model, 300))
+            burst = Burst(args.requests, args.tokens)
+            samples = asyncio.run(watch_burst(base, redis_url, key, model, burst, args.every, settle=120))
+    except proctree.UpFailed as exc:
+        print(exc, file=sys.stderr)
+        return 1
     (args.out / "config" / "switchyard" / "dev-key").unlink(missing_ok=True)
     (args.out / "timeline.json").write_text(
         json.dumps(

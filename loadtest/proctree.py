@@ -7,12 +7,15 @@ are found by walking parent pids, not by process group.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import signal
 import subprocess
+import sys
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -22,6 +25,9 @@ from control.processes import group_alive, wait_until
 # (signal, seconds to wait for the server's process group to go) — escalated in this order.
 STOP_SEQUENCE = ((signal.SIGINT, 20.0), (signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0))
 LEFTOVER_GRACE_S = 5.0
+REPO_ROOT = Path(__file__).resolve().parent.parent
+UP_BANNER = "Press Ctrl-C to stop."
+"""What ``switchyard up`` prints once the whole system serves."""
 
 
 class ProcessInfo(NamedTuple):
@@ -161,3 +167,35 @@ def cores(before: dict[str, float], after: dict[str, float], wall: float) -> dic
     used = {k: (after[k] - before.get(k, 0.0)) / wall for k in after} if wall > 0 else {}
     ours = sum(v for k, v in used.items() if k != "host")
     return used | {"other": max(0.0, used.get("host", 0.0) - ours)}
+
+
+class UpFailed(RuntimeError):
+    """``switchyard up`` exited or was not ready in time."""
+
+
+@contextlib.contextmanager
+def switchyard_up(
+    flags: list[str], env: dict[str, str], log: Path, timeout: float = 600.0
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``switchyard up`` with ``flags``, in a session of its own, output to ``log``: this process's
+    environment without its ``SWITCHYARD_`` variables (the script decides every setting), plus
+    ``env``. Yields once ``up`` says the system serves; stopped with :func:`stop_tree` afterwards.
+    Raises :class:`UpFailed`, with the log's tail, when it exits or is not ready within ``timeout``."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHYARD_")} | env
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "control.cli", "up", *flags], env=full, cwd=REPO_ROOT,
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+
+        def started() -> bool:
+            if proc.poll() is not None:
+                raise UpFailed(f"switchyard up exited:\n{log.read_text(errors='replace')[-3000:]}")
+            return UP_BANNER in log.read_text(errors="replace")
+
+        if not wait_until(started, timeout, 1.0):
+            raise UpFailed(f"switchyard up not ready after {timeout:.0f}s:\n{log.read_text()[-3000:]}")
+        yield proc
+    finally:
+        stop_tree(proc)

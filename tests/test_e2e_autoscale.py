@@ -14,19 +14,26 @@ import httpx
 import pytest
 
 from control.processes import free_port
-from loadtest.autoscale import Burst, start_up, until_zero, watch_burst
-from tests.procs import ready, wait_until
+from loadtest.autoscale import Burst, until_zero, up_flags, watch_burst
+from tests.procs import ready, spawn, stop, wait_until
 
 pytestmark = pytest.mark.e2e
 
 
 async def test_a_burst_from_zero_brings_workers_that_go_away_again(tmp_path: Path) -> None:
     args = Namespace(
-        max=3, capacity=4, engine="sim", sim_preset="cpu-demo", scale_down_after=3.0, cooldown=1.0
+        max=3,
+        capacity=4,
+        engine="sim",
+        sim_preset="cpu-demo",
+        scale_down_after=3.0,
+        cooldown=1.0,
+        out=tmp_path,
     )
     port, redis_port = free_port(), free_port()
     log = tmp_path / "up.log"
-    proc = start_up(args, port, redis_port, tmp_path / "config", log)
+    flags, env = up_flags(args, port, redis_port)
+    proc = spawn("up", env, log, *flags)
     base, redis_url = f"http://127.0.0.1:{port}", f"redis://127.0.0.1:{redis_port}/0"
     try:
         wait_until(lambda: ready(base), 180, "switchyard up --autoscale 0:3", procs=(proc,), logs=(log,))
@@ -45,5 +52,4 @@ async def test_a_burst_from_zero_brings_workers_that_go_away_again(tmp_path: Pat
         assert samples[-1].workers == 0, "the workers were not retired after the burst"
         print(f"first token after {min(burst.ttft):.1f}s from zero workers; at most {most} workers")
     finally:
-        proc.terminate()
-        await asyncio.to_thread(proc.wait, 120)
+        await asyncio.to_thread(stop, proc, 120)
