@@ -7,6 +7,8 @@ import asyncio
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 import openai
@@ -77,32 +79,33 @@ async def test_unused_tokens_are_refunded_when_the_client_leaves(system: System,
     await wait_for(refunded, 5)
 
 
+class Gateway(NamedTuple):
+    port: int
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
 @pytest.fixture
-def three_gateways(
-    system: System, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
-) -> Iterator[list[str]]:
+def three_gateways(system: System, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Gateway]]:
     logs = tmp_path_factory.mktemp("gateways")
-    ports = [free_port() for _ in range(3)]
-    procs = [
-        spawn("gateway", system.env(SWITCHYARD_PORT=str(p)), logs / f"gw{i}.log") for i, p in enumerate(ports)
-    ]
-    urls = [f"http://127.0.0.1:{p}" for p in ports]
-    request.node.gateway_logs = [logs / f"gw{i}.log" for i in range(3)]
+    gateways = [Gateway(free_port(), logs / f"gw{i}.log") for i in range(3)]
+    procs = [spawn("gateway", system.env(SWITCHYARD_PORT=str(g.port)), g.log) for g in gateways]
     try:
-        for url, proc, i in zip(urls, procs, range(3), strict=True):
+        for g, proc, i in zip(gateways, procs, range(3), strict=True):
             # Ready, not just alive: a gateway is ready once it has loaded the served model's
             # tokenizer, which 300 requests at once would otherwise all wait for.
-            wait_until(
-                lambda u=url: ready(u), 120, f"gateway {i}", procs=(proc,), logs=(logs / f"gw{i}.log",)
-            )
-        yield urls
+            wait_until(lambda u=g.url: ready(u), 120, f"gateway {i}", procs=(proc,), logs=(g.log,))
+        yield gateways
     finally:
         for proc in procs:
             stop(proc)
 
 
 async def test_one_rpm_limit_across_three_gateways(
-    system: System, redis: Redis, three_gateways: list[str], request: pytest.FixtureRequest
+    system: System, redis: Redis, three_gateways: list[Gateway]
 ) -> None:
     model = "limited-" + uuid.uuid4().hex[:6]
     await fake_model(redis, system, model, live=True)  # admitted jobs just wait: no engine needed
@@ -121,12 +124,12 @@ async def test_one_rpm_limit_across_three_gateways(
 
     clients = [
         httpx.AsyncClient(
-            base_url=u,
+            base_url=g.url,
             timeout=30,
             headers={"authorization": f"Bearer {key}"},
             limits=httpx.Limits(max_connections=100),
         )
-        for u in three_gateways
+        for g in three_gateways
     ]
     try:
         await asyncio.sleep(0.6)  # every gateway's registry sees the model
@@ -137,11 +140,10 @@ async def test_one_rpm_limit_across_three_gateways(
         for c in clients:
             await c.aclose()
         await forget_model(redis, system, model)
-    tails = "".join(
-        f"\n--- {log.name}:\n" + "\n".join(log.read_text(errors="replace").splitlines()[-20:])
-        for log in request.node.gateway_logs
+    assert not slow, f"{len(slow)} request(s) got no answer: {slow[:5]}" + "".join(
+        f"\n--- {g.log.name}:\n" + "\n".join(g.log.read_text(errors="replace").splitlines()[-20:])
+        for g in three_gateways
     )
-    assert not slow, f"{len(slow)} request(s) got no answer: {slow[:5]}{tails}"
     print(f"300 requests over 3 gateways in {took:.1f}s: {statuses.count(200)} admitted")
     assert took < 60  # all inside one window, so exactly the limit may pass
     assert statuses.count(200) == 100
