@@ -168,14 +168,17 @@ def in_process_model_runner() -> dict[str, Any]:
     if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
         return {}
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # read by the engine core process too
-    # vLLM cuts torch to one thread for serving unless OMP_NUM_THREADS is set: set it (the engine
-    # core process inherits it) to this worker's share of the CPUs, and torch's pool here to match
-    # (a forked engine core inherits that instead).
-    import torch
+    configured = os.environ.get("OMP_NUM_THREADS")
+    threads = model_threads(usable_cpus(), configured=configured)
+    if configured is None:
+        # vLLM cuts torch to one thread for serving unless OMP_NUM_THREADS is set: set it (the
+        # engine core process inherits it) to this worker's share of the CPUs, and torch's pool here
+        # to match (a forked engine core inherits that instead). A variable the operator set was
+        # read by torch at start-up already.
+        import torch
 
-    threads = model_threads(usable_cpus(), configured=os.environ.get("OMP_NUM_THREADS"))
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-    torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
     log.info("the model computes on %d thread(s) (OMP_NUM_THREADS chooses)", threads)
     return {"distributed_executor_backend": "uni"}
 
