@@ -216,9 +216,25 @@ async def test_a_gateway_told_to_stop_finishes_its_streams_first(up: Up) -> None
     client = up.client()
     started: asyncio.Queue[float] = asyncio.Queue()
     streams = [asyncio.create_task(stream(client, 600, started=started)) for _ in range(16)]
-    async with asyncio.timeout(60):  # SIGTERM once all 16 are under way, with seconds still to go
-        for _ in range(16):
+
+    begun = 0
+
+    async def under_way() -> None:
+        nonlocal begun
+        while begun < 16:
             await started.get()
+            begun += 1
+
+    # SIGTERM once all 16 are under way, with seconds still to go; a stream that ends or fails
+    # before its first token, or 60 s without all of them, fails the test with what each did.
+    waiter = asyncio.ensure_future(under_way())
+    await asyncio.wait([waiter, *streams], timeout=60, return_when=asyncio.FIRST_COMPLETED)
+    if not waiter.done():
+        waiter.cancel()
+        ended = [s.result() for s in streams if s.done()]
+        for s in streams:
+            s.cancel()
+        pytest.fail(f"{begun} of 16 streams under way after 60 s; ended early: {ended}")
     (gateway,) = up.children("gateway")
     gateway.send_signal(signal.SIGTERM)
     await asyncio.sleep(0.3)
