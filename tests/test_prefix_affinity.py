@@ -70,7 +70,7 @@ async def test_a_handed_job_reaches_its_worker_without_counting_as_a_delivery(re
     inbox = asyncio.create_task(receive(redis, names, "taker", stopping, take))
     try:
         await asyncio.sleep(0.2)  # subscribed
-        await hand_over(redis, names, stream, entry.decode(), "taker")
+        assert await hand_over(redis, names, stream, entry.decode(), "taker", "giver")
         s, e, fields = await asyncio.wait_for(taken.get(), 5)
         assert (s, e) == (stream, entry.decode()) and fields is not None and fields[JOB_FIELD.encode()]
         (pending,) = await redis.xpending_range(stream, GROUP, min="-", max="+", count=10)
@@ -80,4 +80,19 @@ async def test_a_handed_job_reaches_its_worker_without_counting_as_a_delivery(re
         inbox.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await inbox
+        await redis.delete(stream)
+
+
+async def test_a_job_handed_to_a_worker_not_listening_comes_back_to_its_giver(redis: Redis) -> None:
+    names = Names(f"syaff{uuid.uuid4().hex[:8]}")
+    stream = names.jobs_stream("m", "t")
+    await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    await redis.xadd(stream, {JOB_FIELD: b"{}"})
+    ((_, [(entry, _)]),) = await redis.xreadgroup(GROUP, "giver", {stream: ">"}, count=1)
+    try:
+        # "starting" has no inbox subscription yet: the job must not wait for reclaim_idle under it
+        assert not await hand_over(redis, names, stream, entry.decode(), "starting", "giver")
+        (pending,) = await redis.xpending_range(stream, GROUP, min="-", max="+", count=10)
+        assert pending["consumer"] == b"giver" and pending["times_delivered"] == 1
+    finally:
         await redis.delete(stream)

@@ -172,12 +172,15 @@ class Consumer:
         if target is None:
             return False
         try:
-            await hand_over(self._redis, self._names, claim.stream, claim.entry_id, target)
+            handed = await hand_over(
+                self._redis, self._names, claim.stream, claim.entry_id, target, self._worker_id
+            )
         except (RedisError, OSError) as exc:
             log.warning("could not hand job %s to %s (%s); running it here", claim.job.id, target, exc)
             return False
-        self.metrics.handed_over()
-        return True
+        if handed:
+            self.metrics.handed_over()
+        return handed
 
     async def _run(self, claim: Claim) -> None:
         self.metrics.job_started(claim.job)

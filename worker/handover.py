@@ -2,9 +2,9 @@
 
 The giver transfers the stream entry to the taker's name in the consumer group (``XCLAIM ...
 JUSTID``, which does not count as a delivery) and tells it on its inbox channel; the taker reads
-the entry and starts it. Failover is untouched: an entry handed to a worker that died before taking
-it is pending under that worker like any of its jobs, and another worker takes it over after
-``reclaim_idle``.
+the entry and starts it. When nobody hears that, the giver claims the entry back and runs it.
+Failover is untouched: an entry handed to a worker that died before taking it is pending under
+that worker like any of its jobs, and another worker takes it over after ``reclaim_idle``.
 """
 
 from __future__ import annotations
@@ -23,11 +23,18 @@ Take = Callable[[str, str, dict[bytes, bytes] | None], Awaitable[None]]
 """Start a handed-over job: stream, entry id, fields."""
 
 
-async def hand_over(redis: Redis, names: Names, stream: str, entry_id: str, worker: str) -> None:
+async def hand_over(redis: Redis, names: Names, stream: str, entry_id: str, worker: str, giver: str) -> bool:
+    """Give the entry to ``worker``; False when nobody listened on its inbox (it is starting, or its
+    subscription is being renewed): the entry is then claimed back for ``giver`` to run, rather
+    than left pending under a worker that does not know of it until ``reclaim_idle``."""
     async with redis.pipeline(transaction=False) as pipe:
         pipe.xclaim(stream, GROUP, worker, 0, [entry_id], justid=True)
         pipe.publish(names.inbox(worker), f"{stream}{SEPARATOR}{entry_id}")
-        await pipe.execute()
+        _, listeners = await pipe.execute()
+    if listeners:
+        return True
+    await redis.xclaim(stream, GROUP, giver, 0, [entry_id], justid=True)
+    return False
 
 
 async def receive(redis: Redis, names: Names, worker_id: str, stopping: asyncio.Event, take: Take) -> None:
