@@ -12,6 +12,7 @@ from typing import Any, get_args
 
 from pydantic import ValidationError
 
+from control import stacks
 from control.processes import StartupError
 from shared.settings import SimPreset
 
@@ -341,6 +342,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    stacks.install()  # kill -USR1 <pid>: every thread's and task's stack to the log
     try:
         COMMANDS[args.command](args)
     except (CLIError, StartupError) as exc:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -67,3 +69,14 @@ def ready(base_url: str) -> bool:
         return httpx.get(f"{base_url}/readyz", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def stacks(pid: int, log: Path, tail: int = 12000) -> str:
+    """Have process ``pid`` write its threads' and tasks' stacks to ``log`` (``kill -USR1``), and
+    return the end of ``log``: what a process that stopped answering was waiting for."""
+    try:
+        os.kill(pid, signal.SIGUSR1)
+        time.sleep(1.0)
+    except ProcessLookupError:
+        pass
+    return log.read_text(errors="replace")[-tail:]

@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from control.processes import free_port
 from shared.tenants import Tenant
 from tests.conftest import System, create_tenant
-from tests.procs import ready, spawn, stop, wait_until
+from tests.procs import ready, spawn, stacks, stop, wait_until
 from tests.test_e2e_faults import fake_model, forget_model, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -82,6 +82,7 @@ async def test_unused_tokens_are_refunded_when_the_client_leaves(system: System,
 class Gateway(NamedTuple):
     port: int
     log: Path
+    pid: int = 0
 
     @property
     def url(self) -> str:
@@ -98,7 +99,7 @@ def three_gateways(system: System, tmp_path_factory: pytest.TempPathFactory) -> 
             # Ready, not just alive: a gateway is ready once it has loaded the served model's
             # tokenizer, which 300 requests at once would otherwise all wait for.
             wait_until(lambda u=g.url: ready(u), 120, f"gateway {i}", procs=(proc,), logs=(g.log,))
-        yield gateways
+        yield [g._replace(pid=proc.pid) for g, proc in zip(gateways, procs, strict=True)]
     finally:
         for proc in procs:
             stop(proc)
@@ -141,8 +142,7 @@ async def test_one_rpm_limit_across_three_gateways(
             await c.aclose()
         await forget_model(redis, system, model)
     assert not slow, f"{len(slow)} request(s) got no answer: {slow[:5]}" + "".join(
-        f"\n--- {g.log.name}:\n" + "\n".join(g.log.read_text(errors="replace").splitlines()[-20:])
-        for g in three_gateways
+        f"\n--- {g.log.name}, with its stacks:\n{stacks(g.pid, g.log, tail=6000)}" for g in three_gateways
     )
     print(f"300 requests over 3 gateways in {took:.1f}s: {statuses.count(200)} admitted")
     assert took < 60  # all inside one window, so exactly the limit may pass

@@ -1,0 +1,53 @@
+"""Stack dumps on demand: ``kill -USR1 <pid>`` makes any Switchyard process write the stack of
+every thread and of every asyncio task to its standard error (its log), and keep running.
+
+What a request that hangs is waiting for is then one signal away, on a production host as in a
+failing test: a thread stuck in a tokenizer shows in the thread stacks, a coroutine waiting on Redis
+or on a lock in the task stacks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import faulthandler
+import signal
+import sys
+from types import FrameType
+
+SIGNAL = signal.SIGUSR1
+
+
+def install() -> None:
+    """Dump stacks on SIGUSR1 from now on: the threads' at once (from C, so even while the
+    interpreter is stuck), then the asyncio tasks' when the main thread next runs Python code."""
+    signal.signal(SIGNAL, _dump_tasks)
+    faulthandler.register(SIGNAL, all_threads=True, chain=True)
+
+
+def _dump_tasks(signum: int, frame: FrameType | None) -> None:
+    loop = asyncio._get_running_loop()  # the loop this (main) thread is running, if any
+    if loop is None:
+        return
+    tasks = asyncio.all_tasks(loop)
+    lines = [f"--- {len(tasks)} asyncio task(s), each from its outermost await to its innermost:"]
+    for task in tasks:
+        lines.append(f"task {task.get_name()}:")
+        lines += [f"  {where}" for where in awaits(task.get_coro())]
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+def awaits(coro: object) -> list[str]:
+    """Where a coroutine waits: its own line, then that of each coroutine it awaits, down the
+    chain (``Task.print_stack`` shows the outermost one only)."""
+    found: list[str] = []
+    while coro is not None and len(found) < 50:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        frame = frame or getattr(coro, "ag_frame", None)
+        if frame is not None:
+            code = frame.f_code
+            found.append(f"{code.co_filename}:{frame.f_lineno} in {code.co_name}")
+        coro = next(
+            (v for a in ("cr_await", "gi_yieldfrom", "ag_await") if (v := getattr(coro, a, None))),
+            None,
+        )
+    return found
