@@ -414,6 +414,7 @@ def run_simulated_system(args: argparse.Namespace) -> fairreport.FairnessReport:
     name = args.model_name or (args.model_dir.name if args.model_dir else None)
     spec = simfleet.FleetSpec(
         workers=args.workers, capacity=args.capacity, preset=args.sim_preset, speed=args.sim_speed,
+        worker_env=dict(setting.split("=", 1) for setting in args.worker_setting),
         **tokenizer, **({"served_name": name} if name else {}),
     )  # fmt: skip
     logs = args.log.parent if args.log else Path(tempfile.mkdtemp(prefix="switchyard-fairness-"))
@@ -456,6 +457,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--sim-preset", choices=["l4", "a100", "h100", "cpu-demo"], default="a100",
         help="with --engine sim: its timing (default: a100)")  # fmt: skip
     add("--sim-speed", type=float, default=1.0, help="with --engine sim: its speed-up (default: 1)")
+    add("--worker-setting", action="append", default=[], metavar="NAME=VALUE",
+        help="with --engine sim: a SWITCHYARD_* setting for every worker, e.g. "
+        "SWITCHYARD_PREFILL_PER_TENANT=0 (repeatable)")  # fmt: skip
     add("--flooder-priority", choices=["interactive", "batch"], default="interactive",
         help="A's priority class when this script creates the tenants; B is interactive")  # fmt: skip
     add("--concurrency", type=int, help="B's streams (default: 4 per worker)")
@@ -484,6 +488,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sizes = (args.concurrency, args.flood_concurrency, args.capacity, args.prompt_tokens, args.output_tokens)
     if min(*sizes, args.workers) < 1 or args.sim_speed <= 0:
         p.error("concurrency, flood concurrency, capacity, workers, prompt and output tokens must be >= 1")
+    if any("=" not in setting for setting in args.worker_setting):
+        p.error("--worker-setting takes NAME=VALUE")
     if args.duration <= 0 or args.lead < 0 or args.warmup < 0:
         p.error("--duration must be > 0, --lead and --warmup >= 0")
     if args.base_url is not None and not (args.key_a and args.key_b):

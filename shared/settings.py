@@ -227,6 +227,16 @@ class WorkerSettings(RedisSettings):
             "capacity), so their next jobs need not wait for a flood's to finish. 0: off."
         ),
     )
+    prefill_per_tenant: int = Field(
+        default=1,
+        ge=0,
+        description=(
+            "Jobs of one tenant that may wait in the engine for their first token at once while "
+            "other tenants have jobs on the worker; its further jobs enter as those produce theirs, "
+            "so a flood's burst of prompts does not make one long engine step that everyone waits "
+            "for. A tenant alone on a worker is never held. 0: no limit."
+        ),
+    )
     flush_interval: float = Field(
         default=0.04,
         ge=0,

@@ -31,6 +31,7 @@ from worker.inflight import Inflight
 from worker.metrics import WorkerMetrics
 from worker.outbox import Outbox
 from worker.peers import Peers
+from worker.prefill_gate import PrefillGate
 from worker.prefix_affinity import hand_to
 from worker.reader import Reader
 from worker.runner import JobRunner
@@ -73,6 +74,7 @@ class Consumer:
             stop_reason=self.inflight.stop_reason,
             stopping=self.stopping.is_set,
             metrics=self.metrics,
+            gate=PrefillGate(settings.prefill_per_tenant),
         )
         self._peers = Peers(
             redis, names, self._model, worker_id, PEER_TTL_BEATS * settings.heartbeat_interval

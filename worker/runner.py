@@ -10,17 +10,18 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import Callable
 
 from shared.messages import Failure, Final, Job, Started, Usage, encode
 from shared.names import GROUP, HANDED_BACK_FIELD, JOB_FIELD, Names
 from shared.scripts import CLAIMED_HAND_BACK
 from worker.channel import Claim, ClaimLost, NobodyListening, Progress, ReplyChannel, check
 from worker.coalesce import Coalescer, resumed
-from worker.engine import Delta, Engine
+from worker.engine import Engine
 from worker.metrics import WorkerMetrics
 from worker.outbox import Outbox
 from worker.outcome import Action, StopReason, early_end
+from worker.prefill_gate import PrefillGate
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,9 @@ class JobRunner:
         stop_reason: Callable[[str], StopReason | None],
         metrics: WorkerMetrics,
         stopping: Callable[[], bool] = lambda: False,
+        gate: PrefillGate | None = None,
     ) -> None:
+        self._gate = gate or PrefillGate(0)
         self._metrics = metrics
         self._stop_reason = stop_reason
         self._stopping = stopping
@@ -131,15 +134,16 @@ class JobRunner:
         sampling = resumed(job.sampling, len(prior))
         if sampling is None:  # the previous worker generated everything but died before the end
             coalescer.finish_all("length")
-            stream: AsyncGenerator[list[Delta]] = _empty()
         else:
-            stream = self._engine.generate(job.id, job.prompt_token_ids + prior, sampling)
-        async with contextlib.aclosing(stream):  # leaving early (e.g. ClaimLost) aborts the request
-            async for deltas in stream:
-                chunks = coalescer.add(deltas, time.monotonic(), self._flush_interval())
-                if chunks:
-                    self._metrics.generated(sum(len(c.ids) for c in chunks))
-                    await out.send(out.tokens(chunks))
+            async with self._gate.job(job.tenant) as entry:  # its prompt's turn to enter the engine
+                stream = self._engine.generate(job.id, job.prompt_token_ids + prior, sampling)
+                async with contextlib.aclosing(stream):  # leaving early (e.g. ClaimLost) aborts it
+                    async for deltas in stream:
+                        entry.prefilled()
+                        chunks = coalescer.add(deltas, time.monotonic(), self._flush_interval())
+                        if chunks:
+                            self._metrics.generated(sum(len(c.ids) for c in chunks))
+                            await out.send(out.tokens(chunks))
         ending = coalescer.end()
         self._metrics.generated(sum(len(c.ids) for c in ending.tail))
         tail = out.tokens(ending.tail)
@@ -176,8 +180,3 @@ class JobRunner:
         (owned,) = await self._outbox.send(CLAIMED_HAND_BACK.call(keys, args))
         if not owned:
             raise ClaimLost
-
-
-async def _empty() -> AsyncGenerator[list[Delta]]:
-    return
-    yield

@@ -1,4 +1,4 @@
-"""Pure: the simulated engine's continuous batching, one step at a time, with no clock and no I/OwnerT.
+"""Pure: the simulated engine's continuous batching, one step at a time, with no clock and no I/O.
 
 It follows vLLM's scheduler where that shapes timing: each choice of a request is a sequence of its
 own; running sequences decode one token per step, first come first served; waiting ones are

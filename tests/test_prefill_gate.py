@@ -1,0 +1,139 @@
+"""When a job's prompt enters the engine (worker.prefill_gate): the rule as a table, the gate on a loop."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import pytest
+
+from worker.prefill_gate import PrefillGate, may_enter
+
+
+@pytest.mark.parametrize(
+    ("prefilling", "holding", "limit", "enters"),
+    [
+        ({}, {"a": 1}, 1, True),  # nothing in prefill
+        ({"a": 1}, {"a": 2}, 1, True),  # alone on the worker: never held
+        ({"a": 1}, {"a": 2, "b": 1}, 1, False),  # b shares the worker: a's second prompt waits
+        ({"a": 1}, {"a": 2, "b": 1}, 2, True),  # the limit is per tenant
+        ({"a": 1, "b": 1}, {"a": 2, "b": 1}, 0, True),  # 0: no limit
+        ({"b": 1}, {"a": 1, "b": 1}, 1, True),  # others' prompts in prefill do not hold a back
+        ({"a": 1}, {"a": 2, "b": 0}, 1, True),  # a tenant with no job left is not sharing
+    ],
+)
+def test_may_enter(prefilling: dict[str, int], holding: dict[str, int], limit: int, enters: bool) -> None:
+    assert may_enter("a", Counter(prefilling), Counter(holding), limit) is enters
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_a_tenant_alone_is_never_held() -> None:
+    gate = PrefillGate(1)
+    entered = []
+
+    async def job(i: int) -> None:
+        async with gate.job("a"):
+            entered.append(i)
+            await asyncio.sleep(0.05)
+
+    await asyncio.gather(*(job(i) for i in range(5)))
+    assert sorted(entered) == [0, 1, 2, 3, 4]
+    assert gate.waiting == 0
+
+
+async def test_a_flood_enters_one_prompt_at_a_time_while_another_tenant_is_served() -> None:
+    gate = PrefillGate(1)
+    first_token = {name: asyncio.Event() for name in ("a1", "a2", "a3", "b1")}
+    entered: list[str] = []
+    release = asyncio.Event()
+
+    async def job(tenant: str, name: str) -> None:
+        async with gate.job(tenant) as entry:
+            entered.append(name)
+            await first_token[name].wait()
+            entry.prefilled()
+            await release.wait()
+
+    tasks = [asyncio.create_task(job("b", "b1"))]
+    await settle()
+    tasks += [asyncio.create_task(job("a", n)) for n in ("a1", "a2", "a3")]
+    await settle()
+    assert entered == ["b1", "a1"]  # b's and one of a's; a's others wait
+    assert gate.waiting == 2
+
+    first_token["a1"].set()
+    await settle()
+    assert entered == ["b1", "a1", "a2"]  # a's next prompt enters once the previous one is through
+
+    first_token["a2"].set()
+    await settle()
+    assert entered == ["b1", "a1", "a2", "a3"]
+    release.set()
+    first_token["a3"].set()
+    first_token["b1"].set()
+    await asyncio.gather(*tasks)
+    assert gate.waiting == 0
+
+
+async def test_waiting_jobs_enter_when_the_other_tenant_leaves() -> None:
+    gate = PrefillGate(1)
+    b_done = asyncio.Event()
+    entered: list[str] = []
+
+    async def b() -> None:
+        async with gate.job("b"):
+            await b_done.wait()
+
+    async def a(name: str) -> None:
+        async with gate.job("a"):  # never reports a first token: only b's leaving lets a2 in
+            entered.append(name)
+            await asyncio.sleep(0.05)
+
+    tb = asyncio.create_task(b())
+    await settle()
+    ta = [asyncio.create_task(a("a1")), asyncio.create_task(a("a2"))]
+    await settle()
+    assert entered == ["a1"]
+    b_done.set()
+    await asyncio.gather(tb, *ta)
+    assert entered == ["a1", "a2"]
+
+
+async def test_a_job_cancelled_or_failing_gives_its_place_back() -> None:
+    gate = PrefillGate(1)
+    hold_b = asyncio.Event()
+
+    async def b() -> None:
+        async with gate.job("b"):
+            await hold_b.wait()
+
+    async def failing() -> None:
+        async with gate.job("a"):
+            raise RuntimeError("engine refused it")
+
+    async def waits() -> None:
+        async with gate.job("a"):
+            await asyncio.sleep(10)
+
+    tb = asyncio.create_task(b())
+    await settle()
+    first = asyncio.create_task(waits())  # in prefill, never reports a token
+    await settle()
+    second = asyncio.create_task(waits())  # waits at the gate
+    await settle()
+    assert gate.waiting == 1
+    second.cancel()
+    first.cancel()
+    await asyncio.gather(first, second, return_exceptions=True)
+    assert gate.waiting == 0
+    with pytest.raises(RuntimeError):
+        await failing()  # enters at once: the cancelled ones left nothing behind
+    async with asyncio.timeout(1):
+        async with gate.job("a"):
+            pass
+    hold_b.set()
+    await tb
