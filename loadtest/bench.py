@@ -187,28 +187,34 @@ async def run_closed_loop(
     phase: str,
     stop: Callable[[], bool] | None = None,
     ramp: float = 0.0,
+    pause: float = 0.0,
 ) -> tuple[list[RequestResult], float]:
     """Keep ``concurrency`` requests in flight until ``count`` are done (None: no limit) or, once
     ``stop()`` is true, until those in flight are; returns results and wall time. With ``ramp``,
     the streams start one after another over that many seconds instead of all at once: requests
     of one shape sent together keep ending together, and an engine then prefills every next one in
-    the same step."""
+    the same step. With ``pause``, each stream waits a random 0 to ``pause`` seconds (seeded) after
+    each answer, as a user reads it: streams whose requests once met in one engine step would
+    otherwise stay in step for good, and a run's figures would depend on how many had met."""
     if count is None and stop is None:
         raise ValueError("an unlimited closed loop needs a stop condition")
     results: list[RequestResult] = []
     next_index = itertools.count() if count is None else iter(range(count))
 
-    async def worker(delay: float) -> None:
+    async def worker(number: int, delay: float) -> None:
+        rng = random.Random(f"{cfg.seed}/{phase}/{number}")
         await asyncio.sleep(delay)
         for index in next_index:  # shared iterator: each index is taken by exactly one worker
             if stop is not None and stop():
                 return
             prompt = make_prompt(cfg.seed, f"{phase}{index}", words)
             results.append(await one_request(client, cfg, prompt, cfg.output_tokens))
+            if pause > 0:
+                await asyncio.sleep(rng.uniform(0, pause))
 
     workers = max(1, concurrency if count is None else min(concurrency, count))
     start = time.perf_counter()
-    await asyncio.gather(*(worker(i * ramp / workers) for i in range(workers)))
+    await asyncio.gather(*(worker(i, i * ramp / workers) for i in range(workers)))
     return results, time.perf_counter() - start
 
 

@@ -15,6 +15,10 @@ Method
 * Phase 3, the baseline (skipped with ``--no-shared-queue``): the same flood, and B's requests sent
   with A's key, so they wait in A's stream behind A's backlog: what B would see if every tenant
   shared one first-come first-served queue, measured in the same run.
+* With ``--pause``, every stream waits a random moment after each answer before its next request.
+  Without it, streams whose requests once met in one engine step (all of one length) end together
+  and meet again, for good: B's figures alone then depend on how many of its 4 streams happened to
+  lock in step (its TTFT p95 alone read 33, 50 and 68 ms in three runs of the simulated A100).
 * Reported: B's TTFT p50/p95/p99 alone, under the flood, and in the shared queue, with their ratios
   to alone; A's TTFT; output tokens/s of B, of A, and of both over B's window (requests that
   finished inside it).
@@ -44,6 +48,7 @@ flood's client and engine competing with everything for this host's cores. B's s
 
     python loadtest/fairness.py                              # B 4 streams, A 40, capacity 16, 45 s
     python loadtest/fairness.py --engine sim --workers 4     # B 16, A 160, four simulated workers
+    python loadtest/fairness.py --engine sim --pause 0.1 --worker-setting SWITCHYARD_PREFILL_PER_TENANT=0
     python loadtest/fairness.py --flooder-priority batch --out fairness.json
     python loadtest/fairness.py --base-url http://127.0.0.1:8000/v1 --key-a sy-... --key-b sy-... \\
         --redis-url redis://127.0.0.1:6379/0
@@ -234,6 +239,8 @@ class Loads:
     words: int
     ramp: float = 0.0
     """Seconds over which each tenant's streams start (A's within the lead)."""
+    pause: float = 0.0
+    """Longest random pause of a stream between an answer and its next request."""
 
 
 @dataclass(frozen=True)
@@ -249,7 +256,7 @@ async def phase_alone(loads: Loads, duration: float) -> Phase:
     cpu0, t0 = time.process_time(), time.perf_counter()
     results, wall = await bench.run_closed_loop(
         loads.client_b, loads.b, loads.words, None, loads.b.concurrency, "alone", until(t0 + duration),
-        ramp=loads.ramp,
+        ramp=loads.ramp, pause=loads.pause,
     )  # fmt: skip
     return Phase(results, wall, time.process_time() - cpu0)
 
@@ -266,14 +273,16 @@ async def phase_flood(
     a = loads.a
     ramp = min(loads.ramp, lead)
     flood = asyncio.create_task(
-        bench.run_closed_loop(loads.client_a, a, loads.words, None, a.concurrency, "flood", over.is_set, ramp)
+        bench.run_closed_loop(
+            loads.client_a, a, loads.words, None, a.concurrency, "flood", over.is_set, ramp, loads.pause
+        )
     )
     try:
         await asyncio.sleep(lead)  # A's backlog forms before B is measured
         start = time.perf_counter()
         measured, measured_wall = await bench.run_closed_loop(
             client_b, cfg_b, loads.words, None, cfg_b.concurrency, "victim", until(start + duration),
-            ramp=loads.ramp,
+            ramp=loads.ramp, pause=loads.pause,
         )  # fmt: skip
         end = time.perf_counter()
     finally:
@@ -300,7 +309,7 @@ async def run_phases(args: argparse.Namespace, setup: Setup) -> fairreport.Fairn
     try:
         async with bench.make_client(cfg_a) as client_a, bench.make_client(cfg_b) as client_b:
             words = await bench.calibrate_words(client_b, cfg_b)
-            loads = Loads(cfg_a, cfg_b, client_a, client_b, words, args.ramp)
+            loads = Loads(cfg_a, cfg_b, client_a, client_b, words, args.ramp, args.pause)
             warm: list[RequestResult] = []
             if args.warmup:
                 warm, _ = await bench.run_closed_loop(
@@ -468,6 +477,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--lead", type=float, default=5.0, help="seconds A floods before B's phase 2 (default: 5)")
     add("--ramp", type=float, default=0.0,
         help="seconds over which each tenant's streams start, A's within the lead (default: 0)")  # fmt: skip
+    add("--pause", type=float, default=0.0,
+        help="each stream waits a random 0 to this many seconds after each answer, as a user "
+             "reading it; keeps streams of one shape from staying in step (default: 0)")  # fmt: skip
     add("--prompt-tokens", type=int, default=64)
     add("--output-tokens", type=int, default=64)
     add("--no-shared-queue", action="store_true",

@@ -231,10 +231,11 @@ class WorkerSettings(RedisSettings):
         default=1,
         ge=0,
         description=(
-            "Jobs of one tenant that may wait in the engine for their first token at once while "
-            "other tenants have jobs on the worker; its further jobs enter as those produce theirs, "
-            "so a flood's burst of prompts does not make one long engine step that everyone waits "
-            "for. A tenant alone on a worker is never held. 0: no limit."
+            "While other tenants have jobs on the worker, a tenant's jobs waiting in the engine for "
+            "their first token at once: at least this many, more when its jobs are short enough to "
+            "need more to keep up; its further prompts enter as those produce theirs, so a flood's "
+            "wave of prompts does not make one long engine step everyone waits for. A tenant alone "
+            "on a worker is never held. 0: off."
         ),
     )
     flush_interval: float = Field(

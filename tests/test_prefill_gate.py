@@ -7,23 +7,44 @@ from collections import Counter
 
 import pytest
 
-from worker.prefill_gate import PrefillGate, may_enter
+from worker.prefill_gate import PrefillGate, allowed, may_enter
 
 
 @pytest.mark.parametrize(
-    ("prefilling", "holding", "limit", "enters"),
+    ("ending", "limit", "expected"),
     [
-        ({}, {"a": 1}, 1, True),  # nothing in prefill
-        ({"a": 1}, {"a": 2}, 1, True),  # alone on the worker: never held
-        ({"a": 1}, {"a": 2, "b": 1}, 1, False),  # b shares the worker: a's second prompt waits
-        ({"a": 1}, {"a": 2, "b": 1}, 2, True),  # the limit is per tenant
-        ({"a": 1, "b": 1}, {"a": 2, "b": 1}, 0, True),  # 0: no limit
-        ({"b": 1}, {"a": 1, "b": 1}, 1, True),  # others' prompts in prefill do not hold a back
-        ({"a": 1}, {"a": 2, "b": 0}, 1, True),  # a tenant with no job left is not sharing
+        (0.0, 1, 1),
+        (12 / 64, 1, 1),  # 12 jobs of 64 tokens: one ends every 5 steps, one prompt at a time
+        (0.5, 1, 1),  # one ends every other step: a prompt in flight lets one in every 2 steps
+        (0.6, 1, 2),
+        (64.0, 1, 128),  # 64 one-token jobs: as many prompts as it takes to keep up
+        (12 / 64, 3, 3),  # never below the limit
     ],
 )
-def test_may_enter(prefilling: dict[str, int], holding: dict[str, int], limit: int, enters: bool) -> None:
-    assert may_enter("a", Counter(prefilling), Counter(holding), limit) is enters
+def test_allowed_keeps_up_with_the_jobs_that_end(ending: float, limit: int, expected: int) -> None:
+    assert allowed(ending, limit) == expected
+
+
+@pytest.mark.parametrize(
+    ("prefilling", "holding", "ending", "limit", "enters"),
+    [
+        ({}, {"a": 1}, {}, 1, True),  # nothing in prefill
+        ({"a": 1}, {"a": 2}, {}, 1, True),  # alone on the worker: never held
+        ({"a": 1}, {"a": 2, "b": 1}, {"a": 0.1}, 1, False),  # b shares it: a's second prompt waits
+        ({"a": 1}, {"a": 2, "b": 1}, {"a": 0.1}, 2, True),  # the limit is per tenant
+        ({"a": 1}, {"a": 1, "b": 1}, {"a": 0.1}, 1, True),  # an equal share: not the flood
+        ({"a": 1}, {"a": 2, "b": 5, "c": 1}, {"a": 0.1}, 1, True),  # below an equal share
+        ({"a": 1}, {"a": 5, "b": 5, "c": 1}, {"a": 0.1}, 1, False),  # above it, beside b
+        ({"a": 1}, {"a": 64, "b": 1}, {"a": 64.0}, 1, True),  # short jobs: as many as they need
+        ({"a": 1, "b": 1}, {"a": 2, "b": 1}, {}, 0, True),  # 0: off
+        ({"b": 1}, {"a": 1, "b": 1}, {}, 1, True),  # others' prompts in prefill do not hold a back
+        ({"a": 1}, {"a": 2, "b": 0}, {}, 1, True),  # a tenant with no job left is not sharing
+    ],
+)
+def test_may_enter(
+    prefilling: dict[str, int], holding: dict[str, int], ending: dict[str, float], limit: int, enters: bool
+) -> None:
+    assert may_enter("a", Counter(prefilling), Counter(holding), ending, limit) is enters
 
 
 async def settle() -> None:
@@ -36,7 +57,7 @@ async def test_a_tenant_alone_is_never_held() -> None:
     entered = []
 
     async def job(i: int) -> None:
-        async with gate.job("a"):
+        async with gate.job("a", 64):
             entered.append(i)
             await asyncio.sleep(0.05)
 
@@ -52,7 +73,7 @@ async def test_a_flood_enters_one_prompt_at_a_time_while_another_tenant_is_serve
     release = asyncio.Event()
 
     async def job(tenant: str, name: str) -> None:
-        async with gate.job(tenant) as entry:
+        async with gate.job(tenant, 64) as entry:
             entered.append(name)
             await first_token[name].wait()
             entry.prefilled()
@@ -85,11 +106,11 @@ async def test_waiting_jobs_enter_when_the_other_tenant_leaves() -> None:
     entered: list[str] = []
 
     async def b() -> None:
-        async with gate.job("b"):
+        async with gate.job("b", 64):
             await b_done.wait()
 
     async def a(name: str) -> None:
-        async with gate.job("a"):  # never reports a first token: only b's leaving lets a2 in
+        async with gate.job("a", 64):  # never reports a first token: only b's leaving lets a2 in
             entered.append(name)
             await asyncio.sleep(0.05)
 
@@ -108,15 +129,15 @@ async def test_a_job_cancelled_or_failing_gives_its_place_back() -> None:
     hold_b = asyncio.Event()
 
     async def b() -> None:
-        async with gate.job("b"):
+        async with gate.job("b", 64):
             await hold_b.wait()
 
     async def failing() -> None:
-        async with gate.job("a"):
+        async with gate.job("a", 64):
             raise RuntimeError("engine refused it")
 
     async def waits() -> None:
-        async with gate.job("a"):
+        async with gate.job("a", 64):
             await asyncio.sleep(10)
 
     tb = asyncio.create_task(b())
@@ -133,7 +154,55 @@ async def test_a_job_cancelled_or_failing_gives_its_place_back() -> None:
     with pytest.raises(RuntimeError):
         await failing()  # enters at once: the cancelled ones left nothing behind
     async with asyncio.timeout(1):
-        async with gate.job("a"):
+        async with gate.job("a", 64):
             pass
     hold_b.set()
     await tb
+
+
+async def test_a_tenant_of_short_jobs_keeps_as_many_prompts_in_flight_as_it_needs() -> None:
+    gate = PrefillGate(1)
+    hold = asyncio.Event()
+    entered = 0
+
+    async def b() -> None:
+        async with gate.job("b", 64):
+            await hold.wait()
+
+    async def one_token_job() -> None:
+        nonlocal entered
+        async with gate.job("a", 1):
+            entered += 1
+            await hold.wait()
+
+    tasks = [asyncio.create_task(b())]
+    await settle()
+    tasks += [asyncio.create_task(one_token_job()) for _ in range(8)]
+    await settle()
+    assert entered == 8 and gate.waiting == 0  # 8 jobs of one token end 8 a step: none waits
+    hold.set()
+    await asyncio.gather(*tasks)
+
+
+async def test_a_tenant_is_paced_by_how_long_its_jobs_turned_out() -> None:
+    gate = PrefillGate(1)
+    for _ in range(30):  # jobs asking for 512 tokens that end after 1 (a classifier's "yes")
+        async with gate.job("a", 512) as entry:
+            entry.prefilled()
+            entry.finished(1.0)
+    hold = asyncio.Event()
+    entered = 0
+
+    async def job(tenant: str) -> None:
+        nonlocal entered
+        async with gate.job(tenant, 512):
+            entered += tenant == "a"
+            await hold.wait()
+
+    tasks = [asyncio.create_task(job("b"))]
+    await settle()
+    tasks += [asyncio.create_task(job("a")) for _ in range(6)]
+    await settle()
+    assert entered == 6  # learned: its jobs end in about a token, so none is held
+    hold.set()
+    await asyncio.gather(*tasks)

@@ -1,44 +1,75 @@
-"""When a job's prompt enters the engine: one tenant's prompts at a time while tenants share a worker.
+"""When a job's prompt enters the engine: a tenant's prompts at the pace its jobs end, not in waves,
+while tenants share a worker.
 
 The engine prefills every prompt waiting at the start of a step in that step (up to its token
 budget), and every sequence in the batch waits for the step to end. A flood's jobs, all of one
 length, end together and their successors arrive together: a dozen prompts then share one step
 that takes several times a decode step, and the other tenant's prompt that arrives beside them, or
-during that step, waits for all of it. Its time to first token follows the flood's waves (the
-simulated engine's scheduler, A100 timing, 12 flooding jobs and 4 of another tenant: the other
-tenant's TTFT p95 2.6x what it is alone).
+during that step, waits for all of it. Its time to first token follows the flood's waves.
 
-So while more than one tenant has jobs on the worker, at most ``limit`` jobs of each tenant wait
-for their first token in the engine at once; a tenant's further jobs enter as earlier ones produce
-theirs (one step later), spreading a wave of prompts over the steps that decode anyway. Every
-tenant's prompts still enter at once up to that number, so a tenant that sends a few jobs at a time
-never waits here, and a tenant alone on the worker (a benchmark, a single team) is never held. The
-engine's throughput is unchanged: decode steps carry the prompts they would have carried in one
-burst. In the same model, the limit at 1 brings that 2.6x to 1.5x, with the flood's own TTFT lower
-too and the same tokens/s.
+So while more than one tenant has jobs on the worker, a tenant holding more than an equal share
+of them has its jobs wait here while enough of its earlier ones are in the engine without a first
+token: enough to keep up with how fast its jobs end (:func:`allowed`), and at least ``limit``. A
+tenant whose jobs run many tokens each (the flood above) then sends one prompt at a time, which
+rides on a decode step that runs anyway; a tenant of short jobs (classification, one token each)
+keeps as many prompts in flight as its rate needs, so pacing never costs throughput. A tenant
+alone on the worker (a benchmark, a single team) is never held, nor one within its share.
+
+Run through the simulated engine's scheduler (:mod:`worker.sim_batch`, A100 timing, each client
+sending again 2-20 ms after an answer; ``loadtest/fairness.py`` measures the whole system): 12
+flooding jobs of 64 tokens beside 4 of another tenant, capacity 16: that tenant's TTFT p95 went
+from 2.6x its p95 alone to 1.3x, the flood's own TTFT p50 from 99 to 33 ms, tokens/s the same. 60
+jobs of 16 tokens beside it, capacity 64: its p95 275 -> 131 ms, same tokens/s. 64 one-token jobs
+beside it: unchanged, 169 jobs/s (a fixed one prompt at a time would have cut them to 51).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import Counter
+import math
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Mapping
 
+HANDOFF_STEPS = 2
+"""Engine steps from one prompt's first token to the next prompt's first step: the step that made
+the token is over and the next one has begun by the time this worker hears of it."""
+SMOOTHING = 0.2
+"""Weight of a finished job in its tenant's mean length."""
 
-def may_enter(tenant: str, prefilling: Mapping[str, int], holding: Mapping[str, int], limit: int) -> bool:
+
+def allowed(ending_per_step: float, limit: int) -> int:
+    """Prompts of one tenant that may wait for their first token at once: ``limit``, or as many as
+    keep up with its jobs ending ``ending_per_step`` per engine step (each prompt in flight lets
+    one more in every :data:`HANDOFF_STEPS` steps)."""
+    return max(limit, math.ceil(ending_per_step * HANDOFF_STEPS - 1e-9))
+
+
+def may_enter(
+    tenant: str,
+    prefilling: Mapping[str, int],
+    holding: Mapping[str, int],
+    ending: Mapping[str, float],
+    limit: int,
+) -> bool:
     """Whether a job of ``tenant`` may go to the engine now. ``prefilling``: each tenant's jobs in
-    the engine without a first token yet; ``holding``: each tenant's jobs on the worker (this one
-    included, whether it waits here or runs)."""
+    the engine without a first token yet; ``holding``: its jobs on the worker (this one included,
+    whether it waits here or runs); ``ending``: how many of its jobs end per engine step. Only a
+    tenant holding more than an equal share of the worker's jobs is paced: the others' prompts are
+    the ones the pacing is for."""
     if limit <= 0:
         return True
-    if not any(n > 0 for t, n in holding.items() if t != tenant):
+    sharing = [n for n in holding.values() if n > 0]
+    if len(sharing) < 2:
         return True  # alone on the worker: nobody to keep room for
-    return prefilling.get(tenant, 0) < limit
+    if holding.get(tenant, 0) * len(sharing) <= sum(sharing):
+        return True  # within its fair share of the worker's jobs: it is not the flood
+    return prefilling.get(tenant, 0) < allowed(ending.get(tenant, 0.0), limit)
 
 
 class Entry:
-    """A job past the gate; :meth:`prefilled` once its first output came."""
+    """A job past the gate: :meth:`prefilled` once its first output came, :meth:`finished` with
+    the tokens each of its choices generated."""
 
     def __init__(self, gate: PrefillGate, tenant: str) -> None:
         self._gate = gate
@@ -50,23 +81,32 @@ class Entry:
             self.waiting_prefill = False
             self._gate._prefilled(self._tenant)
 
+    def finished(self, tokens_per_choice: float) -> None:
+        self._gate._learn(self._tenant, tokens_per_choice)
+
 
 class PrefillGate:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._prefilling: Counter[str] = Counter()
         self._holding: Counter[str] = Counter()
+        self._ending: defaultdict[str, float] = defaultdict(float)
+        """Per tenant, the sum over its jobs here of 1 / their expected length: jobs ending per step."""
+        self._length: dict[str, float] = {}
+        """Per tenant, the mean tokens its choices generated (a moving average)."""
         self._waiters: dict[asyncio.Future[None], None] = {}
         """In the order they came: woken in that order, the first to check goes first."""
 
     @contextlib.asynccontextmanager
-    async def job(self, tenant: str) -> AsyncIterator[Entry]:
+    async def job(self, tenant: str, max_tokens: int) -> AsyncIterator[Entry]:
         """Hold a place for one job of ``tenant`` until it ends; entered once it may go to the
         engine. Cancelling the wait, or any exit, gives the place back."""
+        length = max(1.0, min(float(max_tokens), self._length.get(tenant, math.inf)))
         self._holding[tenant] += 1
+        self._ending[tenant] += 1 / length
         entry: Entry | None = None
         try:
-            while not may_enter(tenant, self._prefilling, self._holding, self.limit):
+            while not may_enter(tenant, self._prefilling, self._holding, self._ending, self.limit):
                 woken = asyncio.get_running_loop().create_future()
                 self._waiters[woken] = None
                 try:
@@ -80,8 +120,9 @@ class PrefillGate:
             if entry is not None:
                 entry.prefilled()
             self._holding[tenant] -= 1
+            self._ending[tenant] -= 1 / length
             if not self._holding[tenant]:
-                del self._holding[tenant]
+                del self._holding[tenant], self._ending[tenant]
             self._wake()
 
     @property
@@ -94,6 +135,10 @@ class PrefillGate:
         if not self._prefilling[tenant]:
             del self._prefilling[tenant]
         self._wake()
+
+    def _learn(self, tenant: str, tokens: float) -> None:
+        before = self._length.get(tenant)
+        self._length[tenant] = tokens if before is None else before + SMOOTHING * (tokens - before)
 
     def _wake(self) -> None:
         """Let every waiter check again (few wait at once: jobs of tenants over their limit)."""
