@@ -48,7 +48,7 @@ flood's client and engine competing with everything for this host's cores. B's s
 
     python loadtest/fairness.py                              # B 4 streams, A 40, capacity 16, 45 s
     python loadtest/fairness.py --engine sim --workers 4     # B 16, A 160, four simulated workers
-    python loadtest/fairness.py --engine sim --pause 0.1 --worker-setting SWITCHYARD_PREFILL_PER_TENANT=0
+    python loadtest/fairness.py --engine sim --pause 0.1 --worker-setting SWITCHYARD_PREFILL_PER_TENANT=1
     python loadtest/fairness.py --flooder-priority batch --out fairness.json
     python loadtest/fairness.py --base-url http://127.0.0.1:8000/v1 --key-a sy-... --key-b sy-... \\
         --redis-url redis://127.0.0.1:6379/0
@@ -468,7 +468,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--sim-speed", type=float, default=1.0, help="with --engine sim: its speed-up (default: 1)")
     add("--worker-setting", action="append", default=[], metavar="NAME=VALUE",
         help="with --engine sim: a SWITCHYARD_* setting for every worker, e.g. "
-        "SWITCHYARD_PREFILL_PER_TENANT=0 (repeatable)")  # fmt: skip
+        "SWITCHYARD_PREFILL_PER_TENANT=1 (repeatable)")  # fmt: skip
     add("--flooder-priority", choices=["interactive", "batch"], default="interactive",
         help="A's priority class when this script creates the tenants; B is interactive")  # fmt: skip
     add("--concurrency", type=int, help="B's streams (default: 4 per worker)")

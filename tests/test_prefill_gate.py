@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from worker.prefill_gate import PrefillGate, allowed, may_enter
+from worker.prefill_gate import HANDOFF_STEPS, PrefillGate, allowed, may_enter
 
 
 @pytest.mark.parametrize(
@@ -23,6 +23,11 @@ from worker.prefill_gate import PrefillGate, allowed, may_enter
 )
 def test_allowed_keeps_up_with_the_jobs_that_end(ending: float, limit: int, expected: int) -> None:
     assert allowed(ending, limit) == expected
+
+
+def test_a_slower_handoff_lets_more_prompts_in_flight() -> None:
+    # A CPU host: steps of 5 ms, 60 ms from a prompt entering to its first token (x2 margin: 24).
+    assert allowed(12 / 64, 1, handoff=24.0) == 5
 
 
 @pytest.mark.parametrize(
@@ -206,3 +211,15 @@ async def test_a_tenant_is_paced_by_how_long_its_jobs_turned_out() -> None:
     assert entered == 6  # learned: its jobs end in about a token, so none is held
     hold.set()
     await asyncio.gather(*tasks)
+
+
+async def test_the_gate_learns_how_many_steps_a_prompt_takes_to_its_first_token() -> None:
+    gate = PrefillGate(1)
+    assert gate.handoff == HANDOFF_STEPS  # nothing seen yet
+    async with gate.job("a", 64) as entry:
+        await asyncio.sleep(0.06)  # the prompt's way to its first token
+        entry.prefilled()
+        await asyncio.sleep(0.02)  # four more tokens, 5 ms each
+        entry.finished(5.0)
+    # 60 ms / 5 ms = 12 steps, x2: far more than the two steps a GPU's handoff takes
+    assert 10 < gate.handoff < 60, gate.handoff

@@ -21,6 +21,12 @@ flooding jobs of 64 tokens beside 4 of another tenant, capacity 16: that tenant'
 from 2.6x its p95 alone to 1.3x, the flood's own TTFT p50 from 99 to 33 ms, tokens/s the same. 60
 jobs of 16 tokens beside it, capacity 64: its p95 275 -> 131 ms, same tokens/s. 64 one-token jobs
 beside it: unchanged, 169 jobs/s (a fixed one prompt at a time would have cut them to 51).
+
+Off unless ``SWITCHYARD_PREFILL_PER_TENANT`` sets ``limit``: it pays where a step costs the same with
+a prompt riding along, as on GPUs (the simulated workers, A100 timing: the other tenant's p95 under
+a 10x flood from 2.48x its p95 alone to 1.14-1.20x, same tokens/s). On vLLM's CPU backend, where
+every token a step computes costs time, it cost a third of the tokens/s and did not help
+(``loadtest/results/2026-12-02-fairness-gate/``).
 """
 
 from __future__ import annotations
@@ -28,21 +34,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import time
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Mapping
 
-HANDOFF_STEPS = 2
-"""Engine steps from one prompt's first token to the next prompt's first step: the step that made
-the token is over and the next one has begun by the time this worker hears of it."""
+HANDOFF_STEPS = 2.0
+"""Engine steps, at the least, from one prompt entering to the next one's turn: the step that makes
+its first token, and the one already under way when this worker hears of it. Measured when it is
+more (:attr:`PrefillGate.handoff`): on a small CPU host the engine's steps are a few milliseconds
+and a prompt's way to its first token (the engine's queue, its process, this worker's event loop)
+is many of them."""
+MARGIN = 2.0
+"""How many times the prompts a tenant needs in flight to keep up it may have."""
 SMOOTHING = 0.2
-"""Weight of a finished job in its tenant's mean length."""
+"""Weight of a new observation in a moving average (a job's length, a prompt's time to its first
+token, a decoded token's time)."""
 
 
-def allowed(ending_per_step: float, limit: int) -> int:
+def allowed(ending_per_step: float, limit: int, handoff: float = HANDOFF_STEPS) -> int:
     """Prompts of one tenant that may wait for their first token at once: ``limit``, or as many as
-    keep up with its jobs ending ``ending_per_step`` per engine step (each prompt in flight lets
-    one more in every :data:`HANDOFF_STEPS` steps)."""
-    return max(limit, math.ceil(ending_per_step * HANDOFF_STEPS - 1e-9))
+    keep up with its jobs ending ``ending_per_step`` per engine step when each prompt in flight
+    lets the next one in after ``handoff`` steps."""
+    return max(limit, math.ceil(ending_per_step * handoff - 1e-9))
 
 
 def may_enter(
@@ -51,6 +64,7 @@ def may_enter(
     holding: Mapping[str, int],
     ending: Mapping[str, float],
     limit: int,
+    handoff: float = HANDOFF_STEPS,
 ) -> bool:
     """Whether a job of ``tenant`` may go to the engine now. ``prefilling``: each tenant's jobs in
     the engine without a first token yet; ``holding``: its jobs on the worker (this one included,
@@ -64,7 +78,7 @@ def may_enter(
         return True  # alone on the worker: nobody to keep room for
     if holding.get(tenant, 0) * len(sharing) <= sum(sharing):
         return True  # within its fair share of the worker's jobs: it is not the flood
-    return prefilling.get(tenant, 0) < allowed(ending.get(tenant, 0.0), limit)
+    return prefilling.get(tenant, 0) < allowed(ending.get(tenant, 0.0), limit, handoff)
 
 
 class Entry:
@@ -74,15 +88,27 @@ class Entry:
     def __init__(self, gate: PrefillGate, tenant: str) -> None:
         self._gate = gate
         self._tenant = tenant
-        self.waiting_prefill = True
+        self._entered = time.monotonic()
+        self._first: float | None = None
 
     def prefilled(self) -> None:
-        if self.waiting_prefill:
-            self.waiting_prefill = False
-            self._gate._prefilled(self._tenant)
+        if self._first is None:
+            self._first = time.monotonic()
+            self._gate._prefilled(self._tenant, self._first - self._entered)
+
+    def _leave(self) -> None:
+        """Ended without a first token (cancelled, failed): its place, and no time learned."""
+        if self._first is None:
+            self._first = time.monotonic()
+            self._gate._prefilled(self._tenant, None)
 
     def finished(self, tokens_per_choice: float) -> None:
-        self._gate._learn(self._tenant, tokens_per_choice)
+        """The job ran to its end: what it generated teaches the gate its tenant's job length and
+        the engine's time per decoded token."""
+        per_token = None
+        if self._first is not None and tokens_per_choice > 1:
+            per_token = (time.monotonic() - self._first) / (tokens_per_choice - 1)
+        self._gate._learn(self._tenant, tokens_per_choice, per_token)
 
 
 class PrefillGate:
@@ -94,6 +120,10 @@ class PrefillGate:
         """Per tenant, the sum over its jobs here of 1 / their expected length: jobs ending per step."""
         self._length: dict[str, float] = {}
         """Per tenant, the mean tokens its choices generated (a moving average)."""
+        self._prefill_s: float | None = None
+        """Mean seconds from a prompt entering to its first token."""
+        self._token_s: float | None = None
+        """Mean seconds per decoded token of a job."""
         self._waiters: dict[asyncio.Future[None], None] = {}
         """In the order they came: woken in that order, the first to check goes first."""
 
@@ -106,7 +136,9 @@ class PrefillGate:
         self._ending[tenant] += 1 / length
         entry: Entry | None = None
         try:
-            while not may_enter(tenant, self._prefilling, self._holding, self._ending, self.limit):
+            while not may_enter(
+                tenant, self._prefilling, self._holding, self._ending, self.limit, self.handoff
+            ):
                 woken = asyncio.get_running_loop().create_future()
                 self._waiters[woken] = None
                 try:
@@ -118,7 +150,7 @@ class PrefillGate:
             yield entry
         finally:
             if entry is not None:
-                entry.prefilled()
+                entry._leave()
             self._holding[tenant] -= 1
             self._ending[tenant] -= 1 / length
             if not self._holding[tenant]:
@@ -130,18 +162,32 @@ class PrefillGate:
         """Jobs waiting to enter."""
         return len(self._waiters)
 
-    def _prefilled(self, tenant: str) -> None:
+    @property
+    def handoff(self) -> float:
+        """Engine steps from a prompt entering to the next one's turn, with :data:`MARGIN`."""
+        if self._prefill_s is None or not self._token_s:
+            return HANDOFF_STEPS
+        return max(HANDOFF_STEPS, MARGIN * self._prefill_s / self._token_s)
+
+    def _prefilled(self, tenant: str, seconds: float | None) -> None:
+        if seconds is not None:
+            self._prefill_s = _mean(self._prefill_s, seconds)
         self._prefilling[tenant] -= 1
         if not self._prefilling[tenant]:
             del self._prefilling[tenant]
         self._wake()
 
-    def _learn(self, tenant: str, tokens: float) -> None:
-        before = self._length.get(tenant)
-        self._length[tenant] = tokens if before is None else before + SMOOTHING * (tokens - before)
+    def _learn(self, tenant: str, tokens: float, per_token: float | None) -> None:
+        self._length[tenant] = _mean(self._length.get(tenant), tokens)
+        if per_token is not None:
+            self._token_s = _mean(self._token_s, per_token)
 
     def _wake(self) -> None:
         """Let every waiter check again (few wait at once: jobs of tenants over their limit)."""
         for woken in self._waiters:
             if not woken.done():
                 woken.set_result(None)
+
+
+def _mean(before: float | None, sample: float) -> float:
+    return sample if before is None else before + SMOOTHING * (sample - before)
