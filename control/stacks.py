@@ -9,7 +9,9 @@ or on a lock in the task stacks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import faulthandler
+import os
 import signal
 import sys
 from types import FrameType
@@ -19,21 +21,28 @@ SIGNAL = signal.SIGUSR1
 
 def install() -> None:
     """Dump stacks on SIGUSR1 from now on: the threads' at once (from C, so even while the
-    interpreter is stuck), then the asyncio tasks' when the main thread next runs Python code."""
-    signal.signal(SIGNAL, _dump_tasks)
-    faulthandler.register(SIGNAL, all_threads=True, chain=True)
+    interpreter is stuck), then the asyncio tasks' when the main thread next runs Python code.
+    A process with no usable standard error (detached from it) goes on without."""
+    signal.signal(SIGNAL, _dump_tasks)  # first: faulthandler chains to it
+    with contextlib.suppress(AttributeError, OSError, RuntimeError, ValueError):
+        faulthandler.register(SIGNAL, all_threads=True, chain=True)
 
 
 def _dump_tasks(signum: int, frame: FrameType | None) -> None:
+    """Never raises: it runs between any two bytecodes of the main thread, the event loop's too."""
     loop = asyncio._get_running_loop()  # the loop this (main) thread is running, if any
     if loop is None:
         return
-    tasks = asyncio.all_tasks(loop)
-    lines = [f"--- {len(tasks)} asyncio task(s), each from its outermost await to its innermost:"]
-    for task in tasks:
-        lines.append(f"task {task.get_name()}:")
-        lines += [f"  {where}" for where in awaits(task.get_coro())]
-    print("\n".join(lines), file=sys.stderr, flush=True)
+    try:
+        tasks = asyncio.all_tasks(loop)
+        lines = [f"--- {len(tasks)} asyncio task(s), each from its outermost await to its innermost:"]
+        for task in tasks:
+            lines.append(f"task {task.get_name()}:")
+            lines += [f"  {where}" for where in awaits(task.get_coro())]
+        # os.write, not print: the signal may have interrupted a write to the same buffered stream
+        os.write(sys.stderr.fileno(), ("\n".join(lines) + "\n").encode(errors="replace"))
+    except Exception:  # a dump that fails must not take the process down
+        pass
 
 
 def awaits(coro: object) -> list[str]:

@@ -204,13 +204,18 @@ async def run_closed_loop(
     async def worker(number: int, delay: float) -> None:
         rng = random.Random(f"{cfg.seed}/{phase}/{number}")
         await asyncio.sleep(delay)
-        for index in next_index:  # shared iterator: each index is taken by exactly one worker
+        first = True
+        while True:
+            if pause > 0 and not first:  # before a next request, so none follows the last answer
+                await asyncio.sleep(rng.uniform(0, pause))
+            first = False
             if stop is not None and stop():
+                return
+            index = next(next_index, None)  # shared: each index is taken by exactly one worker
+            if index is None:
                 return
             prompt = make_prompt(cfg.seed, f"{phase}{index}", words)
             results.append(await one_request(client, cfg, prompt, cfg.output_tokens))
-            if pause > 0:
-                await asyncio.sleep(rng.uniform(0, pause))
 
     workers = max(1, concurrency if count is None else min(concurrency, count))
     start = time.perf_counter()

@@ -502,6 +502,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("concurrency, flood concurrency, capacity, workers, prompt and output tokens must be >= 1")
     if any("=" not in setting for setting in args.worker_setting):
         p.error("--worker-setting takes NAME=VALUE")
+    if args.worker_setting and args.engine != "sim":
+        p.error("--worker-setting applies to simulated workers (--engine sim); for vLLM workers set "
+                "the SWITCHYARD_* variable in the environment")  # fmt: skip
     if args.duration <= 0 or args.lead < 0 or args.warmup < 0:
         p.error("--duration must be > 0, --lead and --warmup >= 0")
     if args.base_url is not None and not (args.key_a and args.key_b):

@@ -7,7 +7,8 @@ from collections import Counter
 
 import pytest
 
-from worker.prefill_gate import HANDOFF_STEPS, PrefillGate, allowed, may_enter
+from worker import prefill_gate
+from worker.prefill_gate import HANDOFF_STEPS, Entry, PrefillGate, allowed, may_enter
 
 
 @pytest.mark.parametrize(
@@ -114,10 +115,12 @@ async def test_waiting_jobs_enter_when_the_other_tenant_leaves() -> None:
         async with gate.job("b", 64):
             await b_done.wait()
 
+    a_done = asyncio.Event()
+
     async def a(name: str) -> None:
         async with gate.job("a", 64):  # never reports a first token: only b's leaving lets a2 in
             entered.append(name)
-            await asyncio.sleep(0.05)
+            await a_done.wait()
 
     tb = asyncio.create_task(b())
     await settle()
@@ -125,8 +128,11 @@ async def test_waiting_jobs_enter_when_the_other_tenant_leaves() -> None:
     await settle()
     assert entered == ["a1"]
     b_done.set()
-    await asyncio.gather(tb, *ta)
-    assert entered == ["a1", "a2"]
+    await tb
+    await settle()
+    assert entered == ["a1", "a2"]  # a1 still has no first token: a is alone now
+    a_done.set()
+    await asyncio.gather(*ta)
 
 
 async def test_a_job_cancelled_or_failing_gives_its_place_back() -> None:
@@ -161,8 +167,10 @@ async def test_a_job_cancelled_or_failing_gives_its_place_back() -> None:
     async with asyncio.timeout(1):
         async with gate.job("a", 64):
             pass
+    assert (gate._prefilling, gate._holding, gate._lines) == ({"b": 1}, {"b": 1}, {})
     hold_b.set()
     await tb
+    assert (gate._prefilling, gate._holding, dict(gate._ending)) == ({}, {}, {})
 
 
 async def test_a_tenant_of_short_jobs_keeps_as_many_prompts_in_flight_as_it_needs() -> None:
@@ -213,13 +221,45 @@ async def test_a_tenant_is_paced_by_how_long_its_jobs_turned_out() -> None:
     await asyncio.gather(*tasks)
 
 
-async def test_the_gate_learns_how_many_steps_a_prompt_takes_to_its_first_token() -> None:
+async def test_the_gate_learns_how_many_steps_a_prompt_takes_to_its_first_token(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [100.0]
+    monkeypatch.setattr(prefill_gate.time, "monotonic", lambda: now[0])
     gate = PrefillGate(1)
     assert gate.handoff == HANDOFF_STEPS  # nothing seen yet
     async with gate.job("a", 64) as entry:
-        await asyncio.sleep(0.06)  # the prompt's way to its first token
+        now[0] += 0.060  # the prompt's way to its first token
         entry.prefilled()
-        await asyncio.sleep(0.02)  # four more tokens, 5 ms each
+        now[0] += 0.020  # four more tokens, 5 ms each
         entry.finished(5.0)
     # 60 ms / 5 ms = 12 steps, x2: far more than the two steps a GPU's handoff takes
-    assert 10 < gate.handoff < 60, gate.handoff
+    assert gate.handoff == pytest.approx(24.0)
+
+
+async def test_jobs_of_a_tenant_enter_in_the_order_they_came() -> None:
+    gate = PrefillGate(1)
+    hold = asyncio.Event()
+    entered: list[str] = []
+    entries: dict[str, Entry] = {}
+
+    async def job(tenant: str, name: str) -> None:
+        async with gate.job(tenant, 64) as entry:
+            entered.append(name)
+            entries[name] = entry
+            await hold.wait()
+
+    tasks = [asyncio.create_task(job("b", "b1"))]
+    await settle()
+    tasks += [asyncio.create_task(job("a", f"a{i}")) for i in (1, 2, 3)]
+    await settle()
+    entries["a1"].prefilled()
+    tasks.append(asyncio.create_task(job("a", "a4")))  # came last: must not overtake a2 or a3
+    await settle()
+    assert entered == ["b1", "a1", "a2"]
+    entries["a2"].prefilled()
+    await settle()
+    assert entered == ["b1", "a1", "a2", "a3"]
+    hold.set()
+    await asyncio.gather(*tasks)
+    assert entered[-1] == "a4"

@@ -50,6 +50,7 @@ def test_sigusr1_writes_every_thread_and_task_stack_and_the_process_goes_on() ->
         proc.terminate()
         _, err = proc.communicate(timeout=10)
     assert "Thread 0x" in err and "threading.py" in err  # every thread, the parked one included
-    assert "asyncio task(s)" in err
+    tasks = err[err.index("asyncio task(s)") :]
     # the task's chain of awaits, down to the innermost coroutine and the line it waits on
-    assert "in waiting_for_a_reply" in err and "in deep_inside" in err and "in wait" in err
+    chain = tasks[tasks.index("in waiting_for_a_reply") :].splitlines()
+    assert "in deep_inside" in chain[1] and "asyncio/locks.py" in chain[2] and "in wait" in chain[2]

@@ -35,7 +35,7 @@ import asyncio
 import contextlib
 import math
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import AsyncIterator, Mapping
 
 HANDOFF_STEPS = 2.0
@@ -124,19 +124,24 @@ class PrefillGate:
         """Mean seconds from a prompt entering to its first token."""
         self._token_s: float | None = None
         """Mean seconds per decoded token of a job."""
+        self._lines: defaultdict[str, deque[object]] = defaultdict(deque)
+        """Per tenant, its jobs waiting to enter, in the order they came: only the first may."""
         self._waiters: dict[asyncio.Future[None], None] = {}
-        """In the order they came: woken in that order, the first to check goes first."""
 
     @contextlib.asynccontextmanager
     async def job(self, tenant: str, max_tokens: int) -> AsyncIterator[Entry]:
         """Hold a place for one job of ``tenant`` until it ends; entered once it may go to the
-        engine. Cancelling the wait, or any exit, gives the place back."""
+        engine, after the tenant's jobs that came before it. Cancelling the wait, or any exit,
+        gives the place back."""
         length = max(1.0, min(float(max_tokens), self._length.get(tenant, math.inf)))
         self._holding[tenant] += 1
         self._ending[tenant] += 1 / length
+        line = self._lines[tenant]
+        line.append(ticket := object())
         entry: Entry | None = None
+        self._wake()  # the shares changed: a waiter of another tenant may be within its own now
         try:
-            while not may_enter(
+            while line[0] is not ticket or not may_enter(
                 tenant, self._prefilling, self._holding, self._ending, self.limit, self.handoff
             ):
                 woken = asyncio.get_running_loop().create_future()
@@ -145,10 +150,17 @@ class PrefillGate:
                     await woken
                 finally:
                     self._waiters.pop(woken, None)
+            line.popleft()
+            ticket = None
+            self._forget(tenant, line)
             self._prefilling[tenant] += 1
             entry = Entry(self, tenant)
+            self._wake()  # the next of its line may enter too
             yield entry
         finally:
+            if ticket is not None:  # left while waiting in line
+                line.remove(ticket)
+                self._forget(tenant, line)
             if entry is not None:
                 entry._leave()
             self._holding[tenant] -= 1
@@ -156,6 +168,12 @@ class PrefillGate:
             if not self._holding[tenant]:
                 del self._holding[tenant], self._ending[tenant]
             self._wake()
+
+    def _forget(self, tenant: str, line: deque[object]) -> None:
+        """Drop a tenant's line once nobody waits in it (and only that line: a newer one may
+        have replaced it)."""
+        if not line and self._lines.get(tenant) is line:
+            del self._lines[tenant]
 
     @property
     def waiting(self) -> int:
