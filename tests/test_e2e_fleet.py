@@ -2,7 +2,9 @@
 
 ``switchyard up --workers 2`` (supervised): a SIGKILLed worker's streams all finish whole and the
 worker is back; a SIGTERMed gateway drains (unready at once, new requests refused, streams finish)
-and is started again; a SIGKILLed embedded Redis is started again with its data.
+and is started again; a SIGKILLed embedded Redis is started again with its data. Beside the
+session's system: a gateway with a short grace cuts its streams with an error the SDK raises, and a
+SIGKILLed gateway's jobs are dropped by the worker (nobody listens for them any more).
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from control.processes import free_port
 from shared.fleet import live_workers
 from shared.messages import WorkerInfo
 from shared.names import Names
-from tests.conftest import MAX_MODEL_LEN, SESSION_RECLAIM_IDLE
-from tests.procs import ROOT, ready, stacks, wait_until
+from tests.conftest import MAX_MODEL_LEN, SESSION_RECLAIM_IDLE, System
+from tests.procs import ROOT, ready, spawn, stacks, stop, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -268,3 +270,112 @@ async def test_a_killed_redis_is_started_again_with_its_data(up: Up) -> None:
     wait_until(lambda: ready(up.base_url), 120, "serving again after Redis came back")
     reply = await client.chat.completions.create(model="fleet-demo", messages=USER, max_tokens=3)
     assert reply.choices[0].finish_reason in ("stop", "length")  # the dev key survived too
+
+
+# -- a gateway beside the session's system -----------------------------------------------------------
+
+
+def abandoned(system: System) -> float:
+    """Jobs the session's worker ended because nobody listened for them any more."""
+    for line in httpx.get(system.worker_metrics_url).text.splitlines():
+        if line.startswith("switchyard:worker_jobs_total") and 'outcome="abandoned"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def outcomes(system: System) -> list[str]:
+    """The session's worker's job counters, by outcome."""
+    text = httpx.get(system.worker_metrics_url).text
+    return [line for line in text.splitlines() if line.startswith("switchyard:worker_jobs_total")]
+
+
+def extra_gateway(system: System, log: Path, **env: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    proc = spawn("gateway", system.env(SWITCHYARD_PORT=str(port), SWITCHYARD_WORKER_TTL="3", **env), log)
+    base = f"http://127.0.0.1:{port}"
+    wait_until(lambda: ready(base), 120, "an extra gateway", procs=(proc,), logs=(log,))
+    return proc, base
+
+
+async def test_a_short_grace_cuts_streams_with_an_error_the_sdk_raises(
+    system: System, tmp_path: Path
+) -> None:
+    proc, base = extra_gateway(system, tmp_path / "gw.log", SWITCHYARD_SHUTDOWN_GRACE="1")
+    try:
+        client = AsyncOpenAI(base_url=f"{base}/v1", api_key=system.api_key, max_retries=0, timeout=120)
+        streams = [
+            asyncio.create_task(
+                client.chat.completions.create(
+                    model=system.model, messages=USER, max_tokens=MAX_MODEL_LEN - 64, stream=True,
+                    extra_body={"ignore_eos": True},
+                )
+            )
+            for _ in range(8)
+        ]  # fmt: skip
+        begun = time.monotonic()
+        results = await asyncio.gather(*streams, return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            pytest.fail(
+                f"{len(failed)} of 8 streams did not start in {time.monotonic() - begun:.0f} s: "
+                f"{failed!r}\ngateway log and stacks:\n{stacks(proc.pid, tmp_path / 'gw.log')}"
+            )
+        opened = [r for r in results if not isinstance(r, BaseException)]
+        await asyncio.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+
+        async def read(chunks: openai.AsyncStream) -> str:  # type: ignore[type-arg]
+            try:
+                async for chunk in chunks:
+                    if chunk.choices and chunk.choices[0].finish_reason:
+                        return "finished"
+            except openai.APIError as exc:
+                assert "shutting down" in str(exc) or "stopped before" in str(exc), exc
+                return "error"
+            return "silent"
+
+        outcomes = await asyncio.gather(*(read(c) for c in opened))
+        assert Counter(outcomes)["silent"] == 0, outcomes
+        assert Counter(outcomes)["error"] > 0, outcomes
+        assert proc.wait(timeout=30) == 0
+    finally:
+        stop(proc)
+
+
+async def test_jobs_of_a_killed_gateway_stop_running(system: System, redis: Redis, tmp_path: Path) -> None:
+    proc, base = extra_gateway(system, tmp_path / "gw.log")
+    try:
+        client = AsyncOpenAI(base_url=f"{base}/v1", api_key=system.api_key, max_retries=0, timeout=120)
+        opened = await asyncio.gather(
+            *(
+                client.chat.completions.create(
+                    model=system.model, messages=USER, max_tokens=MAX_MODEL_LEN - 64, stream=True,
+                    extra_body={"ignore_eos": True},
+                )
+                for _ in range(4)
+            )
+        )  # fmt: skip
+        await opened[0].__anext__()
+
+        async def inflight() -> int:
+            (worker,) = await live_workers(redis, system.names, ttl=3)
+            return worker.inflight
+
+        for _ in range(50):
+            if await inflight() >= 4:
+                break
+            await asyncio.sleep(0.1)
+        assert await inflight() >= 4
+        before = abandoned(system)
+        os.killpg(proc.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        for _ in range(100):
+            if await inflight() == 0:
+                break
+            await asyncio.sleep(0.1)
+        took = time.monotonic() - killed
+        assert await inflight() == 0, "the worker still generates for a gateway that is gone"
+        assert abandoned(system) == before + 4, f"{before=}; the worker's job outcomes: {outcomes(system)}"
+        print(f"the worker dropped the dead gateway's jobs {took:.1f}s after the kill")
+    finally:
+        stop(proc)
