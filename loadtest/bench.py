@@ -204,11 +204,9 @@ async def run_closed_loop(
     async def worker(number: int, delay: float) -> None:
         rng = random.Random(f"{cfg.seed}/{phase}/{number}")
         await asyncio.sleep(delay)
-        first = True
-        while True:
-            if pause > 0 and not first:  # before a next request, so none follows the last answer
+        for turn in itertools.count():
+            if pause > 0 and turn:  # before a next request, so none follows the last answer
                 await asyncio.sleep(rng.uniform(0, pause))
-            first = False
             if stop is not None and stop():
                 return
             index = next(next_index, None)  # shared: each index is taken by exactly one worker

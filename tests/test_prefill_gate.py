@@ -263,3 +263,25 @@ async def test_jobs_of_a_tenant_enter_in_the_order_they_came() -> None:
     hold.set()
     await asyncio.gather(*tasks)
     assert entered[-1] == "a4"
+
+
+async def test_a_gate_that_is_off_holds_nobody_and_keeps_no_count() -> None:
+    gate = PrefillGate(0)
+    hold = asyncio.Event()
+    entered = 0
+
+    async def job(tenant: str) -> None:
+        nonlocal entered
+        async with gate.job(tenant, 64) as entry:
+            entered += 1
+            await hold.wait()
+            entry.prefilled()
+            entry.finished(64.0)
+
+    tasks = [asyncio.create_task(job("b"))] + [asyncio.create_task(job("a")) for _ in range(6)]
+    await settle()
+    assert entered == 7 and gate.waiting == 0
+    assert (gate._prefilling, gate._holding, gate._lines) == ({}, {}, {})
+    hold.set()
+    await asyncio.gather(*tasks)
+    assert gate.handoff == HANDOFF_STEPS  # nothing learned

@@ -111,6 +111,22 @@ class Entry:
         self._gate._learn(self._tenant, tokens_per_choice, per_token)
 
 
+class _Ungated(Entry):
+    """What a gate that is off hands out: nothing to count, nothing to learn."""
+
+    def __init__(self) -> None:
+        pass
+
+    def prefilled(self) -> None:
+        pass
+
+    def finished(self, tokens_per_choice: float) -> None:
+        pass
+
+
+UNGATED = _Ungated()
+
+
 class PrefillGate:
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -133,6 +149,9 @@ class PrefillGate:
         """Hold a place for one job of ``tenant`` until it ends; entered once it may go to the
         engine, after the tenant's jobs that came before it. Cancelling the wait, or any exit,
         gives the place back."""
+        if self.limit <= 0:  # off: no bookkeeping on every job's way to the engine
+            yield UNGATED
+            return
         length = max(1.0, min(float(max_tokens), self._length.get(tenant, math.inf)))
         self._holding[tenant] += 1
         self._ending[tenant] += 1 / length

@@ -138,16 +138,14 @@ class JobRunner:
             # Its prompt's turn to enter the engine (see worker.prefill_gate).
             async with self._gate.job(job.tenant, sampling.max_tokens) as entry:
                 stream = self._engine.generate(job.id, job.prompt_token_ids + prior, sampling)
-                produced = 0
                 async with contextlib.aclosing(stream):  # leaving early (e.g. ClaimLost) aborts it
                     async for deltas in stream:
                         entry.prefilled()
-                        produced += sum(len(d.token_ids) for d in deltas)
                         chunks = coalescer.add(deltas, time.monotonic(), self._flush_interval())
                         if chunks:
                             self._metrics.generated(sum(len(c.ids) for c in chunks))
                             await out.send(out.tokens(chunks))
-                entry.finished(produced / sampling.n)
+                entry.finished((coalescer.generated - len(prior)) / sampling.n)
         ending = coalescer.end()
         self._metrics.generated(sum(len(c.ids) for c in ending.tail))
         tail = out.tokens(ending.tail)
