@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -71,12 +72,11 @@ def ready(base_url: str) -> bool:
         return False
 
 
-def stacks(pid: int, log: Path, tail: int = 12000) -> str:
-    """Have process ``pid`` write its threads' and tasks' stacks to ``log`` (``kill -USR1``), and
-    return the end of ``log``: what a process that stopped answering was waiting for."""
-    try:
-        os.kill(pid, signal.SIGUSR1)
-        time.sleep(1.0)
-    except ProcessLookupError:
-        pass
+def stacks(pids: int | list[int], log: Path, tail: int = 12000) -> str:
+    """Have processes ``pids`` write their threads' and tasks' stacks to ``log`` (``kill -USR1``),
+    and return the end of ``log``: what a process that stopped answering was waiting for."""
+    for pid in [pids] if isinstance(pids, int) else pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGUSR1)
+    time.sleep(1.0)
     return log.read_text(errors="replace")[-tail:]

@@ -150,6 +150,28 @@ async def worker_records(redis_url: str) -> list[WorkerInfo]:
         await redis.aclose()
 
 
+def fleet_state(up: Up) -> str:
+    """What the fleet holds now, for a failure's message: ``switchyard status`` (each stream's
+    waiting and pending jobs, by consumer), every worker's job outcomes, and the end of up's log
+    with every gateway's and worker's stacks."""
+    status = subprocess.run(
+        [sys.executable, "-m", "control.cli", "status", "--redis-url", up.redis_url],
+        cwd=ROOT, capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    outcomes = []
+    for proc in up.children("worker"):
+        port = int(proc.environ()["SWITCHYARD_METRICS_PORT"])
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        counters = [line for line in text.splitlines() if line.startswith("switchyard:worker_jobs_total")]
+        outcomes += [f"worker :{port} {line}" for line in counters]
+    pids = [p.pid for p in (*up.children("gateway"), *up.children("worker"))]
+    return (
+        f"switchyard status:\n{status.stdout}{status.stderr}\nworker job outcomes:\n"
+        + "\n".join(outcomes)
+        + f"\nup's log, with the stacks of its gateway and workers:\n{stacks(pids, up.log, tail=40000)}"
+    )
+
+
 def completed_by_worker(up: Up) -> dict[int, float]:
     """Jobs each worker completed, by its metrics port."""
     out = {}
@@ -234,11 +256,7 @@ async def test_a_gateway_told_to_stop_finishes_its_streams_first(up: Up) -> None
         ended = [s.result() for s in streams if s.done()]
         for s in streams:
             s.cancel()
-        (gateway,) = up.children("gateway")
-        pytest.fail(
-            f"{begun} of 16 streams under way after 60 s; ended early: {ended}\n"
-            f"log of up, with the gateway's stacks:\n{stacks(gateway.pid, up.log)}"
-        )
+        pytest.fail(f"{begun} of 16 streams under way after 60 s; ended early: {ended}\n{fleet_state(up)}")
     (gateway,) = up.children("gateway")
     gateway.send_signal(signal.SIGTERM)
     await asyncio.sleep(0.3)
