@@ -34,15 +34,30 @@ def _dump_tasks(signum: int, frame: FrameType | None) -> None:
     if loop is None:
         return
     try:
-        tasks = asyncio.all_tasks(loop)
-        lines = [f"--- {len(tasks)} asyncio task(s), each from its outermost await to its innermost:"]
-        for task in tasks:
-            lines.append(f"task {task.get_name()}:")
-            lines += [f"  {where}" for where in awaits(task.get_coro())]
+        text = describe(asyncio.all_tasks(loop))
         # os.write, not print: the signal may have interrupted a write to the same buffered stream
-        os.write(sys.stderr.fileno(), ("\n".join(lines) + "\n").encode(errors="replace"))
+        os.write(sys.stderr.fileno(), text.encode(errors="replace"))
     except Exception:  # a dump that fails must not take the process down
         pass
+
+
+def describe(tasks: set[asyncio.Task[object]]) -> str:
+    """The tasks' chains of awaits, tasks waiting at the same place grouped under one chain, the
+    rarest chains last (a request stuck where no other waits is what one looks for)."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for task in tasks:
+        groups.setdefault(tuple(awaits(task.get_coro())), []).append(task.get_name())
+    last = sys.argv[-1] if len(sys.argv) > 1 else ""
+    role = os.path.basename(sys.argv[0]) + (f" {last}" if last.isidentifier() else "")  # no secrets
+    lines = [
+        f"--- pid {os.getpid()} ({role}): {len(tasks)} asyncio task(s) waiting at {len(groups)} "
+        "place(s), each chain from the outermost await to the innermost:"
+    ]
+    for chain, names in sorted(groups.items(), key=lambda g: -len(g[1])):
+        shown = ", ".join(sorted(names)[:4]) + (", ..." if len(names) > 4 else "")
+        lines.append(f"{len(names)} task(s) ({shown}):")
+        lines += [f"  {where}" for where in chain]
+    return "\n".join(lines) + "\n"
 
 
 def awaits(coro: object) -> list[str]:
@@ -54,9 +69,15 @@ def awaits(coro: object) -> list[str]:
         frame = frame or getattr(coro, "ag_frame", None)
         if frame is not None:
             code = frame.f_code
-            found.append(f"{code.co_filename}:{frame.f_lineno} in {code.co_name}")
+            found.append(f"{_short(code.co_filename)}:{frame.f_lineno} in {code.co_name}")
         coro = next(
             (v for a in ("cr_await", "gi_yieldfrom", "ag_await") if (v := getattr(coro, a, None))),
             None,
         )
     return found
+
+
+def _short(path: str) -> str:
+    """``path`` relative to the import root it was found under: ``redis/asyncio/client.py``."""
+    roots = sorted((p for p in sys.path if p and path.startswith(p.rstrip("/") + "/")), key=len)
+    return path[len(roots[-1].rstrip("/")) + 1 :] if roots else path

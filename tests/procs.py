@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -74,9 +75,40 @@ def ready(base_url: str) -> bool:
 
 def stacks(pids: int | list[int], log: Path, tail: int = 12000) -> str:
     """Have processes ``pids`` write their threads' and tasks' stacks to ``log`` (``kill -USR1``),
-    and return the end of ``log``: what a process that stopped answering was waiting for."""
+    one after the other in the order given, and return the end of ``log`` before them followed by
+    the dumps: what a process that stopped answering was waiting for (the last pid's at the very
+    end, where a truncated report still shows it)."""
+    before = log.read_text(errors="replace")
     for pid in [pids] if isinstance(pids, int) else pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGUSR1)
-    time.sleep(1.0)
-    return log.read_text(errors="replace")[-tail:]
+        time.sleep(1.0)
+    now = log.read_text(errors="replace")
+    return now[max(0, len(before) - tail) : len(before)] + "\n--- stack dumps:\n" + now[len(before) :]
+
+
+def socket_transports() -> list[str]:
+    """Each socket transport of the running event loop: its descriptor, whether it means to read,
+    whether the loop's selector has it, and what waits unread in the kernel's buffer for it."""
+    import fcntl
+    import gc
+    import termios
+    from asyncio.selector_events import _SelectorSocketTransport
+
+    loop = asyncio.get_running_loop()
+    selector = loop._selector  # type: ignore[attr-defined]
+    registered = {key.fd: key.events for key in selector.get_map().values()}
+    rows = []
+    for t in gc.get_objects():
+        if isinstance(t, _SelectorSocketTransport) and t._loop is loop and t._sock is not None:
+            fd = t._sock_fd
+            try:
+                unread = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+                waiting = int.from_bytes(unread, sys.byteorder)
+            except OSError:
+                waiting = -1
+            rows.append(
+                f"fd {fd}: paused={t._paused} closing={t.is_closing()} "
+                f"selector events={registered.get(fd)} unread bytes={waiting}"
+            )
+    return sorted(rows, key=lambda r: int(r.split()[1].rstrip(":")))

@@ -25,6 +25,7 @@ async def deep_inside():
 
 async def main():
     task = asyncio.create_task(waiting_for_a_reply())
+    alike = [asyncio.create_task(asyncio.Event().wait(), name=f"alike-{i}") for i in range(3)]
     await asyncio.sleep(0.2)  # the task has come to its wait
     print("ready", flush=True)
     await asyncio.sleep(60)
@@ -53,4 +54,8 @@ def test_sigusr1_writes_every_thread_and_task_stack_and_the_process_goes_on() ->
     tasks = err[err.index("asyncio task(s)") :]
     # the task's chain of awaits, down to the innermost coroutine and the line it waits on
     chain = tasks[tasks.index("in waiting_for_a_reply") :].splitlines()
-    assert "in deep_inside" in chain[1] and "asyncio/locks.py" in chain[2] and "in wait" in chain[2]
+    assert (
+        "in deep_inside" in chain[1] and chain[2].startswith("  asyncio/locks.py:") and "in wait" in chain[2]
+    )
+    # tasks waiting at the same place are listed once, with their count
+    assert "3 task(s) (alike-0, alike-1, alike-2):" in tasks, tasks
