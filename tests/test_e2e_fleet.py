@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,15 +25,25 @@ import httpx
 import openai
 import psutil
 import pytest
+import pytest_asyncio
 from openai import AsyncOpenAI
 from redis.asyncio import Redis
 
 from control.processes import free_port
+from control.stacks import describe
 from shared.fleet import live_workers
 from shared.messages import WorkerInfo
-from shared.names import Names
+from shared.names import GROUP, Names, as_text
 from tests.conftest import MAX_MODEL_LEN, SESSION_RECLAIM_IDLE, System
-from tests.procs import ROOT, ready, spawn, stacks, stop, wait_until
+from tests.procs import (
+    ROOT,
+    ready,
+    socket_transports,
+    spawn,
+    stacks,
+    stop,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -106,14 +116,30 @@ def up(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             proc.kill()
 
 
+Result = tuple[str | None, int, Exception | None]
+LONG = MAX_MODEL_LEN - 64
+"""Tokens of a stream that must stay in flight a while: the tiny model on an idle host makes 600
+tokens in about two seconds, less than a test's few steps may take."""
+
+
+@pytest_asyncio.fixture
+async def up_client(up: Up) -> AsyncIterator[AsyncOpenAI]:
+    """A client of up's gateway, closed when its test ends. Every client here is closed: one left
+    to the garbage collector closes its sockets from a finalizer and then, from the close it
+    schedules, unregisters their descriptor numbers from the event loop, which by then may belong
+    to a later test's connections; those are never read again and their requests seem to hang."""
+    async with up.client() as c:
+        yield c
+
+
 async def stream(
     client: AsyncOpenAI,
     tokens: int,
     pauses: list[float] | None = None,
-    started: asyncio.Queue[float] | None = None,
+    started: asyncio.Event | None = None,
 ) -> tuple[str | None, int, Exception | None]:
     """(finish reason, tokens received, error) of one streamed request; its longest wait between
-    two chunks goes to ``pauses``, the time of its first chunk to ``started``."""
+    two chunks goes to ``pauses``; ``started`` is set at its first chunk."""
     finish, received = None, 0
     last, longest = None, 0.0
     try:
@@ -128,7 +154,7 @@ async def stream(
         async for chunk in chunks:
             now = time.monotonic()
             if last is None and started is not None:
-                started.put_nowait(now)
+                started.set()
             longest, last = max(longest, now - last) if last else longest, now
             if chunk.choices and chunk.choices[0].finish_reason:
                 finish = chunk.choices[0].finish_reason
@@ -150,10 +176,42 @@ async def worker_records(redis_url: str) -> list[WorkerInfo]:
         await redis.aclose()
 
 
+async def under_way(started: list[asyncio.Event], streams: list[asyncio.Task[Result]], up: Up) -> None:
+    """Return once every stream has sent its first chunk or ended; after 60 s fail the test with
+    what each did and the fleet's state."""
+
+    async def begun_or_ended(event: asyncio.Event, task: asyncio.Task[Result]) -> None:
+        waiter = asyncio.ensure_future(event.wait())
+        await asyncio.wait([waiter, task], return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+
+    try:
+        async with asyncio.timeout(60):
+            await asyncio.gather(*map(begun_or_ended, started, streams))
+    except TimeoutError:
+        begun = sum(e.is_set() for e in started)
+        ended = [s.result() for s in streams if s.done()]
+        for s in streams:
+            s.cancel()
+        state = fleet_state(up)
+        pytest.fail(f"{begun} of {len(streams)} streams under way after 60 s; ended: {ended}\n{state}")
+
+
+async def held(up: Up) -> Counter[str]:
+    """Unfinished jobs each worker holds right now (a job leaves the stream when it ends)."""
+    redis = Redis.from_url(up.redis_url)
+    try:
+        pending = await redis.xpending(Names().jobs_stream("fleet-demo", "dev"), GROUP)
+    finally:
+        await redis.aclose()
+    return Counter({as_text(c["name"]): int(c["pending"]) for c in pending["consumers"] or ()})
+
+
 def fleet_state(up: Up) -> str:
     """What the fleet holds now, for a failure's message: ``switchyard status`` (each stream's
-    waiting and pending jobs, by consumer), every worker's job outcomes, and the end of up's log
-    with every gateway's and worker's stacks."""
+    waiting and pending jobs, by consumer), every worker's job outcomes, the test's own client
+    tasks and TCP connections to the gateway, the end of up's log, and the workers' and then the
+    gateway's stacks."""
     status = subprocess.run(
         [sys.executable, "-m", "control.cli", "status", "--redis-url", up.redis_url],
         cwd=ROOT, capture_output=True, text=True, timeout=30, check=False,
@@ -164,11 +222,20 @@ def fleet_state(up: Up) -> str:
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
         counters = [line for line in text.splitlines() if line.startswith("switchyard:worker_jobs_total")]
         outcomes += [f"worker :{port} {line}" for line in counters]
-    pids = [p.pid for p in (*up.children("gateway"), *up.children("worker"))]
+    gateway_port = up.base_url.rsplit(":", 1)[1]
+    sockets = subprocess.run(
+        ["ss", "-tnpi", f"( sport = :{gateway_port} or dport = :{gateway_port} )"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    pids = [p.pid for p in (*up.children("worker"), *up.children("gateway"))]  # the gateway's last
     return (
         f"switchyard status:\n{status.stdout}{status.stderr}\nworker job outcomes:\n"
         + "\n".join(outcomes)
-        + f"\nup's log, with the stacks of its gateway and workers:\n{stacks(pids, up.log, tail=40000)}"
+        + f"\nthis test's tasks:\n{describe(asyncio.all_tasks())}"
+        + "\nthis test's socket transports:\n"
+        + "\n".join(socket_transports())
+        + f"\nTCP connections to the gateway (ss -tnpi):\n{sockets.stdout}{sockets.stderr}"
+        + f"\nup's log, with the stacks of its gateway and workers:\n{stacks(pids, up.log, tail=6000)}"
     )
 
 
@@ -183,8 +250,8 @@ def completed_by_worker(up: Up) -> dict[int, float]:
     return out
 
 
-async def test_the_turns_of_a_conversation_run_on_one_worker(up: Up) -> None:
-    client = up.client()
+async def test_the_turns_of_a_conversation_run_on_one_worker(up: Up, up_client: AsyncOpenAI) -> None:
+    client = up_client
     for _ in range(2):  # two conversations: each keeps to its worker, wherever each is read
         before = await asyncio.to_thread(completed_by_worker, up)
         opening = "Read this and answer. " + " ".join(f"harbour {i} lights" for i in range(60))
@@ -199,29 +266,33 @@ async def test_the_turns_of_a_conversation_run_on_one_worker(up: Up) -> None:
         assert sorted(after[p] - before[p] for p in after) == [0, 4], (before, after)
 
 
-async def test_a_killed_worker_costs_no_stream_and_comes_back(up: Up) -> None:
-    client = up.client()
+async def test_a_killed_worker_costs_no_stream_and_comes_back(up: Up, up_client: AsyncOpenAI) -> None:
+    client = up_client
     pauses: list[float] = []
-    streams = [asyncio.create_task(stream(client, 600, pauses)) for _ in range(24)]
-    await asyncio.sleep(3)
-    workers = await worker_records(up.redis_url)
-    busiest = max(workers, key=lambda w: w.inflight)
-    assert busiest.inflight > 0
-    victim = next(p for p in up.children("worker") if p.environ().get("SWITCHYARD_WORKER_ID") == busiest.id)
+    started = [asyncio.Event() for _ in range(24)]
+    streams = [asyncio.create_task(stream(client, LONG, pauses, e)) for e in started]
+    await under_way(started, streams, up)
+    holding = await held(up)  # exact now, where a heartbeat may be half a second old
+    busiest, jobs = holding.most_common(1)[0] if holding else ("", 0)
+    if jobs == 0:
+        for s in streams:
+            s.cancel()
+        pytest.fail(f"no worker holds any of the 24 streams\n{fleet_state(up)}")
+    victim = next(p for p in up.children("worker") if p.environ().get("SWITCHYARD_WORKER_ID") == busiest)
     killed = time.monotonic()
     os.kill(victim.pid, signal.SIGKILL)  # the process alone, as the OOM killer does
     results = await asyncio.gather(*streams)
-    assert Counter(results) == Counter({("length", 600, None): 24}), results
+    assert Counter(results) == Counter({("length", LONG, None): 24}), results
     back = None
     for _ in range(120):
-        live = [w for w in await worker_records(up.redis_url) if w.id != busiest.id]
+        live = [w for w in await worker_records(up.redis_url) if w.id != busiest]
         if len(live) == 2:
             back = time.monotonic() - killed
             break
         await asyncio.sleep(1)
     assert back is not None, "the killed worker was not started again"
     print(
-        f"killed a worker holding {busiest.inflight} of 24 streams: longest pause {max(pauses):.1f}s,",
+        f"killed a worker holding {jobs} of 24 streams: longest pause {max(pauses):.1f}s,",
         end=" ",
     )
     print(f"the worker was back after {back:.1f}s")
@@ -234,29 +305,15 @@ async def test_a_killed_worker_costs_no_stream_and_comes_back(up: Up) -> None:
     assert sum(w["live"] for w in model["workers"]) == 2
 
 
-async def test_a_gateway_told_to_stop_finishes_its_streams_first(up: Up) -> None:
-    client = up.client()
-    started: asyncio.Queue[float] = asyncio.Queue()
-    streams = [asyncio.create_task(stream(client, 600, started=started)) for _ in range(16)]
-
-    begun = 0
-
-    async def under_way() -> None:
-        nonlocal begun
-        while begun < 16:
-            await started.get()
-            begun += 1
-
-    # SIGTERM once all 16 are under way, with seconds still to go; a stream that ends or fails
-    # before its first token, or 60 s without all of them, fails the test with what each did.
-    waiter = asyncio.ensure_future(under_way())
-    await asyncio.wait([waiter, *streams], timeout=60, return_when=asyncio.FIRST_COMPLETED)
-    if not waiter.done():
-        waiter.cancel()
-        ended = [s.result() for s in streams if s.done()]
-        for s in streams:
-            s.cancel()
-        pytest.fail(f"{begun} of 16 streams under way after 60 s; ended early: {ended}\n{fleet_state(up)}")
+async def test_a_gateway_told_to_stop_finishes_its_streams_first(up: Up, up_client: AsyncOpenAI) -> None:
+    client = up_client
+    started = [asyncio.Event() for _ in range(16)]
+    streams = [asyncio.create_task(stream(client, LONG, started=e)) for e in started]
+    # SIGTERM once every stream is under way (one that already ended must have ended whole).
+    await under_way(started, streams, up)
+    early = [s.result() for s in streams if s.done()]
+    assert all(r == ("length", LONG, None) for r in early), early
+    assert len(early) < 8, f"{len(early)} of 16 streams ended before the gateway was told to stop"
     (gateway,) = up.children("gateway")
     gateway.send_signal(signal.SIGTERM)
     await asyncio.sleep(0.3)
@@ -271,20 +328,21 @@ async def test_a_gateway_told_to_stop_finishes_its_streams_first(up: Up) -> None
         assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
         assert refused.json()["error"]["code"] == "shutting_down"
     results = await asyncio.gather(*streams)
-    assert Counter(results) == Counter({("length", 600, None): 16}), results
+    assert Counter(results) == Counter({("length", LONG, None): 16}), results
     wait_until(lambda: ready(up.base_url), 120, "the gateway started again")
     assert "gateway exited with status 0" in up.log.read_text()
 
 
-async def test_a_killed_redis_is_started_again_with_its_data(up: Up) -> None:
-    client = up.client()
-    streams = [asyncio.create_task(stream(client, 400)) for _ in range(6)]
-    await asyncio.sleep(2)
+async def test_a_killed_redis_is_started_again_with_its_data(up: Up, up_client: AsyncOpenAI) -> None:
+    client = up_client
+    started = [asyncio.Event() for _ in range(6)]
+    streams = [asyncio.create_task(stream(client, LONG, started=e)) for e in started]
+    await under_way(started, streams, up)
     (redis,) = up.children("redis")
     redis.send_signal(signal.SIGKILL)
     results = await asyncio.gather(*streams)
     for finish, received, error in results:  # cut short, but never silently
-        assert (finish == "length" and received == 400) or error is not None, results
+        assert (finish == "length" and received == LONG) or error is not None, results
     wait_until(lambda: ready(up.base_url), 120, "serving again after Redis came back")
     reply = await client.chat.completions.create(model="fleet-demo", messages=USER, max_tokens=3)
     assert reply.choices[0].finish_reason in ("stop", "length")  # the dev key survived too
@@ -293,18 +351,13 @@ async def test_a_killed_redis_is_started_again_with_its_data(up: Up) -> None:
 # -- a gateway beside the session's system -----------------------------------------------------------
 
 
-def abandoned(system: System) -> float:
-    """Jobs the session's worker ended because nobody listened for them any more."""
+def outcomes(system: System) -> dict[str, float]:
+    """The session's worker's jobs so far, by how they ended."""
+    found = {}
     for line in httpx.get(system.worker_metrics_url).text.splitlines():
-        if line.startswith("switchyard:worker_jobs_total") and 'outcome="abandoned"' in line:
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
-def outcomes(system: System) -> list[str]:
-    """The session's worker's job counters, by outcome."""
-    text = httpx.get(system.worker_metrics_url).text
-    return [line for line in text.splitlines() if line.startswith("switchyard:worker_jobs_total")]
+        if line.startswith("switchyard:worker_jobs_total"):
+            found[line.split('outcome="', 1)[1].split('"', 1)[0]] = float(line.rsplit(" ", 1)[1])
+    return found
 
 
 def extra_gateway(system: System, log: Path, **env: str) -> tuple[subprocess.Popen[bytes], str]:
@@ -319,8 +372,8 @@ async def test_a_short_grace_cuts_streams_with_an_error_the_sdk_raises(
     system: System, tmp_path: Path
 ) -> None:
     proc, base = extra_gateway(system, tmp_path / "gw.log", SWITCHYARD_SHUTDOWN_GRACE="1")
+    client = AsyncOpenAI(base_url=f"{base}/v1", api_key=system.api_key, max_retries=0, timeout=120)
     try:
-        client = AsyncOpenAI(base_url=f"{base}/v1", api_key=system.api_key, max_retries=0, timeout=120)
         streams = [
             asyncio.create_task(
                 client.chat.completions.create(
@@ -357,13 +410,14 @@ async def test_a_short_grace_cuts_streams_with_an_error_the_sdk_raises(
         assert Counter(outcomes)["error"] > 0, outcomes
         assert proc.wait(timeout=30) == 0
     finally:
+        await client.close()
         stop(proc)
 
 
 async def test_jobs_of_a_killed_gateway_stop_running(system: System, redis: Redis, tmp_path: Path) -> None:
     proc, base = extra_gateway(system, tmp_path / "gw.log")
+    client = AsyncOpenAI(base_url=f"{base}/v1", api_key=system.api_key, max_retries=0, timeout=120)
     try:
-        client = AsyncOpenAI(base_url=f"{base}/v1", api_key=system.api_key, max_retries=0, timeout=120)
         opened = await asyncio.gather(
             *(
                 client.chat.completions.create(
@@ -373,27 +427,27 @@ async def test_jobs_of_a_killed_gateway_stop_running(system: System, redis: Redi
                 for _ in range(4)
             )
         )  # fmt: skip
-        await opened[0].__anext__()
+        # Kill as soon as every job has sent tokens: on an idle host the tiny model finishes 960
+        # tokens in a few seconds, so waiting longer could kill a gateway whose jobs are done.
+        await asyncio.gather(*(chunks.__anext__() for chunks in opened))
+        before = outcomes(system)
+        os.killpg(proc.pid, signal.SIGKILL)
+        killed = time.monotonic()
 
         async def inflight() -> int:
             (worker,) = await live_workers(redis, system.names, ttl=3)
             return worker.inflight
 
-        for _ in range(50):
-            if await inflight() >= 4:
-                break
-            await asyncio.sleep(0.1)
-        assert await inflight() >= 4
-        before = abandoned(system)
-        os.killpg(proc.pid, signal.SIGKILL)
-        killed = time.monotonic()
         for _ in range(100):
             if await inflight() == 0:
                 break
             await asyncio.sleep(0.1)
         took = time.monotonic() - killed
         assert await inflight() == 0, "the worker still generates for a gateway that is gone"
-        assert abandoned(system) == before + 4, f"{before=}; the worker's job outcomes: {outcomes(system)}"
+        after = outcomes(system)
+        ended = {k: after[k] - before[k] for k in after if after[k] != before[k]}
+        assert ended == {"abandoned": 4}, f"the jobs ended as {ended}; before: {before}, after: {after}"
         print(f"the worker dropped the dead gateway's jobs {took:.1f}s after the kill")
     finally:
+        await client.close()
         stop(proc)

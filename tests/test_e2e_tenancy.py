@@ -32,27 +32,27 @@ async def tenant_key(system: System, tenant: Tenant) -> str:
 
 async def test_missing_or_wrong_key_is_401(system: System) -> None:
     for key in ("", "sy-000000000000-nope"):
-        client = openai.AsyncOpenAI(base_url=f"{system.base_url}/v1", api_key=key or "x", max_retries=0)
-        with pytest.raises(openai.AuthenticationError) as info:
-            await client.chat.completions.create(model=system.model, messages=USER, max_tokens=1)
+        async with openai.AsyncOpenAI(
+            base_url=f"{system.base_url}/v1", api_key=key or "x", max_retries=0
+        ) as client:
+            with pytest.raises(openai.AuthenticationError) as info:
+                await client.chat.completions.create(model=system.model, messages=USER, max_tokens=1)
         assert info.value.status_code == 401 and info.value.code == "invalid_api_key"
-        await client.close()
 
 
 async def test_rpm_limit_headers_and_429(system: System) -> None:
     key = await tenant_key(system, Tenant(name="rpm-" + uuid.uuid4().hex[:6], rpm=3))
-    client = openai.AsyncOpenAI(base_url=f"{system.base_url}/v1", api_key=key, max_retries=0)
-    for left in (2, 1, 0):
-        raw = await client.chat.completions.with_raw_response.create(
-            model=system.model, messages=USER, max_tokens=2
-        )
-        assert raw.headers["x-ratelimit-limit-requests"] == "3"
-        assert raw.headers["x-ratelimit-remaining-requests"] == str(left)
-    with pytest.raises(openai.RateLimitError) as info:
-        await client.chat.completions.create(model=system.model, messages=USER, max_tokens=2)
-    assert int(info.value.response.headers["retry-after"]) >= 1
-    assert info.value.code == "rate_limit_exceeded"
-    await client.close()
+    async with openai.AsyncOpenAI(base_url=f"{system.base_url}/v1", api_key=key, max_retries=0) as client:
+        for left in (2, 1, 0):
+            raw = await client.chat.completions.with_raw_response.create(
+                model=system.model, messages=USER, max_tokens=2
+            )
+            assert raw.headers["x-ratelimit-limit-requests"] == "3"
+            assert raw.headers["x-ratelimit-remaining-requests"] == str(left)
+        with pytest.raises(openai.RateLimitError) as info:
+            await client.chat.completions.create(model=system.model, messages=USER, max_tokens=2)
+        assert int(info.value.response.headers["retry-after"]) >= 1
+        assert info.value.code == "rate_limit_exceeded"
 
 
 async def test_unused_tokens_are_refunded_when_the_client_leaves(system: System, redis: Redis) -> None:
