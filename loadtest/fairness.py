@@ -192,8 +192,8 @@ TTFT_METRIC = "switchyard:time_to_first_token_seconds"
 
 
 async def gateway_totals(client: httpx.AsyncClient, base_url: str, tenant: str) -> dict[str, float] | None:
-    """Sums and counts of the gateway's queue-time and TTFT histograms for ``tenant`` (every model),
-    or None when the gateway exposes no metrics (e.g. not a Switchyard gateway)."""
+    """Sums, counts and bucket counts of the gateway's queue-time and TTFT histograms for ``tenant``
+    (every model), or None when the gateway exposes no metrics (e.g. not a Switchyard gateway)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     url = base_url.rstrip("/").removesuffix("/v1") + "/metrics"
@@ -206,22 +206,41 @@ async def gateway_totals(client: httpx.AsyncClient, base_url: str, tenant: str) 
     for family in text_string_to_metric_families(resp.text):
         kind = {QUEUE_METRIC: "queue", TTFT_METRIC: "ttft"}.get(family.name)
         for sample in family.samples if kind else ():
-            if sample.labels.get("tenant") == tenant and sample.name.endswith(("_sum", "_count")):
+            if sample.labels.get("tenant") != tenant:
+                continue
+            if sample.name.endswith(("_sum", "_count")):
                 totals[f"{kind}_{sample.name.rsplit('_', 1)[1]}"] += sample.value
+            elif sample.name.endswith("_bucket"):
+                key = f"{kind}_le_{sample.labels['le']}"
+                totals[key] = totals.get(key, 0.0) + sample.value
     return totals
 
 
 def gateway_split(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, float | None]:
     """Mean wait for a worker to start the job and mean TTFT, both as the gateway saw them (ms),
-    over the requests between two :func:`gateway_totals` readings."""
+    over the requests between two :func:`gateway_totals` readings, and the bucket bound under which
+    99% of those waits and TTFTs fell (a histogram's p99 is only known to its bucket)."""
     if before is None or after is None:
-        return {"queue_mean_ms": None, "ttft_mean_ms": None}
+        return {"queue_mean_ms": None, "ttft_mean_ms": None, "queue_p99_le_ms": None, "ttft_p99_le_ms": None}
 
     def mean_ms(kind: str) -> float | None:
         count = after[f"{kind}_count"] - before[f"{kind}_count"]
         return 1000 * (after[f"{kind}_sum"] - before[f"{kind}_sum"]) / count if count > 0 else None
 
-    return {"queue_mean_ms": mean_ms("queue"), "ttft_mean_ms": mean_ms("ttft")}
+    def p99_le_ms(kind: str) -> float | None:
+        count = after[f"{kind}_count"] - before[f"{kind}_count"]
+        buckets = sorted((float(k.rsplit("_", 1)[1]), k) for k in after if k.startswith(f"{kind}_le_"))
+        for bound, key in buckets:
+            if count > 0 and after[key] - before.get(key, 0.0) >= 0.99 * count:
+                return 1000 * bound
+        return None
+
+    return {
+        "queue_mean_ms": mean_ms("queue"),
+        "ttft_mean_ms": mean_ms("ttft"),
+        "queue_p99_le_ms": p99_le_ms("queue"),
+        "ttft_p99_le_ms": p99_le_ms("ttft"),
+    }
 
 
 def until(deadline: float) -> Callable[[], bool]:

@@ -109,20 +109,28 @@ def test_the_shared_queue_phase_adds_its_column_and_ratio() -> None:
 def test_gateway_split_is_the_mean_over_the_phase_and_adds_rows() -> None:
     from loadtest.fairness import gateway_split
 
-    before = {"queue_sum": 1.0, "queue_count": 10.0, "ttft_sum": 2.0, "ttft_count": 10.0}
-    after = {"queue_sum": 1.5, "queue_count": 20.0, "ttft_sum": 3.0, "ttft_count": 20.0}
+    buckets_before = {"queue_le_0.005": 9.0, "queue_le_0.25": 10.0, "queue_le_+Inf": 10.0}
+    buckets_after = {"queue_le_0.005": 17.0, "queue_le_0.25": 19.0, "queue_le_+Inf": 20.0}
+    before = {"queue_sum": 1.0, "queue_count": 10.0, "ttft_sum": 2.0, "ttft_count": 10.0, **buckets_before}
+    after = {"queue_sum": 1.5, "queue_count": 20.0, "ttft_sum": 3.0, "ttft_count": 20.0, **buckets_after}
     split = gateway_split(before, after)
     assert split["queue_mean_ms"] == pytest.approx(50.0) and split["ttft_mean_ms"] == pytest.approx(100.0)
-    assert gateway_split(before, before) == {"queue_mean_ms": None, "ttft_mean_ms": None}  # no requests
-    assert gateway_split(None, after) == {"queue_mean_ms": None, "ttft_mean_ms": None}  # no metrics
+    # of the phase's 10 waits, 8 within 5 ms, 9 within 250 ms, the last beyond: p99 only under +Inf
+    assert split["queue_p99_le_ms"] == float("inf") and split["ttft_p99_le_ms"] is None
+    after["queue_le_0.25"] = 20.0  # all 10 within 250 ms
+    assert gateway_split(before, after)["queue_p99_le_ms"] == pytest.approx(250.0)
+    nothing = {"queue_mean_ms": None, "ttft_mean_ms": None, "queue_p99_le_ms": None, "ttft_p99_le_ms": None}
+    assert gateway_split(before, before) == nothing  # no requests
+    assert gateway_split(None, after) == nothing  # no metrics
     rep = fairness()
     rows = {r[0]: r[1:] for r in fr.table_rows(rep)}
     assert "B mean TTFT at the gateway (ms)" not in rows  # not measured: no rows
-    rep.gateway_alone = {"queue_mean_ms": 2.0, "ttft_mean_ms": 20.0}
+    rep.gateway_alone = {"queue_mean_ms": 2.0, "ttft_mean_ms": 20.0, "queue_p99_le_ms": 5.0}
     rep.gateway_flood = split
     rows = {r[0]: r[1:] for r in fr.table_rows(rep)}
     assert rows["B mean TTFT at the gateway (ms)"] == ["20", "100", "5.00"]
     assert rows["  of which waiting to start (ms)"] == ["2", "50", "25.00"]
+    assert rows["B wait to start p99, bucket bound (ms)"][0] == "5"
 
 
 def test_cpu_rows_show_the_host_and_each_process_when_measured() -> None:
