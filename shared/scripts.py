@@ -30,6 +30,15 @@ class Lua:
         return ("EVALSHA", self.sha, len(keys), *keys, *args)
 
 
+async def run(redis: Redis, script: Lua, keys: list[str], args: list[Any]) -> Any:
+    """Run ``script`` by its SHA1, loading it first when Redis does not know it yet."""
+    try:
+        return await redis.evalsha(script.sha, len(keys), *keys, *args)  # type: ignore[misc]
+    except NoScriptError:
+        await redis.script_load(script.text)
+        return await redis.evalsha(script.sha, len(keys), *keys, *args)  # type: ignore[misc]
+
+
 def is_noscript(reply: object) -> bool:
     """Whether a command's reply says Redis does not have the script (so it did not run)."""
     return isinstance(reply, NoScriptError)
@@ -171,6 +180,30 @@ redis.call('XDEL', KEYS[1], ARGV[3])
 return 1
 """
 )
+
+# Hand a job to another worker (prefix affinity) only while that worker holds fewer than a given
+# number of jobs, counted exactly and atomically (its pending entries in every job stream of the
+# model), so givers that all see it with room at once cannot overfill it; then tell it on its inbox,
+# and when nobody hears that, give the entry back to the giver. KEYS: the entry's stream, then every
+# job stream of the model. ARGV: group, taker, giver, entry id, the most jobs the taker may hold
+# already, its inbox channel, the message. Returns 1 handed, 0 the taker is too busy (nothing
+# changed), 2 nobody listened.
+HAND_OVER = Lua("""
+local held = 0
+for i = 2, #KEYS do
+  local summary = redis.pcall('XPENDING', KEYS[i], ARGV[1])
+  if type(summary) == 'table' and summary.err == nil and summary[4] then
+    for _, consumer in ipairs(summary[4]) do
+      if consumer[1] == ARGV[2] then held = held + tonumber(consumer[2]) end
+    end
+  end
+end
+if held >= tonumber(ARGV[5]) then return 0 end
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[4], 'JUSTID')
+if redis.call('PUBLISH', ARGV[6], ARGV[7]) > 0 then return 1 end
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, ARGV[4], 'JUSTID')
+return 2
+""")
 
 WORKER_SCRIPTS = (CLAIMED_PUBLISH, CLAIMED_HAND_BACK)
 """The scripts a worker's outbox calls: loaded again whenever Redis answers NOSCRIPT."""

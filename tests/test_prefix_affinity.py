@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 from gateway.service import prefix_digest
 from shared.messages import Job, Sampling, encode
 from shared.names import GROUP, JOB_FIELD, Names
-from worker.handover import hand_over, receive
+from worker.handover import SPARE, hand_over, receive
 from worker.prefix_affinity import SLACK, Peer, hand_to, preferred
 
 
@@ -44,8 +44,9 @@ def test_a_job_goes_to_its_worker_while_that_one_has_room() -> None:
     mine = next(d for d in (f"{i:x}" for i in range(100)) if preferred(d, ["me", "other"]) == "me")
     idle = Peer("other", inflight=0, capacity=8)
     assert hand_to(mine, "me", 0, [idle]) is None  # its own
-    assert hand_to(digest, "me", 0, [idle]) == "other"
-    assert hand_to(digest, "me", 0, [Peer("other", inflight=SLACK, capacity=8)]) == "other"
+    assert hand_to(digest, "me", 0, [idle]) == idle
+    near = Peer("other", inflight=SLACK, capacity=8)
+    assert hand_to(digest, "me", 0, [near]) == near
     assert hand_to(digest, "me", 0, [Peer("other", inflight=SLACK + 1, capacity=64)]) is None  # busier
     assert hand_to(digest, "me", 10, [Peer("other", inflight=8, capacity=8)]) is None  # full
     assert hand_to(digest, "me", 0, []) is None  # alone: nobody to hand it to
@@ -70,7 +71,8 @@ async def test_a_handed_job_reaches_its_worker_without_counting_as_a_delivery(re
     inbox = asyncio.create_task(receive(redis, names, "taker", stopping, take))
     try:
         await asyncio.sleep(0.2)  # subscribed
-        assert await hand_over(redis, names, stream, entry.decode(), "taker", "giver")
+        taker = Peer("taker", inflight=0, capacity=1 + SPARE)
+        assert await hand_over(redis, names, (stream, entry.decode()), [stream], taker, "giver")
         s, e, fields = await asyncio.wait_for(taken.get(), 5)
         assert (s, e) == (stream, entry.decode()) and fields is not None and fields[JOB_FIELD.encode()]
         (pending,) = await redis.xpending_range(stream, GROUP, min="-", max="+", count=10)
@@ -91,8 +93,40 @@ async def test_a_job_handed_to_a_worker_not_listening_comes_back_to_its_giver(re
     ((_, [(entry, _)]),) = await redis.xreadgroup(GROUP, "giver", {stream: ">"}, count=1)
     try:
         # "starting" has no inbox subscription yet: the job must not wait for reclaim_idle under it
-        assert not await hand_over(redis, names, stream, entry.decode(), "starting", "giver")
+        starting = Peer("starting", 0, 4)
+        assert not await hand_over(redis, names, (stream, entry.decode()), [stream], starting, "giver")
         (pending,) = await redis.xpending_range(stream, GROUP, min="-", max="+", count=10)
         assert pending["consumer"] == b"giver" and pending["times_delivered"] == 1
     finally:
         await redis.delete(stream)
+
+
+async def test_a_job_is_not_handed_to_a_worker_about_to_be_full(redis: Redis) -> None:
+    """The taker's heartbeat said it had room; its pending entries, in every stream of the model,
+    say it has only the slot its own next read takes: the job stays with the giver, and nothing is
+    published to the taker."""
+    names = Names(f"syaff{uuid.uuid4().hex[:8]}")
+    mine, other = names.jobs_stream("m", "t"), names.jobs_stream("m", "u")
+    for stream in (mine, other):
+        await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    for _ in range(2):
+        await redis.xadd(other, {JOB_FIELD: b"{}"})
+    await redis.xadd(mine, {JOB_FIELD: b"{}"})
+    await redis.xreadgroup(GROUP, "taker", {other: ">"}, count=2)  # the taker runs two jobs
+    ((_, [(entry, _)]),) = await redis.xreadgroup(GROUP, "giver", {mine: ">"}, count=1)
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(names.inbox("taker"))
+    try:
+        await pubsub.get_message(timeout=1)  # the subscription's confirmation
+        full = Peer("taker", inflight=1, capacity=2 + SPARE)  # a beat-old heartbeat
+        assert not await hand_over(redis, names, (mine, entry.decode()), [mine, other], full, "giver")
+        (pending,) = await redis.xpending_range(mine, GROUP, min="-", max="+", count=10)
+        assert pending["consumer"] == b"giver"
+        assert await pubsub.get_message(timeout=0.2) is None
+        roomy = Peer("taker", inflight=1, capacity=3 + SPARE)
+        assert await hand_over(redis, names, (mine, entry.decode()), [mine, other], roomy, "giver")
+        (pending,) = await redis.xpending_range(mine, GROUP, min="-", max="+", count=10)
+        assert pending["consumer"] == b"taker" and pending["times_delivered"] == 1
+    finally:
+        await pubsub.aclose()
+        await redis.delete(mine, other)

@@ -174,11 +174,11 @@ class Consumer:
         if target is None:
             return False
         try:
-            handed = await hand_over(
-                self._redis, self._names, claim.stream, claim.entry_id, target, self._worker_id
-            )
+            streams = await self._streams.current()
+            entry = (claim.stream, claim.entry_id)
+            handed = await hand_over(self._redis, self._names, entry, streams, target, self._worker_id)
         except (RedisError, OSError) as exc:
-            log.warning("could not hand job %s to %s (%s); running it here", claim.job.id, target, exc)
+            log.warning("could not hand job %s to %s (%s); running it here", claim.job.id, target.id, exc)
             return False
         if handed:
             self.metrics.handed_over()

@@ -42,8 +42,9 @@ def preferred(digest: str, workers: Iterable[str]) -> str | None:
     return max(workers, key=weight, default=None)
 
 
-def hand_to(digest: str, me: str, my_load: int, peers: Iterable[Peer]) -> str | None:
-    """The worker to hand this job to, or None to run it here."""
+def hand_to(digest: str, me: str, my_load: int, peers: Iterable[Peer]) -> Peer | None:
+    """The worker to hand this job to, or None to run it here. (Its heartbeat may be a beat old:
+    :func:`worker.handover.hand_over` checks its room again, exactly.)"""
     by_id = {p.id: p for p in peers if p.id != me}
     target = preferred(digest, [me, *by_id])
     if target is None or target == me:
@@ -51,4 +52,4 @@ def hand_to(digest: str, me: str, my_load: int, peers: Iterable[Peer]) -> str | 
     peer = by_id[target]
     if peer.inflight >= peer.capacity or peer.inflight > my_load + SLACK:
         return None  # busy: the job spills here, where there is room
-    return target
+    return peer
