@@ -461,7 +461,7 @@ async def test_jobs_of_a_killed_gateway_stop_running(system: System, redis: Redi
         took = time.monotonic() - killed
         await asyncio.sleep(0.3)  # a job's counter moves just after it leaves the stream
         after = outcomes(system)
-        ended = {k: after[k] - before[k] for k in after if after[k] != before.get(k, 0)}
+        ended = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
         state = (
             f"ended after the kill: {ended} (before it: {before}), {took:.1f}s after it; "
             f"the first chunks came {max(firsts) - min(firsts):.1f}s apart"
