@@ -1,11 +1,12 @@
 """Handing a job to another worker (prefix affinity), and receiving one.
 
 In one script (``shared.scripts.HAND_OVER``) the giver checks that the taker has a free slot beside
-the one its own next read may take, transfers the stream entry to the taker's name in the consumer group (``XCLAIM ...
-JUSTID``, which does not count as a delivery) and tells it on its inbox channel; the taker reads
-the entry and starts it. When the taker is that busy, or nobody hears it, the giver runs the job.
-Failover is untouched: an entry handed to a worker that died before taking it is pending under
-that worker like any of its jobs, and another worker takes it over after ``reclaim_idle``.
+the one its own next read may take, transfers the stream entry to the taker's name in the consumer
+group (``XCLAIM ... JUSTID``, which does not count as a delivery) and tells it on its inbox channel;
+the taker reads the entry and starts it. When the taker is that busy, or nobody hears it, the
+giver runs the job. Failover is untouched: an entry handed to a worker that died before taking it
+is pending under that worker like any of its jobs, and another worker takes it over after
+``reclaim_idle``.
 """
 
 from __future__ import annotations
