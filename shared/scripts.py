@@ -30,15 +30,6 @@ class Lua:
         return ("EVALSHA", self.sha, len(keys), *keys, *args)
 
 
-async def run(redis: Redis, script: Lua, keys: list[str], args: list[Any]) -> Any:
-    """Run ``script`` by its SHA1, loading it first when Redis does not know it yet."""
-    try:
-        return await redis.evalsha(script.sha, len(keys), *keys, *args)  # type: ignore[misc]
-    except NoScriptError:
-        await redis.script_load(script.text)
-        return await redis.evalsha(script.sha, len(keys), *keys, *args)  # type: ignore[misc]
-
-
 def is_noscript(reply: object) -> bool:
     """Whether a command's reply says Redis does not have the script (so it did not run)."""
     return isinstance(reply, NoScriptError)
@@ -205,7 +196,7 @@ redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, ARGV[4], 'JUSTID')
 return 2
 """)
 
-WORKER_SCRIPTS = (CLAIMED_PUBLISH, CLAIMED_HAND_BACK)
+WORKER_SCRIPTS = (CLAIMED_PUBLISH, CLAIMED_HAND_BACK, HAND_OVER)
 """The scripts a worker's outbox calls: loaded again whenever Redis answers NOSCRIPT."""
 
 

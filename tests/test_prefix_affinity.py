@@ -8,14 +8,30 @@ import contextlib
 import time
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator
 
+import pytest_asyncio
 from redis.asyncio import Redis
 
 from gateway.service import prefix_digest
 from shared.messages import Job, Sampling, encode
 from shared.names import GROUP, JOB_FIELD, Names
 from worker.handover import SPARE, hand_over, receive
+from worker.outbox import Outbox
 from worker.prefix_affinity import SLACK, Peer, hand_to, preferred
+
+
+@pytest_asyncio.fixture
+async def outbox(redis: Redis) -> AsyncIterator[Outbox]:
+    """A worker's outbox, running: what hands jobs over."""
+    box = Outbox(redis)
+    task = asyncio.create_task(box.run())
+    try:
+        yield box
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def test_a_conversation_keeps_its_digest_and_short_prompts_have_none() -> None:
@@ -52,7 +68,9 @@ def test_a_job_goes_to_its_worker_while_that_one_has_room() -> None:
     assert hand_to(digest, "me", 0, []) is None  # alone: nobody to hand it to
 
 
-async def test_a_handed_job_reaches_its_worker_without_counting_as_a_delivery(redis: Redis) -> None:
+async def test_a_handed_job_reaches_its_worker_without_counting_as_a_delivery(
+    redis: Redis, outbox: Outbox
+) -> None:
     names = Names(f"syaff{uuid.uuid4().hex[:8]}")
     stream = names.jobs_stream("m", "t")
     job = Job(
@@ -72,7 +90,7 @@ async def test_a_handed_job_reaches_its_worker_without_counting_as_a_delivery(re
     try:
         await asyncio.sleep(0.2)  # subscribed
         taker = Peer("taker", inflight=0, capacity=1 + SPARE)
-        assert await hand_over(redis, names, (stream, entry.decode()), [stream], taker, "giver")
+        assert await hand_over(outbox, names, (stream, entry.decode()), [stream], taker, "giver")
         s, e, fields = await asyncio.wait_for(taken.get(), 5)
         assert (s, e) == (stream, entry.decode()) and fields is not None and fields[JOB_FIELD.encode()]
         (pending,) = await redis.xpending_range(stream, GROUP, min="-", max="+", count=10)
@@ -85,7 +103,9 @@ async def test_a_handed_job_reaches_its_worker_without_counting_as_a_delivery(re
         await redis.delete(stream)
 
 
-async def test_a_job_handed_to_a_worker_not_listening_comes_back_to_its_giver(redis: Redis) -> None:
+async def test_a_job_handed_to_a_worker_not_listening_comes_back_to_its_giver(
+    redis: Redis, outbox: Outbox
+) -> None:
     names = Names(f"syaff{uuid.uuid4().hex[:8]}")
     stream = names.jobs_stream("m", "t")
     await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
@@ -94,14 +114,14 @@ async def test_a_job_handed_to_a_worker_not_listening_comes_back_to_its_giver(re
     try:
         # "starting" has no inbox subscription yet: the job must not wait for reclaim_idle under it
         starting = Peer("starting", 0, 4)
-        assert not await hand_over(redis, names, (stream, entry.decode()), [stream], starting, "giver")
+        assert not await hand_over(outbox, names, (stream, entry.decode()), [stream], starting, "giver")
         (pending,) = await redis.xpending_range(stream, GROUP, min="-", max="+", count=10)
         assert pending["consumer"] == b"giver" and pending["times_delivered"] == 1
     finally:
         await redis.delete(stream)
 
 
-async def test_a_job_is_not_handed_to_a_worker_about_to_be_full(redis: Redis) -> None:
+async def test_a_job_is_not_handed_to_a_worker_about_to_be_full(redis: Redis, outbox: Outbox) -> None:
     """The taker's heartbeat said it had room; its pending entries, in every stream of the model,
     say it has only the slot its own next read takes: the job stays with the giver, and nothing is
     published to the taker."""
@@ -119,12 +139,12 @@ async def test_a_job_is_not_handed_to_a_worker_about_to_be_full(redis: Redis) ->
     try:
         await pubsub.get_message(timeout=1)  # the subscription's confirmation
         full = Peer("taker", inflight=1, capacity=2 + SPARE)  # a beat-old heartbeat
-        assert not await hand_over(redis, names, (mine, entry.decode()), [mine, other], full, "giver")
+        assert not await hand_over(outbox, names, (mine, entry.decode()), [mine, other], full, "giver")
         (pending,) = await redis.xpending_range(mine, GROUP, min="-", max="+", count=10)
         assert pending["consumer"] == b"giver"
         assert await pubsub.get_message(timeout=0.2) is None
         roomy = Peer("taker", inflight=1, capacity=3 + SPARE)
-        assert await hand_over(redis, names, (mine, entry.decode()), [mine, other], roomy, "giver")
+        assert await hand_over(outbox, names, (mine, entry.decode()), [mine, other], roomy, "giver")
         (pending,) = await redis.xpending_range(mine, GROUP, min="-", max="+", count=10)
         assert pending["consumer"] == b"taker" and pending["times_delivered"] == 1
     finally:

@@ -176,7 +176,7 @@ class Consumer:
         try:
             streams = await self._streams.current()
             entry = (claim.stream, claim.entry_id)
-            handed = await hand_over(self._redis, self._names, entry, streams, target, self._worker_id)
+            handed = await hand_over(self.outbox, self._names, entry, streams, target, self._worker_id)
         except (RedisError, OSError) as exc:
             log.warning("could not hand job %s to %s (%s); running it here", claim.job.id, target.id, exc)
             return False

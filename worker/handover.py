@@ -17,8 +17,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from redis.asyncio import Redis
 
 from shared.names import GROUP, Names
-from shared.scripts import HAND_OVER, run
+from shared.scripts import HAND_OVER
 from worker.listen import listen
+from worker.outbox import Outbox
 from worker.prefix_affinity import Peer
 
 SEPARATOR = "\n"  # no stream name or entry id holds a line break
@@ -32,7 +33,7 @@ Take = Callable[[str, str, dict[bytes, bytes] | None], Awaitable[None]]
 
 
 async def hand_over(
-    redis: Redis,
+    outbox: Outbox,
     names: Names,
     entry: tuple[str, str],
     streams: Sequence[str],
@@ -49,7 +50,8 @@ async def hand_over(
     message = f"{stream}{SEPARATOR}{entry_id}"
     most = taker.capacity - SPARE
     args = [GROUP, taker.id, giver, entry_id, most, names.inbox(taker.id), message]
-    return await run(redis, HAND_OVER, keys, args) == 1
+    (result,) = await outbox.send(HAND_OVER.call(keys, args))
+    return bool(result == 1)
 
 
 async def receive(redis: Redis, names: Names, worker_id: str, stopping: asyncio.Event, take: Take) -> None:
