@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
@@ -64,6 +64,18 @@ def wait_until(
     if not poll_until(check, timeout, watch=alive):
         tail = "\n".join(log.read_text()[-2000:] for log in logs)
         raise TimeoutError(f"timed out after {timeout}s waiting for {what}\n{tail}")
+
+
+async def wait_for(
+    predicate: Callable[[], Awaitable[object]], within: float, what: str = "condition"
+) -> float:
+    """Seconds until ``await predicate()`` holds; fails after ``within`` seconds."""
+    begun = time.monotonic()
+    while time.monotonic() - begun < within:
+        if await predicate():
+            return time.monotonic() - begun
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{what} not met in {within}s")
 
 
 def ready(base_url: str) -> bool:

@@ -25,6 +25,7 @@ from shared.messages import (
 )
 from shared.names import GROUP, JOB_FIELD
 from tests.conftest import SESSION_RECLAIM_IDLE, System
+from tests.procs import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -37,16 +38,6 @@ async def worker_info(redis: Redis, system: System) -> WorkerInfo:
     live = [w for w in (WorkerInfo.model_validate_json(i) for i in infos if i) if w.model == system.model]
     assert len(live) == 1
     return live[0]
-
-
-async def wait_for(predicate, within: float) -> float:  # type: ignore[no-untyped-def]
-    """Seconds until ``await predicate()`` holds; fails after ``within`` seconds."""
-    begun = time.monotonic()
-    while time.monotonic() - begun < within:
-        if await predicate():
-            return time.monotonic() - begun
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"condition not met in {within}s")
 
 
 async def engine_busy(redis: Redis, system: System) -> bool:

@@ -44,6 +44,7 @@ from tests.procs import (
     spawn,
     stacks,
     stop,
+    wait_for,
     wait_until,
 )
 
@@ -416,16 +417,6 @@ async def test_a_short_grace_cuts_streams_with_an_error_the_sdk_raises(
         stop(proc)
 
 
-async def no_jobs(redis: Redis, stream: str, within: float) -> bool:
-    """Whether ``stream`` holds no job, waiting or held by a worker, within ``within`` seconds (a
-    job leaves its stream when it ends)."""
-    for _ in range(int(within * 10)):
-        if not await redis.xlen(stream):
-            return True
-        await asyncio.sleep(0.1)
-    return not await redis.xlen(stream)
-
-
 async def first_chunk(chunks: openai.AsyncStream[ChatCompletionChunk]) -> float:
     """When the stream's first chunk came."""
     await chunks.__anext__()
@@ -434,8 +425,12 @@ async def first_chunk(chunks: openai.AsyncStream[ChatCompletionChunk]) -> float:
 
 async def test_jobs_of_a_killed_gateway_stop_running(system: System, redis: Redis, tmp_path: Path) -> None:
     stream = system.names.jobs_stream(system.model, "main")
+
+    async def no_jobs() -> bool:  # a job leaves its stream when it ends
+        return not await redis.xlen(stream)
+
     # The previous test's jobs end once the worker hears their gateway is gone.
-    assert await no_jobs(redis, stream, within=30), "the worker still holds an earlier test's jobs"
+    await wait_for(no_jobs, 30, "no earlier test's jobs on the worker")
     proc, base = extra_gateway(system, tmp_path / "gw.log")
     client = AsyncOpenAI(base_url=f"{base}/v1", api_key=system.api_key, max_retries=0, timeout=120)
     opened: list[openai.AsyncStream[ChatCompletionChunk]] = []
@@ -457,7 +452,11 @@ async def test_jobs_of_a_killed_gateway_stop_running(system: System, redis: Redi
         killed = time.monotonic()
         # The jobs need not have started together (a busy host), so one may have ended before the
         # kill; every job still held then must end within 10 s, and none by running to its end.
-        gone = await no_jobs(redis, stream, within=10)
+        gone = True
+        try:
+            await wait_for(no_jobs, 10)
+        except AssertionError:  # judged below, with what ended
+            gone = False
         took = time.monotonic() - killed
         await asyncio.sleep(0.3)  # a job's counter moves just after it leaves the stream
         after = outcomes(system)
