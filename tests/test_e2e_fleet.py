@@ -417,12 +417,6 @@ async def test_a_short_grace_cuts_streams_with_an_error_the_sdk_raises(
         stop(proc)
 
 
-async def first_chunk(chunks: openai.AsyncStream[ChatCompletionChunk]) -> float:
-    """When the stream's first chunk came."""
-    await chunks.__anext__()
-    return time.monotonic()
-
-
 async def test_jobs_of_a_killed_gateway_stop_running(system: System, redis: Redis, tmp_path: Path) -> None:
     stream = system.names.jobs_stream(system.model, "main")
 
@@ -434,19 +428,21 @@ async def test_jobs_of_a_killed_gateway_stop_running(system: System, redis: Redi
     proc, base = extra_gateway(system, tmp_path / "gw.log")
     client = AsyncOpenAI(base_url=f"{base}/v1", api_key=system.api_key, max_retries=0, timeout=120)
     opened: list[openai.AsyncStream[ChatCompletionChunk]] = []
-    try:
-        opened += await asyncio.gather(
-            *(
-                client.chat.completions.create(
-                    model=system.model, messages=USER, max_tokens=MAX_MODEL_LEN - 64, stream=True,
-                    extra_body={"ignore_eos": True},
-                )
-                for _ in range(4)
-            )
+
+    async def first_chunk() -> float:
+        """Open a stream; when its first chunk came (each stream read as soon as it answers)."""
+        chunks = await client.chat.completions.create(
+            model=system.model, messages=USER, max_tokens=MAX_MODEL_LEN - 64, stream=True,
+            extra_body={"ignore_eos": True},
         )  # fmt: skip
+        opened.append(chunks)
+        await chunks.__anext__()
+        return time.monotonic()
+
+    try:
         # Kill as soon as every job has sent tokens: on an idle host the tiny model finishes 960
         # tokens in a few seconds, so waiting longer could kill a gateway whose jobs are done.
-        firsts = await asyncio.gather(*(first_chunk(chunks) for chunks in opened))
+        firsts = await asyncio.gather(*(first_chunk() for _ in range(4)))
         before = outcomes(system)
         os.killpg(proc.pid, signal.SIGKILL)
         killed = time.monotonic()
