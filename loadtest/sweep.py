@@ -6,10 +6,13 @@
 
 Per target, the served model is asked for (``GET /v1/models``) and the prompt length calibrated
 once, so every level and both targets send the same requests. Each level is one Locust run: users =
-spawn rate = the level (all start within a second), statistics reset once all run, ``--duration``
-seconds in total; with two targets the levels alternate between them, so slow drifts in the host's
-other load hit both alike. While Locust runs, the CPU time of its process tree and of the whole
-host is read from ``/proc``, over the window in which all users run.
+spawn rate = the level (all start within a second), statistics reset once all run, and the run ended
+with SIGTERM (which Locust treats as the end of its run) ``--duration`` seconds after the sweep saw
+every user running. The sweep keeps that time itself rather than passing Locust's ``--run-time``,
+which on a loaded host once ended a level 0.3 s after it began. With two targets the levels
+alternate between them, so slow drifts in the host's other load hit both alike. While Locust runs,
+the CPU time of its process tree and of the whole host is read from ``/proc``, over the window in
+which all users run.
 
 The report directory gets Locust's CSVs and log for every level (``<target>/users-<n>_*.csv``),
 ``summary.md``, ``summary.json``, ``throughput.png`` and ``latency.png``.
@@ -24,6 +27,7 @@ import argparse
 import csv
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -50,7 +54,8 @@ HERE = Path(__file__).resolve().parent
 LOCUSTFILE = HERE / "locustfile.py"
 POLL_S = 1.0
 PROGRESS_EVERY_S = 5.0
-SHUTDOWN_GRACE_S = 30.0  # beyond --duration, before the Locust run is stopped by force
+SPAWN_LIMIT_S = 60.0  # for Locust to start and have every user running
+SHUTDOWN_GRACE_S = 30.0  # after the SIGTERM that ends a level, before Locust is stopped by force
 
 
 @dataclass(frozen=True)
@@ -90,7 +95,7 @@ def prepare(target: Target, model: str, args: argparse.Namespace) -> Target:
 def locust_argv(target: Target, users: int, args: argparse.Namespace, prefix: Path) -> list[str]:
     return [
         sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary",
-        "-u", str(users), "-r", str(users), "-t", f"{args.duration}s", "--stop-timeout", "0",
+        "-u", str(users), "-r", str(users), "--stop-timeout", "0",
         "--host", wl.base_url(target.url), "--csv", str(prefix), "--csv-full-history", "--reset-stats",
         "--model", target.model, "--prompt-words", str(target.prompt_words),
         "--output-tokens", str(args.output_tokens), "--prompt-seed", str(args.prompt_seed),
@@ -159,22 +164,35 @@ def apply_window(res: sr.LevelResult, first: CpuPoint | None, last: CpuPoint | N
 
 def watch(proc: subprocess.Popen[bytes], target: Target, users: int, args: argparse.Namespace, prefix: Path
           ) -> tuple[CpuPoint | None, CpuPoint | None]:  # fmt: skip
-    """Follow a Locust run to its end, printing progress; CPU at the start and end of the full-load window."""
+    """Follow a Locust run, printing progress, and end it ``--duration`` s after all users run.
+
+    Returns the CPU points at the start and end of that full-load window."""
     start = time.monotonic()
     first: CpuPoint | None = None
     last: CpuPoint | None = None
+    full_since: float | None = None  # when the sweep first saw every user running
+    stop_sent: float | None = None
     shown = 0.0
     while proc.poll() is None:
-        if time.monotonic() - start > args.duration + SHUTDOWN_GRACE_S:
-            print(f"  [{target.name}] Locust overran by {SHUTDOWN_GRACE_S:.0f} s: stopping it", flush=True)
+        now = time.monotonic()
+        if stop_sent is not None and now - stop_sent > SHUTDOWN_GRACE_S:
+            print(f"  [{target.name}] Locust still runs {SHUTDOWN_GRACE_S:.0f} s after SIGTERM", flush=True)
+            proctree.stop_tree(proc)
+            break
+        if full_since is None and now - start > SPAWN_LIMIT_S:
+            print(f"  [{target.name}] not all {users} users ran within {SPAWN_LIMIT_S:.0f} s", flush=True)
             proctree.stop_tree(proc)
             break
         point, row = cpu_point(proc.pid, target.server_pid), last_history(prefix)
         if first is None and row is not None and int(row["User Count"]) >= users:
-            first = point  # all users run and the statistics were just reset
-        last = point
-        if time.monotonic() - shown >= PROGRESS_EVERY_S:
-            shown = time.monotonic()
+            first, full_since = point, now  # all users run and the statistics were just reset
+        if stop_sent is None:
+            last = point
+            if full_since is not None and now - full_since >= args.duration:
+                proc.send_signal(signal.SIGTERM)
+                stop_sent = now
+        if now - shown >= PROGRESS_EVERY_S:
+            shown = now
             print(progress_line(target, users, shown - start, args.duration, row), flush=True)
         time.sleep(POLL_S)
     return first, last
@@ -195,6 +213,8 @@ def run_level(target: Target, users: int, args: argparse.Namespace) -> sr.LevelR
         first, last = watch(proc, target, users, args, prefix)
     res = sr.level_from_rows(users, sr.read_rows(Path(f"{prefix}_stats.csv")))
     res.exit_code = proc.wait()
+    if first is None:
+        res.exit_code = res.exit_code or 1  # the level never ran at full load: not a result
     apply_window(res, first, last)
     res.loadavg_before, res.loadavg_after = before, loadavg()
     return res
