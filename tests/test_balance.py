@@ -125,8 +125,8 @@ async def test_a_peek_says_what_waits_and_what_each_worker_holds(redis: Redis) -
 
 
 async def test_two_idle_workers_split_a_burst_already_waiting(redis: Redis) -> None:
-    """The defect this policy removes: the first worker to read took a whole burst, up to
-    READ_BATCH per read, again and again before the other came round."""
+    """The defect this policy removes: the first worker to read took a whole burst, read after
+    read, before the other came round."""
     names, model = Names("balance-" + uuid.uuid4().hex[:8]), "m"
     await stream_with_jobs(redis, names, model, "t", 24)
     now = time.time()

@@ -15,7 +15,7 @@ import pytest
 from redis.asyncio import Redis
 
 from shared.names import GROUP
-from worker.planner import READ_BATCH, Headroom, ReadPlan, fleet_shares, within
+from worker.planner import Headroom, ReadPlan, fleet_shares, within
 from worker.reader import READ_BLOCK_MS, read_fairly
 
 INTERACTIVE, BATCH = 4, 1
@@ -34,7 +34,12 @@ def taken(plan: ReadPlan, weights: dict[str, int], free: int, rounds: int) -> Co
 def test_tenants_of_one_class_get_equal_shares() -> None:
     weights = {"a": INTERACTIVE, "b": INTERACTIVE, "c": INTERACTIVE}
     got = taken(ReadPlan(), weights, free=256, rounds=10)
-    assert got == {"a": 10 * READ_BATCH, "b": 10 * READ_BATCH, "c": 10 * READ_BATCH}
+    assert got == {"a": 10 * 85, "b": 10 * 85, "c": 10 * 85}  # a third of the room each, every read
+
+
+def test_a_tenant_alone_takes_all_the_room_in_one_read() -> None:
+    # A burst of equal jobs (their predecessors ended together) starts in one read, not in many.
+    assert ReadPlan().plan({"a": INTERACTIVE}, free=64) == [(["a"], 64)]
 
 
 def test_interactive_gets_four_jobs_for_each_batch_job_with_plenty_of_room() -> None:
@@ -53,7 +58,7 @@ def test_an_idle_class_does_not_bank_credit_for_a_later_burst() -> None:
     for _ in range(50):  # batch streams exist but the read plan only ever gives them their share
         plan.plan({"i": INTERACTIVE, "b": BATCH}, free=256)
     reads = dict((tuple(s), c) for s, c in plan.plan({"i": INTERACTIVE, "b": BATCH}, free=256))
-    assert reads[("b",)] <= READ_BATCH * BATCH // INTERACTIVE
+    assert reads[("b",)] <= 256 * BATCH // (INTERACTIVE + BATCH)  # its share of one read
 
 
 def test_reads_never_ask_for_far_more_than_the_room_left() -> None:

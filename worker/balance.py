@@ -4,9 +4,8 @@ Workers pull; nothing assigns a job to a worker. Left to itself, pulling is bala
 jobs that arrive while workers wait in a blocking ``XREADGROUP`` go to whichever has waited longest
 (Redis serves blocked readers first come, first served, and a worker re-queues there each time
 its read times out, at an arbitrary phase), and jobs that are already waiting go to whichever worker
-reads first, up to :data:`~worker.planner.READ_BATCH` per stream and read, again and again while
-the others are between reads. Measured with two idle simulated workers: a burst of 24 jobs split
-3 : 21, and a steady load of 48 streams 36 : 60 jobs.
+reads first, as many as it has room for, while the others are between reads. Measured with two idle
+simulated workers: a burst of 24 jobs split 3 : 21, and a steady load of 48 streams 36 : 60 jobs.
 
 So each worker, knowing what every live worker of its model holds now (``XPENDING`` of the model's
 streams, one round trip) and their capacities (their heartbeats):

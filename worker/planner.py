@@ -11,10 +11,6 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
 
-READ_BATCH = 8
-"""Most jobs one read takes from a stream: a burst is spread over every idle worker instead of
-going whole to whichever worker reads first."""
-
 
 class Headroom:
     """Room a worker keeps for other tenants while one floods it, so their jobs need not wait.
@@ -86,6 +82,10 @@ class ReadPlan:
     job waiting. Priority classes are read separately, with per-stream counts in proportion to their
     weights; fractions carry over between reads (a deficit round robin), so interactive 4 : batch 1
     holds even when the worker has room for one job at a time.
+
+    A read may take all the room it is given: a worker alone takes a whole burst in one read (jobs
+    of equal length end together, and their successors arrive together), and in a fleet
+    :mod:`worker.balance` has already cut the room to this worker's share of the jobs waiting.
     """
 
     def __init__(self) -> None:
@@ -96,7 +96,7 @@ class ReadPlan:
         if not weights:
             return []
         top = max(weights.values())
-        per_stream = max(1, min(READ_BATCH, free * top // sum(weights.values())))
+        per_stream = max(1, free * top // sum(weights.values()))
         reads = []
         for weight in sorted(set(weights.values()), reverse=True):
             share = per_stream * weight / top
