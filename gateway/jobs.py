@@ -73,10 +73,21 @@ class Dispatcher:
     ) -> ReplyStream:
         """Subscribe to the job's replies first, then enqueue it (on its tenant's stream of the
         model unless ``stream`` names another, e.g. the tenant's batch stream)."""
+        return await self.enqueue(job, await self.subscribe(job), priority, stream)
+
+    async def subscribe(self, job: Job) -> Subscription:
+        """Subscribe to the job's replies (confirmed by Redis): done before the job is enqueued,
+        since a worker may publish its first reply at once."""
         try:
-            sub = await self._hub.open(self._names.reply_channel(job.id))
+            return await self._hub.open(self._names.reply_channel(job.id))
         except SubscriptionLost as exc:
             raise Unavailable(f"the queue is unreachable: {exc}", retry_after=2) from exc
+
+    async def enqueue(
+        self, job: Job, sub: Subscription, priority: Priority = "interactive", stream: str | None = None
+    ) -> ReplyStream:
+        """Put the job on its stream, its replies already subscribed to as ``sub`` (closed if the
+        job cannot be enqueued)."""
         stream = stream or self._names.jobs_stream(job.model, job.tenant)
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
@@ -84,10 +95,20 @@ class Dispatcher:
                 record = StreamRecord(tenant=job.tenant, priority=priority)
                 pipe.hset(self._names.streams_index(job.model), stream, encode(record))
                 await pipe.execute()
-        except (RedisError, OSError) as exc:
+        except BaseException as exc:
             await self._hub.close(sub)
-            raise Unavailable("the queue is unreachable; nothing was enqueued", retry_after=2) from exc
+            if isinstance(exc, RedisError | OSError):
+                raise Unavailable("the queue is unreachable; nothing was enqueued", retry_after=2) from exc
+            raise
         return ReplyStream(job, sub, self, self._timeouts)
+
+    async def unsubscribe(self, opening: asyncio.Task[Subscription]) -> None:
+        """Undo :meth:`subscribe` run as ``opening`` for a job that will not be enqueued."""
+        try:
+            sub = await opening
+        except (APIError, asyncio.CancelledError):
+            return  # it never subscribed
+        await self._hub.close(sub)
 
     async def release(self, stream: ReplyStream, *, cancel: bool) -> None:
         await self._hub.close(stream.subscription)

@@ -115,6 +115,9 @@ class ReplyHub:
         except (RedisError, OSError, TimeoutError) as exc:
             self._subs.pop(channel.encode(), None)
             raise SubscriptionLost(f"could not subscribe to replies: {exc!r}") from exc
+        except BaseException:  # cancelled: nobody will close it
+            self._subs.pop(channel.encode(), None)
+            raise
         return sub
 
     async def close(self, sub: Subscription) -> None:

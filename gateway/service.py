@@ -170,9 +170,16 @@ class Gateway:
     async def _submit(self, job: Job, tenant: Tenant) -> Admitted:
         """Admit (rate limits, backlog) and enqueue; the reservation is settled when the reply ends."""
         self.lifecycle.check_open()  # it may have begun draining while this request was tokenized
-        ticket = await self.admission.admit(tenant, job)
+        # The reply channel is subscribed while admission decides: two round trips at once, where
+        # one after the other would add one to every request's time to first token.
+        opening = asyncio.create_task(self.dispatcher.subscribe(job))
         try:
-            replies = await self.dispatcher.submit(job, tenant.priority)
+            ticket = await self.admission.admit(tenant, job)
+        except BaseException:
+            await self.dispatcher.unsubscribe(opening)
+            raise
+        try:
+            replies = await self.dispatcher.enqueue(job, await opening, tenant.priority)
         except BaseException:
             await self.admission.settle(ticket, NOTHING)  # nothing was enqueued
             raise

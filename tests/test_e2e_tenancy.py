@@ -53,6 +53,10 @@ async def test_rpm_limit_headers_and_429(system: System) -> None:
             await client.chat.completions.create(model=system.model, messages=USER, max_tokens=2)
         assert int(info.value.response.headers["retry-after"]) >= 1
         assert info.value.code == "rate_limit_exceeded"
+    # its reply channel was subscribed while admission decided, and closed when it refused
+    channel = system.names.reply_channel(info.value.response.headers["x-request-id"])
+    async with Redis.from_url(system.redis_url) as redis:
+        assert await redis.pubsub_numsub(channel) == [(channel.encode(), 0)]
 
 
 async def test_unused_tokens_are_refunded_when_the_client_leaves(system: System, redis: Redis) -> None:

@@ -90,6 +90,16 @@ async def test_reply_channel_is_subscribed_before_the_job_is_visible(env: Env) -
     assert await env.redis.exists(env.names.cancelled(job.id)) == 0  # finished: nothing to cancel
 
 
+async def test_a_job_that_is_not_enqueued_leaves_no_subscription(env: Env) -> None:
+    # The gateway subscribes while admission decides; a refused job's subscription is undone.
+    job = env.job()
+    opening = asyncio.create_task(env.dispatcher.subscribe(job))
+    await env.dispatcher.unsubscribe(opening)
+    channel = env.names.reply_channel(job.id)
+    assert (await env.redis.pubsub_numsub(channel)) == [(channel.encode(), 0)]
+    assert await env.redis.xlen(env.names.jobs_stream("m", "default")) == 0
+
+
 async def test_a_missing_message_fails_the_request(env: Env) -> None:
     job = env.job()
     replies = await env.dispatcher.submit(job)
