@@ -39,10 +39,12 @@ def test_a_size_chosen_by_the_operator_wins(tmp_path: Path, monkeypatch: pytest.
     assert "kv_cache_memory_bytes" not in sized_cpu_kv_cache(str(tmp_path), {})
 
 
-def test_model_threads_share_the_host_unless_the_operator_chose() -> None:
-    assert model_threads(cpus=2) == 2
-    assert model_threads(cpus=8, workers=2) == 4
+def test_model_threads_share_the_host_less_a_core_unless_the_operator_chose() -> None:
+    assert model_threads(cpus=2) == 1  # the other core runs the scheduler, gateway, Redis
+    assert model_threads(cpus=16) == 15
+    assert model_threads(cpus=8, workers=2) == 3
+    assert model_threads(cpus=1) == 1
     assert model_threads(cpus=2, workers=4) == 1  # never zero
     assert model_threads(cpus=8, workers=2, configured="3") == 3
     assert model_threads(cpus=8, workers=2, configured="0") == 1
-    assert model_threads(cpus=8, workers=2, configured="4,2") == 4  # not a count: the share
+    assert model_threads(cpus=8, workers=2, configured="4,2") == 3  # not a count: the share less one

@@ -138,18 +138,24 @@ def usable_cpus() -> int:
 
 def model_threads(cpus: int, workers: int = 1, configured: str | None = None) -> int:
     """Threads a CPU host's model computes on: ``OMP_NUM_THREADS`` when the operator set it, else
-    this worker's share of the CPUs (``workers`` of them started together on the host).
+    this worker's share of the CPUs (``workers`` of them started together on the host) less one.
 
-    Measured with ``loadtest/defaults.py`` on a 2-core host (vLLM's own benchmark client, 64/128
-    tokens): with one thread, vLLM's runtime default, 879 output tokens/s at 4 streams and 4,513 at
-    64; with both cores, 1,496 and 5,274 (``vllm serve`` as shipped: 1,116 and 5,003).
+    The core left over is for everything that must run the moment it wakes: the engine core's
+    scheduler, this process's loop, the gateway and Redis. A team of model threads on every core
+    waits at each of its barriers for whichever thread the kernel put aside for them, so a step
+    takes as long as the slowest core's interruptions. vLLM's own CPU backend keeps one core per
+    model process for its scheduler for the same reason (``vllm/utils/ompmultiprocessing.py``).
+    Measured with ``loadtest/defaults.py`` on a 2-core host, three rounds
+    (``loadtest/results/2026-12-03-defaults-r3/``): one thread gave 1,051 output tokens/s at 4
+    streams and 4,946 at 64 (per round 1.11 to 1.32 times ``vllm serve`` at 64); two threads 853
+    and 3,551, with rounds from 0.53 to 1.18 times ``vllm serve`` at 64.
     """
     if configured:
         try:
             return max(1, int(configured))
         except ValueError:  # e.g. a nested-parallelism list: leave it to the OpenMP runtime
             pass
-    return max(1, cpus // max(1, workers))
+    return max(1, cpus // max(1, workers) - 1)
 
 
 def in_process_model_runner() -> dict[str, Any]:
@@ -163,7 +169,7 @@ def in_process_model_runner() -> dict[str, Any]:
     vLLM accepts its in-process executor on CPU only with ``VLLM_ENABLE_V1_MULTIPROCESSING=0``,
     which for ``AsyncLLM`` changes nothing else (the engine core still runs in its own process).
     An operator who sets that variable to 1 keeps vLLM's default. The model gets this worker's share
-    of the CPUs (:func:`model_threads`).
+    of the CPUs less one (:func:`model_threads`).
     """
     if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
         return {}
