@@ -9,7 +9,10 @@ everything else is each one's default. One server at a time, each driven by vLLM
 client (``vllmbench.py``: random dataset, ``--input-len`` / ``--output-len`` tokens with
 ``ignore_eos``, ``--num-prompts`` at each concurrency). ``--variant NAME:VAR=VALUE,...`` adds a
 Switchyard run with extra environment, to choose defaults by measurement. Prints a table with each
-Switchyard run's ratio to vLLM and writes ``defaults.json`` and ``summary.md`` to ``--out``.
+Switchyard run's ratio to vLLM and writes ``defaults.json`` and ``summary.md`` to ``--out``. Each
+bench also records how much of the host's CPU time the hypervisor took meanwhile (``steal`` in
+``/proc/stat``): on a shared virtual machine that changes from minute to minute, and a round in
+which one server lost far more than the other says more about the host than about the servers.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -42,6 +46,7 @@ FIGURES = (
     ("median_tpot_ms", "TPOT p50 ms"),
     ("median_itl_ms", "ITL p50 ms"),
     ("failed", "failed"),
+    ("host_steal_pct", "host CPU stolen %"),
 )
 
 
@@ -70,8 +75,11 @@ def bench(
     argv += ["--model", args.model_name, "--tokenizer", str(model_dir), "--api-key", KEY]
     argv += ["--concurrency", str(level), "--num-prompts", str(args.num_prompts), "--json", str(path)]
     argv += ["--input-len", str(args.input_len), "--output-len", str(args.output_len)]
+    wall, steal = time.monotonic(), proctree.machine_steal()
     subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, timeout=3600)
-    return dict(json.loads(path.read_text())) if path.exists() else {"failed": args.num_prompts}
+    stolen = (proctree.machine_steal() - steal) / ((time.monotonic() - wall) * (os.cpu_count() or 1))
+    result = dict(json.loads(path.read_text())) if path.exists() else {"failed": args.num_prompts}
+    return result | {"host_steal_pct": 100 * stolen}
 
 
 def run(
@@ -126,7 +134,11 @@ def table(results: dict[str, dict[str, dict[str, Any]]], levels: list[int]) -> s
             values = [results[n].get(str(level), {}).get(key) for n in names]
             base = values[0]
             cells = ["-" if v is None else f"{v:.1f}" if isinstance(v, float) else str(v) for v in values]
-            ratios = [f"{v / base:.2f}" if isinstance(v, int | float) and base else "-" for v in values[1:]]
+            comparable = key != "host_steal_pct"  # a fact about the host, not the server
+            ratios = [
+                f"{v / base:.2f}" if comparable and isinstance(v, int | float) and base else "-"
+                for v in values[1:]
+            ]
             rows.append(f"| {level} | {label} | " + " | ".join(cells + ratios) + " |")
     return "\n".join(rows)
 

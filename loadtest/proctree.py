@@ -88,6 +88,13 @@ def machine_busy() -> float:
     return (sum(cpu) - cpu[3] - cpu[4]) / os.sysconf("SC_CLK_TCK")
 
 
+def machine_steal() -> float:
+    """CPU seconds the hypervisor has taken from this machine's CPUs (``steal`` in ``/proc/stat``):
+    time in which nothing here ran although something wanted to."""
+    cpu = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return cpu[7] / os.sysconf("SC_CLK_TCK")
+
+
 def tree_seconds(root: int, table: ProcessTable) -> float:
     """CPU seconds used by ``root`` and every process below it (reaped children included)."""
     return sum(table[pid].ticks for pid in descendants(root, table)) / os.sysconf("SC_CLK_TCK")
