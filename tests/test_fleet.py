@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
 import pytest
 from redis.asyncio import Redis
 
-from gateway.registry import WorkerRegistry
+from gateway.registry import ModelEntry, WorkerRegistry
 from shared.fleet import gather, is_live, live_workers, worker_records
 from shared.messages import StreamRecord, WorkerInfo, encode
 from shared.names import Names
@@ -54,6 +55,29 @@ async def test_every_reader_skips_a_record_it_cannot_decode(
     for _ in range(3):  # a poller logs a bad record once, not at every read
         assert list(await registry.models()) == ["m"]
     assert sum("skipping" in r.getMessage() and ":bad" in r.getMessage() for r in caplog.records) == 1
+
+
+async def test_requests_arriving_together_share_one_read_of_the_fleet(redis: Redis) -> None:
+    names = Names("fleet-" + uuid.uuid4().hex[:8])
+    now = time.time()
+    await beat(redis, names, info("w1", now), "w1", now)
+
+    class Counted(WorkerRegistry):
+        reads = 0
+
+        async def _read(self) -> dict[str, ModelEntry]:
+            Counted.reads += 1
+            return await super()._read()
+
+    registry = Counted(redis, names, worker_ttl=10, cache_seconds=60)
+    answers = await asyncio.gather(*(registry.models() for _ in range(64)))
+    assert Counted.reads == 1 and all(list(a) == ["m"] for a in answers)
+    # one caller giving up (its request cancelled) leaves the read to the others
+    fresh = Counted(redis, names, worker_ttl=10, cache_seconds=0)
+    quitter, stayer = asyncio.create_task(fresh.models()), asyncio.create_task(fresh.models())
+    await asyncio.sleep(0)
+    quitter.cancel()
+    assert list(await stayer) == ["m"] and quitter.cancelled() and Counted.reads == 2
 
 
 async def test_a_streams_tenant_comes_from_its_record(redis: Redis) -> None:
