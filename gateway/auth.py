@@ -7,6 +7,7 @@ import time
 from fastapi import Request
 
 from gateway.errors import AuthenticationFailed
+from gateway.shared_reads import SharedReads
 from shared.tenants import Tenant, TenantStore, digest
 
 CACHE_SECONDS = 1.0
@@ -20,6 +21,7 @@ class Authenticator:
         self._store = store
         self._required = required
         self._cache: dict[str, tuple[float, Tenant | None]] = {}
+        self._reads: SharedReads[str, Tenant | None] = SharedReads()
 
     async def tenant(self, request: Request) -> Tenant:
         if not self._required:
@@ -30,17 +32,21 @@ class Authenticator:
                 "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'."
             )
         fingerprint = digest(key)
-        now = time.monotonic()
         cached = self._cache.get(fingerprint)
-        if cached is not None and cached[0] > now:
+        if cached is not None and cached[0] > time.monotonic():
             tenant = cached[1]
-        else:
-            tenant = await self._store.authenticate(key)
-            if len(self._cache) > 10_000:  # bounded: a flood of random keys cannot grow it forever
-                self._cache.clear()
-            self._cache[fingerprint] = (now + CACHE_SECONDS, tenant)
+        else:  # the requests with this key that arrive meanwhile wait for this one lookup
+            tenant = await self._reads.get(fingerprint, lambda: self._lookup(key, fingerprint))
         if tenant is None:
             raise AuthenticationFailed("Incorrect API key provided.")
+        return tenant
+
+    async def _lookup(self, key: str, fingerprint: str) -> Tenant | None:
+        now = time.monotonic()
+        tenant = await self._store.authenticate(key)
+        if len(self._cache) > 10_000:  # bounded: a flood of random keys cannot grow it forever
+            self._cache.clear()
+        self._cache[fingerprint] = (now + CACHE_SECONDS, tenant)
         return tenant
 
 

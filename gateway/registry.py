@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass, replace
 
 from redis.asyncio import Redis
 
+from gateway.shared_reads import SharedReads
 from shared.fleet import BadRecords, known_models, live_workers, model_records
 from shared.messages import WorkerInfo
 from shared.names import Names
@@ -27,9 +27,7 @@ class ModelEntry:
 class WorkerRegistry:
     """Lists the models served by live workers (see :func:`shared.fleet.is_live`), and with
     ``scale_from_zero`` also those served here before, which an autoscaler starts workers for;
-    cached briefly per process. Every request asks, so when the cache runs out the requests that
-    arrive meanwhile wait for one read rather than each starting its own (a wave of 64 requests
-    read the whole fleet 64 times)."""
+    cached briefly per process; requests that find the cache out of date wait for one read."""
 
     def __init__(
         self,
@@ -46,27 +44,19 @@ class WorkerRegistry:
         self._scale_from_zero = scale_from_zero
         self._cached: dict[str, ModelEntry] = {}
         self._cached_at = float("-inf")
-        self._reading: asyncio.Future[dict[str, ModelEntry]] | None = None
+        self._reads: SharedReads[None, dict[str, ModelEntry]] = SharedReads()
         self._bad = BadRecords()
 
     async def models(self) -> dict[str, ModelEntry]:
         if time.monotonic() - self._cached_at <= self._cache_seconds:
             return self._cached
-        if self._reading is None:
-            self._reading = asyncio.ensure_future(self._refresh())
-            # its error reaches every caller waiting; retrieved here too, for when none is left
-            self._reading.add_done_callback(lambda f: f.cancelled() or f.exception())
-        # shielded: a caller that gives up does not cancel the read the others wait for
-        return await asyncio.shield(self._reading)
+        return await self._reads.get(None, self._refresh)
 
     async def _refresh(self) -> dict[str, ModelEntry]:
-        try:
-            started = time.monotonic()
-            self._cached = await self._read()
-            self._cached_at = started
-            return self._cached
-        finally:
-            self._reading = None
+        started = time.monotonic()
+        self._cached = await self._read()
+        self._cached_at = started
+        return self._cached
 
     async def _read(self) -> dict[str, ModelEntry]:
         entries = aggregate(await live_workers(self._redis, self._names, self._ttl, self._bad))
