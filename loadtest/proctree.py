@@ -82,17 +82,21 @@ class CpuSample:
     children: float
 
 
+def _machine_ticks() -> list[int]:
+    """The first line of ``/proc/stat``: user, nice, system, idle, iowait, irq, softirq, steal."""
+    return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+
+
 def machine_busy() -> float:
     """CPU seconds the whole machine has been busy (every CPU, everything but idle and iowait)."""
-    cpu = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    cpu = _machine_ticks()
     return (sum(cpu) - cpu[3] - cpu[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def machine_steal() -> float:
     """CPU seconds the hypervisor has taken from this machine's CPUs (``steal`` in ``/proc/stat``):
     time in which nothing here ran although something wanted to."""
-    cpu = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    return cpu[7] / os.sysconf("SC_CLK_TCK")
+    return _machine_ticks()[7] / os.sysconf("SC_CLK_TCK")
 
 
 def tree_seconds(root: int, table: ProcessTable) -> float:
