@@ -95,10 +95,11 @@ class Dispatcher:
                 record = StreamRecord(tenant=job.tenant, priority=priority)
                 pipe.hset(self._names.streams_index(job.model), stream, encode(record))
                 await pipe.execute()
-        except BaseException as exc:
+        except (RedisError, OSError) as exc:
             await self._hub.close(sub)
-            if isinstance(exc, RedisError | OSError):
-                raise Unavailable("the queue is unreachable; nothing was enqueued", retry_after=2) from exc
+            raise Unavailable("the queue is unreachable; nothing was enqueued", retry_after=2) from exc
+        except BaseException:  # cancelled: nobody else will close it
+            await self._hub.close(sub)
             raise
         return ReplyStream(job, sub, self, self._timeouts)
 
