@@ -80,6 +80,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             hub_task,
             asyncio.create_task(gateway.prewarm(), name="tokenizer-prewarm"),
             asyncio.create_task(probe.run(), name="fleet-probe"),
+            asyncio.create_task(metrics.watch_loop(), name="loop-lag"),
         ]
         try:
             async with asyncio.timeout(5):
