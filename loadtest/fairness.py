@@ -189,11 +189,14 @@ async def watching(
 
 QUEUE_METRIC = "switchyard:request_queue_time_seconds"
 TTFT_METRIC = "switchyard:time_to_first_token_seconds"
+LAG_METRIC = "switchyard:gateway_event_loop_lag_seconds"
+KINDS = ("queue", "ttft", "lag")
 
 
 async def gateway_totals(client: httpx.AsyncClient, base_url: str, tenant: str) -> dict[str, float] | None:
     """Sums, counts and bucket counts of the gateway's queue-time and TTFT histograms for ``tenant``
-    (every model), or None when the gateway exposes no metrics (e.g. not a Switchyard gateway)."""
+    (every model) and of its event-loop lag, or None when the gateway exposes no metrics (e.g. not
+    a Switchyard gateway)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     url = base_url.rstrip("/").removesuffix("/v1") + "/metrics"
@@ -202,11 +205,11 @@ async def gateway_totals(client: httpx.AsyncClient, base_url: str, tenant: str) 
         resp.raise_for_status()
     except httpx.HTTPError:
         return None
-    totals = dict.fromkeys(("queue_sum", "queue_count", "ttft_sum", "ttft_count"), 0.0)
+    totals = dict.fromkeys((f"{kind}_{part}" for kind in KINDS for part in ("sum", "count")), 0.0)
     for family in text_string_to_metric_families(resp.text):
-        kind = {QUEUE_METRIC: "queue", TTFT_METRIC: "ttft"}.get(family.name)
+        kind = {QUEUE_METRIC: "queue", TTFT_METRIC: "ttft", LAG_METRIC: "lag"}.get(family.name)
         for sample in family.samples if kind else ():
-            if sample.labels.get("tenant") != tenant:
+            if kind != "lag" and sample.labels.get("tenant") != tenant:
                 continue
             if sample.name.endswith(("_sum", "_count")):
                 totals[f"{kind}_{sample.name.rsplit('_', 1)[1]}"] += sample.value
@@ -219,9 +222,10 @@ async def gateway_totals(client: httpx.AsyncClient, base_url: str, tenant: str) 
 def gateway_split(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, float | None]:
     """Mean wait for a worker to start the job and mean TTFT, both as the gateway saw them (ms),
     over the requests between two :func:`gateway_totals` readings, and the bucket bound under which
-    99% of those waits and TTFTs fell (a histogram's p99 is only known to its bucket)."""
+    99% of those waits and TTFTs fell (a histogram's p99 is only known to its bucket); the same of
+    how late the gateway's event loop ran meanwhile."""
     if before is None or after is None:
-        return {"queue_mean_ms": None, "ttft_mean_ms": None, "queue_p99_le_ms": None, "ttft_p99_le_ms": None}
+        return {f"{kind}_{stat}": None for kind in KINDS for stat in ("mean_ms", "p99_le_ms")}
 
     def mean_ms(kind: str) -> float | None:
         count = after[f"{kind}_count"] - before[f"{kind}_count"]
@@ -236,10 +240,8 @@ def gateway_split(before: dict[str, float] | None, after: dict[str, float] | Non
         return None
 
     return {
-        "queue_mean_ms": mean_ms("queue"),
-        "ttft_mean_ms": mean_ms("ttft"),
-        "queue_p99_le_ms": p99_le_ms("queue"),
-        "ttft_p99_le_ms": p99_le_ms("ttft"),
+        **{f"{kind}_mean_ms": mean_ms(kind) for kind in KINDS},
+        **{f"{kind}_p99_le_ms": p99_le_ms(kind) for kind in KINDS},
     }
 
 
@@ -443,6 +445,7 @@ def run_simulated_system(args: argparse.Namespace) -> fairreport.FairnessReport:
     spec = simfleet.FleetSpec(
         workers=args.workers, capacity=args.capacity, preset=args.sim_preset, speed=args.sim_speed,
         worker_env=dict(setting.split("=", 1) for setting in args.worker_setting),
+        gateway_env=dict(setting.split("=", 1) for setting in args.gateway_setting),
         **tokenizer, **({"served_name": name} if name else {}),
     )  # fmt: skip
     logs = args.log.parent if args.log else Path(tempfile.mkdtemp(prefix="switchyard-fairness-"))
@@ -488,6 +491,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--worker-setting", action="append", default=[], metavar="NAME=VALUE",
         help="with --engine sim: a SWITCHYARD_* setting for every worker, e.g. "
         "SWITCHYARD_PREFILL_PER_TENANT=1 (repeatable)")  # fmt: skip
+    add("--gateway-setting", action="append", default=[], metavar="NAME=VALUE",
+        help="with --engine sim: a SWITCHYARD_* setting for the gateway, e.g. "
+        "SWITCHYARD_PROCESSES=2 (repeatable)")  # fmt: skip
     add("--flooder-priority", choices=["interactive", "batch"], default="interactive",
         help="A's priority class when this script creates the tenants; B is interactive")  # fmt: skip
     add("--concurrency", type=int, help="B's streams (default: 4 per worker)")
@@ -519,11 +525,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sizes = (args.concurrency, args.flood_concurrency, args.capacity, args.prompt_tokens, args.output_tokens)
     if min(*sizes, args.workers) < 1 or args.sim_speed <= 0:
         p.error("concurrency, flood concurrency, capacity, workers, prompt and output tokens must be >= 1")
-    if any("=" not in setting for setting in args.worker_setting):
-        p.error("--worker-setting takes NAME=VALUE")
-    if args.worker_setting and args.engine != "sim":
-        p.error("--worker-setting applies to simulated workers (--engine sim); for vLLM workers set "
-                "the SWITCHYARD_* variable in the environment")  # fmt: skip
+    settings = {"--worker-setting": args.worker_setting, "--gateway-setting": args.gateway_setting}
+    for flag, given in settings.items():
+        if any("=" not in setting for setting in given):
+            p.error(f"{flag} takes NAME=VALUE")
+    if (args.worker_setting or args.gateway_setting) and args.engine != "sim":
+        p.error("--worker-setting and --gateway-setting apply to a simulated fleet (--engine sim); "
+                "otherwise set the SWITCHYARD_* variable in the environment")  # fmt: skip
     if args.duration <= 0 or args.lead < 0 or args.warmup < 0:
         p.error("--duration must be > 0, --lead and --warmup >= 0")
     if args.base_url is not None and not (args.key_a and args.key_b):

@@ -162,7 +162,9 @@ def table_rows(rep: FairnessReport) -> list[list[str]]:
     for label, key in (("B mean TTFT at the gateway (ms)", "ttft_mean_ms"),
                        ("  of which waiting to start (ms)", "queue_mean_ms"),
                        ("B TTFT p99 at the gateway, bucket bound (ms)", "ttft_p99_le_ms"),
-                       ("B wait to start p99, bucket bound (ms)", "queue_p99_le_ms")):  # fmt: skip
+                       ("B wait to start p99, bucket bound (ms)", "queue_p99_le_ms"),
+                       ("gateway event-loop lag, mean (ms)", "lag_mean_ms"),
+                       ("  p99, bucket bound (ms)", "lag_p99_le_ms")):  # fmt: skip
         x, y = ga.get(key), gf.get(key)
         if x is not None or y is not None:
             rows.append([label, fmt(x, "{:.0f}"), fmt(y, "{:.0f}"), fmt(ratio(y, x), "{:.2f}")])

@@ -111,16 +111,21 @@ def test_gateway_split_is_the_mean_over_the_phase_and_adds_rows() -> None:
 
     buckets_before = {"queue_le_0.005": 9.0, "queue_le_0.25": 10.0, "queue_le_+Inf": 10.0}
     buckets_after = {"queue_le_0.005": 17.0, "queue_le_0.25": 19.0, "queue_le_+Inf": 20.0}
+    lag_before = {"lag_sum": 0.1, "lag_count": 100.0, "lag_le_0.005": 90.0, "lag_le_0.025": 100.0}
+    lag_after = {"lag_sum": 0.5, "lag_count": 300.0, "lag_le_0.005": 200.0, "lag_le_0.025": 299.0}
     before = {"queue_sum": 1.0, "queue_count": 10.0, "ttft_sum": 2.0, "ttft_count": 10.0, **buckets_before}
     after = {"queue_sum": 1.5, "queue_count": 20.0, "ttft_sum": 3.0, "ttft_count": 20.0, **buckets_after}
+    before, after = before | lag_before, after | lag_after
     split = gateway_split(before, after)
     assert split["queue_mean_ms"] == pytest.approx(50.0) and split["ttft_mean_ms"] == pytest.approx(100.0)
+    # the loop was looked at 200 times in the phase, 0.4 s late in all; 199 of them within 25 ms
+    assert split["lag_mean_ms"] == pytest.approx(2.0) and split["lag_p99_le_ms"] == pytest.approx(25.0)
     # of the phase's 10 waits, 8 within 5 ms, 9 within 250 ms, the last beyond: p99 only under +Inf
     assert split["queue_p99_le_ms"] == float("inf") and split["ttft_p99_le_ms"] is None
     after["queue_le_0.25"] = 20.0  # all 10 within 250 ms
     assert gateway_split(before, after)["queue_p99_le_ms"] == pytest.approx(250.0)
-    nothing = {"queue_mean_ms": None, "ttft_mean_ms": None, "queue_p99_le_ms": None, "ttft_p99_le_ms": None}
-    assert gateway_split(before, before) == nothing  # no requests
+    nothing = {f"{k}_{stat}": None for k in ("queue", "ttft", "lag") for stat in ("mean_ms", "p99_le_ms")}
+    assert gateway_split(before, before) == nothing  # no requests, and no look at the loop
     assert gateway_split(None, after) == nothing  # no metrics
     rep = fairness()
     rows = {r[0]: r[1:] for r in fr.table_rows(rep)}
@@ -131,6 +136,7 @@ def test_gateway_split_is_the_mean_over_the_phase_and_adds_rows() -> None:
     assert rows["B mean TTFT at the gateway (ms)"] == ["20", "100", "5.00"]
     assert rows["  of which waiting to start (ms)"] == ["2", "50", "25.00"]
     assert rows["B wait to start p99, bucket bound (ms)"][0] == "5"
+    assert rows["gateway event-loop lag, mean (ms)"] == ["-", "2", "-"]
 
 
 def test_cpu_rows_show_the_host_and_each_process_when_measured() -> None:
