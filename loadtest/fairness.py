@@ -11,7 +11,9 @@ Method
   starts after that; those in flight finish and count), after ``--warmup`` unmeasured requests.
 * Phase 2, the flood: A starts ``--flood-concurrency`` closed-loop streams (10x B's by default);
   ``--lead`` seconds later, once A's backlog has formed, B repeats phase 1 with new prompts of the
-  same shape; A starts no more requests once B's phase is over.
+  same shape; A starts no more requests once B's phase is over. A's streams are sent from a
+  client process of their own, as from another client of the system (``--one-client``: from B's
+  event loop, which then reads B's chunks late whenever it is busy with A's).
 * Phase 3, the baseline (skipped with ``--no-shared-queue``): the same flood, and B's requests sent
   with A's key, so they wait in A's stream behind A's backlog: what B would see if every tenant
   shared one first-come first-served queue, measured in the same run.
@@ -61,11 +63,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -95,6 +99,7 @@ if TYPE_CHECKING:
     from shared.tenants import Priority
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = str(Path(__file__).resolve())
 FLOODER, VICTIM = "flooder", "victim"  # tenant names when this script creates them
 SAMPLE_INTERVAL = 0.5
 
@@ -262,15 +267,117 @@ class Loads:
     """Seconds over which each tenant's streams start (A's within the lead)."""
     pause: float = 0.0
     """Longest random pause of a stream between an answer and its next request."""
+    flood_process: bool = True
+    """A's flood runs in a client process of its own (else on B's event loop)."""
+    uvloop: bool = True
 
 
 @dataclass(frozen=True)
 class Phase:
-    """One tenant's requests in one phase; this process's CPU time covers both tenants."""
+    """One tenant's requests in one phase, and the CPU time of the client that sent them (on one
+    event loop, both tenants')."""
 
     results: list[RequestResult]
     wall: float
     cpu: float
+
+
+FLOOD_CHILD = "--flood-child"
+"""First argument of this script run as A's client (see :class:`FloodProcess`)."""
+
+Finish = Callable[[], Awaitable[tuple[list[RequestResult], float, float | None]]]
+"""Ends a flood: A starts no more requests; its results, wall time and client CPU seconds (None
+when its client is B's too) once those in flight have ended."""
+
+
+class FloodProcess:
+    """A's flood sent from a process of its own, as from another client of the system: on B's
+    event loop, A's ten times as many streams would delay B's reading of its own first chunks
+    (B's TTFT p95 under a flood of four simulated workers read about 34 ms higher at the client
+    than at the gateway). Results come back as JSON; ``sent`` times are ``time.perf_counter()``,
+    the system-wide monotonic clock on Linux, so they compare with this process's."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+
+    @classmethod
+    async def start(cls, loads: Loads, ramp: float) -> FloodProcess:
+        """Start it and return once its client is ready to send."""
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, SCRIPT, FLOOD_CHILD,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert proc.stdin is not None and proc.stdout is not None
+        spec = {"cfg": asdict(loads.a), "words": loads.words, "ramp": ramp, "pause": loads.pause}
+        proc.stdin.write(json.dumps(spec | {"uvloop": loads.uvloop}).encode() + b"\n")
+        await proc.stdin.drain()
+        if (await proc.stdout.readline()).strip() != b"ready":
+            proc.kill()
+            raise RuntimeError(f"A's client process did not start (exit status {await proc.wait()})")
+        return cls(proc)
+
+    async def finish(self) -> tuple[list[RequestResult], float, float | None]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        try:
+            self.proc.stdin.close()  # its signal to start no more requests
+            out = await self.proc.stdout.read()
+            if await self.proc.wait() != 0:
+                raise RuntimeError(f"A's client process failed with exit status {self.proc.returncode}")
+        finally:  # cancelled, e.g. by a timeout: it must not outlive the run
+            if self.proc.returncode is None:
+                self.proc.kill()
+        data = json.loads(out)
+        return [RequestResult(**r) for r in data["results"]], data["wall"], data["cpu"]
+
+
+def flood_child() -> int:
+    """Run as A's client (:class:`FloodProcess`): the flood described on stdin's first line until
+    stdin ends, then every result as JSON on stdout."""
+    spec = json.loads(sys.stdin.readline())
+    cfg = BenchConfig(**spec["cfg"])
+
+    async def run() -> tuple[list[RequestResult], float, float]:
+        loop = asyncio.get_running_loop()
+        over = asyncio.Event()
+
+        def wait_for_eof() -> None:
+            sys.stdin.read()
+            loop.call_soon_threadsafe(over.set)
+
+        async with bench.make_client(cfg) as client:
+            print("ready", flush=True)
+            threading.Thread(target=wait_for_eof, daemon=True).start()
+            cpu0 = time.process_time()
+            results, wall = await bench.run_closed_loop(
+                client, cfg, spec["words"], None, cfg.concurrency, "flood", over.is_set,
+                spec["ramp"], spec["pause"],
+            )  # fmt: skip
+            return results, wall, time.process_time() - cpu0
+
+    results, wall, cpu = bench.run_on_loop(run(), spec["uvloop"])
+    json.dump({"results": [asdict(r) for r in results], "wall": wall, "cpu": cpu}, sys.stdout)
+    return 0
+
+
+async def start_flood(loads: Loads, ramp: float) -> Finish:
+    """Start A's closed-loop flood, in its own process or on this event loop."""
+    if loads.flood_process:
+        flood = await FloodProcess.start(loads, ramp)
+        return flood.finish
+    over = asyncio.Event()
+    a = loads.a
+    task = asyncio.create_task(
+        bench.run_closed_loop(
+            loads.client_a, a, loads.words, None, a.concurrency, "flood", over.is_set, ramp, loads.pause
+        )
+    )
+
+    async def finish() -> tuple[list[RequestResult], float, float | None]:
+        over.set()
+        results, wall = await task
+        return results, wall, None
+
+    return finish
 
 
 async def phase_alone(loads: Loads, duration: float) -> Phase:
@@ -289,15 +396,9 @@ async def phase_flood(
     instead of B's own, e.g. A's key). Returns B's and A's requests and when B's measured window
     started and ended (``time.perf_counter()``)."""
     client_b, cfg_b = victim or (loads.client_b, loads.b)
-    over = asyncio.Event()
     cpu0 = time.process_time()
-    a = loads.a
-    ramp = min(loads.ramp, lead)
-    flood = asyncio.create_task(
-        bench.run_closed_loop(
-            loads.client_a, a, loads.words, None, a.concurrency, "flood", over.is_set, ramp, loads.pause
-        )
-    )
+    finish = await start_flood(loads, min(loads.ramp, lead))
+    finished = False
     try:
         await asyncio.sleep(lead)  # A's backlog forms before B is measured
         start = time.perf_counter()
@@ -306,11 +407,20 @@ async def phase_flood(
             ramp=loads.ramp, pause=loads.pause,
         )  # fmt: skip
         end = time.perf_counter()
+        flooder, flooder_wall, flooder_cpu = await finish()
+        finished = True
     finally:
-        over.set()
-        flooder, flooder_wall = await flood
+        if not finished:  # B failed or was interrupted: A's client must not outlive the run
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(60):
+                    await finish()
     cpu = time.process_time() - cpu0
-    return Phase(measured, measured_wall, cpu), Phase(flooder, flooder_wall, cpu), start, end
+    return (
+        Phase(measured, measured_wall, cpu),
+        Phase(flooder, flooder_wall, cpu if flooder_cpu is None else flooder_cpu),
+        start,
+        end,
+    )
 
 
 async def run_phases(args: argparse.Namespace, setup: Setup) -> fairreport.FairnessReport:
@@ -330,7 +440,10 @@ async def run_phases(args: argparse.Namespace, setup: Setup) -> fairreport.Fairn
     try:
         async with bench.make_client(cfg_a) as client_a, bench.make_client(cfg_b) as client_b:
             words = await bench.calibrate_words(client_b, cfg_b)
-            loads = Loads(cfg_a, cfg_b, client_a, client_b, words, args.ramp, args.pause)
+            loads = Loads(
+                cfg_a, cfg_b, client_a, client_b, words, args.ramp, args.pause,
+                flood_process=not args.one_client, uvloop=not args.no_uvloop,
+            )  # fmt: skip
             warm: list[RequestResult] = []
             if args.warmup:
                 warm, _ = await bench.run_closed_loop(
@@ -353,7 +466,11 @@ async def run_phases(args: argparse.Namespace, setup: Setup) -> fairreport.Fairn
             before, cpu = await totals(), proctree.cpu_seconds(setup.processes)
             async with watching(probe, samples_flood, t0):
                 victim, flooder, start, end = await phase_flood(loads, args.duration, args.lead)
-            cpu_flood = proctree.cores(cpu, proctree.cpu_seconds(setup.processes), time.perf_counter() - t0)
+            wall = time.perf_counter() - t0
+            cpu_flood = proctree.cores(cpu, proctree.cpu_seconds(setup.processes), wall)
+            if loads.flood_process:  # A's client: a process outside those read above
+                cpu_flood["flood client"] = flooder.cpu / wall
+                cpu_flood["other"] = max(0.0, cpu_flood["other"] - cpu_flood["flood client"])
             split_flood = gateway_split(before, await totals())
             shared = None
             if not args.no_shared_queue:
@@ -510,6 +627,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--no-shared-queue", action="store_true",
         help="skip phase 3, B's requests sent with A's key into A's queue: what B would see if "
              "tenants shared one first-come first-served queue")  # fmt: skip
+    add("--one-client", action="store_true",
+        help="send A's flood from this process's event loop, beside B's streams, instead of from "
+             "a client process of its own")  # fmt: skip
     add("--warmup", type=int, default=8, help="B's unmeasured requests before phase 1 (default: 8)")
     add("--seed", type=int, default=0)
     add("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="per-request read timeout (s)")
@@ -542,6 +662,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if (sys.argv[1:] if argv is None else argv)[:1] == [FLOOD_CHILD]:
+        return flood_child()
     args = parse_args(argv)
     if str(REPO_ROOT) not in sys.path:  # this checkout's packages, even if another one is installed
         sys.path.insert(0, str(REPO_ROOT))

@@ -62,3 +62,4 @@ def test_fairness_short_run_against_a_running_system(system: System, tmp_path: P
     assert doc["options"]["flood_concurrency"] == 4 and "key_a" not in doc["options"]
     assert doc["queue_flood"]["samples"] > 0  # Redis was read while B was measured
     assert doc["worker_capacity"] >= 1 and doc["flood_tokens_per_s"] > 0
+    assert doc["cpu_flood"]["flood client"] > 0  # A's streams came from a client process of their own
