@@ -309,10 +309,15 @@ class FloodProcess:
         )  # fmt: skip
         assert proc.stdin is not None and proc.stdout is not None
         spec = {"cfg": asdict(loads.a), "words": loads.words, "ramp": ramp, "pause": loads.pause}
-        proc.stdin.write(json.dumps(spec | {"uvloop": loads.uvloop}).encode() + b"\n")
-        await proc.stdin.drain()
-        if (await proc.stdout.readline()).strip() != b"ready":
-            proc.kill()
+        try:
+            proc.stdin.write(json.dumps(spec | {"uvloop": loads.uvloop}).encode() + b"\n")
+            await proc.stdin.drain()
+            ready = await proc.stdout.readline()
+        except OSError:  # it exited before reading its orders
+            ready = b""
+        if ready.strip() != b"ready":
+            if proc.returncode is None:
+                proc.kill()
             raise RuntimeError(f"A's client process did not start (exit status {await proc.wait()})")
         return cls(proc)
 
@@ -326,17 +331,21 @@ class FloodProcess:
         finally:  # cancelled, e.g. by a timeout: it must not outlive the run
             if self.proc.returncode is None:
                 self.proc.kill()
-        data = json.loads(out)
-        return [RequestResult(**r) for r in data["results"]], data["wall"], data["cpu"]
+        try:
+            data = json.loads(out)
+            return [RequestResult(**r) for r in data["results"]], data["wall"], data["cpu"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RuntimeError(f"A's client process sent no readable results: {exc!r}") from exc
 
 
 def flood_child() -> int:
     """Run as A's client (:class:`FloodProcess`): the flood described on stdin's first line until
-    stdin ends, then every result as JSON on stdout."""
+    stdin ends, then every result as JSON on stdout, with all the CPU time this process used
+    (its start included: it is all the flood's client)."""
     spec = json.loads(sys.stdin.readline())
     cfg = BenchConfig(**spec["cfg"])
 
-    async def run() -> tuple[list[RequestResult], float, float]:
+    async def run() -> tuple[list[RequestResult], float]:
         loop = asyncio.get_running_loop()
         over = asyncio.Event()
 
@@ -347,15 +356,14 @@ def flood_child() -> int:
         async with bench.make_client(cfg) as client:
             print("ready", flush=True)
             threading.Thread(target=wait_for_eof, daemon=True).start()
-            cpu0 = time.process_time()
-            results, wall = await bench.run_closed_loop(
+            return await bench.run_closed_loop(
                 client, cfg, spec["words"], None, cfg.concurrency, "flood", over.is_set,
                 spec["ramp"], spec["pause"],
             )  # fmt: skip
-            return results, wall, time.process_time() - cpu0
 
-    results, wall, cpu = bench.run_on_loop(run(), spec["uvloop"])
-    json.dump({"results": [asdict(r) for r in results], "wall": wall, "cpu": cpu}, sys.stdout)
+    results, wall = bench.run_on_loop(run(), spec["uvloop"])
+    rows = [asdict(r) for r in results]
+    json.dump({"results": rows, "wall": wall, "cpu": time.process_time()}, sys.stdout)
     return 0
 
 
