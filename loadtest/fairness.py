@@ -13,7 +13,7 @@ Method
   ``--lead`` seconds later, once A's backlog has formed, B repeats phase 1 with new prompts of the
   same shape; A starts no more requests once B's phase is over. A's streams are sent from a
   client process of their own, as from another client of the system (``--one-client``: from B's
-  event loop, which then reads B's chunks late whenever it is busy with A's).
+  event loop).
 * Phase 3, the baseline (skipped with ``--no-shared-queue``): the same flood, and B's requests sent
   with A's key, so they wait in A's stream behind A's backlog: what B would see if every tenant
   shared one first-come first-served queue, measured in the same run.
@@ -291,11 +291,11 @@ when its client is B's too) once those in flight have ended."""
 
 
 class FloodProcess:
-    """A's flood sent from a process of its own, as from another client of the system: on B's
-    event loop, A's ten times as many streams would delay B's reading of its own first chunks
-    (B's TTFT p95 under a flood of four simulated workers read about 34 ms higher at the client
-    than at the gateway). Results come back as JSON; ``sent`` times are ``time.perf_counter()``,
-    the system-wide monotonic clock on Linux, so they compare with this process's."""
+    """A's flood sent from a process of its own, as another client of the system would send it,
+    rather than from B's event loop (which made no difference to B's figures at four simulated
+    workers: ``loadtest/results/2026-12-03-fairness-client/``). Results come back as JSON;
+    ``sent`` times are ``time.perf_counter()``, the system-wide monotonic clock on Linux, so they
+    compare with this process's."""
 
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self.proc = proc
