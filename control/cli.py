@@ -107,16 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_redis(wk)
     wk.add_argument("--metrics-port", type=int, help="port of the worker's /metrics (default: 0, off)")
 
-    jobs = roles.add_parser(
-        "jobs", help="run the background jobs (Batch API runs, housekeeping) against a shared Redis"
+    # "jobs" is the role's former name, still accepted.
+    bg = roles.add_parser(
+        "background",
+        aliases=["jobs"],
+        help="run the background role (Batch API runs, housekeeping) against a shared Redis",
     )
-    _add_redis(jobs)
-    jobs.add_argument("--max-batches", type=int, help="batches this process feeds at once (default: 8)")
-    jobs.add_argument(
+    _add_redis(bg)
+    bg.add_argument("--max-batches", type=int, help="batches this process feeds at once (default: 8)")
+    bg.add_argument(
         "--batch-window", type=int, help="most lines of one batch on worker queues at once (default: 64)"
     )
 
-    use = roles.add_parser("usage", help="tenants' usage per hour and model (rolled up by 'jobs')")
+    use = roles.add_parser("usage", help="tenants' usage per hour and model (rolled up by 'background')")
     _add_redis(use)
     use.add_argument("--tenant", help="one tenant (default: every tenant with usage)")
     use.add_argument(
@@ -193,7 +196,7 @@ WORKER_FIELDS = (
 )
 
 
-JOBS_FIELDS = ("max_batches", "batch_window", *REDIS_FIELDS)
+BACKGROUND_FIELDS = ("max_batches", "batch_window", *REDIS_FIELDS)
 
 
 def _settings(cls: type, args: argparse.Namespace, fields: Sequence[str]) -> Any:
@@ -218,11 +221,11 @@ def cmd_worker(args: argparse.Namespace) -> None:
     run_worker(_settings(WorkerSettings, args, WORKER_FIELDS))
 
 
-def cmd_jobs(args: argparse.Namespace) -> None:
-    from control.serve import run_jobs
-    from shared.settings import JobsSettings
+def cmd_background(args: argparse.Namespace) -> None:
+    from control.serve import run_background
+    from shared.settings import BackgroundSettings
 
-    run_jobs(_settings(JobsSettings, args, JOBS_FIELDS))
+    run_background(_settings(BackgroundSettings, args, BACKGROUND_FIELDS))
 
 
 def cmd_usage(args: argparse.Namespace) -> None:
@@ -328,7 +331,8 @@ COMMANDS = {
     "up": cmd_up,
     "gateway": cmd_gateway,
     "worker": cmd_worker,
-    "jobs": cmd_jobs,
+    "background": cmd_background,
+    "jobs": cmd_background,
     "usage": cmd_usage,
     "status": cmd_status,
     "model": cmd_model,

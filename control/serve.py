@@ -1,7 +1,7 @@
-"""Start one gateway, one worker or the background jobs in this process, with start-up problems
+"""Start one gateway, one worker or the background role in this process, with start-up problems
 reported as one line.
 
-A gateway drains before it stops (see :mod:`gateway.lifecycle`): the first SIGTERM or Ctrl-C turns
+A gateway drains before it stops (see :mod:`serving.lifecycle`): the first SIGTERM or Ctrl-C turns
 it unready and refuses new requests while those in flight finish; a second one stops it at once.
 With ``--processes N`` this process supervises N gateway processes that share the port through
 ``SO_REUSEPORT`` (the kernel spreads connections over them), each draining on its own, and starts
@@ -27,10 +27,10 @@ import uvicorn
 
 from control.children import Child, Children, CrashLoop
 from control.processes import StartupError, check_port_free
-from shared.settings import GatewaySettings, JobsSettings, RedisSettings, WorkerSettings
+from shared.settings import BackgroundSettings, GatewaySettings, RedisSettings, WorkerSettings
 
 if TYPE_CHECKING:
-    from gateway.lifecycle import Lifecycle
+    from serving.lifecycle import Lifecycle
 
 log = logging.getLogger(__name__)
 
@@ -181,9 +181,9 @@ def run_worker(settings: WorkerSettings) -> None:
         raise StartupError(str(exc)) from exc
 
 
-def run_jobs(settings: JobsSettings) -> None:
-    """The background jobs role: batch runs and housekeeping (arq), until SIGTERM or SIGINT."""
-    from gateway.background import serve
+def run_background(settings: BackgroundSettings) -> None:
+    """The background role: batch runs and housekeeping (arq), until SIGTERM or SIGINT."""
+    from batch.role import serve
 
     check_redis(settings)
     asyncio.run(serve(settings))

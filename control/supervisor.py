@@ -1,11 +1,11 @@
-"""``switchyard up``: Redis (embedded unless given), a gateway, workers and the background jobs
+"""``switchyard up``: Redis (embedded unless given), a gateway, workers and the background role
 process (batches, housekeeping), supervised.
 
 The one-machine form is as sturdy as the production one. A child that dies is started again with
 backoff while the others keep serving (a dead worker's jobs are taken over by the other workers, as
 anywhere); one that keeps dying soon after each start is a crash loop, which stops everything with
 one message. With ``--autoscale MIN:MAX`` workers are started and retired by the scaling decision
-(:mod:`gateway.scaling`, through :mod:`control.autoscaler`).
+(:mod:`scaling.decision`, through :mod:`scaling.local`).
 
 Children run in sessions of their own so that Ctrl-C reaches only the supervisor, which then stops
 them in order: gateway and workers drain (SIGTERM, then their grace periods), then the embedded
@@ -29,13 +29,13 @@ from types import FrameType
 import psutil
 
 from control.affinity import engine_compute_cpus, keep_off
-from control.autoscaler import LocalAutoscaler
 from control.children import Child, Children, CrashLoop
 from control.keys import dev_key_file, ensure_dev_key
 from control.monitoring import Monitoring
 from control.processes import StartupError, answers_ok, check_port_free, free_port, wait_until
 from control.redis_server import EmbeddedRedis
 from control.serve import check_redis
+from scaling.local import LocalAutoscaler
 from shared.settings import GatewaySettings, WorkerSettings
 from worker.main import DEMO_KV_CACHE_GIB, WorkerStartError, resolve_model
 from worker.vllm_engine import cpu_build, cpu_kv_cache_bytes, model_threads, usable_cpus, weight_bytes
@@ -46,7 +46,7 @@ READY_TIMEOUT = 600.0
 WORKER_METRICS_PORT = 9101
 """Worker i (from 1) serves /metrics on this port + i - 1, or on a free port when that one is taken."""
 TICK = 0.5
-JOBS_DRAIN = 5.0
+BACKGROUND_DRAIN = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,8 +133,11 @@ class Supervisor:
         self.children.add(Child("gateway", self._argv("gateway"), self._env(self.gateway.environment())))
         # Batches and housekeeping (arq), beside the gateway it shares settings and files with; on a
         # stop it gives its queued lines a few seconds, not production's half minute.
-        jobs = {**self.gateway.environment(), "SWITCHYARD_JOBS_DRAIN_TIMEOUT": str(JOBS_DRAIN)}
-        self.children.add(Child("jobs", self._argv("jobs"), self._env(jobs)))
+        background = {
+            **self.gateway.environment(),
+            "SWITCHYARD_BACKGROUND_DRAIN_TIMEOUT": str(BACKGROUND_DRAIN),
+        }
+        self.children.add(Child("background", self._argv("background"), self._env(background)))
         self._wait_ready()
         self._keep_off_engine_cores()
         self.monitoring.start(self.gateway.host, self.gateway.port, self.metrics_ports)
@@ -163,6 +166,20 @@ class Supervisor:
         url = redis.url
         self.gateway = self.gateway.model_copy(update={"redis_url": url})
         self.worker = self.worker.model_copy(update={"redis_url": url})
+
+    def _worker_children(self) -> list[Child]:
+        return [c for c in self.children.all if c.name.startswith("worker") and not c.retired]
+
+    def worker_ids(self) -> list[str]:
+        """The ids of the workers started and not retired (:class:`scaling.local.WorkerPool`)."""
+        return [c.env.get("SWITCHYARD_WORKER_ID", "") for c in self._worker_children()]
+
+    def retire(self, worker_id: str) -> None:
+        """Drain one worker and let it go: it is not started again when it exits."""
+        for child in self._worker_children():
+            if child.env.get("SWITCHYARD_WORKER_ID", "") == worker_id:
+                child.retired = True
+                child.signal(signal.SIGTERM)  # it drains: no new jobs, running ones finish or go back
 
     def add_worker(self) -> Child:
         """Start one more worker (its metrics on the next port)."""
@@ -302,7 +319,7 @@ Press Ctrl-C to stop.
 
     async def _watch(self) -> None:
         """Start dead children again (and re-register the dev key when Redis came back), and scale."""
-        scaler = LocalAutoscaler(self) if self.autoscale else None
+        scaler = LocalAutoscaler(self, self.gateway, self.worker) if self.autoscale else None
         try:
             next_scale = 0.0
             while not self._signals:

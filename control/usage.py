@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from gateway.usage import Usage, UsageRow
+from serving.usage import Usage, UsageRow
 from shared.settings import GatewaySettings
 
 DURATION = re.compile(r"^(\d+)([smhd])$")

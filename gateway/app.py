@@ -15,33 +15,33 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.chat.protocol import ChatCompletion, ChatCompletionRequest
+from api.completions.protocol import CompletionRequest, TextCompletion
+from api.errors import APIError, InvalidRequest, NotFound
 from gateway import batch_api
-from gateway.admission import Admission, DrainMeter
 from gateway.auth import Authenticator
 from gateway.edge import RequestEdge
-from gateway.errors import APIError, InvalidRequest, NotFound
-from gateway.jobs import Dispatcher, Timeouts
-from gateway.lifecycle import Lifecycle
 from gateway.metrics import ENDPOINTS, GatewayMetrics, RequestCounter, rejection_reason
 from gateway.openapi import (
     AUTH_ERRORS,
     MODEL_NOT_FOUND,
-    ChatCompletion,
     Health,
     ModelCard,
     ModelList,
     Readiness,
-    TextCompletion,
     completion_responses,
     install,
 )
 from gateway.probe import QueueProbe
-from gateway.registry import WorkerRegistry
-from gateway.replies import ReplyHub
-from gateway.scaling import Decision, Load, Scaler, scaling_policy
-from gateway.schemas import ChatCompletionRequest, CompletionRequest
-from gateway.service import Gateway, new_request_id
-from gateway.tokenizer import TokenizerCache
+from gateway.service import Gateway
+from scaling.decision import Decision, Load, Scaler, scaling_policy
+from serving.admission import Admission, DrainMeter
+from serving.dispatch import Dispatcher, Timeouts
+from serving.lifecycle import Lifecycle
+from serving.path import new_request_id
+from serving.registry import WorkerRegistry
+from serving.replies import ReplyHub
+from serving.tokenizer import TokenizerCache
 from shared.settings import GatewaySettings
 from shared.tenants import Tenant, TenantStore
 

@@ -6,8 +6,8 @@ import time
 
 from fastapi import Request
 
-from gateway.errors import AuthenticationFailed
-from gateway.shared_reads import SharedReads
+from api.errors import AuthenticationFailed
+from serving.shared_reads import SharedReads
 from shared.tenants import Tenant, TenantStore, digest
 
 CACHE_SECONDS = 1.0

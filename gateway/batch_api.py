@@ -17,25 +17,16 @@ from fastapi.responses import StreamingResponse
 from redis.exceptions import RedisError
 from starlette.datastructures import UploadFile
 
-from gateway.background import start_batch
-from gateway.batches import Batches, batch_object
-from gateway.batchlines import Scan, scan
-from gateway.errors import InvalidRequest
-from gateway.files import Files, StorageFull, file_object
-from gateway.openapi import (
-    FILE_CONTENT,
-    UPLOAD_BODY,
-    BatchList,
-    BatchObject,
-    FileDeleted,
-    FileList,
-    FileObject,
-    UsageList,
-    resource_responses,
-)
-from gateway.schemas import BatchCreateRequest
+from api.batches.protocol import BatchCreateRequest, BatchList, BatchObject, FileDeleted, FileList, FileObject
+from api.errors import InvalidRequest
+from api.usage import UsageList
+from batch.batches import Batches, batch_object
+from batch.files import Files, StorageFull, file_object
+from batch.lines import Scan, scan
+from batch.role import start_batch
+from gateway.openapi import FILE_CONTENT, UPLOAD_BODY, resource_responses
 from gateway.service import Gateway
-from gateway.usage import Usage
+from serving.usage import Usage
 from shared.tenants import Tenant
 
 log = logging.getLogger(__name__)

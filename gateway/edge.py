@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.errors import APIError, BodyTooLarge, InternalError
+from api.errors import APIError, BodyTooLarge, InternalError
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.errors import APIError
-from gateway.replies import SubscriptionLost
-from gateway.scaling import Decision
+from api.errors import APIError
+from scaling.decision import Decision
+from serving.replies import SubscriptionLost
 from shared.fleet import Snapshot
 from shared.messages import Final, Job, Started, Tokens
 
@@ -328,7 +328,6 @@ class RequestTrack:
                 self._m.tpot.labels(*self._labels).observe(max(0.0, per_token))
 
     def failed(self, exc: APIError) -> None:
-        exc.admitted = True
         self._m.errors.labels(*self._labels, exc.code or "error").inc()
 
     def close(self) -> None:

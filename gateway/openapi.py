@@ -1,9 +1,10 @@
 """The OpenAPI document the gateway serves: the shape of every answer, errors included.
 
 Handlers return plain dicts, ``JSONResponse`` or an event stream, so FastAPI cannot infer what they
-send; the shapes are declared here. FastAPI's automatic 422 is dropped, since validation errors are
-answered with 400 in OpenAI's envelope; the ``/v1`` routes are marked as needing a bearer key, and
-the limit on ``n`` is the deployment's.
+send; each endpoint family declares its answers' shapes beside its request body (``api/``), and
+the few that belong to no family (models, health) are declared here. FastAPI's automatic 422 is
+dropped, since validation errors are answered with 400 in OpenAI's envelope; the ``/v1`` routes are
+marked as needing a bearer key, and the limit on ``n`` is the deployment's.
 """
 
 from __future__ import annotations
@@ -13,65 +14,7 @@ from typing import Any, Literal
 from fastapi import FastAPI
 from pydantic import BaseModel
 
-from shared.messages import FinishReason
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None
-    code: str | None
-
-
-class ErrorResponse(BaseModel):
-    """OpenAI's error envelope, the body of every error the gateway answers."""
-
-    error: ErrorDetail
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"]
-    content: str
-    refusal: None
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: AssistantMessage
-    logprobs: None
-    finish_reason: FinishReason | None
-
-
-class ChatCompletion(BaseModel):
-    id: str
-    object: Literal["chat.completion"]
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-    system_fingerprint: None
-
-
-class TextChoice(BaseModel):
-    index: int
-    text: str
-    logprobs: None
-    finish_reason: FinishReason | None
-
-
-class TextCompletion(BaseModel):
-    id: str
-    object: Literal["text_completion"]
-    created: int
-    model: str
-    choices: list[TextChoice]
-    usage: Usage
+from api.errors import ErrorResponse
 
 
 class ModelCard(BaseModel):
@@ -97,118 +40,6 @@ class Readiness(BaseModel):
     status: Literal["ready", "unready"]
     models: list[str] | None = None
     reason: str | None = None
-
-
-class FileObject(BaseModel):
-    id: str
-    object: Literal["file"]
-    bytes: int
-    created_at: int
-    expires_at: int | None
-    filename: str
-    purpose: Literal["batch", "batch_output"]
-    status: Literal["processed"]
-    status_details: None
-
-
-class FileList(BaseModel):
-    object: Literal["list"]
-    data: list[FileObject]
-    first_id: str | None
-    last_id: str | None
-    has_more: bool
-
-
-class FileDeleted(BaseModel):
-    id: str
-    object: Literal["file"]
-    deleted: bool
-
-
-class BatchLineError(BaseModel):
-    code: str
-    message: str
-    line: int | None
-    param: str | None
-
-
-class BatchErrors(BaseModel):
-    object: Literal["list"]
-    data: list[BatchLineError]
-
-
-class RequestCounts(BaseModel):
-    total: int
-    completed: int
-    failed: int
-
-
-class InputTokensDetails(BaseModel):
-    cached_tokens: int
-
-
-class OutputTokensDetails(BaseModel):
-    reasoning_tokens: int
-
-
-class BatchUsage(BaseModel):
-    input_tokens: int
-    input_tokens_details: InputTokensDetails
-    output_tokens: int
-    output_tokens_details: OutputTokensDetails
-    total_tokens: int
-
-
-class BatchObject(BaseModel):
-    id: str
-    object: Literal["batch"]
-    endpoint: str
-    model: str | None
-    errors: BatchErrors | None
-    input_file_id: str
-    completion_window: str
-    status: Literal[
-        "validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling", "cancelled"
-    ]
-    output_file_id: str | None
-    error_file_id: str | None
-    created_at: int
-    expires_at: int
-    in_progress_at: int | None
-    finalizing_at: int | None
-    completed_at: int | None
-    failed_at: int | None
-    expired_at: int | None
-    cancelling_at: int | None
-    cancelled_at: int | None
-    request_counts: RequestCounts
-    usage: BatchUsage
-    metadata: dict[str, str] | None
-
-
-class BatchList(BaseModel):
-    object: Literal["list"]
-    data: list[BatchObject]
-    first_id: str | None
-    last_id: str | None
-    has_more: bool
-
-
-class UsageBucket(BaseModel):
-    object: Literal["usage.bucket"]
-    start_time: int
-    end_time: int
-    model: str
-    requests: int
-    errors: int
-    prompt_tokens: int
-    completion_tokens: int
-
-
-class UsageList(BaseModel):
-    object: Literal["list"]
-    tenant: str
-    data: list[UsageBucket]
 
 
 _RETRY_AFTER = {

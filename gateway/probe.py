@@ -14,10 +14,10 @@ import logging
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from gateway.admission import DrainMeter
-from gateway.batches import batch_figures
+from batch.batches import batch_figures
 from gateway.metrics import GatewayMetrics
-from gateway.scaling import Scaler
+from scaling.decision import Scaler
+from serving.admission import DrainMeter
 from shared.fleet import BadRecords, gather
 from shared.names import Names
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.names import Names
@@ -143,8 +143,8 @@ class GatewaySettings(RedisSettings):
         return self.files_dir or Path.home() / ".local" / "share" / "switchyard" / "files"
 
 
-class JobsSettings(GatewaySettings):
-    """The background jobs role (``switchyard jobs``): batches and housekeeping, on arq. It builds
+class BackgroundSettings(GatewaySettings):
+    """The background role (``switchyard background``): batches and housekeeping, on arq. It builds
     and admits jobs as a gateway does, so it reads the gateway's settings too."""
 
     batch_window: int = Field(
@@ -169,9 +169,13 @@ class JobsSettings(GatewaySettings):
     dead_letter_max: int = Field(
         default=10_000, ge=1, description="Entries a dead-letter stream is trimmed to (unread ones stay)."
     )
-    max_batches: int = Field(default=8, ge=1, description="Batches one jobs process feeds at once.")
-    jobs_drain_timeout: float = Field(
-        default=30.0, ge=0, description="On SIGTERM, how long running batch lines may take to finish."
+    max_batches: int = Field(default=8, ge=1, description="Batches one background process feeds at once.")
+    background_drain_timeout: float = Field(
+        default=30.0,
+        ge=0,
+        # The role was called "jobs" once; its old variable still works.
+        validation_alias=AliasChoices("SWITCHYARD_BACKGROUND_DRAIN_TIMEOUT", "SWITCHYARD_JOBS_DRAIN_TIMEOUT"),
+        description="On SIGTERM, how long running batch lines may take to finish.",
     )
 
     @field_validator("batch_check_interval", "housekeeping_interval")

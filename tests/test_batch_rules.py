@@ -8,8 +8,9 @@ from collections import Counter
 
 import pytest
 
-from gateway.background import cron_fields, tick_of
-from gateway.batchlines import (
+from api.errors import APIError, InvalidRequest, Timeout, Unavailable, UpstreamFailure, from_status
+from batch.housekeeping import trim_minid, unread_from
+from batch.lines import (
     LineRefused,
     check_batch,
     is_output,
@@ -18,10 +19,9 @@ from gateway.batchlines import (
     scan,
     unanswered_line,
 )
-from gateway.batchpolicy import Capacity, lines_to_add, retryable
-from gateway.errors import APIError, InvalidRequest, Timeout, Unavailable, UpstreamFailure, from_status
-from gateway.housekeeping import trim_minid, unread_from
-from gateway.usage import next_id, rows_of, tally
+from batch.policy import Capacity, lines_to_add, retryable
+from batch.role import cron_fields, tick_of
+from serving.usage import next_id, rows_of, tally
 from shared.batches import FINAL, MOVES, sources
 from shared.messages import UsageEvent
 

@@ -15,14 +15,14 @@ import pytest
 import pytest_asyncio
 from redis.asyncio import Redis
 
+from api.batches.protocol import BatchCreateRequest
+from batch.batches import Batches
+from batch.files import Files
+from batch.filestore import read_all
+from batch.role import Background
 from control.redis_server import EmbeddedRedis
-from gateway.background import Jobs
-from gateway.batches import Batches
-from gateway.files import Files
-from gateway.filestore import read_all
-from gateway.schemas import BatchCreateRequest
 from shared.batches import BatchRequest
-from shared.settings import JobsSettings
+from shared.settings import BackgroundSettings
 
 
 def lines(count: int) -> bytes:
@@ -37,19 +37,19 @@ def lines(count: int) -> bytes:
 
 
 @pytest.fixture
-def settings(redis_server: EmbeddedRedis, tmp_path: Path) -> JobsSettings:
-    return JobsSettings(
+def settings(redis_server: EmbeddedRedis, tmp_path: Path) -> BackgroundSettings:
+    return BackgroundSettings(
         redis_url=redis_server.url, key_prefix="br" + uuid.uuid4().hex[:8], files_dir=tmp_path
     )
 
 
 @pytest_asyncio.fixture
-async def jobs(redis: Redis, settings: JobsSettings) -> AsyncIterator[Jobs]:
+async def jobs(redis: Redis, settings: BackgroundSettings) -> AsyncIterator[Background]:
     await redis.hset(settings.names.models(), "m", "1")  # a model served here once
-    yield Jobs(settings, redis, asyncio.Event())
+    yield Background(settings, redis, asyncio.Event())
 
 
-async def new_batch(redis: Redis, settings: JobsSettings, count: int = 3) -> str:
+async def new_batch(redis: Redis, settings: BackgroundSettings, count: int = 3) -> str:
     files = Files(redis, settings)
     source = await files.create("t", "in.jsonl", "batch", io.BytesIO(lines(count)), count, ttl=3600)
     body = BatchCreateRequest(
@@ -59,7 +59,7 @@ async def new_batch(redis: Redis, settings: JobsSettings, count: int = 3) -> str
 
 
 async def test_a_batch_past_its_window_expires_with_its_lines_in_the_error_file(
-    redis: Redis, settings: JobsSettings, jobs: Jobs
+    redis: Redis, settings: BackgroundSettings, jobs: Background
 ) -> None:
     batch_id = await new_batch(redis, settings)
     key = settings.names.batch(batch_id)
@@ -90,7 +90,7 @@ async def test_a_batch_past_its_window_expires_with_its_lines_in_the_error_file(
 
 
 async def test_a_batch_cancelled_before_its_run_ends_cancelled(
-    redis: Redis, settings: JobsSettings, jobs: Jobs
+    redis: Redis, settings: BackgroundSettings, jobs: Background
 ) -> None:
     batch_id = await new_batch(redis, settings)
     cancelling = await Batches(redis, settings).cancel("t", batch_id)
@@ -102,7 +102,7 @@ async def test_a_batch_cancelled_before_its_run_ends_cancelled(
 
 
 async def test_a_batch_runs_in_one_process_at_a_time(
-    redis: Redis, settings: JobsSettings, jobs: Jobs
+    redis: Redis, settings: BackgroundSettings, jobs: Background
 ) -> None:
     batch_id = await new_batch(redis, settings)
     await redis.set(settings.names.batch_lease(batch_id), "another-process", px=5000)
@@ -110,7 +110,9 @@ async def test_a_batch_runs_in_one_process_at_a_time(
     assert (await Batches(redis, settings).get("t", batch_id)).status == "validating"
 
 
-async def test_a_batch_whose_input_is_gone_fails(redis: Redis, settings: JobsSettings, jobs: Jobs) -> None:
+async def test_a_batch_whose_input_is_gone_fails(
+    redis: Redis, settings: BackgroundSettings, jobs: Background
+) -> None:
     batch_id = await new_batch(redis, settings)
     state = await Batches(redis, settings).get("t", batch_id)
     await Files(redis, settings).store.delete(state.request.input_file_id)

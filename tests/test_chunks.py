@@ -1,6 +1,6 @@
 """Chunk assembly and response shapes (pure)."""
 
-from gateway.chunks import FullAssembler, Meta, StreamAssembler
+from api.assembly import FullAssembler, Meta, StreamAssembler
 from shared.messages import Final, Tokens, Usage
 
 CHAT = Meta(id="chatcmpl-1", created=1, model="m", kind="chat")
@@ -78,7 +78,7 @@ def test_the_events_of_a_stream_are_its_chunks_as_sse_byte_for_byte() -> None:
     """The template path for plain text and the dict path give the same bytes."""
     import json
 
-    from gateway.chunks import encode
+    from api.sse import encode
 
     replies = [
         tok(1, "He"),

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from compose_spec import PyCompose
 
-from shared.settings import GatewaySettings, JobsSettings, WorkerSettings
+from shared.settings import BackgroundSettings, GatewaySettings, WorkerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose.yaml"
@@ -66,7 +66,7 @@ def test_workers_scale_and_are_found_where_prometheus_looks(compose: dict[str, A
 
 def test_every_setting_named_is_one_the_code_reads(compose: dict[str, Any]) -> None:
     known = {"REDIS_URL"}
-    for settings in (GatewaySettings, JobsSettings, WorkerSettings):
+    for settings in (GatewaySettings, BackgroundSettings, WorkerSettings):
         known |= {f"SWITCHYARD_{name.upper()}" for name in settings.model_fields}
     for name, service in compose["services"].items():
         if service.get("image") != "switchyard:latest":
@@ -114,4 +114,7 @@ def test_gateway_and_jobs_share_the_uploaded_files(compose: dict[str, Any]) -> N
     (files_dir,) = dirs
     for name in ("gateway", "jobs"):
         assert f"files:{files_dir}" in services[name]["volumes"], name
-    assert int(services["jobs"]["stop_grace_period"].removesuffix("s")) > JobsSettings().jobs_drain_timeout
+    assert (
+        int(services["jobs"]["stop_grace_period"].removesuffix("s"))
+        > BackgroundSettings().background_drain_timeout
+    )

@@ -46,7 +46,7 @@ def start_worker(system: System, name: str, logs: Path) -> subprocess.Popen[byte
 
 def start_jobs(system: System, name: str, logs: Path) -> subprocess.Popen[bytes]:
     log = logs / f"{name}.log"
-    proc = spawn("jobs", jobs_env(system), log)
+    proc = spawn("background", jobs_env(system), log)
     wait_until(lambda: b"batches and housekeeping" in log.read_bytes(), 60, name, procs=(proc,), logs=(log,))
     return proc
 

@@ -19,9 +19,9 @@ from openai.types import Batch
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
-from gateway.housekeeping import Housekeeping
+from batch.housekeeping import Housekeeping
 from shared.names import GROUP
-from shared.settings import JobsSettings
+from shared.settings import BackgroundSettings
 from shared.tenants import Tenant
 from tests.conftest import System, create_tenant
 from tests.procs import spawn, stop, wait_until
@@ -39,14 +39,14 @@ def jobs_env(system: System, **extra: str) -> dict[str, str]:
         SWITCHYARD_BATCH_CHECK_INTERVAL="1",
         SWITCHYARD_BATCH_LEASE="3",
         SWITCHYARD_WORKER_TTL="3",
-        SWITCHYARD_JOBS_DRAIN_TIMEOUT="2",
+        SWITCHYARD_BACKGROUND_DRAIN_TIMEOUT="2",
         SWITCHYARD_BATCH_WINDOW=str(WINDOW),
         **extra,
     )
 
 
 def start_jobs(system: System, log: Path, **extra: str) -> Any:
-    proc = spawn("jobs", jobs_env(system, **extra), log)
+    proc = spawn("background", jobs_env(system, **extra), log)
     wait_until(
         lambda: b"batches and housekeeping" in log.read_bytes(), 60, "jobs", procs=(proc,), logs=(log,)
     )
@@ -257,7 +257,7 @@ def test_usage_is_rolled_up_per_hour_and_model(client: OpenAI, system: System, j
         tenant.chat.completions.create(
             model=system.model, messages=[{"role": "user", "content": "hi"}], max_tokens=9999
         )
-    settings = JobsSettings(redis_url=system.redis_url, key_prefix=system.names.prefix)
+    settings = BackgroundSettings(redis_url=system.redis_url, key_prefix=system.names.prefix)
 
     async def roll_up() -> dict[str, int]:
         redis = Redis.from_url(system.redis_url)

@@ -9,7 +9,7 @@ import uuid
 import pytest
 from redis.asyncio import Redis
 
-from gateway.registry import ModelEntry, WorkerRegistry
+from serving.registry import ModelEntry, WorkerRegistry
 from shared.fleet import gather, is_live, live_workers, worker_records
 from shared.messages import StreamRecord, WorkerInfo, encode
 from shared.names import Names

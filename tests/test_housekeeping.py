@@ -16,16 +16,16 @@ import pytest_asyncio
 from arq.constants import in_progress_key_prefix, job_key_prefix
 from redis.asyncio import Redis
 
+from api.batches.protocol import BatchCreateRequest
+from batch.batches import Batches
+from batch.files import Files
+from batch.housekeeping import Housekeeping
+from batch.role import first_run, prune_runs, start_batch
 from control.redis_server import EmbeddedRedis
-from gateway.background import first_run, prune_runs, start_batch
-from gateway.batches import Batches
-from gateway.files import Files
-from gateway.housekeeping import Housekeeping
-from gateway.schemas import BatchCreateRequest
-from gateway.usage import Usage
+from serving.usage import Usage
 from shared.messages import UsageEvent
 from shared.names import Names
-from shared.settings import JobsSettings
+from shared.settings import BackgroundSettings
 from tests.procs import spawn, stop, wait_until
 
 LINE = json.dumps(
@@ -39,9 +39,9 @@ LINE = json.dumps(
 
 
 @pytest.fixture
-def settings(redis_server: EmbeddedRedis, tmp_path: Path) -> JobsSettings:
+def settings(redis_server: EmbeddedRedis, tmp_path: Path) -> BackgroundSettings:
     """Settings of a deployment of its own (own key prefix, own files directory)."""
-    return JobsSettings(
+    return BackgroundSettings(
         redis_url=redis_server.url,
         key_prefix="hk" + uuid.uuid4().hex[:8],
         files_dir=tmp_path,
@@ -50,12 +50,12 @@ def settings(redis_server: EmbeddedRedis, tmp_path: Path) -> JobsSettings:
 
 
 @pytest_asyncio.fixture
-async def keeper(redis: Redis, settings: JobsSettings) -> AsyncIterator[Housekeeping]:
+async def keeper(redis: Redis, settings: BackgroundSettings) -> AsyncIterator[Housekeeping]:
     yield Housekeeping(redis, settings)
 
 
 async def test_expiry_deletes_files_but_not_while_a_batch_reads_them(
-    redis: Redis, settings: JobsSettings, keeper: Housekeeping
+    redis: Redis, settings: BackgroundSettings, keeper: Housekeeping
 ) -> None:
     names, files = settings.names, Files(redis, settings)
     kept = await files.create("t", "in.jsonl", "batch", io.BytesIO(LINE), 1, ttl=60)
@@ -78,7 +78,7 @@ async def test_expiry_deletes_files_but_not_while_a_batch_reads_them(
 
 
 async def test_expiry_deletes_finished_batches_after_their_retention(
-    redis: Redis, settings: JobsSettings, keeper: Housekeeping
+    redis: Redis, settings: BackgroundSettings, keeper: Housekeeping
 ) -> None:
     names, files, batches = settings.names, Files(redis, settings), Batches(redis, settings)
     source = await files.create("t", "in.jsonl", "batch", io.BytesIO(LINE), 1, ttl=10**6)
@@ -105,7 +105,7 @@ async def _dead_letters(redis: Redis, names: Names, count: int) -> tuple[str, li
 
 
 async def test_dead_letters_are_trimmed_to_the_bound(
-    redis: Redis, settings: JobsSettings, keeper: Housekeeping
+    redis: Redis, settings: BackgroundSettings, keeper: Housekeeping
 ) -> None:
     stream, ids = await _dead_letters(redis, settings.names, 30)
     assert await keeper.trim_dead_letters() == {"m": 20}
@@ -114,7 +114,7 @@ async def test_dead_letters_are_trimmed_to_the_bound(
 
 
 async def test_trimming_drops_nothing_a_consumer_group_has_not_read(
-    redis: Redis, settings: JobsSettings, keeper: Housekeeping
+    redis: Redis, settings: BackgroundSettings, keeper: Housekeeping
 ) -> None:
     stream, ids = await _dead_letters(redis, settings.names, 30)
     await redis.xgroup_create(stream, "ops", id="0")
@@ -138,7 +138,7 @@ async def _log(redis: Redis, names: Names, *events: UsageEvent) -> None:
 
 
 async def test_usage_is_rolled_up_exactly_once(
-    redis: Redis, settings: JobsSettings, keeper: Housekeeping
+    redis: Redis, settings: BackgroundSettings, keeper: Housekeeping
 ) -> None:
     names = settings.names
     ok = UsageEvent(tenant="acme", model="m", prompt_tokens=5, completion_tokens=7)
@@ -168,7 +168,7 @@ async def test_usage_is_rolled_up_exactly_once(
     assert await usage.read("acme", int(time.time()) + 7200) == []
 
 
-async def test_a_tick_runs_once(redis: Redis, settings: JobsSettings) -> None:
+async def test_a_tick_runs_once(redis: Redis, settings: BackgroundSettings) -> None:
     names = settings.names
     assert await first_run(redis, names, "expire", "1764684000123")
     assert not await first_run(redis, names, "expire", "1764684000123")
@@ -176,7 +176,7 @@ async def test_a_tick_runs_once(redis: Redis, settings: JobsSettings) -> None:
 
 
 async def test_batches_nobody_runs_are_started_again(
-    redis: Redis, settings: JobsSettings, keeper: Housekeeping
+    redis: Redis, settings: BackgroundSettings, keeper: Housekeeping
 ) -> None:
     names, files, batches = settings.names, Files(redis, settings), Batches(redis, settings)
     source = await files.create("t", "in.jsonl", "batch", io.BytesIO(LINE), 1, ttl=3600)
@@ -195,7 +195,7 @@ async def test_batches_nobody_runs_are_started_again(
     assert started == [orphan]
 
 
-async def test_runs_of_finished_batches_leave_the_queue(redis: Redis, settings: JobsSettings) -> None:
+async def test_runs_of_finished_batches_leave_the_queue(redis: Redis, settings: BackgroundSettings) -> None:
     names, files, batches = settings.names, Files(redis, settings), Batches(redis, settings)
     source = await files.create("t", "in.jsonl", "batch", io.BytesIO(LINE), 1, ttl=3600)
     body = BatchCreateRequest(

@@ -20,8 +20,8 @@ import yaml
 
 from control.processes import free_port
 from gateway.app import create_app, scaling_row
-from gateway.scaling import Decision, Load, Memory
-from shared.settings import GatewaySettings, JobsSettings, WorkerSettings
+from scaling.decision import Decision, Load, Memory
+from shared.settings import BackgroundSettings, GatewaySettings, WorkerSettings
 from worker.health import Health
 from worker.metrics import MetricsServer
 
@@ -115,7 +115,7 @@ def test_keda_asks_the_gateways_about_the_served_model() -> None:
 
 
 def test_every_setting_named_is_one_the_code_reads() -> None:
-    settings = (GatewaySettings, JobsSettings, WorkerSettings)
+    settings = (GatewaySettings, BackgroundSettings, WorkerSettings)
     known = {f"SWITCHYARD_{n.upper()}" for s in settings for n in s.model_fields}
     assert set(CONFIG) <= known, set(CONFIG) - known
     GatewaySettings(
@@ -201,7 +201,7 @@ def test_grace_periods_outlast_the_drains() -> None:
     worker = find("Deployment", "switchyard-worker")["spec"]["template"]["spec"]
     assert worker["terminationGracePeriodSeconds"] > float(CONFIG["SWITCHYARD_DRAIN_TIMEOUT"])
     jobs = find("Deployment", "switchyard-jobs")["spec"]["template"]["spec"]
-    assert jobs["terminationGracePeriodSeconds"] > JobsSettings().jobs_drain_timeout
+    assert jobs["terminationGracePeriodSeconds"] > BackgroundSettings().background_drain_timeout
     budget = find("PodDisruptionBudget", "switchyard-gateway")
     assert budget["spec"]["selector"] == find("Deployment", "switchyard-gateway")["spec"]["selector"]
 

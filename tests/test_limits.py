@@ -10,9 +10,9 @@ import pytest
 import pytest_asyncio
 from redis.asyncio import Redis
 
+from api.errors import InvalidRequest, RateLimited
 from control.redis_server import EmbeddedRedis
-from gateway.admission import Admission, DrainMeter, Ticket, default_output, reservation, reset_text
-from gateway.errors import InvalidRequest, RateLimited
+from serving.admission import Admission, DrainMeter, Ticket, default_output, reservation, reset_text
 from shared.fleet import gather
 from shared.messages import Job, Sampling, Usage
 from shared.names import Names
@@ -133,7 +133,7 @@ async def test_redis_down_fails_closed() -> None:
     admission = Admission(redis, names, request_ttl=60, drain=DrainMeter(), max_backlog_total=10)
     server.stop()
     try:
-        from gateway.errors import Unavailable
+        from api.errors import Unavailable
 
         with pytest.raises(Unavailable):
             await admission.admit(Tenant(name="t", rpm=5), job(1))

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import pytest_asyncio
 from redis.asyncio import Redis
 
-from gateway.service import prefix_digest
+from serving.path import prefix_digest
 from shared.messages import Job, Sampling, encode
 from shared.names import GROUP, JOB_FIELD, Names
 from worker.handover import SPARE, hand_over, receive

@@ -16,10 +16,10 @@ import pytest
 import pytest_asyncio
 from redis.asyncio import Redis
 
+from api.errors import InvalidRequest, Timeout, Unavailable, UpstreamFailure
 from control.redis_server import EmbeddedRedis
-from gateway.errors import InvalidRequest, Timeout, Unavailable, UpstreamFailure
-from gateway.jobs import Dispatcher, ReplyStream, Timeouts
-from gateway.replies import ReplyHub
+from serving.dispatch import Dispatcher, ReplyStream, Timeouts
+from serving.replies import ReplyHub
 from shared.messages import Failure, Final, Job, Sampling, Started, Tokens, Usage, encode
 from shared.names import Names
 

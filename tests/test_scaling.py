@@ -1,4 +1,4 @@
-"""The autoscaling decision (gateway/scaling.py) as tables: pure, no Redis, no processes."""
+"""The autoscaling decision (scaling/decision.py) as tables: pure, no Redis, no processes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from gateway.scaling import Load, Memory, Policy, decide, needed
+from scaling.decision import Load, Memory, Policy, decide, needed
 
 POLICY = Policy(
     min_workers=0, max_workers=4, target_utilization=0.5, max_queue_wait=5, scale_down_after=60, cooldown=10

@@ -10,7 +10,7 @@ from redis.asyncio import Redis
 from starlette.requests import Request
 
 from gateway.auth import Authenticator
-from gateway.shared_reads import SharedReads
+from serving.shared_reads import SharedReads
 from shared.names import Names
 from shared.tenants import Tenant, TenantStore
 

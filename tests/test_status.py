@@ -9,8 +9,7 @@ import pytest
 from openai import OpenAI
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from control.status import as_json, render
-from gateway.errors import (
+from api.errors import (
     APIError,
     BodyTooLarge,
     InvalidRequest,
@@ -18,6 +17,7 @@ from gateway.errors import (
     NotFound,
     Unavailable,
 )
+from control.status import as_json, render
 from gateway.metrics import rejection_reason
 from shared.fleet import ConsumerStatus, Snapshot, StreamStatus, WorkerStatus
 from tests.conftest import System

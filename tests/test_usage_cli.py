@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 from control.processes import free_port
 from control.redis_server import EmbeddedRedis
 from control.usage import parse_since
-from gateway.usage import Usage
+from serving.usage import Usage
 from shared.messages import UsageEvent
 from shared.names import Names
 from tests.test_cli import assert_one_line_error, switchyard

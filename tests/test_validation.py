@@ -3,10 +3,11 @@
 import pytest
 from pydantic import ValidationError
 
+from api.chat.protocol import ChatCompletionRequest
+from api.completions.protocol import CompletionRequest
+from api.errors import InvalidRequest
 from gateway.app import validation_error
-from gateway.errors import InvalidRequest
-from gateway.schemas import ChatCompletionRequest, CompletionRequest
-from gateway.service import fit_context
+from serving.path import fit_context
 from shared.messages import Sampling
 
 MSG = [{"role": "user", "content": "hi"}]

@@ -17,7 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gateway.schemas import ChatCompletionRequest, CompletionRequest
+from api.chat.protocol import ChatCompletionRequest
+from api.completions.protocol import CompletionRequest
 from shared.batches import BATCH_ENDPOINTS, Endpoint, LineError
 
 MAX_REPORTED = 10

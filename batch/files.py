@@ -16,8 +16,8 @@ from typing import IO, Literal
 import anyio
 from redis.asyncio import Redis
 
-from gateway.errors import APIError, InvalidRequest, NotFound
-from gateway.filestore import CHUNK, FileStore, MissingFile, file_store
+from api.errors import APIError, InvalidRequest, NotFound
+from batch.filestore import CHUNK, FileStore, MissingFile, file_store
 from shared.batches import BatchRequest, FilePurpose, FileRecord
 from shared.names import Names
 from shared.settings import GatewaySettings

@@ -15,7 +15,7 @@ import logging
 import time
 from typing import Protocol
 
-from gateway.errors import APIError, Unavailable
+from api.errors import APIError, Unavailable
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """The in-progress phase of a batch: its lines fed to the tenant's batch stream at the pace
-:mod:`gateway.batchpolicy` sets, each followed to its end like a gateway follows a request, and its
+:mod:`batch.policy` sets, each followed to its end like a gateway follows a request, and its
 result recorded once per ``custom_id``.
 
 What makes a restart safe at any moment: before a line goes on a queue it is assigned to its new
@@ -22,22 +22,22 @@ import anyio
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from gateway.admission import Admission, Ticket
-from gateway.batchlines import BatchLine, encode_line, response_line
-from gateway.batchpolicy import MAX_ATTEMPTS, Capacity, lines_to_add, retryable
-from gateway.chunks import FullAssembler, Kind, Meta
-from gateway.errors import APIError, RateLimited, Unavailable
-from gateway.jobs import Dispatcher, Timeouts
-from gateway.lifecycle import Lifecycle
-from gateway.relay import Admitted, collect
-from gateway.replies import ReplyHub
-from gateway.service import JobBuilder, new_request_id
+from api.assembly import FullAssembler, Kind, Meta
+from api.errors import APIError, RateLimited, Unavailable
+from batch.lines import BatchLine, encode_line, response_line
+from batch.policy import MAX_ATTEMPTS, Capacity, lines_to_add, retryable
+from serving.admission import Admission, Ticket
+from serving.dispatch import Dispatcher, Timeouts
+from serving.lifecycle import Lifecycle
+from serving.path import JobBuilder, new_request_id
+from serving.relay import Admitted, collect
+from serving.replies import ReplyHub
 from shared.batches import BatchState
 from shared.fleet import live_workers, stream_records
 from shared.messages import Job, Usage
 from shared.names import GROUP, Names
 from shared.scripts import BatchScripts
-from shared.settings import JobsSettings
+from shared.settings import BackgroundSettings
 from shared.tenants import Tenant, TenantStore
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class Parts:
     """What every batch run of a jobs process shares."""
 
     redis: Redis
-    settings: JobsSettings
+    settings: BackgroundSettings
     hub: ReplyHub
     builder: JobBuilder
     admission: Admission
@@ -236,7 +236,7 @@ class Feeder:
 
     async def _drain(self) -> None:
         """On shutdown: let the lines on a queue finish for a while (the rest run again later)."""
-        with anyio.move_on_after(self._parts.settings.jobs_drain_timeout):
+        with anyio.move_on_after(self._parts.settings.background_drain_timeout):
             while self._in_flight:
                 await self._pause(CHECK_EVERY)
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 
 from redis.asyncio import Redis
 
-from gateway.shared_reads import SharedReads
+from serving.shared_reads import SharedReads
 from shared.fleet import BadRecords, known_models, live_workers, model_records
 from shared.messages import WorkerInfo
 from shared.names import Names

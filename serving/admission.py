@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from gateway.errors import InvalidRequest, RateLimited, Unavailable
+from api.errors import InvalidRequest, RateLimited, Unavailable
 from shared.fleet import Snapshot
 from shared.messages import Job, Usage, UsageEvent
 from shared.names import Names

@@ -7,13 +7,13 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from gateway.errors import APIError, Timeout, Unavailable, UpstreamFailure, from_status
-from gateway.metrics import GatewayMetrics
-from gateway.replies import ReplyHub, Subscription, SubscriptionLost
+from api.errors import APIError, Timeout, Unavailable, UpstreamFailure, from_status
+from serving.replies import ReplyHub, Subscription, SubscriptionLost
 from shared.messages import (
     Failure,
     Final,
@@ -44,6 +44,36 @@ class Timeouts:
     """Longest wait for a worker to start the job."""
 
 
+class Track(Protocol):
+    """What is measured of one request as its replies pass (the gateway's metrics)."""
+
+    def saw(self, reply: Started | Tokens | Final) -> None: ...
+
+    def failed(self, exc: APIError) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Tracker(Protocol):
+    def track(self, job: Job) -> Track: ...
+
+
+class Untracked:
+    """Measures nothing: for a process that exports no request metrics (the background role)."""
+
+    def track(self, job: Job) -> Untracked:
+        return self
+
+    def saw(self, reply: Started | Tokens | Final) -> None:
+        pass
+
+    def failed(self, exc: APIError) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class Dispatcher:
     """Puts jobs on their tenant's stream and hands back their reply streams."""
 
@@ -53,10 +83,10 @@ class Dispatcher:
         hub: ReplyHub,
         names: Names,
         timeouts: Timeouts,
-        metrics: GatewayMetrics | None = None,
+        metrics: Tracker | None = None,
         cancel_keep: float = CANCEL_MARKER_TTL,
     ) -> None:
-        self.metrics = metrics or GatewayMetrics()
+        self.metrics: Tracker = metrics or Untracked()
         self._redis = redis
         self._hub = hub
         self._names = names
@@ -157,6 +187,7 @@ class ReplyStream:
                 yield reply
         except APIError as exc:
             self.error = exc.code or "error"
+            exc.admitted = True
             self.track.failed(exc)
             raise
 

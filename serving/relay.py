@@ -14,11 +14,12 @@ from typing import Any, TypeVar
 import anyio
 from fastapi import Request
 
-from gateway.admission import Admission, Ticket
-from gateway.chunks import FullAssembler, StreamAssembler, encode, sse
-from gateway.errors import APIError, InternalError, UpstreamFailure
-from gateway.jobs import ReplyStream
-from gateway.lifecycle import Lifecycle
+from api.assembly import FullAssembler, StreamAssembler
+from api.errors import APIError, InternalError, UpstreamFailure
+from api.sse import encode, sse
+from serving.admission import Admission, Ticket
+from serving.dispatch import ReplyStream
+from serving.lifecycle import Lifecycle
 from shared.messages import Final, Tokens, UsageEvent
 
 T = TypeVar("T")

@@ -1,5 +1,5 @@
 """Periodic work off the token path, run by the background jobs on a schedule (see
-:mod:`gateway.background`): expiring files and finished batches, trimming dead-letter streams,
+:mod:`batch.role`): expiring files and finished batches, trimming dead-letter streams,
 rolling up usage, and restarting batches nobody runs. Each job is a plain method here, callable
 against any Redis; each run is logged in ``Names.housekeeping_log``.
 
@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from gateway.batches import Batches
-from gateway.files import Files
-from gateway.usage import Usage, next_id
+from batch.batches import Batches
+from batch.files import Files
+from serving.usage import Usage, next_id
 from shared.fleet import known_models
 from shared.names import Names
-from shared.settings import JobsSettings
+from shared.settings import BackgroundSettings
 
 LOG_BOUND = 1000
 """Housekeeping runs kept in the log."""
@@ -54,7 +54,7 @@ def trim_minid(first_kept: str, unread: Iterable[str]) -> str:
 @dataclass
 class Housekeeping:
     redis: Redis
-    settings: JobsSettings
+    settings: BackgroundSettings
 
     @property
     def names(self) -> Names:

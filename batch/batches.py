@@ -14,9 +14,9 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from gateway.errors import InvalidRequest, NotFound
-from gateway.files import Conflict, Files
-from gateway.schemas import BatchCreateRequest
+from api.batches.protocol import BatchCreateRequest
+from api.errors import InvalidRequest, NotFound
+from batch.files import Conflict, Files
 from shared.batches import BatchRequest, BatchState, new_batch_hash, sources
 from shared.names import Names
 from shared.scripts import BatchScripts

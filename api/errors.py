@@ -1,8 +1,24 @@
-"""Gateway errors, each mapped once to OpenAI's error envelope at the HTTP edge."""
+"""The errors a client may see, each mapped once to OpenAI's error envelope at the HTTP edge; and
+that envelope's shape for the OpenAPI document."""
 
 from __future__ import annotations
 
 from typing import Any
+
+from pydantic import BaseModel
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error envelope, the body of every error the gateway answers."""
+
+    error: ErrorDetail
 
 
 class APIError(Exception):

@@ -1,9 +1,9 @@
-"""The background jobs role (``switchyard jobs``) on arq: batch runs as arq jobs, housekeeping as arq
+"""The background role (``switchyard background``) on arq: batch runs as arq jobs, housekeeping as arq
 cron jobs. This is the one module that knows arq, so it could be swapped for another queue.
 
 What arq gives here: durable, deduplicated job ids (a batch run or a cron tick is queued once
 however many processes ask), retries, and a schedule every process keeps. What it does not decide:
-who runs a batch (its lease, :mod:`gateway.runner`) and whether a cron tick already ran elsewhere
+who runs a batch (its lease, :mod:`batch.run`) and whether a cron tick already ran elsewhere
 (a marker per tick, below) -- arq only promises that mostly, and a process that lags a second
 behind could run a tick again.
 
@@ -28,19 +28,19 @@ from arq.worker import Worker, func
 from redis.asyncio import ConnectionPool, Redis
 from redis.exceptions import RedisError
 
-from gateway.admission import Admission, DrainMeter
-from gateway.batches import COMPLETION_WINDOW
-from gateway.feeder import Parts
-from gateway.housekeeping import Housekeeping
-from gateway.lifecycle import Lifecycle
-from gateway.registry import WorkerRegistry
-from gateway.replies import ReplyHub
-from gateway.runner import BatchRunner
-from gateway.service import JobBuilder
-from gateway.tokenizer import TokenizerCache
+from batch.batches import COMPLETION_WINDOW
+from batch.feeder import Parts
+from batch.housekeeping import Housekeeping
+from batch.run import BatchRunner
+from serving.admission import Admission, DrainMeter
+from serving.lifecycle import Lifecycle
+from serving.path import JobBuilder
+from serving.registry import WorkerRegistry
+from serving.replies import ReplyHub
+from serving.tokenizer import TokenizerCache
 from shared.fleet import gather
 from shared.names import Names
-from shared.settings import JobsSettings
+from shared.settings import BackgroundSettings
 from shared.tenants import TenantStore
 
 log = logging.getLogger(__name__)
@@ -111,10 +111,10 @@ async def first_run(redis: Redis, names: Names, name: str, tick: str) -> bool:
     return bool(await redis.set(names.cron_ran(name, tick), b"1", nx=True, ex=TICK_MARKER_TTL))
 
 
-class Jobs:
-    """What a ``switchyard jobs`` process runs: batch runs and the housekeeping schedule."""
+class Background:
+    """What a ``switchyard background`` process runs: batch runs and the housekeeping schedule."""
 
-    def __init__(self, settings: JobsSettings, redis: Redis, stopping: asyncio.Event) -> None:
+    def __init__(self, settings: BackgroundSettings, redis: Redis, stopping: asyncio.Event) -> None:
         names = settings.names
         self.settings = settings
         self.redis = redis
@@ -128,7 +128,7 @@ class Jobs:
         self.drain = DrainMeter()
         admission = Admission(redis, names, settings.request_timeout, self.drain, settings.max_backlog_total)
         builder = JobBuilder(self.registry, TokenizerCache(), settings.max_n, settings.affinity_tokens)
-        lifecycle = Lifecycle(settings.jobs_drain_timeout)
+        lifecycle = Lifecycle(settings.background_drain_timeout)
         tenants = TenantStore(redis, names)
         parts = Parts(redis, settings, self.hub, builder, admission, tenants, stopping, lifecycle)
         self.runner = BatchRunner(parts)
@@ -210,13 +210,13 @@ class Jobs:
         )
 
 
-async def serve(settings: JobsSettings) -> None:
-    """Run the jobs role until SIGTERM or SIGINT; then batch runs stop feeding, give their lines
-    ``jobs_drain_timeout`` to finish, and hand the rest back (another process continues them)."""
+async def serve(settings: BackgroundSettings) -> None:
+    """Run the background role until SIGTERM or SIGINT; then batch runs stop feeding, give their lines
+    ``background_drain_timeout`` to finish, and hand the rest back (another process continues them)."""
     redis = Redis.from_url(settings.redis_url, health_check_interval=30)
     stopping = asyncio.Event()
-    jobs = Jobs(settings, redis, stopping)
-    worker = jobs.worker()
+    role = Background(settings, redis, stopping)
+    worker = role.worker()
 
     def stop() -> None:
         log.info("stopping: no new background jobs; batch runs hand their lines back")
@@ -229,14 +229,14 @@ async def serve(settings: JobsSettings) -> None:
 
     try:
         async with anyio.create_task_group() as group:
-            group.start_soon(jobs.hub.run)
-            group.start_soon(watch_fleet, redis, settings, jobs.drain)
+            group.start_soon(role.hub.run)
+            group.start_soon(watch_fleet, redis, settings, role.drain)
             group.start_soon(keep_polling, worker)
-            log.info("switchyard jobs: batches and housekeeping on %s", names_of(settings))
+            log.info("switchyard background: batches and housekeeping on %s", names_of(settings))
             await stopping.wait()
             running = [task for task in worker.tasks.values() if not task.done()]
             if running:  # batch runs see `stopping`: they drain their lines and return
-                await asyncio.wait(running, timeout=settings.jobs_drain_timeout + 10)
+                await asyncio.wait(running, timeout=settings.background_drain_timeout + 10)
             group.cancel_scope.cancel()
     finally:
         with anyio.CancelScope(shield=True):
@@ -244,7 +244,7 @@ async def serve(settings: JobsSettings) -> None:
             await redis.aclose()
 
 
-async def watch_fleet(redis: Redis, settings: JobsSettings, drain: DrainMeter) -> None:
+async def watch_fleet(redis: Redis, settings: BackgroundSettings, drain: DrainMeter) -> None:
     """Feed admission's drain meter (overload 503s, Retry-After) with the fleet's state, as a
     gateway's queue probe does; a failed reading leaves its figures to go stale."""
     while True:
@@ -267,5 +267,5 @@ async def keep_polling(worker: Worker) -> None:
             await anyio.sleep(REDIS_RETRY)
 
 
-def names_of(settings: JobsSettings) -> str:
+def names_of(settings: BackgroundSettings) -> str:
     return f"{settings.redis_url} (prefix {settings.key_prefix})"

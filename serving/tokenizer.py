@@ -16,8 +16,8 @@ import gc
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from gateway.errors import InvalidRequest, Unavailable
-from gateway.schemas import ChatMessage
+from api.chat.protocol import ChatMessage
+from api.errors import InvalidRequest, Unavailable
 
 INLINE_CHARS = 16_384
 """Prompts up to this many characters are encoded on the event loop (a thread hop costs more)."""

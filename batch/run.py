@@ -1,5 +1,5 @@
 """One run of a batch, by whichever jobs process holds its lease: validate the input, feed the
-lines (:mod:`gateway.feeder`), and finish as OpenAI's batches do, with the output and error files.
+lines (:mod:`batch.feeder`), and finish as OpenAI's batches do, with the output and error files.
 
 Any number of ``switchyard jobs`` processes may start a run of the same batch; only the one that
 takes the lease runs it, and it renews the lease while it runs. A process that dies or stalls loses
@@ -18,11 +18,11 @@ from collections.abc import AsyncIterator
 import anyio
 from redis.exceptions import RedisError
 
-from gateway.batches import Batches
-from gateway.batchlines import BatchLine, check_batch, encode_line, is_output, scan, unanswered_line
-from gateway.feeder import Feeder, Parts, cancel_jobs
-from gateway.files import Files
-from gateway.filestore import MissingFile, read_all
+from batch.batches import Batches
+from batch.feeder import Feeder, Parts, cancel_jobs
+from batch.files import Files
+from batch.filestore import MissingFile, read_all
+from batch.lines import BatchLine, check_batch, encode_line, is_output, scan, unanswered_line
 from shared.batches import BatchState, LineError
 from shared.fleet import known_models
 from shared.scripts import BatchScripts

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gateway.errors import APIError
+from api.errors import APIError
 from shared.tenants import PRIORITY_WEIGHT
 
 MAX_ATTEMPTS = 3

@@ -1,15 +1,23 @@
-"""Pure functions turning worker replies into OpenAI response objects (chat and text completions),
-and streamed ones into the bytes of their Server-Sent Events."""
+"""Pure functions turning worker replies into OpenAI answers: streamed chunks as the bytes of their
+Server-Sent Events, or one whole body. What a choice looks like is each endpoint family's own
+(:mod:`api.chat.assembly`, :mod:`api.completions.assembly`); this module puts choices into chunks and
+answers, and keeps count."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any, Literal
 
+from api.chat import assembly as chat
+from api.common import usage_dict
+from api.completions import assembly as text
+from api.sse import encode, sse
 from shared.messages import Final, Tokens, Usage
 
 Kind = Literal["chat", "text"]
+_FAMILIES: dict[Kind, ModuleType] = {"chat": chat, "text": text}
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,20 +30,16 @@ class Meta:
     kind: Kind
 
     @property
+    def family(self) -> ModuleType:
+        return _FAMILIES[self.kind]
+
+    @property
     def object_stream(self) -> str:
-        return "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        return str(self.family.OBJECT_CHUNK)
 
     @property
     def object_full(self) -> str:
-        return "chat.completion" if self.kind == "chat" else "text_completion"
-
-
-def usage_dict(usage: Usage) -> dict[str, int]:
-    return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.total_tokens,
-    }
+        return str(self.family.OBJECT)
 
 
 def _chunk(meta: Meta, choices: list[dict[str, Any]], usage: Usage | None = None) -> dict[str, Any]:
@@ -54,23 +58,12 @@ def _chunk(meta: Meta, choices: list[dict[str, Any]], usage: Usage | None = None
 
 
 def _choice(meta: Meta, index: int, text: str, finish: str | None, first: bool) -> dict[str, Any]:
-    if meta.kind == "text":
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
-    delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
-    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+    choice: dict[str, Any] = meta.family.delta_choice(index, text, finish, first)
+    return choice
 
 
 _MARK = "\x00text\x00"
 _QUOTED_MARK = json.dumps(_MARK)
-
-
-def sse(payload: str) -> bytes:
-    """One Server-Sent Event with ``payload`` as its data, ended by a blank line as OpenAI does."""
-    return b"data: " + payload.encode() + b"\n\n"
-
-
-def encode(chunk: dict[str, Any]) -> bytes:
-    return sse(json.dumps(chunk, separators=(",", ":")))
 
 
 @dataclass
@@ -149,16 +142,10 @@ class FullAssembler:
         self._texts.setdefault(reply.index, []).append(reply.text)
 
     def response(self, reply: Final) -> dict[str, Any]:
-        choices = []
-        for index, reason in enumerate(reply.finish_reasons):
-            text = "".join(self._texts.get(index, []))
-            if self.meta.kind == "chat":
-                message = {"role": "assistant", "content": text, "refusal": None}
-                choices.append(
-                    {"index": index, "message": message, "logprobs": None, "finish_reason": reason}
-                )
-            else:
-                choices.append({"index": index, "text": text, "logprobs": None, "finish_reason": reason})
+        choices = [
+            self.meta.family.message_choice(index, "".join(self._texts.get(index, [])), reason)
+            for index, reason in enumerate(reply.finish_reasons)
+        ]
         body: dict[str, Any] = {
             "id": self.meta.id,
             "object": self.meta.object_full,

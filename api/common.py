@@ -1,0 +1,143 @@
+"""What chat and text completions share: the strict base of every request body, the sampling fields
+both accept and their conversion to the wire's sampling, and the usage shape both answer with.
+
+Besides OpenAI's own fields, a few of vLLM's sampling extensions are accepted (``ignore_eos``,
+``min_tokens``, ``top_k``, ``min_p``, ``repetition_penalty``, ``stop_token_ids``) so that clients
+written for ``vllm serve`` keep working; the openai SDK sends them through ``extra_body``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.json_schema import JsonDict
+
+from shared.messages import Sampling
+from shared.messages import Usage as WireUsage
+
+MAX_STOP_SEQUENCES = 16
+MAX_TOKENS_LIMIT = 1_000_000
+INT32_MAX = 2**31 - 1
+INT64 = 2**63
+"""vLLM's bounds: a seed must fit a signed 64-bit integer; top_k beyond the vocabulary means no limit,
+but the engine holds it in 32 bits."""
+
+
+class Strict(BaseModel):
+    """A request body (or part of one): unknown fields are refused, as OpenAI refuses them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def only(*values: Any) -> Any:
+    """Document the only values a validator lets through (the OpenAPI schema shows the type)."""
+    return Field(default=None, json_schema_extra={"enum": list(values)})
+
+
+# What the ``stop`` validator enforces, stated for strings and lists alike (each keyword applies to
+# one JSON type only).
+_STOP_SCHEMA: JsonDict = {"minLength": 1, "maxItems": MAX_STOP_SEQUENCES, "items": {"minLength": 1}}
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+PositiveTokens = Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT)]
+
+
+class GenerationRequest(Strict):
+    """Fields shared by chat and text completions."""
+
+    model: str = Field(min_length=1, max_length=512)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=128)
+    stop: str | list[str] | None = Field(default=None, json_schema_extra=_STOP_SCHEMA)
+    seed: int | None = Field(default=None, ge=-INT64, le=INT64 - 1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = Field(default=None, json_schema_extra={"maxProperties": 0})
+    user: str | None = Field(default=None, max_length=512)
+    # vLLM-compatible extensions
+    ignore_eos: bool = False
+    min_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS_LIMIT)
+    top_k: int | None = Field(default=None, ge=-1, le=INT32_MAX)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
+    stop_token_ids: list[Annotated[int, Field(ge=0, le=INT32_MAX)]] | None = Field(
+        default=None, max_length=64
+    )
+    include_stop_str_in_output: bool = False
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value:
+            raise ValueError("logit_bias is not supported")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else (value or [])
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _check_common(self) -> GenerationRequest:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def to_sampling(self, max_tokens: int) -> Sampling:
+        """The wire's sampling parameters: each field of :class:`~shared.messages.Sampling` from the
+        field of the same name here (unset: the wire's default), so a new parameter is added in two
+        places, here and there; ``test_validation`` checks they stay in step."""
+        given = {
+            name: value
+            for name in Sampling.model_fields
+            if name != "max_tokens" and (value := getattr(self, name)) is not None
+        }
+        given["stop"] = tuple(self.stop_list())
+        given["stop_token_ids"] = tuple(self.stop_token_ids or ())
+        if self.top_k == -1:  # vLLM's other spelling of "no limit"
+            given.pop("top_k")
+        return Sampling(max_tokens=max_tokens, **given)
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def continuous_usage(self) -> bool:
+        """Usage on every chunk: vLLM's ``continuous_usage_stats``, honoured with ``include_usage``."""
+        return self.include_usage() and bool(
+            self.stream_options and self.stream_options.continuous_usage_stats
+        )
+
+
+class Usage(BaseModel):
+    """The ``usage`` of an answer (the OpenAPI document's shape)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+def usage_dict(usage: WireUsage) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }

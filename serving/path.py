@@ -1,0 +1,163 @@
+"""The request path every endpoint shares, HTTP apart: a request body becomes a job (the model
+resolved, the prompt tokenized, the lengths checked), then is admitted and enqueued, its replies
+subscribed to first. The gateway's endpoints and the batch feature both go through it, so a batch
+line is held to the same rules as a request."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import secrets
+import time
+from array import array
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from api.chat.protocol import ChatCompletionRequest
+from api.common import GenerationRequest
+from api.completions.protocol import CompletionRequest
+from api.errors import InvalidRequest, ModelNotFound, Unavailable
+from serving.admission import Admission, default_output
+from serving.dispatch import Dispatcher
+from serving.lifecycle import Lifecycle
+from serving.registry import ModelEntry, WorkerRegistry
+from serving.relay import Admitted
+from serving.tokenizer import PromptBuilder, TokenizerCache
+from shared.messages import Job, Usage
+from shared.tenants import Tenant
+
+NOTHING = Usage(prompt_tokens=0, completion_tokens=0)
+
+
+@dataclass
+class JobBuilder:
+    """A request body becomes a job, or a 4xx: resolve the model, tokenize, check the lengths."""
+
+    registry: WorkerRegistry
+    tokenizers: TokenizerCache
+    max_n: int
+    affinity_tokens: int = 0
+
+    async def resolve(self, model: str) -> ModelEntry:
+        live = await self.registry.models()
+        if model in live:
+            return live[model]
+        if await self.registry.known(model):
+            raise Unavailable(f"no live worker serves the model '{model}' right now", retry_after=5)
+        raise ModelNotFound(f"The model '{model}' does not exist", param="model")
+
+    async def chat(self, entry: ModelEntry, body: ChatCompletionRequest, tenant: Tenant, job_id: str) -> Job:
+        tokens = await self.tokenizers.get(entry.tokenizer)
+        check_length(tokens, sum(len(m.text()) for m in body.messages), entry.max_model_len, "messages")
+        tokens.check_ids(body.stop_token_ids or (), "stop_token_ids")
+        prompt = await tokens.chat_async(body.messages)
+        return self._job(job_id, tenant, entry, body, prompt, body.output_limit(), param="messages")
+
+    async def completion(
+        self, entry: ModelEntry, body: CompletionRequest, tenant: Tenant, job_id: str
+    ) -> Job:
+        tokens = await self.tokenizers.get(entry.tokenizer)
+        text = body.single_prompt()
+        if isinstance(text, str):
+            check_length(tokens, len(text), entry.max_model_len, "prompt")
+        tokens.check_ids(body.stop_token_ids or (), "stop_token_ids")
+        prompt = await tokens.text_async(text)
+        return self._job(job_id, tenant, entry, body, prompt, body.max_tokens, param="prompt")
+
+    def _job(
+        self,
+        job_id: str,
+        tenant: Tenant,
+        entry: ModelEntry,
+        body: GenerationRequest,
+        prompt: list[int],
+        max_tokens: int | None,
+        param: str,
+    ) -> Job:
+        if body.n > self.max_n:
+            raise InvalidRequest(f"n must be at most {self.max_n}", param="n")
+        room = fit_context(len(prompt), max_tokens, entry.max_model_len, param)
+        if max_tokens is None:
+            max_tokens = default_output(room, len(prompt), body.n, tenant.tpm)
+        if body.min_tokens > max_tokens:
+            raise InvalidRequest("min_tokens must not exceed max_tokens", param="min_tokens")
+        return Job(
+            id=job_id,
+            tenant=tenant.name,
+            model=entry.name,
+            prompt_token_ids=tuple(prompt),
+            sampling=body.to_sampling(max_tokens),
+            created_at=time.time(),
+            affinity=prefix_digest(prompt, self.affinity_tokens),
+        )
+
+
+async def submit(
+    job: Job, tenant: Tenant, dispatcher: Dispatcher, admission: Admission, lifecycle: Lifecycle
+) -> Admitted:
+    """Admit (rate limits, backlog) and enqueue; the reservation is settled when the reply ends."""
+    lifecycle.check_open()  # it may have begun draining while this request was tokenized
+    # The reply channel is subscribed while admission decides: two round trips at once, where
+    # one after the other would add one to every request's time to first token.
+    opening = asyncio.create_task(dispatcher.subscribe(job))
+    try:
+        ticket = await admission.admit(tenant, job)
+    except BaseException:
+        await dispatcher.unsubscribe(opening)
+        raise
+    try:
+        replies = await dispatcher.enqueue(job, await opening, tenant.priority)
+    except BaseException:
+        await admission.settle(ticket, NOTHING)  # nothing was enqueued
+        raise
+    return Admitted(replies, ticket, admission, lifecycle)
+
+
+def prefix_digest(prompt: Sequence[int], length: int) -> str | None:
+    """A digest of the prompt's first ``length`` tokens, when it has more (see ``Job.affinity``):
+    the turns of a conversation, or requests that open with one long system prompt, share it."""
+    if length <= 0 or len(prompt) <= length:
+        return None
+    return hashlib.blake2b(array("l", prompt[:length]).tobytes(), digest_size=8).hexdigest()
+
+
+def check_length(tokens: PromptBuilder, chars: int, max_model_len: int, param: str) -> None:
+    """Refuse, without encoding it, a prompt too long to fit the context whatever it encodes to."""
+    least = tokens.least_tokens(chars)
+    if least >= max_model_len:
+        raise InvalidRequest(
+            f"This model's maximum context length is {max_model_len} tokens. However, the prompt "
+            f"alone has at least {least} tokens. Please reduce the prompt.",
+            param=param,
+            code="context_length_exceeded",
+        )
+
+
+def fit_context(prompt_len: int, max_tokens: int | None, max_model_len: int, param: str) -> int:
+    """The output budget: ``max_tokens`` if prompt and output fit the context (else a 400), and
+    when it is unset the whole room the prompt leaves."""
+    if prompt_len == 0:  # e.g. "" with a tokenizer that adds no BOS; the engine would refuse it
+        raise InvalidRequest("the prompt is empty: it encodes to no tokens", param=param)
+    room = max_model_len - prompt_len
+    if max_tokens is None:
+        if room < 1:
+            raise _too_long(prompt_len, 1, max_model_len, param)
+        return room
+    if max_tokens > room:
+        raise _too_long(prompt_len, max_tokens, max_model_len, param)
+    return max_tokens
+
+
+def _too_long(prompt_len: int, max_tokens: int, limit: int, param: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"This model's maximum context length is {limit} tokens. However, you requested "
+        f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the "
+        "completion). Please reduce the prompt or the completion length.",
+        param=param,
+        code="context_length_exceeded",
+    )
+
+
+def new_request_id() -> str:
+    """Unguessable: job ids double as the reply channel name."""
+    return "req_" + secrets.token_hex(16)
