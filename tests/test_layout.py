@@ -1,4 +1,5 @@
-"""The shape of the code: imports only point down, and the README's Layout names every module.
+"""The shape of the code: imports only point down, docs/development.md's Layout names every module,
+and docs/configuration.md lists every setting.
 
     shared/ (the contract)  <-  gateway/, worker/  <-  control/ (CLI, supervisor, status, admin)
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
 PACKAGES = ("shared", "gateway", "worker", "control")
 ALLOWED = {
     "shared": {"shared"},
@@ -50,22 +52,27 @@ def test_imports_only_point_down(package: str) -> None:
     assert not wrong, sorted(wrong)
 
 
-def test_the_readme_layout_names_every_module() -> None:
-    readme = (ROOT / "README.md").read_text()
-    layout = readme[readme.index("## Layout") :]
-    layout = layout[: layout.index("\n## ", 1)] if "\n## " in layout[1:] else layout
+def section(page: Path, heading: str) -> str:
+    """The text of ``page`` from ``heading`` up to the next heading of the same level."""
+    text = page.read_text()
+    level = heading.split(" ")[0]
+    part = text[text.index(f"\n{heading}\n") + 1 :]
+    end = part.find(f"\n{level} ", 1)
+    return part if end == -1 else part[:end]
+
+
+def test_the_development_layout_names_every_module() -> None:
+    layout = section(DOCS / "development.md", "## Layout")
     named = {m for m in re.findall(r"`([a-z_]+/[a-z_]+\.py)`", layout) if m.split("/")[0] in PACKAGES}
     present = {str(p.relative_to(ROOT)) for pkg in PACKAGES for p in modules(pkg) if p.name != "__init__.py"}
-    assert present - named == set(), "modules the README's Layout does not describe"
-    assert named - present == set(), "modules the README's Layout names that do not exist"
+    assert present - named == set(), "modules docs/development.md's Layout does not describe"
+    assert named - present == set(), "modules docs/development.md's Layout names that do not exist"
 
 
-def test_the_readme_configuration_table_lists_every_setting() -> None:
+def test_the_configuration_page_lists_every_setting() -> None:
     from shared.settings import GatewaySettings, JobsSettings, WorkerSettings
 
-    readme = (ROOT / "README.md").read_text()
-    table = readme[readme.index("## Configuration") :]
-    table = table[: table.index("\n## ", 1)]
+    table = (DOCS / "configuration.md").read_text()
     names = {
         f"SWITCHYARD_{n.upper()}"
         for s in (GatewaySettings, JobsSettings, WorkerSettings)
