@@ -1,5 +1,6 @@
-"""The shape of the code: imports only point down, docs/development.md's Layout names every module,
-and docs/configuration.md lists every setting.
+"""The shape of the code and of its documentation: imports only point down, docs/development.md's
+Layout names every module, docs/configuration.md lists every setting, and the README and docs/ link
+only to files that exist, every page of docs/ from the README.
 
     shared/ (the contract)  <-  gateway/, worker/  <-  control/ (CLI, supervisor, status, admin)
 
@@ -80,3 +81,39 @@ def test_the_configuration_page_lists_every_setting() -> None:
     }
     names = {"REDIS_URL" if n == "SWITCHYARD_REDIS_URL" else n for n in names}
     assert sorted(n for n in names if f"`{n}`" not in table) == []
+
+
+def pages() -> list[Path]:
+    return [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
+
+
+def links(page: Path) -> list[str]:
+    """The targets of ``page``'s Markdown links, code blocks left out."""
+    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.DOTALL | re.MULTILINE)
+    return re.findall(r"\]\(([^)\s]+)\)", text)
+
+
+def anchors(page: Path) -> set[str]:
+    """The anchors a Markdown renderer gives ``page``'s headings (lower case, punctuation dropped)."""
+    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.DOTALL | re.MULTILINE)
+    headings = re.findall(r"^#+ (.+)$", text, flags=re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def test_the_readme_links_every_docs_page() -> None:
+    linked = {(ROOT / t.split("#")[0]).resolve() for t in links(ROOT / "README.md")}
+    assert sorted(p.name for p in DOCS.glob("*.md") if p.resolve() not in linked) == []
+
+
+@pytest.mark.parametrize("page", pages(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_lead_to_files_that_exist(page: Path) -> None:
+    broken = []
+    for target in links(page):
+        if re.match(r"[a-z][a-z0-9+.-]*:", target):
+            continue  # http:, https:, mailto: ...
+        path, _, anchor = target.partition("#")
+        dest = (page.parent / path).resolve() if path else page
+        missing_anchor = anchor and dest.suffix == ".md" and anchor not in anchors(dest)
+        if not dest.exists() or missing_anchor:
+            broken.append(target)
+    assert broken == []
