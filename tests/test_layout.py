@@ -83,6 +83,14 @@ def test_the_configuration_page_lists_every_setting() -> None:
     assert sorted(n for n in names if f"`{n}`" not in table) == []
 
 
+def test_the_readme_settings_read_as_on_the_configuration_page() -> None:
+    table = section(ROOT / "README.md", "## Configuration")
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    full = (DOCS / "configuration.md").read_text().splitlines()
+    assert rows, "the README's Configuration table is empty"
+    assert [row for row in rows if row not in full] == []
+
+
 def pages() -> list[Path]:
     return [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
 
