@@ -1,4 +1,4 @@
-"""Batches of the Batch API in Redis: created by a gateway, run by the background jobs, cancelled and
+"""Batches of the Batch API in Redis: created by a gateway, run by the background role, cancelled and
 read by either, each status move one atomic step; and the OpenAI ``batch`` object they show as.
 
 A batch belongs to the tenant that created it; any other tenant is told it does not exist.
@@ -85,7 +85,7 @@ class Batches:
         self._scripts = BatchScripts(redis)
 
     async def create(self, tenant: str, body: BatchCreateRequest, files: Files) -> BatchState:
-        """A new batch of ``tenant``, ``validating`` until the background jobs take it."""
+        """A new batch of ``tenant``, ``validating`` until the background role takes it."""
         source = await files.get(tenant, body.input_file_id, param="input_file_id")
         if source.purpose != "batch":
             raise InvalidRequest(

@@ -60,7 +60,7 @@ class LeaseLost(Exception):
 
 @dataclass
 class Parts:
-    """What every batch run of a jobs process shares."""
+    """What every batch run of a background process shares."""
 
     redis: Redis
     settings: BackgroundSettings

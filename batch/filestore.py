@@ -1,5 +1,5 @@
-"""Where the bytes of files live: a directory (the default; shared by every gateway and background
-jobs process, e.g. a volume) or Redis (nothing to share but Redis; for modest files).
+"""Where the bytes of files live: a directory (the default; shared by every gateway and
+background process, e.g. a volume) or Redis (nothing to share but Redis; for modest files).
 
 Both write a file whole under a temporary name and then rename it, so a reader never sees half a
 file and an interrupted write leaves nothing behind under the real name.

@@ -1,4 +1,4 @@
-"""Periodic work off the token path, run by the background jobs on a schedule (see
+"""Periodic work off the token path, run by the background role on a schedule (see
 :mod:`batch.role`): expiring files and finished batches, trimming dead-letter streams,
 rolling up usage, and restarting batches nobody runs. Each job is a plain method here, callable
 against any Redis; each run is logged in ``Names.housekeeping_log``.

@@ -1,4 +1,4 @@
-"""One run of a batch, by whichever jobs process holds its lease: validate the input, feed the
+"""One run of a batch, by whichever background process holds its lease: validate the input, feed the
 lines (:mod:`batch.feeder`), and finish as OpenAI's batches do, with the output and error files.
 
 Any number of ``switchyard jobs`` processes may start a run of the same batch; only the one that
@@ -45,7 +45,7 @@ def result_file_id(batch_id: str, kind: str) -> str:
 
 
 class BatchRunner:
-    """Runs batches for one jobs process, at most ``max_batches`` at once."""
+    """Runs batches for one background process, at most ``max_batches`` at once."""
 
     def __init__(self, parts: Parts) -> None:
         self._parts = parts

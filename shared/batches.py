@@ -1,5 +1,5 @@
 """Records of the Batch API as Redis holds them, shared by gateways (which take files and batches)
-and the background jobs (which run batches and expire them): files, batches, and the moves a
+and the background role (which runs batches and expires them): files, batches, and the moves a
 batch's status may make.
 
 A batch is one Redis hash (``Names.batch``): its request as JSON under ``request``, then flat fields

@@ -11,7 +11,7 @@ several test runs, can share one Redis. They are plain strings meant to be typed
     GET        switchyard:worker:<id>                    what one worker serves (JSON)
     PUBSUB CHANNELS switchyard:reply:*                   requests being answered right now
 
-The Batch API and the background jobs (``switchyard jobs``) keep theirs beside them:
+The Batch API and the background role (``switchyard background``) keep theirs beside them:
 
     XLEN       switchyard:batchjobs:<model>:<tenant>     batch lines of a tenant waiting or running
     HGETALL    switchyard:batch:<id>                     one batch: status, counts, timestamps
@@ -111,7 +111,7 @@ class Names:
     def dead_letter(self, model: str) -> str:
         return f"{self.prefix}:dead:{model}"
 
-    # -- the Batch API and background jobs (``switchyard jobs``) ---------------------------------
+    # -- the Batch API and the background role (``switchyard background``) -----------------------
 
     def batch_stream(self, model: str, tenant: str) -> str:
         """Job stream of a tenant's batch lines for one model, read at batch priority (its own

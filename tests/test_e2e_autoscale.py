@@ -2,7 +2,7 @@
 while no worker runs waits in its stream, workers are started for it and every request completes
 whole, and then they are retired again. The simulated engine stands in for vLLM here (workers start
 in a second, so the scaling itself is what the test watches); the same run with the real engine is
-``python loadtest/autoscale.py`` (its figures are in the README)."""
+``python loadtest/autoscale.py`` (its figures are in docs/fleet.md)."""
 
 from __future__ import annotations
 

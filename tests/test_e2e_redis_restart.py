@@ -3,7 +3,7 @@ session's): clients in flight get errors, not hangs; requests during the outage 
 once; both processes reconnect on their own and serve again, the consumer group recreated.
 
 An empty Redis has also lost every tenant and key; the test registers the same key again, as an
-operator restoring them would (production Redis should persist: see README, "Redis").
+operator restoring them would (production Redis should persist: see docs/operations.md, "Redis restarts").
 """
 
 from __future__ import annotations
