@@ -1,7 +1,7 @@
 """Prefix affinity, measured: multi-turn conversations on two real vLLM workers, with and without it.
 
-    python loadtest/affinity.py                     # 16 conversations of 4 turns, twice
-    python loadtest/affinity.py --conversations 32 --turns 6 --first-words 400
+    python -m loadtest affinity                     # 16 conversations of 4 turns, twice
+    python -m loadtest affinity --conversations 32 --turns 6 --first-words 400
 
 Each phase starts its own ``switchyard up --workers 2`` on the demo model (cold prefix caches), with
 ``SWITCHYARD_PREFIX_AFFINITY`` off, then on. Conversations run concurrently: each opens with a long
@@ -20,7 +20,6 @@ import json
 import os
 import random
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -28,12 +27,8 @@ from pathlib import Path
 
 import httpx
 
-try:  # run as a script: this directory is on sys.path
-    import proctree
-except ModuleNotFoundError:  # imported from the repository root
-    from loadtest import proctree  # type: ignore[no-redef]
-
 from control.processes import free_port
+from loadtest import proctree
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KEY = "sy-0123456789ab-affinityaffinityaffinityaffinityaffini"
@@ -144,7 +139,9 @@ def run_phase(args: argparse.Namespace, affinity: bool) -> Phase:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     stamp = datetime.now(UTC).strftime("%Y-%m-%d")
-    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m loadtest affinity", description=(__doc__ or "").splitlines()[0]
+    )
     p.add_argument("--conversations", type=int, default=16)
     p.add_argument("--turns", type=int, default=4)
     p.add_argument("--first-words", type=int, default=300)
@@ -195,7 +192,3 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "affinity.json").write_text(json.dumps([asdict(p) | p.figures() for p in phases], indent=1))
     print(text)
     return 0 if all(p.errors == 0 for p in phases) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,8 +1,8 @@
 """Autoscaling from zero, watched: a burst arrives while the model has no worker, workers come, the
 burst completes, workers go.
 
-    python loadtest/autoscale.py                       # the real engine on the demo model
-    python loadtest/autoscale.py --engine sim --max 4  # the simulated engine (fast)
+    python -m loadtest autoscale                       # the real engine on the demo model
+    python -m loadtest autoscale --engine sim --max 4  # the simulated engine (fast)
 
 Starts ``switchyard up --autoscale 0:MAX`` on free ports, waits until it has scaled to zero, sends
 ``--requests`` streamed requests at once, samples the model's backlog, workers and completed
@@ -25,12 +25,8 @@ from pathlib import Path
 import httpx
 from redis.asyncio import Redis
 
-try:  # run as a script: this directory is on sys.path
-    import proctree
-except ModuleNotFoundError:  # imported from the repository root
-    from loadtest import proctree  # type: ignore[no-redef]
-
 from control.processes import free_port
+from loadtest import proctree
 from shared.fleet import gather
 from shared.names import Names
 
@@ -228,7 +224,9 @@ def up_flags(args: argparse.Namespace, port: int, redis_port: int) -> tuple[list
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     stamp = datetime.now(UTC).strftime("%Y-%m-%d")
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p = argparse.ArgumentParser(
+        prog="python -m loadtest autoscale", description=__doc__.splitlines()[0] if __doc__ else None
+    )
     p.add_argument("--engine", choices=["vllm", "sim"], default="vllm")
     p.add_argument("--sim-preset", default="cpu-demo")
     p.add_argument("--max", type=int, default=2, help="most workers (default: 2)")
@@ -277,7 +275,3 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "summary.md").write_text(text)
     print(text)
     return 0 if burst.whole == burst.requests else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -22,9 +22,9 @@ By default the system is started the way ``fairness.py`` starts it (``switchyard
 jobs process; ``--extra-jobs`` adds another ``switchyard jobs``), and stopped at the end;
 ``--base-url`` with ``--key`` and ``--batch-key`` measures a running system with its jobs processes.
 
-    python loadtest/batchbench.py                                   # 1,000 lines, 4 streams, 45 s alone
-    python loadtest/batchbench.py --lines 100 --duration 15 --out batch.json
-    python loadtest/batchbench.py --base-url http://127.0.0.1:8000/v1 --key sy-... --batch-key sy-...
+    python -m loadtest batchbench                                   # 1,000 lines, 4 streams, 45 s alone
+    python -m loadtest batchbench --lines 100 --duration 15 --out batch.json
+    python -m loadtest batchbench --base-url http://127.0.0.1:8000/v1 --key sy-... --batch-key sy-...
 
 Exit status: 0 when every request and line succeeded, 1 otherwise, 2 when the run could not start.
 """
@@ -46,20 +46,14 @@ from typing import Any
 
 import httpx
 
-try:  # run as a script, python loadtest/batchbench.py: this directory is on sys.path
-    import bench
-    import compare
-    import proctree
-    from benchreport import DEFAULT_TIMEOUT_S, BenchConfig, RequestResult, percentile, summarize
-except ModuleNotFoundError:  # imported as loadtest.batchbench from the repository root
-    from loadtest import bench, compare, proctree  # type: ignore[no-redef]
-    from loadtest.benchreport import (  # type: ignore[no-redef]
-        DEFAULT_TIMEOUT_S,
-        BenchConfig,
-        RequestResult,
-        percentile,
-        summarize,
-    )
+from loadtest import bench, compare, proctree
+from loadtest.benchreport import (
+    DEFAULT_TIMEOUT_S,
+    BenchConfig,
+    RequestResult,
+    percentile,
+    summarize,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 INTERACTIVE, BATCHER = "interactive", "batcher"  # tenant names when this script creates them
@@ -308,7 +302,7 @@ def run_started_system(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m loadtest batchbench", description=__doc__.splitlines()[0])
     add = p.add_argument
     add("--base-url", help="a running system, e.g. http://127.0.0.1:8000/v1 (default: start one)")
     add("--key", help="with --base-url: the interactive tenant's key")
@@ -343,8 +337,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
     try:
         if args.base_url:
             model = args.model_name or compare_first_model(args.base_url, args.key)
@@ -375,7 +367,3 @@ def compare_first_model(base_url: str, key: str) -> str:
     if not models:
         raise RuntimeError(f"{base_url} serves no model yet")
     return str(models[0])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -44,28 +44,16 @@ from typing import Any, TypeVar
 
 import httpx
 
-try:  # run as a script, python loadtest/bench.py: this directory is on sys.path
-    from benchreport import (
-        DEFAULT_TIMEOUT_S,
-        BenchConfig,
-        BenchReport,
-        RequestResult,
-        format_report,
-        mean,
-        summarize,
-        to_json,
-    )
-except ModuleNotFoundError:  # imported as loadtest.bench from the repository root
-    from loadtest.benchreport import (  # type: ignore[no-redef]
-        DEFAULT_TIMEOUT_S,
-        BenchConfig,
-        BenchReport,
-        RequestResult,
-        format_report,
-        mean,
-        summarize,
-        to_json,
-    )
+from loadtest.benchreport import (
+    DEFAULT_TIMEOUT_S,
+    BenchConfig,
+    BenchReport,
+    RequestResult,
+    format_report,
+    mean,
+    summarize,
+    to_json,
+)
 
 _WORD_TEXT = """
     time year people way day man thing woman life child world school state family student group
@@ -267,7 +255,7 @@ async def run_bench(cfg: BenchConfig) -> BenchReport:
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, Path | None, bool]:
     """Command line -> (config, JSON output path, use uvloop)."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m loadtest bench", description=__doc__.splitlines()[0])
     p.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
     p.add_argument("--model", required=True)
     p.add_argument("--concurrency", type=int, default=64)
@@ -320,7 +308,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rep.token_mismatches:
         print(f"WARNING: {rep.token_mismatches} requests did not generate exactly {cfg.output_tokens} tokens")
     return 1 if rep.errors or rep.warmup_errors else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,10 +11,7 @@ matplotlib.use("Agg")  # files only, no display; must precede pyplot's import
 import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
 
-try:
-    from sweepreport import LevelResult, SweepReport
-except ModuleNotFoundError:  # imported as loadtest.charts from the repository root
-    from loadtest.sweepreport import LevelResult, SweepReport  # type: ignore[no-redef]
+from loadtest.sweepreport import LevelResult, SweepReport
 
 # (chart file, [(field, axis title)]) — one subplot per field.
 CHARTS = (

@@ -2,17 +2,17 @@
 
 For each target in turn — never both at once, the machine has 2 cores — start the server as a
 subprocess in its own process group, poll ``GET /v1/models`` until it lists the model, run
-``bench.py`` against it (as a subprocess, so the client's CPU figure is its own) ``--repeat`` times
-at each concurrency level, then stop the whole process group (SIGINT, then SIGTERM, then SIGKILL)
-and whatever it left running (``proctree.py``). Around each bench run the CPU time of the server's
-process tree, of the client and of everything else on the host is read from ``/proc``, so a run
-disturbed by other work shows it. Finally print the figures side by side (medians over the repeats)
-with Switchyard / vLLM ratios and write ``summary.json`` and ``summary.md`` (plus each server's
-log and each raw bench report) to ``--out``.
+``python -m loadtest bench`` against it (as a subprocess, so the client's CPU figure is its own) ``--repeat``
+times at each concurrency level, then stop the whole process group (SIGINT, then SIGTERM, then
+SIGKILL) and whatever it left running (``proctree.py``). Around each bench run the CPU time of the
+server's process tree, of the client and of everything else on the host is read from ``/proc``, so a
+run disturbed by other work shows it. Finally print the figures side by side (medians over the
+repeats) with Switchyard / vLLM ratios and write ``summary.json`` and ``summary.md`` (plus each
+server's log and each raw bench report) to ``--out``.
 
-    python loadtest/compare.py                     # both targets, demo model, 64 streams
-    python loadtest/compare.py --only vllm --concurrency 1,64
-    python loadtest/compare.py --switchyard-cmd "switchyard up --port {port} --model {model_dir}"
+    python -m loadtest compare                     # both targets, demo model, 64 streams
+    python -m loadtest compare --only vllm --concurrency 1,64
+    python -m loadtest compare --switchyard-cmd "switchyard up --port {port} --model {model_dir}"
 
 The engine settings (dtype, eager mode, context length, batch size, KV-cache size) are defined once
 in :class:`EngineSettings`; vLLM gets them as its flags, Switchyard as ``switchyard up``'s flags
@@ -37,15 +37,9 @@ from typing import Any
 import httpx
 
 from control.processes import free_port, wait_until
-
-try:  # run as a script, python loadtest/compare.py: this directory is on sys.path
-    import comparison
-    import proctree
-except ModuleNotFoundError:  # imported as loadtest.compare from the repository root
-    from loadtest import comparison, proctree  # type: ignore[no-redef]
+from loadtest import comparison, proctree
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-BENCH = Path(__file__).resolve().parent / "bench.py"
 DEFAULT_SWITCHYARD_CMD = (
     "switchyard up --port {port} --model {model_dir} --served-model-name {model_name}"
     " --redis-port {redis_port} {engine_args}"
@@ -214,7 +208,8 @@ def run_bench(
     target: Target, args: argparse.Namespace, concurrency: int, json_path: Path, server_pid: int
 ) -> dict[str, Any]:
     """Run bench.py against the target as a subprocess; returns its JSON report plus CPU accounting."""
-    argv = [sys.executable, str(BENCH), "--base-url", target.base_url, "--model", args.model_name]
+    argv = [sys.executable, "-m", "loadtest", "bench", "--base-url", target.base_url]
+    argv += ["--model", args.model_name]
     argv += ["--concurrency", str(concurrency), "--requests", str(args.requests), "--json", str(json_path)]
     argv += ["--prompt-tokens", str(args.prompt_tokens), "--output-tokens", str(args.output_tokens)]
     argv += ["--warmup", str(args.warmup), "--seed", str(args.seed)]
@@ -222,7 +217,7 @@ def run_bench(
     print(f"\n--- {target.name}: concurrency {concurrency} ---", flush=True)
     json_path.unlink(missing_ok=True)
     before = proctree.cpu_sample(server_pid)
-    code = subprocess.call(argv)
+    code = subprocess.call(argv, cwd=REPO_ROOT)
     window = proctree.cpu_window(before, proctree.cpu_sample(server_pid))
     if code == 2 or not json_path.exists():
         raise ServerError(f"bench could not run against {target.name} (exit {code})")
@@ -313,7 +308,6 @@ def resolve_model(args: argparse.Namespace) -> Path:
     if args.model_dir is not None:
         args.model_name = args.model_name or args.model_dir.name
         return Path(args.model_dir).resolve()
-    sys.path.insert(0, str(REPO_ROOT))
     from worker.demo_model import DEMO_MODEL_NAME, ensure_demo_model
 
     args.model_name = args.model_name or DEMO_MODEL_NAME
@@ -329,7 +323,7 @@ def parse_levels(text: str) -> list[int]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m loadtest compare", description=__doc__.splitlines()[0])
     p.add_argument("--model-dir", type=Path, default=None, help="default: the demo model (built if missing)")
     p.add_argument("--model-name", default=None, help="served model name (default: demo name or dir name)")
     p.add_argument("--only", choices=comparison.TARGETS, action="append", default=None,
@@ -383,7 +377,3 @@ def main(argv: list[str] | None = None) -> int:
     write_summary(args.out, meta, outcomes, [str(level) for level in args.concurrency])
     failed = any(o.failure or any(r.get("exit_code") for r in o.reports.values()) for o in outcomes.values())
     return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """As a user compares: `vllm serve` as shipped against `switchyard up` as shipped, on this host.
 
-    python loadtest/defaults.py                                   # 4 and 64 streams, demo model
-    python loadtest/defaults.py --variant "threads=2:OMP_NUM_THREADS=2"   # Switchyard with other env
+    python -m loadtest defaults                                   # 4 and 64 streams, demo model
+    python -m loadtest defaults --variant "threads=2:OMP_NUM_THREADS=2"   # Switchyard with other env
 
 Both servers get only what a fair comparison must make equal (the model, its served name, dtype,
 context length, and on a CPU host the KV-cache size, without which vLLM does not start here);
@@ -28,16 +28,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-try:  # run as a script, python loadtest/defaults.py: this directory is on sys.path
-    import compare
-    import proctree
-except ModuleNotFoundError:  # imported as loadtest.defaults from the repository root
-    from loadtest import compare, proctree  # type: ignore[no-redef]
-
 from control.processes import free_port
+from loadtest import compare, proctree
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-VLLMBENCH = Path(__file__).resolve().parent / "vllmbench.py"
 KEY = "sy-0123456789ab-defaultsdefaultsdefaultsdefaultsdefaul"
 FIGURES = (
     ("output_throughput", "output tok/s"),
@@ -71,7 +65,7 @@ def bench(
     target: compare.Target, args: argparse.Namespace, model_dir: Path, level: int, round_: int
 ) -> dict[str, Any]:
     path = args.out / f"{target.name.replace(' ', '-')}-c{level}-r{round_}.json"
-    argv = [sys.executable, str(VLLMBENCH), "--base-url", target.base_url.removesuffix("/v1")]
+    argv = [sys.executable, "-m", "loadtest", "vllmbench", "--base-url", target.base_url.removesuffix("/v1")]
     argv += ["--model", args.model_name, "--tokenizer", str(model_dir), "--api-key", KEY]
     argv += ["--concurrency", str(level), "--num-prompts", str(args.num_prompts), "--json", str(path)]
     argv += ["--input-len", str(args.input_len), "--output-len", str(args.output_len)]
@@ -150,7 +144,9 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     stamp = datetime.now(UTC).strftime("%Y-%m-%d")
-    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m loadtest defaults", description=(__doc__ or "").splitlines()[0]
+    )
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[4, 64])
     p.add_argument("--num-prompts", type=int, default=400)
     p.add_argument("--repeat", type=int, default=1, help="rounds, servers in alternating order")
@@ -212,7 +208,3 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "defaults.json").write_text(json.dumps({"medians": results, "rounds": rounds}, indent=1))
     print(text)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

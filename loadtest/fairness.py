@@ -48,11 +48,11 @@ next to no CPU, so what is left between B and its first token is queueing and sc
 flood's client and engine competing with everything for this host's cores. B's streams default to
 4 per worker and A's to 10 times B's, so that with more workers the flood still outgrows them all.
 
-    python loadtest/fairness.py                              # B 4 streams, A 40, capacity 16, 45 s
-    python loadtest/fairness.py --engine sim --workers 4     # B 16, A 160, four simulated workers
-    python loadtest/fairness.py --engine sim --pause 0.1 --worker-setting SWITCHYARD_PREFILL_PER_TENANT=1
-    python loadtest/fairness.py --flooder-priority batch --out fairness.json
-    python loadtest/fairness.py --base-url http://127.0.0.1:8000/v1 --key-a sy-... --key-b sy-... \\
+    python -m loadtest fairness                              # B 4 streams, A 40, capacity 16, 45 s
+    python -m loadtest fairness --engine sim --workers 4     # B 16, A 160, four simulated workers
+    python -m loadtest fairness --engine sim --pause 0.1 --worker-setting SWITCHYARD_PREFILL_PER_TENANT=1
+    python -m loadtest fairness --flooder-priority batch --out fairness.json
+    python -m loadtest fairness --base-url http://127.0.0.1:8000/v1 --key-a sy-... --key-b sy-... \\
         --redis-url redis://127.0.0.1:6379/0
 
 Exit status: 0 when every request succeeded, 1 otherwise, 2 when the run could not start.
@@ -77,21 +77,13 @@ import httpx
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-try:  # run as a script, python loadtest/fairness.py: this directory is on sys.path
-    import bench
-    import compare
-    import fairreport
-    import proctree
-    import simfleet
-    from benchreport import DEFAULT_TIMEOUT_S, BenchConfig, RequestResult, summarize
-except ModuleNotFoundError:  # imported as loadtest.fairness from the repository root
-    from loadtest import bench, compare, fairreport, proctree, simfleet  # type: ignore[no-redef]
-    from loadtest.benchreport import (  # type: ignore[no-redef]
-        DEFAULT_TIMEOUT_S,
-        BenchConfig,
-        RequestResult,
-        summarize,
-    )
+from loadtest import bench, compare, fairreport, proctree, simfleet
+from loadtest.benchreport import (
+    DEFAULT_TIMEOUT_S,
+    BenchConfig,
+    RequestResult,
+    summarize,
+)
 
 if TYPE_CHECKING:
     from shared.names import Names
@@ -99,7 +91,6 @@ if TYPE_CHECKING:
     from shared.tenants import Priority
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = str(Path(__file__).resolve())
 FLOODER, VICTIM = "flooder", "victim"  # tenant names when this script creates them
 SAMPLE_INTERVAL = 0.5
 
@@ -283,7 +274,7 @@ class Phase:
 
 
 FLOOD_CHILD = "--flood-child"
-"""First argument of this script run as A's client (see :class:`FloodProcess`)."""
+"""First argument of this study run as A's client (see :class:`FloodProcess`)."""
 
 Finish = Callable[[], Awaitable[tuple[list[RequestResult], float, float | None]]]
 """Ends a flood: A starts no more requests; its results, wall time and client CPU seconds (None
@@ -304,7 +295,7 @@ class FloodProcess:
     async def start(cls, loads: Loads, ramp: float) -> FloodProcess:
         """Start it and return once its client is ready to send."""
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, SCRIPT, FLOOD_CHILD,
+            sys.executable, "-m", "loadtest", "fairness", FLOOD_CHILD, cwd=REPO_ROOT,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
         assert proc.stdin is not None and proc.stdout is not None
@@ -597,7 +588,7 @@ def run_given_system(args: argparse.Namespace) -> fairreport.FairnessReport:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m loadtest fairness", description=__doc__.splitlines()[0])
     add = p.add_argument
     add("--base-url", help="a running system, e.g. http://127.0.0.1:8000/v1 (default: start one)")
     add("--key-a", help="with --base-url: the flooding tenant's key")
@@ -673,8 +664,6 @@ def main(argv: list[str] | None = None) -> int:
     if (sys.argv[1:] if argv is None else argv)[:1] == [FLOOD_CHILD]:
         return flood_child()
     args = parse_args(argv)
-    if str(REPO_ROOT) not in sys.path:  # this checkout's packages, even if another one is installed
-        sys.path.insert(0, str(REPO_ROOT))
     try:
         if args.base_url:
             rep = run_given_system(args)
@@ -692,7 +681,3 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(fairreport.to_json(rep))
         print(f"wrote {args.out}")
     return 1 if sum(r.errors for r in rep.runs) + rep.alone.warmup_errors else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

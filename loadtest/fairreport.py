@@ -12,14 +12,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-try:  # run as a script from loadtest/: this directory is on sys.path
-    import comparison
-    from benchreport import BenchReport, RequestResult, json_ready, mean
-    from comparison import fmt, ratio
-except ModuleNotFoundError:  # imported as loadtest.fairreport from the repository root
-    from loadtest import comparison  # type: ignore[no-redef]
-    from loadtest.benchreport import BenchReport, RequestResult, json_ready, mean  # type: ignore[no-redef]
-    from loadtest.comparison import fmt, ratio  # type: ignore[no-redef]
+from loadtest import comparison
+from loadtest.benchreport import BenchReport, RequestResult, json_ready, mean
+from loadtest.comparison import fmt, ratio
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """What the serving path costs per token: CPU time per 1,000 output tokens of each of its parts.
 
-    python loadtest/pathcost.py                              # 64, 256, 1,024 streams, both servers
-    python loadtest/pathcost.py --streams 64 --no-vllm       # Switchyard only
-    python loadtest/pathcost.py --gateway-processes 1,2 --sim-speed 20 --streams 1024  # the ceiling
+    python -m loadtest pathcost                              # 64, 256, 1,024 streams, both servers
+    python -m loadtest pathcost --streams 64 --no-vllm       # Switchyard only
+    python -m loadtest pathcost --gateway-processes 1,2 --sim-speed 20 --streams 1024  # the ceiling
 
 Switchyard runs with the simulated engine (``switchyard up --engine sim``): no model computes, so
 what is measured is the path itself: the gateway process(es), Redis, and the worker (its own code
@@ -31,16 +31,10 @@ from pathlib import Path
 import psutil
 import redis
 
-try:  # run as a script, python loadtest/pathcost.py: this directory is on sys.path
-    import compare
-    import proctree
-except ModuleNotFoundError:  # imported as loadtest.pathcost from the repository root
-    from loadtest import compare, proctree  # type: ignore[no-redef]
-
 from control.processes import free_port
+from loadtest import compare, proctree
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-BENCH = Path(__file__).resolve().parent / "bench.py"
 KEY = "sy-0123456789ab-pathcostpathcostpathcostpathcostpathcos"
 
 
@@ -82,7 +76,8 @@ def published(port: int) -> int:
 
 
 def bench(base_url: str, model: str, streams: int, requests: int, tokens: int, out: Path) -> dict:  # type: ignore[type-arg]
-    argv = [sys.executable, str(BENCH), "--base-url", base_url, "--model", model, "--api-key", KEY]
+    argv = [sys.executable, "-m", "loadtest", "bench", "--base-url", base_url, "--model", model]
+    argv += ["--api-key", KEY]
     argv += ["--concurrency", str(streams), "--requests", str(requests), "--output-tokens", str(tokens)]
     # No calibration probes and a short warm-up: their requests would count against the measured
     # tokens' CPU (CPU is read around the whole client run).
@@ -229,7 +224,9 @@ def table(levels: list[Level]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     stamp = datetime.now(UTC).strftime("%Y-%m-%d")
-    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m loadtest pathcost", description=(__doc__ or "").splitlines()[0]
+    )
     p.add_argument("--streams", type=lambda s: [int(x) for x in s.split(",")], default=[64, 256, 1024])
     p.add_argument("--requests-per-stream", type=int, default=8)
     p.add_argument("--output-tokens", type=int, default=128)
@@ -277,7 +274,3 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(text)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

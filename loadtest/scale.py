@@ -32,8 +32,8 @@ worker generates about 750 tokens/s, and gateway, Redis, worker and client toget
 the host room, so they measure the workers' scaling, and 8 to 16 reach the host's limit, so the
 report shows where the path saturates and which process gives out first.
 
-    python loadtest/scale.py                                  # 1, 2, 4, 8, 16 workers
-    python loadtest/scale.py --workers 1,2 --duration 10 --warmup 5 --out /tmp/scale
+    python -m loadtest scale                                  # 1, 2, 4, 8, 16 workers
+    python -m loadtest scale --workers 1,2 --duration 10 --warmup 5 --out /tmp/scale
 
 Exit status: 0 when every request succeeded, 1 otherwise, 2 when a fleet could not start.
 """
@@ -53,24 +53,13 @@ from pathlib import Path
 
 import httpx
 
-try:  # run as a script, python loadtest/scale.py: this directory is on sys.path
-    import simfleet  # first: it puts this checkout's packages on sys.path
-except ModuleNotFoundError:  # imported as loadtest.scale from the repository root
-    from loadtest import simfleet  # type: ignore[no-redef]
-
-try:
-    import bench
-    import proctree
-    import scalereport
-    from benchreport import DEFAULT_TIMEOUT_S, BenchConfig, RequestResult, percentile
-except ModuleNotFoundError:
-    from loadtest import bench, proctree, scalereport  # type: ignore[no-redef]
-    from loadtest.benchreport import (  # type: ignore[no-redef]
-        DEFAULT_TIMEOUT_S,
-        BenchConfig,
-        RequestResult,
-        percentile,
-    )
+from loadtest import bench, proctree, scalereport, simfleet
+from loadtest.benchreport import (
+    DEFAULT_TIMEOUT_S,
+    BenchConfig,
+    RequestResult,
+    percentile,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BURST_TOKENS = 16
@@ -206,7 +195,9 @@ def parse_workers(text: str) -> list[int]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     stamp = datetime.now(UTC).strftime("%Y-%m-%d")
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p = argparse.ArgumentParser(
+        prog="python -m loadtest scale", description=__doc__.splitlines()[0] if __doc__ else None
+    )
     add = p.add_argument
     add("--workers", type=parse_workers, default=[1, 2, 4, 8, 16], help="fleet sizes (default: 1,2,4,8,16)")
     add("--preset", default="l4", choices=["l4", "a100", "h100", "cpu-demo"],
@@ -231,14 +222,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv
+    args = parse_args(given)
     args.out.mkdir(parents=True, exist_ok=True)
     from worker.demo_model import ensure_demo_model
 
     ensure_demo_model()  # once here, not in every worker at once
     meta = {
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": shlex.join(["python", "loadtest/scale.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": shlex.join(["python", "-m", "loadtest", "scale", *given]),
         "host_cpus": os.cpu_count(),
     } | {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     report = scalereport.ScaleReport(meta, [])
@@ -261,7 +253,3 @@ def main(argv: list[str] | None = None) -> int:
     print(scalereport.render_text_report(report))
     print(f"\nwrote {args.out / 'summary.md'}, scale.json and scale.png")
     return 1 if any(lv.errors for lv in report.levels) else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

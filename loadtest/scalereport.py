@@ -13,16 +13,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-try:  # run as a script from loadtest/: this directory is on sys.path
-    from benchreport import RequestResult, json_ready, mean
-    from comparison import fmt, render_markdown, render_text
-except ModuleNotFoundError:  # imported as loadtest.scalereport from the repository root
-    from loadtest.benchreport import (  # type: ignore[no-redef]
-        RequestResult,
-        json_ready,
-        mean,
-    )
-    from loadtest.comparison import fmt, render_markdown, render_text  # type: ignore[no-redef]
+from loadtest.benchreport import (
+    RequestResult,
+    json_ready,
+    mean,
+)
+from loadtest.comparison import fmt, render_markdown, render_text
 
 SCALING_TARGET = 0.9
 """N workers should give at least this times N times one worker's output tokens/s."""

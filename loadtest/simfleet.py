@@ -23,15 +23,13 @@ from types import TracebackType
 import httpx
 from redis.asyncio import Redis
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # this checkout's packages, even if another one is installed
-    sys.path.insert(0, str(REPO_ROOT))
+from control.processes import answers_ok, free_port, stop_process, wait_until
+from control.redis_server import EmbeddedRedis
+from shared.fleet import live_workers
+from shared.names import Names
+from shared.tenants import Priority, Tenant, TenantStore
 
-from control.processes import answers_ok, free_port, stop_process, wait_until  # noqa: E402
-from control.redis_server import EmbeddedRedis  # noqa: E402
-from shared.fleet import live_workers  # noqa: E402
-from shared.names import Names  # noqa: E402
-from shared.tenants import Priority, Tenant, TenantStore  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class FleetError(RuntimeError):

@@ -1,7 +1,7 @@
 """Run ``locustfile.py`` headless at a sweep of concurrency levels and write a report directory.
 
-    python loadtest/sweep.py --url http://127.0.0.1:8000 --levels 1,8,32,64 --duration 25
-    python loadtest/sweep.py --url http://127.0.0.1:8000 --compare-url http://127.0.0.1:8100 \\
+    python -m loadtest sweep --url http://127.0.0.1:8000 --levels 1,8,32,64 --duration 25
+    python -m loadtest sweep --url http://127.0.0.1:8000 --compare-url http://127.0.0.1:8100 \\
         --compare-name vllm                                     # the same sweep against a second server
 
 Per target, the served model is asked for (``GET /v1/models``) and the prompt length calibrated
@@ -40,15 +40,9 @@ from typing import Any
 
 import httpx
 
-try:  # run as a script, python loadtest/sweep.py: this directory is on sys.path
-    import charts
-    import proctree
-    import sweepreport as sr
-    import workload as wl
-except ModuleNotFoundError:  # imported as loadtest.sweep from the repository root
-    from loadtest import charts, proctree  # type: ignore[no-redef]
-    from loadtest import sweepreport as sr  # type: ignore[no-redef]
-    from loadtest import workload as wl  # type: ignore[no-redef]
+from loadtest import charts, proctree
+from loadtest import sweepreport as sr
+from loadtest import workload as wl
 
 HERE = Path(__file__).resolve().parent
 LOCUSTFILE = HERE / "locustfile.py"
@@ -231,7 +225,7 @@ def level_line(name: str, r: sr.LevelResult) -> str:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m loadtest sweep", description=__doc__.splitlines()[0])
     p.add_argument("--url", required=True, help="the server under test, e.g. http://127.0.0.1:8000")
     p.add_argument("--name", default="switchyard", help="its name in the report")
     p.add_argument("--model", default="", help="default: the first of GET /v1/models")
@@ -273,13 +267,13 @@ def redact(argv: Sequence[str]) -> list[str]:
     return out
 
 
-def describe(args: argparse.Namespace, targets: Sequence[Target]) -> dict[str, Any]:
+def describe(args: argparse.Namespace, targets: Sequence[Target], argv: Sequence[str]) -> dict[str, Any]:
     """The run's settings and context for the report's head."""
     return {
         "label": args.label,
         "note": args.note,
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": shlex.join(["sweep.py", *redact(sys.argv[1:])]),
+        "command": shlex.join(["python", "-m", "loadtest", "sweep", *redact(argv)]),
         "levels": ",".join(map(str, args.levels)),
         "seconds per level": args.duration,
         "output tokens per request": args.output_tokens,
@@ -302,7 +296,8 @@ def describe(args: argparse.Namespace, targets: Sequence[Target]) -> dict[str, A
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv
+    args = parse_args(given)
     wanted = [Target(args.name, args.url, server_pid=args.server_pid)]
     if args.compare_url:
         wanted.append(Target(args.compare_name, args.compare_url, server_pid=args.compare_server_pid))
@@ -314,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sweep: cannot prepare the targets: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    report = sr.SweepReport(meta=describe(args, targets), targets={t.name: [] for t in targets})
+    report = sr.SweepReport(meta=describe(args, targets, given), targets={t.name: [] for t in targets})
     for t in targets:
         print(
             f"{t.name}: {t.url} model={t.model} prompt={t.prompt_words} words ~ {t.prompt_tokens:.1f} tokens"
@@ -335,7 +330,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         lv.failures or lv.exit_code not in (0, None) for lvs in report.targets.values() for lv in lvs
     )
     return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
