@@ -19,7 +19,6 @@ import asyncio
 import json
 import os
 import random
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -29,8 +28,8 @@ import httpx
 
 from control.processes import free_port
 from loadtest import proctree
+from loadtest.report import cut_point, json_text, markdown_table, results_dir
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 KEY = "sy-0123456789ab-affinityaffinityaffinityaffinityaffini"
 WORDS = [
     *("harbour", "lantern", "quiet", "river", "stone", "market"),
@@ -53,13 +52,10 @@ class Phase:
         return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
 
     def figures(self) -> dict[str, float]:
-        def p(values: list[float], q: float) -> float:
-            return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 1 else float("nan")
-
         return {
-            "first_turn_ttft_p50_ms": p(self.first_turn_ttft_ms, 50),
-            "later_turn_ttft_p50_ms": p(self.later_turn_ttft_ms, 50),
-            "later_turn_ttft_p95_ms": p(self.later_turn_ttft_ms, 95),
+            "first_turn_ttft_p50_ms": cut_point(self.first_turn_ttft_ms, 50),
+            "later_turn_ttft_p50_ms": cut_point(self.later_turn_ttft_ms, 50),
+            "later_turn_ttft_p95_ms": cut_point(self.later_turn_ttft_ms, 95),
             "prefix_cache_hit_rate": round(self.hit_rate, 3),
         }
 
@@ -138,7 +134,6 @@ def run_phase(args: argparse.Namespace, affinity: bool) -> Phase:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    stamp = datetime.now(UTC).strftime("%Y-%m-%d")
     p = argparse.ArgumentParser(
         prog="python -m loadtest affinity", description=(__doc__ or "").splitlines()[0]
     )
@@ -149,7 +144,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reply-tokens", type=int, default=32)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "loadtest" / "results" / f"{stamp}-affinity")
+    p.add_argument("--out", type=Path, default=results_dir("affinity"))
     return p.parse_args(argv)
 
 
@@ -161,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         "prefix affinity", "first-turn TTFT p50 ms", "later-turn TTFT p50 ms", "later-turn TTFT p95 ms",
         "vLLM prefix-cache hit rate", "jobs per worker", "errors",
     ]  # fmt: skip
-    rows = ["| " + " | ".join(columns) + " |", "| --- | ---: | ---: | ---: | ---: | --- | ---: |"]
+    rows = [columns]
     for ph in phases:
         f = ph.figures()
         cells = [
@@ -174,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             ", ".join(f"{j:.0f}" for j in ph.jobs_per_worker),
             str(ph.errors),
         ]
-        rows.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
     text = "\n".join(
         [
             f"# Prefix affinity on a multi-turn workload ({datetime.now(UTC):%Y-%m-%d}, "
@@ -184,11 +179,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.turns} turns: a {args.first_words}-word opening, then {args.question_words}-word "
             f"questions, {args.reply_tokens}-token answers.",
             "",
-            *rows,
+            markdown_table(rows, "lrrrrlr"),
             "",
         ]
     )
     (args.out / "summary.md").write_text(text)
-    (args.out / "affinity.json").write_text(json.dumps([asdict(p) | p.figures() for p in phases], indent=1))
+    (args.out / "affinity.json").write_text(json_text([asdict(p) | p.figures() for p in phases]))
     print(text)
     return 0 if all(p.errors == 0 for p in phases) else 1

@@ -19,7 +19,6 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -27,10 +26,9 @@ from redis.asyncio import Redis
 
 from control.processes import free_port
 from loadtest import proctree
+from loadtest.report import chart, json_text, results_dir
 from shared.fleet import gather
 from shared.names import Names
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -157,28 +155,21 @@ async def until_zero(redis_url: str, model: str, limit: float) -> float:
     raise TimeoutError(f"{model} did not scale to zero in {limit:.0f}s")
 
 
-def chart(samples: list[Sample], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def write_chart(samples: list[Sample], path: Path, title: str) -> None:
+    """Requests waiting, running and completed over time above live and desired workers."""
     t = [s.t for s in samples]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
-    top.plot(t, [s.waiting for s in samples], label="waiting")
-    top.plot(t, [s.running for s in samples], label="running")
-    top.plot(t, [s.completed for s in samples], label="completed")
-    top.set_ylabel("requests")
-    top.legend()
-    bottom.step(t, [s.workers for s in samples], where="post", label="live workers")
-    bottom.step(t, [s.desired for s in samples], where="post", linestyle="--", label="desired")
-    bottom.set_ylabel("workers")
-    bottom.set_xlabel("seconds since the burst")
-    bottom.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with chart(path, 2, 1, figsize=(9, 6), sharex=True) as (fig, (top, bottom)):
+        top.plot(t, [s.waiting for s in samples], label="waiting")
+        top.plot(t, [s.running for s in samples], label="running")
+        top.plot(t, [s.completed for s in samples], label="completed")
+        top.set_ylabel("requests")
+        top.legend()
+        bottom.step(t, [s.workers for s in samples], where="post", label="live workers")
+        bottom.step(t, [s.desired for s in samples], where="post", linestyle="--", label="desired")
+        bottom.set_ylabel("workers")
+        bottom.set_xlabel("seconds since the burst")
+        bottom.legend()
+        fig.suptitle(title)
 
 
 def summary(args: argparse.Namespace, burst: Burst, samples: list[Sample], to_zero: float) -> str:
@@ -223,7 +214,6 @@ def up_flags(args: argparse.Namespace, port: int, redis_port: int) -> tuple[list
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    stamp = datetime.now(UTC).strftime("%Y-%m-%d")
     p = argparse.ArgumentParser(
         prog="python -m loadtest autoscale", description=__doc__.splitlines()[0] if __doc__ else None
     )
@@ -236,7 +226,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scale-down-after", type=float, default=10.0)
     p.add_argument("--cooldown", type=float, default=5.0)
     p.add_argument("--every", type=float, default=0.5, help="seconds between samples")
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "loadtest" / "results" / f"{stamp}-autoscale")
+    p.add_argument("--out", type=Path, default=results_dir("autoscale"))
     return p.parse_args(argv)
 
 
@@ -260,17 +250,11 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 1
     (args.out / "config" / "switchyard" / "dev-key").unlink(missing_ok=True)
-    (args.out / "timeline.json").write_text(
-        json.dumps(
-            {
-                "args": {k: str(v) for k, v in vars(args).items()},
-                "burst": asdict(burst),
-                "samples": [asdict(s) for s in samples],
-            },
-            indent=1,
-        )
+    doc = {"args": {k: str(v) for k, v in vars(args).items()}, "burst": asdict(burst)}
+    (args.out / "timeline.json").write_text(json_text(doc | {"samples": [asdict(s) for s in samples]}))
+    write_chart(
+        samples, args.out / "timeline.png", f"burst of {burst.requests} from zero workers ({args.engine})"
     )
-    chart(samples, args.out / "timeline.png", f"burst of {burst.requests} from zero workers ({args.engine})")
     text = summary(args, burst, samples, to_zero)
     (args.out / "summary.md").write_text(text)
     print(text)

@@ -47,15 +47,9 @@ from typing import Any
 import httpx
 
 from loadtest import bench, compare, proctree
-from loadtest.benchreport import (
-    DEFAULT_TIMEOUT_S,
-    BenchConfig,
-    RequestResult,
-    percentile,
-    summarize,
-)
+from loadtest.benchreport import DEFAULT_TIMEOUT_S, BenchConfig, RequestResult, summarize
+from loadtest.report import json_text, percentile
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 INTERACTIVE, BATCHER = "interactive", "batcher"  # tenant names when this script creates them
 POLL = 0.5
 FINAL = {"completed", "failed", "expired", "cancelled"}
@@ -352,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     print(render(rep))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(rep, indent=2, default=str) + "\n")
+        args.out.write_text(json_text(rep))
         print(f"wrote {args.out}")
     ok = rep["batch"]["status"] == "completed" and not rep["batch"]["failed"]
     ok = ok and not rep["interactive_alone"]["errors"] and not rep["interactive_beside_batch"]["errors"]

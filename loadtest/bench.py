@@ -50,10 +50,10 @@ from loadtest.benchreport import (
     BenchReport,
     RequestResult,
     format_report,
-    mean,
     summarize,
     to_json,
 )
+from loadtest.report import mean
 
 _WORD_TEXT = """
     time year people way day man thing woman life child world school state family student group

@@ -38,6 +38,7 @@ import httpx
 
 from control.processes import free_port, wait_until
 from loadtest import comparison, proctree
+from loadtest.report import json_text, scratch_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SWITCHYARD_CMD = (
@@ -289,7 +290,7 @@ def write_summary(
         "targets": {name: asdict(outcome) for name, outcome in outcomes.items()},
         "ratios": {level: comparison.level_ratios(reports, level) for level in levels},
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    (out / "summary.json").write_text(json_text(summary))
     (out / "summary.md").write_text(summary_markdown(meta, outcomes, levels))
     print(f"\nwrote {out / 'summary.json'} and {out / 'summary.md'}")
 
@@ -322,7 +323,6 @@ def parse_levels(text: str) -> list[int]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     p = argparse.ArgumentParser(prog="python -m loadtest compare", description=__doc__.splitlines()[0])
     p.add_argument("--model-dir", type=Path, default=None, help="default: the demo model (built if missing)")
     p.add_argument("--model-name", default=None, help="served model name (default: demo name or dir name)")
@@ -347,7 +347,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="sent by the bench; both servers require it (default: a fresh Switchyard-format key)",
     )
     p.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for GET /v1/models")
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "loadtest" / "results" / f"tmp-compare-{stamp}")
+    p.add_argument("--out", type=Path, default=scratch_dir("compare"))
     args = p.parse_args(argv)
     if min(args.repeat, args.requests, args.prompt_tokens, args.output_tokens) < 1 or args.warmup < 0:
         p.error("--repeat, --requests, --prompt-tokens, --output-tokens must be >= 1, --warmup >= 0")

@@ -10,6 +10,8 @@ import statistics
 from collections import Counter
 from typing import Any
 
+from loadtest.report import fmt, markdown_table, ratio, text_table
+
 Reports = dict[str, dict[str, dict[str, Any]]]
 TARGETS = ("vllm", "switchyard", "vllm-default")
 """vLLM with the same engine settings as Switchyard, Switchyard, and vLLM in its default
@@ -45,19 +47,6 @@ METRICS = (
 CHECKS = (("output_tokens_per_s", ">=", 0.9), ("ttft_p50_ms", "<=", 1.25))
 ADDED_TTFT_LIMIT_MS = 5.0  # at concurrency 1
 NO_RESULTS = "(no results at this concurrency)"
-
-
-def ratio(numerator: Any, denominator: Any) -> float | None:
-    """Switchyard / vLLM, or None when either side has no figure."""
-    if isinstance(numerator, int | float) and isinstance(denominator, int | float) and denominator:
-        return float(numerator) / float(denominator)
-    return None
-
-
-def fmt(value: Any, pattern: str) -> str:
-    if value is None:
-        return "-"
-    return pattern.format(int(value)) if pattern == "{:d}" else pattern.format(float(value))
 
 
 def level_ratios(reports: Reports, level: str, baseline: str = "vllm") -> dict[str, float | None]:
@@ -113,21 +102,11 @@ def table_rows(reports: Reports, level: str) -> list[list[str]]:
 
 
 def render_text(rows: list[list[str]]) -> str:
-    if not rows:
-        return NO_RESULTS
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [
-        [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)] for r in rows
-    ]
-    return "\n".join("  ".join(line) for line in lines)
+    return text_table(rows) or NO_RESULTS
 
 
 def render_markdown(rows: list[list[str]]) -> str:
-    if not rows:
-        return NO_RESULTS
-    head, *body = rows
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
+    return markdown_table(rows) or NO_RESULTS
 
 
 def combine_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from typing import Any
 
 from control.processes import free_port
 from loadtest import compare, proctree
+from loadtest.report import json_text, markdown_table, results_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KEY = "sy-0123456789ab-defaultsdefaultsdefaultsdefaultsdefaul"
@@ -115,14 +116,7 @@ def round_ratio(round_: dict[str, dict[str, dict[str, Any]]], name: str, base: s
 
 def table(results: dict[str, dict[str, dict[str, Any]]], levels: list[int]) -> str:
     names = list(results)
-    rows = [
-        "| streams | figure | "
-        + " | ".join(names)
-        + " | "
-        + " | ".join(f"{n} / vllm serve" for n in names[1:])
-        + " |"
-    ]
-    rows.append("| ---: | --- |" + " ---: |" * (2 * len(names) - 1))
+    rows = [["streams", "figure", *names, *(f"{n} / vllm serve" for n in names[1:])]]
     for level in levels:
         for key, label in FIGURES:
             values = [results[n].get(str(level), {}).get(key) for n in names]
@@ -133,8 +127,8 @@ def table(results: dict[str, dict[str, dict[str, Any]]], levels: list[int]) -> s
                 f"{v / base:.2f}" if comparable and isinstance(v, int | float) and base else "-"
                 for v in values[1:]
             ]
-            rows.append(f"| {level} | {label} | " + " | ".join(cells + ratios) + " |")
-    return "\n".join(rows)
+            rows.append([str(level), label, *cells, *ratios])
+    return markdown_table(rows, "rl" + "r" * (2 * len(names) - 1))
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
@@ -143,7 +137,6 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    stamp = datetime.now(UTC).strftime("%Y-%m-%d")
     p = argparse.ArgumentParser(
         prog="python -m loadtest defaults", description=(__doc__ or "").splitlines()[0]
     )
@@ -158,7 +151,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model-dir", type=Path)
     p.add_argument("--model-name", default="switchyard-demo")
     p.add_argument("--variant", type=parse_variant, action="append", default=[])
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "loadtest" / "results" / f"{stamp}-defaults")
+    p.add_argument("--out", type=Path, default=results_dir("defaults"))
     return p.parse_args(argv)
 
 
@@ -205,6 +198,6 @@ def main(argv: list[str] | None = None) -> int:
         ]
     )
     (args.out / "summary.md").write_text(text)
-    (args.out / "defaults.json").write_text(json.dumps({"medians": results, "rounds": rounds}, indent=1))
+    (args.out / "defaults.json").write_text(json_text({"medians": results, "rounds": rounds}))
     print(text)
     return 0

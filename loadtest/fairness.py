@@ -83,6 +83,7 @@ from loadtest.benchreport import (
     BenchConfig,
     RequestResult,
     summarize,
+    window_tokens_per_s,
 )
 
 if TYPE_CHECKING:
@@ -492,7 +493,7 @@ async def run_phases(args: argparse.Namespace, setup: Setup) -> fairreport.Fairn
         shared_queue=None
         if shared is None
         else summarize(cfg_b, words, shared.results, shared.wall, shared.cpu, 0),
-        flood_tokens_per_s=fairreport.window_tokens_per_s([*flooder.results, *victim.results], start, end),
+        flood_tokens_per_s=window_tokens_per_s([*flooder.results, *victim.results], start, end),
         queue_alone=fairreport.queue_summary(samples_alone, 0.0, alone.wall),
         queue_flood=fairreport.queue_summary(samples_flood, start - t0, end - t0),
         worker_capacity=capacity,

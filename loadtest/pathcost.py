@@ -33,6 +33,7 @@ import redis
 
 from control.processes import free_port
 from loadtest import compare, proctree
+from loadtest.report import fmt, json_text, markdown_table, results_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KEY = "sy-0123456789ab-pathcostpathcostpathcostpathcostpathcos"
@@ -207,23 +208,18 @@ def table(levels: list[Level]) -> str:
         "server", "streams", "output tok/s", "CPU ms per 1k tokens, by part", "whole path",
         "busiest part (share of a core)", "tokens per SSE event", "Redis messages per token", "client CPU s",
     ]  # fmt: skip
-    rows = [
-        "| " + " | ".join(columns) + " |",
-        "| --- | ---: | ---: | --- | ---: | --- | ---: | ---: | ---: |",
-    ]
+    rows = [columns]
     for lv in levels:
         parts = ", ".join(f"{k} {v:.0f}" for k, v in lv.ms_per_1k.items())
-        msgs = "-" if lv.redis_messages_per_token is None else f"{lv.redis_messages_per_token:.2f}"
-        rows.append(
-            f"| {lv.server} | {lv.streams} | {lv.tokens_per_s:.0f} | {parts} | {lv.path_ms_per_1k:.0f} | "
-            f"{lv.busiest} ({lv.busiest_core_share:.2f}) | {lv.tokens_per_event:.1f} | {msgs} | "
-            f"{lv.client_cpu_s:.1f} |"
-        )
-    return "\n".join(rows)
+        rows.append([
+            lv.server, str(lv.streams), f"{lv.tokens_per_s:.0f}", parts, f"{lv.path_ms_per_1k:.0f}",
+            f"{lv.busiest} ({lv.busiest_core_share:.2f})", f"{lv.tokens_per_event:.1f}",
+            fmt(lv.redis_messages_per_token, "{:.2f}"), f"{lv.client_cpu_s:.1f}",
+        ])  # fmt: skip
+    return markdown_table(rows, "lrrlrlrrr")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    stamp = datetime.now(UTC).strftime("%Y-%m-%d")
     p = argparse.ArgumentParser(
         prog="python -m loadtest pathcost", description=(__doc__ or "").splitlines()[0]
     )
@@ -238,7 +234,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-vllm", action="store_true", help="skip vLLM's own server")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "loadtest" / "results" / f"{stamp}-pathcost")
+    p.add_argument("--out", type=Path, default=results_dir("pathcost"))
     return p.parse_args(argv)
 
 
@@ -267,9 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     (args.out / "summary.md").write_text(text)
     (args.out / "pathcost.json").write_text(
-        json.dumps(
-            {"args": {k: str(v) for k, v in vars(args).items()}, "levels": [asdict(lv) for lv in levels]},
-            indent=1,
+        json_text(
+            {"args": {k: str(v) for k, v in vars(args).items()}, "levels": [asdict(lv) for lv in levels]}
         )
     )
     print(text)

@@ -54,14 +54,9 @@ from pathlib import Path
 import httpx
 
 from loadtest import bench, proctree, scalereport, simfleet
-from loadtest.benchreport import (
-    DEFAULT_TIMEOUT_S,
-    BenchConfig,
-    RequestResult,
-    percentile,
-)
+from loadtest.benchreport import DEFAULT_TIMEOUT_S, BenchConfig, RequestResult, window_tokens_per_s
+from loadtest.report import percentile, results_dir
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 BURST_TOKENS = 16
 BURST_WORDS = 24
 
@@ -165,7 +160,7 @@ async def measure(args: argparse.Namespace, fleet: simfleet.SimFleet, keys: list
         streams=streams,
         window_s=window,
         tokens_per_s=(sum(after.tokens) - sum(before.tokens)) / window,
-        client_tokens_per_s=scalereport.window_tokens_per_s(results, before.at, after.at),
+        client_tokens_per_s=window_tokens_per_s(results, before.at, after.at),
         requests_ok=len(inside) - len(errors),
         errors=len(errors),
         ttft_p50_ms=percentile(ttft, 50),
@@ -194,7 +189,6 @@ def parse_workers(text: str) -> list[int]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    stamp = datetime.now(UTC).strftime("%Y-%m-%d")
     p = argparse.ArgumentParser(
         prog="python -m loadtest scale", description=__doc__.splitlines()[0] if __doc__ else None
     )
@@ -212,7 +206,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--warmup", type=float, default=15.0, help="seconds of load before the window (default: 15)")
     add("--duration", type=float, default=40.0, help="seconds measured per fleet size (default: 40)")
     add("--seed", type=int, default=0)
-    add("--out", type=Path, default=REPO_ROOT / "loadtest" / "results" / f"{stamp}-scale")
+    add("--out", type=Path, default=results_dir("scale"))
     args = p.parse_args(argv)
     if min(args.capacity, args.streams_per_worker, args.tenants, args.prompt_tokens, args.output_tokens) < 1:
         p.error("capacity, streams per worker, tenants, prompt and output tokens must be >= 1")

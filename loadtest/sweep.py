@@ -40,9 +40,10 @@ from typing import Any
 
 import httpx
 
-from loadtest import charts, proctree
+from loadtest import proctree
 from loadtest import sweepreport as sr
 from loadtest import workload as wl
+from loadtest.report import fmt, scratch_dir
 
 HERE = Path(__file__).resolve().parent
 LOCUSTFILE = HERE / "locustfile.py"
@@ -218,13 +219,12 @@ def level_line(name: str, r: sr.LevelResult) -> str:
     return (
         f"  [{name}] {r.users:>4} users: {r.requests} requests, {r.failures} failed,"
         f" {r.output_tokens_per_s:.1f} output tok/s, {r.rps:.2f} req/s,"
-        f" latency p50 {sr.fmt(r.latency_p50_ms, '{:.0f}')} ms,"
-        f" TTFT p50 {sr.fmt(r.ttft_p50_ms, '{:.0f}')} ms, client CPU {r.client_cpu_pct:.0f}% of a core"
+        f" latency p50 {fmt(r.latency_p50_ms, '{:.0f}')} ms,"
+        f" TTFT p50 {fmt(r.ttft_p50_ms, '{:.0f}')} ms, client CPU {r.client_cpu_pct:.0f}% of a core"
     )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     p = argparse.ArgumentParser(prog="python -m loadtest sweep", description=__doc__.splitlines()[0])
     p.add_argument("--url", required=True, help="the server under test, e.g. http://127.0.0.1:8000")
     p.add_argument("--name", default="switchyard", help="its name in the report")
@@ -248,7 +248,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pause", type=float, default=2.0, help="seconds between levels")
     p.add_argument("--label", default="load sweep", help="title of the charts")
     p.add_argument("--note", default="", help="a remark for the report's head (e.g. what else ran)")
-    p.add_argument("--out", type=Path, default=HERE / "results" / f"tmp-sweep-{stamp}")
+    p.add_argument("--out", type=Path, default=scratch_dir("sweep"))
     args = p.parse_args(argv)
     if args.duration < 3 or args.output_tokens < 1 or args.prompt_tokens < 1:
         p.error("--duration must be >= 3, --output-tokens and --prompt-tokens >= 1")
@@ -324,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report.meta["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
     (args.out / "summary.md").write_text(sr.render_markdown(report))
     (args.out / "summary.json").write_text(sr.to_json(report))
-    charts.write_charts(report, args.out)
+    sr.write_charts(report, args.out)
     print(f"report: {args.out}/summary.md")
     failed = any(
         lv.failures or lv.exit_code not in (0, None) for lvs in report.targets.values() for lv in lvs
