@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 
 from control.processes import free_port
-from loadtest import proctree
+from loadtest import runner
 from loadtest.report import cut_point, json_text, markdown_table, results_dir
 
 KEY = "sy-0123456789ab-affinityaffinityaffinityaffinityaffini"
@@ -65,16 +65,10 @@ def worker_metrics(ports: list[int]) -> tuple[float, float, list[float]]:
     hits = queries = 0.0
     jobs = []
     for port in ports:
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-        done = 0.0
-        for line in text.splitlines():
-            if line.startswith("vllm:prefix_cache_hits_total"):
-                hits += float(line.rsplit(" ", 1)[1])
-            elif line.startswith("vllm:prefix_cache_queries_total"):
-                queries += float(line.rsplit(" ", 1)[1])
-            elif line.startswith("switchyard:worker_jobs_total") and 'outcome="completed"' in line:
-                done += float(line.rsplit(" ", 1)[1])
-        jobs.append(done)
+        text = runner.scrape(f"http://127.0.0.1:{port}/metrics")
+        hits += runner.counter(text, "vllm:prefix_cache_hits")
+        queries += runner.counter(text, "vllm:prefix_cache_queries")
+        jobs.append(runner.counter(text, "switchyard:worker_jobs", outcome="completed"))
     return hits, queries, jobs
 
 
@@ -122,7 +116,7 @@ def run_phase(args: argparse.Namespace, affinity: bool) -> Phase:
     flags = ["--workers", "2", "--port", str(port)]
     flags += ["--redis-port", str(redis_port), "--max-model-len", "2048", "--dtype", args.dtype]
     log = args.out / f"up-affinity-{'on' if affinity else 'off'}.log"
-    with proctree.switchyard_up(flags, env, log):
+    with runner.serving(runner.up("switchyard up", flags, env, port), log):
         ports = [int(line.rsplit(":", 1)[1].split("/")[0]) for line in log.read_text().splitlines()
                  if line.strip().startswith("worker-") and "/metrics" in line]  # fmt: skip
         hits0, queries0, jobs0 = worker_metrics(ports)

@@ -25,7 +25,7 @@ import httpx
 from redis.asyncio import Redis
 
 from control.processes import free_port
-from loadtest import proctree
+from loadtest import runner
 from loadtest.report import chart, json_text, results_dir
 from shared.fleet import gather
 from shared.names import Names
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     base = f"http://127.0.0.1:{port}"
     flags, env = up_flags(args, port, redis_port)
     try:
-        with proctree.switchyard_up(flags, env, log):
+        with runner.serving(runner.up("switchyard up", flags, env, port), log):
             key = (args.out / "config" / "switchyard" / "dev-key").read_text().strip()
             listed = httpx.get(f"{base}/v1/models", headers={"authorization": f"Bearer {key}"}).json()
             model = listed["data"][0]["id"]
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             to_zero = asyncio.run(until_zero(redis_url, model, 300))
             burst = Burst(args.requests, args.tokens)
             samples = asyncio.run(watch_burst(base, redis_url, key, model, burst, args.every, settle=120))
-    except proctree.UpFailed as exc:
+    except runner.ServerError as exc:
         print(exc, file=sys.stderr)
         return 1
     (args.out / "config" / "switchyard" / "dev-key").unlink(missing_ok=True)

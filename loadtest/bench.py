@@ -239,14 +239,20 @@ def make_client(cfg: BenchConfig) -> httpx.AsyncClient:
     )
 
 
+async def warm_up(client: httpx.AsyncClient, cfg: BenchConfig) -> tuple[int, int]:
+    """Calibrate the prompt, then run ``cfg.warmup`` unmeasured requests; (prompt words, failed
+    warm-up requests)."""
+    words = await calibrate_words(client, cfg)
+    if cfg.warmup <= 0:
+        return words, 0
+    warm, _ = await run_closed_loop(client, cfg, words, cfg.warmup, cfg.concurrency, "w")
+    return words, sum(1 for r in warm if not r.ok)
+
+
 async def run_bench(cfg: BenchConfig) -> BenchReport:
     """Calibrate the prompt, run the warmup, then the measured closed-loop phase."""
     async with make_client(cfg) as client:
-        words = await calibrate_words(client, cfg)
-        warm_errors = 0
-        if cfg.warmup > 0:
-            warm, _ = await run_closed_loop(client, cfg, words, cfg.warmup, cfg.concurrency, "w")
-            warm_errors = sum(1 for r in warm if not r.ok)
+        words, warm_errors = await warm_up(client, cfg)
         cpu0 = time.process_time()
         results, wall = await run_closed_loop(client, cfg, words, cfg.requests, cfg.concurrency, "m")
         cpu = time.process_time() - cpu0

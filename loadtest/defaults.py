@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime
@@ -29,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from control.processes import free_port
-from loadtest import compare, proctree
+from loadtest import proctree, runner
 from loadtest.report import json_text, markdown_table, results_dir
+from loadtest.runner import Target
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 KEY = "sy-0123456789ab-defaultsdefaultsdefaultsdefaultsdefaul"
 FIGURES = (
     ("output_throughput", "output tok/s"),
@@ -45,53 +44,48 @@ FIGURES = (
 )
 
 
-def targets(args: argparse.Namespace, model_dir: Path) -> list[compare.Target]:
+def targets(args: argparse.Namespace, model_dir: Path) -> list[Target]:
     same = ["--dtype", args.dtype, "--max-model-len", str(args.max_model_len)]
     kv = {"VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib)}
     port = free_port()
     vllm = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
     vllm += ["--served-model-name", args.model_name, "--port", str(port), "--api-key", KEY, *same]
-    out = [compare.Target("vllm serve", vllm, kv, port)]
+    out = [Target("vllm serve", vllm, kv, port)]
     for name, extra in [("switchyard up", {}), *args.variant]:
         port, redis_port = free_port(), free_port()
-        argv = [sys.executable, "-m", "control.cli", "up", "--model", str(model_dir), "--port", str(port)]
+        argv = runner.cli("up", "--model", str(model_dir), "--port", str(port))
         argv += ["--served-model-name", args.model_name, "--redis-port", str(redis_port), *same]
         argv += ["--kv-cache-gib", str(args.kv_cache_gib)]
         env = {"SWITCHYARD_DEV_KEY": KEY, "XDG_CONFIG_HOME": str(args.out / "config"), **extra}
-        out.append(compare.Target(name, argv, env, port))
+        out.append(Target(name, argv, env, port))
     return out
 
 
 def bench(
-    target: compare.Target, args: argparse.Namespace, model_dir: Path, level: int, round_: int
+    target: Target, args: argparse.Namespace, model_dir: Path, level: int, round_: int
 ) -> dict[str, Any]:
     path = args.out / f"{target.name.replace(' ', '-')}-c{level}-r{round_}.json"
-    argv = [sys.executable, "-m", "loadtest", "vllmbench", "--base-url", target.base_url.removesuffix("/v1")]
-    argv += ["--model", args.model_name, "--tokenizer", str(model_dir), "--api-key", KEY]
+    argv = ["--base-url", target.base_url.removesuffix("/v1"), "--model", args.model_name]
+    argv += ["--tokenizer", str(model_dir), "--api-key", KEY]
     argv += ["--concurrency", str(level), "--num-prompts", str(args.num_prompts), "--json", str(path)]
     argv += ["--input-len", str(args.input_len), "--output-len", str(args.output_len)]
     wall, steal = time.monotonic(), proctree.machine_steal()
-    subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, timeout=3600)
+    runner.client("vllmbench", argv, quiet=True, timeout=3600)
     stolen = (proctree.machine_steal() - steal) / ((time.monotonic() - wall) * (os.cpu_count() or 1))
     result = dict(json.loads(path.read_text())) if path.exists() else {"failed": args.num_prompts}
     return result | {"host_steal_pct": 100 * stolen}
 
 
-def run(
-    target: compare.Target, args: argparse.Namespace, model_dir: Path, round_: int
-) -> dict[str, dict[str, Any]]:
+def run(target: Target, args: argparse.Namespace, model_dir: Path, round_: int) -> dict[str, dict[str, Any]]:
     log = args.out / f"{target.name.replace(' ', '-')}-r{round_}.log"
     print(f"=== {target.name}, round {round_}: {' '.join(target.argv)}", flush=True)
-    proc = compare.start_server(target, log)
-    try:
-        compare.wait_ready(proc, target, args.model_name, KEY, 600, log)
+    with runner.running(target, log) as proc:
+        runner.wait_ready(proc, target, args.model_name, KEY, 600, log)
         results = {}
         for level in args.concurrency:
             results[str(level)] = bench(target, args, model_dir, level, round_)
             print(f"{target.name} at {level}: {json.dumps(results[str(level)])}", flush=True)
         return results
-    finally:
-        print(f"{target.name} stopped by {proctree.stop_tree(proc)}", flush=True)
 
 
 def medians(rounds: list[dict[str, dict[str, dict[str, Any]]]]) -> dict[str, dict[str, dict[str, Any]]]:

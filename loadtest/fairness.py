@@ -37,10 +37,11 @@ waiting in A's stream are reported. What B still pays under the flood is the wai
 and a busier engine (its prompt shares a batch of 16 instead of about 4, and every step costs
 more), which no queueing policy removes short of leaving the engine idle.
 
-By default the system is started the way ``compare.py`` starts it (``switchyard up``: embedded
-Redis, one gateway, ``--workers`` workers on the demo model, compare.py's engine settings) and
-stopped at the end; ``--base-url`` with ``--key-a`` and ``--key-b`` uses a running one instead
-(``--redis-url`` adds the queue figures; its workers' capacity is whatever they were started with).
+By default the system is started the way compare starts it (``runner.switchyard_system``:
+``switchyard up`` with an embedded Redis, one gateway, ``--workers`` workers on the demo model,
+compare's engine settings) and stopped at the end; ``--base-url`` with ``--key-a`` and ``--key-b``
+uses a running one instead (``--redis-url`` adds the queue figures; its workers' capacity is
+whatever they were started with).
 
 ``--engine sim`` runs the workers on the simulated engine instead (``simfleet.py``: real gateway,
 worker and Redis processes; ``--sim-preset``, ``--sim-speed``): it takes the time a GPU would and
@@ -71,13 +72,12 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import httpx
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from loadtest import bench, compare, fairreport, proctree, simfleet
+from loadtest import bench, fairreport, proctree, runner, simfleet
 from loadtest.benchreport import (
     DEFAULT_TIMEOUT_S,
     BenchConfig,
@@ -85,13 +85,11 @@ from loadtest.benchreport import (
     summarize,
     window_tokens_per_s,
 )
+from shared.fleet import gather
+from shared.names import Names
+from shared.settings import RedisSettings
+from shared.tenants import Tenant, TenantStore
 
-if TYPE_CHECKING:
-    from shared.names import Names
-    from shared.settings import RedisSettings
-    from shared.tenants import Priority
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 FLOODER, VICTIM = "flooder", "victim"  # tenant names when this script creates them
 SAMPLE_INTERVAL = 0.5
 
@@ -119,8 +117,6 @@ class QueueProbe:
     @classmethod
     async def connect(cls, settings: RedisSettings, model: str, key_a: str, key_b: str) -> QueueProbe:
         """Find the keys' tenants, hence their streams."""
-        from shared.tenants import TenantStore
-
         redis = Redis.from_url(settings.redis_url, socket_connect_timeout=3)
         store = TenantStore(redis, settings.names)
         tenants = [await store.authenticate(key) for key in (key_a, key_b)]
@@ -134,8 +130,6 @@ class QueueProbe:
 
     async def snapshot(self, t: float) -> tuple[fairreport.QueueSample, int]:
         """One sample at phase time ``t``, and the live workers' total capacity."""
-        from shared.fleet import gather
-
         snap = await gather(self.redis, self.names)
         streams = {s.tenant: s for s in snap.streams if s.model == self.model}
         workers = [w for w in snap.workers if w.model == self.model and w.live]
@@ -296,7 +290,7 @@ class FloodProcess:
     async def start(cls, loads: Loads, ramp: float) -> FloodProcess:
         """Start it and return once its client is ready to send."""
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "loadtest", "fairness", FLOOD_CHILD, cwd=REPO_ROOT,
+            sys.executable, "-m", "loadtest", "fairness", FLOOD_CHILD, cwd=runner.REPO_ROOT,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
         assert proc.stdin is not None and proc.stdout is not None
@@ -439,16 +433,11 @@ async def run_phases(args: argparse.Namespace, setup: Setup) -> fairreport.Fairn
     samples_flood: list[fairreport.QueueSample] = []
     try:
         async with bench.make_client(cfg_a) as client_a, bench.make_client(cfg_b) as client_b:
-            words = await bench.calibrate_words(client_b, cfg_b)
+            words, warm_errors = await bench.warm_up(client_b, cfg_b)
             loads = Loads(
                 cfg_a, cfg_b, client_a, client_b, words, args.ramp, args.pause,
                 flood_process=not args.one_client, uvloop=not args.no_uvloop,
             )  # fmt: skip
-            warm: list[RequestResult] = []
-            if args.warmup:
-                warm, _ = await bench.run_closed_loop(
-                    client_b, cfg_b, words, args.warmup, cfg_b.concurrency, "w"
-                )
             capacity = await probe.capacity() if probe else None
             victim_name = probe.victim if probe else VICTIM
 
@@ -487,7 +476,7 @@ async def run_phases(args: argparse.Namespace, setup: Setup) -> fairreport.Fairn
     options = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if "key" not in k}
     return fairreport.FairnessReport(
         options=options | {"base_url": setup.base_url, "model": setup.model, "prompt_words": words},
-        alone=summarize(cfg_b, words, alone.results, alone.wall, alone.cpu, sum(not r.ok for r in warm)),
+        alone=summarize(cfg_b, words, alone.results, alone.wall, alone.cpu, warm_errors),
         victim=summarize(cfg_b, words, victim.results, victim.wall, victim.cpu, 0),
         flooder=summarize(cfg_a, words, flooder.results, flooder.wall, flooder.cpu, 0),
         shared_queue=None
@@ -504,59 +493,24 @@ async def run_phases(args: argparse.Namespace, setup: Setup) -> fairreport.Fairn
     )
 
 
-def first_model(base_url: str, key: str) -> str:
-    """The first model a running system lists."""
-    headers = {"Authorization": f"Bearer {key}"}
-    resp = httpx.get(f"{base_url.rstrip('/')}/models", headers=headers, timeout=10, trust_env=False)
-    resp.raise_for_status()
-    models = [m["id"] for m in resp.json().get("data", [])]
-    if not models:
-        raise RuntimeError(f"{base_url} serves no model yet")
-    return str(models[0])
-
-
-def create_tenants(settings: RedisSettings, flooder_priority: Priority) -> tuple[str, str]:
-    """Tenants A and B with no limits, and a new key for each."""
-    from control.keys import create
-    from shared.tenants import Tenant
-
-    key_a = create(settings, Tenant(name=FLOODER, priority=flooder_priority))
-    key_b = create(settings, Tenant(name=VICTIM, priority="interactive"))
-    return key_a, key_b
-
-
 def run_started_system(args: argparse.Namespace) -> fairreport.FairnessReport:
     """Start ``switchyard up`` with a small capacity, run both phases, always stop it."""
-    from shared.settings import RedisSettings
-    from shared.tenants import new_key
-
-    model_dir = compare.resolve_model(args)
-    engine = compare.EngineSettings(max_num_seqs=args.capacity)
-    ready_key = new_key()[1]  # the dev tenant's, only to poll readiness
-    target = compare.switchyard_target(
-        compare.DEFAULT_SWITCHYARD_CMD + f" --workers {args.workers}", engine, model_dir, args.model_name,
-        ready_key,
-    )  # fmt: skip
-    assert target.redis_url is not None
+    model_dir, args.model_name = runner.resolve_model(args.model_dir, args.model_name)
     log = args.log or Path(tempfile.mkdtemp(prefix="switchyard-fairness-")) / "system.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    print(f"starting: {' '.join(target.argv)} (log: {log})", flush=True)
-    proc = compare.start_server(target, log)
-    try:
-        ready = compare.wait_ready(proc, target, args.model_name, ready_key, args.ready_timeout, log)
-        print(f"ready after {ready:.0f} s", flush=True)
-        redis = RedisSettings(redis_url=target.redis_url)  # the prefix as the system reads it: env
-        key_a, key_b = create_tenants(redis, args.flooder_priority)
-        setup = Setup(target.base_url, args.model_name, key_a, key_b, redis, {"system": proc.pid})
+    with runner.switchyard_system(
+        model_dir, args.model_name, args.capacity, args.workers, log, args.ready_timeout
+    ) as system:
+        redis = RedisSettings(redis_url=system.redis_url)  # the prefix as the system reads it: env
+        key_a, key_b = runner.add_tenants(
+            redis, Tenant(name=FLOODER, priority=args.flooder_priority), Tenant(name=VICTIM)
+        )
+        base_url, pid = system.target.base_url, system.proc.pid
+        setup = Setup(base_url, args.model_name, key_a, key_b, redis, {"system": pid})
         return bench.run_on_loop(run_phases(args, setup), not args.no_uvloop)
-    finally:
-        print(f"system stopped by {proctree.stop_tree(proc)}", flush=True)
 
 
 def run_simulated_system(args: argparse.Namespace) -> fairreport.FairnessReport:
     """Start a simulated fleet (Redis, a gateway, ``--workers`` workers), run the phases, stop it."""
-    from shared.settings import RedisSettings
-
     tokenizer = {} if args.model_dir is None else {"model": str(args.model_dir.resolve())}
     name = args.model_name or (args.model_dir.name if args.model_dir else None)
     spec = simfleet.FleetSpec(
@@ -571,15 +525,13 @@ def run_simulated_system(args: argparse.Namespace) -> fairreport.FairnessReport:
     with simfleet.SimFleet(spec, logs) as fleet:
         key_a = fleet.add_tenant(FLOODER, args.flooder_priority)
         key_b = fleet.add_tenant(VICTIM)
-        redis = RedisSettings(redis_url=fleet.redis_url)
+        redis = fleet.settings
         setup = Setup(f"{fleet.base_url}/v1", spec.served_name, key_a, key_b, redis, fleet.processes())
         return bench.run_on_loop(run_phases(args, setup), not args.no_uvloop)
 
 
 def run_given_system(args: argparse.Namespace) -> fairreport.FairnessReport:
-    from shared.settings import RedisSettings
-
-    model = args.model_name or first_model(args.base_url, args.key_b)
+    model = args.model_name or runner.first_model(args.base_url, args.key_b)
     redis = None
     if args.redis_url:
         prefix = {"key_prefix": args.key_prefix} if args.key_prefix else {}
@@ -672,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
             rep = run_simulated_system(args)
         else:
             rep = run_started_system(args)
-    except (compare.ServerError, RuntimeError, httpx.HTTPError, RedisError, OSError) as exc:
+    except (runner.ServerError, RuntimeError, httpx.HTTPError, RedisError, OSError) as exc:
         print(f"fairness: cannot run: {exc}", file=sys.stderr)
         return 2
     print()

@@ -22,20 +22,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, cast
 
-import psutil
 import redis
 
 from control.processes import free_port
-from loadtest import compare, proctree
+from loadtest import proctree, runner
 from loadtest.report import fmt, json_text, markdown_table, results_dir
+from loadtest.runner import Target
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 KEY = "sy-0123456789ab-pathcostpathcostpathcostpathcostpathcos"
 
 
@@ -59,31 +58,19 @@ class Level:
     errors: int = 0
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        try:
-            t = psutil.Process(pid).cpu_times()
-        except psutil.Error:
-            continue
-        total += t.user + t.system
-    return total
-
-
 def published(port: int) -> int:
     """PUBLISH commands Redis has run, those inside scripts included."""
-    stats = redis.Redis(port=port).info("commandstats")
+    stats = cast(dict[str, Any], redis.Redis(port=port).info("commandstats"))  # a sync client's reply
     return int(stats.get("cmdstat_publish", {}).get("calls", 0))
 
 
-def bench(base_url: str, model: str, streams: int, requests: int, tokens: int, out: Path) -> dict:  # type: ignore[type-arg]
-    argv = [sys.executable, "-m", "loadtest", "bench", "--base-url", base_url, "--model", model]
-    argv += ["--api-key", KEY]
+def bench(base_url: str, model: str, streams: int, requests: int, tokens: int, out: Path) -> dict[str, Any]:
+    argv = ["--base-url", base_url, "--model", model, "--api-key", KEY]
     argv += ["--concurrency", str(streams), "--requests", str(requests), "--output-tokens", str(tokens)]
     # No calibration probes and a short warm-up: their requests would count against the measured
     # tokens' CPU (CPU is read around the whole client run).
     argv += ["--warmup", "8", "--no-calibrate", "--json", str(out)]
-    done = subprocess.run(argv, capture_output=True, text=True, cwd=REPO_ROOT, timeout=3600)
+    done = runner.client("bench", argv, quiet=True, timeout=3600)
     if not out.exists():
         raise RuntimeError(f"bench failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
     return dict(json.loads(out.read_text()))
@@ -99,13 +86,12 @@ def measure(
     redis_port: int | None,
 ) -> Level:
     requests = max(args.requests_per_stream * streams, 256)
-    before = {name: cpu_seconds(pids) for name, pids in parts.items()}
+    before = {name: proctree.own_seconds(pids) for name, pids in parts.items()}
     messages = published(redis_port) if redis_port else 0
-    report = bench(
+    summary = bench(
         base_url, model, streams, requests, args.output_tokens, args.out / f"{server}-{streams}.json"
     )
-    after = {name: cpu_seconds(pids) for name, pids in parts.items()}
-    summary = report
+    after = {name: proctree.own_seconds(pids) for name, pids in parts.items()}
     tokens = int(summary["output_tokens"])
     level = Level(server=server, streams=streams, tokens=tokens)
     level.wall_s = float(summary["wall_s"])
@@ -124,30 +110,6 @@ def measure(
     return level
 
 
-def children_by_role(root: int) -> dict[str, list[int]]:
-    """The processes of a ``switchyard up`` tree by role: gateway (its processes), worker, redis."""
-    roles: dict[str, list[int]] = {"gateway": [], "worker": [], "redis": []}
-    for child in psutil.Process(root).children(recursive=True):
-        try:
-            line = " ".join(child.cmdline())
-        except psutil.Error:
-            continue
-        if "redis-server" in line:
-            roles["redis"].append(child.pid)
-        elif "control.cli gateway" in line:
-            roles["gateway"].append(child.pid)
-        elif "control.cli worker" in line:
-            roles["worker"].append(child.pid)
-    return roles
-
-
-def start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            argv, env=env, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-
 def warm_up(server: str, base_url: str, args: argparse.Namespace) -> None:
     """One unmeasured run at the first level: a fresh process's first requests pay for imports,
     caches and the tokenizer's first encodes (measured: the gateway's CPU per token at 64 streams
@@ -159,24 +121,22 @@ def warm_up(server: str, base_url: str, args: argparse.Namespace) -> None:
 
 def run_switchyard(args: argparse.Namespace, processes: int) -> list[Level]:
     port, redis_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHYARD_")}
-    env |= {"SWITCHYARD_DEV_KEY": KEY, "XDG_CONFIG_HOME": str(args.out / "config")}
-    argv = [sys.executable, "-m", "control.cli", "up", "--engine", "sim", "--sim-preset", args.sim_preset]
-    argv += ["--port", str(port), "--redis-port", str(redis_port), "--workers", str(args.workers)]
-    argv += ["--capacity", str(args.capacity), "--processes", str(processes)]
+    env = {"SWITCHYARD_DEV_KEY": KEY, "XDG_CONFIG_HOME": str(args.out / "config")}
     env["SWITCHYARD_SIM_SPEED"] = str(args.sim_speed)
+    flags = ["--engine", "sim", "--sim-preset", args.sim_preset]
+    flags += ["--port", str(port), "--redis-port", str(redis_port), "--workers", str(args.workers)]
+    flags += ["--capacity", str(args.capacity), "--processes", str(processes)]
     name = "switchyard" if processes == 1 else f"switchyard --processes {processes}"
-    target = compare.Target(name, argv, env, port)
+    target = runner.up(name, flags, env, port)
     log = args.out / f"switchyard-p{processes}.log"
-    proc = start(argv, env, log)
-    base = target.base_url
-    try:
-        compare.wait_ready(proc, target, "switchyard-demo", KEY, 180, log)
-        parts = children_by_role(proc.pid)
-        warm_up(name, base, args)
-        return [measure(name, parts, base, "switchyard-demo", s, args, redis_port) for s in args.streams]
-    finally:
-        proctree.stop_tree(proc)
+    with runner.running(target, log) as proc:
+        runner.wait_ready(proc, target, "switchyard-demo", KEY, 180, log)
+        parts = runner.roles(proc.pid)
+        warm_up(name, target.base_url, args)
+        return [
+            measure(name, parts, target.base_url, "switchyard-demo", s, args, redis_port)
+            for s in args.streams
+        ]
 
 
 def run_vllm(args: argparse.Namespace) -> list[Level]:
@@ -186,21 +146,16 @@ def run_vllm(args: argparse.Namespace) -> list[Level]:
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ensure_demo_model())]
     argv += ["--served-model-name", "switchyard-demo", "--port", str(port), "--api-key", KEY]
     argv += ["--dtype", args.dtype, "--max-model-len", str(args.max_model_len)]
-    env = dict(os.environ) | {"VLLM_CPU_KVCACHE_SPACE": "1"}  # the demo model's size, as Switchyard sizes it
-    target = compare.Target("vllm api_server", argv, env, port)
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1"}  # the demo model's size, as Switchyard sizes it
+    name = "vllm api_server"
+    target = Target(name, argv, env, port)
     log = args.out / "vllm.log"
-    proc = start(argv, env, log)
-    base = target.base_url
-    try:
-        compare.wait_ready(proc, target, "switchyard-demo", KEY, 600, log)
-        warm_up("vllm api_server", base, args)
+    with runner.running(target, log) as proc:
+        runner.wait_ready(proc, target, "switchyard-demo", KEY, 600, log)
+        warm_up(name, target.base_url, args)
         # Its front end is the server process itself; the engine core and any model runner are below it.
-        return [
-            measure("vllm api_server", {"front end": [proc.pid]}, base, "switchyard-demo", s, args, None)
-            for s in args.streams
-        ]
-    finally:
-        proctree.stop_tree(proc)
+        front = {"front end": [proc.pid]}
+        return [measure(name, front, target.base_url, "switchyard-demo", s, args, None) for s in args.streams]
 
 
 def table(levels: list[Level]) -> str:

@@ -53,7 +53,7 @@ from pathlib import Path
 
 import httpx
 
-from loadtest import bench, proctree, scalereport, simfleet
+from loadtest import bench, proctree, runner, scalereport, simfleet
 from loadtest.benchreport import DEFAULT_TIMEOUT_S, BenchConfig, RequestResult, window_tokens_per_s
 from loadtest.report import percentile, results_dir
 
@@ -76,8 +76,8 @@ async def worker_counters(
 ) -> tuple[list[float], list[float]]:
     """Jobs completed and tokens generated so far, per worker."""
     texts = await asyncio.gather(*(http.get(w.metrics_url or "") for w in fleet.workers))
-    jobs = [simfleet.counter(t.text, "switchyard:worker_jobs", outcome="completed") for t in texts]
-    tokens = [simfleet.counter(t.text, "switchyard:worker_generation_tokens") for t in texts]
+    jobs = [runner.counter(t.text, "switchyard:worker_jobs", outcome="completed") for t in texts]
+    tokens = [runner.counter(t.text, "switchyard:worker_generation_tokens") for t in texts]
     return jobs, tokens
 
 

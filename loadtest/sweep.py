@@ -40,13 +40,12 @@ from typing import Any
 
 import httpx
 
-from loadtest import proctree
+from loadtest import proctree, runner
 from loadtest import sweepreport as sr
 from loadtest import workload as wl
 from loadtest.report import fmt, scratch_dir
 
-HERE = Path(__file__).resolve().parent
-LOCUSTFILE = HERE / "locustfile.py"
+LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 POLL_S = 1.0
 PROGRESS_EVERY_S = 5.0
 SPAWN_LIMIT_S = 60.0  # for Locust to start and have every user running
@@ -132,13 +131,9 @@ class CpuPoint:
 
 
 def cpu_point(client_pid: int, server_pid: int | None) -> CpuPoint:
-    sample = proctree.cpu_sample(client_pid)  # its "server" is the tree of the pid given: Locust's
-    server = None
-    if server_pid is not None:
-        table = proctree.read_process_table()
-        tick = os.sysconf("SC_CLK_TCK")
-        server = sum(table[pid].ticks for pid in proctree.descendants(server_pid, table)) / tick
-    return CpuPoint(sample.wall, sample.machine_busy, sample.server, server)
+    trees = {"locust": client_pid} | ({} if server_pid is None else {"server": server_pid})
+    used = proctree.cpu_seconds(trees)
+    return CpuPoint(time.monotonic(), used["host"], used["locust"], used.get("server"))
 
 
 def apply_window(res: sr.LevelResult, first: CpuPoint | None, last: CpuPoint | None) -> None:
@@ -198,14 +193,10 @@ def run_level(target: Target, users: int, args: argparse.Namespace) -> sr.LevelR
     target_dir = args.out / target.name
     target_dir.mkdir(parents=True, exist_ok=True)
     prefix = target_dir / f"users-{users}"
-    env = os.environ | {"LOCUST_API_KEYS": args.api_keys}  # not on the command line: keys stay out of ps
+    env = {"LOCUST_API_KEYS": args.api_keys}  # not on the command line: keys stay out of ps
     before = loadavg()
-    with Path(f"{prefix}.log").open("wb") as log:
-        proc = subprocess.Popen(
-            locust_argv(target, users, args, prefix), env=env, cwd=HERE.parent, stdin=subprocess.DEVNULL,
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        first, last = watch(proc, target, users, args, prefix)
+    proc = runner.spawn(locust_argv(target, users, args, prefix), env, Path(f"{prefix}.log"))
+    first, last = watch(proc, target, users, args, prefix)
     res = sr.level_from_rows(users, sr.read_rows(Path(f"{prefix}_stats.csv")))
     res.exit_code = proc.wait()
     if first is None:
