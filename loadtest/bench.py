@@ -53,7 +53,7 @@ from loadtest.benchreport import (
     summarize,
     to_json,
 )
-from loadtest.report import mean
+from loadtest.report import mean, write_raw
 
 _WORD_TEXT = """
     time year people way day man thing woman life child world school state family student group
@@ -274,7 +274,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, Path | N
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="per-request read timeout (s)")
     p.add_argument("--no-calibrate", action="store_true", help="use 0.75 words per prompt token, no probes")
     p.add_argument("--no-uvloop", action="store_true")
-    p.add_argument("--json", type=Path, default=None, help="write every figure to this file")
+    p.add_argument("--json", type=Path, default=None,
+                   help="write every figure, each request's too, gzip-compressed, as NAME.gz")  # fmt: skip
     a = p.parse_args(argv)
     if a.concurrency < 1 or a.requests < 1 or a.output_tokens < 1 or a.prompt_tokens < 1 or a.warmup < 0:
         p.error("concurrency, requests, prompt/output tokens must be >= 1 and warmup >= 0")
@@ -309,8 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(format_report(rep))
     if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(to_json(rep))
+        write_raw(json_path, to_json(rep))
     if rep.token_mismatches:
         print(f"WARNING: {rep.token_mismatches} requests did not generate exactly {cfg.output_tokens} tokens")
     return 1 if rep.errors or rep.warmup_errors else 0

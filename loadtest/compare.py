@@ -8,7 +8,7 @@ Around each bench run the CPU time of the server's process tree, of the client a
 else on the host is read from ``/proc``, so a run disturbed by other work shows it. Finally print
 the figures side by side (medians over the repeats) with Switchyard / vLLM ratios, checked against
 the design's targets, and write ``summary.json`` and ``summary.md`` (plus each server's log and each
-raw bench report) to ``--out``.
+raw bench report, gzip-compressed) to ``--out``.
 
     python -m loadtest compare                     # both targets, demo model, 64 streams
     python -m loadtest compare --only vllm --concurrency 1,64
@@ -36,7 +36,7 @@ from typing import Any
 
 from control.processes import free_port
 from loadtest import proctree, runner
-from loadtest.report import fmt, json_text, markdown_table, ratio, scratch_dir, text_table
+from loadtest.report import fmt, json_text, markdown_table, ratio, raw, read_json, scratch_dir, text_table
 from loadtest.runner import EngineSettings, ServerError, Target
 
 Reports = dict[str, dict[str, dict[str, Any]]]
@@ -197,13 +197,13 @@ def run_bench(
     argv += ["--warmup", str(args.warmup), "--seed", str(args.seed)]
     argv += ["--api-key", args.api_key] if args.api_key else []
     print(f"\n--- {target.name}: concurrency {concurrency} ---", flush=True)
-    json_path.unlink(missing_ok=True)
+    raw(json_path).unlink(missing_ok=True)
     before = proctree.cpu_sample(server_pid)
     code = runner.client("bench", argv).returncode
     window = proctree.cpu_window(before, proctree.cpu_sample(server_pid))
-    if code == 2 or not json_path.exists():
+    if code == 2 or not raw(json_path).exists():
         raise ServerError(f"bench could not run against {target.name} (exit {code})")
-    report: dict[str, Any] = json.loads(json_path.read_text())
+    report: dict[str, Any] = read_json(json_path)
     print(f"server CPU {window['server_cpu_s']:.1f} s, other load {window['other_load_cores']:.2f} cores")
     return report | window | {"exit_code": code}
 
@@ -233,7 +233,7 @@ def run_target(target: Target, args: argparse.Namespace, levels: list[int], out:
         outcome.failure = str(exc)
         print(f"FAILED: {exc}", file=sys.stderr, flush=True)
     finally:
-        runner.stop(target.name, proc)
+        runner.stop(target.name, proc, log)
     return outcome
 
 
@@ -251,7 +251,7 @@ def summary_markdown(meta: dict[str, Any], outcomes: dict[str, TargetOutcome], l
         ready = f"ready in {outcome.ready_s:.1f} s" if outcome.ready_s is not None else "never ready"
         parts += [f"- **{name}** ({ready}): `{outcome.command}`"]
         if outcome.failure:
-            parts += [f"  - FAILED: {outcome.failure.splitlines()[0]} (see {name}.log)"]
+            parts += [f"  - FAILED: {outcome.failure.splitlines()[0]} (see {name}.log.gz)"]
     for level in levels:
         table = markdown_table(table_rows(reports, level)) or NO_RESULTS
         parts += ["", f"## Concurrency {level}", "", table, ""]

@@ -85,6 +85,7 @@ from loadtest.benchreport import (
     summarize,
     window_tokens_per_s,
 )
+from loadtest.report import write_raw
 from shared.fleet import gather
 from shared.names import Names
 from shared.settings import RedisSettings
@@ -587,7 +588,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="per-request read timeout (s)")
     add("--ready-timeout", type=float, default=300.0, help="seconds to wait for the started system")
     add("--log", type=Path, help="the started system's output (default: in a temporary directory)")
-    add("--out", type=Path, help="write every figure to this JSON file")
+    add("--out", type=Path,
+        help="write every figure, each request's too, gzip-compressed, as NAME.gz")  # fmt: skip
     add("--no-uvloop", action="store_true")
     args = p.parse_args(argv)
     if args.concurrency is None:
@@ -630,7 +632,5 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(fairreport.render_text(rep))
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(fairreport.to_json(rep))
-        print(f"wrote {args.out}")
+        print(f"wrote {write_raw(args.out, fairreport.to_json(rep))}")
     return 1 if sum(r.errors for r in rep.runs) + rep.alone.warmup_errors else 0

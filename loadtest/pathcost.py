@@ -14,13 +14,12 @@ Both are driven by the same closed-loop client (``bench.py``); its CPU is report
 Per level: output tokens/s, CPU ms per 1,000 output tokens of every part and of the whole path, the
 busiest part's share of a core (what saturates first), tokens per SSE event, and Redis messages
 (PUBLISH, including those inside scripts) per token. Written as ``pathcost.json`` and ``summary.md``
-under ``--out``.
+under ``--out``, beside each server's log and the client's raw reports (gzip-compressed).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from dataclasses import asdict, dataclass, field
@@ -32,7 +31,7 @@ import redis
 
 from control.processes import free_port
 from loadtest import proctree, runner
-from loadtest.report import fmt, json_text, markdown_table, results_dir
+from loadtest.report import fmt, json_text, markdown_table, raw, read_json, results_dir
 from loadtest.runner import Target
 
 KEY = "sy-0123456789ab-pathcostpathcostpathcostpathcostpathcos"
@@ -71,9 +70,9 @@ def bench(base_url: str, model: str, streams: int, requests: int, tokens: int, o
     # tokens' CPU (CPU is read around the whole client run).
     argv += ["--warmup", "8", "--no-calibrate", "--json", str(out)]
     done = runner.client("bench", argv, quiet=True, timeout=3600)
-    if not out.exists():
+    if not raw(out).exists():
         raise RuntimeError(f"bench failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    return dict(json.loads(out.read_text()))
+    return dict(read_json(out))
 
 
 def measure(
@@ -88,9 +87,8 @@ def measure(
     requests = max(args.requests_per_stream * streams, 256)
     before = {name: proctree.own_seconds(pids) for name, pids in parts.items()}
     messages = published(redis_port) if redis_port else 0
-    summary = bench(
-        base_url, model, streams, requests, args.output_tokens, args.out / f"{server}-{streams}.json"
-    )
+    raw_data = args.out / f"{server.replace(' ', '-')}-{streams}.json"
+    summary = bench(base_url, model, streams, requests, args.output_tokens, raw_data)
     after = {name: proctree.own_seconds(pids) for name, pids in parts.items()}
     tokens = int(summary["output_tokens"])
     level = Level(server=server, streams=streams, tokens=tokens)

@@ -3,13 +3,19 @@ where results go.
 
 Studies keep what is theirs (which figures, which rows, what a verdict says); the shapes they share
 are written once here, so two reports of the same figure never disagree on how it is printed.
+
+A run's summary (``summary.md``, its chart, the figures' JSON) is kept as written; its raw data (one
+record per request, server and client logs) is kept gzip-compressed as ``NAME.gz``, and
+:func:`read_text` / :func:`read_json` read a result either way, so ``NAME`` finds ``NAME.gz``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import math
+import shutil
 import statistics
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
@@ -112,6 +118,41 @@ def json_ready(value: Any) -> Any:
 def json_text(doc: Any) -> str:
     """``doc`` as strict JSON (no NaN: strict parsers reject it; paths as text), with a final newline."""
     return json.dumps(json_ready(doc), indent=2, default=str) + "\n"
+
+
+def raw(path: Path) -> Path:
+    """Where raw data named ``path`` is kept: ``path.gz`` (or ``path`` if it already ends so)."""
+    return path if path.suffix == ".gz" else path.with_name(f"{path.name}.gz")
+
+
+def write_raw(path: Path, text: str) -> Path:
+    """Write raw data (e.g. one record per request) compressed; returns where it went."""
+    kept = raw(path)
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.write_bytes(gzip.compress(text.encode(), mtime=0))  # mtime 0: same data, same bytes
+    return kept
+
+
+def compress(path: Path) -> Path:
+    """Compress a finished raw file in place (a log once its process has ended): ``path.gz``."""
+    kept = raw(path)
+    with path.open("rb") as src, kept.open("wb") as out, gzip.GzipFile("", "wb", fileobj=out, mtime=0) as gz:
+        shutil.copyfileobj(src, gz)
+    path.unlink()
+    return kept
+
+
+def read_text(path: Path) -> str:
+    """A result's text, kept as ``path`` or compressed (``path`` ending in ``.gz``, or ``path.gz``)."""
+    if not path.exists() and raw(path).exists():
+        path = raw(path)
+    data = path.read_bytes()
+    return (gzip.decompress(data) if path.suffix == ".gz" else data).decode()
+
+
+def read_json(path: Path) -> Any:
+    """A result's JSON, kept plain or compressed (see :func:`read_text`)."""
+    return json.loads(read_text(path))
 
 
 @contextlib.contextmanager

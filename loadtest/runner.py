@@ -25,6 +25,7 @@ import httpx
 from control.keys import create
 from control.processes import free_port, wait_until
 from loadtest import proctree
+from loadtest.report import compress
 from shared.settings import RedisSettings
 from shared.tenants import Tenant, new_key
 
@@ -196,9 +197,10 @@ def exited(proc: subprocess.Popen[bytes], target: Target, log: Path) -> None:
         raise ServerError(f"{target.name} exited with {proc.returncode}:\n{log_tail(log)}")
 
 
-def stop(name: str, proc: subprocess.Popen[bytes]) -> None:
-    """Stop a server and everything it started, and say how it ended."""
+def stop(name: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    """Stop a server and everything it started, say how it ended, and compress its log."""
     print(f"{name} stopped by {proctree.stop_tree(proc)}", flush=True)
+    compress(log)
 
 
 @contextlib.contextmanager
@@ -208,7 +210,7 @@ def running(target: Target, log: Path) -> Iterator[subprocess.Popen[bytes]]:
     try:
         yield proc
     finally:
-        stop(target.name, proc)
+        stop(target.name, proc, log)
 
 
 @contextlib.contextmanager

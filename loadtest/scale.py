@@ -24,7 +24,8 @@ Method
 * Reported: a table per N, whether N workers give >= 0.9 N times one worker's tokens/s and jobs per
   worker within ±15% of the mean, and where the path saturated (the gateway, Redis or the client
   near a whole core, or the host's CPUs all busy). Writes ``scale.json``, ``scale.png`` and
-  ``summary.md`` to ``--out`` (``loadtest/results/<date>-scale/`` by default) with every process's log.
+  ``summary.md`` to ``--out`` (``loadtest/results/<date>-scale/`` by default) with every process's log
+  (gzip-compressed, ``logs/<N>-workers/*.log.gz``).
 
 Defaults: the ``l4`` preset at 2x, capacity 64, 32 streams per worker, 128 output tokens. One such
 worker generates about 750 tokens/s, and gateway, Redis, worker and client together spend about

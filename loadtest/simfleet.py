@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 from control.processes import answers_ok, free_port, stop_process, wait_until
 from control.redis_server import EmbeddedRedis
 from loadtest import runner
+from loadtest.report import compress
 from shared.fleet import live_workers
 from shared.names import Names
 from shared.settings import RedisSettings
@@ -169,5 +170,6 @@ class SimFleet:
         """Gateway first (its clients are gone by now), then the workers, then Redis."""
         for proc in [*([self.gateway] if self.gateway else []), *self.workers]:
             stop_process(proc.popen, grace=15, group=True)
+            compress(proc.log)
         self.gateway, self.workers = None, []
         self.redis.stop()

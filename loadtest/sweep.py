@@ -14,8 +14,9 @@ alternate between them, so slow drifts in the host's other load hit both alike. 
 the CPU time of its process tree and of the whole host is read from ``/proc``, over the window in
 which all users run.
 
-The report directory gets Locust's CSVs and log for every level (``<target>/users-<n>_*.csv``),
-``summary.md``, ``summary.json``, ``throughput.png`` and ``latency.png``.
+The report directory gets Locust's CSVs and log for every level (``<target>/users-<n>_*.csv``,
+``<target>/users-<n>.log.gz``), ``summary.md``, ``summary.json``, ``throughput.png`` and
+``latency.png``.
 
 Exit status: 0 when every level ran without failures, 1 otherwise, 2 when a target could not be
 prepared (unreachable, no model).
@@ -43,7 +44,7 @@ import httpx
 from loadtest import proctree, runner
 from loadtest import sweepreport as sr
 from loadtest import workload as wl
-from loadtest.report import fmt, scratch_dir
+from loadtest.report import compress, fmt, scratch_dir
 
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 POLL_S = 1.0
@@ -199,6 +200,7 @@ def run_level(target: Target, users: int, args: argparse.Namespace) -> sr.LevelR
     first, last = watch(proc, target, users, args, prefix)
     res = sr.level_from_rows(users, sr.read_rows(Path(f"{prefix}_stats.csv")))
     res.exit_code = proc.wait()
+    compress(Path(f"{prefix}.log"))
     if first is None:
         res.exit_code = res.exit_code or 1  # the level never ran at full load: not a result
     apply_window(res, first, last)
