@@ -8,7 +8,7 @@ Starts ``switchyard up --autoscale 0:MAX`` on free ports, waits until it has sca
 ``--requests`` streamed requests at once, samples the model's backlog, workers and completed
 requests every ``--every`` seconds from the gateway's ``/scaling`` until it is back at zero, and
 writes ``timeline.json``, ``timeline.png`` and ``summary.md`` to ``--out``. Every request must end
-with its full output: the script fails otherwise.
+with its full output: the study fails otherwise.
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ from loadtest.report import json_text, percentile
 from shared.settings import RedisSettings
 from shared.tenants import Tenant
 
-INTERACTIVE, BATCHER = "interactive", "batcher"  # tenant names when this script creates them
+INTERACTIVE, BATCHER = "interactive", "batcher"  # tenant names when this study creates them
 POLL = 0.5
 FINAL = {"completed", "failed", "expired", "cancelled"}
 

@@ -91,7 +91,7 @@ from shared.names import Names
 from shared.settings import RedisSettings
 from shared.tenants import Tenant, TenantStore
 
-FLOODER, VICTIM = "flooder", "victim"  # tenant names when this script creates them
+FLOODER, VICTIM = "flooder", "victim"  # tenant names when this study creates them
 SAMPLE_INTERVAL = 0.5
 
 
@@ -565,7 +565,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="with --engine sim: a SWITCHYARD_* setting for the gateway, e.g. "
         "SWITCHYARD_PROCESSES=2 (repeatable)")  # fmt: skip
     add("--flooder-priority", choices=["interactive", "batch"], default="interactive",
-        help="A's priority class when this script creates the tenants; B is interactive")  # fmt: skip
+        help="A's priority class when this study creates the tenants; B is interactive")  # fmt: skip
     add("--concurrency", type=int, help="B's streams (default: 4 per worker)")
     add("--flood-concurrency", type=int, help="A's streams (default: 10x B's)")
     add("--duration", type=float, default=45.0, help="seconds B is measured in each phase (default: 45)")
