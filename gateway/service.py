@@ -14,7 +14,6 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse
 
-from api.assembly import FullAssembler, Kind, Meta, StreamAssembler
 from api.chat.protocol import ChatCompletionRequest
 from api.common import GenerationRequest
 from api.completions.protocol import CompletionRequest
@@ -23,11 +22,10 @@ from gateway.auth import Authenticator
 from serving.admission import Admission
 from serving.dispatch import Dispatcher
 from serving.lifecycle import Lifecycle
-from serving.path import JobBuilder, submit
+from serving.path import JobBuilder, Prepared, submit
 from serving.registry import ModelEntry, WorkerRegistry
-from serving.relay import Admitted, collect, sse_events, until_disconnect
+from serving.relay import collect, sse_events, until_disconnect
 from serving.tokenizer import TokenizerCache
-from shared.messages import Job
 from shared.settings import GatewaySettings
 from shared.tenants import Tenant
 
@@ -90,38 +88,29 @@ class Gateway:
     async def chat(self, request: Request, body: ChatCompletionRequest, tenant: Tenant) -> Any:
         self.lifecycle.check_open()
         entry = await self.resolve(request, body.model)
-        job = await self.jobs.chat(entry, body, tenant, request.state.request_id)
-        return await self._respond(request, job, "chat", body, tenant)
+        prepared = await self.jobs.chat(entry, body, tenant, request.state.request_id)
+        return await self._respond(request, prepared, body, tenant)
 
     async def completion(self, request: Request, body: CompletionRequest, tenant: Tenant) -> Any:
         self.lifecycle.check_open()
         entry = await self.resolve(request, body.model)
-        job = await self.jobs.completion(entry, body, tenant, request.state.request_id)
-        return await self._respond(request, job, "text", body, tenant)
-
-    async def _submit(self, job: Job, tenant: Tenant) -> Admitted:
-        return await submit(job, tenant, self.dispatcher, self.admission, self.lifecycle)
+        prepared = await self.jobs.completion(entry, body, tenant, request.state.request_id)
+        return await self._respond(request, prepared, body, tenant)
 
     async def _respond(
-        self, request: Request, job: Job, kind: Kind, body: GenerationRequest, tenant: Tenant
+        self, request: Request, prepared: Prepared, body: GenerationRequest, tenant: Tenant
     ) -> Any:
-        prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
-        meta = Meta(
-            id=prefix + job.id.removeprefix("req_"), created=int(job.created_at), model=job.model, kind=kind
-        )
-        admitted = await self._submit(job, tenant)
+        admitted = await submit(prepared.job, tenant, self.dispatcher, self.admission, self.lifecycle)
         if body.stream:
-            assembler = StreamAssembler(
-                meta, body.include_usage(), body.continuous_usage(), len(job.prompt_token_ids)
-            )
             return EventSourceResponse(
-                sse_events(admitted, assembler),
+                sse_events(admitted, prepared.streaming(body)),
                 ping=self.settings.ping_interval,
                 headers=admitted.ticket.headers,
                 sep=SSE_SEPARATOR,
             )
+        admitted.replies.restartable = True  # nothing reached the client: a new worker may start over
         try:
-            result = await until_disconnect(request, lambda: collect(admitted.replies, FullAssembler(meta)))
+            result = await until_disconnect(request, lambda: collect(admitted.replies, prepared.whole()))
         finally:
             await admitted.close()
         if result is None:  # the client left; nobody reads a response

@@ -178,6 +178,9 @@ class ReplyStream:
         self._delivered_tokens = False
         self.finished = False
         self.started_at: float | None = None
+        self.restartable = False
+        """Nothing of the answer reached the client yet (it gets the whole answer at the end): a
+        worker taking the job over may start it from the top rather than resume it."""
         self.track = owner.metrics.track(job)
 
     async def __aiter__(self) -> AsyncIterator[Started | Tokens | Final]:
@@ -216,13 +219,18 @@ class ReplyStream:
     def _on_started(self, reply: Started) -> None:
         # A start is fine when nothing reached the client yet, or when it resumes exactly from
         # what the client has (same next message, same number of tokens): never duplicate or skip.
-        fresh = reply.seq == 0 and not self._delivered_tokens
+        # A job that cannot resume (several choices, or held by a grammar) starts over, which only
+        # a client that has been sent nothing yet can take.
+        fresh = reply.seq == 0 and (not self._delivered_tokens or self.restartable)
         resumed = reply.seq == self._expected and reply.resumed_tokens == self.generated
         if not (fresh or resumed):
             raise UpstreamFailure(
                 "the worker running this request was lost and the stream cannot be resumed exactly",
                 code="worker_lost",
             )
+        if fresh:
+            self.generated = 0
+            self._delivered_tokens = False
         if self.started_at is None:
             self.started_at = time.monotonic()
 

@@ -20,7 +20,7 @@ from api.sse import encode, sse
 from serving.admission import Admission, Ticket
 from serving.dispatch import ReplyStream
 from serving.lifecycle import Lifecycle
-from shared.messages import Final, Tokens, UsageEvent
+from shared.messages import Final, Started, Tokens, UsageEvent
 
 T = TypeVar("T")
 
@@ -68,7 +68,9 @@ class Admitted:
 
 async def collect(replies: ReplyStream, assembler: FullAssembler) -> dict[str, Any]:
     async for reply in replies:
-        if isinstance(reply, Tokens):
+        if isinstance(reply, Started) and reply.seq == 0:
+            assembler.restart()  # the job started, or started over on another worker
+        elif isinstance(reply, Tokens):
             assembler.tokens(reply)
         elif isinstance(reply, Final):
             return assembler.response(reply)

@@ -222,6 +222,32 @@ class WorkerSettings(RedisSettings):
         description="KV cache size in GiB; unset lets vLLM size it (the demo model defaults to 1).",
     )
     capacity: int = Field(default=256, ge=1, description="Jobs one worker runs at once.")
+    tool_call_parser: str | None = Field(
+        default=None,
+        description=(
+            "vLLM's tool-call parser for the model's output (hermes, llama3_json, mistral, ...; as "
+            "`vllm serve --tool-call-parser`). Unset: `tool_choice` required or named still works "
+            "(decoded against the tools' schema), auto answers in text. Unset for the demo model: hermes."
+        ),
+    )
+    enable_auto_tool_choice: bool | None = Field(
+        default=None,
+        description="Parse tool calls out of the text for `tool_choice: auto` (unset: when a parser is set).",
+    )
+    reasoning_parser: str | None = Field(
+        default=None,
+        description="vLLM's reasoning parser for the model (qwen3, deepseek_r1, ...: `--reasoning-parser`).",
+    )
+    structured_output_backend: Literal["xgrammar", "guidance"] = Field(
+        default="xgrammar",
+        description=(
+            "The engine's backend for JSON schemas, regexes, choices and grammars. JSON is always "
+            "decoded compact (no whitespace between tokens), so a model cannot fill `max_tokens` with it."
+        ),
+    )
+    max_logprobs: int = Field(
+        default=20, ge=0, le=1000, description="Largest `top_logprobs` a request may ask for."
+    )
     headroom_window: float = Field(
         default=10.0,
         ge=0,

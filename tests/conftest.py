@@ -80,6 +80,7 @@ def worker_env(system_env: dict[str, str], model_dir: Path, **extra: str) -> dic
         "SWITCHYARD_HEARTBEAT_INTERVAL": "0.25",
         "SWITCHYARD_RECLAIM_IDLE": str(SESSION_RECLAIM_IDLE),
         "SWITCHYARD_DRAIN_TIMEOUT": "5",
+        "SWITCHYARD_TOOL_CALL_PARSER": "hermes",
         **extra,
     }
 

@@ -71,6 +71,7 @@ class ReplyChannel:
         first_seq: int = 0,
     ) -> None:
         job = claim.job
+        self._steps = job.steps
         self._outbox = outbox
         self._published = published
         self._record = "1" if record_progress else ""
@@ -92,6 +93,8 @@ class ReplyChannel:
                 text=c.text,
                 token_ids=tuple(c.ids),
                 finish_reason=c.finish,
+                logprobs=c.logprobs(),
+                steps=c.steps() if self._steps else None,
             )
             for c in chunks
         ]

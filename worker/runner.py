@@ -72,7 +72,9 @@ class JobRunner:
             claim,
             self._worker_id,
             self._metrics.published,
-            record_progress=job.sampling.n == 1,
+            # A job under a grammar cannot resume mid-answer (the engine's grammar would start over),
+            # so it keeps no progress: another worker starts it afresh.
+            record_progress=job.sampling.n == 1 and not job.sampling.constrained,
             first_seq=progress.last_seq + 1 if progress else 0,
         )
         try:
@@ -137,7 +139,9 @@ class JobRunner:
         else:
             # Its prompt's turn to enter the engine (see worker.prefill_gate).
             async with self._gate.job(job.tenant, sampling.max_tokens) as entry:
-                stream = self._engine.generate(job.id, job.prompt_token_ids + prior, sampling)
+                stream = self._engine.generate(
+                    job.id, job.prompt_token_ids + prior, sampling, reasoning_ended=job.reasoning_ended
+                )
                 async with contextlib.aclosing(stream):  # leaving early (e.g. ClaimLost) aborts it
                     async for deltas in stream:
                         entry.prefilled()

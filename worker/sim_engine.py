@@ -127,7 +127,11 @@ class SimEngine:
             self._task = asyncio.create_task(self._run(), name="sim-engine")
 
     async def generate(
-        self, request_id: str, prompt_token_ids: Sequence[int], sampling: Sampling
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        sampling: Sampling,
+        reasoning_ended: bool | None = None,
     ) -> AsyncGenerator[list[Delta]]:
         """Stream the request's deltas, one list per step (or several steps' worth when the consumer
         was slower). Closing the generator or cancelling its consumer drops the request at once."""
