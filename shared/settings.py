@@ -53,6 +53,22 @@ class GatewaySettings(RedisSettings):
         description="Longest silence from the worker once a job has started before the request fails.",
     )
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0, description="Larger bodies get 413.")
+    resume_grace: float = Field(
+        default=10.0,
+        ge=0,
+        description=(
+            "Seconds a resumable stream's job goes on after its client's connection drops, for the "
+            "client to take the stream up again with Last-Event-ID (other streams stop at once)."
+        ),
+    )
+    idempotency_ttl: float = Field(
+        default=3600.0,
+        gt=0,
+        description=(
+            "Seconds a request sent with an Idempotency-Key is remembered (and its answer kept): the "
+            "same request sent again with that key gets the first one's answer instead of running twice."
+        ),
+    )
     max_n: int = Field(default=8, ge=1, description="Largest `n` (choices per request) accepted.")
     auth: bool = Field(
         default=True, description="Require an API key (off: every request is tenant 'default')."
