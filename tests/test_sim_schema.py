@@ -23,7 +23,7 @@ WORDS = plain_words([" the", "river", "ing", " Mill", " ", "x"])
 SEEDS = range(60)
 
 
-class Color(str, enum.Enum):
+class Color(enum.StrEnum):
     red = "red"
     blue = "blue"
 
@@ -135,8 +135,17 @@ SCHEMAS: dict[str, Any] = {
         "maxItems": 4,
         "uniqueItems": True,
     },
-    "prefix items": {"type": "array", "prefixItems": [{"type": "string"}, {"type": "number"}], "items": False},
-    "draft 4 tuple": {"$schema": DRAFT_4, "type": "array", "items": [{"type": "boolean"}], "additionalItems": False},
+    "prefix items": {
+        "type": "array",
+        "prefixItems": [{"type": "string"}, {"type": "number"}],
+        "items": False,
+    },
+    "draft 4 tuple": {
+        "$schema": DRAFT_4,
+        "type": "array",
+        "items": [{"type": "boolean"}],
+        "additionalItems": False,
+    },
     "min properties": {"type": "object", "minProperties": 2, "additionalProperties": {"type": "integer"}},
     "closed object": {
         "type": "object",
@@ -192,7 +201,9 @@ def test_documents_are_compact() -> None:
 
 def test_pydantic_parses_what_it_described() -> None:
     for seed in SEEDS:
-        person = Person.model_validate_json(compact(document(Person.model_json_schema(), random.Random(seed), WORDS)))
+        person = Person.model_validate_json(
+            compact(document(Person.model_json_schema(), random.Random(seed), WORDS))
+        )
         assert person.tree.name and 1 <= len(person.tags) <= 3
 
 
