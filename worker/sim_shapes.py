@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 THINK_START, THINK_END = "<think>", "</think>"
 TOOLS_START, TOOLS_END = "<tools>", "</tools>"
+CALL_START, CALL_END = "<tool_call>", "</tool_call>"
 TAIL_TOKENS = 8
 """Prompt tokens decoded to see whether the template opened or closed the reasoning."""
 
@@ -101,6 +102,7 @@ class Shaper:
         self.shaping = shaping
         self._start = tokenizer.encode(THINK_START, add_special_tokens=False)
         self._end = tokenizer.encode(THINK_END, add_special_tokens=False)
+        self._call_token = tokenizer.get_added_vocab().get(CALL_START)
         self._warned: set[str] = set()
 
     def scripts(
@@ -148,6 +150,10 @@ class Shaper:
     def tools(self, prompt: Sequence[int]) -> tuple[Tool, ...]:
         """The tools a prompt lists Hermes-style: JSON objects a line between ``<tools>`` and
         ``</tools>`` (the first such list that holds any)."""
+        if self._call_token is not None and self._call_token not in prompt:
+            # Hermes-style templates show the call's markup with the tools: where the vocabulary
+            # has a token for it, a prompt without that token lists none, and is not decoded.
+            return ()
         text = self._tok.decode(list(prompt), skip_special_tokens=False)
         at = text.find(TOOLS_START)
         while at >= 0:
@@ -188,7 +194,7 @@ class Shaper:
             tool = rng.choice(tools)
             arguments = document(tool.parameters, rng, self._words)
             call = {"name": tool.name, "arguments": arguments}
-            return f"<tool_call>\n{json.dumps(call, ensure_ascii=False)}\n</tool_call>"
+            return f"{CALL_START}\n{json.dumps(call, ensure_ascii=False)}\n{CALL_END}"
         return None
 
     def _structured(
