@@ -223,6 +223,23 @@ class WorkerSettings(RedisSettings):
         gt=0,
         description="The simulated engine runs this many times faster than its preset (tests: 10 or more).",
     )
+    sim_reasoning_tokens: int = Field(
+        default=64,
+        ge=0,
+        description=(
+            "With a reasoning parser, the simulated engine thinks this many tokens (at most half of "
+            "max_tokens) between <think> and </think> before each answer; 0: never."
+        ),
+    )
+    sim_tool_calls: float = Field(
+        default=1.0,
+        ge=0,
+        le=1,
+        description=(
+            "Share of the simulated engine's answers to prompts that list tools (tool_choice auto, "
+            "hermes parser) that call one of them."
+        ),
+    )
     model: str = Field(default="demo", description="'demo', a Hugging Face model id, or a path.")
     served_model_name: str | None = Field(default=None, description="Name clients use for the model.")
     max_model_len: int | None = Field(
