@@ -201,3 +201,20 @@ def test_grammar_held_json_escapes_what_xgrammar_lets_into_strings() -> None:
     asm = ChatStream(META, include_usage=False, json_held=True)
     chunk = asm.tokens(Tokens(seq=1, index=0, text=raw, token_ids=(1,), finish_reason=None))[0]
     assert json.loads(chunk["choices"][0]["delta"]["content"]) == {"city": "Par\x1dis"}
+
+
+def test_with_thinking_off_the_whole_answer_is_content_as_streamed(tokenizer: Any) -> None:
+    """The prompt closed the reasoning: streamed or whole, the answer is content."""
+    off = {"chat_template_kwargs": {"enable_thinking": False}}
+    plan, prompt = plan_for(tokenizer, Answering(reasoning_parser="deepseek_r1"), **off)
+    assert plan.text.endswith("</think>\n\n")
+    streamed = accumulate(stream(plan, prompt, messages(tokenizer, "It is sunny.", 2, steps=True)))
+    full = ChatFull(META, parsers=plan.parsers(1, prompt))
+    for reply in messages(tokenizer, "It is sunny.", 2, steps=True):
+        full.tokens(reply)
+    body = full.response(
+        Final(seq=9, finish_reasons=("stop",), usage=Usage(prompt_tokens=1, completion_tokens=4))
+    )
+    message = body["choices"][0]["message"]
+    assert streamed["content"] == message["content"] == "It is sunny."
+    assert not streamed["reasoning"] and "reasoning" not in message
