@@ -104,7 +104,8 @@ def test_the_image_holds_every_package_the_project_installs() -> None:
     packages = {"gateway", "worker", "shared", "control"}  # pyproject's packages.find include
     assert packages <= copied
     assert all((ROOT / p / "__init__.py").is_file() for p in packages)
-    assert 'pip install --extra-index-url "$TORCH_INDEX" ".[$ENGINE]"' in text
+    assert 'pip install ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} ".[$ENGINE]"' in text
+    assert "pip install --no-deps ." in text  # the code, over the dependencies' layer
 
 
 def test_gateway_and_jobs_share_the_uploaded_files(compose: dict[str, Any]) -> None:
