@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose.yaml"
 
@@ -178,7 +180,7 @@ class Stack:
             try:
                 if check():
                     return time.monotonic() - begun
-            except (RuntimeError, OSError, ValueError, KeyError):
+            except (RuntimeError, OSError, ValueError, KeyError, httpx.HTTPError):
                 pass  # not up yet: asked too early
             if time.monotonic() - begun > timeout:
                 said = what if isinstance(what, str) else what()

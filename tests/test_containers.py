@@ -43,6 +43,9 @@ IMAGE = "localhost/switchyard:latest"
 LONG = 1500
 """Tokens of a stream that must still be running when its worker dies: the demo model's context is
 2048, and a few thousand tokens/s spread over dozens of streams keep each going for many seconds."""
+DRAINED = 600
+"""Tokens of the streams open when the gateway is told to stop: still running then, and on an idle
+host done well within its 30 s grace (a host busy with other work may need longer: they are cut)."""
 RECLAIM_IDLE = 15.0
 """compose.yaml leaves SWITCHYARD_RECLAIM_IDLE at its default: a dead worker's jobs wait this long."""
 
@@ -326,7 +329,7 @@ async def test_a_stopped_gateway_container_drains_its_streams(stack: Stack, api_
 
     async def one(client: AsyncOpenAI, i: int) -> None:
         try:
-            finish, used, _ = await _stream(client, f"drain {i}", LONG, started[i])
+            finish, used, _ = await _stream(client, f"drain {i}", DRAINED, started[i])
         except openai.APIError as exc:  # an SSE error event: cut, and the client is told
             outcomes.append(f"error: {exc}")
             return
@@ -341,6 +344,7 @@ async def test_a_stopped_gateway_container_drains_its_streams(stack: Stack, api_
             target=stack.podman, args=("stop", "-t", "45", gateway.id), kwargs={"timeout": 120}
         )
         stopper.start()
+        told = time.monotonic()
         async with httpx.AsyncClient(base_url=stack.base_url) as http:
 
             async def unready() -> bool:
@@ -349,9 +353,14 @@ async def test_a_stopped_gateway_container_drains_its_streams(stack: Stack, api_
 
             await wait_for(unready, 20, "/readyz answering 503 'shutting down'")
         await asyncio.wait_for(asyncio.gather(*streams), 120)
+        ended = time.monotonic() - told
         await asyncio.to_thread(stopper.join)
     assert len(outcomes) == 16, outcomes
-    assert all(o == f"length {LONG}" or o.startswith("error") for o in outcomes), outcomes
-    print(f"\ngateway stopped with 16 streams open: {Counter(o.split(':')[0] for o in outcomes)}")
+    # Each stream finished whole, or was cut with the gateway's error event saying so.
+    assert all(o == f"length {DRAINED}" or "stopped before the request finished" in o for o in outcomes), (
+        outcomes
+    )
+    counts = Counter(o.split(":")[0] for o in outcomes)
+    print(f"\ngateway told to stop with 16 streams open: {dict(counts)}, the last ended {ended:.1f} s later")
     stopped = stack.container("gateway")
     assert stopped.state == "exited" and stopped.exit_code == 0, stopped
