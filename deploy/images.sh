@@ -23,9 +23,9 @@ cd "$(dirname "$0")/.."
 
 podman="${PODMAN:-podman}"
 suite=bookworm
-base_image="${SWITCHYARD_BASE_IMAGE:-localhost/switchyard-python:3.11-$suite}"
-redis_image="${SWITCHYARD_REDIS_IMAGE:-localhost/switchyard-redis:7}"
-prometheus_image="${SWITCHYARD_PROMETHEUS_IMAGE:-localhost/switchyard-prometheus:2}"
+base_image=localhost/switchyard-python:3.11-$suite
+redis_image=localhost/switchyard-redis:7
+prometheus_image=localhost/switchyard-prometheus:2
 switchyard_image=localhost/switchyard:latest  # compose.yaml's switchyard:latest
 
 rebuild="" build_flags=()
@@ -48,16 +48,16 @@ mirror() {
     # The Debian mirror this host installs from, so that a proxy or local mirror is used here too.
     local uri
     uri=$(grep -hsE '^(URIs:|deb )' /etc/apt/sources.list.d/*.sources /etc/apt/sources.list \
-        | grep -m1 '/debian' | sed -E 's/^(URIs:|deb)[[:space:]]+(\[[^]]*\][[:space:]]+)?//; s/[[:space:]].*//')
+        | grep '/debian' | head -n1 | sed -E 's/^(URIs:|deb)[[:space:]]+(\[[^]]*\][[:space:]]+)?//; s/[[:space:]].*//') \
+        || true  # none found: the default below
     echo "${DEBIAN_MIRROR:-${uri:-http://deb.debian.org/debian}}"
 }
 
-build_base() {
-    if exists "$base_image"; then say "$base_image exists"; return; fi
-    local root url
+build_base() (  # a subshell: its EXIT trap removes the root file system however it ends
+    if exists "$base_image"; then say "$base_image exists"; exit 0; fi
     url=$(mirror)
     root=$(mktemp -d)
-    trap 'rm -rf "$root"' RETURN
+    trap 'rm -rf "$root"' EXIT
     say "debootstrap $suite from $url into $base_image (about a minute)"
     debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
         "$suite" "$root" "$url" >&2
@@ -79,7 +79,7 @@ EOF
     rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/* "$root"/tmp/*
     tar -C "$root" -c . | $podman import --change 'ENV LANG=C.UTF-8' --change 'CMD ["python3"]' \
         - "$base_image" >/dev/null
-}
+)
 
 build_from() {  # image, Containerfile under deploy/images
     if exists "$1"; then say "$1 exists"; return; fi
