@@ -6,6 +6,7 @@ published ports, so a test's stack never meets a user's ``switchyard`` project.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -126,7 +127,7 @@ class Stack:
         (only,) = self.containers(service)
         return only
 
-    def exec(self, container: Container, *argv: str, timeout: float = 60) -> str:
+    def exec(self, container: Container, *argv: str, timeout: float = 120) -> str:
         return self.podman("exec", container.id, *argv, timeout=timeout)
 
     def switchyard(self, *argv: str) -> str:
@@ -149,15 +150,25 @@ class Stack:
         are there, and the anonymous volumes go only with their containers (``rm -v``). Then ``down``
         for the named volumes and the network."""
         label = f"label=io.podman.compose.project={self.project}"
+
+        def listed(*args: str) -> list[str]:
+            return self.podman(*args, "--filter", label, "-q", timeout=600).split()
+
+        def attempt(*args: str) -> None:  # on a busy host podman can take minutes: try every step
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.podman(*args, check=False, timeout=600)
+
         for _ in range(3):  # each pass removes what nothing depends on any more
-            ids = self.podman("ps", "-a", "-q", "--filter", label).split()
+            ids = listed("ps", "-a")
             if not ids:
                 break
-            self.podman("rm", "-f", "-v", "-t", "5", *ids, check=False)
-        self.compose("down", "-v", "--remove-orphans", "-t", "5", check=False, timeout=300)
-        left = self.podman("ps", "-a", "-q", "--filter", label).split()
-        left += self.podman("volume", "ls", "-q", "--filter", label).split()
-        left += self.podman("network", "ls", "-q", "--filter", label).split()
+            attempt("rm", "-f", "-v", "-t", "5", *ids)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.compose("down", "-v", "--remove-orphans", "-t", "5", check=False, timeout=600)
+        for kind in ("volume", "network"):
+            for name in listed(kind, "ls"):
+                attempt(kind, "rm", "-f", name)
+        left = listed("ps", "-a") + listed("volume", "ls") + listed("network", "ls")
         if left:
             raise RuntimeError(f"project {self.project} left behind {left}")
 
@@ -180,8 +191,8 @@ class Stack:
             try:
                 if check():
                     return time.monotonic() - begun
-            except (RuntimeError, OSError, ValueError, KeyError, httpx.HTTPError):
-                pass  # not up yet: asked too early
+            except (RuntimeError, OSError, ValueError, KeyError, httpx.HTTPError, subprocess.TimeoutExpired):
+                pass  # not up yet, or a probe that took too long on a busy host: ask again
             if time.monotonic() - begun > timeout:
                 said = what if isinstance(what, str) else what()
                 raise AssertionError(f"{said}: not after {timeout:.0f}s\n{self.state()}")
