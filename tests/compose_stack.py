@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose.yaml"
@@ -191,7 +192,15 @@ class Stack:
             try:
                 if check():
                     return time.monotonic() - begun
-            except (RuntimeError, OSError, ValueError, KeyError, httpx.HTTPError, subprocess.TimeoutExpired):
+            except (
+                RuntimeError,
+                OSError,
+                ValueError,
+                KeyError,
+                httpx.HTTPError,
+                openai.APIConnectionError,
+                subprocess.TimeoutExpired,
+            ):
                 pass  # not up yet, or a probe that took too long on a busy host: ask again
             if time.monotonic() - begun > timeout:
                 said = what if isinstance(what, str) else what()
