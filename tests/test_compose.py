@@ -22,10 +22,16 @@ DOCKERFILE = ROOT / "Dockerfile"
 PROMETHEUS = ROOT / "monitoring" / "prometheus-compose.yml"
 
 
+def with_defaults(text: str) -> str:
+    """compose.yaml as Compose reads it when none of the variables it names is set: each
+    ``${NAME:-default}`` becomes its default (``${NAME}`` becomes empty)."""
+    return re.sub(r"\$\{\w+(?::?-([^}]*))?\}", lambda m: m[1] or "", text)
+
+
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
     # Compose resolves YAML anchors and merge keys before applying its schema; so does PyYAML.
-    raw = yaml.safe_load(COMPOSE.read_text())
+    raw = yaml.safe_load(with_defaults(COMPOSE.read_text()))
     spec = PyCompose.from_json(json.dumps(raw))
     spec.to_spec()  # raises ValueError on anything the Compose specification does not allow
     doc: dict[str, Any] = spec.to_dict()
@@ -104,7 +110,8 @@ def test_the_image_holds_every_package_the_project_installs() -> None:
     packages = {"gateway", "worker", "shared", "control"}  # pyproject's packages.find include
     assert packages <= copied
     assert all((ROOT / p / "__init__.py").is_file() for p in packages)
-    assert 'pip install --extra-index-url "$TORCH_INDEX" ".[$ENGINE]"' in text
+    assert 'pip install ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} ".[$ENGINE]"' in text
+    assert "pip install --no-deps ." in text  # the code, over the dependencies' layer
 
 
 def test_gateway_and_jobs_share_the_uploaded_files(compose: dict[str, Any]) -> None:
@@ -118,3 +125,15 @@ def test_gateway_and_jobs_share_the_uploaded_files(compose: dict[str, Any]) -> N
         int(services["jobs"]["stop_grace_period"].removesuffix("s"))
         > BackgroundSettings().background_drain_timeout
     )
+
+
+def test_local_images_are_the_ones_compose_yaml_can_be_pointed_at() -> None:
+    """deploy/images.sh prints the variables compose.yaml reads for its images and the base."""
+    script = (ROOT / "deploy" / "images.sh").read_text()
+    printed = set(re.findall(r'^echo "export (SWITCHYARD_\w+)=', script, flags=re.MULTILINE))
+    read = set(re.findall(r"\$\{(SWITCHYARD_\w+_IMAGE):-", COMPOSE.read_text()))
+    assert (
+        printed == read == {"SWITCHYARD_BASE_IMAGE", "SWITCHYARD_REDIS_IMAGE", "SWITCHYARD_PROMETHEUS_IMAGE"}
+    )
+    assert "ARG BASE_IMAGE=python:3.11-slim" in DOCKERFILE.read_text()
+    assert "${SWITCHYARD_BASE_IMAGE:-python:3.11-slim}" in COMPOSE.read_text()
