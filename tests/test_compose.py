@@ -40,7 +40,7 @@ def compose() -> dict[str, Any]:
 
 def test_the_services_and_their_references_exist(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert {"redis", "gateway", "worker", "jobs", "prometheus", "grafana"} <= services.keys()
+    assert {"redis", "gateway", "worker", "background", "prometheus", "grafana"} <= services.keys()
     volumes = set(compose.get("volumes") or {})
     for name, service in services.items():
         for dependency in service.get("depends_on") or {}:
@@ -83,7 +83,7 @@ def test_every_setting_named_is_one_the_code_reads(compose: dict[str, Any]) -> N
 
 
 def test_commands_are_cli_commands_and_shutdown_has_time_to_drain(compose: dict[str, Any]) -> None:
-    for name in ("gateway", "worker", "jobs"):
+    for name in ("gateway", "worker", "background"):
         command = compose["services"][name]["command"]
         assert command[0] == "switchyard"
         done = subprocess.run(
@@ -114,15 +114,15 @@ def test_the_image_holds_every_package_the_project_installs() -> None:
     assert "pip install --no-deps ." in text  # the code, over the dependencies' layer
 
 
-def test_gateway_and_jobs_share_the_uploaded_files(compose: dict[str, Any]) -> None:
+def test_gateway_and_background_share_the_uploaded_files(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    dirs = {services[name]["environment"]["SWITCHYARD_FILES_DIR"] for name in ("gateway", "jobs")}
-    assert len(dirs) == 1, "the jobs service would not find the files the gateway stored"
+    dirs = {services[name]["environment"]["SWITCHYARD_FILES_DIR"] for name in ("gateway", "background")}
+    assert len(dirs) == 1, "the background service would not find the files the gateway stored"
     (files_dir,) = dirs
-    for name in ("gateway", "jobs"):
+    for name in ("gateway", "background"):
         assert f"files:{files_dir}" in services[name]["volumes"], name
     assert (
-        int(services["jobs"]["stop_grace_period"].removesuffix("s"))
+        int(services["background"]["stop_grace_period"].removesuffix("s"))
         > BackgroundSettings().background_drain_timeout
     )
 

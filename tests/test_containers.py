@@ -1,10 +1,10 @@
 """The Compose stack for real: the image built from the Dockerfile, compose.yaml brought up with
-podman-compose (Redis, gateway, one worker on the demo model, the jobs service, Prometheus), and the
+podman-compose (Redis, gateway, one worker on the demo model, the background service, Prometheus), and the
 system used through its published port the way the README tells users to.
 
 Workers are added by starting containers (``--scale worker=3``) and load spreads over them; a worker
 container killed with SIGKILL mid-stream costs no stream (another worker resumes each one) and its
-restart policy brings it back; the jobs container runs a batch; Prometheus scrapes every target; a
+restart policy brings it back; the background container runs a batch; Prometheus scrapes every target; a
 gateway container told to stop drains its streams. Where no registry is reachable, which is the case
 here, deploy/images.sh builds every image from Debian's packages.
 
@@ -119,7 +119,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, figures: dict[str, str]) -> 
     try:
         s.started_at = time.monotonic()
         # Grafana is the one service without a Debian stand-in: everything else comes up.
-        s.compose("up", "-d", "redis", "gateway", "worker", "jobs", "prometheus")
+        s.compose("up", "-d", "redis", "gateway", "worker", "background", "prometheus")
         yield s
     finally:
         s.remove()
@@ -267,7 +267,7 @@ async def test_a_killed_worker_container_loses_no_stream_and_comes_back(stack: S
     )
 
 
-def test_the_jobs_container_runs_a_batch(stack: Stack, api_key: str) -> None:
+def test_the_background_container_runs_a_batch(stack: Stack, api_key: str) -> None:
     client = OpenAI(base_url=f"{stack.base_url}/v1", api_key=api_key, max_retries=0, timeout=60)
     lines = [
         {
@@ -294,7 +294,7 @@ def test_the_jobs_container_runs_a_batch(stack: Stack, api_key: str) -> None:
         batch = client.batches.retrieve(batch.id)
         return batch.status in ("completed", "failed", "expired", "cancelled")
 
-    stack.wait(finished, 180, "the batch finished by the jobs container")
+    stack.wait(finished, 180, "the batch finished by the background container")
     assert batch.status == "completed", batch
     assert batch.output_file_id is not None
     output = [json.loads(x) for x in client.files.content(batch.output_file_id).text.splitlines()]
