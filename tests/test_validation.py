@@ -122,10 +122,11 @@ NON_DEFAULT = {
     "logprobs": 3,
     "logit_bias": ((5, 1.5),),
     "structured_output": StructuredOutput(json_schema='{"type": "object"}'),
+    "prompt_logprobs": 2,
 }
 # How those reach the request, where its form differs from the wire's, or the request path decides.
 IN_REQUEST = {"logprobs": {"logprobs": True, "top_logprobs": 3}, "logit_bias": {"logit_bias": {"5": 1.5}}}
-DECIDED = ("structured_output",)
+DECIDED = ("structured_output", "prompt_logprobs")
 # What the engine's parameters hold for them, where its form differs from the wire's.
 IN_ENGINE = {
     "logit_bias": lambda p: p.logit_bias == {5: 1.5},
