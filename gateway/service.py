@@ -21,6 +21,7 @@ from api.errors import APIError
 from gateway.auth import Authenticator
 from serving.admission import Admission
 from serving.dispatch import Dispatcher
+from serving.fanout import submit_jobs
 from serving.lifecycle import Lifecycle
 from serving.path import JobBuilder, Prepared, submit
 from serving.registry import ModelEntry, WorkerRegistry
@@ -100,7 +101,18 @@ class Gateway:
     async def _respond(
         self, request: Request, prepared: Prepared, body: GenerationRequest, tenant: Tenant
     ) -> Any:
-        admitted = await submit(prepared.job, tenant, self.dispatcher, self.admission, self.lifecycle)
+        if prepared.fan:
+            admitted = await submit_jobs(
+                prepared.request_id,
+                prepared.jobs,
+                body.n,
+                tenant,
+                self.dispatcher,
+                self.admission,
+                self.lifecycle,
+            )
+        else:
+            admitted = await submit(prepared.job, tenant, self.dispatcher, self.admission, self.lifecycle)
         if body.stream:
             return EventSourceResponse(
                 sse_events(admitted, prepared.streaming(body)),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import anyio
 from fastapi import Request
@@ -18,22 +18,36 @@ from api.assembly import FullAssembler, StreamAssembler
 from api.errors import APIError, InternalError, UpstreamFailure
 from api.sse import encode, sse
 from serving.admission import Admission, Ticket
-from serving.dispatch import ReplyStream
 from serving.lifecycle import Lifecycle
-from shared.messages import Final, Started, Tokens, UsageEvent
+from shared.messages import Final, Job, Started, Tokens, Usage, UsageEvent
 
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
 
+class Replies(Protocol):
+    """What is relayed of a request: its job's reply stream (:class:`~serving.dispatch.ReplyStream`),
+    or its jobs' merged into one (:class:`~serving.fanout.FanIn`)."""
+
+    job: Job
+    error: str | None
+    restartable: bool
+
+    def __aiter__(self) -> AsyncIterator[Started | Tokens | Final]: ...
+
+    def interrupt(self, error: APIError) -> None: ...
+
+    def usage(self) -> Usage: ...
+
+    async def close(self) -> None: ...
+
+
 class Admitted:
     """An admitted request: its reply stream and its reservation, released together, and known to
     the process's lifecycle until then (a draining gateway waits for it, or cuts it)."""
 
-    def __init__(
-        self, replies: ReplyStream, ticket: Ticket, admission: Admission, lifecycle: Lifecycle
-    ) -> None:
+    def __init__(self, replies: Replies, ticket: Ticket, admission: Admission, lifecycle: Lifecycle) -> None:
         self.replies = replies
         self.ticket = ticket
         self._admission = admission
@@ -66,7 +80,7 @@ class Admitted:
             self._lifecycle.closed(self)
 
 
-async def collect(replies: ReplyStream, assembler: FullAssembler) -> dict[str, Any]:
+async def collect(replies: Replies, assembler: FullAssembler) -> dict[str, Any]:
     async for reply in replies:
         if isinstance(reply, Started) and reply.seq == 0:
             assembler.restart()  # the job started, or started over on another worker

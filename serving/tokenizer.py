@@ -34,6 +34,7 @@ class _HFTokenizer(Protocol):
     def __len__(self) -> int: ...
     def get_vocab(self) -> dict[str, int]: ...
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+    def decode(self, token_ids: list[int]) -> str: ...
     def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
 
 
@@ -78,6 +79,10 @@ class PromptBuilder:
             return self._tok.encode(prompt, add_special_tokens=True)
         self.check_ids(prompt, "prompt")
         return list(prompt)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Token ids as text, special tokens included (as vLLM decodes a prompt it echoes)."""
+        return self._tok.decode(list(ids))
 
     def check_ids(self, ids: Sequence[int], param: str) -> None:
         """Refuse token ids the model does not have, before the engine does so after enqueueing."""
