@@ -22,7 +22,7 @@ import anyio
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from api.errors import APIError, InvalidRequest, RateLimited, Unavailable
+from api.errors import APIError, RateLimited, Unavailable
 from batch.lines import BatchLine, encode_line, response_line
 from batch.policy import MAX_ATTEMPTS, Capacity, lines_to_add, retryable
 from serving.admission import Admission, Ticket
@@ -316,12 +316,7 @@ class Feeder:
                 continue
             if line.url == "/v1/chat/completions":
                 return await parts.builder.chat(entry, line.body, self._tenant, job_id)  # type: ignore[arg-type]
-            prepared = await parts.builder.completion(entry, line.body, self._tenant, job_id)  # type: ignore[arg-type]
-            if prepared.fan:
-                raise InvalidRequest(
-                    "a batch line takes one prompt: put each prompt on a line of its own", param="prompt"
-                )
-            return prepared
+            return await parts.builder.completion(entry, line.body, self._tenant, job_id)  # type: ignore[arg-type]
 
     async def _admit(self, job: Job) -> Ticket:
         """Admission as for any request of the tenant (the batch counts against its limits); a
