@@ -52,7 +52,7 @@ class StreamOptions(Strict):
 
 PositiveTokens = Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT)]
 MAX_LOGIT_BIAS = 1024
-_DECIDED = frozenset({"max_tokens", "logprobs", "logit_bias", "structured_output"})
+_DECIDED = frozenset({"max_tokens", "logprobs", "logit_bias", "structured_output", "prompt_logprobs"})
 """Wire sampling fields not copied by name: their request fields differ in form, or the request
 path decides them."""
 

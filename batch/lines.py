@@ -97,6 +97,9 @@ def parse_line(number: int, raw: bytes | str, max_n: int) -> BatchLine:
         raise _refuse(number, "invalid_body", "stream is not supported in a batch", "body.stream")
     if body.n > max_n:
         raise _refuse(number, "invalid_body", f"n must be at most {max_n}", "body.n")
+    if isinstance(body, CompletionRequest) and len(body.prompts()) > 1:
+        message = "a batch line takes one prompt: put each prompt on a line of its own"
+        raise _refuse(number, "invalid_body", message, "body.prompt")
     return BatchLine(number, line.custom_id, line.url, body)  # type: ignore[arg-type]
 
 

@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from api.chat.protocol import ChatCompletion, ChatCompletionRequest
 from api.completions.protocol import CompletionRequest, TextCompletion
 from api.errors import APIError, InvalidRequest, NotFound
+from api.tokenize.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from gateway import batch_api
 from gateway.auth import Authenticator
 from gateway.edge import RequestEdge
@@ -31,10 +32,12 @@ from gateway.openapi import (
     Readiness,
     completion_responses,
     install,
+    tokens_responses,
 )
 from gateway.probe import QueueProbe
 from gateway.service import Gateway
 from scaling.decision import Decision, Load, Scaler, scaling_policy
+from serving import tokenization
 from serving.admission import Admission, DrainMeter
 from serving.dispatch import Dispatcher, Timeouts
 from serving.lifecycle import Lifecycle
@@ -170,6 +173,30 @@ def _install_routes(app: FastAPI) -> None:
     @app.post("/v1/completions", response_model=None, responses=completion_responses(TextCompletion))
     async def completions(body: CompletionRequest, request: Request, tenant: AuthenticatedTenant) -> Any:
         return await _gateway(request).completion(request, body, tenant)
+
+    @app.post(
+        "/tokenize",
+        dependencies=[Depends(_tenant)],
+        response_model=None,
+        responses=tokens_responses(TokenizeResponse),
+    )
+    async def tokenize(body: TokenizeRequest, request: Request) -> Any:
+        gw = _gateway(request)
+        entry = await tokenization.model_of(gw.jobs, body.model)
+        request.state.model = entry.name
+        return await tokenization.tokenize(gw.jobs, entry, body)
+
+    @app.post(
+        "/detokenize",
+        dependencies=[Depends(_tenant)],
+        response_model=None,
+        responses=tokens_responses(DetokenizeResponse),
+    )
+    async def detokenize(body: DetokenizeRequest, request: Request) -> Any:
+        gw = _gateway(request)
+        entry = await tokenization.model_of(gw.jobs, body.model)
+        request.state.model = entry.name
+        return await tokenization.detokenize(await gw.tokenizers.get(entry.tokenizer), body)
 
     @app.get(
         "/v1/models",

@@ -164,6 +164,23 @@ def completion_responses(model: type[BaseModel]) -> dict[int | str, dict[str, An
     return {200: ok, **COMPLETION_ERRORS}
 
 
+def tokens_responses(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    """``/tokenize`` or ``/detokenize``: the answer, or an error (no engine work: no 429, no 5xx
+    but Redis's)."""
+    return {
+        200: {"model": model},
+        400: _error("Invalid request, e.g. a token id outside the vocabulary."),
+        **AUTH_ERRORS,
+        404: MODEL_NOT_FOUND,
+        413: COMPLETION_ERRORS[413],
+        503: _error("No live worker serves the model, or Redis is unreachable.", retry_after=True),
+    }
+
+
+TOKEN_PATHS = ("/tokenize", "/detokenize")
+"""Served at the root, as ``vllm serve`` serves them, and behind the same keys as ``/v1``."""
+
+
 def install(app: FastAPI, auth: bool, max_n: int) -> None:
     """Serve the adjusted document as ``/openapi.json``; ``max_n`` is this deployment's limit on n."""
     generate = app.openapi
@@ -182,7 +199,7 @@ def _adjust(schema: dict[str, Any], auth: bool, max_n: int) -> None:
             operation["responses"].pop("422", None)
             if path in ("/v1/chat/completions", "/v1/completions"):
                 operation.setdefault("parameters", []).extend(RESUMPTION_HEADERS)
-            if auth and path.startswith("/v1/"):
+            if auth and (path.startswith("/v1/") or path in TOKEN_PATHS):
                 operation["security"] = [{"bearer": []}]
             for response in operation["responses"].values():
                 response["headers"] = {**response.get("headers", {}), "x-request-id": _REQUEST_ID}

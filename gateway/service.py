@@ -21,11 +21,12 @@ from api.errors import APIError, InvalidRequest
 from gateway.auth import Authenticator
 from serving.admission import Admission
 from serving.dispatch import Dispatcher, owner_record
+from serving.fanout import submit_jobs
 from serving.idempotency import Idempotency
 from serving.lifecycle import Lifecycle
 from serving.path import JobBuilder, Prepared, submit
 from serving.registry import ModelEntry, WorkerRegistry
-from serving.relay import Attached, collect, sse_events, until_disconnect
+from serving.relay import Admitted, Attached, collect, sse_events, until_disconnect
 from serving.resume import EventId, Resumable
 from serving.tokenizer import TokenizerCache
 from shared.settings import GatewaySettings
@@ -106,6 +107,8 @@ class Gateway:
     async def _respond(
         self, request: Request, prepared: Prepared, body: GenerationRequest, tenant: Tenant
     ) -> Any:
+        if prepared.fan:
+            return await self._respond_fanned(request, prepared, body, tenant)
         options = body.stream_options
         resumable = self.resumable if body.stream and options and options.resumable else None
         if (last := request.headers.get("last-event-id")) is not None:
@@ -131,6 +134,46 @@ class Gateway:
             if key is not None:
                 await self.idempotency.forget(tenant.name, key, prepared.job.id)
             raise
+        return await self._answer(request, prepared, body, admitted, resumable)
+
+    async def _respond_fanned(
+        self, request: Request, prepared: Prepared, body: GenerationRequest, tenant: Tenant
+    ) -> Any:
+        """A request of several jobs (a text completion's prompts). Its answer is no one job's
+        replies, so it cannot be taken up again by a job's event id nor attached to under an
+        ``Idempotency-Key``: those are refused rather than ignored."""
+        options = body.stream_options
+        if options is not None and options.resumable:
+            raise InvalidRequest(
+                "a stream of several prompts cannot be taken up again: send them as several requests",
+                param="stream_options.resumable",
+            )
+        for header in ("Last-Event-ID", "Idempotency-Key"):
+            if request.headers.get(header) is not None:
+                raise InvalidRequest(
+                    f"{header} is for a request of one prompt: send several prompts as several requests",
+                    param=header,
+                )
+        admitted = await submit_jobs(
+            prepared.request_id,
+            prepared.jobs,
+            body.n,
+            tenant,
+            self.dispatcher,
+            self.admission,
+            self.lifecycle,
+        )
+        return await self._answer(request, prepared, body, admitted, None)
+
+    async def _answer(
+        self,
+        request: Request,
+        prepared: Prepared,
+        body: GenerationRequest,
+        admitted: Admitted,
+        resumable: Resumable | None,
+    ) -> Any:
+        """The answer of an admitted request: its stream, or its whole body."""
         if body.stream:
             return EventSourceResponse(
                 sse_events(admitted, prepared.streaming(body), resumable),

@@ -11,6 +11,7 @@ import logging
 import math
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
@@ -98,7 +99,26 @@ class Admission:
     async def admit(self, tenant: Tenant, job: Job, stream: str | None = None) -> Ticket:
         """Reserve the job's slot and tokens, or raise 429/503 (fail closed without Redis). The
         tenant's backlog is counted on ``stream``, its job stream of the model unless given."""
-        request_id, model, tokens = job.id, job.model, reservation(job)
+        return await self._admit(tenant, job.id, job.model, reservation(job), 1, stream)
+
+    async def admit_jobs(self, tenant: Tenant, request_id: str, jobs: Sequence[Job]) -> Ticket:
+        """Admit one request made of several jobs (a text completion's prompts) as one request:
+        one against the requests per minute and one concurrency slot (what a client holds open),
+        the tokens of every job reserved at once, and room in the backlog for every job (what the
+        workers will see queued). :meth:`settle` the ticket once, when every job has ended."""
+        if tenant.max_backlog and len(jobs) > tenant.max_backlog:
+            raise InvalidRequest(
+                f"this request makes {len(jobs)} jobs (one per prompt), more than tenant "
+                f"'{tenant.name}' may have queued at once ({tenant.max_backlog}); send fewer prompts",
+                param="prompt",
+                code="too_many_prompts",
+            )
+        tokens = sum(reservation(job) for job in jobs)
+        return await self._admit(tenant, request_id, jobs[0].model, tokens, len(jobs), None)
+
+    async def _admit(
+        self, tenant: Tenant, request_id: str, model: str, tokens: int, jobs: int, stream: str | None
+    ) -> Ticket:
         backlog = self._drain.backlog(model)
         if backlog >= self._max_total:
             raise Unavailable(
@@ -124,6 +144,7 @@ class Admission:
             tenant.max_backlog or 0,
             WINDOW_MS,
             self._ttl_ms,
+            jobs,
         ]
         try:
             result = await self._scripts.admit(keys=keys, args=args)
@@ -138,12 +159,11 @@ class Admission:
             )
         reason = result[1].decode() if isinstance(result[1], bytes) else str(result[1])
         wait_ms, req_used, tok_used = int(result[2]), int(result[3]), int(result[4])
-        raise self._rejection(
-            tenant, model, reason, wait_ms, limit_headers(tenant, req_used, tok_used, wait_ms, wait_ms)
-        )
+        headers = limit_headers(tenant, req_used, tok_used, wait_ms, wait_ms)
+        raise self._rejection(tenant, model, reason, wait_ms, headers, jobs)
 
     def _rejection(
-        self, tenant: Tenant, model: str, reason: str, wait_ms: int, headers: dict[str, str]
+        self, tenant: Tenant, model: str, reason: str, wait_ms: int, headers: dict[str, str], jobs: int
     ) -> Exception:
         if reason == "tokens_too_many":
             return InvalidRequest(
@@ -154,8 +174,11 @@ class Admission:
             )
         if reason == "backlog":
             return RateLimited(
-                f"tenant '{tenant.name}' already has {tenant.max_backlog} requests queued or running",
-                retry_after=self._drain.retry_after(model, 1),
+                f"tenant '{tenant.name}' already has {tenant.max_backlog} requests queued or running"
+                if jobs == 1
+                else f"tenant '{tenant.name}' has no room for {jobs} more jobs in its backlog "
+                f"({tenant.max_backlog} queued or running at most)",
+                retry_after=self._drain.retry_after(model, jobs),
                 code="backlog_full",
                 headers=headers,
             )

@@ -18,7 +18,7 @@ from api.assembly import Family, FullAssembler, Meta, StreamAssembler
 from api.chat.assembly import CHAT, ChatFull, ChatStream, ChoiceParser
 from api.chat.protocol import ChatCompletionRequest
 from api.common import GenerationRequest
-from api.completions.assembly import TEXT
+from api.completions.assembly import TEXT, Echo, TextFull, TextPlan, TextStream
 from api.completions.protocol import CompletionRequest
 from api.errors import InvalidRequest, ModelNotFound, Unavailable
 from serving.admission import Admission, default_output
@@ -47,6 +47,17 @@ class Prepared:
     json_held: bool = False
     """A grammar holds the answer to JSON (see ``api.chat.assembly.escape_controls``)."""
     extra: dict[str, Any] = field(default_factory=dict)
+    text: TextPlan | None = None
+    """How a text completion's answer is assembled (echo, log probabilities, several prompts)."""
+    fan: tuple[Job, ...] = ()
+    """The other jobs of a request of several prompts (``job`` is the first prompt's): the request
+    is admitted and answered as one (:mod:`serving.fanout`)."""
+    request_id: str = ""
+    """The request's id, when its jobs have ids of their own (``fan``)."""
+
+    @property
+    def jobs(self) -> tuple[Job, ...]:
+        return (self.job, *self.fan)
 
     @property
     def rich(self) -> bool:
@@ -55,15 +66,17 @@ class Prepared:
     def meta(self) -> Meta:
         job = self.job
         return Meta(
-            id=self.id_prefix + job.id.removeprefix("req_"),
+            id=self.id_prefix + (self.request_id or job.id).removeprefix("req_"),
             created=int(job.created_at),
             model=job.model,
             family=self.family,
         )
 
     def streaming(self, body: GenerationRequest) -> StreamAssembler:
-        prompt = len(self.job.prompt_token_ids)
+        prompt = sum(len(job.prompt_token_ids) for job in self.jobs)
         usage, continuous = body.include_usage(), body.continuous_usage()
+        if self.text is not None and self.text.rich:
+            return TextStream(self.meta(), usage, continuous, prompt, plan=self.text)
         if self.rich:
             return ChatStream(
                 self.meta(),
@@ -77,6 +90,8 @@ class Prepared:
         return StreamAssembler(self.meta(), usage, continuous, prompt)
 
     def whole(self) -> FullAssembler:
+        if self.text is not None and self.text.rich:
+            return TextFull(self.meta(), plan=self.text)
         if self.rich:
             return ChatFull(
                 self.meta(), parsers=self.parsers, top=self.top_logprobs, json_held=self.json_held
@@ -132,14 +147,36 @@ class JobBuilder:
     async def completion(
         self, entry: ModelEntry, body: CompletionRequest, tenant: Tenant, job_id: str
     ) -> Prepared:
+        """One job per prompt: the first keeps the request's id, each of several gets its own."""
         tokens = await self.tokenizers.get(entry.tokenizer)
-        text = body.single_prompt()
-        if isinstance(text, str):
-            check_length(tokens, len(text), entry.max_model_len, "prompt")
+        given = body.prompts()
+        params = ["prompt"] if len(given) == 1 else [f"prompt.{k}" for k in range(len(given))]
+        for text, param in zip(given, params, strict=True):
+            if isinstance(text, str):
+                check_length(tokens, len(text), entry.max_model_len, param)
+        if body.logprobs is not None and body.logprobs > entry.max_logprobs:
+            raise InvalidRequest(
+                f"logprobs may be at most {entry.max_logprobs} for this model", param="logprobs"
+            )
         check_token_ids(tokens, body)
-        prompt = await tokens.text_async(text)
-        job = self._job(job_id, tenant, entry, body, prompt, body.max_tokens, param="prompt")
-        return Prepared(job, TEXT, "cmpl-")
+        prompts = [await tokens.text_async(text) for text in given]
+        # Scoring a prompt (echo, max_tokens 0) still runs one step, as in vLLM: its token is not shown.
+        max_tokens = 1 if body.echo_only else body.budget
+        decided = {"logprobs": body.logprobs, "prompt_logprobs": body.logprobs if body.echo else None}
+        ids = [job_id] if len(prompts) == 1 else [f"{job_id}-{k}" for k in range(len(prompts))]
+        jobs = [
+            self._job(i, tenant, entry, body, prompt, max_tokens, param=param, decided=decided)
+            for i, prompt, param in zip(ids, prompts, params, strict=True)
+        ]
+        echo = None
+        if body.echo:
+            echo = tuple(
+                Echo(text if isinstance(text, str) else tokens.decode(prompt), tokens.decode(prompt[:1]))
+                for text, prompt in zip(given, prompts, strict=True)
+            )
+        plan = TextPlan(n=body.n, echo=echo, top=body.logprobs, echo_only=body.echo_only)
+        fan = tuple(jobs[1:])
+        return Prepared(jobs[0], TEXT, "cmpl-", text=plan, fan=fan, request_id=job_id if fan else "")
 
     def _job(
         self,

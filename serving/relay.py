@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import anyio
 from fastapi import Request
@@ -21,11 +21,35 @@ from serving.admission import Admission, Ticket
 from serving.dispatch import ReplyStream
 from serving.lifecycle import Lifecycle
 from serving.resume import EventId, Resumable, with_id
-from shared.messages import Final, Started, Tokens, UsageEvent
+from shared.messages import Final, Job, Started, Tokens, Usage, UsageEvent
 
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
+
+
+class Replies(Protocol):
+    """What is relayed of a request: its job's reply stream (:class:`~serving.dispatch.ReplyStream`),
+    or its jobs' merged into one (:class:`~serving.fanout.FanIn`)."""
+
+    job: Job
+    error: str | None
+    restartable: bool
+    epoch: str
+    """The attempt that began the answer, which a resumable stream's event ids name."""
+
+    @property
+    def finished(self) -> bool: ...
+
+    def __aiter__(self) -> AsyncIterator[Started | Tokens | Final]: ...
+
+    def interrupt(self, error: APIError) -> None: ...
+
+    def usage(self) -> Usage: ...
+
+    async def keep(self, seconds: float) -> None: ...
+
+    async def close(self, stop: bool = True) -> None: ...
 
 
 class Admitted:
@@ -37,7 +61,7 @@ class Admitted:
 
     def __init__(
         self,
-        replies: ReplyStream,
+        replies: Replies,
         ticket: Ticket,
         admission: Admission,
         lifecycle: Lifecycle,
@@ -116,7 +140,7 @@ class Attached:
 Following = Admitted | Attached
 
 
-async def collect(replies: ReplyStream, assembler: FullAssembler) -> dict[str, Any]:
+async def collect(replies: Replies, assembler: FullAssembler) -> dict[str, Any]:
     async for reply in replies:
         if isinstance(reply, Started) and reply.seq == 0:
             assembler.restart()  # the job started, or started over on another worker

@@ -22,6 +22,8 @@ from serving.chat import Answering, ChatPlan, ChatRenderer
 
 INLINE_CHARS = 16_384
 """Prompts up to this many characters are encoded on the event loop (a thread hop costs more)."""
+INLINE_TOKENS = 4_096
+"""Token ids up to this many are decoded on the event loop."""
 SAFETY = 2
 """How much the length bound of :meth:`PromptBuilder.least_tokens` is loosened, for normalizers that
 drop characters (accents, repeated spaces) so a token may cover more text than it spells."""
@@ -34,6 +36,8 @@ class _HFTokenizer(Protocol):
     def __len__(self) -> int: ...
     def get_vocab(self) -> dict[str, int]: ...
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+    def decode(self, token_ids: list[int]) -> str: ...
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]: ...
     def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
 
 
@@ -60,10 +64,10 @@ class PromptBuilder:
             return self.chat(body, answering, max_logprobs)
         return await asyncio.to_thread(self.chat, body, answering, max_logprobs)
 
-    async def text_async(self, prompt: str | list[int]) -> list[int]:
+    async def text_async(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
         if not isinstance(prompt, str) or len(prompt) <= INLINE_CHARS:
-            return self.text(prompt)
-        return await asyncio.to_thread(self.text, prompt)
+            return self.text(prompt, add_special_tokens)
+        return await asyncio.to_thread(self.text, prompt, add_special_tokens)
 
     def chat(
         self, body: ChatCompletionRequest, answering: Answering, max_logprobs: int
@@ -73,11 +77,26 @@ class PromptBuilder:
         plan = self._renderer.plan(body, answering, max_logprobs)
         return plan, self._tok.encode(plan.text, add_special_tokens=bool(plan.request.add_special_tokens))
 
-    def text(self, prompt: str | list[int]) -> list[int]:
+    def text(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
         if isinstance(prompt, str):
-            return self._tok.encode(prompt, add_special_tokens=True)
+            return self._tok.encode(prompt, add_special_tokens=add_special_tokens)
         self.check_ids(prompt, "prompt")
         return list(prompt)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Token ids as text, special tokens included (as vLLM decodes a prompt it echoes)."""
+        return self._tok.decode(list(ids))
+
+    async def decode_async(self, ids: Sequence[int]) -> str:
+        if len(ids) <= INLINE_TOKENS:
+            return self.decode(ids)
+        return await asyncio.to_thread(self.decode, ids)
+
+    async def token_strs_async(self, ids: Sequence[int]) -> list[str]:
+        """Each token's own string in the vocabulary (``Ġw``, not `` w``), as vLLM lists them."""
+        if len(ids) <= INLINE_TOKENS:
+            return self._tok.convert_ids_to_tokens(list(ids))
+        return await asyncio.to_thread(self._tok.convert_ids_to_tokens, list(ids))
 
     def check_ids(self, ids: Sequence[int], param: str) -> None:
         """Refuse token ids the model does not have, before the engine does so after enqueueing."""

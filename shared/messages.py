@@ -12,10 +12,12 @@ from typing import Annotated, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 WIRE_VERSION = 1
-JOB_VERSIONS = (1, 2)
+JOB_VERSIONS = (1, 2, 3)
 """Job versions this release runs. A job that needs what version 1 lacked (structured output,
 log probabilities, logit bias, special tokens kept, step boundaries) is version 2, so a worker
-of an older release refuses it rather than run it without the constraint its client asked for."""
+of an older release refuses it rather than run it without the constraint its client asked for.
+A job that asks for its prompt's log probabilities (``Sampling.prompt_logprobs``) is version 3:
+a worker that would not send them refuses it, where the answer would otherwise lack them."""
 
 FinishReason = Literal["stop", "length", "abort"]
 Priority = Literal["interactive", "batch"]
@@ -67,10 +69,15 @@ class Sampling(_Wire):
     logit_bias: tuple[tuple[int, float], ...] = ()
     """(token id, bias) pairs added to the logits before sampling."""
     structured_output: StructuredOutput | None = None
+    prompt_logprobs: int | None = None
+    """Log probabilities of each prompt token and of this many alternatives (None: none), sent on
+    the job's first token message (``Tokens.prompt_logprobs``)."""
 
     @property
     def version(self) -> int:
         """The job version a job with these parameters needs (see ``JOB_VERSIONS``)."""
+        if self.prompt_logprobs is not None:
+            return 3
         plain = (
             self.structured_output is None
             and self.logprobs is None
@@ -149,6 +156,10 @@ class Tokens(_Wire):
     logprobs: Logprobs | None = None
     steps: tuple[tuple[int, int], ...] | None = None
     """(characters, tokens) of each engine step in ``text`` and ``token_ids``, when the job asked."""
+    prompt_logprobs: Logprobs | None = None
+    """On the job's first token message, when it asked (``Sampling.prompt_logprobs``): the log
+    probabilities of its prompt's tokens from the second on (nothing precedes the first), which
+    every choice of the job shares. A worker resuming the job does not send them again."""
 
 
 class Usage(_Wire):

@@ -57,16 +57,20 @@ return lost
 # Admission of one request for one tenant, atomically across every gateway: sliding 60 s windows
 # of requests and of reserved tokens, a cap on unfinished requests, and a cap on the tenant's
 # backlog (its job stream's length). Time comes from Redis, not from any gateway's clock.
+# A request of several jobs (a text completion's prompts) is admitted once: one request, one
+# concurrency slot, the tokens of all its jobs, and room in the backlog for every job.
 # KEYS: req window, token window, token amounts, token sum, in-flight set, job stream
 # ARGV: request id, tokens, rpm, tpm, max concurrent, max backlog, window ms, in-flight ttl ms
-# (0 = no limit). Returns {1, requests used, tokens used, req reset ms, tok reset ms} when admitted,
-# {0, reason, retry after ms, requests used, tokens used} when not.
+# (0 = no limit), and optionally the request's jobs (1 when absent). Returns {1, requests used,
+# tokens used, req reset ms, tok reset ms} when admitted, {0, reason, retry after ms, requests
+# used, tokens used} when not.
 _ADMIT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local id, tokens = ARGV[1], tonumber(ARGV[2])
 local rpm, tpm, maxc, maxb = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local window, ttl = tonumber(ARGV[7]), tonumber(ARGV[8])
+local jobs = tonumber(ARGV[9] or '1')
 local since = now - window
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', since)
 for _, old in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', since)) do
@@ -94,7 +98,7 @@ if tpm > 0 and used + tokens > tpm then
   return {0, 'tokens', wait, nreq, used}
 end
 if maxc > 0 and redis.call('ZCARD', KEYS[5]) >= maxc then return {0, 'concurrency', 1000, nreq, used} end
-if maxb > 0 and redis.call('XLEN', KEYS[6]) >= maxb then return {0, 'backlog', 0, nreq, used} end
+if maxb > 0 and redis.call('XLEN', KEYS[6]) + jobs > maxb then return {0, 'backlog', 0, nreq, used} end
 redis.call('ZADD', KEYS[1], now, id)
 redis.call('ZADD', KEYS[2], now, id)
 redis.call('HSET', KEYS[3], id, tokens)

@@ -50,8 +50,8 @@ def line(
         (line(body={**CHAT, "stream": True}), "invalid_body", "body.stream", "stream is not supported"),
         (line(body={**CHAT, "n": 9}), "invalid_body", "body.n", "n must be at most 8"),
         (line(extra_field=1), "invalid_request", "extra_field", "unrecognized argument 'extra_field'"),
-        (line(url="/v1/completions", body={"model": "m", "prompt": ["a", "b"]}), "invalid_body", "body",
-         "one prompt"),
+        (line(url="/v1/completions", body={"model": "m", "prompt": ["a", "b"]}), "invalid_body",
+         "body.prompt", "one prompt"),
     ],
 )  # fmt: skip
 def test_a_bad_line_is_refused_naming_it(raw: bytes, code: str, param: str | None, says: str) -> None:

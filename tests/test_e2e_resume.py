@@ -206,6 +206,24 @@ def test_a_request_sent_again_with_its_idempotency_key_runs_once(client: OpenAI,
     assert getattr(info.value, "status_code", None) == 409
 
 
+def test_a_text_completion_sent_again_with_its_idempotency_key_is_the_same_answer(
+    client: OpenAI, system: System
+) -> None:
+    key = {"Idempotency-Key": f"score-{time.time_ns()}"}
+    kwargs: dict[str, Any] = {
+        "model": system.model,
+        "prompt": "The harbour at night",
+        "max_tokens": 8,
+        "echo": True,
+        "logprobs": 2,
+        "seed": 3,
+    }
+    first = client.completions.create(**kwargs, extra_headers=key)
+    again = client.completions.create(**kwargs, extra_headers=key)
+    assert again.id == first.id
+    assert again.choices[0].model_dump() == first.choices[0].model_dump()
+
+
 async def test_requests_sent_again_while_the_first_runs_share_its_job(system: System) -> None:
     key = {"idempotency-key": f"burst-{time.time_ns()}", **system.headers}
     payload = {

@@ -4,12 +4,13 @@ continues, and what a job that ends early does. Pure functions; no Redis, no eng
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 
-from shared.messages import Sampling
+from shared.messages import Logprobs, Sampling
 from worker.coalesce import Chunk, Coalescer, EngineAborted, flush_interval, resumed
-from worker.engine import Delta, EngineRejected
+from worker.engine import Delta, EngineRejected, TokenLogprobs
 from worker.outcome import Action, early_end
 
 
@@ -100,6 +101,26 @@ def test_resumed_sampling(
     assert (None if s is None else (s.max_tokens, s.min_tokens)) == expected
     if s is not None:
         assert s.seed == 3
+
+
+def test_the_prompts_log_probabilities_go_out_once_on_the_first_message() -> None:
+    scored = TokenLogprobs(sampled=[-1.5, -0.5], texts=["b", "c"], top=[((1, -1.5, "b"),), ((2, -0.5, "c"),)])
+    c = Coalescer(n=2, now=0.0)
+    # they come with one choice's first delta, but go out on whichever message is published first
+    first = c.add([d(0, (1,)), replace(d(1, (5,)), prompt_logprobs=scored)], now=0.0, interval=0.04)
+    assert [(chunk.index, chunk.prompt) for chunk in first] == [
+        (0, Logprobs(sampled=(-1.5, -0.5), texts=("b", "c"), top=(((1, -1.5, "b"),), ((2, -0.5, "c"),)))),
+        (1, None),
+    ]
+    c.add([d(0, (2,), "stop"), d(1, (6,), "stop")], now=1.0, interval=0.04)
+    assert [chunk.prompt for chunk in c.end().tail] == [None, None]
+
+
+def test_a_resumed_job_does_not_ask_for_the_prompts_log_probabilities_again() -> None:
+    asked = Sampling(max_tokens=10, logprobs=1, prompt_logprobs=1)
+    assert resumed(asked, 0) == asked
+    again = resumed(asked, 4)
+    assert again is not None and (again.prompt_logprobs, again.logprobs) == (None, 1)
 
 
 CANCELLED = asyncio.CancelledError()

@@ -112,6 +112,30 @@ async def test_backlog_cap_counts_the_tenants_stream(
     await admission.admit(Tenant(name="other", max_backlog=2), job(1))  # other tenants unaffected
 
 
+async def test_a_request_of_several_jobs_is_admitted_as_one(
+    redis: Redis, names: Names, admission: Admission
+) -> None:
+    """One request and one concurrency slot, the tokens of every job, room for every job queued."""
+    tenant = Tenant(name="t", rpm=5, tpm=100, max_concurrent=1, max_backlog=3)
+    ticket = await admission.admit_jobs(tenant, "req_many", [job(10) for _ in range(3)])
+    assert ticket.request_id == "req_many"
+    assert ticket.headers["x-ratelimit-remaining-requests"] == "4"
+    assert ticket.headers["x-ratelimit-remaining-tokens"] == "70"
+    with pytest.raises(RateLimited) as busy:
+        await admission.admit(tenant, job(1))
+    assert busy.value.code == "concurrency_limit_exceeded"
+    await admission.settle(ticket, used(12))  # 18 of the 30 come back
+    await redis.xadd(names.jobs_stream("m", "t"), {"job": "{}"})
+    with pytest.raises(RateLimited) as full:
+        await admission.admit_jobs(tenant, "req_full", [job(1) for _ in range(3)])
+    assert full.value.code == "backlog_full" and "3 more jobs" in full.value.message
+    second = await admission.admit_jobs(tenant, "req_fits", [job(1) for _ in range(2)])
+    assert second.headers["x-ratelimit-remaining-tokens"] == str(100 - 12 - 2)
+    with pytest.raises(InvalidRequest) as never:
+        await admission.admit_jobs(tenant, "req_never", [job(1) for _ in range(4)])
+    assert (never.value.code, never.value.param) == ("too_many_prompts", "prompt")
+
+
 async def test_limit_holds_under_concurrent_admissions(admission: Admission) -> None:
     tenant = Tenant(name="busy", rpm=50)
 

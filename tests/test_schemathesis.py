@@ -26,8 +26,10 @@ pytestmark = pytest.mark.e2e
 
 OTHER = "schema-" + uuid.uuid4().hex[:6]  # a fresh tenant: the session's Redis is shared
 COMPLETIONS = ("/v1/chat/completions", "/v1/completions")
+TOKENS = ("/tokenize", "/detokenize")
 CHEAP_TOKENS = 4
 CHEAP_N = 2
+CHEAP_PROMPTS = 3
 
 FUZZ = int(os.environ.get("SWITCHYARD_FUZZ_EXAMPLES", "0"))
 """Unset (the suite, CI): the same 25 cases per operation and mode every run, so a verdict never
@@ -80,17 +82,19 @@ def steer(case: Any, model: str) -> None:
     Generated names are almost never a served model (a 404 before the engine), so three in four
     cases get the real one, picked by a hash of the generated name so that a failing case replays
     the same. Generation is then bounded: without a cap, a valid body asks for up to the whole
-    context (1024 tokens) times n choices.
+    context (1024 tokens) times n choices, for each of up to 1,024 prompts.
     """
     if case.operation.path == "/v1/models/{model_id}":
         if _aimed(case.path_parameters.get("model_id")):
             case.path_parameters["model_id"] = model
         return
     body = case.body
-    if case.operation.path not in COMPLETIONS or not isinstance(body, dict):
+    if case.operation.path not in COMPLETIONS + TOKENS or not isinstance(body, dict):
         return
     if _aimed(body.get("model")):
         body["model"] = model
+    if case.operation.path in TOKENS:
+        return
     for field in ("max_tokens", "max_completion_tokens", "min_tokens"):
         if isinstance(body.get(field), int):
             body[field] = min(body[field], CHEAP_TOKENS)
@@ -99,6 +103,9 @@ def steer(case: Any, model: str) -> None:
     for field in ("n", "best_of"):
         if isinstance(body.get(field), int):
             body[field] = min(body[field], CHEAP_N)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        body["prompt"] = prompt[:CHEAP_PROMPTS]  # each prompt is a job of its own
 
 
 def _aimed(generated: object) -> bool:
@@ -143,7 +150,7 @@ def test_gateway_answers_as_its_schema_says(
             assert not charged, "refused only after it was admitted and enqueued"
 
     operations = [result.ok() for result in api_schema.get_all_operations()]
-    assert {f"POST {path}" for path in COMPLETIONS} <= {op.label for op in operations}
+    assert {f"POST {path}" for path in COMPLETIONS + TOKENS} <= {op.label for op in operations}
     for operation in operations:
         if not mode.is_positive and not operation.body and not list(operation.iter_parameters()):
             continue  # nothing to make invalid (security schemes are tested by the auth checks)
@@ -171,14 +178,28 @@ def served_examples(operation: Any, model: str) -> list[Any]:
     valid bodies often fail on the demo model's chat template before reaching the engine)."""
     if operation.path == "/v1/models/{model_id}":
         return [operation.Case(path_parameters={"model_id": model})]
+    messages = [{"role": "user", "content": "hi"}]
+    if operation.path in TOKENS:
+        bodies: list[dict[str, Any]] = {
+            "/tokenize": [{"prompt": "hi", "return_token_strs": True}, {"messages": messages}],
+            "/detokenize": [{"tokens": [5, 6, 7]}],
+        }[operation.path]
+        return [operation.Case(body={"model": model, **body}) for body in bodies]
     prompt: dict[str, Any] = {
-        "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}]},
+        "/v1/chat/completions": {"messages": messages},
         "/v1/completions": {"prompt": "hi"},
     }.get(operation.path, {})
     if not prompt:
         return []
     body = {"model": model, "max_tokens": CHEAP_TOKENS, **prompt}
-    return [operation.Case(body=body), operation.Case(body={**body, "stream": True})]
+    cases = [operation.Case(body=body), operation.Case(body={**body, "stream": True})]
+    if operation.path == "/v1/completions":  # several prompts, echoed and scored
+        scored = {**body, "prompt": ["hi", "there"], "echo": True, "logprobs": 1}
+        cases += [
+            operation.Case(body=scored),
+            operation.Case(body={**scored, "max_tokens": 0, "stream": True}),
+        ]
+    return cases
 
 
 def test_both_tenants_see_the_same_models_and_their_own_limits(

@@ -4,7 +4,7 @@ import pytest
 from pydantic import ValidationError
 
 from api.chat.protocol import ChatCompletionRequest
-from api.completions.protocol import CompletionRequest
+from api.completions.protocol import MAX_PROMPTS, CompletionRequest
 from api.errors import InvalidRequest
 from gateway.app import validation_error
 from serving.path import fit_context
@@ -69,15 +69,44 @@ def test_max_completion_tokens_wins_over_max_tokens() -> None:
 
 
 def test_completion_prompt_forms() -> None:
-    def prompt(p: object) -> object:
-        return CompletionRequest.model_validate({"model": "m", "prompt": p}).single_prompt()
+    def prompts(p: object) -> object:
+        return CompletionRequest.model_validate({"model": "m", "prompt": p}).prompts()
 
-    assert prompt("hi") == "hi"
-    assert prompt([1, 2, 3]) == [1, 2, 3]
-    assert prompt(["only"]) == "only"
-    assert prompt([[4, 5]]) == [4, 5]
-    with pytest.raises(ValidationError):
-        prompt(["a", "b"])
+    assert prompts("hi") == ["hi"]
+    assert prompts([1, 2, 3]) == [[1, 2, 3]]
+    assert prompts(["only"]) == ["only"]
+    assert prompts([[4, 5]]) == [[4, 5]]
+    assert prompts(["a", "b"]) == ["a", "b"]
+    assert prompts([[1], [2, 3]]) == [[1], [2, 3]]
+    for bad in ([], [[]], ["a", 1], [[1], "b"], [-1], ["x"] * (MAX_PROMPTS + 1)):
+        with pytest.raises(ValidationError) as info:
+            prompts(bad)
+        assert info.value.errors()[0]["loc"][0] == "prompt"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": -1, "echo": True}, "max_tokens"),
+        ({"logprobs": -1}, "logprobs"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"suffix": "tail"}, "suffix"),
+        ({"echo": "yes please"}, "echo"),
+    ],
+)
+def test_invalid_completion_bodies_name_their_param(body: dict, param: str) -> None:
+    assert first_error(CompletionRequest, {"model": "m", "prompt": "hi", **body}).param == param
+
+
+def test_completion_budget_is_openais() -> None:
+    def request(**fields: object) -> CompletionRequest:
+        return CompletionRequest.model_validate({"model": "m", "prompt": "hi", **fields})
+
+    assert request().max_tokens == request(max_tokens=None).max_tokens == 16
+    scoring = request(max_tokens=0, echo=True, logprobs=0)
+    assert scoring.echo_only and scoring.budget == 0 and scoring.logprobs == 0
+    assert not request(max_tokens=1, echo=True).echo_only
 
 
 def test_context_budget() -> None:
@@ -122,10 +151,11 @@ NON_DEFAULT = {
     "logprobs": 3,
     "logit_bias": ((5, 1.5),),
     "structured_output": StructuredOutput(json_schema='{"type": "object"}'),
+    "prompt_logprobs": 2,
 }
 # How those reach the request, where its form differs from the wire's, or the request path decides.
 IN_REQUEST = {"logprobs": {"logprobs": True, "top_logprobs": 3}, "logit_bias": {"logit_bias": {"5": 1.5}}}
-DECIDED = ("structured_output",)
+DECIDED = ("structured_output", "prompt_logprobs")
 # What the engine's parameters hold for them, where its form differs from the wire's.
 IN_ENGINE = {
     "logit_bias": lambda p: p.logit_bias == {5: 1.5},

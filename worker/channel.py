@@ -101,6 +101,7 @@ class ReplyChannel:
                 finish_reason=c.finish,
                 logprobs=c.logprobs(),
                 steps=c.steps() if self._steps else None,
+                prompt_logprobs=c.prompt,
             )
             for c in chunks
         ]

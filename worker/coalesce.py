@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, field
 
 from shared.messages import FinishReason, Logprobs, Sampling
-from worker.engine import Delta
+from worker.engine import Delta, TokenLogprobs
 
 
 class EngineAborted(RuntimeError):
@@ -39,6 +39,8 @@ class Chunk:
     sampled: list[float] = field(default_factory=list)
     token_texts: list[str] = field(default_factory=list)
     top: list[tuple[tuple[int, float, str], ...]] = field(default_factory=list)
+    prompt: Logprobs | None = None
+    """The prompt's log probabilities, on the job's first chunk when it asked."""
 
     @property
     def text(self) -> str:
@@ -99,12 +101,15 @@ class Coalescer:
         self._opened: set[int] = set()
         self._due = now
         self.generated = prior
+        self._prompt: Logprobs | None = None
 
     def add(self, deltas: list[Delta], now: float, interval: float) -> list[Chunk]:
         """Take one engine step's deltas; returns the chunks to publish now (often none).
         ``interval``: the worker's flush interval now (see :func:`flush_interval`)."""
         urgent = False
         for d in deltas:
+            if d.prompt_logprobs is not None:
+                self._prompt = _wire(d.prompt_logprobs)
             chunk = self._pending.get(d.index)
             if chunk is None:
                 chunk = self._pending[d.index] = Chunk(d.index)
@@ -135,15 +140,26 @@ class Coalescer:
     def _take(self) -> list[Chunk]:
         chunks = [self._pending[i] for i in sorted(self._pending)]
         self._pending = {}
+        if chunks and self._prompt is not None:
+            # On the first message published, whichever choice it is: the gateway must have the
+            # prompt's log probabilities before the first choice's text.
+            chunks[0].prompt, self._prompt = self._prompt, None
         return chunks
+
+
+def _wire(logprobs: TokenLogprobs) -> Logprobs:
+    return Logprobs(sampled=tuple(logprobs.sampled), texts=tuple(logprobs.texts), top=tuple(logprobs.top))
 
 
 def resumed(sampling: Sampling, prior: int) -> Sampling | None:
     """The sampling that continues a job after ``prior`` tokens already sent to the client, or
-    ``None`` when the earlier attempt generated everything and only the final message is missing."""
+    ``None`` when the earlier attempt generated everything and only the final message is missing.
+    The prompt's log probabilities went out with the first tokens: a resumed job does not ask again
+    (its prompt now holds the tokens sent, too)."""
     left = sampling.max_tokens - prior
     if left <= 0:
         return None
     if prior == 0:
         return sampling
-    return sampling.model_copy(update={"max_tokens": left, "min_tokens": max(0, sampling.min_tokens - prior)})
+    update = {"max_tokens": left, "min_tokens": max(0, sampling.min_tokens - prior), "prompt_logprobs": None}
+    return sampling.model_copy(update=update)

@@ -32,6 +32,8 @@ class Delta:
     token_ids: tuple[int, ...]
     finish_reason: FinishReason | None
     logprobs: TokenLogprobs | None = None
+    prompt_logprobs: TokenLogprobs | None = None
+    """The prompt's tokens from the second on, on the request's first delta when it asked."""
 
 
 @dataclass(frozen=True, slots=True)

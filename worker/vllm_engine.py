@@ -6,6 +6,7 @@ vLLM is imported lazily (it takes seconds), from the thread that builds the engi
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import threading
@@ -324,8 +325,15 @@ class VLLMEngine:
         prompt = tokens_input(list(prompt_token_ids))
         stream = self._llm.generate(prompt, params, request_id, reasoning_ended=reasoning_ended)
         with_logprobs = params.logprobs is not None
+        # The prompt's log probabilities come once, with the first output (each of n choices may
+        # bring its own copy): the first delta after they arrive carries them.
+        prompt_wanted = params.prompt_logprobs is not None
+        scored: TokenLogprobs | None = None
         try:
             async for output in stream:
+                if prompt_wanted and output.prompt_logprobs:
+                    prompt_wanted = False
+                    scored = _logprobs(prompt_token_ids[1:], output.prompt_logprobs[1:])
                 deltas = [
                     Delta(
                         index=choice.index,
@@ -338,6 +346,9 @@ class VLLMEngine:
                     if choice.token_ids or choice.text or choice.finish_reason is not None
                 ]
                 if deltas:
+                    if scored is not None:
+                        deltas[0] = dataclasses.replace(deltas[0], prompt_logprobs=scored)
+                        scored = None
                     yield deltas
         except VLLMClientError as exc:
             raise EngineRejected(str(exc)) from exc
@@ -387,15 +398,21 @@ def _finish_reason(reason: str | None) -> FinishReason | None:
     return "stop"  # a reason this release does not know: the choice is over, and none fits better
 
 
+LOGPROB_FLOOR = -9999.0
+"""What stands for minus infinity, as in vLLM's answers: JSON has no infinity to send."""
+
+
 def _logprobs(token_ids: Sequence[int], positions: Any) -> TokenLogprobs:
-    """The log probabilities of a delta's tokens, from vLLM's per-position ``{id: Logprob}`` (the
-    sampled token first, then the alternatives by rank)."""
+    """The log probabilities of a delta's tokens (or of a prompt's), from vLLM's per-position
+    ``{id: Logprob}`` (the sampled or prompt token first, then the alternatives by rank)."""
     sampled: list[float] = []
     texts: list[str] = []
     top: list[tuple[tuple[int, float, str], ...]] = []
     for token, position in zip(token_ids, positions or (), strict=False):
         chosen = position.get(token)
-        sampled.append(chosen.logprob if chosen is not None else float("-inf"))
+        sampled.append(max(chosen.logprob, LOGPROB_FLOOR) if chosen is not None else LOGPROB_FLOOR)
         texts.append((chosen.decoded_token or "") if chosen is not None else "")
-        top.append(tuple((i, p.logprob, p.decoded_token or "") for i, p in position.items()))
+        top.append(
+            tuple((i, max(p.logprob, LOGPROB_FLOOR), p.decoded_token or "") for i, p in position.items())
+        )
     return TokenLogprobs(sampled=sampled, texts=texts, top=top)
