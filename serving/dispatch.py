@@ -23,6 +23,7 @@ from shared.messages import (
     StreamRecord,
     Tokens,
     Usage,
+    Vectors,
     WireError,
     decode_reply,
     encode,
@@ -47,7 +48,7 @@ class Timeouts:
 class Track(Protocol):
     """What is measured of one request as its replies pass (the gateway's metrics)."""
 
-    def saw(self, reply: Started | Tokens | Final) -> None: ...
+    def saw(self, reply: Started | Tokens | Vectors | Final) -> None: ...
 
     def failed(self, exc: APIError) -> None: ...
 
@@ -64,7 +65,7 @@ class Untracked:
     def track(self, job: Job) -> Untracked:
         return self
 
-    def saw(self, reply: Started | Tokens | Final) -> None:
+    def saw(self, reply: Started | Tokens | Vectors | Final) -> None:
         pass
 
     def failed(self, exc: APIError) -> None:
@@ -183,7 +184,7 @@ class ReplyStream:
         worker taking the job over may start it from the top rather than resume it."""
         self.track = owner.metrics.track(job)
 
-    async def __aiter__(self) -> AsyncIterator[Started | Tokens | Final]:
+    async def __aiter__(self) -> AsyncIterator[Started | Tokens | Vectors | Final]:
         try:
             async for reply in self._replies():
                 self.track.saw(reply)
@@ -194,7 +195,7 @@ class ReplyStream:
             self.track.failed(exc)
             raise
 
-    async def _replies(self) -> AsyncIterator[Started | Tokens | Final]:
+    async def _replies(self) -> AsyncIterator[Started | Tokens | Vectors | Final]:
         while not self.finished:
             reply = await self._next()
             if isinstance(reply, Started):
@@ -234,7 +235,7 @@ class ReplyStream:
         if self.started_at is None:
             self.started_at = time.monotonic()
 
-    async def _next(self) -> Started | Tokens | Final | Failure:
+    async def _next(self) -> Started | Tokens | Vectors | Final | Failure:
         now = time.monotonic()
         remaining = self._deadline - now
         if remaining <= 0:

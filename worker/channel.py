@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from shared.messages import Failure, Final, Job, Started, Tokens, decode_progress, encode
+from shared.messages import Failure, Final, Job, Started, Tokens, Vectors, decode_progress, encode
 from shared.names import GROUP, Names
 from shared.scripts import CLAIMED_PUBLISH
 from worker.coalesce import Chunk
 from worker.outbox import Command, Outbox
 
-Reply = Started | Tokens | Final | Failure
+Reply = Started | Tokens | Vectors | Final | Failure
 PROGRESS_TTL_MS = 3_600_000
 
 
