@@ -17,10 +17,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.chat.protocol import ChatCompletion, ChatCompletionRequest
 from api.completions.protocol import CompletionRequest, TextCompletion
+from api.embeddings.protocol import EmbeddingList, EmbeddingRequest
 from api.errors import APIError, InvalidRequest, NotFound
 from gateway import batch_api
 from gateway.auth import Authenticator
 from gateway.edge import RequestEdge
+from gateway.embeddings import embeddings
 from gateway.metrics import ENDPOINTS, GatewayMetrics, RequestCounter, rejection_reason
 from gateway.openapi import (
     AUTH_ERRORS,
@@ -30,6 +32,7 @@ from gateway.openapi import (
     ModelList,
     Readiness,
     completion_responses,
+    embedding_responses,
     install,
 )
 from gateway.probe import QueueProbe
@@ -170,6 +173,10 @@ def _install_routes(app: FastAPI) -> None:
     @app.post("/v1/completions", response_model=None, responses=completion_responses(TextCompletion))
     async def completions(body: CompletionRequest, request: Request, tenant: AuthenticatedTenant) -> Any:
         return await _gateway(request).completion(request, body, tenant)
+
+    @app.post("/v1/embeddings", response_model=None, responses=embedding_responses(EmbeddingList))
+    async def create_embeddings(body: EmbeddingRequest, request: Request, tenant: AuthenticatedTenant) -> Any:
+        return await embeddings(_gateway(request), request, body, tenant)
 
     @app.get(
         "/v1/models",

@@ -147,6 +147,10 @@ def completion_responses(model: type[BaseModel]) -> dict[int | str, dict[str, An
     return {200: ok, **COMPLETION_ERRORS}
 
 
+def embedding_responses(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    return {200: {"model": model, "description": "One vector per input, in order."}, **COMPLETION_ERRORS}
+
+
 def install(app: FastAPI, auth: bool, max_n: int) -> None:
     """Serve the adjusted document as ``/openapi.json``; ``max_n`` is this deployment's limit on n."""
     generate = app.openapi
