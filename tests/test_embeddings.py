@@ -1,5 +1,5 @@
 """Embeddings without an engine: the request body, the wire's vectors, the answer in both encodings,
-and the checks an embedding job passes before it is enqueued."""
+the checks an embedding job passes before it is enqueued, and batch lines for the endpoint."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from api.chat.protocol import ChatCompletionRequest
 from api.embeddings.assembly import PIECE_VALUES, EmbeddingAnswer
 from api.embeddings.protocol import MAX_INPUTS, EmbeddingRequest
 from api.errors import InvalidRequest
+from batch.lines import LineRefused, parse_line
 from gateway.app import validation_error
 from serving.embeddings import MAX_TOTAL_TOKENS, check_dimensions, fit, prepare_embedding
 from serving.path import JobBuilder
@@ -323,3 +324,16 @@ def test_the_vectors_and_the_final_message_end_an_embedding_job() -> None:
     final = Final(seq=3, finish_reasons=(), usage=USAGE)
     assert decode_reply(encode(final)) == final
     assert Sampling(max_tokens=0).version == 1
+
+
+# -- batches ---------------------------------------------------------------------------------------
+
+
+def test_a_batch_takes_embedding_lines_checked_as_the_endpoint_checks_them() -> None:
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/embeddings", "body": {"model": "e", "input": "x"}}
+    parsed = parse_line(1, json.dumps(line), max_n=1)
+    assert isinstance(parsed.body, EmbeddingRequest) and parsed.model == "e"
+    bad = {**line, "body": {"model": "e", "input": "x", "stream": True}}
+    with pytest.raises(LineRefused) as info:
+        parse_line(2, json.dumps(bad), max_n=1)
+    assert info.value.error.param == "body.stream"
