@@ -139,17 +139,20 @@ class Admission:
         reason = result[1].decode() if isinstance(result[1], bytes) else str(result[1])
         wait_ms, req_used, tok_used = int(result[2]), int(result[3]), int(result[4])
         raise self._rejection(
-            tenant, model, reason, wait_ms, limit_headers(tenant, req_used, tok_used, wait_ms, wait_ms)
+            tenant, job, reason, wait_ms, limit_headers(tenant, req_used, tok_used, wait_ms, wait_ms)
         )
 
     def _rejection(
-        self, tenant: Tenant, model: str, reason: str, wait_ms: int, headers: dict[str, str]
+        self, tenant: Tenant, job: Job, reason: str, wait_ms: int, headers: dict[str, str]
     ) -> Exception:
+        model = job.model
         if reason == "tokens_too_many":
+            embedding = job.embed is not None  # its tokens are all input
             return InvalidRequest(
                 f"this request needs more tokens than tenant '{tenant.name}' may use in a minute "
-                f"({tenant.tpm}); lower max_tokens or the prompt",
-                param="max_tokens",
+                f"({tenant.tpm}); "
+                + ("send fewer or shorter inputs" if embedding else "lower max_tokens or the prompt"),
+                param="input" if embedding else "max_tokens",
                 code="tokens_exceed_limit",
             )
         if reason == "backlog":

@@ -17,7 +17,17 @@ from api.errors import InvalidRequest, UpstreamFailure
 from serving.dispatch import ReplyStream
 from serving.registry import ModelEntry
 from serving.tokenizer import INLINE_CHARS, PromptBuilder, TokenizerCache
-from shared.messages import EMBED_VERSION, Embed, EmbeddingModel, Final, Job, Sampling, Started, Vectors
+from shared.messages import (
+    EMBED_VERSION,
+    Embed,
+    EmbeddingModel,
+    Final,
+    Job,
+    Sampling,
+    Started,
+    Vectors,
+    WireError,
+)
 from shared.tenants import Tenant
 
 MAX_TOTAL_TOKENS = 300_000
@@ -38,7 +48,10 @@ class PreparedEmbedding:
             if isinstance(reply, Started) and reply.seq == 0:
                 self.answer.restart()  # the job started, or started over on another worker
             elif isinstance(reply, Vectors):
-                self.answer.add(reply)
+                try:
+                    self.answer.add(reply)
+                except WireError as exc:
+                    raise UpstreamFailure(str(exc), code="bad_reply") from exc
             elif isinstance(reply, Final):
                 if missing := self.answer.missing():
                     raise UpstreamFailure(f"the worker sent no vector for {missing} inputs", code="bad_reply")
@@ -134,7 +147,7 @@ async def prepare_embedding(
         )
     check_dimensions(entry, spec, body.dimensions)
     inputs = body.inputs()
-    params = [f"input.{i}" if body.listed() else "input" for i in range(len(inputs))]
+    params = [f"input.{i}" for i in range(len(inputs))] if body.listed() else ["input"]
     tokens = await tokenizers.get(entry.tokenizer)
     chars = 0
     for given, param in zip(inputs, params, strict=True):
