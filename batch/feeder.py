@@ -27,6 +27,7 @@ from batch.lines import BatchLine, encode_line, response_line
 from batch.policy import MAX_ATTEMPTS, Capacity, lines_to_add, retryable
 from serving.admission import Admission, Ticket
 from serving.dispatch import Dispatcher, Timeouts
+from serving.embeddings import PreparedEmbedding, prepare_embedding
 from serving.lifecycle import Lifecycle
 from serving.path import JobBuilder, Prepared, new_request_id
 from serving.relay import Admitted, collect
@@ -290,7 +291,10 @@ class Feeder:
         admitted = Admitted(replies, ticket, self._parts.admission, self._parts.lifecycle)
         replies.restartable = True  # a line's answer is whole or nothing: a new worker may start over
         try:
-            body = await collect(replies, prepared.whole())
+            if isinstance(prepared, PreparedEmbedding):
+                body = await prepared.collect(replies)
+            else:
+                body = await collect(replies, prepared.whole())
         except APIError as exc:
             if retryable(exc) and not last:
                 log.info("batch line %s failed (%s); running it again", line.custom_id, exc.code)
@@ -304,7 +308,7 @@ class Feeder:
         await self._record(line, job_id, response_line(line.custom_id, job_id, 200, body), usage)
         return True
 
-    async def _build(self, line: BatchLine, job_id: str) -> Prepared:
+    async def _build(self, line: BatchLine, job_id: str) -> Prepared | PreparedEmbedding:
         """The line's job, built as the gateway builds a request's; waits while no worker serves
         the model (the batch continues when one comes back)."""
         parts = self._parts
@@ -316,6 +320,9 @@ class Feeder:
                 continue
             if line.url == "/v1/chat/completions":
                 return await parts.builder.chat(entry, line.body, self._tenant, job_id)  # type: ignore[arg-type]
+            if line.url == "/v1/embeddings":
+                tokenizers = parts.builder.tokenizers
+                return await prepare_embedding(tokenizers, entry, line.body, self._tenant, job_id)  # type: ignore[arg-type]
             return await parts.builder.completion(entry, line.body, self._tenant, job_id)  # type: ignore[arg-type]
 
     async def _admit(self, job: Job) -> Ticket:

@@ -2,9 +2,10 @@
 of its output and error files, in OpenAI's formats.
 
 An input line is ``{"custom_id", "method": "POST", "url", "body"}``; its body is validated by the
-same request models as ``POST /v1/chat/completions`` or ``/v1/completions``, so a line the endpoint
-would refuse is refused at upload, naming its line. What depends on the deployment at the time the
-batch runs (whether the model exists, the context length) is checked when it runs.
+same request models as ``POST /v1/chat/completions``, ``/v1/completions`` or ``/v1/embeddings``, so
+a line the endpoint would refuse is refused at upload, naming its line. What depends on the
+deployment at the time the batch runs (whether the model exists, the context length) is checked
+when it runs.
 """
 
 from __future__ import annotations
@@ -18,13 +19,20 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from api.chat.protocol import ChatCompletionRequest
+from api.common import GenerationRequest
 from api.completions.protocol import CompletionRequest
+from api.embeddings.protocol import EmbeddingRequest
 from shared.batches import BATCH_ENDPOINTS, Endpoint, LineError
 
 MAX_REPORTED = 10
 """Errors an upload's answer lists; the rest are counted."""
 
-Body = ChatCompletionRequest | CompletionRequest
+Body = ChatCompletionRequest | CompletionRequest | EmbeddingRequest
+BODIES: dict[str, type[Body]] = {
+    "/v1/chat/completions": ChatCompletionRequest,
+    "/v1/completions": CompletionRequest,
+    "/v1/embeddings": EmbeddingRequest,
+}
 
 
 class _InputLine(BaseModel):
@@ -85,18 +93,18 @@ def parse_line(number: int, raw: bytes | str, max_n: int) -> BatchLine:
         param, message = _first_problem(exc, "")
         raise _refuse(number, "invalid_request", message, param) from exc
     if line.url not in BATCH_ENDPOINTS:
-        allowed = " or ".join(BATCH_ENDPOINTS)
+        allowed = ", ".join(BATCH_ENDPOINTS[:-1]) + " or " + BATCH_ENDPOINTS[-1]
         raise _refuse(number, "invalid_url", f"url must be {allowed}, not '{line.url}'", "url")
-    model: type[Body] = ChatCompletionRequest if line.url == "/v1/chat/completions" else CompletionRequest
     try:
-        body = model.model_validate(line.body)
+        body = BODIES[line.url].model_validate(line.body)
     except ValidationError as exc:
         param, message = _first_problem(exc, "body")
         raise _refuse(number, "invalid_body", message, param) from exc
-    if body.stream:
-        raise _refuse(number, "invalid_body", "stream is not supported in a batch", "body.stream")
-    if body.n > max_n:
-        raise _refuse(number, "invalid_body", f"n must be at most {max_n}", "body.n")
+    if isinstance(body, GenerationRequest):
+        if body.stream:
+            raise _refuse(number, "invalid_body", "stream is not supported in a batch", "body.stream")
+        if body.n > max_n:
+            raise _refuse(number, "invalid_body", f"n must be at most {max_n}", "body.n")
     if isinstance(body, CompletionRequest) and len(body.prompts()) > 1:
         message = "a batch line takes one prompt: put each prompt on a line of its own"
         raise _refuse(number, "invalid_body", message, "body.prompt")

@@ -29,8 +29,14 @@ def _add_redis(p: argparse.ArgumentParser) -> None:
 def _add_worker(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
-        help="'demo' (offline demo model, built on first use), a Hugging Face "
-        "model id, or a local model directory (default: demo)",
+        help="'demo' (offline demo model, built on first use), 'demo-embed' (its embedding "
+        "counterpart), a Hugging Face model id, or a local model directory (default: demo)",
+    )
+    p.add_argument(
+        "--runner",
+        choices=["auto", "generate", "pooling"],
+        help="vLLM's runner: pooling serves an embedding model, generate a text model "
+        "(default: auto, vLLM tells by the architecture)",
     )
     p.add_argument("--served-model-name", help="name clients use for the model (default: from the model)")
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
@@ -139,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     model_cmds = model.add_subparsers(dest="model_command", required=True)
     build = model_cmds.add_parser("build-demo", help="(re)build the offline demo model")
     build.add_argument("directory", nargs="?", type=Path, help="where to build it (default: the cache)")
+    build.add_argument(
+        "--embedding", action="store_true", help="the demo embedding model ('demo-embed') instead"
+    )
 
     keys = roles.add_parser("keys", help="manage tenants and their API keys")
     key_cmds = keys.add_subparsers(dest="keys_command", required=True)
@@ -182,6 +191,7 @@ REDIS_FIELDS = ("redis_url", "key_prefix")
 GATEWAY_FIELDS = ("host", "port", "processes", *REDIS_FIELDS)
 WORKER_FIELDS = (
     "model",
+    "runner",
     "served_model_name",
     "max_model_len",
     "dtype",
@@ -284,9 +294,10 @@ def cmd_status(args: argparse.Namespace) -> None:
 def cmd_model(args: argparse.Namespace) -> None:
     from worker.demo_model import build_demo_model, default_dir
 
-    directory = args.directory or default_dir()
-    path = build_demo_model(directory)
-    print(f"demo model built in {path}")
+    directory = args.directory or default_dir(embedding=args.embedding)
+    path = build_demo_model(directory, embedding=args.embedding)
+    what = "demo embedding model" if args.embedding else "demo model"
+    print(f"{what} built in {path}")
 
 
 def cmd_keys(args: argparse.Namespace) -> None:

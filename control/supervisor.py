@@ -37,7 +37,7 @@ from control.redis_server import EmbeddedRedis
 from control.serve import check_redis
 from scaling.local import LocalAutoscaler
 from shared.settings import GatewaySettings, WorkerSettings
-from worker.main import DEMO_KV_CACHE_GIB, WorkerStartError, resolve_model
+from worker.main import DEMO_KV_CACHE_GIB, DEMO_MODELS, WorkerStartError, resolve_model
 from worker.vllm_engine import cpu_build, cpu_kv_cache_bytes, model_threads, usable_cpus, weight_bytes
 
 log = logging.getLogger(__name__)
@@ -231,7 +231,7 @@ class Supervisor:
             raise StartupError(str(exc)) from exc
         update: dict[str, object] = {"model": path, "served_model_name": served}
         if worker.kv_cache_gib is None:
-            if worker.model == "demo":
+            if worker.model in DEMO_MODELS:
                 update["kv_cache_gib"] = DEMO_KV_CACHE_GIB
             elif cpu_build() and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
                 most = self._most_workers()

@@ -17,11 +17,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.chat.protocol import ChatCompletion, ChatCompletionRequest
 from api.completions.protocol import CompletionRequest, TextCompletion
+from api.embeddings.protocol import EmbeddingList, EmbeddingRequest
 from api.errors import APIError, InvalidRequest, NotFound
 from api.tokenize.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from gateway import batch_api
 from gateway.auth import Authenticator
 from gateway.edge import RequestEdge
+from gateway.embeddings import embeddings
 from gateway.metrics import ENDPOINTS, GatewayMetrics, RequestCounter, rejection_reason
 from gateway.openapi import (
     AUTH_ERRORS,
@@ -31,6 +33,7 @@ from gateway.openapi import (
     ModelList,
     Readiness,
     completion_responses,
+    embedding_responses,
     install,
     tokens_responses,
 )
@@ -197,6 +200,10 @@ def _install_routes(app: FastAPI) -> None:
         entry = await tokenization.model_of(gw.jobs, body.model)
         request.state.model = entry.name
         return await tokenization.detokenize(await gw.tokenizers.get(entry.tokenizer), body)
+
+    @app.post("/v1/embeddings", response_model=None, responses=embedding_responses(EmbeddingList))
+    async def create_embeddings(body: EmbeddingRequest, request: Request, tenant: AuthenticatedTenant) -> Any:
+        return await embeddings(_gateway(request), request, body, tenant)
 
     @app.get(
         "/v1/models",

@@ -31,7 +31,7 @@ from api.errors import APIError
 from scaling.decision import Decision
 from serving.replies import SubscriptionLost
 from shared.fleet import Snapshot
-from shared.messages import Final, Job, Started, Tokens
+from shared.messages import Final, Job, Started, Tokens, Vectors
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 MASTER_ENV = "SWITCHYARD_GATEWAY_MASTER"
@@ -45,7 +45,7 @@ LOOP_LAG_PERIOD = 0.05
 """Seconds between two looks at the event loop's lateness: often enough to see stalls of tens of
 milliseconds, and twenty wake-ups a second cost nothing measurable."""
 
-ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/embeddings": "embeddings"}
 UNKNOWN_MODEL = "unknown"
 REASONS = (
     "invalid",
@@ -309,7 +309,7 @@ class RequestTrack:
         self._open = True
         metrics.in_flight.labels(job.model).inc()
 
-    def saw(self, reply: Started | Tokens | Final) -> None:
+    def saw(self, reply: Started | Tokens | Vectors | Final) -> None:
         now = time.time()
         if isinstance(reply, Started):
             self._m.queue_time.labels(*self._labels).observe(max(0.0, now - self._created))
@@ -317,7 +317,7 @@ class RequestTrack:
             if self._first_token is None and reply.token_ids:
                 self._first_token = now - self._created
                 self._m.ttft.labels(*self._labels).observe(max(0.0, self._first_token))
-        else:
+        elif isinstance(reply, Final):
             e2e = max(0.0, now - self._created)
             self._m.e2e.labels(*self._labels).observe(e2e)
             usage = reply.usage

@@ -181,6 +181,10 @@ TOKEN_PATHS = ("/tokenize", "/detokenize")
 """Served at the root, as ``vllm serve`` serves them, and behind the same keys as ``/v1``."""
 
 
+def embedding_responses(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    return {200: {"model": model, "description": "One vector per input, in order."}, **COMPLETION_ERRORS}
+
+
 def install(app: FastAPI, auth: bool, max_n: int) -> None:
     """Serve the adjusted document as ``/openapi.json``; ``max_n`` is this deployment's limit on n."""
     generate = app.openapi

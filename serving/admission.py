@@ -99,7 +99,7 @@ class Admission:
     async def admit(self, tenant: Tenant, job: Job, stream: str | None = None) -> Ticket:
         """Reserve the job's slot and tokens, or raise 429/503 (fail closed without Redis). The
         tenant's backlog is counted on ``stream``, its job stream of the model unless given."""
-        return await self._admit(tenant, job.id, job.model, reservation(job), 1, stream)
+        return await self._admit(tenant, job.id, job, reservation(job), 1, stream)
 
     async def admit_jobs(self, tenant: Tenant, request_id: str, jobs: Sequence[Job]) -> Ticket:
         """Admit one request made of several jobs (a text completion's prompts) as one request:
@@ -114,11 +114,13 @@ class Admission:
                 code="too_many_prompts",
             )
         tokens = sum(reservation(job) for job in jobs)
-        return await self._admit(tenant, request_id, jobs[0].model, tokens, len(jobs), None)
+        return await self._admit(tenant, request_id, jobs[0], tokens, len(jobs), None)
 
     async def _admit(
-        self, tenant: Tenant, request_id: str, model: str, tokens: int, jobs: int, stream: str | None
+        self, tenant: Tenant, request_id: str, job: Job, tokens: int, jobs: int, stream: str | None
     ) -> Ticket:
+        """``job``: the request's (its first, of several): what they share, the model and the kind."""
+        model = job.model
         backlog = self._drain.backlog(model)
         if backlog >= self._max_total:
             raise Unavailable(
@@ -160,16 +162,19 @@ class Admission:
         reason = result[1].decode() if isinstance(result[1], bytes) else str(result[1])
         wait_ms, req_used, tok_used = int(result[2]), int(result[3]), int(result[4])
         headers = limit_headers(tenant, req_used, tok_used, wait_ms, wait_ms)
-        raise self._rejection(tenant, model, reason, wait_ms, headers, jobs)
+        raise self._rejection(tenant, job, reason, wait_ms, headers, jobs)
 
     def _rejection(
-        self, tenant: Tenant, model: str, reason: str, wait_ms: int, headers: dict[str, str], jobs: int
+        self, tenant: Tenant, job: Job, reason: str, wait_ms: int, headers: dict[str, str], jobs: int
     ) -> Exception:
+        model = job.model
         if reason == "tokens_too_many":
+            embedding = job.embed is not None  # its tokens are all input
             return InvalidRequest(
                 f"this request needs more tokens than tenant '{tenant.name}' may use in a minute "
-                f"({tenant.tpm}); lower max_tokens or the prompt",
-                param="max_tokens",
+                f"({tenant.tpm}); "
+                + ("send fewer or shorter inputs" if embedding else "lower max_tokens or the prompt"),
+                param="input" if embedding else "max_tokens",
                 code="tokens_exceed_limit",
             )
         if reason == "backlog":

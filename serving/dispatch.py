@@ -27,6 +27,7 @@ from shared.messages import (
     StreamRecord,
     Tokens,
     Usage,
+    Vectors,
     WireError,
     decode_reply,
     encode,
@@ -67,7 +68,7 @@ class Timeouts:
 class Track(Protocol):
     """What is measured of one request as its replies pass (the gateway's metrics)."""
 
-    def saw(self, reply: Started | Tokens | Final) -> None: ...
+    def saw(self, reply: Started | Tokens | Vectors | Final) -> None: ...
 
     def failed(self, exc: APIError) -> None: ...
 
@@ -84,7 +85,7 @@ class Untracked:
     def track(self, job: Job) -> Untracked:
         return self
 
-    def saw(self, reply: Started | Tokens | Final) -> None:
+    def saw(self, reply: Started | Tokens | Vectors | Final) -> None:
         pass
 
     def failed(self, exc: APIError) -> None:
@@ -254,10 +255,10 @@ class ReplyStream:
         """Marks the attempt that began the answer the client is getting (:func:`epoch_of`): one
         that starts over begins a new answer, and a client cannot take up the old one's in it."""
         self.track = owner.metrics.track(job)
-        self._backlog: deque[Started | Tokens | Final | Failure] = deque()
+        self._backlog: deque[Started | Tokens | Vectors | Final | Failure] = deque()
         self._catching_up = False
 
-    async def __aiter__(self) -> AsyncIterator[Started | Tokens | Final]:
+    async def __aiter__(self) -> AsyncIterator[Started | Tokens | Vectors | Final]:
         try:
             async for reply in self._replies():
                 self.track.saw(reply)
@@ -268,13 +269,13 @@ class ReplyStream:
             self.track.failed(exc)
             raise
 
-    def preload(self, replies: list[Started | Tokens | Final | Failure]) -> None:
+    def preload(self, replies: list[Started | Tokens | Vectors | Final | Failure]) -> None:
         """Replies published before this stream subscribed (read back from the job's progress
         list): they come first, and the live ones they already hold are skipped."""
         self._backlog.extend(replies)
         self._catching_up = True
 
-    async def _replies(self) -> AsyncIterator[Started | Tokens | Final]:
+    async def _replies(self) -> AsyncIterator[Started | Tokens | Vectors | Final]:
         while not self.finished:
             reply = await self._next()
             if self._catching_up and reply.seq < self._expected and not self._starts_over(reply):
@@ -318,10 +319,10 @@ class ReplyStream:
         if reply.seq == 0:
             self.epoch = epoch_of(reply)
 
-    def _starts_over(self, reply: Started | Tokens | Final | Failure) -> bool:
+    def _starts_over(self, reply: Started | Tokens | Vectors | Final | Failure) -> bool:
         return isinstance(reply, Started) and reply.seq == 0 and epoch_of(reply) != self.epoch
 
-    async def _next(self) -> Started | Tokens | Final | Failure:
+    async def _next(self) -> Started | Tokens | Vectors | Final | Failure:
         if self._backlog:
             return self._backlog.popleft()
         now = time.monotonic()

@@ -19,10 +19,10 @@ from serving.admission import Admission
 from serving.dispatch import Dispatcher, ReplyStream
 from serving.lifecycle import Lifecycle
 from serving.relay import Admitted
-from shared.messages import Final, Job, Started, Tokens, Usage
+from shared.messages import Final, Job, Started, Tokens, Usage, Vectors
 from shared.tenants import Tenant
 
-_Item = tuple[int, Started | Tokens | Final] | BaseException
+_Item = tuple[int, Started | Tokens | Vectors | Final] | BaseException
 
 
 class FanIn:
@@ -100,7 +100,7 @@ class FanIn:
                     held.setdefault(k, []).append(moved)
                 else:
                     yield moved
-            else:
+            elif isinstance(reply, Final):  # a generation job sends no vectors
                 finals[k] = reply
                 for tokens in held.pop(k, []):
                     yield tokens

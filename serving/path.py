@@ -119,6 +119,7 @@ class JobBuilder:
     async def chat(
         self, entry: ModelEntry, body: ChatCompletionRequest, tenant: Tenant, job_id: str
     ) -> Prepared:
+        generation_only(entry, "Chat Completions")
         tokens = await self.tokenizers.get(entry.tokenizer)
         check_length(tokens, sum(len(m.text()) for m in body.messages), entry.max_model_len, "messages")
         check_token_ids(tokens, body)
@@ -148,6 +149,7 @@ class JobBuilder:
         self, entry: ModelEntry, body: CompletionRequest, tenant: Tenant, job_id: str
     ) -> Prepared:
         """One job per prompt: the first keeps the request's id, each of several gets its own."""
+        generation_only(entry, "Completions")
         tokens = await self.tokenizers.get(entry.tokenizer)
         given = body.prompts()
         params = ["prompt"] if len(given) == 1 else [f"prompt.{k}" for k in range(len(given))]
@@ -245,6 +247,16 @@ def prefix_digest(prompt: Sequence[int], length: int) -> str | None:
     if length <= 0 or len(prompt) <= length:
         return None
     return hashlib.blake2b(array("l", prompt[:length]).tobytes(), digest_size=8).hexdigest()
+
+
+def generation_only(entry: ModelEntry, api: str) -> None:
+    """Refuse a request for generated text to an embedding model (a 400 naming ``model``, as
+    ``vllm serve`` refuses it)."""
+    if entry.embedding is not None:
+        raise InvalidRequest(
+            f"The model '{entry.name}' is an embedding model and does not support the {api} API",
+            param="model",
+        )
 
 
 def check_token_ids(tokens: PromptBuilder, body: GenerationRequest) -> None:

@@ -10,7 +10,7 @@ from redis.asyncio import Redis
 from serving.chat import Answering
 from serving.shared_reads import SharedReads
 from shared.fleet import BadRecords, known_models, live_workers, model_records
-from shared.messages import WorkerInfo
+from shared.messages import EmbeddingModel, WorkerInfo
 from shared.names import Names
 
 
@@ -26,6 +26,8 @@ class ModelEntry:
     answering: Answering = field(default_factory=Answering)
     """How its answers are parsed (tool calls, reasoning), as its oldest worker says."""
     max_logprobs: int = 20
+    embedding: EmbeddingModel | None = None
+    """Set for an embedding model (its oldest worker's): it answers embeddings, not completions."""
 
 
 class WorkerRegistry:
@@ -91,5 +93,6 @@ def aggregate(workers: list[WorkerInfo]) -> dict[str, ModelEntry]:
             if prev
             else Answering(w.tool_call_parser, w.auto_tool_choice, w.reasoning_parser),
             max_logprobs=min(prev.max_logprobs, w.max_logprobs) if prev else w.max_logprobs,
+            embedding=prev.embedding if prev else w.embedding,
         )
     return entries

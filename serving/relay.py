@@ -21,7 +21,7 @@ from serving.admission import Admission, Ticket
 from serving.dispatch import ReplyStream
 from serving.lifecycle import Lifecycle
 from serving.resume import EventId, Resumable, with_id
-from shared.messages import Final, Job, Started, Tokens, Usage, UsageEvent
+from shared.messages import Final, Job, Started, Tokens, Usage, UsageEvent, Vectors
 
 T = TypeVar("T")
 
@@ -41,7 +41,7 @@ class Replies(Protocol):
     @property
     def finished(self) -> bool: ...
 
-    def __aiter__(self) -> AsyncIterator[Started | Tokens | Final]: ...
+    def __aiter__(self) -> AsyncIterator[Started | Tokens | Vectors | Final]: ...
 
     def interrupt(self, error: APIError) -> None: ...
 

@@ -14,8 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
-Endpoint = Literal["/v1/chat/completions", "/v1/completions"]
+BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+Endpoint = Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
 FilePurpose = Literal["batch", "batch_output"]
 BatchStatus = Literal[
     "validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling", "cancelled"

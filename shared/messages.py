@@ -7,17 +7,28 @@ cannot understand each other instead of guessing.
 
 from __future__ import annotations
 
+import base64
+import sys
+from array import array
+from collections.abc import Sequence
 from typing import Annotated, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 WIRE_VERSION = 1
-JOB_VERSIONS = (1, 2, 3)
-"""Job versions this release runs. A job that needs what version 1 lacked (structured output,
-log probabilities, logit bias, special tokens kept, step boundaries) is version 2, so a worker
-of an older release refuses it rather than run it without the constraint its client asked for.
-A job that asks for its prompt's log probabilities (``Sampling.prompt_logprobs``) is version 3:
-a worker that would not send them refuses it, where the answer would otherwise lack them."""
+JOB_VERSIONS = (1, 2, 3, 4)
+"""Job versions this release runs, each a job that needs what the versions before it lack, so that
+a worker of an older release refuses it rather than run it without what its client asked for:
+
+1. plain generation;
+2. generation held or reported beyond that: structured output, log probabilities, logit bias,
+   special tokens kept, step boundaries;
+3. the prompt's log probabilities too (``Sampling.prompt_logprobs``), where the answer would
+   otherwise lack them;
+4. an embedding job (``Job.embed``): a release that cannot embed refuses it rather than generate.
+"""
+PROMPT_LOGPROBS_VERSION = 3
+EMBED_VERSION = 4
 
 FinishReason = Literal["stop", "length", "abort"]
 Priority = Literal["interactive", "batch"]
@@ -77,7 +88,7 @@ class Sampling(_Wire):
     def version(self) -> int:
         """The job version a job with these parameters needs (see ``JOB_VERSIONS``)."""
         if self.prompt_logprobs is not None:
-            return 3
+            return PROMPT_LOGPROBS_VERSION
         plain = (
             self.structured_output is None
             and self.logprobs is None
@@ -94,15 +105,36 @@ class Sampling(_Wire):
         return self.structured_output is not None
 
 
+class Embed(_Wire):
+    """What makes a job an embedding job: how its inputs split ``Job.prompt_token_ids``, and the
+    vectors' length."""
+
+    lengths: tuple[int, ...]
+    """Tokens of each input, in order; their sum is the length of ``prompt_token_ids``."""
+    dimensions: int | None = None
+    """Keep only the first this many values of each vector (a Matryoshka model), already checked."""
+
+    def inputs(self, token_ids: Sequence[int]) -> list[Sequence[int]]:
+        """The inputs' token ids, one sequence per input."""
+        out, at = [], 0
+        for n in self.lengths:
+            out.append(token_ids[at : at + n])
+            at += n
+        return out
+
+
 class Job(_Wire):
-    """One request for generation, as enqueued by a gateway (stream entry field ``job``)."""
+    """One request for generation or for embeddings, as enqueued by a gateway (stream entry field
+    ``job``)."""
 
     v: int = WIRE_VERSION
     id: str
     tenant: str
     model: str
     prompt_token_ids: tuple[int, ...]
+    """The prompt's token ids; of an embedding job, every input's, one after another."""
     sampling: Sampling
+    """How to generate; an embedding job generates nothing (``max_tokens`` 0)."""
     created_at: float
     """Gateway wall-clock time (seconds) when the job was enqueued; used for queue-wait metrics."""
     affinity: str | None = None
@@ -114,6 +146,8 @@ class Job(_Wire):
     reasoning_ended: bool | None = None
     """For a model with a reasoning parser and a grammar: whether the prompt already closed the
     reasoning, so the grammar holds from the first token (None: the engine checks the prompt)."""
+    embed: Embed | None = None
+    """Set on an embedding job (``EMBED_VERSION``): one vector per input, nothing generated."""
 
 
 class Started(_Wire):
@@ -162,6 +196,54 @@ class Tokens(_Wire):
     every choice of the job shares. A worker resuming the job does not send them again."""
 
 
+VECTOR_ORDER = "little"
+"""Vectors travel as float32 in this byte order (OpenAI's ``base64`` encoding format)."""
+
+
+class Vectors(_Wire):
+    """Embedding vectors of consecutive inputs of an embedding job: ``count`` vectors of ``dim``
+    float32 values each, little-endian, base64 in ``data`` (about a quarter of the size of JSON numbers,
+    and decoded without parsing a number). A job's vectors may take several messages; the final
+    message follows the last."""
+
+    type: Literal["vectors"] = "vectors"
+    v: int = WIRE_VERSION
+    seq: int
+    start: int
+    """Index of the first input these vectors belong to."""
+    count: int
+    dim: int
+    data: str
+
+    @classmethod
+    def pack(cls, seq: int, start: int, vectors: Sequence[bytes]) -> Vectors:
+        """``vectors``, each the little-endian float32 bytes of one input's vector, as one message."""
+        dim = len(vectors[0]) // 4 if vectors else 0
+        raw = b"".join(vectors)
+        return cls(seq=seq, start=start, count=len(vectors), dim=dim, data=base64.b64encode(raw).decode())
+
+    def raw(self) -> list[bytes]:
+        """Each vector's little-endian float32 bytes, in order."""
+        try:
+            raw = base64.b64decode(self.data, validate=True)
+        except ValueError as exc:
+            raise WireError(f"vectors message {self.seq}: bad base64") from exc
+        size = self.dim * 4
+        if len(raw) != self.count * size:
+            raise WireError(
+                f"vectors message {self.seq}: {len(raw)} bytes, not {self.count} x {self.dim} floats"
+            )
+        return [raw[i * size : (i + 1) * size] for i in range(self.count)]
+
+
+def floats(vector: bytes) -> list[float]:
+    """A vector's little-endian float32 bytes as numbers."""
+    values = array("f", vector)
+    if sys.byteorder != VECTOR_ORDER:
+        values.byteswap()
+    return values.tolist()
+
+
 class Usage(_Wire):
     prompt_tokens: int
     completion_tokens: int
@@ -192,8 +274,8 @@ class Failure(_Wire):
     message: str
 
 
-Reply = Annotated[Started | Tokens | Final | Failure, Field(discriminator="type")]
-_reply_adapter: TypeAdapter[Started | Tokens | Final | Failure] = TypeAdapter(Reply)
+Reply = Annotated[Started | Tokens | Vectors | Final | Failure, Field(discriminator="type")]
+_reply_adapter: TypeAdapter[Started | Tokens | Vectors | Final | Failure] = TypeAdapter(Reply)
 
 
 class WireError(ValueError):
@@ -211,7 +293,7 @@ def _decode(model: type[_W], raw: str | bytes, what: str) -> _W:
         raise WireError(f"undecodable {what}: {exc}") from exc
 
 
-def decode_reply(raw: str | bytes) -> Started | Tokens | Final | Failure:
+def decode_reply(raw: str | bytes) -> Started | Tokens | Vectors | Final | Failure:
     try:
         return _reply_adapter.validate_json(raw)
     except ValueError as exc:
@@ -222,7 +304,22 @@ def decode_job(raw: str | bytes) -> Job:
     job = _decode(Job, raw, "job")
     if job.v not in JOB_VERSIONS:
         raise WireError(f"job wire version {job.v} is not one of {JOB_VERSIONS}")
+    if job.embed is not None and job.v < EMBED_VERSION:
+        raise WireError(f"an embedding job is version {EMBED_VERSION} or later, not {job.v}")
+    if job.embed is not None and sum(job.embed.lengths) != len(job.prompt_token_ids):
+        raise WireError("embedding job: its inputs' lengths do not split its token ids")
     return job
+
+
+class EmbeddingModel(_Wire):
+    """What a worker serving an embedding model advertises of it (vLLM's pooling runner)."""
+
+    size: int
+    """Values in each vector the model makes."""
+    matryoshka: bool = False
+    """Whether ``dimensions`` may shorten the vectors (a Matryoshka model)."""
+    dimensions: tuple[int, ...] | None = None
+    """The only lengths ``dimensions`` may ask for, when the model names them (else any up to ``size``)."""
 
 
 class WorkerInfo(_Wire):
@@ -255,6 +352,8 @@ class WorkerInfo(_Wire):
     reasoning_parser: str | None = None
     """vLLM's reasoning parser for the model (``vllm serve --reasoning-parser``)."""
     max_logprobs: int = 20
+    embedding: EmbeddingModel | None = None
+    """Set when the worker serves an embedding model: it answers ``/v1/embeddings``, not completions."""
 
 
 def decode_worker_info(raw: str | bytes) -> WorkerInfo:
@@ -295,7 +394,7 @@ class DeadLetter(_Wire):
             raise WireError(f"undecodable dead letter: {exc}") from exc
 
 
-def decode_progress(entries: list[bytes]) -> list[Started | Tokens | Final | Failure]:
+def decode_progress(entries: list[bytes]) -> list[Started | Tokens | Vectors | Final | Failure]:
     """A job's progress list: every reply its attempts published, in order."""
     return [decode_reply(raw) for raw in entries]
 

@@ -240,7 +240,17 @@ class WorkerSettings(RedisSettings):
             "hermes parser) that call one of them."
         ),
     )
-    model: str = Field(default="demo", description="'demo', a Hugging Face model id, or a path.")
+    model: str = Field(
+        default="demo",
+        description="'demo', 'demo-embed' (the demo embedding model), a Hugging Face model id, or a path.",
+    )
+    runner: Literal["auto", "generate", "pooling"] = Field(
+        default="auto",
+        description=(
+            "vLLM's runner (`vllm serve --runner`): 'pooling' serves an embedding model (`/v1/embeddings`), "
+            "'generate' a model that writes text; 'auto' lets vLLM tell by the model's architecture."
+        ),
+    )
     served_model_name: str | None = Field(default=None, description="Name clients use for the model.")
     max_model_len: int | None = Field(
         default=None, description="Context length; unset: the model's (the simulated engine: 4096)."

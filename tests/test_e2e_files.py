@@ -68,7 +68,7 @@ BAD_FILES = {
     "bad JSON": (b'{"custom_id": "a"\n', "line 1: not valid JSON"),
     "duplicate custom_id": (None, "line 3: custom_id 'a' appears more than once"),
     "wrong url": (
-        b'{"custom_id": "a", "method": "POST", "url": "/v1/embeddings", "body": {}}\n',
+        b'{"custom_id": "a", "method": "POST", "url": "/v1/moderations", "body": {}}\n',
         "line 1: url must be",
     ),
     "a body the endpoint refuses": (None, "line 2: invalid 'body.temperature'"),

@@ -3,6 +3,10 @@
 import pytest
 
 from shared.messages import (
+    EMBED_VERSION,
+    JOB_VERSIONS,
+    PROMPT_LOGPROBS_VERSION,
+    Embed,
     Failure,
     Final,
     Job,
@@ -41,6 +45,28 @@ def test_job_round_trips_and_rejects_other_versions() -> None:
     assert decode_job(encode(job)) == job
     with pytest.raises(WireError):
         decode_job(encode(job).replace('"v":1', '"v":99'))
+
+
+def test_each_kind_of_job_has_its_version_and_the_versions_are_one_ordered_set() -> None:
+    assert tuple(range(1, len(JOB_VERSIONS) + 1)) == JOB_VERSIONS
+    assert Sampling(max_tokens=4).version == 1
+    assert Sampling(max_tokens=4, logprobs=2).version == 2
+    assert Sampling(max_tokens=4, logprobs=2, prompt_logprobs=2).version == PROMPT_LOGPROBS_VERSION
+    assert PROMPT_LOGPROBS_VERSION < EMBED_VERSION == JOB_VERSIONS[-1]
+    job = Job(
+        v=EMBED_VERSION,
+        id="req_1",
+        tenant="t",
+        model="m",
+        prompt_token_ids=(1, 2, 3),
+        sampling=Sampling(max_tokens=0),
+        created_at=1.5,
+        embed=Embed(lengths=(2, 1)),
+    )
+    assert decode_job(encode(job)) == job
+    # An embedding job marked with an older version would reach a release that generates instead.
+    with pytest.raises(WireError):
+        decode_job(encode(job.model_copy(update={"v": PROMPT_LOGPROBS_VERSION})))
 
 
 def test_garbage_is_a_wire_error_not_a_crash() -> None:

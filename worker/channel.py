@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from shared.messages import Failure, Final, Job, Started, Tokens, decode_progress, encode
+from shared.messages import Failure, Final, Job, Started, Tokens, Vectors, decode_progress, encode
 from shared.names import GROUP, Names
 from shared.scripts import CLAIMED_PUBLISH
 from worker.coalesce import Chunk
 from worker.outbox import Command, Outbox
 
-Reply = Started | Tokens | Final | Failure
+Reply = Started | Tokens | Vectors | Final | Failure
 PROGRESS_TTL_MS = 3_600_000
 """How long a running job's progress list outlives its last message."""
 ENDED_TTL_MS = 120_000
@@ -62,8 +62,10 @@ class ReplyChannel:
 
     Every reply is also kept in the job's progress list: another worker resumes a single-choice
     job from its tokens (several choices cannot be resumed one by one, nor a grammar's answer), and
-    a gateway takes up the stream of a client that reconnects. ``fresh``: this attempt starts the
-    job over (its first message clears what earlier attempts left).
+    a gateway takes up the stream of a client that reconnects. Not an embedding job's vectors:
+    megabytes that nobody reads back (its answer is not streamed, and a worker that takes the job
+    over runs it again from the top). ``fresh``: this attempt starts the job over (its first
+    message clears what earlier attempts left).
     """
 
     def __init__(
@@ -111,7 +113,7 @@ class ReplyChannel:
         pairs: list[str] = []
         for message in messages:
             self._published()
-            pairs += (encode(message), "1")
+            pairs += (encode(message), "" if isinstance(message, Vectors) else "1")
         flags = ("a" if ack else "") + ("r" if self._reset and messages else "")
         if messages:
             self._reset = False

@@ -1,8 +1,15 @@
-"""The offline demo model: a tiny random-weight Llama with a real BPE tokenizer.
+"""The offline demo models: a tiny random-weight Llama with a real BPE tokenizer, and its embedding
+counterpart.
 
 No model hub is reachable from our machines, yet every code path (vLLM, tokenizer, chat template,
 tool-call and reasoning parsers) should be the real one; this builds such a model locally in a few
 seconds, deterministically.
+
+The demo embedding model (``demo-embed``) has the same tokenizer and the same shape, without the
+language-model head: a ``LlamaModel`` with a Sentence Transformers configuration beside it (mean
+pooling, then normalization), which is how vLLM tells it is an embedding model and how it pools
+(``vllm serve DIR`` serves it on its pooling runner, no flag needed). Its config says
+``is_matryoshka``, so ``dimensions`` may shorten its 128-value vectors.
 
 The vocabulary is a byte-level BPE trained on a little text, plus added tokens:
 
@@ -39,15 +46,19 @@ prompt with tools) counts as one whose reasoning has already ended. ``deepseek_r
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 DEMO_MODEL_NAME = "switchyard-demo"
+DEMO_EMBEDDING_MODEL_NAME = "switchyard-demo-embed"
 
 # Bump when the recipe changes so that cached copies of an older recipe are rebuilt.
 _RECIPE = "switchyard-demo-model v2"
+_EMBEDDING_RECIPE = "switchyard-demo-embedding-model v1"
 _MARKER = ".switchyard-complete"
 _SEED = 1234
 _VOCAB_SIZE = 768
@@ -135,25 +146,25 @@ system, the user, and the assistant each take turns in a conversation, and every
 """
 
 
-def default_dir() -> Path:
-    """Where the demo model is cached: ``$XDG_CACHE_HOME/switchyard/demo-model``."""
+def default_dir(embedding: bool = False) -> Path:
+    """Where the demo model is cached: ``$XDG_CACHE_HOME/switchyard/demo-model`` (the embedding
+    model: ``demo-embed-model``)."""
     cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache) / "switchyard" / "demo-model"
+    return Path(cache) / "switchyard" / ("demo-embed-model" if embedding else "demo-model")
 
 
 DEFAULT_DIR: Path = default_dir()
 
 
-def _is_complete(directory: Path) -> bool:
+def _is_complete(directory: Path, recipe: str = _RECIPE) -> bool:
     marker = directory / _MARKER
-    return marker.is_file() and marker.read_text().strip() == _RECIPE
+    return marker.is_file() and marker.read_text().strip() == recipe
 
 
-def _write_model(out: Path) -> None:
-    import torch
+def _tokenizer() -> Any:
+    """The demo vocabulary, trained afresh (deterministically), with its chat template."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    from transformers.utils import logging as hf_logging
+    from transformers import PreTrainedTokenizerFast
 
     specials = [_BOS, _EOS, _PAD, *_ROLE_TOKENS]
     bpe = Tokenizer(models.BPE())
@@ -172,9 +183,13 @@ def _write_model(out: Path) -> None:
         tokenizer_object=bpe, bos_token=_BOS, eos_token=_EOS, pad_token=_PAD, model_max_length=2048
     )
     tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(out)
+    return tokenizer
 
-    config = LlamaConfig(
+
+def _config(tokenizer: Any, **extra: Any) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=128,
         intermediate_size=256,
@@ -188,11 +203,42 @@ def _write_model(out: Path) -> None:
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
         dtype="float32",
+        **extra,
     )
+
+
+SENTENCE_TRANSFORMERS_MODULES = [
+    {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+    {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+]
+
+
+def _write_sentence_transformers(out: Path, size: int) -> None:
+    """The files that make a checkpoint a Sentence Transformers model: its modules (the network,
+    mean pooling, normalization) and the pooling's settings."""
+    (out / "modules.json").write_text(json.dumps(SENTENCE_TRANSFORMERS_MODULES, indent=2) + "\n")
+    (out / "1_Pooling").mkdir()
+    pooling = {"word_embedding_dimension": size, "pooling_mode_mean_tokens": True}
+    (out / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2) + "\n")
+    (out / "2_Normalize").mkdir()
+
+
+def _write_model(out: Path, embedding: bool = False) -> None:
+    import torch
+    from transformers import LlamaForCausalLM, LlamaModel
+    from transformers.utils import logging as hf_logging
+
+    tokenizer = _tokenizer()
+    tokenizer.save_pretrained(out)
     # fork_rng: seed the weights without changing the caller's global RNG state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_SEED)
-        model = LlamaForCausalLM(config).float()
+        if embedding:  # no head
+            model = LlamaModel(_config(tokenizer, is_matryoshka=True)).float()
+            _write_sentence_transformers(out, model.config.hidden_size)
+        else:
+            model = LlamaForCausalLM(_config(tokenizer)).float()
     # The shard-writing progress bar is noise in worker logs for a 2 MB file.
     bar_was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
@@ -203,8 +249,9 @@ def _write_model(out: Path) -> None:
             hf_logging.enable_progress_bar()
 
 
-def build_demo_model(directory: Path) -> Path:
-    """Build the demo model into ``directory`` (replacing it) and return it.
+def build_demo_model(directory: Path, embedding: bool = False) -> Path:
+    """Build the demo model (or with ``embedding`` the demo embedding model) into ``directory``
+    (replacing it) and return it.
 
     The model is written to a temporary sibling and renamed into place, so an interrupted build
     never leaves a half model behind under the final name.
@@ -214,8 +261,9 @@ def build_demo_model(directory: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the model is meant to be shared
     try:
-        _write_model(tmp)
-        (tmp / _MARKER).write_text(_RECIPE + "\n")  # last: its presence means "complete"
+        _write_model(tmp, embedding)
+        recipe = _EMBEDDING_RECIPE if embedding else _RECIPE
+        (tmp / _MARKER).write_text(recipe + "\n")  # last: its presence means "complete"
         # Move any old copy aside first: two renames keep the window without a model tiny.
         old = tmp.with_name(tmp.name + ".old")
         if directory.exists():
@@ -224,7 +272,7 @@ def build_demo_model(directory: Path) -> Path:
             tmp.rename(directory)
         except OSError:
             # A concurrent builder won the race; its model is as good as ours.
-            if not _is_complete(directory):
+            if not _is_complete(directory, recipe):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -237,4 +285,13 @@ def ensure_demo_model(directory: Path | None = None) -> Path:
     directory = Path(directory) if directory is not None else default_dir()
     if not _is_complete(directory):
         build_demo_model(directory)
+    return directory
+
+
+def ensure_demo_embedding_model(directory: Path | None = None) -> Path:
+    """Return ``directory`` (default ``default_dir(embedding=True)``), building the demo embedding
+    model only if missing."""
+    directory = Path(directory) if directory is not None else default_dir(embedding=True)
+    if not _is_complete(directory, _EMBEDDING_RECIPE):
+        build_demo_model(directory, embedding=True)
     return directory

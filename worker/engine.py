@@ -10,7 +10,7 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from shared.messages import FinishReason, Sampling
+from shared.messages import EmbeddingModel, FinishReason, Sampling
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +57,8 @@ class Engine(Protocol):
     max_model_len: int
     kind: str
     """``vllm``, or ``sim`` for the simulated engine; workers advertise it."""
+    embedding: EmbeddingModel | None
+    """Set when the model embeds (vLLM's pooling runner): it serves :meth:`embed`, not :meth:`generate`."""
 
     def generate(
         self,
@@ -68,6 +70,13 @@ class Engine(Protocol):
         """Stream the request's deltas, one list per engine step. Closing the generator (or cancelling
         the task iterating it) aborts the request in the engine. ``reasoning_ended`` tells an engine
         with a reasoning parser whether the prompt already closed the reasoning (None: it checks)."""
+        ...
+
+    async def embed(
+        self, request_id: str, inputs: Sequence[Sequence[int]], dimensions: int | None
+    ) -> list[bytes]:
+        """One vector per input, in order, each as its little-endian float32 bytes (its first
+        ``dimensions`` values, if given). Cancelling the call aborts every input in the engine."""
         ...
 
     def stats(self) -> EngineStats: ...

@@ -35,12 +35,20 @@ class WorkerStartError(RuntimeError):
     """A problem a user can fix (model path, Redis address); reported as one line."""
 
 
+DEMO_MODELS = ("demo", "demo-embed")
+
+
 def resolve_model(model: str, served_name: str | None) -> tuple[str, str | None]:
-    """Map 'demo' to the offline demo model (built on first use); check local paths exist."""
+    """Map 'demo' and 'demo-embed' to the offline demo models (built on first use); check local
+    paths exist."""
     if model == "demo":
         from worker.demo_model import DEMO_MODEL_NAME, ensure_demo_model
 
         return str(ensure_demo_model()), served_name or DEMO_MODEL_NAME
+    if model == "demo-embed":
+        from worker.demo_model import DEMO_EMBEDDING_MODEL_NAME, ensure_demo_embedding_model
+
+        return str(ensure_demo_embedding_model()), served_name or DEMO_EMBEDDING_MODEL_NAME
     looks_local = model.startswith(("/", ".", "~")) or (os.path.sep in model and Path(model).exists())
     if looks_local and not Path(model).expanduser().is_dir():
         raise WorkerStartError(f"model path {model} does not exist")
@@ -67,22 +75,27 @@ async def start_engine(settings: WorkerSettings) -> Engine:
     if settings.engine == "sim":
         return await start_sim_engine(settings, path, served)
     kv_gib = settings.kv_cache_gib
-    if kv_gib is None and settings.model == "demo":
+    if kv_gib is None and settings.model in DEMO_MODELS:
         kv_gib = DEMO_KV_CACHE_GIB  # a few MB of model has no use for most of the host's memory
     extra = {} if kv_gib is None else {"kv_cache_memory_bytes": int(kv_gib * 2**30)}
+    from worker.vllm_embed import UnsupportedModel
     from worker.vllm_engine import VLLMEngine
 
-    return await VLLMEngine.start(
-        path,
-        served_name=served,
-        max_model_len=settings.max_model_len,
-        dtype=settings.dtype,
-        enforce_eager=settings.enforce_eager,
-        max_num_seqs=settings.capacity,
-        max_logprobs=settings.max_logprobs,
-        structured_outputs_config=structured_outputs_config(settings),
-        **extra,
-    )
+    try:
+        return await VLLMEngine.start(
+            path,
+            served_name=served,
+            max_model_len=settings.max_model_len,
+            dtype=settings.dtype,
+            enforce_eager=settings.enforce_eager,
+            max_num_seqs=settings.capacity,
+            max_logprobs=settings.max_logprobs,
+            structured_outputs_config=structured_outputs_config(settings),
+            runner=settings.runner,
+            **extra,
+        )
+    except UnsupportedModel as exc:
+        raise WorkerStartError(str(exc)) from exc
 
 
 def structured_outputs_config(settings: WorkerSettings) -> dict[str, object]:
@@ -142,13 +155,17 @@ async def serve(settings: WorkerSettings) -> None:
 
 
 async def warm_up(engine: Engine) -> None:
-    """Run one short generation before the worker registers: a worker that joins the fleet serves its
-    first job at full speed, not after the engine's first-step setup."""
+    """Run one short generation (or embedding) before the worker registers: a worker that joins the
+    fleet serves its first job at full speed, not after the engine's first-step setup."""
     started = time.monotonic()
-    stream = engine.generate(f"warm-up-{secrets.token_hex(4)}", WARM_UP_PROMPT, WARM_UP_SAMPLING)
-    async with contextlib.aclosing(stream):
-        async for _ in stream:
-            pass
+    request_id = f"warm-up-{secrets.token_hex(4)}"
+    if engine.embedding is not None:
+        await engine.embed(request_id, [WARM_UP_PROMPT], None)
+    else:
+        stream = engine.generate(request_id, WARM_UP_PROMPT, WARM_UP_SAMPLING)
+        async with contextlib.aclosing(stream):
+            async for _ in stream:
+                pass
     log.info("engine warmed up in %.2fs", time.monotonic() - started)
 
 
@@ -208,6 +225,7 @@ async def run_consumer(redis: Redis, settings: WorkerSettings, engine: Engine, h
         max_model_len=engine.max_model_len,
         capacity=settings.capacity,
         engine=engine.kind,
+        embedding=engine.embedding,
         started_at=now,
         heartbeat_at=now,
         **answer_parsing(settings),
@@ -238,10 +256,11 @@ async def run_consumer(redis: Redis, settings: WorkerSettings, engine: Engine, h
         asyncio.create_task(heartbeat.run(stopping), name="heartbeat"),
     ]
     log.info(
-        "worker %s serving %s (engine %s, max_model_len %d, capacity %d)",
+        "worker %s serving %s (engine %s%s, max_model_len %d, capacity %d)",
         worker_id,
         engine.model_name,
         engine.kind,
+        ", embeddings" if engine.embedding is not None else "",
         engine.max_model_len,
         settings.capacity,
     )

@@ -17,6 +17,7 @@ from shared.names import GROUP, HANDED_BACK_FIELD, JOB_FIELD, Names
 from shared.scripts import CLAIMED_HAND_BACK
 from worker.channel import Claim, ClaimLost, NobodyListening, Progress, ReplyChannel, check
 from worker.coalesce import Coalescer, resumed
+from worker.embedding import embed
 from worker.engine import Engine
 from worker.metrics import WorkerMetrics
 from worker.outbox import Outbox
@@ -79,7 +80,13 @@ class JobRunner:
             if not await self._start(out, claim, progress):
                 await self.acknowledge(out)
                 return
-            await self._generate(job, out, progress.token_ids if progress else ())
+            if (wrong := self._wrong_kind(job)) is not None:
+                await self.fail(out, 400, "invalid_request", wrong)
+            elif job.embed is not None:
+                await embed(self._engine, job, out)
+                self._metrics.outcome("completed")
+            else:
+                await self._generate(job, out, progress.token_ids if progress else ())
         except (ClaimLost, NobodyListening):
             raise
         except asyncio.CancelledError as exc:
@@ -88,6 +95,15 @@ class JobRunner:
             raise
         except Exception as exc:
             await self._end_early(claim, out, exc)
+
+    def _wrong_kind(self, job: Job) -> str | None:
+        """Why this worker's model cannot run the job (an embedding job for a model that generates,
+        or the other way round: workers of one served name that serve different models), or None."""
+        embeds = self._engine.embedding is not None
+        if (job.embed is not None) == embeds:
+            return None
+        what = "an embedding model" if embeds else "a model that generates text"
+        return f"the worker that took this job serves '{job.model}' as {what}"
 
     async def _end_early(self, claim: Claim, out: ReplyChannel, error: BaseException) -> None:
         action = early_end(error, self._stop_reason(claim.job.id), claim.job.sampling.n, self._stopping())

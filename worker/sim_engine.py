@@ -27,7 +27,7 @@ import logging
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 
-from shared.messages import Sampling
+from shared.messages import EmbeddingModel, Sampling
 from worker.engine import Delta, EngineRejected, EngineStats
 from worker.sim_batch import Batch, plan_choice
 from worker.sim_shapes import Shaper, Shaping
@@ -62,6 +62,7 @@ class SimEngine:
     """:class:`~worker.engine.Engine` with a modelled clock instead of a model."""
 
     kind = "sim"
+    embedding: EmbeddingModel | None = None
 
     def __init__(
         self,
@@ -243,6 +244,11 @@ class SimEngine:
             tok = self._tokenizer
             self._stop_texts[token] = tok.decode([token], skip_special_tokens=True) if tok else ""
         return self._stop_texts[token]
+
+    async def embed(
+        self, request_id: str, inputs: Sequence[Sequence[int]], dimensions: int | None
+    ) -> list[bytes]:
+        raise EngineRejected("the simulated engine does not embed")
 
     def stats(self) -> EngineStats:
         """Running and waiting sequences (each of n choices counts) and KV cache usage."""

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any, get_args
 
 import psutil
 
-from shared.messages import FinishReason, Sampling
+from shared.messages import EmbeddingModel, FinishReason, Sampling
 from worker.engine import Delta, EngineFailed, EngineRejected, EngineStats, TokenLogprobs
+from worker.vllm_embed import embed_all, embedding_model
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +207,9 @@ class VLLMEngine:
 
     kind = "vllm"
 
-    def __init__(self, llm: AsyncLLM, snapshot: _SchedulerSnapshot) -> None:
+    def __init__(
+        self, llm: AsyncLLM, snapshot: _SchedulerSnapshot, tasks: Sequence[str] = ("generate",)
+    ) -> None:
         self._llm = llm
         self._snapshot = snapshot
         self._closed = False
@@ -215,6 +218,7 @@ class VLLMEngine:
         self.model_name: str = names[0] if isinstance(names, list) else (names or config.model)
         self.tokenizer_source: str = config.tokenizer
         self.max_model_len: int = config.max_model_len
+        self.embedding: EmbeddingModel | None = embedding_model(config, tasks)
 
     @classmethod
     async def start(
@@ -291,11 +295,11 @@ class VLLMEngine:
         try:
             # A round trip to the engine core; it also starts the output-socket reader on this
             # loop (construction ran in a thread with no loop, so vLLM deferred that).
-            await llm.get_supported_tasks()
+            tasks = await llm.get_supported_tasks()
+            return cls(llm, snapshot, tasks)
         except BaseException:
             _shutdown_once(llm)
             raise
-        return cls(llm, snapshot)
 
     async def generate(
         self,
@@ -354,6 +358,12 @@ class VLLMEngine:
             raise EngineRejected(str(exc)) from exc
         finally:
             await stream.aclose()
+
+    async def embed(
+        self, request_id: str, inputs: Sequence[Sequence[int]], dimensions: int | None
+    ) -> list[bytes]:
+        """See :func:`worker.vllm_embed.embed_all`."""
+        return await embed_all(self._llm, request_id, inputs, dimensions)
 
     def stats(self) -> EngineStats:
         """Running/waiting sequences (each of n choices counts) and KV cache usage.

@@ -22,7 +22,7 @@ class BatchCreateRequest(Strict):
     """``POST /v1/batches``: run the requests of an uploaded file, within the completion window."""
 
     input_file_id: str = Field(min_length=1, max_length=128)
-    endpoint: Literal["/v1/chat/completions", "/v1/completions"]
+    endpoint: Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
     completion_window: Literal["24h"]
     metadata: dict[MetadataKey, MetadataValue] | None = Field(default=None, max_length=16)
     output_expires_after: OutputExpiresAfter | None = None
