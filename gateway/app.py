@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from api.chat.protocol import ChatCompletion, ChatCompletionRequest
 from api.completions.protocol import CompletionRequest, TextCompletion
 from api.errors import APIError, InvalidRequest, NotFound
-from gateway import batch_api
+from gateway import batch_api, responses_api
 from gateway.auth import Authenticator
 from gateway.edge import RequestEdge
 from gateway.metrics import ENDPOINTS, GatewayMetrics, RequestCounter, rejection_reason
@@ -75,6 +75,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             lifecycle=lifecycle,
         )
         app.state.gateway = gateway
+        app.state.responses = responses_api.ResponsesAPI(gateway)
         probe = QueueProbe(redis, names, metrics, settings.worker_ttl, drain, scaler)
         background = [
             hub_task,
@@ -93,6 +94,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         try:
             yield
         finally:
+            await app.state.responses.close()
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
@@ -104,6 +106,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     _install_error_handlers(app, metrics)
     _install_routes(app)
     app.include_router(batch_api.router())  # Files, Batches, Usage
+    app.include_router(responses_api.router())
     install(app, auth=settings.auth, max_n=settings.max_n)
 
     @app.get("/scaling", include_in_schema=False)
