@@ -62,8 +62,10 @@ class Run:
         return str(self.response["id"])
 
     async def keep(self, response: dict[str, Any]) -> None:
-        if self.store is not None:
-            await stored(lambda: self.store.put(self.tenant, response, self.turn.conversation, self.job))  # type: ignore[union-attr]
+        """Store the response that ended (unless ``store: false``)."""
+        store = self.store
+        if store is not None:
+            await stored(lambda: store.put(self.tenant, response, self.turn.conversation, self.job))
 
     @property
     def job(self) -> str:
