@@ -265,6 +265,14 @@ def test_delete_forgets_a_response(client: OpenAI, system: System) -> None:
         client.responses.delete(response.id)
 
 
+def test_a_stored_response_is_not_replayed_as_a_stream(client: OpenAI, system: System) -> None:
+    response = client.responses.create(model=system.model, input=QUESTION, max_output_tokens=2)
+    resp = httpx.get(
+        f"{system.base_url}/v1/responses/{response.id}", params={"stream": "true"}, headers=system.headers
+    )
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "stream"
+
+
 def test_a_background_response_runs_to_its_stored_end(client: OpenAI, system: System) -> None:
     response = client.responses.create(
         model=system.model, input=QUESTION, background=True, max_output_tokens=8

@@ -95,6 +95,10 @@ def refused(fields: dict[str, Any]) -> InvalidRequest:
         ({"logit_bias": {"x": 1}}, "logit_bias"),
         ({"stop": [""]}, "stop"),
         ({"chat_template_kwargs": {"tokenize": True}}, "chat_template_kwargs"),
+        (
+            {"text": {"format": {"type": "json_object"}}, "structured_outputs": {"regex": "a+"}},
+            "structured_outputs",
+        ),
     ],
 )
 def test_invalid_bodies_name_their_param(fields: dict[str, Any], param: str) -> None:
