@@ -18,7 +18,8 @@ from sse_starlette import EventSourceResponse
 
 from api.errors import InvalidRequest, NotFound
 from api.responses.assembly import skeleton
-from api.responses.protocol import MAX_ID, DeletedResponse, Response, ResponsesRequest
+from api.responses.items import MAX_ID
+from api.responses.protocol import DeletedResponse, Response, ResponsesRequest
 from gateway.openapi import RESPONSE_NOT_FOUND, completion_responses, resource_responses
 from gateway.service import SSE_SEPARATOR, Gateway
 from serving.path import submit
