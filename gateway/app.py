@@ -20,7 +20,7 @@ from api.completions.protocol import CompletionRequest, TextCompletion
 from api.embeddings.protocol import EmbeddingList, EmbeddingRequest
 from api.errors import APIError, InvalidRequest, NotFound
 from api.tokenize.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
-from gateway import batch_api
+from gateway import batch_api, responses_api
 from gateway.auth import Authenticator
 from gateway.edge import RequestEdge
 from gateway.embeddings import embeddings
@@ -81,6 +81,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             lifecycle=lifecycle,
         )
         app.state.gateway = gateway
+        app.state.responses = responses_api.ResponsesAPI(gateway)
         probe = QueueProbe(redis, names, metrics, settings.worker_ttl, drain, scaler)
         background = [
             hub_task,
@@ -99,6 +100,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         try:
             yield
         finally:
+            await app.state.responses.close()
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
@@ -110,6 +112,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     _install_error_handlers(app, metrics)
     _install_routes(app)
     app.include_router(batch_api.router())  # Files, Batches, Usage
+    app.include_router(responses_api.router())
     install(app, auth=settings.auth, max_n=settings.max_n)
 
     @app.get("/scaling", include_in_schema=False)

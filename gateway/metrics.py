@@ -45,7 +45,12 @@ LOOP_LAG_PERIOD = 0.05
 """Seconds between two looks at the event loop's lateness: often enough to see stalls of tens of
 milliseconds, and twenty wake-ups a second cost nothing measurable."""
 
-ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/embeddings": "embeddings"}
+ENDPOINTS = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completions",
+    "/v1/embeddings": "embeddings",
+    "/v1/responses": "responses",
+}
 UNKNOWN_MODEL = "unknown"
 REASONS = (
     "invalid",

@@ -110,6 +110,9 @@ RESUMPTION_HEADERS = [
 
 
 NOT_FOUND = _error("No such object for this tenant (another tenant's objects are not found either).")
+RESPONSE_NOT_FOUND = _error(
+    "No such model, or no stored response of this tenant by the id `previous_response_id` names."
+)
 INVALID = _error("Invalid request: a parameter out of range, or an input file with bad lines.")
 CONFLICT = _error("The object is in a state that does not allow this (e.g. a finished batch).")
 

@@ -18,7 +18,8 @@ stays the engine's. Two choices go beyond ``vllm serve`` as shipped:
   parsers leave the arguments free unless a tool says ``strict``.)
 - Without a tool parser, ``tool_choice: auto`` still renders the tools and answers in text.
 
-This is the one module of the gateway that imports vLLM (seconds at start-up).
+This module and ``serving/responses.py`` (the Responses API's input, rendered as chat messages by
+vLLM's own functions) are the gateway's only imports of vLLM (seconds at start-up).
 """
 
 from __future__ import annotations

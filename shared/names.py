@@ -24,6 +24,12 @@ The Batch API and the background role (``switchyard background``) keep theirs be
     HGETALL    switchyard:usage:<tenant>:<YYYY-MM-DD>    a tenant's usage that day, per hour and model
     XREVRANGE  switchyard:housekeeping + - COUNT 10      the last housekeeping runs
     ZRANGE     switchyard:arq 0 -1 WITHSCORES            background jobs queued for arq
+
+Stored responses of the Responses API, each under its tenant (another tenant's id names no key):
+
+    HGETALL    switchyard:response:<tenant>:<id>         status, the response (JSON), its conversation
+    TTL        switchyard:response:<tenant>:<id>         seconds until it is forgotten
+    PTTL       switchyard:response-lease:<id>            a background response's follower: its lease left
 """
 
 from __future__ import annotations
@@ -223,3 +229,15 @@ class Names:
     def housekeeping_log(self) -> str:
         """Stream of housekeeping runs: job, tick, process, what it did."""
         return f"{self.prefix}:housekeeping"
+
+    # -- stored responses (the Responses API) -----------------------------------------------------
+
+    def response(self, tenant: str, response_id: str) -> str:
+        """Hash of one stored response of a tenant: ``status``, the response object (``response``,
+        JSON), the messages it was rendered from (``conversation``, JSON) and its ``job`` id."""
+        return f"{self.prefix}:response:{tenant}:{response_id}"
+
+    def response_lease(self, response_id: str) -> str:
+        """Held (with a short expiry) by the gateway following a background response to its end:
+        an unfinished response without it has lost its follower."""
+        return f"{self.prefix}:response-lease:{response_id}"

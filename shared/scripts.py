@@ -301,3 +301,14 @@ class BatchScripts:
         self.lease_release: AsyncScript = redis.register_script(_LEASE_RELEASE)
         self.assign: AsyncScript = redis.register_script(_LINE_ASSIGN)
         self.result: AsyncScript = redis.register_script(_LINE_RESULT)
+
+
+# -- stored responses (the Responses API) ----------------------------------------------------------
+
+
+class ResponseScripts:
+    """A stored response's status moves, one atomic step each, as a batch's (the same script): a
+    cancel, a follower's result and a lost follower's failure never overwrite each other."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.move: AsyncScript = redis.register_script(_BATCH_MOVE)

@@ -152,6 +152,14 @@ class GatewaySettings(RedisSettings):
     usage_retention_days: int = Field(
         default=90, ge=1, description="Days of hourly usage roll-ups kept per tenant."
     )
+    response_ttl: float = Field(
+        default=7 * 86400,
+        gt=0,
+        description=(
+            "Seconds a stored response (Responses API, `store: true`) is kept for retrieval and for "
+            "`previous_response_id`; Redis holds it in memory."
+        ),
+    )
 
     @property
     def files_path(self) -> Path:

@@ -25,7 +25,9 @@ from tests.conftest import System, create_tenant
 pytestmark = pytest.mark.e2e
 
 OTHER = "schema-" + uuid.uuid4().hex[:6]  # a fresh tenant: the session's Redis is shared
-COMPLETIONS = ("/v1/chat/completions", "/v1/completions")
+COMPLETIONS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
+"""Operations (POST) that run a job: aimed at the served model, kept cheap, charged when served."""
+LIMITS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 TOKENS = ("/tokenize", "/detokenize")
 CHEAP_TOKENS = 4
 CHEAP_N = 2
@@ -59,6 +61,15 @@ def tenant(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(scope="module")
+def stored_response(system: System) -> str:
+    """A response the main tenant stored."""
+    body = {"model": system.model, "input": "hi", "max_output_tokens": CHEAP_TOKENS}
+    resp = httpx.post(f"{system.base_url}/v1/responses", json=body, headers=system.headers, timeout=60)
+    assert resp.status_code == 200, resp.text
+    return str(resp.json()["id"])
+
+
+@pytest.fixture(scope="module")
 def api_schema(system: System) -> Any:
     return schemathesis.openapi.from_url(f"{system.base_url}/openapi.json")
 
@@ -89,17 +100,19 @@ def steer(case: Any, model: str) -> None:
             case.path_parameters["model_id"] = model
         return
     body = case.body
-    if case.operation.path not in COMPLETIONS + TOKENS or not isinstance(body, dict):
+    if case.operation.method.upper() != "POST" or case.operation.path not in COMPLETIONS + TOKENS:
+        return
+    if not isinstance(body, dict):
         return
     if _aimed(body.get("model")):
         body["model"] = model
     if case.operation.path in TOKENS:
         return
-    for field in ("max_tokens", "max_completion_tokens", "min_tokens"):
+    for field in (*LIMITS, "min_tokens"):
         if isinstance(body.get(field), int):
             body[field] = min(body[field], CHEAP_TOKENS)
-    if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
-        body["max_tokens"] = CHEAP_TOKENS
+    if all(body.get(field) is None for field in LIMITS):
+        body["max_output_tokens" if case.operation.path == "/v1/responses" else "max_tokens"] = CHEAP_TOKENS
     for field in ("n", "best_of"):
         if isinstance(body.get(field), int):
             body[field] = min(body[field], CHEAP_N)
@@ -121,6 +134,7 @@ def test_gateway_answers_as_its_schema_says(
     keys: dict[str, str],
     http: requests.Session,
     sync_redis: Redis,
+    stored_response: str,
 ) -> None:
     # schemathesis' pytest integration (schema.parametrize with a fixture-loaded schema) breaks on
     # pytest 9.2, so the operations' strategies run under plain hypothesis instead.
@@ -144,20 +158,27 @@ def test_gateway_answers_as_its_schema_says(
         request_id = response.headers["x-request-id"][0]
         charged = sync_redis.zscore(own_window, request_id) is not None
         assert sync_redis.zscore(other_window, request_id) is None, "charged to the other tenant"
-        if case.operation.path in COMPLETIONS and response.status_code == 200:
+        runs = case.operation.method.upper() == "POST" and case.operation.path in COMPLETIONS
+        if runs and response.status_code == 200:
             assert charged, "served without being admitted for its own tenant"
         if 400 <= response.status_code < 500:
             assert not charged, "refused only after it was admitted and enqueued"
 
     operations = [result.ok() for result in api_schema.get_all_operations()]
-    assert {f"POST {path}" for path in COMPLETIONS + TOKENS} <= {op.label for op in operations}
+    labels = {op.label for op in operations}
+    assert {f"POST {path}" for path in COMPLETIONS + TOKENS} <= labels
+    assert {
+        "GET /v1/responses/{response_id}",
+        "DELETE /v1/responses/{response_id}",
+        "POST /v1/responses/{response_id}/cancel",
+    } <= labels
     for operation in operations:
         if not mode.is_positive and not operation.body and not list(operation.iter_parameters()):
             continue  # nothing to make invalid (security schemes are tested by the auth checks)
         test = given(case=operation.as_strategy(generation_mode=mode))(send)
         examples = found_before(operation, system.model)
         if mode.is_positive:
-            examples += served_examples(operation, system.model)
+            examples += served_examples(operation, system.model, stored_response)
         for case in examples:
             test = example(case=case)(test)
         BUDGET(test)()
@@ -173,9 +194,10 @@ def found_before(operation: Any, model: str) -> list[Any]:
     return [operation.Case(body={"model": model, "messages": messages, **top_k})]
 
 
-def served_examples(operation: Any, model: str) -> list[Any]:
+def served_examples(operation: Any, model: str, stored: str) -> list[Any]:
     """Requests that are always served, so every success shape is checked in every run (random
-    valid bodies often fail on the demo model's chat template before reaching the engine)."""
+    valid bodies often fail on the demo model's chat template before reaching the engine). A
+    stored response is the main tenant's: the other tenant's reads of it must be 404s."""
     if operation.path == "/v1/models/{model_id}":
         return [operation.Case(path_parameters={"model_id": model})]
     messages = [{"role": "user", "content": "hi"}]
@@ -185,6 +207,15 @@ def served_examples(operation: Any, model: str) -> list[Any]:
             "/detokenize": [{"tokens": [5, 6, 7]}],
         }[operation.path]
         return [operation.Case(body={"model": model, **body}) for body in bodies]
+    if operation.path.startswith("/v1/responses/{response_id}"):
+        return [operation.Case(path_parameters={"response_id": stored})]
+    if operation.path == "/v1/responses" and operation.method.upper() == "POST":
+        body = {"model": model, "input": "hi", "max_output_tokens": CHEAP_TOKENS}
+        return [
+            operation.Case(body=body),
+            operation.Case(body={**body, "stream": True}),
+            operation.Case(body={**body, "background": True}),
+        ]
     prompt: dict[str, Any] = {
         "/v1/chat/completions": {"messages": messages},
         "/v1/completions": {"prompt": "hi"},
