@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from api.batches.protocol import BatchCreateRequest
 from api.errors import InvalidRequest, NotFound
 from batch.files import Conflict, Files
-from shared.batches import BatchRequest, BatchState, new_batch_hash, sources
+from shared.batches import BatchRequest, BatchState, is_batch_id, new_batch_hash, sources
 from shared.names import Names
 from shared.scripts import BatchScripts
 from shared.settings import GatewaySettings
@@ -117,7 +117,7 @@ class Batches:
 
     async def get(self, tenant: str, batch_id: str) -> BatchState:
         """The tenant's batch, or 404 (also for another tenant's)."""
-        state = await self.load(batch_id)
+        state = await self.load(batch_id) if is_batch_id(batch_id) else None
         if state is None or state.request.tenant != tenant:
             raise NotFound(f"No such Batch object: {batch_id}", param="batch_id")
         return state

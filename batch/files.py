@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 
 from api.errors import APIError, InvalidRequest, NotFound
 from batch.filestore import CHUNK, FileStore, MissingFile, file_store
-from shared.batches import BatchRequest, FilePurpose, FileRecord
+from shared.batches import BatchRequest, FilePurpose, FileRecord, is_file_id
 from shared.names import Names
 from shared.settings import GatewaySettings
 
@@ -160,7 +160,7 @@ class Files:
 
     async def get(self, tenant: str, file_id: str, param: str | None = None) -> FileRecord:
         """The tenant's file, or 404 (also for another tenant's)."""
-        record = await self._load(file_id)
+        record = await self._load(file_id) if is_file_id(file_id) else None
         if record is None or record.tenant != tenant:
             raise NotFound(f"No such File object: {file_id}", param=param)
         return record

@@ -8,6 +8,7 @@ only if every line passes: a refused upload leaves nothing behind.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import IO, Annotated, Any, Literal
 
@@ -22,7 +23,7 @@ from api.errors import InvalidRequest
 from api.usage import UsageList
 from batch.batches import Batches, batch_object
 from batch.files import Files, StorageFull, file_object
-from batch.lines import Scan, scan
+from batch.lines import Scan, bounded_lines, scan
 from batch.role import start_batch
 from gateway.openapi import FILE_CONTENT, UPLOAD_BODY, resource_responses
 from gateway.service import Gateway
@@ -110,7 +111,8 @@ def _ttl(form: Any, default: float) -> float:
         return default
     if anchor != "created_at":
         raise InvalidRequest("expires_after[anchor] must be 'created_at'", param="expires_after[anchor]")
-    if seconds is None or not seconds.strip().isdigit() or not 3600 <= int(seconds) <= 2_592_000:
+    # ASCII digits only: str.isdigit() also passes "²" and other scripts' digits.
+    if seconds is None or not re.fullmatch(r"[0-9]{1,7}", seconds) or not 3600 <= int(seconds) <= 2_592_000:
         raise InvalidRequest(
             "expires_after[seconds] must be a whole number from 3600 to 2592000",
             param="expires_after[seconds]",
@@ -118,10 +120,10 @@ def _ttl(form: Any, default: float) -> float:
     return min(float(seconds), default)
 
 
-def _check_file(source: IO[bytes], max_n: int, max_lines: int) -> Scan:
+def _check_file(source: IO[bytes], max_n: int, max_lines: int, max_line: int) -> Scan:
     source.seek(0)
     try:
-        return scan(source, max_n, max_lines)
+        return scan(bounded_lines(source, max_line), max_n, max_lines, max_line_bytes=max_line)
     finally:
         source.seek(0)
 
@@ -142,7 +144,7 @@ async def upload_file(request: Request, tenant: Owner) -> dict[str, Any]:
         if (upload.size or 0) > settings.file_max_bytes:
             raise StorageFull(f"the file is larger than {settings.file_max_bytes} bytes", param="file")
         checked = await anyio.to_thread.run_sync(
-            _check_file, upload.file, settings.max_n, settings.file_max_lines
+            _check_file, upload.file, settings.max_n, settings.file_max_lines, settings.max_body_bytes
         )
         if checked.errors:
             raise InvalidRequest(checked.summary(), param="file", code="invalid_file")

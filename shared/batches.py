@@ -10,6 +10,7 @@ counts can be incremented and the status moved atomically, each by one command o
 from __future__ import annotations
 
 import json
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -32,6 +33,20 @@ MOVES: dict[str, frozenset[str]] = {
 FINAL = frozenset({"failed", "completed", "expired", "cancelled"})
 COUNTS = ("total", "completed", "failed", "prompt_tokens", "completion_tokens")
 """Integer fields of a batch's hash (the last four are incremented as lines finish)."""
+
+
+BATCH_ID = re.compile(r"batch_[0-9a-f]{24}")
+FILE_ID = re.compile(r"file-[0-9a-f]{24}")
+"""The ids this system gives: anything else names no object (and never a neighbouring Redis key,
+such as a batch's ``:jobs`` hash)."""
+
+
+def is_batch_id(value: str) -> bool:
+    return BATCH_ID.fullmatch(value) is not None
+
+
+def is_file_id(value: str) -> bool:
+    return FILE_ID.fullmatch(value) is not None
 
 
 def sources(target: str) -> tuple[str, ...]:

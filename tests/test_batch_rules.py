@@ -3,6 +3,7 @@ status moves, the cron schedule, dead-letter trim points and usage roll-ups."""
 
 from __future__ import annotations
 
+import io
 import json
 from collections import Counter
 
@@ -12,6 +13,7 @@ from api.errors import APIError, InvalidRequest, Timeout, Unavailable, UpstreamF
 from batch.housekeeping import trim_minid, unread_from
 from batch.lines import (
     LineRefused,
+    bounded_lines,
     check_batch,
     is_output,
     parse_line,
@@ -52,6 +54,9 @@ def line(
         (line(extra_field=1), "invalid_request", "extra_field", "unrecognized argument 'extra_field'"),
         (line(url="/v1/completions", body={"model": "m", "prompt": ["a", "b"]}), "invalid_body", "body",
          "one prompt"),
+        # Nested deeper than the JSON parser recurses: refused like any other bad JSON, never a 500.
+        (b'{"custom_id": "a", "body": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "invalid_json", None,
+         "nested too deeply"),
     ],
 )  # fmt: skip
 def test_a_bad_line_is_refused_naming_it(raw: bytes, code: str, param: str | None, says: str) -> None:
@@ -91,6 +96,23 @@ def test_a_file_has_between_one_and_max_lines_requests(
     lines: list[bytes], max_lines: int, codes: list[str]
 ) -> None:
     assert [e.code for e in scan(lines, max_n=8, max_lines=max_lines).errors] == codes
+
+
+def test_a_line_longer_than_a_request_body_may_be_is_refused() -> None:
+    """A line becomes one request: it may not be larger than the gateway takes over HTTP."""
+    short, long = line("a"), line("b", body={**CHAT, "user": "x" * 400})
+    found = scan([short, long, line("c")], max_n=8, max_lines=10, max_line_bytes=len(long) - 1)
+    assert [(e.line, e.code) for e in found.errors] == [(2, "line_too_long")]
+    assert found.errors[0].message.startswith("line 2: ") and str(len(long) - 1) in found.errors[0].message
+    assert found.count == 3
+
+
+def test_lines_are_read_with_a_bound_however_long_they_are() -> None:
+    """The upload's reader never holds more than the bound (plus one byte) of a line in memory."""
+    source = io.BytesIO(b"short\n" + b"x" * 10_000 + b"\n" + b"tail-without-newline")
+    read = list(bounded_lines(source, limit=100))
+    assert read[0] == b"short\n" and len(read[1]) == 101 and read[2] == b"tail-without-newline"
+    assert len(read) == 3
 
 
 def test_without_keep_a_scan_holds_no_lines() -> None:
