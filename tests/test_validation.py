@@ -34,6 +34,8 @@ def test_unknown_field_is_named() -> None:
         ({"model": "m", "messages": MSG, "max_tokens": 0}, "max_tokens"),
         ({"model": "m", "messages": MSG, "n": 0}, "n"),
         ({"model": "m", "messages": MSG, "stop": [""]}, "stop"),
+        ({"model": "m", "messages": MSG, "stop": ["x" * 513]}, "stop"),
+        ({"model": "m", "messages": MSG, "stop": "x" * 513}, "stop"),
         ({"model": "m", "messages": MSG, "logit_bias": {"1": 2}}, "logit_bias"),
         ({"model": "m", "messages": MSG, "tools": [{"type": "function"}]}, "tools"),
         ({"model": "m", "messages": MSG, "stop_token_ids": [2, -1]}, "stop_token_ids.1"),
