@@ -52,7 +52,24 @@ class GatewaySettings(RedisSettings):
         gt=0,
         description="Longest silence from the worker once a job has started before the request fails.",
     )
-    max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0, description="Larger bodies get 413.")
+    max_body_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        gt=0,
+        description="Larger bodies get 413; a line of a batch file is one request, held to the same bound.",
+    )
+    header_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds a client has to send a request's headers before its connection is closed.",
+    )
+    max_connections: int = Field(
+        default=2048,
+        ge=1,
+        description=(
+            "Connections (or requests in progress) one gateway process serves at once; beyond, "
+            "requests get 503 with Retry-After."
+        ),
+    )
     max_n: int = Field(default=8, ge=1, description="Largest `n` (choices per request) accepted.")
     auth: bool = Field(
         default=True, description="Require an API key (off: every request is tenant 'default')."
