@@ -90,12 +90,14 @@ class Gateway:
     async def chat(self, request: Request, body: ChatCompletionRequest, tenant: Tenant) -> Any:
         self.lifecycle.check_open()
         entry = await self.resolve(request, body.model)
+        await self.admission.precheck(tenant, entry.name)  # before the prompt costs an encoding
         job = await self.jobs.chat(entry, body, tenant, request.state.request_id)
         return await self._respond(request, job, "chat", body, tenant)
 
     async def completion(self, request: Request, body: CompletionRequest, tenant: Tenant) -> Any:
         self.lifecycle.check_open()
         entry = await self.resolve(request, body.model)
+        await self.admission.precheck(tenant, entry.name)  # before the prompt costs an encoding
         job = await self.jobs.completion(entry, body, tenant, request.state.request_id)
         return await self._respond(request, job, "text", body, tenant)
 

@@ -61,7 +61,8 @@ return lost
 # ARGV: request id, tokens, rpm, tpm, max concurrent, max backlog, window ms, in-flight ttl ms
 # (0 = no limit). Returns {1, requests used, tokens used, req reset ms, tok reset ms} when admitted,
 # {0, reason, retry after ms, requests used, tokens used} when not.
-_ADMIT = """
+# The first part (the windows brought up to date) is shared with the check before encoding below.
+_WINDOWS = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local id, tokens = ARGV[1], tonumber(ARGV[2])
@@ -83,6 +84,11 @@ local function oldest(key)
   return 0
 end
 if rpm > 0 and nreq >= rpm then return {0, 'requests', oldest(KEYS[1]), nreq, used} end
+"""
+
+_ADMIT = (
+    _WINDOWS
+    + """
 if tpm > 0 and used + tokens > tpm then
   if tokens > tpm then return {0, 'tokens_too_many', 0, nreq, used} end
   local free, wait = tpm - used, window
@@ -103,6 +109,26 @@ redis.call('ZADD', KEYS[5], now + ttl, id)
 for i = 1, 5 do redis.call('PEXPIRE', KEYS[i], window + ttl) end
 return {1, nreq + 1, used + tokens, oldest(KEYS[1]), oldest(KEYS[2])}
 """
+)
+
+# The same limits, checked before a request is encoded (its token count unknown, so only a minute's
+# tokens used up entirely counts), booking nothing: a tenant over its limit costs no encoding.
+# KEYS and ARGV as for admission (tokens: 0). Returns {1} when the request may go on, else as
+# admission's refusal.
+_PRECHECK = (
+    _WINDOWS
+    + """
+if tpm > 0 and used >= tpm then
+  local entries = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+  local wait = window
+  if entries[2] then wait = tonumber(entries[2]) + window - now end
+  return {0, 'tokens', wait, nreq, used}
+end
+if maxc > 0 and redis.call('ZCARD', KEYS[5]) >= maxc then return {0, 'concurrency', 1000, nreq, used} end
+if maxb > 0 and redis.call('XLEN', KEYS[6]) >= maxb then return {0, 'backlog', 0, nreq, used} end
+return {1}
+"""
+)
 
 # The end of an admitted request: free its concurrency slot and give back the reserved tokens it did
 # not use (if its reservation is still inside the window).
@@ -206,10 +232,11 @@ class Scripts:
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
         self.admit: AsyncScript = redis.register_script(_ADMIT)
+        self.precheck: AsyncScript = redis.register_script(_PRECHECK)
         self.release: AsyncScript = redis.register_script(_RELEASE)
 
     async def load(self) -> None:
-        for script in (_ADMIT, _RELEASE):
+        for script in (_ADMIT, _PRECHECK, _RELEASE):
             await self._redis.script_load(script)
 
 

@@ -75,6 +75,29 @@ async def test_requests_per_minute(admission: Admission) -> None:
     assert int(info.value.headers()["retry-after"]) >= 55
 
 
+@pytest.mark.parametrize(
+    ("limits", "fill"),
+    [({"rpm": 2}, 2), ({"tpm": 100}, 100), ({"max_concurrent": 1}, 1)],
+    ids=["requests", "tokens", "concurrency"],
+)
+async def test_the_check_before_encoding_refuses_only_a_tenant_over_its_limit_and_books_nothing(
+    admission: Admission, redis: Redis, names: Names, limits: dict[str, int], fill: int
+) -> None:
+    tenant, other = Tenant(name="t", **limits), Tenant(name="u", **limits)  # type: ignore[arg-type]
+    await admission.precheck(tenant, "m")
+    if "tpm" in limits:
+        await admission.admit(tenant, job(fill))
+    else:
+        for _ in range(fill):
+            await admission.admit(tenant, job(1))
+    windows = [await redis.zcard(names.rate("t", "req")), await redis.get(names.rate("t", "sum"))]
+    with pytest.raises(RateLimited):
+        await admission.precheck(tenant, "m")
+    await admission.precheck(other, "m")  # the other tenant's limits are its own
+    assert [await redis.zcard(names.rate("t", "req")), await redis.get(names.rate("t", "sum"))] == windows
+    assert await redis.zcard(names.rate("u", "req")) == 0
+
+
 async def test_tokens_are_reserved_then_refunded(admission: Admission) -> None:
     tenant = Tenant(name="t", tpm=100)
     first = await admission.admit(tenant, job(60))
