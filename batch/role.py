@@ -127,7 +127,13 @@ class Background:
         )
         self.drain = DrainMeter()
         admission = Admission(redis, names, settings.request_timeout, self.drain, settings.max_backlog_total)
-        builder = JobBuilder(self.registry, TokenizerCache(), settings.max_n, settings.affinity_tokens)
+        builder = JobBuilder(
+            self.registry,
+            TokenizerCache(),
+            settings.max_n,
+            settings.affinity_tokens,
+            settings.prefix_cache_scope,
+        )
         lifecycle = Lifecycle(settings.background_drain_timeout)
         tenants = TenantStore(redis, names)
         parts = Parts(redis, settings, self.hub, builder, admission, tenants, stopping, lifecycle)

@@ -158,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
         default="interactive",
         help="interactive tenants are served 4:1 over batch ones when workers are busy",
     )
+    create.add_argument(
+        "--cache-group",
+        help="tenants naming the same group share prefix-cache entries (default: none, the tenant's own)",
+    )
     _add_redis(create)
     lister = key_cmds.add_parser("list", help="list tenants, their limits and key ids (never the keys)")
     _add_redis(lister)
@@ -303,6 +307,7 @@ def cmd_keys(args: argparse.Namespace) -> None:
             "max_concurrent": args.max_concurrent,
             "max_backlog": args.max_backlog,
             "priority": args.priority,
+            "cache_group": args.cache_group,
         }
         try:
             tenant = Tenant(**fields)

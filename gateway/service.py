@@ -53,8 +53,13 @@ class Gateway:
     jobs: JobBuilder = field(init=False)
 
     def __post_init__(self) -> None:
+        settings = self.settings
         self.jobs = JobBuilder(
-            self.registry, self.tokenizers, self.settings.max_n, self.settings.affinity_tokens
+            self.registry,
+            self.tokenizers,
+            settings.max_n,
+            settings.affinity_tokens,
+            settings.prefix_cache_scope,
         )
 
     async def prewarm(self, period: float = 1.0) -> None:

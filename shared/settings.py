@@ -9,6 +9,7 @@ from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.names import Names
+from shared.tenants import CacheScope
 
 SimPreset = Literal["l4", "a100", "h100", "cpu-demo"]
 """Timing presets of the simulated engine (``worker/sim_timing.py`` holds their figures and sources)."""
@@ -118,6 +119,14 @@ class GatewaySettings(RedisSettings):
         description=(
             "Prompts longer than this many tokens carry a digest of their first ones, so that jobs "
             "sharing that prefix can run on the worker whose prefix cache holds it. 0: none."
+        ),
+    )
+    prefix_cache_scope: CacheScope = Field(
+        default="tenant",
+        description=(
+            "Who shares the engines' prefix cache: 'tenant' (each tenant its own, tenants of one "
+            "cache group theirs; a tenant cannot tell from its time to first token what another "
+            "sent) or 'shared' (everyone: more cache hits, for tenants that all trust each other)."
         ),
     )
     shutdown_grace: float = Field(

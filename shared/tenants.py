@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import secrets
 import time
 from typing import Literal
@@ -20,22 +21,47 @@ from redis.asyncio import Redis
 from shared.names import Names
 
 Priority = Literal["interactive", "batch"]
+CacheScope = Literal["tenant", "shared"]
+"""Who shares an engine's prefix cache: each tenant (or cache group) its own, or everyone."""
 PRIORITY_WEIGHT: dict[str, int] = {"interactive": 4, "batch": 1}
 """How many jobs a worker takes from an interactive stream for each one from a batch stream."""
 
 KEY_PREFIX = "sy-"
 
 
+NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
+
+
+def new_tenant_id() -> str:
+    return secrets.token_hex(8)
+
+
 class Tenant(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(min_length=1, max_length=64, pattern=NAME_PATTERN)
+    id: str = Field(default_factory=new_tenant_id, min_length=1, max_length=64)
+    """This tenant, as opposed to any other that has the same name before or after it: a name
+    removed and given again names a new tenant, which inherits nothing of the old one."""
     rpm: int | None = Field(default=None, ge=1, description="requests per minute")
     tpm: int | None = Field(default=None, ge=1, description="tokens (prompt + max_tokens) per minute")
     max_concurrent: int | None = Field(default=None, ge=1)
     max_backlog: int | None = Field(default=None, ge=1, description="jobs waiting or running at once")
     priority: Priority = "interactive"
+    cache_group: str | None = Field(default=None, min_length=1, max_length=64, pattern=NAME_PATTERN)
+    """Tenants that name the same group trust each other: they share prefix-cache entries."""
     created_at: float = Field(default_factory=time.time)
+
+
+def cache_salt(tenant: Tenant, scope: CacheScope) -> str | None:
+    """The salt of the tenant's prompts in the engine's prefix cache: cached blocks are found only
+    by prompts with the same salt, so one tenant's prompts never warm the cache for another (whose
+    time to first token would tell it what was sent). None: one cache for everyone."""
+    if scope == "shared":
+        return None
+    if tenant.cache_group is not None:
+        return f"group:{tenant.cache_group}"
+    return f"tenant:{tenant.id}"
 
 
 class KeyRecord(BaseModel):
@@ -45,6 +71,16 @@ class KeyRecord(BaseModel):
     tenant: str
     sha256: str
     created_at: float = Field(default_factory=time.time)
+
+
+def parse_tenant(raw: bytes | str) -> Tenant:
+    """A stored tenant. One stored before tenants had ids gets one derived from its name and
+    creation time: the same at every reading, and new if the name is ever given again."""
+    data = json.loads(raw)
+    if not data.get("id"):
+        seed = f"{data.get('name')}:{data.get('created_at')}".encode()
+        data["id"] = hashlib.sha256(seed).hexdigest()[:16]
+    return Tenant.model_validate(data)
 
 
 def new_key() -> tuple[str, str]:
@@ -69,12 +105,18 @@ class TenantStore:
         self._redis = redis
         self._names = names
 
-    async def put_tenant(self, tenant: Tenant) -> None:
+    async def put_tenant(self, tenant: Tenant) -> Tenant:
+        """Create the tenant, or change the limits of the one of that name (which stays the same
+        tenant: same id, same data). Returns it as stored."""
+        existing = await self.tenant(tenant.name)
+        if existing is not None:
+            tenant = tenant.model_copy(update={"id": existing.id, "created_at": existing.created_at})
         await self._redis.hset(self._names.tenants(), tenant.name, tenant.model_dump_json())  # type: ignore[misc]
+        return tenant
 
     async def tenant(self, name: str) -> Tenant | None:
         raw = await self._redis.hget(self._names.tenants(), name)  # type: ignore[misc]
-        return Tenant.model_validate_json(raw) if raw else None
+        return parse_tenant(raw) if raw else None
 
     async def add_key(self, tenant: str, key: str | None = None) -> str:
         """Register a key for ``tenant`` (a new one unless given) and return it."""
@@ -107,7 +149,7 @@ class TenantStore:
         for raw in keys.values():
             record = KeyRecord.model_validate_json(raw)
             by_tenant.setdefault(record.tenant, []).append(record.id)
-        out = [Tenant.model_validate_json(raw) for raw in tenants.values()]
+        out = [parse_tenant(raw) for raw in tenants.values()]
         return [(t, sorted(by_tenant.get(t.name, []))) for t in sorted(out, key=lambda t: t.name)]
 
     async def revoke_key(self, key_id: str) -> bool:

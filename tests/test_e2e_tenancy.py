@@ -112,6 +112,47 @@ async def test_a_tenant_over_its_limit_is_refused_before_its_prompt_is_encoded(
                 await held.close()
 
 
+def prefix_cache_hits(system: System) -> float:
+    text = httpx.get(system.worker_metrics_url, timeout=5).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("vllm:prefix_cache_hits_total")
+    )
+
+
+async def hits_of(system: System, client: openai.AsyncOpenAI, prompt: str) -> float:
+    """Prompt tokens vLLM's prefix cache served for one request of ``client``'s tenant."""
+    before = prefix_cache_hits(system)
+    await client.completions.create(model=system.model, prompt=prompt, max_tokens=1)
+    await asyncio.sleep(0.3)  # the engine's stats come with its next output
+    return prefix_cache_hits(system) - before
+
+
+async def test_one_tenants_prompts_do_not_warm_another_tenants_prefix_cache(system: System) -> None:
+    """Whether a prompt's prefix is cached shows in its time to first token; a tenant must not learn
+    from it what another sent lately. Tenants of one cache group share the cache on purpose."""
+    run = uuid.uuid4().hex[:6]
+    tenants = [Tenant(name=f"salt-{n}-{run}") for n in ("a", "b")]
+    tenants += [Tenant(name=f"salt-{n}-{run}", cache_group=f"team-{run}") for n in ("c", "d")]
+    keys = [await tenant_key(system, t) for t in tenants]
+    clients = [openai.AsyncOpenAI(base_url=f"{system.base_url}/v1", api_key=k, max_retries=0) for k in keys]
+    a, b, c, d = clients
+    words = ("harbour", "lantern", "quiet", "river", "stone", "market", "bridge", "meadow")
+    document, other_document = (
+        run + " " + " ".join(words[(i * step + i // 3) % len(words)] for i in range(250)) for step in (7, 5)
+    )
+    try:
+        assert await hits_of(system, a, document) == 0, "a fresh document was cached already"
+        assert await hits_of(system, b, document) == 0, "another tenant's prompt served from the cache"
+        assert await hits_of(system, a, document) > 0, "a tenant's own prefix is not reused"
+        assert await hits_of(system, c, other_document) == 0
+        assert await hits_of(system, d, other_document) > 0, "tenants of one cache group do not share it"
+    finally:
+        for client in clients:
+            await client.close()
+
+
 async def test_unused_tokens_are_refunded_when_the_client_leaves(system: System, redis: Redis) -> None:
     tenant = Tenant(name="tpm-" + uuid.uuid4().hex[:6], tpm=5000)
     key = await tenant_key(system, tenant)

@@ -64,6 +64,19 @@ async def test_keys_are_stored_hashed_and_checked(redis: Redis, names: Names) ->
     assert [(t.name, ids) for t, ids in await store.listing()] == [("acme", [])]
 
 
+async def test_a_tenant_keeps_its_id_when_its_limits_change(redis: Redis, names: Names) -> None:
+    store = TenantStore(redis, names)
+    first = await store.put_tenant(Tenant(name="acme", rpm=10))
+    changed = await store.put_tenant(Tenant(name="acme", rpm=20))
+    assert (changed.id, changed.rpm) == (first.id, 20)
+    stored = await store.tenant("acme")
+    assert stored is not None and stored.id == first.id
+    # A record from before tenants had ids reads with the same derived id every time.
+    await redis.hset(names.tenants(), "old", '{"name": "old", "created_at": 1700000000.0}')
+    old = [await store.tenant("old") for _ in range(2)]
+    assert old[0] is not None and old[1] is not None and old[0].id == old[1].id
+
+
 async def test_requests_per_minute(admission: Admission) -> None:
     tenant = Tenant(name="t", rpm=5)
     tickets = [await admission.admit(tenant, job(1)) for _ in range(5)]

@@ -42,10 +42,16 @@ class Engine(Protocol):
     """``vllm``, or ``sim`` for the simulated engine; workers advertise it."""
 
     def generate(
-        self, request_id: str, prompt_token_ids: Sequence[int], sampling: Sampling
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        sampling: Sampling,
+        *,
+        cache_salt: str | None = None,
     ) -> AsyncGenerator[list[Delta]]:
         """Stream the request's deltas, one list per engine step. Closing the generator (or cancelling
-        the task iterating it) aborts the request in the engine."""
+        the task iterating it) aborts the request in the engine. Prefix-cache entries are shared only
+        between requests of the same ``cache_salt``."""
         ...
 
     def stats(self) -> EngineStats: ...

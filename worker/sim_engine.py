@@ -127,7 +127,12 @@ class SimEngine:
             self._task = asyncio.create_task(self._run(), name="sim-engine")
 
     async def generate(
-        self, request_id: str, prompt_token_ids: Sequence[int], sampling: Sampling
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        sampling: Sampling,
+        *,
+        cache_salt: str | None = None,  # no prefix cache here: nothing to keep apart
     ) -> AsyncGenerator[list[Delta]]:
         """Stream the request's deltas, one list per step (or several steps' worth when the consumer
         was slower). Closing the generator or cancelling its consumer drops the request at once."""

@@ -282,7 +282,12 @@ class VLLMEngine:
         return cls(llm, snapshot)
 
     async def generate(
-        self, request_id: str, prompt_token_ids: Sequence[int], sampling: Sampling
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        sampling: Sampling,
+        *,
+        cache_salt: str | None = None,
     ) -> AsyncGenerator[list[Delta]]:
         """Stream the request's deltas, one list per engine step holding each choice that advanced.
 
@@ -302,7 +307,7 @@ class VLLMEngine:
 
         # An already-rendered token input: a raw ``TokensPrompt`` takes the same path after a
         # detour through the renderer that vLLM 0.32 logs as deprecated. Both validate the ids.
-        prompt = tokens_input(list(prompt_token_ids))
+        prompt = tokens_input(list(prompt_token_ids), cache_salt=cache_salt)
         stream = self._llm.generate(prompt, params, request_id)
         try:
             async for output in stream:
