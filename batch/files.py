@@ -20,9 +20,12 @@ from api.errors import APIError, InvalidRequest, NotFound
 from batch.filestore import CHUNK, FileStore, MissingFile, file_store
 from shared.batches import BatchRequest, FilePurpose, FileRecord, is_file_id
 from shared.names import Names
+from shared.scripts import FileScripts
 from shared.settings import GatewaySettings
 
 Order = Literal["asc", "desc"]
+RESERVATION_TTL = 3600.0
+"""Seconds an upload's reservation lasts: past it (its gateway died mid-upload) housekeeping frees it."""
 
 
 class StorageFull(APIError):
@@ -74,22 +77,74 @@ class Files:
         self._names: Names = settings.names
         self._settings = settings
         self.store = store or file_store(settings, redis)
+        self._scripts = FileScripts(redis)
+
+    async def reserve(self, tenant: str, size: int, quota: int | None) -> str:
+        """Room for an upload of ``size`` bytes in the store and in the tenant's ``quota`` (None:
+        none), taken before the upload is read; 413 when there is none. Returns the reservation,
+        which :meth:`create` turns into the file's bytes or :meth:`release` gives back."""
+        reservation = f"{tenant}|{secrets.token_hex(8)}"
+        n, cap = self._names, self._settings.files_max_total_bytes
+        result = await self._scripts.reserve(
+            keys=[
+                n.file_bytes(),
+                n.tenant_file_bytes(tenant),
+                n.file_reservations(),
+                n.file_reservation_expiry(),
+            ],
+            args=[reservation, size, cap, quota or 0, int(time.time() + RESERVATION_TTL)],
+        )
+        if int(result[0]) == 1:
+            return reservation
+        used = int(result[2])
+        if result[1] == b"tenant":
+            message = (
+                f"this tenant's files would take more than its {quota} bytes ({used} used, {size} more "
+                "asked for); delete files or wait for them to expire"
+            )
+        else:
+            message = (
+                f"the file store is full ({used} of {cap} bytes used, {size} more asked for); try again later"
+            )
+        raise StorageFull(message, param="file")
+
+    async def release(self, reservation: str) -> None:
+        """Give back what an upload reserved and did not use (nothing once it was stored)."""
+        await self._scripts.release(keys=self._reservation_keys(reservation), args=[reservation])
+
+    def _reservation_keys(self, reservation: str) -> list[str]:
+        n, tenant = self._names, reservation.partition("|")[0]
+        return [
+            n.file_bytes(),
+            n.tenant_file_bytes(tenant),
+            n.file_reservations(),
+            n.file_reservation_expiry(),
+        ]
 
     async def create(
-        self, tenant: str, filename: str, purpose: FilePurpose, source: IO[bytes], lines: int, ttl: float
+        self,
+        tenant: str,
+        filename: str,
+        purpose: FilePurpose,
+        source: IO[bytes],
+        lines: int,
+        ttl: float,
+        reservation: str | None = None,
+        quota: int | None = None,
     ) -> FileRecord:
-        """Store an upload (``source``, already checked) as a new file of ``tenant``."""
+        """Store an upload (``source``, already checked) as a new file of ``tenant``, in the room
+        ``reservation`` holds (or room reserved now, within ``quota``)."""
         source.seek(0, 2)
         size = source.tell()
         source.seek(0)
-        await self._reserve(size)
+        reserved = reservation or await self.reserve(tenant, size, quota)
         record = self._record(new_file_id(), tenant, filename, purpose, size, lines, ttl)
         try:
             await self.store.write(record.id, _chunks_of(source))
-            await self._index(record)
+            await self._index(record, reserved)
         except BaseException:
             with anyio.CancelScope(shield=True):
-                await self._redis.decrby(self._names.file_bytes(), size)
+                await self.release(reserved)
                 await self.store.delete(record.id)
             raise
         return record
@@ -106,13 +161,9 @@ class Files:
         """Store a file the system produced (a batch's output) under a given id, replacing any
         earlier one: writing it again after an interruption leaves one file, not two. Counted in
         the store's bytes but never refused for them: a finished batch's results are not dropped."""
-        old = await self._load(file_id)
         size = await self.store.write(file_id, chunks)
         record = self._record(file_id, tenant, filename, "batch_output", size, lines, ttl)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.incrby(self._names.file_bytes(), size - (old.bytes if old else 0))
-            self._index_into(pipe, record)
-            await pipe.execute()
+        await self._index(record, None)
         return record
 
     def _record(
@@ -130,29 +181,15 @@ class Files:
             expires_at=int(now + ttl),
         )
 
-    async def _reserve(self, size: int) -> None:
-        cap = self._settings.files_max_total_bytes
-        total = int(await self._redis.incrby(self._names.file_bytes(), size))
-        if total > cap:
-            await self._redis.decrby(self._names.file_bytes(), size)
-            raise StorageFull(
-                f"the file store is full ({total - size} of {cap} bytes used); delete files or wait "
-                "for them to expire",
-                param="file",
-            )
-
-    async def _index(self, record: FileRecord) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            self._index_into(pipe, record)
-            await pipe.execute()
-
-    def _index_into(self, pipe: object, record: FileRecord) -> None:
+    async def _index(self, record: FileRecord, reservation: str | None) -> None:
+        """The record, its listings and its bytes counted, in place of the reservation, at once."""
         n = self._names
-        pipe.set(n.file(record.id), record.model_dump_json())  # type: ignore[attr-defined]
+        keys = self._reservation_keys(reservation or f"{record.tenant}|")
+        keys += [n.file(record.id), n.files(record.tenant), n.file_expiry()]
         # Milliseconds, not the record's seconds: files listed in the order they were made.
-        pipe.zadd(n.files(record.tenant), {record.id: time.time() * 1000})  # type: ignore[attr-defined]
-        if record.expires_at is not None:
-            pipe.zadd(n.file_expiry(), {record.id: record.expires_at})  # type: ignore[attr-defined]
+        listed = time.time() * 1000
+        args: list[str | int | float] = [reservation or "", record.id, record.model_dump_json(), record.bytes]
+        await self._scripts.index(keys=keys, args=[*args, listed, record.expires_at or ""])
 
     async def _load(self, file_id: str) -> FileRecord | None:
         raw = await self._redis.get(self._names.file(file_id))
@@ -214,13 +251,8 @@ class Files:
     async def remove(self, record: FileRecord) -> None:
         """Forget a file and free its bytes (idempotent: a second call changes nothing)."""
         n = self._names
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.delete(n.file(record.id))
-            pipe.zrem(n.files(record.tenant), record.id)
-            pipe.zrem(n.file_expiry(), record.id)
-            deleted, _, _ = await pipe.execute()
-        if deleted:
-            await self._redis.decrby(n.file_bytes(), record.bytes)
+        keys = [n.file_bytes(), n.tenant_file_bytes(record.tenant), n.file(record.id)]
+        await self._scripts.forget(keys=[*keys, n.files(record.tenant), n.file_expiry()], args=[record.id])
         await self.store.delete(record.id)
 
     async def reader_of(self, file_id: str) -> str | None:

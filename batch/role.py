@@ -135,7 +135,7 @@ class Background:
             settings.prefix_cache_scope,
         )
         lifecycle = Lifecycle(settings.background_drain_timeout)
-        tenants = TenantStore(redis, names)
+        tenants = TenantStore(redis, names, settings.tenant_defaults())
         parts = Parts(redis, settings, self.hub, builder, admission, tenants, stopping, lifecycle)
         self.runner = BatchRunner(parts)
         self.housekeeping = Housekeeping(redis, settings)

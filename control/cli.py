@@ -146,11 +146,23 @@ def build_parser() -> argparse.ArgumentParser:
         "create", help="create (or update) a tenant and print a new key for it, once"
     )
     create.add_argument("--tenant", required=True, help="tenant name (letters, digits, _ . -)")
-    create.add_argument("--rpm", type=int, help="requests per minute (default: unlimited)")
-    create.add_argument("--tpm", type=int, help="tokens per minute, prompt + max_tokens (default: unlimited)")
-    create.add_argument("--max-concurrent", type=int, help="unfinished requests at once (default: unlimited)")
+    # Unset limits follow the deployment's defaults (SWITCHYARD_TENANT_*); 0 is no limit at all.
+    create.add_argument("--rpm", type=int, help="requests per minute (default: the deployment's; 0: none)")
     create.add_argument(
-        "--max-backlog", type=int, help="requests queued or running at once (default: unlimited)"
+        "--tpm", type=int, help="tokens per minute, prompt + max_tokens (default: the deployment's; 0: none)"
+    )
+    create.add_argument(
+        "--max-concurrent", type=int, help="unfinished requests at once (default: the deployment's; 0: none)"
+    )
+    create.add_argument(
+        "--max-backlog",
+        type=int,
+        help="requests queued or running at once (default: the deployment's, 1000; 0: none)",
+    )
+    create.add_argument(
+        "--file-bytes",
+        type=int,
+        help="bytes its files may take in the store (default: the deployment's, 2 GiB; 0: none)",
     )
     create.add_argument(
         "--priority",
@@ -306,6 +318,7 @@ def cmd_keys(args: argparse.Namespace) -> None:
             "tpm": args.tpm,
             "max_concurrent": args.max_concurrent,
             "max_backlog": args.max_backlog,
+            "file_bytes": args.file_bytes,
             "priority": args.priority,
             "cache_group": args.cache_group,
         }

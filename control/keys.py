@@ -45,19 +45,18 @@ def listing(settings: RedisSettings) -> str:
     rows = _with_store(settings, lambda store: store.listing())
     if not rows:
         return "no tenants"
-    lines = [
-        f"{'tenant':<20} {'priority':<11} {'rpm':>7} {'tpm':>9} {'concurrent':>10} {'backlog':>8}  key ids"
-    ]
+    head = f"{'tenant':<20} {'priority':<11} {'rpm':>7} {'tpm':>9} {'concurrent':>10} {'backlog':>8}"
+    lines = [f"{head} {'file bytes':>12}  key ids   (default: the deployment's; none: no limit)"]
     for t, ids in rows:
         lines.append(
             f"{t.name:<20} {t.priority:<11} {_n(t.rpm):>7} {_n(t.tpm):>9} {_n(t.max_concurrent):>10} "
-            f"{_n(t.max_backlog):>8}  {', '.join(ids) or '-'}"
+            f"{_n(t.max_backlog):>8} {_n(t.file_bytes):>12}  {', '.join(ids) or '-'}"
         )
     return "\n".join(lines)
 
 
 def _n(value: int | None) -> str:
-    return "-" if value is None else str(value)
+    return "default" if value is None else "none" if value == 0 else str(value)
 
 
 def revoke(settings: RedisSettings, key_id: str | None, tenant: str | None) -> str:

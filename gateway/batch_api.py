@@ -129,6 +129,25 @@ def _check_file(source: IO[bytes], max_n: int, max_lines: int, max_line: int) ->
 
 
 async def upload_file(request: Request, tenant: Owner) -> dict[str, Any]:
+    settings, files = _gateway(request).settings, _files(request)
+    # Room in the store and in the tenant's quota is taken before the body is read (from what its
+    # Content-Length announces, or the largest file when it announces none): uploads that would
+    # not fit are refused at once, and many at a time cannot fill the disk on the way.
+    declared = _declared_length(request)
+    size = settings.file_max_bytes if declared is None else min(declared, settings.file_max_bytes)
+    reservation = await files.reserve(tenant.name, size, tenant.file_bytes)
+    try:
+        return await _store_upload(request, tenant, files, reservation)
+    finally:
+        await files.release(reservation)  # what the stored file did not take, or all of it
+
+
+def _declared_length(request: Request) -> int | None:
+    value = request.headers.get("content-length", "")
+    return int(value) if value.isascii() and value.isdigit() else None
+
+
+async def _store_upload(request: Request, tenant: Tenant, files: Files, reservation: str) -> dict[str, Any]:
     settings = _gateway(request).settings
     form = await request.form(max_files=1, max_fields=8)
     try:
@@ -149,7 +168,9 @@ async def upload_file(request: Request, tenant: Owner) -> dict[str, Any]:
         if checked.errors:
             raise InvalidRequest(checked.summary(), param="file", code="invalid_file")
         name = (upload.filename or "upload.jsonl")[-255:]
-        record = await _files(request).create(tenant.name, name, "batch", upload.file, checked.count, ttl)
+        record = await files.create(
+            tenant.name, name, "batch", upload.file, checked.count, ttl, reservation=reservation
+        )
     finally:
         await form.close()
     return file_object(record)

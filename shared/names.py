@@ -19,6 +19,7 @@ The Batch API and the background role (``switchyard background``) keep theirs be
     HGETALL    switchyard:batch:<id>:jobs                its lines on a worker queue now: job ids
     SMEMBERS   switchyard:active-batches                 batches not finished yet
     GET        switchyard:file:<id>                      one uploaded or produced file (JSON)
+    GET        switchyard:file-bytes:<tenant>            bytes a tenant's files take, against its quota
     ZRANGE     switchyard:files:<tenant> 0 -1            a tenant's files, oldest first
     HGETALL    switchyard:usage:<tenant>:<YYYY-MM-DD>    a tenant's usage that day, per hour and model
     XREVRANGE  switchyard:housekeeping + - COUNT 10      the last housekeeping runs
@@ -135,8 +136,22 @@ class Names:
         return f"{self.prefix}:file-expiry"
 
     def file_bytes(self) -> str:
-        """Counter of the bytes every stored file takes, checked against the store's bound."""
+        """Counter of the bytes every stored file takes (and uploads under way have reserved),
+        checked against the store's bound."""
         return f"{self.prefix}:file-bytes"
+
+    def tenant_file_bytes(self, tenant: str) -> str:
+        """Counter of the bytes a tenant's files take (and its uploads under way have reserved),
+        checked against its quota."""
+        return f"{self.prefix}:file-bytes:{tenant}"
+
+    def file_reservations(self) -> str:
+        """Hash: ``<tenant>|<random>`` -> bytes an upload under way reserved from its Content-Length."""
+        return f"{self.prefix}:file-reservations"
+
+    def file_reservation_expiry(self) -> str:
+        """Sorted set of reservations by when (s) they lapse: an upload whose gateway died."""
+        return f"{self.prefix}:file-reservation-expiry"
 
     def batch(self, batch_id: str) -> str:
         """Hash of one batch: its request (JSON), status, timestamps, counts and files."""

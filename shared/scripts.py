@@ -313,6 +313,83 @@ return 1
 )
 
 
+# -- file storage quotas ---------------------------------------------------------------------------
+#
+# Two counters bound stored files: all bytes, and each tenant's. Both count stored files and the
+# room uploads under way have reserved (from their Content-Length, before reading the body), and
+# both move only in these scripts, in the same step as the records they count.
+
+# Reserve room for an upload. KEYS: total counter, tenant counter, reservations, reservation expiry.
+# ARGV: reservation id, bytes, total bound, tenant bound (0: none), lapses at (s).
+# Returns {1} when reserved, {0, 'store' or 'tenant', bytes used there} when there is no room.
+_FILE_RESERVE = """
+local size = tonumber(ARGV[2])
+local total = tonumber(redis.call('GET', KEYS[1]) or '0')
+local mine = tonumber(redis.call('GET', KEYS[2]) or '0')
+if tonumber(ARGV[4]) > 0 and mine + size > tonumber(ARGV[4]) then return {0, 'tenant', mine} end
+if total + size > tonumber(ARGV[3]) then return {0, 'store', total} end
+redis.call('INCRBY', KEYS[1], size)
+redis.call('INCRBY', KEYS[2], size)
+redis.call('HSET', KEYS[3], ARGV[1], size)
+redis.call('ZADD', KEYS[4], ARGV[5], ARGV[1])
+return {1}
+"""
+
+# Give a reservation back (the upload failed, or its gateway died). KEYS and ARGV[1] as above.
+_FILE_RELEASE = """
+local size = tonumber(redis.call('HGET', KEYS[3], ARGV[1]) or '-1')
+redis.call('ZREM', KEYS[4], ARGV[1])
+if size < 0 then return 0 end
+redis.call('HDEL', KEYS[3], ARGV[1])
+redis.call('DECRBY', KEYS[1], size)
+redis.call('DECRBY', KEYS[2], size)
+return size
+"""
+
+# Index a stored file and count it, in place of its reservation (if any) and of an earlier file of
+# the same id (if any). KEYS: total counter, tenant counter, reservations, reservation expiry,
+# record, the tenant's files, file expiry. ARGV: reservation id ('' none), file id, record (JSON),
+# bytes, listed at (ms), expires at (s, '' none).
+_FILE_INDEX = """
+local size = tonumber(ARGV[4])
+local reserved = tonumber(redis.call('HGET', KEYS[3], ARGV[1]) or '0')
+redis.call('HDEL', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
+local old = redis.call('GET', KEYS[5])
+if old then size = size - cjson.decode(old)['bytes'] end
+redis.call('INCRBY', KEYS[1], size - reserved)
+redis.call('INCRBY', KEYS[2], size - reserved)
+redis.call('SET', KEYS[5], ARGV[3])
+redis.call('ZADD', KEYS[6], ARGV[5], ARGV[2])
+if ARGV[6] ~= '' then redis.call('ZADD', KEYS[7], ARGV[6], ARGV[2]) end
+return 1
+"""
+
+# Forget a file and uncount it, once. KEYS: total counter, tenant counter, record, the tenant's
+# files, file expiry. ARGV: file id. Returns the bytes freed (0: it was gone already).
+_FILE_FORGET = """
+local old = redis.call('GET', KEYS[3])
+redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('ZREM', KEYS[5], ARGV[1])
+if not old then return 0 end
+local size = cjson.decode(old)['bytes']
+redis.call('DEL', KEYS[3])
+redis.call('DECRBY', KEYS[1], size)
+redis.call('DECRBY', KEYS[2], size)
+return size
+"""
+
+
+class FileScripts:
+    """The file store's counted steps; redis-py loads them on ``NOSCRIPT`` by itself."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.reserve: AsyncScript = redis.register_script(_FILE_RESERVE)
+        self.release: AsyncScript = redis.register_script(_FILE_RELEASE)
+        self.index: AsyncScript = redis.register_script(_FILE_INDEX)
+        self.forget: AsyncScript = redis.register_script(_FILE_FORGET)
+
+
 class BatchScripts:
     """The Batch API's atomic steps; redis-py loads them on ``NOSCRIPT`` by itself."""
 

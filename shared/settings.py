@@ -9,7 +9,7 @@ from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.names import Names
-from shared.tenants import CacheScope
+from shared.tenants import CacheScope, TenantDefaults
 
 SimPreset = Literal["l4", "a100", "h100", "cpu-demo"]
 """Timing presets of the simulated engine (``worker/sim_timing.py`` holds their figures and sources)."""
@@ -74,6 +74,31 @@ class GatewaySettings(RedisSettings):
     max_n: int = Field(default=8, ge=1, description="Largest `n` (choices per request) accepted.")
     auth: bool = Field(
         default=True, description="Require an API key (off: every request is tenant 'default')."
+    )
+    tenant_rpm: int | None = Field(
+        default=None, ge=0, description="Requests a minute of a tenant that sets none; unset or 0: no limit."
+    )
+    tenant_tpm: int | None = Field(
+        default=None, ge=0, description="Tokens per minute of a tenant that sets none; unset or 0: no limit."
+    )
+    tenant_max_concurrent: int | None = Field(
+        default=None, ge=0, description="Requests at once of a tenant that sets none; unset or 0: no limit."
+    )
+    tenant_max_backlog: int | None = Field(
+        default=1000,
+        ge=0,
+        description=(
+            "Jobs queued or running of a tenant that sets none, so that one tenant cannot take a "
+            "model's whole backlog (max_backlog_total) from the others; 0: no limit."
+        ),
+    )
+    tenant_file_bytes: int | None = Field(
+        default=2 * 1024**3,
+        ge=0,
+        description=(
+            "Bytes the files of a tenant that sets none may take, so that one tenant cannot fill "
+            "the store (files_max_total_bytes) for the others; 0: no limit."
+        ),
     )
     queue_timeout: float = Field(
         default=120.0, gt=0, description="Longest a request may wait for a worker to start it."
@@ -162,6 +187,15 @@ class GatewaySettings(RedisSettings):
     usage_retention_days: int = Field(
         default=90, ge=1, description="Days of hourly usage roll-ups kept per tenant."
     )
+
+    def tenant_defaults(self) -> TenantDefaults:
+        return TenantDefaults(
+            rpm=self.tenant_rpm,
+            tpm=self.tenant_tpm,
+            max_concurrent=self.tenant_max_concurrent,
+            max_backlog=self.tenant_max_backlog,
+            file_bytes=self.tenant_file_bytes,
+        )
 
     @property
     def files_path(self) -> Path:

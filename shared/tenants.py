@@ -13,6 +13,7 @@ import hmac
 import json
 import secrets
 import time
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -43,14 +44,40 @@ class Tenant(BaseModel):
     id: str = Field(default_factory=new_tenant_id, min_length=1, max_length=64)
     """This tenant, as opposed to any other that has the same name before or after it: a name
     removed and given again names a new tenant, which inherits nothing of the old one."""
-    rpm: int | None = Field(default=None, ge=1, description="requests per minute")
-    tpm: int | None = Field(default=None, ge=1, description="tokens (prompt + max_tokens) per minute")
-    max_concurrent: int | None = Field(default=None, ge=1)
-    max_backlog: int | None = Field(default=None, ge=1, description="jobs waiting or running at once")
+    # Limits: None takes the deployment's default (``SWITCHYARD_TENANT_*``), 0 is no limit at all.
+    rpm: int | None = Field(default=None, ge=0, description="requests per minute")
+    tpm: int | None = Field(default=None, ge=0, description="tokens (prompt + max_tokens) per minute")
+    max_concurrent: int | None = Field(default=None, ge=0)
+    max_backlog: int | None = Field(default=None, ge=0, description="jobs waiting or running at once")
+    file_bytes: int | None = Field(default=None, ge=0, description="bytes its stored files may take")
     priority: Priority = "interactive"
     cache_group: str | None = Field(default=None, min_length=1, max_length=64, pattern=NAME_PATTERN)
     """Tenants that name the same group trust each other: they share prefix-cache entries."""
     created_at: float = Field(default_factory=time.time)
+
+
+LIMITS = ("rpm", "tpm", "max_concurrent", "max_backlog", "file_bytes")
+
+
+@dataclass(frozen=True, slots=True)
+class TenantDefaults:
+    """The limits of a tenant that sets none of its own: a tenant created without limits must not
+    be able to take what every tenant shares (the model's backlog, the file store). None: none."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+    max_concurrent: int | None = None
+    max_backlog: int | None = None
+    file_bytes: int | None = None
+
+    def apply(self, tenant: Tenant) -> Tenant:
+        """The tenant with every limit it leaves unset taken from here, and 0 (none) as None."""
+        limits = {}
+        for name in LIMITS:
+            own = getattr(tenant, name)
+            value = getattr(self, name) if own is None else own
+            limits[name] = value or None
+        return tenant.model_copy(update=limits)
 
 
 def cache_salt(tenant: Tenant, scope: CacheScope) -> str | None:
@@ -101,20 +128,30 @@ def digest(key: str) -> str:
 
 
 class TenantStore:
-    def __init__(self, redis: Redis, names: Names) -> None:
+    """Tenants and keys as stored; with ``defaults``, :meth:`tenant` and :meth:`authenticate`
+    answer with the limits in force (the stored ones, the defaults where a tenant sets none)."""
+
+    def __init__(self, redis: Redis, names: Names, defaults: TenantDefaults | None = None) -> None:
         self._redis = redis
         self._names = names
+        self._defaults = defaults
 
     async def put_tenant(self, tenant: Tenant) -> Tenant:
         """Create the tenant, or change the limits of the one of that name (which stays the same
         tenant: same id, same data). Returns it as stored."""
-        existing = await self.tenant(tenant.name)
+        existing = await self._stored(tenant.name)
         if existing is not None:
             tenant = tenant.model_copy(update={"id": existing.id, "created_at": existing.created_at})
         await self._redis.hset(self._names.tenants(), tenant.name, tenant.model_dump_json())  # type: ignore[misc]
         return tenant
 
     async def tenant(self, name: str) -> Tenant | None:
+        stored = await self._stored(name)
+        if stored is None or self._defaults is None:
+            return stored
+        return self._defaults.apply(stored)
+
+    async def _stored(self, name: str) -> Tenant | None:
         raw = await self._redis.hget(self._names.tenants(), name)  # type: ignore[misc]
         return parse_tenant(raw) if raw else None
 
