@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections import Counter
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 from typing import IO, Literal
@@ -17,13 +18,14 @@ import anyio
 from redis.asyncio import Redis
 
 from api.errors import APIError, InvalidRequest, NotFound
-from batch.filestore import CHUNK, FileStore, MissingFile, file_store
+from batch.filestore import CHUNK, FileStore, MissingFile, Tally, file_store, verify
 from shared.batches import BatchRequest, FilePurpose, FileRecord, is_file_id
 from shared.names import Names
 from shared.scripts import FileScripts
 from shared.settings import GatewaySettings
 
 Order = Literal["asc", "desc"]
+PAGE = 500
 RESERVATION_TTL = 3600.0
 """Seconds an upload's reservation lasts: past it (its gateway died mid-upload) housekeeping frees it."""
 
@@ -112,6 +114,28 @@ class Files:
         """Give back what an upload reserved and did not use (nothing once it was stored)."""
         await self._scripts.release(keys=self._reservation_keys(reservation), args=[reservation])
 
+    async def release_lapsed(self, now: float) -> int:
+        """Give back the reservations of uploads whose gateway died mid-way; returns how many."""
+        lapsed = await self._redis.zrangebyscore(self._names.file_reservation_expiry(), "-inf", now)
+        for raw in lapsed:
+            await self.release(raw.decode())
+        return len(lapsed)
+
+    async def usage(self) -> tuple[int, dict[str, int]]:
+        """What the records and live reservations add up to: (all bytes, bytes per tenant)."""
+        tenants: Counter[str] = Counter()
+        ids = [i.decode() async for i, _ in self._redis.zscan_iter(self._names.file_expiry(), count=PAGE)]
+        for start in range(0, len(ids), PAGE):
+            raws = await self._redis.mget([self._names.file(i) for i in ids[start : start + PAGE]])
+            for raw in raws:
+                if raw:
+                    record = FileRecord.model_validate_json(raw)
+                    tenants[record.tenant] += record.bytes
+        reserved = await self._redis.hgetall(self._names.file_reservations())  # type: ignore[misc]
+        for reservation, size in reserved.items():
+            tenants[reservation.decode().partition("|")[0]] += int(size)
+        return sum(tenants.values()), dict(tenants)
+
     def _reservation_keys(self, reservation: str) -> list[str]:
         n, tenant = self._names, reservation.partition("|")[0]
         return [
@@ -160,8 +184,12 @@ class Files:
     ) -> FileRecord:
         """Store a file the system produced (a batch's output) under a given id, replacing any
         earlier one: writing it again after an interruption leaves one file, not two. Counted in
-        the store's bytes but never refused for them: a finished batch's results are not dropped."""
-        size = await self.store.write(file_id, chunks)
+        the store's bytes but never refused for them: a finished batch's results are not dropped.
+        Indexed only once it reads back exactly as written (else :class:`DamagedFile`): what it
+        was made from may be deleted then."""
+        written = Tally()
+        size = await self.store.write(file_id, written.count(chunks))
+        await verify(self.store, file_id, written)
         record = self._record(file_id, tenant, filename, "batch_output", size, lines, ttl)
         await self._index(record, None)
         return record

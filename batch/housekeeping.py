@@ -17,16 +17,17 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import ResponseError, WatchError
 
 from batch.batches import Batches
-from batch.files import Files
+from batch.files import RESERVATION_TTL, Files
 from serving.usage import Usage, next_id
 from shared.fleet import known_models
 from shared.names import Names
 from shared.settings import BackgroundSettings
 
 LOG_BOUND = 1000
+RECOUNT_TRIES = 5
 """Housekeeping runs kept in the log."""
 PAGE = 500
 
@@ -67,6 +68,40 @@ class Housekeeping:
         files = await Files(self.redis, self.settings).expire(now)
         batches = await Batches(self.redis, self.settings).expire(now)
         return {"files": files, "batches": batches}
+
+    async def recount_files(self, now: float | None = None) -> dict[str, int]:
+        """Set the store's and each tenant's byte counters to what the file records and the uploads
+        under way add up to, after giving back the room of uploads whose gateway died. Every step
+        moves a counter together with its record, but a process killed in an older release, or a
+        counter set by hand, would otherwise drift until every upload is refused."""
+        now = time.time() if now is None else now
+        files = Files(self.redis, self.settings)
+        lapsed = await files.release_lapsed(now)
+        swept = await files.store.sweep_parts(older_than=RESERVATION_TTL)
+        for _ in range(RECOUNT_TRIES):
+            try:
+                drift = await self._recount(files)
+            except WatchError:  # a file came or went meanwhile: count again
+                continue
+            return {"reservations_lapsed": lapsed, "parts_swept": swept, "drift": drift}
+        return {"reservations_lapsed": lapsed, "parts_swept": swept, "skipped": 1}
+
+    async def _recount(self, files: Files) -> int:
+        n = self.names
+        async with self.redis.pipeline(transaction=True) as pipe:
+            # Every counter step moves the store's counter too: watching it catches any change.
+            await pipe.watch(n.file_bytes())
+            before = int(await self.redis.get(n.file_bytes()) or 0)
+            total, tenants = await files.usage()
+            counters = [k.decode() async for k in self.redis.scan_iter(n.tenant_file_bytes("*"), count=PAGE)]
+            pipe.multi()
+            pipe.set(n.file_bytes(), total)
+            for key in counters:
+                pipe.delete(key)
+            for tenant, size in tenants.items():
+                pipe.set(n.tenant_file_bytes(tenant), size)
+            await pipe.execute()
+        return before - total
 
     async def trim_dead_letters(self) -> dict[str, int]:
         """Trim every model's dead-letter stream to ``dead_letter_max`` entries, oldest first,

@@ -151,6 +151,9 @@ class Background:
     async def trim_dead_letters(self, ctx: dict[str, Any]) -> dict[str, int] | None:
         return await self._tick(ctx, "trim-dead-letters", self.housekeeping.trim_dead_letters)
 
+    async def recount_files(self, ctx: dict[str, Any]) -> dict[str, int] | None:
+        return await self._tick(ctx, "recount-files", self.housekeeping.recount_files)
+
     async def roll_up_usage(self, ctx: dict[str, Any]) -> dict[str, int] | None:
         return await self._tick(ctx, "roll-up-usage", self.housekeeping.roll_up_usage)
 
@@ -185,6 +188,7 @@ class Background:
             ("expire", self.expire, every),
             ("trim-dead-letters", self.trim_dead_letters, every),
             ("roll-up-usage", self.roll_up_usage, every),
+            ("recount-files", self.recount_files, every),
             ("check-batches", self.check_batches, often),
         ]
         return [
