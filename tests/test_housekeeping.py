@@ -246,5 +246,5 @@ def test_one_run_per_tick_across_two_processes(redis_server: EmbeddedRedis, tmp_
     seen = Counter(asyncio.run(runs()))
     assert seen and max(seen.values()) == 1, [k for k, n in seen.items() if n > 1]
     per_job = Counter(job for job, _ in seen)
-    assert set(per_job) == {"expire", "trim-dead-letters", "roll-up-usage", "check-batches"}
+    assert set(per_job) == {"expire", "trim-dead-letters", "roll-up-usage", "recount-files", "check-batches"}
     assert min(per_job.values()) >= 4, per_job
