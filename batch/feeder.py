@@ -42,7 +42,7 @@ from shared.tenants import Tenant, TenantStore
 
 log = logging.getLogger(__name__)
 
-Outcome = Literal["done", "cancelling", "expired", "stopping"]
+Outcome = Literal["done", "cancelling", "expired", "stopping", "gone"]
 CHECK_EVERY = 0.5
 """Seconds between reads of the batch's status and the fleet's capacity: a cancel acts this fast."""
 INTERACTIVE_MEMORY = 10.0
@@ -103,6 +103,15 @@ async def fleet_capacity(redis: Redis, names: Names, model: str, worker_ttl: flo
     )
 
 
+async def tenant_of(tenants: TenantStore, name: str, tenant_id: str | None) -> Tenant | None:
+    """The tenant ``name`` with its limits in force, if it is the one with ``tenant_id`` (unset in
+    batches older than tenant ids); None when it was removed, even if the name was given again."""
+    tenant = await tenants.tenant(name)
+    if tenant is None or (tenant_id is not None and tenant.id != tenant_id):
+        return None
+    return tenant
+
+
 async def cancel_jobs(parts: Parts, job_ids: list[str], keep: float) -> None:
     """Tell the workers to drop these jobs (a worker that takes one within ``keep`` s skips it)."""
     dispatcher = Dispatcher(parts.redis, parts.hub, parts.names, Timeouts(total=1, stall=1))
@@ -111,7 +120,9 @@ async def cancel_jobs(parts: Parts, job_ids: list[str], keep: float) -> None:
 
 
 class Feeder:
-    def __init__(self, parts: Parts, state: BatchState, lines: list[BatchLine], token: str) -> None:
+    def __init__(
+        self, parts: Parts, state: BatchState, lines: list[BatchLine], token: str, tenant: Tenant
+    ) -> None:
         self._parts = parts
         self._state = state
         self._lines = lines
@@ -121,8 +132,11 @@ class Feeder:
         self._keys = (n.batch_lease(batch_id), n.batch_results(batch_id), n.batch_jobs(batch_id))
         self._in_flight: set[str] = set()
         self._wake = asyncio.Event()
-        self._tenant = Tenant(name=state.request.tenant)
-        self._tenant_read = float("-inf")
+        self._tenant = tenant
+        """Its tenant with the limits in force, read again every few seconds."""
+        self._gone = False
+        """Its tenant was removed: no more lines; the run stops."""
+        self._tenant_read = time.monotonic()
         self._checked = float("-inf")
         self._capacity = Capacity(free_slots=0, interactive_waiting=0, batch_waiting=0)
         self._added = 0
@@ -193,6 +207,8 @@ class Feeder:
     async def _interrupted(self) -> Outcome | None:
         if self._parts.stopping.is_set():
             return "stopping"
+        if self._gone:
+            return "gone"
         if time.monotonic() - self._checked < CHECK_EVERY:
             return None
         status = await self._parts.redis.hget(self._parts.names.batch(self._state.request.id), "status")  # type: ignore[misc]
@@ -210,8 +226,13 @@ class Feeder:
         (admission would only refuse the lines beyond)."""
         parts, now = self._parts, time.monotonic()
         if now - self._tenant_read > TENANT_EVERY:
-            self._tenant = await parts.tenants.tenant(self._state.request.tenant) or self._tenant
+            req = self._state.request
+            fresh = await tenant_of(parts.tenants, req.tenant, req.tenant_id)
+            self._gone = fresh is None
+            self._tenant = fresh or self._tenant
             self._tenant_read = now
+        if self._gone:
+            return 0  # removed: the next check stops the run
         window = parts.settings.batch_window
         if self._tenant.max_concurrent:
             window = min(window, max(1, self._tenant.max_concurrent // 2))

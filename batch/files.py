@@ -19,10 +19,11 @@ from redis.asyncio import Redis
 
 from api.errors import APIError, InvalidRequest, NotFound
 from batch.filestore import CHUNK, FileStore, MissingFile, Tally, file_store, verify
-from shared.batches import BatchRequest, FilePurpose, FileRecord, is_file_id
+from shared.batches import BatchRequest, FilePurpose, FileRecord, is_file_id, owned_by
 from shared.names import Names
 from shared.scripts import FileScripts
 from shared.settings import GatewaySettings
+from shared.tenants import Tenant
 
 Order = Literal["asc", "desc"]
 PAGE = 500
@@ -147,7 +148,7 @@ class Files:
 
     async def create(
         self,
-        tenant: str,
+        owner: Tenant,
         filename: str,
         purpose: FilePurpose,
         source: IO[bytes],
@@ -156,13 +157,13 @@ class Files:
         reservation: str | None = None,
         quota: int | None = None,
     ) -> FileRecord:
-        """Store an upload (``source``, already checked) as a new file of ``tenant``, in the room
+        """Store an upload (``source``, already checked) as a new file of ``owner``, in the room
         ``reservation`` holds (or room reserved now, within ``quota``)."""
         source.seek(0, 2)
         size = source.tell()
         source.seek(0)
-        reserved = reservation or await self.reserve(tenant, size, quota)
-        record = self._record(new_file_id(), tenant, filename, purpose, size, lines, ttl)
+        reserved = reservation or await self.reserve(owner.name, size, quota)
+        record = self._record(new_file_id(), owner.name, owner.id, filename, purpose, size, lines, ttl)
         try:
             await self.store.write(record.id, _chunks_of(source))
             await self._index(record, reserved)
@@ -176,6 +177,7 @@ class Files:
     async def put(
         self,
         tenant: str,
+        tenant_id: str | None,
         file_id: str,
         filename: str,
         chunks: AsyncIterable[bytes],
@@ -190,17 +192,26 @@ class Files:
         written = Tally()
         size = await self.store.write(file_id, written.count(chunks))
         await verify(self.store, file_id, written)
-        record = self._record(file_id, tenant, filename, "batch_output", size, lines, ttl)
+        record = self._record(file_id, tenant, tenant_id, filename, "batch_output", size, lines, ttl)
         await self._index(record, None)
         return record
 
     def _record(
-        self, file_id: str, tenant: str, name: str, purpose: FilePurpose, size: int, lines: int, ttl: float
+        self,
+        file_id: str,
+        tenant: str,
+        tenant_id: str | None,
+        name: str,
+        purpose: FilePurpose,
+        size: int,
+        lines: int,
+        ttl: float,
     ) -> FileRecord:
         now = time.time()
         return FileRecord(
             id=file_id,
             tenant=tenant,
+            tenant_id=tenant_id,
             filename=name,
             purpose=purpose,
             bytes=size,
@@ -223,18 +234,18 @@ class Files:
         raw = await self._redis.get(self._names.file(file_id))
         return FileRecord.model_validate_json(raw) if raw else None
 
-    async def get(self, tenant: str, file_id: str, param: str | None = None) -> FileRecord:
+    async def get(self, owner: Tenant, file_id: str, param: str | None = None) -> FileRecord:
         """The tenant's file, or 404 (also for another tenant's)."""
         record = await self._load(file_id) if is_file_id(file_id) else None
-        if record is None or record.tenant != tenant:
+        if record is None or not owned_by(owner.name, owner.id, record.tenant, record.tenant_id):
             raise NotFound(f"No such File object: {file_id}", param=param)
         return record
 
     async def page(
-        self, tenant: str, after: str | None, limit: int, order: Order, purpose: str | None
+        self, owner: Tenant, after: str | None, limit: int, order: Order, purpose: str | None
     ) -> Page:
         """One page of the tenant's files by creation time, after the file ``after``."""
-        key = self._names.files(tenant)
+        key = self._names.files(owner.name)
         rank_of = self._redis.zrevrank if order == "desc" else self._redis.zrank
         start = 0
         if after is not None:
@@ -250,12 +261,17 @@ class Files:
             start += len(ids)
             raws = await self._redis.mget([self._names.file(i.decode()) for i in ids])
             records = (FileRecord.model_validate_json(r) for r in raws if r)
-            found += [r for r in records if purpose is None or r.purpose == purpose]
+            found += [
+                r
+                for r in records
+                if (purpose is None or r.purpose == purpose)
+                and owned_by(owner.name, owner.id, r.tenant, r.tenant_id)
+            ]
         return Page(found[:limit], len(found) > limit)
 
-    async def content(self, tenant: str, file_id: str) -> AsyncIterator[bytes]:
+    async def content(self, owner: Tenant, file_id: str) -> AsyncIterator[bytes]:
         """The file's bytes; 404 before the first chunk if it has none."""
-        await self.get(tenant, file_id)
+        await self.get(owner, file_id)
         chunks = self.store.read(file_id)
         try:
             first = await anext(chunks)
@@ -265,9 +281,9 @@ class Files:
             first = b""
         return _prepend(first, chunks)
 
-    async def delete(self, tenant: str, file_id: str) -> None:
+    async def delete(self, owner: Tenant, file_id: str) -> None:
         """Delete the tenant's file, unless a batch still running reads it (409)."""
-        record = await self.get(tenant, file_id)
+        record = await self.get(owner, file_id)
         user = await self.reader_of(file_id)
         if user is not None:
             raise Conflict(

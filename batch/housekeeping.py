@@ -21,6 +21,7 @@ from redis.exceptions import ResponseError, WatchError
 
 from batch.batches import Batches
 from batch.files import RESERVATION_TTL, Files
+from batch.revocation import purge_removed
 from serving.usage import Usage, next_id
 from shared.fleet import known_models
 from shared.names import Names
@@ -62,12 +63,13 @@ class Housekeeping:
         return self.settings.names
 
     async def expire(self, now: float | None = None) -> dict[str, int]:
-        """Delete files past their expiry (not while a running batch reads them) and the records of
-        batches finished longer ago than the retention time."""
+        """Delete files past their expiry (not while a running batch reads them), the records of
+        batches finished longer ago than the retention time, and what removed tenants had."""
         now = time.time() if now is None else now
         files = await Files(self.redis, self.settings).expire(now)
         batches = await Batches(self.redis, self.settings).expire(now)
-        return {"files": files, "batches": batches}
+        purged = await purge_removed(self.redis, self.settings, now)
+        return {"files": files, "batches": batches, **{f"removed_{k}": v for k, v in purged.items()}}
 
     async def recount_files(self, now: float | None = None) -> dict[str, int]:
         """Set the store's and each tenant's byte counters to what the file records and the uploads

@@ -19,13 +19,14 @@ import anyio
 from redis.exceptions import RedisError
 
 from batch.batches import Batches
-from batch.feeder import Feeder, Parts, cancel_jobs
+from batch.feeder import Feeder, Parts, cancel_jobs, tenant_of
 from batch.files import Files
 from batch.filestore import MissingFile, read_all
 from batch.lines import BatchLine, check_batch, encode_line, is_output, scan, unanswered_line
 from shared.batches import BatchState, LineError
 from shared.fleet import known_models
 from shared.scripts import BatchScripts
+from shared.tenants import Tenant
 
 log = logging.getLogger(__name__)
 
@@ -101,18 +102,43 @@ class BatchRunner:
             if batch_id in await self._batches.active():
                 await self._batches.finished(batch_id)
             return state.status
+        tenant = await self._owner(state)
+        if tenant is None:
+            return await self._owner_gone(batch_id)
         lines: list[BatchLine] = []
         if state.status == "validating":
             state, lines = await self._validate(state)
         elif state.status != "cancelling" or state.total:
             lines = await self._read_lines(state)
         if state.status == "in_progress" and time.time() < state.request.expires_at:
-            outcome = await Feeder(self._parts, state, lines, token).run()
+            outcome = await Feeder(self._parts, state, lines, token, tenant).run()
             if outcome == "stopping":
                 return "stopped; to be continued"
+            if outcome == "gone":
+                return await self._owner_gone(batch_id)
             if outcome == "done" and await self._batches.move(batch_id, "finalizing"):
                 state = await self._reload(batch_id)
         return await self._finish(await self._reload(batch_id), lines)
+
+    async def _owner(self, state: BatchState) -> Tenant | None:
+        """The tenant the batch belongs to, with the limits in force; None once it was removed (a
+        tenant of the same name created since is another one)."""
+        return await tenant_of(self._parts.tenants, state.request.tenant, state.request.tenant_id)
+
+    async def _owner_gone(self, batch_id: str) -> str:
+        """Its tenant was removed: no line of it runs any more, and no result file is written for
+        nobody; it ends cancelled (or as it was about to end, if all its lines had run)."""
+        log.info("batch %s: its tenant was removed; cancelling it", batch_id)
+        await self._batches.move(batch_id, "cancelling")
+        await self._stop_lines(batch_id)
+        state = await self._reload(batch_id)
+        target = {"cancelling": "cancelled", "finalizing": "completed"}.get(state.status)
+        if target is not None:
+            await self._batches.move(batch_id, target)
+            state = await self._reload(batch_id)
+        if state.final:
+            await self._batches.finished(batch_id)
+        return state.status
 
     async def _reload(self, batch_id: str) -> BatchState:
         state = await self._batches.load(batch_id)
@@ -194,7 +220,8 @@ class BatchRunner:
             if count:
                 file_id = result_file_id(req.id, kind)
                 chunks = self._file_chunks(req.id, lines, target, kind)
-                await self._files.put(req.tenant, file_id, f"{req.id}_{kind}.jsonl", chunks, count, ttl)
+                name = f"{req.id}_{kind}.jsonl"
+                await self._files.put(req.tenant, req.tenant_id, file_id, name, chunks, count, ttl)
                 files[f"{kind}_file_id"] = file_id
         return files
 

@@ -180,7 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = key_cmds.add_parser("revoke", help="revoke one key, or every key of a tenant")
     target = revoke.add_mutually_exclusive_group(required=True)
     target.add_argument("key_id", nargs="?", help="the key id shown by 'keys list'")
-    target.add_argument("--tenant", help="revoke all keys of this tenant and remove it")
+    target.add_argument(
+        "--tenant",
+        help="remove this tenant: revoke its keys, cancel its batches, delete its files, batches and usage",
+    )
     _add_redis(revoke)
 
     cli = roles.add_parser("redis-cli", help="run the bundled redis-cli against the configured Redis")
@@ -332,7 +335,9 @@ def cmd_keys(args: argparse.Namespace) -> None:
     elif args.keys_command == "list":
         print(keys.listing(settings))
     else:
-        print(keys.revoke(settings, args.key_id, args.tenant))
+        from shared.settings import GatewaySettings
+
+        print(keys.revoke(_settings(GatewaySettings, args, REDIS_FIELDS), args.key_id, args.tenant))
 
 
 def cmd_redis_cli(args: argparse.Namespace) -> None:

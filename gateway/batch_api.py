@@ -169,7 +169,7 @@ async def _store_upload(request: Request, tenant: Tenant, files: Files, reservat
             raise InvalidRequest(checked.summary(), param="file", code="invalid_file")
         name = (upload.filename or "upload.jsonl")[-255:]
         record = await files.create(
-            tenant.name, name, "batch", upload.file, checked.count, ttl, reservation=reservation
+            tenant, name, "batch", upload.file, checked.count, ttl, reservation=reservation
         )
     finally:
         await form.close()
@@ -184,21 +184,21 @@ async def list_files(
     order: Literal["asc", "desc"] = "desc",
     purpose: Annotated[str | None, Query(max_length=64)] = None,
 ) -> dict[str, Any]:
-    page = await _files(request).page(tenant.name, after, limit, order, purpose)
+    page = await _files(request).page(tenant, after, limit, order, purpose)
     return _listing([file_object(r) for r in page.records], page.has_more)
 
 
 async def get_file(file_id: str, request: Request, tenant: Owner) -> dict[str, Any]:
-    return file_object(await _files(request).get(tenant.name, file_id, param="file_id"))
+    return file_object(await _files(request).get(tenant, file_id, param="file_id"))
 
 
 async def delete_file(file_id: str, request: Request, tenant: Owner) -> dict[str, Any]:
-    await _files(request).delete(tenant.name, file_id)
+    await _files(request).delete(tenant, file_id)
     return {"id": file_id, "object": "file", "deleted": True}
 
 
 async def file_content(file_id: str, request: Request, tenant: Owner) -> StreamingResponse:
-    chunks = await _files(request).content(tenant.name, file_id)
+    chunks = await _files(request).content(tenant, file_id)
     return StreamingResponse(chunks, media_type="application/octet-stream")
 
 
@@ -207,7 +207,7 @@ async def file_content(file_id: str, request: Request, tenant: Owner) -> Streami
 
 async def create_batch(body: BatchCreateRequest, request: Request, tenant: Owner) -> dict[str, Any]:
     gw = _gateway(request)
-    state = await _batches(request).create(tenant.name, body, _files(request))
+    state = await _batches(request).create(tenant, body, _files(request))
     try:
         await start_batch(gw.redis, gw.settings.names, state.request.id, "created")
     except (RedisError, OSError) as exc:  # created all the same: the periodic check starts it
@@ -221,16 +221,16 @@ async def list_batches(
     after: ObjectId | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> dict[str, Any]:
-    page = await _batches(request).page(tenant.name, after, limit)
+    page = await _batches(request).page(tenant, after, limit)
     return _listing([batch_object(s) for s in page.states], page.has_more)
 
 
 async def get_batch(batch_id: str, request: Request, tenant: Owner) -> dict[str, Any]:
-    return batch_object(await _batches(request).get(tenant.name, batch_id))
+    return batch_object(await _batches(request).get(tenant, batch_id))
 
 
 async def cancel_batch(batch_id: str, request: Request, tenant: Owner) -> dict[str, Any]:
-    return batch_object(await _batches(request).cancel(tenant.name, batch_id))
+    return batch_object(await _batches(request).cancel(tenant, batch_id))
 
 
 # -- usage -----------------------------------------------------------------------------------------

@@ -49,6 +49,12 @@ def is_file_id(value: str) -> bool:
     return FILE_ID.fullmatch(value) is not None
 
 
+def owned_by(name: str, tenant_id: str | None, record_tenant: str, record_tenant_id: str | None) -> bool:
+    """Whether a record belongs to the tenant ``name`` with id ``tenant_id``: same name, and the
+    same tenant of that name (a name removed and given again owns nothing of the old tenant's)."""
+    return record_tenant == name and record_tenant_id in (None, tenant_id)
+
+
 def sources(target: str) -> tuple[str, ...]:
     """The statuses a batch may move to ``target`` from."""
     return tuple(sorted(s for s, targets in MOVES.items() if target in targets))
@@ -64,6 +70,8 @@ class FileRecord(_Record):
     v: int = 1
     id: str
     tenant: str
+    tenant_id: str | None = None
+    """Which tenant of that name (see ``Tenant.id``); unset in records older than tenant ids."""
     filename: str
     purpose: FilePurpose
     bytes: int
@@ -87,6 +95,8 @@ class BatchRequest(_Record):
     v: int = 1
     id: str
     tenant: str
+    tenant_id: str | None = None
+    """Which tenant of that name (see ``Tenant.id``); unset in records older than tenant ids."""
     endpoint: Endpoint
     input_file_id: str
     completion_window: str = "24h"

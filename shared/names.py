@@ -7,6 +7,7 @@ several test runs, can share one Redis. They are plain strings meant to be typed
     XPENDING   switchyard:jobs:<model>:<tenant> workers  jobs taken by workers, not yet finished
     HGETALL    switchyard:streams:<model>                every job stream of a model: tenant, priority
     HGETALL    switchyard:tenants                        tenants and their limits
+    HGETALL    switchyard:removed-tenants                removed tenants whose data is being removed
     ZRANGE     switchyard:workers 0 -1 WITHSCORES        live workers by last heartbeat
     GET        switchyard:worker:<id>                    what one worker serves (JSON)
     PUBSUB CHANNELS switchyard:reply:*                   requests being answered right now
@@ -92,6 +93,19 @@ class Names:
     def tenants(self) -> str:
         """Hash: tenant name -> its limits (JSON)."""
         return f"{self.prefix}:tenants"
+
+    def removed_tenants(self) -> str:
+        """Hash: id of a removed tenant -> its tombstone (JSON: name, when), so that nothing of it
+        reaches a tenant given the same name later while housekeeping removes what it had."""
+        return f"{self.prefix}:removed-tenants"
+
+    def removed_files(self, tenant_id: str) -> str:
+        """A removed tenant's file listing (``files:<tenant>`` at its removal), for housekeeping."""
+        return f"{self.prefix}:removed:{tenant_id}:files"
+
+    def removed_batches(self, tenant_id: str) -> str:
+        """A removed tenant's batch listing (``batches:<tenant>`` at its removal), for housekeeping."""
+        return f"{self.prefix}:removed:{tenant_id}:batches"
 
     def keys(self) -> str:
         """Hash: API key id -> the key's tenant and hash (JSON); never the key itself."""

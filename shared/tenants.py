@@ -91,6 +91,27 @@ def cache_salt(tenant: Tenant, scope: CacheScope) -> str | None:
     return f"tenant:{tenant.id}"
 
 
+class Tombstone(BaseModel):
+    """A removed tenant (hash ``Names.removed_tenants``, by its id): what it had is out of reach at
+    once and removed by housekeeping, and its usage logged before ``removed_at`` is never counted
+    under its name again."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    name: str
+    id: str
+    removed_at: float
+
+
+async def removed_before(redis: Redis, names: Names) -> dict[str, float]:
+    """Name -> when the last tenant of that name was removed (Unix seconds)."""
+    out: dict[str, float] = {}
+    for raw in (await redis.hgetall(names.removed_tenants())).values():  # type: ignore[misc]
+        stone = Tombstone.model_validate_json(raw)
+        out[stone.name] = max(out.get(stone.name, 0.0), stone.removed_at)
+    return out
+
+
 class KeyRecord(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
@@ -135,6 +156,10 @@ class TenantStore:
         self._redis = redis
         self._names = names
         self._defaults = defaults
+
+    @property
+    def redis(self) -> Redis:
+        return self._redis
 
     async def put_tenant(self, tenant: Tenant) -> Tenant:
         """Create the tenant, or change the limits of the one of that name (which stays the same

@@ -24,7 +24,11 @@ from batch.housekeeping import Housekeeping
 from batch.role import Background
 from control.redis_server import EmbeddedRedis
 from shared.settings import BackgroundSettings
+from shared.tenants import Tenant, TenantStore
 from tests.test_batch_runs import lines, new_batch
+
+T = Tenant(name="t", id="t")
+"""The tenant of these tests' files and batches."""
 
 
 @pytest.fixture
@@ -84,9 +88,10 @@ async def test_line_results_stay_until_the_result_files_read_back_whole(
     redis: Redis, settings: BackgroundSettings
 ) -> None:
     await redis.hset(settings.names.models(), "m", "1")
+    await TenantStore(redis, settings.names).put_tenant(T)
     batch_id = await new_batch(redis, settings, count=2500)  # result files of several chunks
     names, batches = settings.names, Batches(redis, settings)
-    state = await batches.get("t", batch_id)
+    state = await batches.get(T, batch_id)
     await batches.move(batch_id, "in_progress", total=2500, model="m")
     await redis.hset(names.batch_results(batch_id), mapping={f"l{i}": json.dumps(
         {"custom_id": f"l{i}", "response": {"status_code": 200}}) for i in range(2500)})  # fmt: skip
@@ -96,13 +101,13 @@ async def test_line_results_stay_until_the_result_files_read_back_whole(
     background.runner._files.store = store  # the run's files go through the torn store
 
     assert await background.runner.run(batch_id) == "interrupted"
-    kept = await batches.get("t", batch_id)
+    kept = await batches.get(T, batch_id)
     assert kept.status == "finalizing" and kept.output_file_id is None
     assert await redis.hlen(names.batch_results(batch_id)) == 2500, "results went before the file was whole"
 
     store.torn = False  # the next run (the periodic check starts one) writes it whole
     assert await background.runner.run(batch_id) == "completed"
-    done = await batches.get("t", batch_id)
+    done = await batches.get(T, batch_id)
     output = (await read_all(store, done.output_file_id or "")).splitlines()
     assert [json.loads(x)["custom_id"] for x in output] == [f"l{i}" for i in range(2500)]
     assert not await redis.exists(names.batch_results(batch_id))
@@ -116,7 +121,10 @@ async def test_the_byte_counters_are_recounted_from_the_records(
     reservation whose gateway died) would refuse every upload in the end; housekeeping puts it
     right, for the store and for each tenant."""
     names, files = settings.names, Files(redis, settings)
-    kept = [await files.create(t, "in.jsonl", "batch", io.BytesIO(lines(2)), 2, ttl=3600) for t in ("a", "b")]
+    kept = [
+        await files.create(Tenant(name=t, id=t), "in.jsonl", "batch", io.BytesIO(lines(2)), 2, ttl=3600)
+        for t in ("a", "b")
+    ]
     lapsed = await files.reserve("a", 700, quota=None)
     await redis.zadd(names.file_reservation_expiry(), {lapsed: time.time() - 1})  # its gateway died
     live = await files.reserve("b", 300, quota=None)
