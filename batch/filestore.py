@@ -30,7 +30,7 @@ PART_TTL = 3600
 """Seconds a partial copy outlives its last write: past it, its writer is taken for dead."""
 
 
-class MissingFile(Exception):
+class MissingFile(OSError):
     """The store has no bytes for this file (deleted, expired, or another store)."""
 
 
@@ -45,6 +45,10 @@ class FileStore(Protocol):
 
     def read(self, file_id: str) -> AsyncIterator[bytes]:
         """The file's bytes in chunks; raises :class:`MissingFile` before the first if there are none."""
+        ...
+
+    async def read_range(self, file_id: str, offset: int, length: int) -> bytes:
+        """``length`` bytes of the file from ``offset`` (fewer at its end); :class:`MissingFile`."""
         ...
 
     async def delete(self, file_id: str) -> None: ...
@@ -92,6 +96,15 @@ class DirectoryStore:
         async with source:
             while chunk := await source.read(CHUNK):
                 yield chunk
+
+    async def read_range(self, file_id: str, offset: int, length: int) -> bytes:
+        try:
+            source = await anyio.open_file(self._path(file_id), "rb")
+        except FileNotFoundError as exc:
+            raise MissingFile(file_id) from exc
+        async with source:
+            await source.seek(offset)
+            return await source.read(length)
 
     async def delete(self, file_id: str) -> None:
         try:
@@ -164,6 +177,13 @@ class RedisStore:
             raise MissingFile(file_id)
         for start in range(0, size, CHUNK):
             yield await self._redis.getrange(key, start, min(size, start + CHUNK) - 1)
+
+    async def read_range(self, file_id: str, offset: int, length: int) -> bytes:
+        key = self._names.file_data(file_id)
+        data = bytes(await self._redis.getrange(key, offset, offset + length - 1))
+        if not data and not await self._redis.exists(key):
+            raise MissingFile(file_id)
+        return data
 
     async def delete(self, file_id: str) -> None:
         await self._redis.delete(self._names.file_data(file_id))

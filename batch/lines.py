@@ -182,27 +182,38 @@ def scan(
     return result
 
 
+def check_line(
+    line: BatchLine, endpoint: str, known_models: set[str], model: str | None, seen: set[str]
+) -> LineError | None:
+    """What the batch itself refuses in a line: a custom_id an earlier line has (``seen``), a line
+    for another endpoint, a model that does not exist, or a model other than the batch's (``model``,
+    the first valid line's; one batch serves one model)."""
+    number = line.number
+    if line.custom_id in seen:
+        message = f"line {number}: custom_id '{line.custom_id}' appears more than once"
+        return LineError(code="duplicate_custom_id", message=message, line=number, param="custom_id")
+    if line.url != endpoint:
+        message = f"line {number}: url '{line.url}' is not the batch's endpoint '{endpoint}'"
+        return LineError(code="mismatched_endpoint", message=message, line=number, param="url")
+    if line.model not in known_models:
+        message = f"line {number}: the model '{line.model}' does not exist"
+        return LineError(code="model_not_found", message=message, line=number, param="body.model")
+    if model is not None and line.model != model:
+        message = f"line {number}: model '{line.model}' differs from line 1's '{model}'"
+        return LineError(code="mismatched_model", message=message, line=number, param="body.model")
+    return None
+
+
 def check_batch(lines: list[BatchLine], endpoint: str, known_models: set[str]) -> list[LineError]:
-    """What the batch itself refuses: a line for another endpoint, a model that does not exist, or
-    a model other than the first line's (one batch serves one model)."""
-    errors = []
-    first = lines[0].model if lines else None
+    """:func:`check_line` for each of a file's parsed lines."""
+    errors, seen, model = [], set[str](), None
     for line in lines:
-        if line.url != endpoint:
-            message = f"line {line.number}: url '{line.url}' is not the batch's endpoint '{endpoint}'"
-            errors.append(
-                LineError(code="mismatched_endpoint", message=message, line=line.number, param="url")
-            )
-        elif line.model not in known_models:
-            message = f"line {line.number}: the model '{line.model}' does not exist"
-            errors.append(
-                LineError(code="model_not_found", message=message, line=line.number, param="body.model")
-            )
-        elif line.model != first:
-            message = f"line {line.number}: model '{line.model}' differs from line 1's '{first}'"
-            errors.append(
-                LineError(code="mismatched_model", message=message, line=line.number, param="body.model")
-            )
+        error = check_line(line, endpoint, known_models, model, seen)
+        if error is not None:
+            errors.append(error)
+            continue
+        seen.add(line.custom_id)
+        model = model or line.model
     return errors
 
 

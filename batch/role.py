@@ -30,6 +30,7 @@ from redis.exceptions import RedisError
 
 from batch.batches import COMPLETION_WINDOW
 from batch.feeder import Parts
+from batch.filestore import file_store
 from batch.housekeeping import Housekeeping
 from batch.run import BatchRunner
 from serving.admission import Admission, DrainMeter
@@ -136,7 +137,11 @@ class Background:
         )
         lifecycle = Lifecycle(settings.background_drain_timeout)
         tenants = TenantStore(redis, names, settings.tenant_defaults())
-        parts = Parts(redis, settings, self.hub, builder, admission, tenants, stopping, lifecycle)
+        store = file_store(settings, redis)
+        parsing = anyio.CapacityLimiter(1)
+        parts = Parts(
+            redis, settings, self.hub, builder, admission, tenants, stopping, lifecycle, store, parsing
+        )
         self.runner = BatchRunner(parts)
         self.housekeeping = Housekeeping(redis, settings)
 

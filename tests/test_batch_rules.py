@@ -11,6 +11,7 @@ import pytest
 
 from api.errors import APIError, InvalidRequest, Timeout, Unavailable, UpstreamFailure, from_status
 from batch.housekeeping import trim_minid, unread_from
+from batch.input import Reading
 from batch.lines import (
     LineRefused,
     bounded_lines,
@@ -273,3 +274,20 @@ def test_usage_is_tallied_per_tenant_day_hour_and_model() -> None:
 
 def test_the_id_after() -> None:
     assert next_id("1764684000000-7") == "1764684000000-8"
+
+
+@pytest.mark.parametrize("block", [1, 3, 7, 1000])
+def test_lines_read_in_blocks_keep_their_numbers_and_offsets(block: int) -> None:
+    data = b"a\n\nbb\r\n" + b"x" * 40 + b"\nccc"
+    seen: list[tuple[int, int, bytes]] = []
+    reading = Reading(max_line_bytes=10, take=lambda n, at, raw: seen.append((n, at, raw)))
+    for start in range(0, len(data), block):
+        reading.feed(data[start : start + block])
+    reading.close()
+    assert [(n, at) for n, at, _ in seen] == [(1, 0), (3, 3), (4, 7), (5, 48)]
+    assert [raw for n, at, raw in seen if n != 4] == [b"a\n", b"bb\r\n", b"ccc"]
+    too_long = next(raw for n, _, raw in seen if n == 4)
+    assert len(too_long) == 11  # never more than the bound and one byte of it
+    for n, at, raw in seen:
+        if n != 4:
+            assert data[at : at + len(raw)] == raw
