@@ -15,15 +15,17 @@ from typing import Any
 from redis.asyncio import Redis
 
 from api.batches.protocol import BatchCreateRequest
-from api.errors import InvalidRequest, NotFound
+from api.errors import InvalidRequest, NotFound, RateLimited
 from batch.files import Conflict, Files
-from shared.batches import BatchRequest, BatchState, is_batch_id, new_batch_hash, owned_by, sources
+from shared.batches import BatchRequest, BatchState, is_batch_id, new_batch_hash, owned_by, owner_key, sources
 from shared.names import Names
 from shared.scripts import BatchScripts
 from shared.settings import GatewaySettings
 from shared.tenants import Tenant
 
 COMPLETION_WINDOW = 24 * 3600
+BATCH_LIMIT_RETRY = 60.0
+"""Retry-After of a batch refused for its tenant's limit: batches take minutes to hours."""
 TIMESTAMPS = (
     "in_progress_at",
     "finalizing_at",
@@ -109,12 +111,21 @@ class Batches:
             expires_at=now + COMPLETION_WINDOW,
             output_ttl=body.output_expires_after.seconds if body.output_expires_after else None,
         )
-        n = self._names
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(n.batch(request.id), mapping=new_batch_hash(request))  # type: ignore[arg-type]
-            pipe.zadd(n.batches(owner.name), {request.id: time.time() * 1000})
-            pipe.sadd(n.active_batches(), request.id)
-            await pipe.execute()
+        n, owner_id = self._names, owner_key(request)
+        keys = [n.batch(request.id), n.batches(owner.name), n.active_batches()]
+        keys += [n.tenant_active_batches(owner_id), n.batch_turns()]
+        pairs = [x for item in new_batch_hash(request).items() for x in item]
+        limit = owner.max_batches or 0
+        created = await self._scripts.create(
+            keys=keys, args=[limit, request.id, time.time() * 1000, owner_id, *pairs]
+        )
+        if int(created[0]) != 1:
+            raise RateLimited(
+                f"tenant '{owner.name}' has {int(created[1])} batches not finished, its limit of {limit}; "
+                "wait for one to end or cancel one",
+                retry_after=BATCH_LIMIT_RETRY,
+                code="batch_limit_reached",
+            )
         return BatchState(request=request, status="validating")
 
     async def load(self, batch_id: str) -> BatchState | None:
@@ -173,11 +184,21 @@ class Batches:
         """A batch reached a final status: it is no longer active, its record goes after the
         retention time, and its lines' results (in its files now) go at once."""
         n = self._names
+        state = await self.load(batch_id)
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.srem(n.active_batches(), batch_id)
             pipe.zadd(n.batch_expiry(), {batch_id: time.time() + self._retention})
             pipe.delete(n.batch_jobs(batch_id), n.batch_results(batch_id))
             await pipe.execute()
+        await self.retire(batch_id, owner_key(state.request) if state else None)
+
+    async def retire(self, batch_id: str, owner: str | None) -> None:
+        """The batch waits for no slot any more (finished, or its record is gone)."""
+        n = self._names
+        if owner is None:
+            await self._redis.srem(n.active_batches(), batch_id)  # type: ignore[misc]
+            return
+        keys = [n.active_batches(), n.tenant_active_batches(owner), n.batch_turns()]
+        await self._scripts.retire(keys=keys, args=[batch_id, owner])
 
     async def active(self) -> list[str]:
         return sorted(i.decode() for i in await self._redis.smembers(self._names.active_batches()))  # type: ignore[misc]
@@ -199,8 +220,8 @@ class Batches:
                 pipe.zrem(n.batches(state.request.tenant), batch_id)
             pipe.delete(n.batch(batch_id), n.batch_results(batch_id), n.batch_jobs(batch_id))
             pipe.zrem(n.batch_expiry(), batch_id)
-            pipe.srem(n.active_batches(), batch_id)
             await pipe.execute()
+        await self.retire(batch_id, owner_key(state.request) if state else None)
 
 
 @dataclass

@@ -29,13 +29,14 @@ from batch.filestore import FileStore
 from batch.input import LineIndex, read_line
 from batch.lines import BatchLine, encode_line, response_line
 from batch.policy import MAX_ATTEMPTS, Capacity, lines_to_add, retryable
+from batch.slots import Scheduler
 from serving.admission import Admission, Ticket
 from serving.dispatch import Dispatcher, Timeouts
 from serving.lifecycle import Lifecycle
 from serving.path import JobBuilder, new_request_id
 from serving.relay import Admitted, collect
 from serving.replies import ReplyHub
-from shared.batches import BatchState
+from shared.batches import BatchState, owner_key
 from shared.fleet import live_workers, stream_records
 from shared.messages import Job, Usage
 from shared.names import GROUP, Names
@@ -45,7 +46,7 @@ from shared.tenants import Tenant, TenantStore
 
 log = logging.getLogger(__name__)
 
-Outcome = Literal["done", "cancelling", "expired", "stopping", "gone"]
+Outcome = Literal["done", "cancelling", "expired", "stopping", "gone", "yielded"]
 CHECK_EVERY = 0.5
 """Seconds between reads of the batch's status and the fleet's capacity: a cancel acts this fast."""
 INTERACTIVE_MEMORY = 10.0
@@ -80,6 +81,8 @@ class Parts:
     """Where batch input files are (lines are read from it one at a time)."""
     parsing: anyio.CapacityLimiter
     """Threads that parse input files at once in this process (one: the event loop keeps a core)."""
+    scheduler: Scheduler
+    """Batch slots: a run gives its slot back when its tenant has more than its share."""
 
     @property
     def names(self) -> Names:
@@ -144,6 +147,8 @@ class Feeder:
         """Its tenant with the limits in force, read again every few seconds."""
         self._gone = False
         """Its tenant was removed: no more lines; the run stops."""
+        self._began = time.monotonic()
+        self._owner = owner_key(state.request)
         self._tenant_read = time.monotonic()
         self._checked = float("-inf")
         self._capacity = Capacity(free_slots=0, interactive_waiting=0, batch_waiting=0)
@@ -184,7 +189,7 @@ class Feeder:
                         group.start_soon(self._line, i, previous)
                     await anyio.sleep(LOOP_EVERY)
                     await self._pause(CHECK_EVERY)
-                if outcome == "stopping":
+                if outcome in ("stopping", "yielded"):
                     await self._drain()
                 group.cancel_scope.cancel()  # lines still running are cancelled as they close
         except* LeaseLost:
@@ -239,6 +244,9 @@ class Feeder:
             return "stopping"
         if time.time() >= self._state.request.expires_at:
             return "expired"
+        sliced = time.monotonic() - self._began >= self._parts.settings.batch_slice
+        if sliced and await self._parts.scheduler.take_yield(self._owner, self._state.request.id):
+            return "yielded"  # another tenant waits with fewer slots than its share
         return None
 
     async def _room(self) -> int:

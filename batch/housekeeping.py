@@ -1,6 +1,6 @@
 """Periodic work off the token path, run by the background role on a schedule (see
 :mod:`batch.role`): expiring files and finished batches, trimming dead-letter streams,
-rolling up usage, and restarting batches nobody runs. Each job is a plain method here, callable
+rolling up usage, and recounting the bytes files take. Each job is a plain method here, callable
 against any Redis; each run is logged in ``Names.housekeeping_log``.
 
 Dead letters are trimmed to a bound without dropping anything unread: whoever must see every dead
@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
@@ -152,16 +152,6 @@ class Housekeeping:
     async def roll_up_usage(self) -> dict[str, int]:
         usage = Usage(self.redis, self.names, self.settings.usage_retention_days)
         return {"requests": await usage.roll_up()}
-
-    async def check_batches(self, start: Callable[[str], Awaitable[object]]) -> dict[str, int]:
-        """Start a run of every unfinished batch that no process holds the lease of (its runner
-        died, stalled or stopped)."""
-        started = 0
-        for batch_id in await Batches(self.redis, self.settings).active():
-            if not await self.redis.exists(self.names.batch_lease(batch_id)):
-                await start(batch_id)
-                started += 1
-        return {"started": started}
 
     async def log_run(self, job: str, tick: str, result: dict[str, int], took: float) -> None:
         fields = {

@@ -3,8 +3,9 @@ lines (:mod:`batch.feeder`), and finish as OpenAI's batches do, with the output 
 
 Any number of ``switchyard jobs`` processes may start a run of the same batch; only the one that
 takes the lease runs it, and it renews the lease while it runs. A process that dies or stalls loses
-the lease after ``batch_lease`` seconds and the periodic check starts a new run elsewhere, which
-picks up where the last one was: every step below can be done again without doing anything twice.
+the lease after ``batch_lease`` seconds and a free batch slot elsewhere (:mod:`batch.slots`) starts
+a new run, which picks up where the last one was: every step below can be done again without doing
+anything twice.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from batch.files import Files
 from batch.filestore import MissingFile
 from batch.input import Check, LineIndex, Recall, stream_lines
 from batch.lines import encode_line, is_output, unanswered_line
-from shared.batches import BatchState, LineError
+from shared.batches import BatchState, LineError, owner_key
 from shared.fleet import known_models
 from shared.scripts import BatchScripts
 from shared.tenants import Tenant
@@ -56,11 +57,12 @@ class BatchRunner:
         self._scripts = BatchScripts(parts.redis)
         self._running: set[str] = set()
 
-    async def run(self, batch_id: str) -> str:
-        """Run the batch if no other process does; returns what happened, for the log."""
+    async def run(self, batch_id: str, token: str | None = None) -> str:
+        """Run the batch if no other process does (``token``: the lease this process took for it
+        already); returns what happened, for the log."""
         if batch_id in self._running or len(self._running) >= self._parts.settings.max_batches:
             return "busy here"
-        token = secrets.token_hex(8)
+        token = token or secrets.token_hex(8)
         lease = self._parts.names.batch_lease(batch_id)
         ms = int(self._parts.settings.batch_lease * 1000)
         if not int(await self._scripts.lease_keep(keys=[lease], args=[token, ms])):
@@ -97,11 +99,13 @@ class BatchRunner:
     async def _drive(self, batch_id: str, token: str) -> str:
         state = await self._batches.load(batch_id)
         if state is None:  # its record expired: nothing left to run
-            await self._parts.redis.srem(self._parts.names.active_batches(), batch_id)  # type: ignore[misc]
+            await self._batches.retire(batch_id, None)
             return "gone"
         if state.final:
             if batch_id in await self._batches.active():
                 await self._batches.finished(batch_id)
+            else:  # listed for a slot again by a reckoning that read it just before it finished
+                await self._batches.retire(batch_id, owner_key(state.request))
             return state.status
         tenant = await self._owner(state)
         if tenant is None:
@@ -115,6 +119,8 @@ class BatchRunner:
             outcome = await Feeder(self._parts, state, lines, token, tenant).run()
             if outcome == "stopping":
                 return "stopped; to be continued"
+            if outcome == "yielded":
+                return "gave its slot to another tenant; to be continued"
             if outcome == "gone":
                 return await self._owner_gone(batch_id)
             if outcome == "done" and await self._batches.move(batch_id, "finalizing"):

@@ -165,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="bytes its files may take in the store (default: the deployment's, 2 GiB; 0: none)",
     )
     create.add_argument(
+        "--max-batches",
+        type=int,
+        help="batches not finished at once (default: the deployment's, 100; 0: none)",
+    )
+    create.add_argument(
         "--priority",
         choices=["interactive", "batch"],
         default="interactive",
@@ -322,6 +327,7 @@ def cmd_keys(args: argparse.Namespace) -> None:
             "max_concurrent": args.max_concurrent,
             "max_backlog": args.max_backlog,
             "file_bytes": args.file_bytes,
+            "max_batches": args.max_batches,
             "priority": args.priority,
             "cache_group": args.cache_group,
         }

@@ -47,11 +47,12 @@ def listing(settings: RedisSettings) -> str:
     if not rows:
         return "no tenants"
     head = f"{'tenant':<20} {'priority':<11} {'rpm':>7} {'tpm':>9} {'concurrent':>10} {'backlog':>8}"
-    lines = [f"{head} {'file bytes':>12}  key ids   (default: the deployment's; none: no limit)"]
+    head += f" {'file bytes':>12} {'batches':>7}"
+    lines = [f"{head}  key ids   (default: the deployment's; none: no limit)"]
     for t, ids in rows:
         lines.append(
             f"{t.name:<20} {t.priority:<11} {_n(t.rpm):>7} {_n(t.tpm):>9} {_n(t.max_concurrent):>10} "
-            f"{_n(t.max_backlog):>8} {_n(t.file_bytes):>12}  {', '.join(ids) or '-'}"
+            f"{_n(t.max_backlog):>8} {_n(t.file_bytes):>12} {_n(t.max_batches):>7}  {', '.join(ids) or '-'}"
         )
     return "\n".join(lines)
 

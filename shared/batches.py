@@ -107,6 +107,12 @@ class BatchRequest(_Record):
     """Seconds the output and error files are kept (``output_expires_after``); unset: the file TTL."""
 
 
+def owner_key(request: BatchRequest) -> str:
+    """Whose turn a batch waits for: its tenant's id (a batch made before tenants had ids: its
+    tenant's name, marked so it is no id)."""
+    return request.tenant_id or f"name={request.tenant}"
+
+
 class BatchState(_Record):
     """A batch as its hash holds it now."""
 

@@ -19,6 +19,10 @@ The Batch API and the background role (``switchyard background``) keep theirs be
     HLEN       switchyard:batch:<id>:results             its lines with a result (output or error)
     HGETALL    switchyard:batch:<id>:jobs                its lines on a worker queue now: job ids
     SMEMBERS   switchyard:active-batches                 batches not finished yet
+    ZRANGE     switchyard:active-batches:<tenant id> 0 -1 a tenant's, in the order they get a batch slot
+    ZRANGE     switchyard:batch-turns 0 -1 WITHSCORES    tenants by when they last got a batch slot
+    HGETALL    switchyard:batch-yields                   batch slots a tenant's runs are to give back
+    HGETALL    switchyard:batch-leaving                  runs giving their batch slot back now
     GET        switchyard:file:<id>                      one uploaded or produced file (JSON)
     GET        switchyard:file-bytes:<tenant>            bytes a tenant's files take, against its quota
     ZRANGE     switchyard:files:<tenant> 0 -1            a tenant's files, oldest first
@@ -190,6 +194,24 @@ class Names:
     def active_batches(self) -> str:
         """Set of the batches not finished yet (validating, in progress, finalizing, cancelling)."""
         return f"{self.prefix}:active-batches"
+
+    def tenant_active_batches(self, owner: str) -> str:
+        """Sorted set of one tenant's unfinished batches by creation time (ms), by tenant id: the
+        batches that wait for a slot, in the order they get one."""
+        return f"{self.prefix}:active-batches:{owner}"
+
+    def batch_turns(self) -> str:
+        """Sorted set: tenant id -> the turn (a count) it was last given a batch slot at, 0 for a
+        tenant not given one yet; a free slot goes to the tenant given one longest ago."""
+        return f"{self.prefix}:batch-turns"
+
+    def batch_yields(self) -> str:
+        """Hash: tenant id -> batch slots its runs should give back to tenants below their share."""
+        return f"{self.prefix}:batch-yields"
+
+    def batch_leaving(self) -> str:
+        """Hash: batch id -> tenant id, of the runs giving their slot back (their lines draining)."""
+        return f"{self.prefix}:batch-leaving"
 
     def batch_expiry(self) -> str:
         """Sorted set of finished batch ids by the time (s) their records are deleted."""

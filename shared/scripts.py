@@ -390,6 +390,54 @@ class FileScripts:
         self.forget: AsyncScript = redis.register_script(_FILE_FORGET)
 
 
+# Create a batch, unless its tenant has its limit of unfinished ones already; its tenant's batches
+# wait in the order they came (a batch made in the same millisecond as the last goes after it), and
+# a tenant new to the batch slots joins them at the head of the turns. KEYS: batch hash, the
+# tenant's batch listing, unfinished batches, the tenant's unfinished batches, turns. ARGV: limit
+# (0: none), batch id, created at (ms), tenant id, then the hash's (field, value) pairs. Returns {1}
+# or {0, unfinished}.
+_BATCH_CREATE = """
+local held = redis.call('ZCARD', KEYS[4])
+if tonumber(ARGV[1]) > 0 and held >= tonumber(ARGV[1]) then return {0, held} end
+for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
+redis.call('SADD', KEYS[3], ARGV[2])
+local last = tonumber(redis.call('ZRANGE', KEYS[4], -1, -1, 'WITHSCORES')[2])
+redis.call('ZADD', KEYS[4], math.max(tonumber(ARGV[3]), (last or 0) + 1), ARGV[2])
+redis.call('ZADD', KEYS[5], 'NX', 0, ARGV[4])
+return {1}
+"""
+
+# A batch finished (or its record went): no longer unfinished, and a tenant with no unfinished batch
+# leaves the turns. KEYS: unfinished batches, the tenant's unfinished batches, turns. ARGV: batch
+# id, tenant id.
+_BATCH_RETIRE = """
+redis.call('SREM', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+if redis.call('ZCARD', KEYS[2]) == 0 then redis.call('ZREM', KEYS[3], ARGV[2]) end
+return 1
+"""
+
+# A tenant was given a batch slot: it goes to the back of the turns (a count, not a clock: processes'
+# clocks differ, and two turns in one millisecond would tie). KEYS: turns. ARGV: tenant id.
+_BATCH_TURN = """
+local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')[2]
+redis.call('ZADD', KEYS[1], 'XX', (tonumber(last) or 0) + 1, ARGV[1])
+return 1
+"""
+
+# A run of the tenant gives its slot back if its tenant still owes one, and is marked leaving until
+# its slot is free. KEYS: yields, leaving. ARGV: tenant id, batch id.
+_BATCH_YIELD = """
+if tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0') > 0 then
+  redis.call('HINCRBY', KEYS[1], ARGV[1], -1)
+  redis.call('HSET', KEYS[2], ARGV[2], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+
 class BatchScripts:
     """The Batch API's atomic steps; redis-py loads them on ``NOSCRIPT`` by itself."""
 
@@ -399,3 +447,7 @@ class BatchScripts:
         self.lease_release: AsyncScript = redis.register_script(_LEASE_RELEASE)
         self.assign: AsyncScript = redis.register_script(_LINE_ASSIGN)
         self.result: AsyncScript = redis.register_script(_LINE_RESULT)
+        self.create: AsyncScript = redis.register_script(_BATCH_CREATE)
+        self.retire: AsyncScript = redis.register_script(_BATCH_RETIRE)
+        self.turn: AsyncScript = redis.register_script(_BATCH_TURN)
+        self.take_yield: AsyncScript = redis.register_script(_BATCH_YIELD)

@@ -100,6 +100,14 @@ class GatewaySettings(RedisSettings):
             "the store (files_max_total_bytes) for the others; 0: no limit."
         ),
     )
+    tenant_max_batches: int | None = Field(
+        default=100,
+        ge=0,
+        description=(
+            "Batches not finished yet (of any status before a final one) that a tenant that sets no "
+            "limit may have at once; creating one more gets 429. 0: no limit."
+        ),
+    )
     queue_timeout: float = Field(
         default=120.0, gt=0, description="Longest a request may wait for a worker to start it."
     )
@@ -195,6 +203,7 @@ class GatewaySettings(RedisSettings):
             max_concurrent=self.tenant_max_concurrent,
             max_backlog=self.tenant_max_backlog,
             file_bytes=self.tenant_file_bytes,
+            max_batches=self.tenant_max_batches,
         )
 
     @property
@@ -218,7 +227,13 @@ class BackgroundSettings(GatewaySettings):
         description="Seconds a batch stays with a process that stopped renewing its claim on it.",
     )
     batch_check_interval: int = Field(
-        default=5, ge=1, le=60, description="Seconds between checks for batches nobody feeds (divides 60)."
+        default=5,
+        ge=1,
+        le=60,
+        description=(
+            "Seconds between a process's looks for batches nobody feeds, and between reckonings of "
+            "which tenants' runs give a batch slot back (divides 60)."
+        ),
     )
     housekeeping_interval: int = Field(
         default=60,
@@ -230,6 +245,14 @@ class BackgroundSettings(GatewaySettings):
         default=10_000, ge=1, description="Entries a dead-letter stream is trimmed to (unread ones stay)."
     )
     max_batches: int = Field(default=8, ge=1, description="Batches one background process feeds at once.")
+    batch_slice: float = Field(
+        default=300.0,
+        gt=0,
+        description=(
+            "Seconds a run keeps its batch slot while a batch of a tenant with fewer slots than its "
+            "share waits for one; then it gives the slot back (its lines drain, the batch waits again)."
+        ),
+    )
     background_drain_timeout: float = Field(
         default=30.0,
         ge=0,

@@ -50,13 +50,14 @@ class Tenant(BaseModel):
     max_concurrent: int | None = Field(default=None, ge=0)
     max_backlog: int | None = Field(default=None, ge=0, description="jobs waiting or running at once")
     file_bytes: int | None = Field(default=None, ge=0, description="bytes its stored files may take")
+    max_batches: int | None = Field(default=None, ge=0, description="batches not finished at once")
     priority: Priority = "interactive"
     cache_group: str | None = Field(default=None, min_length=1, max_length=64, pattern=NAME_PATTERN)
     """Tenants that name the same group trust each other: they share prefix-cache entries."""
     created_at: float = Field(default_factory=time.time)
 
 
-LIMITS = ("rpm", "tpm", "max_concurrent", "max_backlog", "file_bytes")
+LIMITS = ("rpm", "tpm", "max_concurrent", "max_backlog", "file_bytes", "max_batches")
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +70,7 @@ class TenantDefaults:
     max_concurrent: int | None = None
     max_backlog: int | None = None
     file_bytes: int | None = None
+    max_batches: int | None = None
 
     def apply(self, tenant: Tenant) -> Tenant:
         """The tenant with every limit it leaves unset taken from here, and 0 (none) as None."""

@@ -181,26 +181,6 @@ async def test_a_tick_runs_once(redis: Redis, settings: BackgroundSettings) -> N
     assert await first_run(redis, names, "expire", "1764684001123")
 
 
-async def test_batches_nobody_runs_are_started_again(
-    redis: Redis, settings: BackgroundSettings, keeper: Housekeeping
-) -> None:
-    names, files, batches = settings.names, Files(redis, settings), Batches(redis, settings)
-    source = await files.create(T, "in.jsonl", "batch", io.BytesIO(LINE), 1, ttl=3600)
-    body = BatchCreateRequest(
-        input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h"
-    )
-    orphan = (await batches.create(T, body, files)).request.id
-    running = (await batches.create(T, body, files)).request.id
-    await redis.set(names.batch_lease(running), "someone", px=10_000)
-    started: list[str] = []
-
-    async def start(batch_id: str) -> None:
-        started.append(batch_id)
-
-    assert await keeper.check_batches(start) == {"started": 1}
-    assert started == [orphan]
-
-
 async def test_runs_of_finished_batches_leave_the_queue(redis: Redis, settings: BackgroundSettings) -> None:
     names, files, batches = settings.names, Files(redis, settings), Batches(redis, settings)
     source = await files.create(T, "in.jsonl", "batch", io.BytesIO(LINE), 1, ttl=3600)
