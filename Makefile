@@ -25,16 +25,16 @@ fuzz: $(STAMP)  ## Schemathesis with fresh random cases (the suite replays a fix
 	SWITCHYARD_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest tests/test_schemathesis.py $(ARGS)
 
 bench: $(STAMP)  ## Switchyard against vLLM's own server, same model and engine settings
-	$(BIN)/python loadtest/compare.py $(ARGS)
+	$(BIN)/python -m loadtest compare $(ARGS)
 
 fairness: $(STAMP)  ## Another tenant's TTFT p50/p95 alone and while one tenant floods with 10x its load
-	$(BIN)/python loadtest/fairness.py $(ARGS)
+	$(BIN)/python -m loadtest fairness $(ARGS)
 
 scale: $(STAMP)  ## 1, 2, 4, 8, 16 simulated workers: tokens/s against N x one worker's, jobs per worker, CPU
-	$(BIN)/python loadtest/scale.py $(ARGS)
+	$(BIN)/python -m loadtest scale $(ARGS)
 
 loadtest: $(STAMP)  ## Locust sweep over concurrency levels against a running server, e.g. ARGS="--url http://127.0.0.1:8000"
-	$(BIN)/python loadtest/sweep.py $(ARGS)
+	$(BIN)/python -m loadtest sweep $(ARGS)
 
 install: $(STAMP)
 

@@ -1,23 +1,32 @@
 """Pure functions turning worker replies into OpenAI answers: streamed chunks as the bytes of their
 Server-Sent Events, or one whole body. What a choice looks like is each endpoint family's own
-(:mod:`api.chat.assembly`, :mod:`api.completions.assembly`); this module puts choices into chunks and
-answers, and keeps count."""
+(its :class:`Family`, in :mod:`api.chat.assembly` and :mod:`api.completions.assembly`); this module
+puts choices into chunks and answers, and keeps count."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import ModuleType
-from typing import Any, Literal
+from typing import Any
 
-from api.chat import assembly as chat
 from api.common import usage_dict
-from api.completions import assembly as text
 from api.sse import encode, sse
 from shared.messages import Final, Tokens, Usage
 
-Kind = Literal["chat", "text"]
-_FAMILIES: dict[Kind, ModuleType] = {"chat": chat, "text": text}
+
+@dataclass(frozen=True, slots=True)
+class Family:
+    """What the answers of one endpoint family look like."""
+
+    object: str
+    object_chunk: str
+    delta_choice: Callable[[int, str, str | None, bool], dict[str, Any]]
+    """(index, text, finish reason, first of its choice) -> one choice of a streamed chunk."""
+    message_choice: Callable[[int, str, str | None], dict[str, Any]]
+    """(index, text, finish reason) -> one choice of a whole answer."""
+    fingerprint: bool = False
+    """Chunks and answers carry ``system_fingerprint`` (null)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,19 +36,15 @@ class Meta:
     id: str
     created: int
     model: str
-    kind: Kind
-
-    @property
-    def family(self) -> ModuleType:
-        return _FAMILIES[self.kind]
+    family: Family
 
     @property
     def object_stream(self) -> str:
-        return str(self.family.OBJECT_CHUNK)
+        return self.family.object_chunk
 
     @property
     def object_full(self) -> str:
-        return str(self.family.OBJECT)
+        return self.family.object
 
 
 def _chunk(meta: Meta, choices: list[dict[str, Any]], usage: Usage | None = None) -> dict[str, Any]:
@@ -50,7 +55,7 @@ def _chunk(meta: Meta, choices: list[dict[str, Any]], usage: Usage | None = None
         "model": meta.model,
         "choices": choices,
     }
-    if meta.kind == "chat":
+    if meta.family.fingerprint:
         body["system_fingerprint"] = None
     if usage is not None:
         body["usage"] = usage_dict(usage)
@@ -58,8 +63,7 @@ def _chunk(meta: Meta, choices: list[dict[str, Any]], usage: Usage | None = None
 
 
 def _choice(meta: Meta, index: int, text: str, finish: str | None, first: bool) -> dict[str, Any]:
-    choice: dict[str, Any] = meta.family.delta_choice(index, text, finish, first)
-    return choice
+    return meta.family.delta_choice(index, text, finish, first)
 
 
 _MARK = "\x00text\x00"
@@ -138,6 +142,10 @@ class FullAssembler:
     meta: Meta
     _texts: dict[int, list[str]] = field(default_factory=dict)
 
+    def restart(self) -> None:
+        """Forget what was gathered: the job starts over (a new worker took it from the top)."""
+        self._texts.clear()
+
     def tokens(self, reply: Tokens) -> None:
         self._texts.setdefault(reply.index, []).append(reply.text)
 
@@ -154,6 +162,6 @@ class FullAssembler:
             "choices": choices,
             "usage": usage_dict(reply.usage),
         }
-        if self.meta.kind == "chat":
+        if self.meta.family.fingerprint:
             body["system_fingerprint"] = None
         return body

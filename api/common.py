@@ -51,9 +51,18 @@ _STOP_SCHEMA: JsonDict = {
 class StreamOptions(Strict):
     include_usage: bool = False
     continuous_usage_stats: bool = False
+    include_obfuscation: bool | None = None
+    """Accepted and ignored: OpenAI pads chunks against side channels; nothing here needs it."""
+    resumable: bool = False
+    """Ids on every event, so a client whose connection drops can send the request again with
+    ``Last-Event-ID`` and get the rest of the answer (see ``serving/resume.py``)."""
 
 
 PositiveTokens = Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT)]
+MAX_LOGIT_BIAS = 1024
+_DECIDED = frozenset({"max_tokens", "logprobs", "logit_bias", "structured_output"})
+"""Wire sampling fields not copied by name: their request fields differ in form, or the request
+path decides them."""
 
 
 class GenerationRequest(Strict):
@@ -69,7 +78,10 @@ class GenerationRequest(Strict):
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = Field(default=None, json_schema_extra={"maxProperties": 0})
+    logit_bias: dict[str, float] | None = Field(
+        default=None,
+        json_schema_extra={"maxProperties": MAX_LOGIT_BIAS, "propertyNames": {"pattern": "^[0-9]+$"}},
+    )
     user: str | None = Field(default=None, max_length=512)
     # vLLM-compatible extensions
     ignore_eos: bool = False
@@ -84,9 +96,16 @@ class GenerationRequest(Strict):
 
     @field_validator("logit_bias")
     @classmethod
-    def _no_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        if value:
-            raise ValueError("logit_bias is not supported")
+    def _check_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if not value:
+            return value
+        if len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} token ids may be biased")
+        for token, bias in value.items():
+            if not (token.isascii() and token.isdigit()) or int(token) > INT32_MAX:
+                raise ValueError(f"'{token}' is not a token id")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"the bias of token {token} must lie between -100 and 100")
         return value
 
     @field_validator("stop")
@@ -112,20 +131,23 @@ class GenerationRequest(Strict):
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
-    def to_sampling(self, max_tokens: int) -> Sampling:
+    def to_sampling(self, max_tokens: int, **decided: Any) -> Sampling:
         """The wire's sampling parameters: each field of :class:`~shared.messages.Sampling` from the
-        field of the same name here (unset: the wire's default), so a new parameter is added in two
-        places, here and there; ``test_validation`` checks they stay in step."""
+        field of the same name here (unset, or absent from this kind of request: the wire's
+        default), so a new parameter is added in two places, here and there; ``test_validation``
+        checks they stay in step. ``decided`` gives what the request path works out itself (the
+        structured output, log probabilities, special tokens a tool parser needs)."""
         given = {
             name: value
             for name in Sampling.model_fields
-            if name != "max_tokens" and (value := getattr(self, name)) is not None
+            if name not in _DECIDED and (value := getattr(self, name, None)) is not None
         }
         given["stop"] = tuple(self.stop_list())
         given["stop_token_ids"] = tuple(self.stop_token_ids or ())
+        given["logit_bias"] = tuple((int(t), b) for t, b in (self.logit_bias or {}).items())
         if self.top_k == -1:  # vLLM's other spelling of "no limit"
             given.pop("top_k")
-        return Sampling(max_tokens=max_tokens, **given)
+        return Sampling(max_tokens=max_tokens, **(given | decided))
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)

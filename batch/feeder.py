@@ -23,7 +23,6 @@ import anyio
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from api.assembly import FullAssembler, Kind, Meta
 from api.errors import APIError, RateLimited, Unavailable
 from batch.filestore import FileStore
 from batch.input import LineIndex, read_line
@@ -33,7 +32,7 @@ from batch.slots import Scheduler
 from serving.admission import Admission, Ticket
 from serving.dispatch import Dispatcher, Timeouts
 from serving.lifecycle import Lifecycle
-from serving.path import JobBuilder, new_request_id
+from serving.path import JobBuilder, Prepared, new_request_id
 from serving.relay import Admitted, collect
 from serving.replies import ReplyHub
 from shared.batches import BatchState, owner_key
@@ -331,7 +330,8 @@ class Feeder:
     async def _attempt(self, line: BatchLine, job_id: str, last: bool) -> bool:
         """One job for the line; True once the line has its result (False: try again)."""
         try:
-            job = await self._build(line, job_id)
+            prepared = await self._build(line, job_id)
+            job = prepared.job
             ticket = await self._admit(job)
         except APIError as exc:  # the line's own fault: refused as the endpoint would refuse it
             await self._record(
@@ -346,11 +346,9 @@ class Feeder:
             except APIError:  # nothing was enqueued (Redis unreachable): the line waits for it
                 await anyio.sleep(NO_WORKER_WAIT)
         admitted = Admitted(replies, ticket, self._parts.admission, self._parts.lifecycle)
-        kind: Kind = "chat" if line.url == "/v1/chat/completions" else "text"
-        meta = Meta(id=("chatcmpl-" if kind == "chat" else "cmpl-") + job_id[4:], created=int(job.created_at),
-                    model=job.model, kind=kind)  # fmt: skip
+        replies.restartable = True  # a line's answer is whole or nothing: a new worker may start over
         try:
-            body = await collect(replies, FullAssembler(meta))
+            body = await collect(replies, prepared.whole())
         except APIError as exc:
             if retryable(exc) and not last:
                 log.info("batch line %s failed (%s); running it again", line.custom_id, exc.code)
@@ -364,7 +362,7 @@ class Feeder:
         await self._record(line, job_id, response_line(line.custom_id, job_id, 200, body), usage)
         return True
 
-    async def _build(self, line: BatchLine, job_id: str) -> Job:
+    async def _build(self, line: BatchLine, job_id: str) -> Prepared:
         """The line's job, built as the gateway builds a request's; waits while no worker serves
         the model (the batch continues when one comes back)."""
         parts = self._parts

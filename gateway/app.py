@@ -265,10 +265,29 @@ def _install_error_handlers(app: FastAPI, metrics: GatewayMetrics) -> None:
         return JSONResponse(body, status_code=503, headers={"retry-after": "2"})
 
 
+_UNION_MEMBERS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+def _field_path(loc: Any) -> list[str]:
+    """The parameter a pydantic error location names, without the union members it tried (``str``,
+    ``list[...]``, a model's class name) and FastAPI's ``body``."""
+    return [
+        str(p)
+        for p in loc
+        if p != "body" and not (isinstance(p, str) and ("[" in p or p in _UNION_MEMBERS or p[:1].isupper()))
+    ]
+
+
 def validation_error(errors: Any) -> InvalidRequest:
-    """FastAPI's 422 detail list → one OpenAI-style 400 naming the first offending parameter."""
+    """FastAPI's 422 detail list → one OpenAI-style 400 naming the first offending parameter. A
+    parameter that may take several forms fails once per form: the error that got furthest into
+    one of them says best what is wrong."""
+    errors = list(errors or ())
     first = errors[0] if errors else {}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    field = _field_path(first.get("loc", ()))[:1]
+    same = [e for e in errors if _field_path(e.get("loc", ()))[:1] == field]
+    first = max(same, key=lambda e: len(_field_path(e.get("loc", ()))), default=first)
+    loc = _field_path(first.get("loc", ()))
     param = ".".join(loc) or None
     kind = first.get("type", "")
     msg = str(first.get("msg", "invalid request"))

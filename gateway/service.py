@@ -14,20 +14,20 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse
 
-from api.assembly import FullAssembler, Kind, Meta, StreamAssembler
 from api.chat.protocol import ChatCompletionRequest
 from api.common import GenerationRequest
 from api.completions.protocol import CompletionRequest
-from api.errors import APIError
+from api.errors import APIError, InvalidRequest
 from gateway.auth import Authenticator
 from serving.admission import Admission
-from serving.dispatch import Dispatcher
+from serving.dispatch import Dispatcher, owner_record
+from serving.idempotency import Idempotency
 from serving.lifecycle import Lifecycle
-from serving.path import JobBuilder, submit
+from serving.path import JobBuilder, Prepared, submit
 from serving.registry import ModelEntry, WorkerRegistry
-from serving.relay import Admitted, collect, sse_events, until_disconnect
+from serving.relay import Attached, collect, sse_events, until_disconnect
+from serving.resume import EventId, Resumable
 from serving.tokenizer import TokenizerCache
-from shared.messages import Job
 from shared.settings import GatewaySettings
 from shared.tenants import Tenant
 
@@ -51,6 +51,8 @@ class Gateway:
     admission: Admission
     lifecycle: Lifecycle
     jobs: JobBuilder = field(init=False)
+    resumable: Resumable = field(init=False)
+    idempotency: Idempotency = field(init=False)
 
     def __post_init__(self) -> None:
         settings = self.settings
@@ -61,6 +63,8 @@ class Gateway:
             settings.affinity_tokens,
             settings.prefix_cache_scope,
         )
+        self.resumable = Resumable(self.dispatcher, self.settings.resume_grace)
+        self.idempotency = Idempotency(self.redis, self.settings.names, self.settings.idempotency_ttl)
 
     async def prewarm(self, period: float = 1.0) -> None:
         """Load each served model's tokenizer before its first request needs it (until then the
@@ -95,42 +99,95 @@ class Gateway:
     async def chat(self, request: Request, body: ChatCompletionRequest, tenant: Tenant) -> Any:
         self.lifecycle.check_open()
         entry = await self.resolve(request, body.model)
-        await self.admission.precheck(tenant, entry.name)  # before the prompt costs an encoding
-        job = await self.jobs.chat(entry, body, tenant, request.state.request_id)
-        return await self._respond(request, job, "chat", body, tenant)
+        await self._precheck(request, tenant, entry.name)
+        prepared = await self.jobs.chat(entry, body, tenant, request.state.request_id)
+        return await self._respond(request, prepared, body, tenant)
 
     async def completion(self, request: Request, body: CompletionRequest, tenant: Tenant) -> Any:
         self.lifecycle.check_open()
         entry = await self.resolve(request, body.model)
-        await self.admission.precheck(tenant, entry.name)  # before the prompt costs an encoding
-        job = await self.jobs.completion(entry, body, tenant, request.state.request_id)
-        return await self._respond(request, job, "text", body, tenant)
+        await self._precheck(request, tenant, entry.name)
+        prepared = await self.jobs.completion(entry, body, tenant, request.state.request_id)
+        return await self._respond(request, prepared, body, tenant)
 
-    async def _submit(self, job: Job, tenant: Tenant) -> Admitted:
-        return await submit(job, tenant, self.dispatcher, self.admission, self.lifecycle)
+    async def _precheck(self, request: Request, tenant: Tenant, model: str) -> None:
+        """Refuse a tenant over its limits before its prompt costs an encoding. A request that takes
+        up or repeats an earlier one (``Last-Event-ID``, ``Idempotency-Key``) may be no new work:
+        it is left to the checks after encoding, which know whether it is."""
+        if "last-event-id" in request.headers or "idempotency-key" in request.headers:
+            return
+        await self.admission.precheck(tenant, model)
 
     async def _respond(
-        self, request: Request, job: Job, kind: Kind, body: GenerationRequest, tenant: Tenant
+        self, request: Request, prepared: Prepared, body: GenerationRequest, tenant: Tenant
     ) -> Any:
-        prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
-        meta = Meta(
-            id=prefix + job.id.removeprefix("req_"), created=int(job.created_at), model=job.model, kind=kind
-        )
-        admitted = await self._submit(job, tenant)
-        if body.stream:
-            assembler = StreamAssembler(
-                meta, body.include_usage(), body.continuous_usage(), len(job.prompt_token_ids)
+        options = body.stream_options
+        resumable = self.resumable if body.stream and options and options.resumable else None
+        if (last := request.headers.get("last-event-id")) is not None:
+            if not body.stream:
+                raise InvalidRequest(
+                    "Last-Event-ID takes up a stream: send it with stream: true", param="Last-Event-ID"
+                )
+            after = EventId.parse(last)
+            return await self._take_up(request, prepared, body, after.job, resumable or self.resumable, after)
+        key = request.headers.get("idempotency-key")
+        keep = None
+        if key is not None:
+            what = owner_record(prepared.job)
+            earlier = await self.idempotency.claim(tenant.name, key, what, prepared.job.id)
+            if earlier is not None:
+                return await self._take_up(request, prepared, body, earlier.id, resumable, None)
+            keep = self.settings.idempotency_ttl
+        try:
+            admitted = await submit(
+                prepared.job, tenant, self.dispatcher, self.admission, self.lifecycle, keep
             )
+        except BaseException:
+            if key is not None:
+                await self.idempotency.forget(tenant.name, key, prepared.job.id)
+            raise
+        if body.stream:
             return EventSourceResponse(
-                sse_events(admitted, assembler),
+                sse_events(admitted, prepared.streaming(body), resumable),
                 ping=self.settings.ping_interval,
                 headers=admitted.ticket.headers,
                 sep=SSE_SEPARATOR,
             )
+        admitted.replies.restartable = True  # nothing reached the client: a new worker may start over
         try:
-            result = await until_disconnect(request, lambda: collect(admitted.replies, FullAssembler(meta)))
+            result = await until_disconnect(request, lambda: collect(admitted.replies, prepared.whole()))
         finally:
             await admitted.close()
         if result is None:  # the client left; nobody reads a response
             return JSONResponse({}, status_code=499)
         return JSONResponse(result, headers=admitted.ticket.headers)
+
+    async def _take_up(
+        self,
+        request: Request,
+        prepared: Prepared,
+        body: GenerationRequest,
+        job_id: str,
+        resumable: Resumable | None,
+        after: EventId | None,
+    ) -> Any:
+        """Answer from the replies of a job an earlier request enqueued: a stream taken up again
+        where its client left off (``after``), or the same request sent again under its
+        ``Idempotency-Key``."""
+        replies = await self.dispatcher.attach(prepared.job.model_copy(update={"id": job_id}))
+        prepared.job = replies.job
+        attached = Attached(replies, self.lifecycle, stop_on_close=body.stream)
+        if body.stream:
+            return EventSourceResponse(
+                sse_events(attached, prepared.streaming(body), resumable, after),
+                ping=self.settings.ping_interval,
+                sep=SSE_SEPARATOR,
+            )
+        replies.restartable = True
+        try:
+            result = await until_disconnect(request, lambda: collect(replies, prepared.whole()))
+        finally:
+            await attached.close()
+        if result is None:
+            return JSONResponse({}, status_code=499)
+        return JSONResponse(result)

@@ -1,7 +1,7 @@
 """Prefix affinity, measured: multi-turn conversations on two real vLLM workers, with and without it.
 
-    python loadtest/affinity.py                     # 16 conversations of 4 turns, twice
-    python loadtest/affinity.py --conversations 32 --turns 6 --first-words 400
+    python -m loadtest affinity                     # 16 conversations of 4 turns, twice
+    python -m loadtest affinity --conversations 32 --turns 6 --first-words 400
 
 Each phase starts its own ``switchyard up --workers 2`` on the demo model (cold prefix caches), with
 ``SWITCHYARD_PREFIX_AFFINITY`` off, then on. Conversations run concurrently: each opens with a long
@@ -19,8 +19,6 @@ import asyncio
 import json
 import os
 import random
-import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -28,14 +26,10 @@ from pathlib import Path
 
 import httpx
 
-try:  # run as a script: this directory is on sys.path
-    import proctree
-except ModuleNotFoundError:  # imported from the repository root
-    from loadtest import proctree  # type: ignore[no-redef]
-
 from control.processes import free_port
+from loadtest import runner
+from loadtest.report import cut_point, json_text, markdown_table, results_dir
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 KEY = "sy-0123456789ab-affinityaffinityaffinityaffinityaffini"
 WORDS = [
     *("harbour", "lantern", "quiet", "river", "stone", "market"),
@@ -58,13 +52,10 @@ class Phase:
         return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
 
     def figures(self) -> dict[str, float]:
-        def p(values: list[float], q: float) -> float:
-            return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 1 else float("nan")
-
         return {
-            "first_turn_ttft_p50_ms": p(self.first_turn_ttft_ms, 50),
-            "later_turn_ttft_p50_ms": p(self.later_turn_ttft_ms, 50),
-            "later_turn_ttft_p95_ms": p(self.later_turn_ttft_ms, 95),
+            "first_turn_ttft_p50_ms": cut_point(self.first_turn_ttft_ms, 50),
+            "later_turn_ttft_p50_ms": cut_point(self.later_turn_ttft_ms, 50),
+            "later_turn_ttft_p95_ms": cut_point(self.later_turn_ttft_ms, 95),
             "prefix_cache_hit_rate": round(self.hit_rate, 3),
         }
 
@@ -74,16 +65,10 @@ def worker_metrics(ports: list[int]) -> tuple[float, float, list[float]]:
     hits = queries = 0.0
     jobs = []
     for port in ports:
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-        done = 0.0
-        for line in text.splitlines():
-            if line.startswith("vllm:prefix_cache_hits_total"):
-                hits += float(line.rsplit(" ", 1)[1])
-            elif line.startswith("vllm:prefix_cache_queries_total"):
-                queries += float(line.rsplit(" ", 1)[1])
-            elif line.startswith("switchyard:worker_jobs_total") and 'outcome="completed"' in line:
-                done += float(line.rsplit(" ", 1)[1])
-        jobs.append(done)
+        text = runner.scrape(f"http://127.0.0.1:{port}/metrics")
+        hits += runner.counter(text, "vllm:prefix_cache_hits")
+        queries += runner.counter(text, "vllm:prefix_cache_queries")
+        jobs.append(runner.counter(text, "switchyard:worker_jobs", outcome="completed"))
     return hits, queries, jobs
 
 
@@ -131,7 +116,7 @@ def run_phase(args: argparse.Namespace, affinity: bool) -> Phase:
     flags = ["--workers", "2", "--port", str(port)]
     flags += ["--redis-port", str(redis_port), "--max-model-len", "2048", "--dtype", args.dtype]
     log = args.out / f"up-affinity-{'on' if affinity else 'off'}.log"
-    with proctree.switchyard_up(flags, env, log):
+    with runner.serving(runner.up("switchyard up", flags, env, port), log):
         ports = [int(line.rsplit(":", 1)[1].split("/")[0]) for line in log.read_text().splitlines()
                  if line.strip().startswith("worker-") and "/metrics" in line]  # fmt: skip
         hits0, queries0, jobs0 = worker_metrics(ports)
@@ -143,8 +128,9 @@ def run_phase(args: argparse.Namespace, affinity: bool) -> Phase:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    stamp = datetime.now(UTC).strftime("%Y-%m-%d")
-    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m loadtest affinity", description=(__doc__ or "").splitlines()[0]
+    )
     p.add_argument("--conversations", type=int, default=16)
     p.add_argument("--turns", type=int, default=4)
     p.add_argument("--first-words", type=int, default=300)
@@ -152,7 +138,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reply-tokens", type=int, default=32)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "loadtest" / "results" / f"{stamp}-affinity")
+    p.add_argument("--out", type=Path, default=results_dir("affinity"))
     return p.parse_args(argv)
 
 
@@ -164,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         "prefix affinity", "first-turn TTFT p50 ms", "later-turn TTFT p50 ms", "later-turn TTFT p95 ms",
         "vLLM prefix-cache hit rate", "jobs per worker", "errors",
     ]  # fmt: skip
-    rows = ["| " + " | ".join(columns) + " |", "| --- | ---: | ---: | ---: | ---: | --- | ---: |"]
+    rows = [columns]
     for ph in phases:
         f = ph.figures()
         cells = [
@@ -177,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             ", ".join(f"{j:.0f}" for j in ph.jobs_per_worker),
             str(ph.errors),
         ]
-        rows.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
     text = "\n".join(
         [
             f"# Prefix affinity on a multi-turn workload ({datetime.now(UTC):%Y-%m-%d}, "
@@ -187,15 +173,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.turns} turns: a {args.first_words}-word opening, then {args.question_words}-word "
             f"questions, {args.reply_tokens}-token answers.",
             "",
-            *rows,
+            markdown_table(rows, "lrrrrlr"),
             "",
         ]
     )
     (args.out / "summary.md").write_text(text)
-    (args.out / "affinity.json").write_text(json.dumps([asdict(p) | p.figures() for p in phases], indent=1))
+    (args.out / "affinity.json").write_text(json_text([asdict(p) | p.figures() for p in phases]))
     print(text)
     return 0 if all(p.errors == 0 for p in phases) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,14 +1,14 @@
 """Autoscaling from zero, watched: a burst arrives while the model has no worker, workers come, the
 burst completes, workers go.
 
-    python loadtest/autoscale.py                       # the real engine on the demo model
-    python loadtest/autoscale.py --engine sim --max 4  # the simulated engine (fast)
+    python -m loadtest autoscale                       # the real engine on the demo model
+    python -m loadtest autoscale --engine sim --max 4  # the simulated engine (fast)
 
 Starts ``switchyard up --autoscale 0:MAX`` on free ports, waits until it has scaled to zero, sends
 ``--requests`` streamed requests at once, samples the model's backlog, workers and completed
 requests every ``--every`` seconds from the gateway's ``/scaling`` until it is back at zero, and
 writes ``timeline.json``, ``timeline.png`` and ``summary.md`` to ``--out``. Every request must end
-with its full output: the script fails otherwise.
+with its full output: the study fails otherwise.
 """
 
 from __future__ import annotations
@@ -19,22 +19,16 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 from redis.asyncio import Redis
 
-try:  # run as a script: this directory is on sys.path
-    import proctree
-except ModuleNotFoundError:  # imported from the repository root
-    from loadtest import proctree  # type: ignore[no-redef]
-
 from control.processes import free_port
+from loadtest import runner
+from loadtest.report import chart, json_text, results_dir
 from shared.fleet import gather
 from shared.names import Names
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -161,28 +155,21 @@ async def until_zero(redis_url: str, model: str, limit: float) -> float:
     raise TimeoutError(f"{model} did not scale to zero in {limit:.0f}s")
 
 
-def chart(samples: list[Sample], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def write_chart(samples: list[Sample], path: Path, title: str) -> None:
+    """Requests waiting, running and completed over time above live and desired workers."""
     t = [s.t for s in samples]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
-    top.plot(t, [s.waiting for s in samples], label="waiting")
-    top.plot(t, [s.running for s in samples], label="running")
-    top.plot(t, [s.completed for s in samples], label="completed")
-    top.set_ylabel("requests")
-    top.legend()
-    bottom.step(t, [s.workers for s in samples], where="post", label="live workers")
-    bottom.step(t, [s.desired for s in samples], where="post", linestyle="--", label="desired")
-    bottom.set_ylabel("workers")
-    bottom.set_xlabel("seconds since the burst")
-    bottom.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with chart(path, 2, 1, figsize=(9, 6), sharex=True) as (fig, (top, bottom)):
+        top.plot(t, [s.waiting for s in samples], label="waiting")
+        top.plot(t, [s.running for s in samples], label="running")
+        top.plot(t, [s.completed for s in samples], label="completed")
+        top.set_ylabel("requests")
+        top.legend()
+        bottom.step(t, [s.workers for s in samples], where="post", label="live workers")
+        bottom.step(t, [s.desired for s in samples], where="post", linestyle="--", label="desired")
+        bottom.set_ylabel("workers")
+        bottom.set_xlabel("seconds since the burst")
+        bottom.legend()
+        fig.suptitle(title)
 
 
 def summary(args: argparse.Namespace, burst: Burst, samples: list[Sample], to_zero: float) -> str:
@@ -227,8 +214,9 @@ def up_flags(args: argparse.Namespace, port: int, redis_port: int) -> tuple[list
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    stamp = datetime.now(UTC).strftime("%Y-%m-%d")
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p = argparse.ArgumentParser(
+        prog="python -m loadtest autoscale", description=__doc__.splitlines()[0] if __doc__ else None
+    )
     p.add_argument("--engine", choices=["vllm", "sim"], default="vllm")
     p.add_argument("--sim-preset", default="cpu-demo")
     p.add_argument("--max", type=int, default=2, help="most workers (default: 2)")
@@ -238,7 +226,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scale-down-after", type=float, default=10.0)
     p.add_argument("--cooldown", type=float, default=5.0)
     p.add_argument("--every", type=float, default=0.5, help="seconds between samples")
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "loadtest" / "results" / f"{stamp}-autoscale")
+    p.add_argument("--out", type=Path, default=results_dir("autoscale"))
     return p.parse_args(argv)
 
 
@@ -250,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     base = f"http://127.0.0.1:{port}"
     flags, env = up_flags(args, port, redis_port)
     try:
-        with proctree.switchyard_up(flags, env, log):
+        with runner.serving(runner.up("switchyard up", flags, env, port), log):
             key = (args.out / "config" / "switchyard" / "dev-key").read_text().strip()
             listed = httpx.get(f"{base}/v1/models", headers={"authorization": f"Bearer {key}"}).json()
             model = listed["data"][0]["id"]
@@ -258,26 +246,16 @@ def main(argv: list[str] | None = None) -> int:
             to_zero = asyncio.run(until_zero(redis_url, model, 300))
             burst = Burst(args.requests, args.tokens)
             samples = asyncio.run(watch_burst(base, redis_url, key, model, burst, args.every, settle=120))
-    except proctree.UpFailed as exc:
+    except runner.ServerError as exc:
         print(exc, file=sys.stderr)
         return 1
     (args.out / "config" / "switchyard" / "dev-key").unlink(missing_ok=True)
-    (args.out / "timeline.json").write_text(
-        json.dumps(
-            {
-                "args": {k: str(v) for k, v in vars(args).items()},
-                "burst": asdict(burst),
-                "samples": [asdict(s) for s in samples],
-            },
-            indent=1,
-        )
+    doc = {"args": {k: str(v) for k, v in vars(args).items()}, "burst": asdict(burst)}
+    (args.out / "timeline.json").write_text(json_text(doc | {"samples": [asdict(s) for s in samples]}))
+    write_chart(
+        samples, args.out / "timeline.png", f"burst of {burst.requests} from zero workers ({args.engine})"
     )
-    chart(samples, args.out / "timeline.png", f"burst of {burst.requests} from zero workers ({args.engine})")
     text = summary(args, burst, samples, to_zero)
     (args.out / "summary.md").write_text(text)
     print(text)
     return 0 if burst.whole == burst.requests else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,14 +17,14 @@ Method
   polled every ``POLL`` s) and its time from creation to completion, its request counts, and this
   process's CPU (the load generator competes with the system on a small host).
 
-By default the system is started the way ``fairness.py`` starts it (``switchyard up`` with
-``compare.py``'s engine settings: embedded Redis, one gateway, one worker on the demo model, and its
-jobs process; ``--extra-jobs`` adds another ``switchyard jobs``), and stopped at the end;
+By default the system is started the way fairness starts it (``runner.switchyard_system``:
+``switchyard up`` with compare's engine settings, an embedded Redis, one gateway, one worker on the
+demo model, and its jobs process; ``--extra-jobs`` adds another ``switchyard jobs``), and stopped at the end;
 ``--base-url`` with ``--key`` and ``--batch-key`` measures a running system with its jobs processes.
 
-    python loadtest/batchbench.py                                   # 1,000 lines, 4 streams, 45 s alone
-    python loadtest/batchbench.py --lines 100 --duration 15 --out batch.json
-    python loadtest/batchbench.py --base-url http://127.0.0.1:8000/v1 --key sy-... --batch-key sy-...
+    python -m loadtest batchbench                                   # 1,000 lines, 4 streams, 45 s alone
+    python -m loadtest batchbench --lines 100 --duration 15 --out batch.json
+    python -m loadtest batchbench --base-url http://127.0.0.1:8000/v1 --key sy-... --batch-key sy-...
 
 Exit status: 0 when every request and line succeeded, 1 otherwise, 2 when the run could not start.
 """
@@ -33,10 +33,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,23 +46,13 @@ from typing import Any
 
 import httpx
 
-try:  # run as a script, python loadtest/batchbench.py: this directory is on sys.path
-    import bench
-    import compare
-    import proctree
-    from benchreport import DEFAULT_TIMEOUT_S, BenchConfig, RequestResult, percentile, summarize
-except ModuleNotFoundError:  # imported as loadtest.batchbench from the repository root
-    from loadtest import bench, compare, proctree  # type: ignore[no-redef]
-    from loadtest.benchreport import (  # type: ignore[no-redef]
-        DEFAULT_TIMEOUT_S,
-        BenchConfig,
-        RequestResult,
-        percentile,
-        summarize,
-    )
+from loadtest import bench, runner
+from loadtest.benchreport import DEFAULT_TIMEOUT_S, BenchConfig, RequestResult, summarize
+from loadtest.report import json_text, percentile
+from shared.settings import RedisSettings
+from shared.tenants import Tenant
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-INTERACTIVE, BATCHER = "interactive", "batcher"  # tenant names when this script creates them
+INTERACTIVE, BATCHER = "interactive", "batcher"  # tenant names when this study creates them
 POLL = 0.5
 FINAL = {"completed", "failed", "expired", "cancelled"}
 
@@ -154,9 +144,7 @@ async def measure(args: argparse.Namespace, setup: Setup) -> dict[str, Any]:
         bench.make_client(cfg) as client,
         httpx.AsyncClient(base_url=setup.base_url, headers=headers, timeout=60, trust_env=False) as api,
     ):
-        words = await bench.calibrate_words(client, cfg)
-        if args.warmup:
-            await bench.run_closed_loop(client, cfg, words, args.warmup, cfg.concurrency, "w")
+        words, _ = await bench.warm_up(client, cfg)
         print(f"phase 1: interactive alone, {cfg.concurrency} streams, {args.duration:.0f} s", flush=True)
         cpu0, t0 = time.process_time(), time.perf_counter()
         stop_at = t0 + args.duration
@@ -262,53 +250,28 @@ def render(rep: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def create_tenants(redis_url: str) -> tuple[str, str]:
-    from control.keys import create
-    from shared.settings import RedisSettings
-    from shared.tenants import Tenant
-
-    settings = RedisSettings(redis_url=redis_url)
-    return create(settings, Tenant(name=INTERACTIVE)), create(settings, Tenant(name=BATCHER))
-
-
 def run_started_system(args: argparse.Namespace) -> dict[str, Any]:
     """``switchyard up`` (which runs a jobs process), with ``--extra-jobs`` another ``switchyard
     jobs`` sharing its files directory; always stopped."""
-    from shared.tenants import new_key
-
-    model_dir = compare.resolve_model(args)
-    engine = compare.EngineSettings(max_num_seqs=args.capacity)
-    ready_key = new_key()[1]
-    target = compare.switchyard_target(
-        compare.DEFAULT_SWITCHYARD_CMD, engine, model_dir, args.model_name, ready_key
-    )
-    assert target.redis_url is not None
+    model_dir, args.model_name = runner.resolve_model(args.model_dir, args.model_name)
     work = Path(tempfile.mkdtemp(prefix="switchyard-batchbench-"))
     files = {"SWITCHYARD_FILES_DIR": str(work / "files")}
-    target = replace(target, env=target.env | files)
-    print(f"starting: {' '.join(target.argv)} (logs in {work})", flush=True)
-    system = compare.start_server(target, work / "system.log")
-    jobs: subprocess.Popen[bytes] | None = None
-    try:
-        ready = compare.wait_ready(
-            system, target, args.model_name, ready_key, args.ready_timeout, work / "system.log"
+    with runner.switchyard_system(
+        model_dir, args.model_name, args.capacity, 1, work / "system.log", args.ready_timeout, files
+    ) as system:
+        target = system.target
+        jobs = replace(
+            target, name="jobs", argv=runner.cli("jobs"), env=target.env | {"REDIS_URL": system.redis_url}
         )
-        print(f"ready after {ready:.0f} s", flush=True)
-        if args.extra_jobs:
-            jobs_target = replace(target, argv=[sys.executable, "-m", "control.cli", "jobs"],
-                                  env=target.env | {"REDIS_URL": target.redis_url})  # fmt: skip
-            jobs = compare.start_server(jobs_target, work / "jobs.log")
-        key, batch_key = create_tenants(target.redis_url)
-        setup = Setup(target.base_url, args.model_name, key, batch_key)
-        return bench.run_on_loop(measure(args, setup), not args.no_uvloop)
-    finally:
-        if jobs is not None:
-            print(f"jobs stopped by {proctree.stop_tree(jobs)}", flush=True)
-        print(f"system stopped by {proctree.stop_tree(system)}", flush=True)
+        with runner.running(jobs, work / "jobs.log") if args.extra_jobs else contextlib.nullcontext():
+            settings = RedisSettings(redis_url=system.redis_url)
+            key, batch_key = runner.add_tenants(settings, Tenant(name=INTERACTIVE), Tenant(name=BATCHER))
+            setup = Setup(target.base_url, args.model_name, key, batch_key)
+            return bench.run_on_loop(measure(args, setup), not args.no_uvloop)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m loadtest batchbench", description=__doc__.splitlines()[0])
     add = p.add_argument
     add("--base-url", help="a running system, e.g. http://127.0.0.1:8000/v1 (default: start one)")
     add("--key", help="with --base-url: the interactive tenant's key")
@@ -343,39 +306,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
     try:
         if args.base_url:
-            model = args.model_name or compare_first_model(args.base_url, args.key)
+            model = args.model_name or runner.first_model(args.base_url, args.key)
             rep = bench.run_on_loop(
                 measure(args, Setup(args.base_url, model, args.key, args.batch_key)), not args.no_uvloop
             )
         else:
             rep = run_started_system(args)
-    except (compare.ServerError, RuntimeError, httpx.HTTPError, OSError) as exc:
+    except (runner.ServerError, RuntimeError, httpx.HTTPError, OSError) as exc:
         print(f"batchbench: cannot run: {exc}", file=sys.stderr)
         return 2
     print()
     print(render(rep))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(rep, indent=2, default=str) + "\n")
+        args.out.write_text(json_text(rep))
         print(f"wrote {args.out}")
     ok = rep["batch"]["status"] == "completed" and not rep["batch"]["failed"]
     ok = ok and not rep["interactive_alone"]["errors"] and not rep["interactive_beside_batch"]["errors"]
     return 0 if ok else 1
-
-
-def compare_first_model(base_url: str, key: str) -> str:
-    headers = {"Authorization": f"Bearer {key}"}
-    resp = httpx.get(f"{base_url.rstrip('/')}/models", headers=headers, timeout=10, trust_env=False)
-    resp.raise_for_status()
-    models = [m["id"] for m in resp.json().get("data", [])]
-    if not models:
-        raise RuntimeError(f"{base_url} serves no model yet")
-    return str(models[0])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -44,28 +44,16 @@ from typing import Any, TypeVar
 
 import httpx
 
-try:  # run as a script, python loadtest/bench.py: this directory is on sys.path
-    from benchreport import (
-        DEFAULT_TIMEOUT_S,
-        BenchConfig,
-        BenchReport,
-        RequestResult,
-        format_report,
-        mean,
-        summarize,
-        to_json,
-    )
-except ModuleNotFoundError:  # imported as loadtest.bench from the repository root
-    from loadtest.benchreport import (  # type: ignore[no-redef]
-        DEFAULT_TIMEOUT_S,
-        BenchConfig,
-        BenchReport,
-        RequestResult,
-        format_report,
-        mean,
-        summarize,
-        to_json,
-    )
+from loadtest.benchreport import (
+    DEFAULT_TIMEOUT_S,
+    BenchConfig,
+    BenchReport,
+    RequestResult,
+    format_report,
+    summarize,
+    to_json,
+)
+from loadtest.report import mean, write_raw
 
 _WORD_TEXT = """
     time year people way day man thing woman life child world school state family student group
@@ -251,14 +239,20 @@ def make_client(cfg: BenchConfig) -> httpx.AsyncClient:
     )
 
 
+async def warm_up(client: httpx.AsyncClient, cfg: BenchConfig) -> tuple[int, int]:
+    """Calibrate the prompt, then run ``cfg.warmup`` unmeasured requests; (prompt words, failed
+    warm-up requests)."""
+    words = await calibrate_words(client, cfg)
+    if cfg.warmup <= 0:
+        return words, 0
+    warm, _ = await run_closed_loop(client, cfg, words, cfg.warmup, cfg.concurrency, "w")
+    return words, sum(1 for r in warm if not r.ok)
+
+
 async def run_bench(cfg: BenchConfig) -> BenchReport:
     """Calibrate the prompt, run the warmup, then the measured closed-loop phase."""
     async with make_client(cfg) as client:
-        words = await calibrate_words(client, cfg)
-        warm_errors = 0
-        if cfg.warmup > 0:
-            warm, _ = await run_closed_loop(client, cfg, words, cfg.warmup, cfg.concurrency, "w")
-            warm_errors = sum(1 for r in warm if not r.ok)
+        words, warm_errors = await warm_up(client, cfg)
         cpu0 = time.process_time()
         results, wall = await run_closed_loop(client, cfg, words, cfg.requests, cfg.concurrency, "m")
         cpu = time.process_time() - cpu0
@@ -267,7 +261,7 @@ async def run_bench(cfg: BenchConfig) -> BenchReport:
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, Path | None, bool]:
     """Command line -> (config, JSON output path, use uvloop)."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m loadtest bench", description=__doc__.splitlines()[0])
     p.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
     p.add_argument("--model", required=True)
     p.add_argument("--concurrency", type=int, default=64)
@@ -280,7 +274,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, Path | N
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="per-request read timeout (s)")
     p.add_argument("--no-calibrate", action="store_true", help="use 0.75 words per prompt token, no probes")
     p.add_argument("--no-uvloop", action="store_true")
-    p.add_argument("--json", type=Path, default=None, help="write every figure to this file")
+    p.add_argument("--json", type=Path, default=None,
+                   help="write every figure, each request's too, gzip-compressed, as NAME.gz")  # fmt: skip
     a = p.parse_args(argv)
     if a.concurrency < 1 or a.requests < 1 or a.output_tokens < 1 or a.prompt_tokens < 1 or a.warmup < 0:
         p.error("concurrency, requests, prompt/output tokens must be >= 1 and warmup >= 0")
@@ -315,12 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(format_report(rep))
     if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(to_json(rep))
+        write_raw(json_path, to_json(rep))
     if rep.token_mismatches:
         print(f"WARNING: {rep.token_mismatches} requests did not generate exactly {cfg.output_tokens} tokens")
     return 1 if rep.errors or rep.warmup_errors else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

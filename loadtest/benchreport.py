@@ -5,12 +5,13 @@ The method (what TTFT, inter-chunk time, TPOT and tokens/s mean here) is describ
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from loadtest.report import json_text, mean, percentile
 
 DEFAULT_TIMEOUT_S = 600.0
 
@@ -81,20 +82,6 @@ class BenchReport:
     requests: list[dict[str, Any]] = field(default_factory=list)  # one sample per request, in send order
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolated percentile (q in 0..100); NaN for no data."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100.0
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
-def mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else math.nan
-
-
 def summarize(
     cfg: BenchConfig, words: int, results: list[RequestResult], wall: float, cpu: float, warmup_errors: int
 ) -> BenchReport:
@@ -158,6 +145,18 @@ def request_samples(results: list[RequestResult]) -> list[dict[str, Any]]:
     ]
 
 
+def window_tokens_per_s(results: Iterable[RequestResult], start: float, end: float) -> float:
+    """Output tokens/s of the successful requests that finished in [start, end] (perf_counter times).
+
+    Closed loops finish requests steadily, so counting whole requests by their end errs by at most
+    one request per stream at each edge of the window.
+    """
+    if end <= start:
+        return math.nan
+    tokens = sum(r.output_tokens for r in results if r.ok and start <= r.sent + r.latency <= end)
+    return tokens / (end - start)
+
+
 def format_report(rep: BenchReport) -> str:
     """Human-readable table of a report."""
     c = rep.config
@@ -188,17 +187,6 @@ def format_report(rep: BenchReport) -> str:
     return "\n".join(lines)
 
 
-def json_ready(value: Any) -> Any:
-    """``value`` with every non-finite float (e.g. a percentile of no data) replaced by None."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_ready(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [json_ready(v) for v in value]
-    return value
-
-
 def to_json(rep: BenchReport) -> str:
     """The report as strict JSON (NaN becomes null)."""
-    return json.dumps(json_ready(asdict(rep)), indent=2) + "\n"
+    return json_text(asdict(rep))

@@ -1,7 +1,7 @@
 """As a user compares: `vllm serve` as shipped against `switchyard up` as shipped, on this host.
 
-    python loadtest/defaults.py                                   # 4 and 64 streams, demo model
-    python loadtest/defaults.py --variant "threads=2:OMP_NUM_THREADS=2"   # Switchyard with other env
+    python -m loadtest defaults                                   # 4 and 64 streams, demo model
+    python -m loadtest defaults --variant "threads=2:OMP_NUM_THREADS=2"   # Switchyard with other env
 
 Both servers get only what a fair comparison must make equal (the model, its served name, dtype,
 context length, and on a CPU host the KV-cache size, without which vLLM does not start here);
@@ -21,23 +21,17 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-try:  # run as a script, python loadtest/defaults.py: this directory is on sys.path
-    import compare
-    import proctree
-except ModuleNotFoundError:  # imported as loadtest.defaults from the repository root
-    from loadtest import compare, proctree  # type: ignore[no-redef]
-
 from control.processes import free_port
+from loadtest import proctree, runner
+from loadtest.report import json_text, markdown_table, results_dir
+from loadtest.runner import Target
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-VLLMBENCH = Path(__file__).resolve().parent / "vllmbench.py"
 KEY = "sy-0123456789ab-defaultsdefaultsdefaultsdefaultsdefaul"
 FIGURES = (
     ("output_throughput", "output tok/s"),
@@ -50,53 +44,48 @@ FIGURES = (
 )
 
 
-def targets(args: argparse.Namespace, model_dir: Path) -> list[compare.Target]:
+def targets(args: argparse.Namespace, model_dir: Path) -> list[Target]:
     same = ["--dtype", args.dtype, "--max-model-len", str(args.max_model_len)]
     kv = {"VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib)}
     port = free_port()
     vllm = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
     vllm += ["--served-model-name", args.model_name, "--port", str(port), "--api-key", KEY, *same]
-    out = [compare.Target("vllm serve", vllm, kv, port)]
+    out = [Target("vllm serve", vllm, kv, port)]
     for name, extra in [("switchyard up", {}), *args.variant]:
         port, redis_port = free_port(), free_port()
-        argv = [sys.executable, "-m", "control.cli", "up", "--model", str(model_dir), "--port", str(port)]
+        argv = runner.cli("up", "--model", str(model_dir), "--port", str(port))
         argv += ["--served-model-name", args.model_name, "--redis-port", str(redis_port), *same]
         argv += ["--kv-cache-gib", str(args.kv_cache_gib)]
         env = {"SWITCHYARD_DEV_KEY": KEY, "XDG_CONFIG_HOME": str(args.out / "config"), **extra}
-        out.append(compare.Target(name, argv, env, port))
+        out.append(Target(name, argv, env, port))
     return out
 
 
 def bench(
-    target: compare.Target, args: argparse.Namespace, model_dir: Path, level: int, round_: int
+    target: Target, args: argparse.Namespace, model_dir: Path, level: int, round_: int
 ) -> dict[str, Any]:
     path = args.out / f"{target.name.replace(' ', '-')}-c{level}-r{round_}.json"
-    argv = [sys.executable, str(VLLMBENCH), "--base-url", target.base_url.removesuffix("/v1")]
-    argv += ["--model", args.model_name, "--tokenizer", str(model_dir), "--api-key", KEY]
+    argv = ["--base-url", target.base_url.removesuffix("/v1"), "--model", args.model_name]
+    argv += ["--tokenizer", str(model_dir), "--api-key", KEY]
     argv += ["--concurrency", str(level), "--num-prompts", str(args.num_prompts), "--json", str(path)]
     argv += ["--input-len", str(args.input_len), "--output-len", str(args.output_len)]
     wall, steal = time.monotonic(), proctree.machine_steal()
-    subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, timeout=3600)
+    runner.client("vllmbench", argv, quiet=True, timeout=3600)
     stolen = (proctree.machine_steal() - steal) / ((time.monotonic() - wall) * (os.cpu_count() or 1))
     result = dict(json.loads(path.read_text())) if path.exists() else {"failed": args.num_prompts}
     return result | {"host_steal_pct": 100 * stolen}
 
 
-def run(
-    target: compare.Target, args: argparse.Namespace, model_dir: Path, round_: int
-) -> dict[str, dict[str, Any]]:
+def run(target: Target, args: argparse.Namespace, model_dir: Path, round_: int) -> dict[str, dict[str, Any]]:
     log = args.out / f"{target.name.replace(' ', '-')}-r{round_}.log"
     print(f"=== {target.name}, round {round_}: {' '.join(target.argv)}", flush=True)
-    proc = compare.start_server(target, log)
-    try:
-        compare.wait_ready(proc, target, args.model_name, KEY, 600, log)
+    with runner.running(target, log) as proc:
+        runner.wait_ready(proc, target, args.model_name, KEY, 600, log)
         results = {}
         for level in args.concurrency:
             results[str(level)] = bench(target, args, model_dir, level, round_)
             print(f"{target.name} at {level}: {json.dumps(results[str(level)])}", flush=True)
         return results
-    finally:
-        print(f"{target.name} stopped by {proctree.stop_tree(proc)}", flush=True)
 
 
 def medians(rounds: list[dict[str, dict[str, dict[str, Any]]]]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -121,14 +110,7 @@ def round_ratio(round_: dict[str, dict[str, dict[str, Any]]], name: str, base: s
 
 def table(results: dict[str, dict[str, dict[str, Any]]], levels: list[int]) -> str:
     names = list(results)
-    rows = [
-        "| streams | figure | "
-        + " | ".join(names)
-        + " | "
-        + " | ".join(f"{n} / vllm serve" for n in names[1:])
-        + " |"
-    ]
-    rows.append("| ---: | --- |" + " ---: |" * (2 * len(names) - 1))
+    rows = [["streams", "figure", *names, *(f"{n} / vllm serve" for n in names[1:])]]
     for level in levels:
         for key, label in FIGURES:
             values = [results[n].get(str(level), {}).get(key) for n in names]
@@ -139,8 +121,8 @@ def table(results: dict[str, dict[str, dict[str, Any]]], levels: list[int]) -> s
                 f"{v / base:.2f}" if comparable and isinstance(v, int | float) and base else "-"
                 for v in values[1:]
             ]
-            rows.append(f"| {level} | {label} | " + " | ".join(cells + ratios) + " |")
-    return "\n".join(rows)
+            rows.append([str(level), label, *cells, *ratios])
+    return markdown_table(rows, "rl" + "r" * (2 * len(names) - 1))
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
@@ -149,8 +131,9 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    stamp = datetime.now(UTC).strftime("%Y-%m-%d")
-    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m loadtest defaults", description=(__doc__ or "").splitlines()[0]
+    )
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[4, 64])
     p.add_argument("--num-prompts", type=int, default=400)
     p.add_argument("--repeat", type=int, default=1, help="rounds, servers in alternating order")
@@ -162,7 +145,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model-dir", type=Path)
     p.add_argument("--model-name", default="switchyard-demo")
     p.add_argument("--variant", type=parse_variant, action="append", default=[])
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "loadtest" / "results" / f"{stamp}-defaults")
+    p.add_argument("--out", type=Path, default=results_dir("defaults"))
     return p.parse_args(argv)
 
 
@@ -209,10 +192,6 @@ def main(argv: list[str] | None = None) -> int:
         ]
     )
     (args.out / "summary.md").write_text(text)
-    (args.out / "defaults.json").write_text(json.dumps({"medians": results, "rounds": rounds}, indent=1))
+    (args.out / "defaults.json").write_text(json_text({"medians": results, "rounds": rounds}))
     print(text)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -37,10 +37,11 @@ waiting in A's stream are reported. What B still pays under the flood is the wai
 and a busier engine (its prompt shares a batch of 16 instead of about 4, and every step costs
 more), which no queueing policy removes short of leaving the engine idle.
 
-By default the system is started the way ``compare.py`` starts it (``switchyard up``: embedded
-Redis, one gateway, ``--workers`` workers on the demo model, compare.py's engine settings) and
-stopped at the end; ``--base-url`` with ``--key-a`` and ``--key-b`` uses a running one instead
-(``--redis-url`` adds the queue figures; its workers' capacity is whatever they were started with).
+By default the system is started the way compare starts it (``runner.switchyard_system``:
+``switchyard up`` with an embedded Redis, one gateway, ``--workers`` workers on the demo model,
+compare's engine settings) and stopped at the end; ``--base-url`` with ``--key-a`` and ``--key-b``
+uses a running one instead (``--redis-url`` adds the queue figures; its workers' capacity is
+whatever they were started with).
 
 ``--engine sim`` runs the workers on the simulated engine instead (``simfleet.py``: real gateway,
 worker and Redis processes; ``--sim-preset``, ``--sim-speed``): it takes the time a GPU would and
@@ -48,11 +49,11 @@ next to no CPU, so what is left between B and its first token is queueing and sc
 flood's client and engine competing with everything for this host's cores. B's streams default to
 4 per worker and A's to 10 times B's, so that with more workers the flood still outgrows them all.
 
-    python loadtest/fairness.py                              # B 4 streams, A 40, capacity 16, 45 s
-    python loadtest/fairness.py --engine sim --workers 4     # B 16, A 160, four simulated workers
-    python loadtest/fairness.py --engine sim --pause 0.1 --worker-setting SWITCHYARD_PREFILL_PER_TENANT=1
-    python loadtest/fairness.py --flooder-priority batch --out fairness.json
-    python loadtest/fairness.py --base-url http://127.0.0.1:8000/v1 --key-a sy-... --key-b sy-... \\
+    python -m loadtest fairness                              # B 4 streams, A 40, capacity 16, 45 s
+    python -m loadtest fairness --engine sim --workers 4     # B 16, A 160, four simulated workers
+    python -m loadtest fairness --engine sim --pause 0.1 --worker-setting SWITCHYARD_PREFILL_PER_TENANT=1
+    python -m loadtest fairness --flooder-priority batch --out fairness.json
+    python -m loadtest fairness --base-url http://127.0.0.1:8000/v1 --key-a sy-... --key-b sy-... \\
         --redis-url redis://127.0.0.1:6379/0
 
 Exit status: 0 when every request succeeded, 1 otherwise, 2 when the run could not start.
@@ -71,36 +72,26 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import httpx
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-try:  # run as a script, python loadtest/fairness.py: this directory is on sys.path
-    import bench
-    import compare
-    import fairreport
-    import proctree
-    import simfleet
-    from benchreport import DEFAULT_TIMEOUT_S, BenchConfig, RequestResult, summarize
-except ModuleNotFoundError:  # imported as loadtest.fairness from the repository root
-    from loadtest import bench, compare, fairreport, proctree, simfleet  # type: ignore[no-redef]
-    from loadtest.benchreport import (  # type: ignore[no-redef]
-        DEFAULT_TIMEOUT_S,
-        BenchConfig,
-        RequestResult,
-        summarize,
-    )
+from loadtest import bench, fairreport, proctree, runner, simfleet
+from loadtest.benchreport import (
+    DEFAULT_TIMEOUT_S,
+    BenchConfig,
+    RequestResult,
+    summarize,
+    window_tokens_per_s,
+)
+from loadtest.report import write_raw
+from shared.fleet import gather
+from shared.names import Names
+from shared.settings import RedisSettings
+from shared.tenants import Tenant, TenantStore
 
-if TYPE_CHECKING:
-    from shared.names import Names
-    from shared.settings import RedisSettings
-    from shared.tenants import Priority
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = str(Path(__file__).resolve())
-FLOODER, VICTIM = "flooder", "victim"  # tenant names when this script creates them
+FLOODER, VICTIM = "flooder", "victim"  # tenant names when this study creates them
 SAMPLE_INTERVAL = 0.5
 
 
@@ -127,8 +118,6 @@ class QueueProbe:
     @classmethod
     async def connect(cls, settings: RedisSettings, model: str, key_a: str, key_b: str) -> QueueProbe:
         """Find the keys' tenants, hence their streams."""
-        from shared.tenants import TenantStore
-
         redis = Redis.from_url(settings.redis_url, socket_connect_timeout=3)
         store = TenantStore(redis, settings.names)
         tenants = [await store.authenticate(key) for key in (key_a, key_b)]
@@ -142,8 +131,6 @@ class QueueProbe:
 
     async def snapshot(self, t: float) -> tuple[fairreport.QueueSample, int]:
         """One sample at phase time ``t``, and the live workers' total capacity."""
-        from shared.fleet import gather
-
         snap = await gather(self.redis, self.names)
         streams = {s.tenant: s for s in snap.streams if s.model == self.model}
         workers = [w for w in snap.workers if w.model == self.model and w.live]
@@ -283,7 +270,7 @@ class Phase:
 
 
 FLOOD_CHILD = "--flood-child"
-"""First argument of this script run as A's client (see :class:`FloodProcess`)."""
+"""First argument of this study run as A's client (see :class:`FloodProcess`)."""
 
 Finish = Callable[[], Awaitable[tuple[list[RequestResult], float, float | None]]]
 """Ends a flood: A starts no more requests; its results, wall time and client CPU seconds (None
@@ -304,7 +291,7 @@ class FloodProcess:
     async def start(cls, loads: Loads, ramp: float) -> FloodProcess:
         """Start it and return once its client is ready to send."""
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, SCRIPT, FLOOD_CHILD,
+            sys.executable, "-m", "loadtest", "fairness", FLOOD_CHILD, cwd=runner.REPO_ROOT,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
         assert proc.stdin is not None and proc.stdout is not None
@@ -447,16 +434,11 @@ async def run_phases(args: argparse.Namespace, setup: Setup) -> fairreport.Fairn
     samples_flood: list[fairreport.QueueSample] = []
     try:
         async with bench.make_client(cfg_a) as client_a, bench.make_client(cfg_b) as client_b:
-            words = await bench.calibrate_words(client_b, cfg_b)
+            words, warm_errors = await bench.warm_up(client_b, cfg_b)
             loads = Loads(
                 cfg_a, cfg_b, client_a, client_b, words, args.ramp, args.pause,
                 flood_process=not args.one_client, uvloop=not args.no_uvloop,
             )  # fmt: skip
-            warm: list[RequestResult] = []
-            if args.warmup:
-                warm, _ = await bench.run_closed_loop(
-                    client_b, cfg_b, words, args.warmup, cfg_b.concurrency, "w"
-                )
             capacity = await probe.capacity() if probe else None
             victim_name = probe.victim if probe else VICTIM
 
@@ -495,13 +477,13 @@ async def run_phases(args: argparse.Namespace, setup: Setup) -> fairreport.Fairn
     options = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if "key" not in k}
     return fairreport.FairnessReport(
         options=options | {"base_url": setup.base_url, "model": setup.model, "prompt_words": words},
-        alone=summarize(cfg_b, words, alone.results, alone.wall, alone.cpu, sum(not r.ok for r in warm)),
+        alone=summarize(cfg_b, words, alone.results, alone.wall, alone.cpu, warm_errors),
         victim=summarize(cfg_b, words, victim.results, victim.wall, victim.cpu, 0),
         flooder=summarize(cfg_a, words, flooder.results, flooder.wall, flooder.cpu, 0),
         shared_queue=None
         if shared is None
         else summarize(cfg_b, words, shared.results, shared.wall, shared.cpu, 0),
-        flood_tokens_per_s=fairreport.window_tokens_per_s([*flooder.results, *victim.results], start, end),
+        flood_tokens_per_s=window_tokens_per_s([*flooder.results, *victim.results], start, end),
         queue_alone=fairreport.queue_summary(samples_alone, 0.0, alone.wall),
         queue_flood=fairreport.queue_summary(samples_flood, start - t0, end - t0),
         worker_capacity=capacity,
@@ -512,59 +494,24 @@ async def run_phases(args: argparse.Namespace, setup: Setup) -> fairreport.Fairn
     )
 
 
-def first_model(base_url: str, key: str) -> str:
-    """The first model a running system lists."""
-    headers = {"Authorization": f"Bearer {key}"}
-    resp = httpx.get(f"{base_url.rstrip('/')}/models", headers=headers, timeout=10, trust_env=False)
-    resp.raise_for_status()
-    models = [m["id"] for m in resp.json().get("data", [])]
-    if not models:
-        raise RuntimeError(f"{base_url} serves no model yet")
-    return str(models[0])
-
-
-def create_tenants(settings: RedisSettings, flooder_priority: Priority) -> tuple[str, str]:
-    """Tenants A and B with no limits, and a new key for each."""
-    from control.keys import create
-    from shared.tenants import Tenant
-
-    key_a = create(settings, Tenant(name=FLOODER, priority=flooder_priority))
-    key_b = create(settings, Tenant(name=VICTIM, priority="interactive"))
-    return key_a, key_b
-
-
 def run_started_system(args: argparse.Namespace) -> fairreport.FairnessReport:
     """Start ``switchyard up`` with a small capacity, run both phases, always stop it."""
-    from shared.settings import RedisSettings
-    from shared.tenants import new_key
-
-    model_dir = compare.resolve_model(args)
-    engine = compare.EngineSettings(max_num_seqs=args.capacity)
-    ready_key = new_key()[1]  # the dev tenant's, only to poll readiness
-    target = compare.switchyard_target(
-        compare.DEFAULT_SWITCHYARD_CMD + f" --workers {args.workers}", engine, model_dir, args.model_name,
-        ready_key,
-    )  # fmt: skip
-    assert target.redis_url is not None
+    model_dir, args.model_name = runner.resolve_model(args.model_dir, args.model_name)
     log = args.log or Path(tempfile.mkdtemp(prefix="switchyard-fairness-")) / "system.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    print(f"starting: {' '.join(target.argv)} (log: {log})", flush=True)
-    proc = compare.start_server(target, log)
-    try:
-        ready = compare.wait_ready(proc, target, args.model_name, ready_key, args.ready_timeout, log)
-        print(f"ready after {ready:.0f} s", flush=True)
-        redis = RedisSettings(redis_url=target.redis_url)  # the prefix as the system reads it: env
-        key_a, key_b = create_tenants(redis, args.flooder_priority)
-        setup = Setup(target.base_url, args.model_name, key_a, key_b, redis, {"system": proc.pid})
+    with runner.switchyard_system(
+        model_dir, args.model_name, args.capacity, args.workers, log, args.ready_timeout
+    ) as system:
+        redis = RedisSettings(redis_url=system.redis_url)  # the prefix as the system reads it: env
+        key_a, key_b = runner.add_tenants(
+            redis, Tenant(name=FLOODER, priority=args.flooder_priority), Tenant(name=VICTIM)
+        )
+        base_url, pid = system.target.base_url, system.proc.pid
+        setup = Setup(base_url, args.model_name, key_a, key_b, redis, {"system": pid})
         return bench.run_on_loop(run_phases(args, setup), not args.no_uvloop)
-    finally:
-        print(f"system stopped by {proctree.stop_tree(proc)}", flush=True)
 
 
 def run_simulated_system(args: argparse.Namespace) -> fairreport.FairnessReport:
     """Start a simulated fleet (Redis, a gateway, ``--workers`` workers), run the phases, stop it."""
-    from shared.settings import RedisSettings
-
     tokenizer = {} if args.model_dir is None else {"model": str(args.model_dir.resolve())}
     name = args.model_name or (args.model_dir.name if args.model_dir else None)
     spec = simfleet.FleetSpec(
@@ -579,15 +526,13 @@ def run_simulated_system(args: argparse.Namespace) -> fairreport.FairnessReport:
     with simfleet.SimFleet(spec, logs) as fleet:
         key_a = fleet.add_tenant(FLOODER, args.flooder_priority)
         key_b = fleet.add_tenant(VICTIM)
-        redis = RedisSettings(redis_url=fleet.redis_url)
+        redis = fleet.settings
         setup = Setup(f"{fleet.base_url}/v1", spec.served_name, key_a, key_b, redis, fleet.processes())
         return bench.run_on_loop(run_phases(args, setup), not args.no_uvloop)
 
 
 def run_given_system(args: argparse.Namespace) -> fairreport.FairnessReport:
-    from shared.settings import RedisSettings
-
-    model = args.model_name or first_model(args.base_url, args.key_b)
+    model = args.model_name or runner.first_model(args.base_url, args.key_b)
     redis = None
     if args.redis_url:
         prefix = {"key_prefix": args.key_prefix} if args.key_prefix else {}
@@ -597,7 +542,7 @@ def run_given_system(args: argparse.Namespace) -> fairreport.FairnessReport:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m loadtest fairness", description=__doc__.splitlines()[0])
     add = p.add_argument
     add("--base-url", help="a running system, e.g. http://127.0.0.1:8000/v1 (default: start one)")
     add("--key-a", help="with --base-url: the flooding tenant's key")
@@ -620,7 +565,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="with --engine sim: a SWITCHYARD_* setting for the gateway, e.g. "
         "SWITCHYARD_PROCESSES=2 (repeatable)")  # fmt: skip
     add("--flooder-priority", choices=["interactive", "batch"], default="interactive",
-        help="A's priority class when this script creates the tenants; B is interactive")  # fmt: skip
+        help="A's priority class when this study creates the tenants; B is interactive")  # fmt: skip
     add("--concurrency", type=int, help="B's streams (default: 4 per worker)")
     add("--flood-concurrency", type=int, help="A's streams (default: 10x B's)")
     add("--duration", type=float, default=45.0, help="seconds B is measured in each phase (default: 45)")
@@ -643,7 +588,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="per-request read timeout (s)")
     add("--ready-timeout", type=float, default=300.0, help="seconds to wait for the started system")
     add("--log", type=Path, help="the started system's output (default: in a temporary directory)")
-    add("--out", type=Path, help="write every figure to this JSON file")
+    add("--out", type=Path,
+        help="write every figure, each request's too, gzip-compressed, as NAME.gz")  # fmt: skip
     add("--no-uvloop", action="store_true")
     args = p.parse_args(argv)
     if args.concurrency is None:
@@ -673,8 +619,6 @@ def main(argv: list[str] | None = None) -> int:
     if (sys.argv[1:] if argv is None else argv)[:1] == [FLOOD_CHILD]:
         return flood_child()
     args = parse_args(argv)
-    if str(REPO_ROOT) not in sys.path:  # this checkout's packages, even if another one is installed
-        sys.path.insert(0, str(REPO_ROOT))
     try:
         if args.base_url:
             rep = run_given_system(args)
@@ -682,17 +626,11 @@ def main(argv: list[str] | None = None) -> int:
             rep = run_simulated_system(args)
         else:
             rep = run_started_system(args)
-    except (compare.ServerError, RuntimeError, httpx.HTTPError, RedisError, OSError) as exc:
+    except (runner.ServerError, RuntimeError, httpx.HTTPError, RedisError, OSError) as exc:
         print(f"fairness: cannot run: {exc}", file=sys.stderr)
         return 2
     print()
     print(fairreport.render_text(rep))
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(fairreport.to_json(rep))
-        print(f"wrote {args.out}")
+        print(f"wrote {write_raw(args.out, fairreport.to_json(rep))}")
     return 1 if sum(r.errors for r in rep.runs) + rep.alone.warmup_errors else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

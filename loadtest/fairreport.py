@@ -6,20 +6,12 @@ described in ``fairness.py``. Tenant A is the flooder, tenant B the victim.
 
 from __future__ import annotations
 
-import json
-import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-try:  # run as a script from loadtest/: this directory is on sys.path
-    import comparison
-    from benchreport import BenchReport, RequestResult, json_ready, mean
-    from comparison import fmt, ratio
-except ModuleNotFoundError:  # imported as loadtest.fairreport from the repository root
-    from loadtest import comparison  # type: ignore[no-redef]
-    from loadtest.benchreport import BenchReport, RequestResult, json_ready, mean  # type: ignore[no-redef]
-    from loadtest.comparison import fmt, ratio  # type: ignore[no-redef]
+from loadtest.benchreport import BenchReport
+from loadtest.report import fmt, json_text, mean, ratio, text_table
 
 
 @dataclass(frozen=True)
@@ -63,18 +55,6 @@ def queue_summary(samples: Sequence[QueueSample], start: float, end: float) -> d
         "engine_running_mean": average([s.engine_running for s in inside]),
         "engine_waiting_max": peak([s.engine_waiting for s in inside]),
     }
-
-
-def window_tokens_per_s(results: Iterable[RequestResult], start: float, end: float) -> float:
-    """Output tokens/s of the successful requests that finished in [start, end] (perf_counter times).
-
-    Closed loops finish requests steadily, so counting whole requests by their end errs by at most
-    one request per stream at each edge of the window.
-    """
-    if end <= start:
-        return math.nan
-    tokens = sum(r.output_tokens for r in results if r.ok and start <= r.sent + r.latency <= end)
-    return tokens / (end - start)
 
 
 @dataclass
@@ -230,7 +210,7 @@ def notes(rep: FairnessReport) -> list[str]:
 
 
 def render_text(rep: FairnessReport) -> str:
-    table = comparison.render_text(table_rows(rep))
+    table = text_table(table_rows(rep))
     return "\n".join([headline(rep), "", table, *(f"- {n}" for n in notes(rep))])
 
 
@@ -240,4 +220,4 @@ def to_json(rep: FairnessReport) -> str:
         "ttft_p95_ratio": rep.ttft_p95_ratio,
         "shared_ttft_p95_ratio": rep.shared_ttft_p95_ratio,
     }
-    return json.dumps(json_ready(doc), indent=2) + "\n"
+    return json_text(doc)

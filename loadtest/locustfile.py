@@ -28,19 +28,20 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import sys
 import time
+from pathlib import Path
 from typing import Any, ClassVar
 
 from locust import FastHttpUser, constant, events, task
 from locust import stats as locust_stats
 from locust.env import Environment
 
-try:  # Locust puts the locustfile's directory on sys.path
-    import workload as wl
-    from bench import RequestResult, handle_event
-except ModuleNotFoundError:  # imported as loadtest.locustfile from the repository root
-    from loadtest import workload as wl  # type: ignore[no-redef]
-    from loadtest.bench import RequestResult, handle_event  # type: ignore[no-redef]
+if str(Path(__file__).resolve().parent.parent) not in sys.path:  # Locust loads this file by path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from loadtest import workload as wl
+from loadtest.bench import RequestResult, handle_event
 
 REQUEST_NAME = wl.CHAT_PATH
 TTFT, TPOT, TOKENS = "TTFT", "TPOT", "TOKENS/S"

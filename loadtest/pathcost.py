@@ -1,8 +1,8 @@
 """What the serving path costs per token: CPU time per 1,000 output tokens of each of its parts.
 
-    python loadtest/pathcost.py                              # 64, 256, 1,024 streams, both servers
-    python loadtest/pathcost.py --streams 64 --no-vllm       # Switchyard only
-    python loadtest/pathcost.py --gateway-processes 1,2 --sim-speed 20 --streams 1024  # the ceiling
+    python -m loadtest pathcost                              # 64, 256, 1,024 streams, both servers
+    python -m loadtest pathcost --streams 64 --no-vllm       # Switchyard only
+    python -m loadtest pathcost --gateway-processes 1,2 --sim-speed 20 --streams 1024  # the ceiling
 
 Switchyard runs with the simulated engine (``switchyard up --engine sim``): no model computes, so
 what is measured is the path itself: the gateway process(es), Redis, and the worker (its own code
@@ -14,33 +14,26 @@ Both are driven by the same closed-loop client (``bench.py``); its CPU is report
 Per level: output tokens/s, CPU ms per 1,000 output tokens of every part and of the whole path, the
 busiest part's share of a core (what saturates first), tokens per SSE event, and Redis messages
 (PUBLISH, including those inside scripts) per token. Written as ``pathcost.json`` and ``summary.md``
-under ``--out``.
+under ``--out``, beside each server's log and the client's raw reports (gzip-compressed).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, cast
 
-import psutil
 import redis
 
-try:  # run as a script, python loadtest/pathcost.py: this directory is on sys.path
-    import compare
-    import proctree
-except ModuleNotFoundError:  # imported as loadtest.pathcost from the repository root
-    from loadtest import compare, proctree  # type: ignore[no-redef]
-
 from control.processes import free_port
+from loadtest import proctree, runner
+from loadtest.report import fmt, json_text, markdown_table, raw, read_json, results_dir
+from loadtest.runner import Target
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-BENCH = Path(__file__).resolve().parent / "bench.py"
 KEY = "sy-0123456789ab-pathcostpathcostpathcostpathcostpathcos"
 
 
@@ -64,33 +57,22 @@ class Level:
     errors: int = 0
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        try:
-            t = psutil.Process(pid).cpu_times()
-        except psutil.Error:
-            continue
-        total += t.user + t.system
-    return total
-
-
 def published(port: int) -> int:
     """PUBLISH commands Redis has run, those inside scripts included."""
-    stats = redis.Redis(port=port).info("commandstats")
+    stats = cast(dict[str, Any], redis.Redis(port=port).info("commandstats"))  # a sync client's reply
     return int(stats.get("cmdstat_publish", {}).get("calls", 0))
 
 
-def bench(base_url: str, model: str, streams: int, requests: int, tokens: int, out: Path) -> dict:  # type: ignore[type-arg]
-    argv = [sys.executable, str(BENCH), "--base-url", base_url, "--model", model, "--api-key", KEY]
+def bench(base_url: str, model: str, streams: int, requests: int, tokens: int, out: Path) -> dict[str, Any]:
+    argv = ["--base-url", base_url, "--model", model, "--api-key", KEY]
     argv += ["--concurrency", str(streams), "--requests", str(requests), "--output-tokens", str(tokens)]
     # No calibration probes and a short warm-up: their requests would count against the measured
     # tokens' CPU (CPU is read around the whole client run).
     argv += ["--warmup", "8", "--no-calibrate", "--json", str(out)]
-    done = subprocess.run(argv, capture_output=True, text=True, cwd=REPO_ROOT, timeout=3600)
-    if not out.exists():
+    done = runner.client("bench", argv, quiet=True, timeout=3600)
+    if not raw(out).exists():
         raise RuntimeError(f"bench failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    return dict(json.loads(out.read_text()))
+    return dict(read_json(out))
 
 
 def measure(
@@ -103,13 +85,11 @@ def measure(
     redis_port: int | None,
 ) -> Level:
     requests = max(args.requests_per_stream * streams, 256)
-    before = {name: cpu_seconds(pids) for name, pids in parts.items()}
+    before = {name: proctree.own_seconds(pids) for name, pids in parts.items()}
     messages = published(redis_port) if redis_port else 0
-    report = bench(
-        base_url, model, streams, requests, args.output_tokens, args.out / f"{server}-{streams}.json"
-    )
-    after = {name: cpu_seconds(pids) for name, pids in parts.items()}
-    summary = report
+    raw_data = args.out / f"{server.replace(' ', '-')}-{streams}.json"
+    summary = bench(base_url, model, streams, requests, args.output_tokens, raw_data)
+    after = {name: proctree.own_seconds(pids) for name, pids in parts.items()}
     tokens = int(summary["output_tokens"])
     level = Level(server=server, streams=streams, tokens=tokens)
     level.wall_s = float(summary["wall_s"])
@@ -128,30 +108,6 @@ def measure(
     return level
 
 
-def children_by_role(root: int) -> dict[str, list[int]]:
-    """The processes of a ``switchyard up`` tree by role: gateway (its processes), worker, redis."""
-    roles: dict[str, list[int]] = {"gateway": [], "worker": [], "redis": []}
-    for child in psutil.Process(root).children(recursive=True):
-        try:
-            line = " ".join(child.cmdline())
-        except psutil.Error:
-            continue
-        if "redis-server" in line:
-            roles["redis"].append(child.pid)
-        elif "control.cli gateway" in line:
-            roles["gateway"].append(child.pid)
-        elif "control.cli worker" in line:
-            roles["worker"].append(child.pid)
-    return roles
-
-
-def start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            argv, env=env, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-
 def warm_up(server: str, base_url: str, args: argparse.Namespace) -> None:
     """One unmeasured run at the first level: a fresh process's first requests pay for imports,
     caches and the tokenizer's first encodes (measured: the gateway's CPU per token at 64 streams
@@ -163,24 +119,22 @@ def warm_up(server: str, base_url: str, args: argparse.Namespace) -> None:
 
 def run_switchyard(args: argparse.Namespace, processes: int) -> list[Level]:
     port, redis_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHYARD_")}
-    env |= {"SWITCHYARD_DEV_KEY": KEY, "XDG_CONFIG_HOME": str(args.out / "config")}
-    argv = [sys.executable, "-m", "control.cli", "up", "--engine", "sim", "--sim-preset", args.sim_preset]
-    argv += ["--port", str(port), "--redis-port", str(redis_port), "--workers", str(args.workers)]
-    argv += ["--capacity", str(args.capacity), "--processes", str(processes)]
+    env = {"SWITCHYARD_DEV_KEY": KEY, "XDG_CONFIG_HOME": str(args.out / "config")}
     env["SWITCHYARD_SIM_SPEED"] = str(args.sim_speed)
+    flags = ["--engine", "sim", "--sim-preset", args.sim_preset]
+    flags += ["--port", str(port), "--redis-port", str(redis_port), "--workers", str(args.workers)]
+    flags += ["--capacity", str(args.capacity), "--processes", str(processes)]
     name = "switchyard" if processes == 1 else f"switchyard --processes {processes}"
-    target = compare.Target(name, argv, env, port)
+    target = runner.up(name, flags, env, port)
     log = args.out / f"switchyard-p{processes}.log"
-    proc = start(argv, env, log)
-    base = target.base_url
-    try:
-        compare.wait_ready(proc, target, "switchyard-demo", KEY, 180, log)
-        parts = children_by_role(proc.pid)
-        warm_up(name, base, args)
-        return [measure(name, parts, base, "switchyard-demo", s, args, redis_port) for s in args.streams]
-    finally:
-        proctree.stop_tree(proc)
+    with runner.running(target, log) as proc:
+        runner.wait_ready(proc, target, "switchyard-demo", KEY, 180, log)
+        parts = runner.roles(proc.pid)
+        warm_up(name, target.base_url, args)
+        return [
+            measure(name, parts, target.base_url, "switchyard-demo", s, args, redis_port)
+            for s in args.streams
+        ]
 
 
 def run_vllm(args: argparse.Namespace) -> list[Level]:
@@ -190,21 +144,16 @@ def run_vllm(args: argparse.Namespace) -> list[Level]:
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ensure_demo_model())]
     argv += ["--served-model-name", "switchyard-demo", "--port", str(port), "--api-key", KEY]
     argv += ["--dtype", args.dtype, "--max-model-len", str(args.max_model_len)]
-    env = dict(os.environ) | {"VLLM_CPU_KVCACHE_SPACE": "1"}  # the demo model's size, as Switchyard sizes it
-    target = compare.Target("vllm api_server", argv, env, port)
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1"}  # the demo model's size, as Switchyard sizes it
+    name = "vllm api_server"
+    target = Target(name, argv, env, port)
     log = args.out / "vllm.log"
-    proc = start(argv, env, log)
-    base = target.base_url
-    try:
-        compare.wait_ready(proc, target, "switchyard-demo", KEY, 600, log)
-        warm_up("vllm api_server", base, args)
+    with runner.running(target, log) as proc:
+        runner.wait_ready(proc, target, "switchyard-demo", KEY, 600, log)
+        warm_up(name, target.base_url, args)
         # Its front end is the server process itself; the engine core and any model runner are below it.
-        return [
-            measure("vllm api_server", {"front end": [proc.pid]}, base, "switchyard-demo", s, args, None)
-            for s in args.streams
-        ]
-    finally:
-        proctree.stop_tree(proc)
+        front = {"front end": [proc.pid]}
+        return [measure(name, front, target.base_url, "switchyard-demo", s, args, None) for s in args.streams]
 
 
 def table(levels: list[Level]) -> str:
@@ -212,24 +161,21 @@ def table(levels: list[Level]) -> str:
         "server", "streams", "output tok/s", "CPU ms per 1k tokens, by part", "whole path",
         "busiest part (share of a core)", "tokens per SSE event", "Redis messages per token", "client CPU s",
     ]  # fmt: skip
-    rows = [
-        "| " + " | ".join(columns) + " |",
-        "| --- | ---: | ---: | --- | ---: | --- | ---: | ---: | ---: |",
-    ]
+    rows = [columns]
     for lv in levels:
         parts = ", ".join(f"{k} {v:.0f}" for k, v in lv.ms_per_1k.items())
-        msgs = "-" if lv.redis_messages_per_token is None else f"{lv.redis_messages_per_token:.2f}"
-        rows.append(
-            f"| {lv.server} | {lv.streams} | {lv.tokens_per_s:.0f} | {parts} | {lv.path_ms_per_1k:.0f} | "
-            f"{lv.busiest} ({lv.busiest_core_share:.2f}) | {lv.tokens_per_event:.1f} | {msgs} | "
-            f"{lv.client_cpu_s:.1f} |"
-        )
-    return "\n".join(rows)
+        rows.append([
+            lv.server, str(lv.streams), f"{lv.tokens_per_s:.0f}", parts, f"{lv.path_ms_per_1k:.0f}",
+            f"{lv.busiest} ({lv.busiest_core_share:.2f})", f"{lv.tokens_per_event:.1f}",
+            fmt(lv.redis_messages_per_token, "{:.2f}"), f"{lv.client_cpu_s:.1f}",
+        ])  # fmt: skip
+    return markdown_table(rows, "lrrlrlrrr")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    stamp = datetime.now(UTC).strftime("%Y-%m-%d")
-    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m loadtest pathcost", description=(__doc__ or "").splitlines()[0]
+    )
     p.add_argument("--streams", type=lambda s: [int(x) for x in s.split(",")], default=[64, 256, 1024])
     p.add_argument("--requests-per-stream", type=int, default=8)
     p.add_argument("--output-tokens", type=int, default=128)
@@ -241,7 +187,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-vllm", action="store_true", help="skip vLLM's own server")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "loadtest" / "results" / f"{stamp}-pathcost")
+    p.add_argument("--out", type=Path, default=results_dir("pathcost"))
     return p.parse_args(argv)
 
 
@@ -270,14 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     (args.out / "summary.md").write_text(text)
     (args.out / "pathcost.json").write_text(
-        json.dumps(
-            {"args": {k: str(v) for k, v in vars(args).items()}, "levels": [asdict(lv) for lv in levels]},
-            indent=1,
+        json_text(
+            {"args": {k: str(v) for k, v in vars(args).items()}, "levels": [asdict(lv) for lv in levels]}
         )
     )
     print(text)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

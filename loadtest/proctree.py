@@ -7,15 +7,13 @@ are found by walking parent pids, not by process group.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import resource
 import signal
 import subprocess
-import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -25,14 +23,12 @@ from control.processes import group_alive, wait_until
 # (signal, seconds to wait for the server's process group to go) — escalated in this order.
 STOP_SEQUENCE = ((signal.SIGINT, 20.0), (signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0))
 LEFTOVER_GRACE_S = 5.0
-REPO_ROOT = Path(__file__).resolve().parent.parent
-UP_BANNER = "Press Ctrl-C to stop."
-"""What ``switchyard up`` prints once the whole system serves."""
 
 
 class ProcessInfo(NamedTuple):
     ppid: int
     ticks: int  # CPU clock ticks used, user + system, including reaped children
+    own_ticks: int  # the same of the process alone
     zombie: bool  # exited, not yet reaped: nothing left to stop
 
 
@@ -46,8 +42,9 @@ def read_process_table() -> ProcessTable:
             fields = stat.read_text().rsplit(")", 1)[1].split()  # the command name may hold spaces
         except OSError:  # the process ended while we looked
             continue
-        ticks = sum(int(v) for v in fields[11:15])
-        table[int(stat.parent.name)] = ProcessInfo(int(fields[1]), ticks, fields[0] == "Z")
+        own = int(fields[11]) + int(fields[12])  # utime, stime; then the reaped children's
+        ticks = own + int(fields[13]) + int(fields[14])
+        table[int(stat.parent.name)] = ProcessInfo(int(fields[1]), ticks, own, fields[0] == "Z")
     return table
 
 
@@ -102,6 +99,21 @@ def machine_steal() -> float:
 def tree_seconds(root: int, table: ProcessTable) -> float:
     """CPU seconds used by ``root`` and every process below it (reaped children included)."""
     return sum(table[pid].ticks for pid in descendants(root, table)) / os.sysconf("SC_CLK_TCK")
+
+
+def own_seconds(pids: Iterable[int]) -> float:
+    """CPU seconds used by the processes ``pids`` themselves (not their children), those still listed."""
+    table = read_process_table()
+    return sum(table[pid].own_ticks for pid in pids if pid in table) / os.sysconf("SC_CLK_TCK")
+
+
+def command_line(pid: int) -> str:
+    """A process's arguments joined by spaces ("" once it has gone)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return ""
+    return raw.replace(b"\0", b" ").decode(errors="replace").strip()
 
 
 def cpu_sample(server_pid: int) -> CpuSample:
@@ -178,35 +190,3 @@ def cores(before: dict[str, float], after: dict[str, float], wall: float) -> dic
     used = {k: (after[k] - before.get(k, 0.0)) / wall for k in after} if wall > 0 else {}
     ours = sum(v for k, v in used.items() if k != "host")
     return used | {"other": max(0.0, used.get("host", 0.0) - ours)}
-
-
-class UpFailed(RuntimeError):
-    """``switchyard up`` exited or was not ready in time."""
-
-
-@contextlib.contextmanager
-def switchyard_up(
-    flags: list[str], env: dict[str, str], log: Path, timeout: float = 600.0
-) -> Iterator[subprocess.Popen[bytes]]:
-    """``switchyard up`` with ``flags``, in a session of its own, output to ``log``: this process's
-    environment without its ``SWITCHYARD_`` variables (the script decides every setting), plus
-    ``env``. Yields once ``up`` says the system serves; stopped with :func:`stop_tree` afterwards.
-    Raises :class:`UpFailed`, with the log's tail, when it exits or is not ready within ``timeout``."""
-    full = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHYARD_")} | env
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "control.cli", "up", *flags], env=full, cwd=REPO_ROOT,
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-    try:
-
-        def started() -> bool:
-            if proc.poll() is not None:
-                raise UpFailed(f"switchyard up exited:\n{log.read_text(errors='replace')[-3000:]}")
-            return UP_BANNER in log.read_text(errors="replace")
-
-        if not wait_until(started, timeout, 1.0):
-            raise UpFailed(f"switchyard up not ready after {timeout:.0f}s:\n{log.read_text()[-3000:]}")
-        yield proc
-    finally:
-        stop_tree(proc)

@@ -24,7 +24,8 @@ Method
 * Reported: a table per N, whether N workers give >= 0.9 N times one worker's tokens/s and jobs per
   worker within ±15% of the mean, and where the path saturated (the gateway, Redis or the client
   near a whole core, or the host's CPUs all busy). Writes ``scale.json``, ``scale.png`` and
-  ``summary.md`` to ``--out`` (``loadtest/results/<date>-scale/`` by default) with every process's log.
+  ``summary.md`` to ``--out`` (``loadtest/results/<date>-scale/`` by default) with every process's log
+  (gzip-compressed, ``logs/<N>-workers/*.log.gz``).
 
 Defaults: the ``l4`` preset at 2x, capacity 64, 32 streams per worker, 128 output tokens. One such
 worker generates about 750 tokens/s, and gateway, Redis, worker and client together spend about
@@ -32,8 +33,8 @@ worker generates about 750 tokens/s, and gateway, Redis, worker and client toget
 the host room, so they measure the workers' scaling, and 8 to 16 reach the host's limit, so the
 report shows where the path saturates and which process gives out first.
 
-    python loadtest/scale.py                                  # 1, 2, 4, 8, 16 workers
-    python loadtest/scale.py --workers 1,2 --duration 10 --warmup 5 --out /tmp/scale
+    python -m loadtest scale                                  # 1, 2, 4, 8, 16 workers
+    python -m loadtest scale --workers 1,2 --duration 10 --warmup 5 --out /tmp/scale
 
 Exit status: 0 when every request succeeded, 1 otherwise, 2 when a fleet could not start.
 """
@@ -53,26 +54,10 @@ from pathlib import Path
 
 import httpx
 
-try:  # run as a script, python loadtest/scale.py: this directory is on sys.path
-    import simfleet  # first: it puts this checkout's packages on sys.path
-except ModuleNotFoundError:  # imported as loadtest.scale from the repository root
-    from loadtest import simfleet  # type: ignore[no-redef]
+from loadtest import bench, proctree, runner, scalereport, simfleet
+from loadtest.benchreport import DEFAULT_TIMEOUT_S, BenchConfig, RequestResult, window_tokens_per_s
+from loadtest.report import percentile, results_dir
 
-try:
-    import bench
-    import proctree
-    import scalereport
-    from benchreport import DEFAULT_TIMEOUT_S, BenchConfig, RequestResult, percentile
-except ModuleNotFoundError:
-    from loadtest import bench, proctree, scalereport  # type: ignore[no-redef]
-    from loadtest.benchreport import (  # type: ignore[no-redef]
-        DEFAULT_TIMEOUT_S,
-        BenchConfig,
-        RequestResult,
-        percentile,
-    )
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 BURST_TOKENS = 16
 BURST_WORDS = 24
 
@@ -92,8 +77,8 @@ async def worker_counters(
 ) -> tuple[list[float], list[float]]:
     """Jobs completed and tokens generated so far, per worker."""
     texts = await asyncio.gather(*(http.get(w.metrics_url or "") for w in fleet.workers))
-    jobs = [simfleet.counter(t.text, "switchyard:worker_jobs", outcome="completed") for t in texts]
-    tokens = [simfleet.counter(t.text, "switchyard:worker_generation_tokens") for t in texts]
+    jobs = [runner.counter(t.text, "switchyard:worker_jobs", outcome="completed") for t in texts]
+    tokens = [runner.counter(t.text, "switchyard:worker_generation_tokens") for t in texts]
     return jobs, tokens
 
 
@@ -176,7 +161,7 @@ async def measure(args: argparse.Namespace, fleet: simfleet.SimFleet, keys: list
         streams=streams,
         window_s=window,
         tokens_per_s=(sum(after.tokens) - sum(before.tokens)) / window,
-        client_tokens_per_s=scalereport.window_tokens_per_s(results, before.at, after.at),
+        client_tokens_per_s=window_tokens_per_s(results, before.at, after.at),
         requests_ok=len(inside) - len(errors),
         errors=len(errors),
         ttft_p50_ms=percentile(ttft, 50),
@@ -205,8 +190,9 @@ def parse_workers(text: str) -> list[int]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    stamp = datetime.now(UTC).strftime("%Y-%m-%d")
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p = argparse.ArgumentParser(
+        prog="python -m loadtest scale", description=__doc__.splitlines()[0] if __doc__ else None
+    )
     add = p.add_argument
     add("--workers", type=parse_workers, default=[1, 2, 4, 8, 16], help="fleet sizes (default: 1,2,4,8,16)")
     add("--preset", default="l4", choices=["l4", "a100", "h100", "cpu-demo"],
@@ -221,7 +207,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--warmup", type=float, default=15.0, help="seconds of load before the window (default: 15)")
     add("--duration", type=float, default=40.0, help="seconds measured per fleet size (default: 40)")
     add("--seed", type=int, default=0)
-    add("--out", type=Path, default=REPO_ROOT / "loadtest" / "results" / f"{stamp}-scale")
+    add("--out", type=Path, default=results_dir("scale"))
     args = p.parse_args(argv)
     if min(args.capacity, args.streams_per_worker, args.tenants, args.prompt_tokens, args.output_tokens) < 1:
         p.error("capacity, streams per worker, tenants, prompt and output tokens must be >= 1")
@@ -231,14 +217,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv
+    args = parse_args(given)
     args.out.mkdir(parents=True, exist_ok=True)
     from worker.demo_model import ensure_demo_model
 
     ensure_demo_model()  # once here, not in every worker at once
     meta = {
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": shlex.join(["python", "loadtest/scale.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": shlex.join(["python", "-m", "loadtest", "scale", *given]),
         "host_cpus": os.cpu_count(),
     } | {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     report = scalereport.ScaleReport(meta, [])
@@ -261,7 +248,3 @@ def main(argv: list[str] | None = None) -> int:
     print(scalereport.render_text_report(report))
     print(f"\nwrote {args.out / 'summary.md'}, scale.json and scale.png")
     return 1 if any(lv.errors for lv in report.levels) else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

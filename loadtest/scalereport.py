@@ -6,23 +6,17 @@ The method (what is started, what load, which window) is described in ``scale.py
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-try:  # run as a script from loadtest/: this directory is on sys.path
-    from benchreport import RequestResult, json_ready, mean
-    from comparison import fmt, render_markdown, render_text
-except ModuleNotFoundError:  # imported as loadtest.scalereport from the repository root
-    from loadtest.benchreport import (  # type: ignore[no-redef]
-        RequestResult,
-        json_ready,
-        mean,
-    )
-    from loadtest.comparison import fmt, render_markdown, render_text  # type: ignore[no-redef]
+from loadtest.benchreport import RequestResult
+from loadtest.report import chart, fmt, json_text, markdown_table, mean, text_table
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 SCALING_TARGET = 0.9
 """N workers should give at least this times N times one worker's output tokens/s."""
@@ -74,14 +68,6 @@ class ScaleReport:
     def base(self) -> Level | None:
         """The one-worker level, the baseline."""
         return next((lv for lv in self.levels if lv.workers == 1), None)
-
-
-def window_tokens_per_s(results: Iterable[RequestResult], start: float, end: float) -> float:
-    """Output tokens/s of the successful requests that finished in [start, end] (perf_counter times)."""
-    if end <= start:
-        return math.nan
-    tokens = sum(r.output_tokens for r in results if r.ok and start <= r.sent + r.latency <= end)
-    return tokens / (end - start)
 
 
 def ttfts_ms(results: Iterable[RequestResult], start: float, end: float) -> list[float]:
@@ -188,7 +174,7 @@ def verdicts(report: ScaleReport) -> list[str]:
 
 
 def render_text_report(report: ScaleReport) -> str:
-    return "\n".join([render_text(table_rows(report)), "", *(f"- {v}" for v in verdicts(report))])
+    return "\n".join([text_table(table_rows(report)), "", *(f"- {v}" for v in verdicts(report))])
 
 
 def render_summary(report: ScaleReport) -> str:
@@ -211,7 +197,7 @@ def render_summary(report: ScaleReport) -> str:
         "distance from their mean; CPU in cores over the window (workers: all of them; other: busy "
         "time no process of the benchmark used).",
         "",
-        render_markdown(table_rows(report)),
+        markdown_table(table_rows(report)),
         "",
         *(f"- {v}" for v in verdicts(report)),
         "",
@@ -226,29 +212,33 @@ def to_json(report: ScaleReport) -> str:
         "imbalance": {str(lv.workers): imbalance(lv.jobs) for lv in report.levels},
         "verdicts": verdicts(report),
     }
-    return json.dumps(json_ready(doc), indent=2) + "\n"
+    return json_text(doc)
 
 
 def write_chart(report: ScaleReport, path: Path) -> None:
     """Tokens/s against N with the N x and 0.9 N x lines; jobs per worker over their mean; CPU."""
-    import matplotlib
+    with chart(path, 1, 3, figsize=(16, 4.8)) as (_, (speed, balance, cpu)):
+        plot_throughput(speed, report)
+        plot_balance(balance, report)
+        plot_cpu(cpu, report)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, (speed, balance, cpu) = plt.subplots(1, 3, figsize=(16, 4.8))
+def plot_throughput(ax: Axes, report: ScaleReport) -> None:
     ns = [lv.workers for lv in report.levels]
-    speed.plot(ns, [lv.tokens_per_s for lv in report.levels], marker="o", label="measured")
+    ax.plot(ns, [lv.tokens_per_s for lv in report.levels], marker="o", label="measured")
     base = report.base
     if base is not None:
         top = max(ns)
         one = base.tokens_per_s
-        speed.plot([1, top], [one, top * one], ls=":", c="grey", label="N x 1 worker")
+        ax.plot([1, top], [one, top * one], ls=":", c="grey", label="N x 1 worker")
         low = SCALING_TARGET
-        speed.plot([1, top], [low * one, low * top * one], ls="--", c="tab:red", label=f"{low} N x 1 worker")
-    speed.set(xlabel="workers", ylabel="output tokens/s", title="Throughput", xticks=ns)
-    speed.set_ylim(bottom=0)
-    speed.legend()
+        ax.plot([1, top], [low * one, low * top * one], ls="--", c="tab:red", label=f"{low} N x 1 worker")
+    ax.set(xlabel="workers", ylabel="output tokens/s", title="Throughput", xticks=ns)
+    ax.set_ylim(bottom=0)
+    ax.legend()
+
+
+def plot_balance(ax: Axes, report: ScaleReport) -> None:
     series: tuple[tuple[str, Callable[[Level], list[int]], dict[str, str]], ...] = (
         ("steady load", lambda lv: lv.jobs, {"c": "tab:blue"}),
         ("burst", lambda lv: lv.burst_jobs, {"facecolors": "none", "edgecolors": "tab:orange"}),
@@ -261,12 +251,17 @@ def write_chart(report: ScaleReport, path: Path) -> None:
             if sum(jobs):
                 xs += [lv.workers] * len(jobs)
                 ys += [j / mean(jobs) for j in jobs]
-        balance.scatter(xs, ys, s=22, label=label, **style)  # type: ignore[arg-type]
-    balance.axhspan(1 - BALANCE_TARGET, 1 + BALANCE_TARGET, color="tab:green", alpha=0.12, label="±15%")
-    balance.axhline(1.0, c="grey", lw=0.8)
-    balance.set(xlabel="workers", ylabel="jobs per worker / mean", title="Jobs per worker", xticks=ns)
-    balance.set_ylim(0, 2)
-    balance.legend()
+        ax.scatter(xs, ys, s=22, label=label, **style)  # type: ignore[arg-type]
+    ax.axhspan(1 - BALANCE_TARGET, 1 + BALANCE_TARGET, color="tab:green", alpha=0.12, label="±15%")
+    ax.axhline(1.0, c="grey", lw=0.8)
+    ns = [lv.workers for lv in report.levels]
+    ax.set(xlabel="workers", ylabel="jobs per worker / mean", title="Jobs per worker", xticks=ns)
+    ax.set_ylim(0, 2)
+    ax.legend()
+
+
+def plot_cpu(ax: Axes, report: ScaleReport) -> None:
+    ns = [str(lv.workers) for lv in report.levels]
     bottom = [0.0] * len(ns)
     for role, values in (
         ("gateway", [lv.cores.get("gateway", 0.0) for lv in report.levels]),
@@ -275,11 +270,8 @@ def write_chart(report: ScaleReport, path: Path) -> None:
         ("client", [lv.cores.get("client", 0.0) for lv in report.levels]),
         ("other", [lv.cores.get("other", 0.0) for lv in report.levels]),
     ):
-        cpu.bar([str(n) for n in ns], values, bottom=bottom, label=role)
+        ax.bar(ns, values, bottom=bottom, label=role)
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
-    cpu.axhline(float(report.meta.get("host_cpus") or 1), c="tab:red", ls="--", lw=0.8, label="host CPUs")
-    cpu.set(xlabel="workers", ylabel="cores", title="CPU over the window")
-    cpu.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    ax.axhline(float(report.meta.get("host_cpus") or 1), c="tab:red", ls="--", lw=0.8, label="host CPUs")
+    ax.set(xlabel="workers", ylabel="cores", title="CPU over the window")
+    ax.legend(fontsize="small")

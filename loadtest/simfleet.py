@@ -15,23 +15,20 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-import httpx
 from redis.asyncio import Redis
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # this checkout's packages, even if another one is installed
-    sys.path.insert(0, str(REPO_ROOT))
-
-from control.processes import answers_ok, free_port, stop_process, wait_until  # noqa: E402
-from control.redis_server import EmbeddedRedis  # noqa: E402
-from shared.fleet import live_workers  # noqa: E402
-from shared.names import Names  # noqa: E402
-from shared.tenants import Priority, Tenant, TenantStore  # noqa: E402
+from control.processes import answers_ok, free_port, stop_process, wait_until
+from control.redis_server import EmbeddedRedis
+from loadtest import runner
+from loadtest.report import compress
+from shared.fleet import live_workers
+from shared.names import Names
+from shared.settings import RedisSettings
+from shared.tenants import Priority, Tenant
 
 
 class FleetError(RuntimeError):
@@ -88,6 +85,11 @@ class SimFleet:
     @property
     def redis_url(self) -> str:
         return self.redis.url
+
+    @property
+    def settings(self) -> RedisSettings:
+        """Where the fleet's processes find Redis and their names in it."""
+        return RedisSettings(redis_url=self.redis_url, key_prefix=self.names.prefix)
 
     def processes(self) -> dict[str, int]:
         """Role name -> pid of every process the fleet runs (Redis, gateway, worker-1..N)."""
@@ -149,15 +151,8 @@ class SimFleet:
         return proc
 
     def _spawn(self, name: str, role: str, env: dict[str, str]) -> Proc:
-        full = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHYARD_") and k != "REDIS_URL"}
-        full |= {"REDIS_URL": self.redis_url, **env}
         log = self.logs / f"{name}.log"
-        with log.open("wb") as out:
-            popen = subprocess.Popen(
-                [sys.executable, "-m", "control.cli", role],
-                env=full, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=out,
-                stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
+        popen = runner.spawn(runner.cli(role), {"REDIS_URL": self.redis_url, **env}, log, isolated=True)
         return Proc(name, popen, log)
 
     async def _live(self) -> int:
@@ -169,40 +164,12 @@ class SimFleet:
 
     def add_tenant(self, name: str, priority: Priority = "interactive") -> str:
         """Create a tenant with no limits and return a new API key for it."""
-
-        async def create() -> str:
-            redis = Redis.from_url(self.redis_url)
-            try:
-                store = TenantStore(redis, self.names)
-                await store.put_tenant(Tenant(name=name, priority=priority))
-                return await store.add_key(name)
-            finally:
-                await redis.aclose()
-
-        return asyncio.run(create())
+        return runner.add_tenants(self.settings, Tenant(name=name, priority=priority))[0]
 
     def stop(self) -> None:
         """Gateway first (its clients are gone by now), then the workers, then Redis."""
         for proc in [*([self.gateway] if self.gateway else []), *self.workers]:
             stop_process(proc.popen, grace=15, group=True)
+            compress(proc.log)
         self.gateway, self.workers = None, []
         self.redis.stop()
-
-
-def scrape(url: str, timeout: float = 5.0) -> str:
-    """The text of a Prometheus endpoint."""
-    return httpx.get(url, timeout=timeout, trust_env=False).text
-
-
-def counter(text: str, name: str, **labels: str) -> float:
-    """The sum of the samples of ``name`` (its ``_total`` series) whose labels include ``labels``."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name in (name, f"{name}_total") and all(
-                sample.labels.get(k) == v for k, v in labels.items()
-            ):
-                total += sample.value
-    return total

@@ -1,7 +1,7 @@
 """Run ``locustfile.py`` headless at a sweep of concurrency levels and write a report directory.
 
-    python loadtest/sweep.py --url http://127.0.0.1:8000 --levels 1,8,32,64 --duration 25
-    python loadtest/sweep.py --url http://127.0.0.1:8000 --compare-url http://127.0.0.1:8100 \\
+    python -m loadtest sweep --url http://127.0.0.1:8000 --levels 1,8,32,64 --duration 25
+    python -m loadtest sweep --url http://127.0.0.1:8000 --compare-url http://127.0.0.1:8100 \\
         --compare-name vllm                                     # the same sweep against a second server
 
 Per target, the served model is asked for (``GET /v1/models``) and the prompt length calibrated
@@ -14,8 +14,9 @@ alternate between them, so slow drifts in the host's other load hit both alike. 
 the CPU time of its process tree and of the whole host is read from ``/proc``, over the window in
 which all users run.
 
-The report directory gets Locust's CSVs and log for every level (``<target>/users-<n>_*.csv``),
-``summary.md``, ``summary.json``, ``throughput.png`` and ``latency.png``.
+The report directory gets Locust's CSVs and log for every level (``<target>/users-<n>_*.csv``,
+``<target>/users-<n>.log.gz``), ``summary.md``, ``summary.json``, ``throughput.png`` and
+``latency.png``.
 
 Exit status: 0 when every level ran without failures, 1 otherwise, 2 when a target could not be
 prepared (unreachable, no model).
@@ -40,18 +41,12 @@ from typing import Any
 
 import httpx
 
-try:  # run as a script, python loadtest/sweep.py: this directory is on sys.path
-    import charts
-    import proctree
-    import sweepreport as sr
-    import workload as wl
-except ModuleNotFoundError:  # imported as loadtest.sweep from the repository root
-    from loadtest import charts, proctree  # type: ignore[no-redef]
-    from loadtest import sweepreport as sr  # type: ignore[no-redef]
-    from loadtest import workload as wl  # type: ignore[no-redef]
+from loadtest import proctree, runner
+from loadtest import sweepreport as sr
+from loadtest import workload as wl
+from loadtest.report import compress, fmt, scratch_dir
 
-HERE = Path(__file__).resolve().parent
-LOCUSTFILE = HERE / "locustfile.py"
+LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 POLL_S = 1.0
 PROGRESS_EVERY_S = 5.0
 SPAWN_LIMIT_S = 60.0  # for Locust to start and have every user running
@@ -137,13 +132,9 @@ class CpuPoint:
 
 
 def cpu_point(client_pid: int, server_pid: int | None) -> CpuPoint:
-    sample = proctree.cpu_sample(client_pid)  # its "server" is the tree of the pid given: Locust's
-    server = None
-    if server_pid is not None:
-        table = proctree.read_process_table()
-        tick = os.sysconf("SC_CLK_TCK")
-        server = sum(table[pid].ticks for pid in proctree.descendants(server_pid, table)) / tick
-    return CpuPoint(sample.wall, sample.machine_busy, sample.server, server)
+    trees = {"locust": client_pid} | ({} if server_pid is None else {"server": server_pid})
+    used = proctree.cpu_seconds(trees)
+    return CpuPoint(time.monotonic(), used["host"], used["locust"], used.get("server"))
 
 
 def apply_window(res: sr.LevelResult, first: CpuPoint | None, last: CpuPoint | None) -> None:
@@ -203,16 +194,13 @@ def run_level(target: Target, users: int, args: argparse.Namespace) -> sr.LevelR
     target_dir = args.out / target.name
     target_dir.mkdir(parents=True, exist_ok=True)
     prefix = target_dir / f"users-{users}"
-    env = os.environ | {"LOCUST_API_KEYS": args.api_keys}  # not on the command line: keys stay out of ps
+    env = {"LOCUST_API_KEYS": args.api_keys}  # not on the command line: keys stay out of ps
     before = loadavg()
-    with Path(f"{prefix}.log").open("wb") as log:
-        proc = subprocess.Popen(
-            locust_argv(target, users, args, prefix), env=env, cwd=HERE.parent, stdin=subprocess.DEVNULL,
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        first, last = watch(proc, target, users, args, prefix)
+    proc = runner.spawn(locust_argv(target, users, args, prefix), env, Path(f"{prefix}.log"))
+    first, last = watch(proc, target, users, args, prefix)
     res = sr.level_from_rows(users, sr.read_rows(Path(f"{prefix}_stats.csv")))
     res.exit_code = proc.wait()
+    compress(Path(f"{prefix}.log"))
     if first is None:
         res.exit_code = res.exit_code or 1  # the level never ran at full load: not a result
     apply_window(res, first, last)
@@ -224,14 +212,13 @@ def level_line(name: str, r: sr.LevelResult) -> str:
     return (
         f"  [{name}] {r.users:>4} users: {r.requests} requests, {r.failures} failed,"
         f" {r.output_tokens_per_s:.1f} output tok/s, {r.rps:.2f} req/s,"
-        f" latency p50 {sr.fmt(r.latency_p50_ms, '{:.0f}')} ms,"
-        f" TTFT p50 {sr.fmt(r.ttft_p50_ms, '{:.0f}')} ms, client CPU {r.client_cpu_pct:.0f}% of a core"
+        f" latency p50 {fmt(r.latency_p50_ms, '{:.0f}')} ms,"
+        f" TTFT p50 {fmt(r.ttft_p50_ms, '{:.0f}')} ms, client CPU {r.client_cpu_pct:.0f}% of a core"
     )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m loadtest sweep", description=__doc__.splitlines()[0])
     p.add_argument("--url", required=True, help="the server under test, e.g. http://127.0.0.1:8000")
     p.add_argument("--name", default="switchyard", help="its name in the report")
     p.add_argument("--model", default="", help="default: the first of GET /v1/models")
@@ -254,7 +241,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pause", type=float, default=2.0, help="seconds between levels")
     p.add_argument("--label", default="load sweep", help="title of the charts")
     p.add_argument("--note", default="", help="a remark for the report's head (e.g. what else ran)")
-    p.add_argument("--out", type=Path, default=HERE / "results" / f"tmp-sweep-{stamp}")
+    p.add_argument("--out", type=Path, default=scratch_dir("sweep"))
     args = p.parse_args(argv)
     if args.duration < 3 or args.output_tokens < 1 or args.prompt_tokens < 1:
         p.error("--duration must be >= 3, --output-tokens and --prompt-tokens >= 1")
@@ -273,13 +260,13 @@ def redact(argv: Sequence[str]) -> list[str]:
     return out
 
 
-def describe(args: argparse.Namespace, targets: Sequence[Target]) -> dict[str, Any]:
+def describe(args: argparse.Namespace, targets: Sequence[Target], argv: Sequence[str]) -> dict[str, Any]:
     """The run's settings and context for the report's head."""
     return {
         "label": args.label,
         "note": args.note,
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": shlex.join(["sweep.py", *redact(sys.argv[1:])]),
+        "command": shlex.join(["python", "-m", "loadtest", "sweep", *redact(argv)]),
         "levels": ",".join(map(str, args.levels)),
         "seconds per level": args.duration,
         "output tokens per request": args.output_tokens,
@@ -302,7 +289,8 @@ def describe(args: argparse.Namespace, targets: Sequence[Target]) -> dict[str, A
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv
+    args = parse_args(given)
     wanted = [Target(args.name, args.url, server_pid=args.server_pid)]
     if args.compare_url:
         wanted.append(Target(args.compare_name, args.compare_url, server_pid=args.compare_server_pid))
@@ -314,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sweep: cannot prepare the targets: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    report = sr.SweepReport(meta=describe(args, targets), targets={t.name: [] for t in targets})
+    report = sr.SweepReport(meta=describe(args, targets, given), targets={t.name: [] for t in targets})
     for t in targets:
         print(
             f"{t.name}: {t.url} model={t.model} prompt={t.prompt_words} words ~ {t.prompt_tokens:.1f} tokens"
@@ -329,13 +317,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     report.meta["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
     (args.out / "summary.md").write_text(sr.render_markdown(report))
     (args.out / "summary.json").write_text(sr.to_json(report))
-    charts.write_charts(report, args.out)
+    sr.write_charts(report, args.out)
     print(f"report: {args.out}/summary.md")
     failed = any(
         lv.failures or lv.exit_code not in (0, None) for lvs in report.targets.values() for lv in lvs
     )
     return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""A concurrency sweep's figures, from Locust's CSV rows to ``summary.md`` / ``summary.json``: pure logic.
+"""A concurrency sweep's figures, from Locust's CSV rows to ``summary.md``, ``summary.json`` and charts.
 
 The rows are the ones ``locustfile.py`` produces (``POST /v1/chat/completions``, ``TTFT``, ``TPOT``,
 ``TOKENS/S``); the client CPU and host load figures come from the sweep driver.
@@ -7,12 +7,16 @@ The rows are the ones ``locustfile.py`` produces (``POST /v1/chat/completions``,
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from loadtest.report import chart, fmt, json_text, markdown_table, ratio
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 Row = Mapping[str, str]
 REQUEST_TYPE, REQUEST_NAME = "POST", "/v1/chat/completions"
@@ -46,6 +50,7 @@ RATIOS = (
     ("ttft_p95_ms", "TTFT p95"),
 )
 
+HOST_LOAD = ["target", "users", "loadavg before", "loadavg after"]
 
 LEGEND = (
     "Each level: users = spawn rate, statistics reset once all users run; figures over the rest of the run.",
@@ -137,12 +142,6 @@ def level_from_rows(users: int, rows: Sequence[Row]) -> LevelResult:
     return res
 
 
-def ratio(numerator: float | None, denominator: float | None) -> float | None:
-    if numerator is None or not denominator:
-        return None
-    return numerator / denominator
-
-
 def ratio_rows(primary: Sequence[LevelResult], other: Sequence[LevelResult]) -> list[dict[str, Any]]:
     """Per level present in both: primary / other for each of RATIOS."""
     by_users = {r.users: r for r in other}
@@ -155,25 +154,14 @@ def ratio_rows(primary: Sequence[LevelResult], other: Sequence[LevelResult]) -> 
     return rows
 
 
-def fmt(value: Any, pattern: str) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-"
-    return pattern.format(int(value)) if pattern == "{:d}" else pattern.format(float(value))
-
-
-def markdown_table(head: Sequence[str], body: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
-
-
 def level_table(levels: Sequence[LevelResult]) -> str:
     body = [[fmt(getattr(lv, key), pattern) for key, _, pattern in COLUMNS] for lv in levels]
-    return markdown_table([title for _, title, _ in COLUMNS], body)
+    return markdown_table([[title for _, title, _ in COLUMNS], *body], "r" * len(COLUMNS))
 
 
 def ratio_table(rows: Sequence[Mapping[str, Any]]) -> str:
     body = [[str(r["users"])] + [fmt(r[key], "{:.3f}") for key, _ in RATIOS] for r in rows]
-    return markdown_table(["users", *(title for _, title in RATIOS)], body)
+    return markdown_table([["users", *(title for _, title in RATIOS)], *body], "r" * (1 + len(RATIOS)))
 
 
 def render_markdown(report: SweepReport) -> str:
@@ -188,10 +176,10 @@ def render_markdown(report: SweepReport) -> str:
     if len(names) == 2:
         rows = ratio_rows(report.targets[names[0]], report.targets[names[1]])
         out += ["", f"## {names[0]} / {names[1]}", "", ratio_table(rows)]
-    out += ["", "## Host load", "", markdown_table(
-        ["target", "users", "loadavg before", "loadavg after"],
-        [[n, str(lv.users), lv.loadavg_before, lv.loadavg_after] for n in names for lv in report.targets[n]],
-    )]  # fmt: skip
+    load = [
+        [n, str(lv.users), lv.loadavg_before, lv.loadavg_after] for n in names for lv in report.targets[n]
+    ]
+    out += ["", "## Host load", "", markdown_table([HOST_LOAD, *load], "r" * len(HOST_LOAD))]
     return "\n".join(out) + "\n"
 
 
@@ -206,4 +194,53 @@ def to_json(report: SweepReport) -> str:
             "of": names,
             "levels": ratio_rows(report.targets[names[0]], report.targets[names[1]]),
         }
-    return json.dumps(doc, indent=2, allow_nan=False) + "\n"
+    return json_text(doc)
+
+
+# (chart file, [(field, axis title)]) — one subplot per field.
+CHARTS = (
+    ("throughput.png", [("output_tokens_per_s", "output tokens/s"), ("rps", "requests/s")]),
+    (
+        "latency.png",
+        [
+            ("latency_p50_ms", "latency p50 (ms)"),
+            ("latency_p95_ms", "latency p95 (ms)"),
+            ("ttft_p50_ms", "TTFT p50 (ms)"),
+            ("ttft_p95_ms", "TTFT p95 (ms)"),
+        ],
+    ),
+)
+
+
+def plot_series(ax: Axes, targets: dict[str, list[LevelResult]], key: str, title: str) -> None:
+    """One figure against concurrency, a line per target."""
+    for name, levels in targets.items():
+        points = [(lv.users, getattr(lv, key)) for lv in levels if getattr(lv, key) is not None]
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, marker="o", label=name)
+    users = sorted({lv.users for levels in targets.values() for lv in levels})
+    if len(users) > 1 and users[0] > 0:
+        ax.set_xscale("log", base=2)
+    ax.set_xticks(users, [str(u) for u in users])
+    ax.set_xlabel("concurrent users")
+    ax.set_title(title)
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    if ax.get_lines():  # a level without samples (e.g. only failures) leaves nothing to label
+        ax.legend()
+
+
+def write_charts(report: SweepReport, out_dir: Path) -> list[Path]:
+    """``throughput.png`` and ``latency.png`` (CHARTS) in ``out_dir``; returns their paths."""
+    paths = []
+    for filename, panels in CHARTS:
+        cols = 2
+        rows = (len(panels) + cols - 1) // cols
+        path = out_dir / filename
+        with chart(path, rows, cols, figsize=(6 * cols, 4 * rows), squeeze=False) as (fig, axes):
+            for ax, (key, title) in zip(axes.ravel().tolist(), panels, strict=False):
+                plot_series(ax, report.targets, key, title)
+            fig.suptitle(f"{report.meta.get('label', 'load sweep')} — {filename.removesuffix('.png')}")
+        paths.append(path)
+    return paths

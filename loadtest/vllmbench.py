@@ -1,6 +1,6 @@
 """vLLM's own benchmark client (``vllm bench serve``), run from Python, as a user would compare.
 
-    python loadtest/vllmbench.py --base-url http://127.0.0.1:8000 --model switchyard-demo \\
+    python -m loadtest vllmbench --base-url http://127.0.0.1:8000 --model switchyard-demo \\
         --tokenizer ~/.cache/switchyard/demo-model --concurrency 64 --num-prompts 400 --json out.json
 
 Random dataset, ``--input-len`` prompt and exactly ``--output-len`` output tokens (``ignore_eos``),
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +62,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m loadtest vllmbench", description=(__doc__ or "").splitlines()[0]
+    )
     p.add_argument("--base-url", required=True, help="server root, without /v1")
     p.add_argument("--model", required=True)
     p.add_argument("--tokenizer", type=Path, required=True)
@@ -77,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main_cli(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     figures = run(args)
     text = json.dumps(figures, indent=1)
@@ -85,7 +86,3 @@ def main_cli(argv: list[str] | None = None) -> int:
         args.json.write_text(text)
     print(text)
     return 0 if figures.get("failed") == 0 else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main_cli())

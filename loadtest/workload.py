@@ -13,10 +13,7 @@ from dataclasses import dataclass
 
 import httpx
 
-try:  # loadtest/ is on sys.path (Locust adds the locustfile's directory, scripts run from it)
-    from bench import make_prompt
-except ModuleNotFoundError:  # imported as loadtest.workload from the repository root
-    from loadtest.bench import make_prompt  # type: ignore[no-redef]
+from loadtest.bench import make_prompt
 
 CHAT_PATH = "/v1/chat/completions"
 MODELS_PATH = "/v1/models"

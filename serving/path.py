@@ -11,10 +11,14 @@ import secrets
 import time
 from array import array
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
+from api.assembly import Family, FullAssembler, Meta, StreamAssembler
+from api.chat.assembly import CHAT, ChatFull, ChatStream, ChoiceParser
 from api.chat.protocol import ChatCompletionRequest
 from api.common import GenerationRequest
+from api.completions.assembly import TEXT
 from api.completions.protocol import CompletionRequest
 from api.errors import InvalidRequest, ModelNotFound, Unavailable
 from serving.admission import Admission, default_output
@@ -27,6 +31,57 @@ from shared.messages import Job, Usage
 from shared.tenants import CacheScope, Tenant, cache_salt
 
 NOTHING = Usage(prompt_tokens=0, completion_tokens=0)
+
+
+@dataclass
+class Prepared:
+    """A request made into a job, and what assembling its answer needs."""
+
+    job: Job
+    family: Family
+    id_prefix: str
+    parsers: list[ChoiceParser] | None = None
+    """One per choice when the answer is parsed (tool calls, reasoning), else None."""
+    top_logprobs: int | None = None
+    """Alternatives per token when the answer carries log probabilities, else None."""
+    json_held: bool = False
+    """A grammar holds the answer to JSON (see ``api.chat.assembly.escape_controls``)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rich(self) -> bool:
+        return self.parsers is not None or self.top_logprobs is not None or self.json_held
+
+    def meta(self) -> Meta:
+        job = self.job
+        return Meta(
+            id=self.id_prefix + job.id.removeprefix("req_"),
+            created=int(job.created_at),
+            model=job.model,
+            family=self.family,
+        )
+
+    def streaming(self, body: GenerationRequest) -> StreamAssembler:
+        prompt = len(self.job.prompt_token_ids)
+        usage, continuous = body.include_usage(), body.continuous_usage()
+        if self.rich:
+            return ChatStream(
+                self.meta(),
+                usage,
+                continuous,
+                prompt,
+                parsers=self.parsers,
+                top=self.top_logprobs,
+                json_held=self.json_held,
+            )
+        return StreamAssembler(self.meta(), usage, continuous, prompt)
+
+    def whole(self) -> FullAssembler:
+        if self.rich:
+            return ChatFull(
+                self.meta(), parsers=self.parsers, top=self.top_logprobs, json_held=self.json_held
+            )
+        return FullAssembler(self.meta())
 
 
 @dataclass
@@ -47,23 +102,45 @@ class JobBuilder:
             raise Unavailable(f"no live worker serves the model '{model}' right now", retry_after=5)
         raise ModelNotFound(f"The model '{model}' does not exist", param="model")
 
-    async def chat(self, entry: ModelEntry, body: ChatCompletionRequest, tenant: Tenant, job_id: str) -> Job:
+    async def chat(
+        self, entry: ModelEntry, body: ChatCompletionRequest, tenant: Tenant, job_id: str
+    ) -> Prepared:
         tokens = await self.tokenizers.get(entry.tokenizer)
         check_length(tokens, sum(len(m.text()) for m in body.messages), entry.max_model_len, "messages")
-        tokens.check_ids(body.stop_token_ids or (), "stop_token_ids")
-        prompt = await tokens.chat_async(body.messages)
-        return self._job(job_id, tenant, entry, body, prompt, body.output_limit(), param="messages")
+        check_token_ids(tokens, body)
+        plan, prompt = await tokens.chat_async(body, entry.answering, entry.max_logprobs)
+        top = body.wants_logprobs()
+        job = self._job(
+            job_id,
+            tenant,
+            entry,
+            body,
+            prompt,
+            body.output_limit(),
+            param="messages",
+            decided={
+                "structured_output": plan.structured_output,
+                "logprobs": top,
+                "skip_special_tokens": plan.skip_special_tokens,
+            },
+            steps=plan.steps,
+            reasoning_ended=plan.reasoning_ended(prompt),
+        )
+        so = plan.structured_output
+        json_held = so is not None and (so.json_schema is not None or so.json_object)
+        return Prepared(job, CHAT, "chatcmpl-", plan.parsers(body.n, prompt), top, json_held)
 
     async def completion(
         self, entry: ModelEntry, body: CompletionRequest, tenant: Tenant, job_id: str
-    ) -> Job:
+    ) -> Prepared:
         tokens = await self.tokenizers.get(entry.tokenizer)
         text = body.single_prompt()
         if isinstance(text, str):
             check_length(tokens, len(text), entry.max_model_len, "prompt")
-        tokens.check_ids(body.stop_token_ids or (), "stop_token_ids")
+        check_token_ids(tokens, body)
         prompt = await tokens.text_async(text)
-        return self._job(job_id, tenant, entry, body, prompt, body.max_tokens, param="prompt")
+        job = self._job(job_id, tenant, entry, body, prompt, body.max_tokens, param="prompt")
+        return Prepared(job, TEXT, "cmpl-")
 
     def _job(
         self,
@@ -74,6 +151,9 @@ class JobBuilder:
         prompt: list[int],
         max_tokens: int | None,
         param: str,
+        decided: dict[str, Any] | None = None,
+        steps: bool = False,
+        reasoning_ended: bool | None = None,
     ) -> Job:
         if body.n > self.max_n:
             raise InvalidRequest(f"n must be at most {self.max_n}", param="n")
@@ -83,20 +163,29 @@ class JobBuilder:
         if body.min_tokens > max_tokens:
             raise InvalidRequest("min_tokens must not exceed max_tokens", param="min_tokens")
         salt = cache_salt(tenant, self.cache_scope)
+        sampling = body.to_sampling(max_tokens, **(decided or {}))
         return Job(
+            v=max(sampling.version, 2 if steps else 1),
             id=job_id,
             tenant=tenant.name,
             model=entry.name,
             prompt_token_ids=tuple(prompt),
-            sampling=body.to_sampling(max_tokens),
+            sampling=sampling,
             created_at=time.time(),
             affinity=prefix_digest(prompt, self.affinity_tokens, salt),
             cache_salt=salt,
+            steps=steps,
+            reasoning_ended=reasoning_ended,
         )
 
 
 async def submit(
-    job: Job, tenant: Tenant, dispatcher: Dispatcher, admission: Admission, lifecycle: Lifecycle
+    job: Job,
+    tenant: Tenant,
+    dispatcher: Dispatcher,
+    admission: Admission,
+    lifecycle: Lifecycle,
+    keep: float | None = None,
 ) -> Admitted:
     """Admit (rate limits, backlog) and enqueue; the reservation is settled when the reply ends."""
     lifecycle.check_open()  # it may have begun draining while this request was tokenized
@@ -113,7 +202,7 @@ async def submit(
     except BaseException:
         await admission.settle(ticket, NOTHING)  # nothing was enqueued
         raise
-    return Admitted(replies, ticket, admission, lifecycle)
+    return Admitted(replies, ticket, admission, lifecycle, keep)
 
 
 def prefix_digest(prompt: Sequence[int], length: int, salt: str | None = None) -> str | None:
@@ -126,6 +215,12 @@ def prefix_digest(prompt: Sequence[int], length: int, salt: str | None = None) -
     if salt is not None:
         digest.update(salt.encode())
     return digest.hexdigest()
+
+
+def check_token_ids(tokens: PromptBuilder, body: GenerationRequest) -> None:
+    """Refuse token ids the model lacks, in ``stop_token_ids`` and ``logit_bias``, before enqueueing."""
+    tokens.check_ids(body.stop_token_ids or (), "stop_token_ids")
+    tokens.check_ids([int(t) for t in body.logit_bias or ()], "logit_bias")
 
 
 def check_length(tokens: PromptBuilder, chars: int, max_model_len: int, param: str) -> None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from redis.asyncio import Redis
 
+from serving.chat import Answering
 from serving.shared_reads import SharedReads
 from shared.fleet import BadRecords, known_models, live_workers, model_records
 from shared.messages import WorkerInfo
@@ -22,6 +23,9 @@ class ModelEntry:
     engine: str = "vllm"
     live: bool = True
     """False: no worker serves it now, but one will be started for it (scaled to zero)."""
+    answering: Answering = field(default_factory=Answering)
+    """How its answers are parsed (tool calls, reasoning), as its oldest worker says."""
+    max_logprobs: int = 20
 
 
 class WorkerRegistry:
@@ -83,5 +87,9 @@ def aggregate(workers: list[WorkerInfo]) -> dict[str, ModelEntry]:
             max_model_len=min(prev.max_model_len, w.max_model_len) if prev else w.max_model_len,
             created=prev.created if prev else int(w.started_at),
             engine=prev.engine if prev else w.engine,
+            answering=prev.answering
+            if prev
+            else Answering(w.tool_call_parser, w.auto_tool_choice, w.reasoning_parser),
+            max_logprobs=min(prev.max_logprobs, w.max_logprobs) if prev else w.max_logprobs,
         )
     return entries

@@ -16,8 +16,9 @@ import gc
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from api.chat.protocol import ChatMessage
+from api.chat.protocol import ChatCompletionRequest
 from api.errors import InvalidRequest, Unavailable
+from serving.chat import Answering, ChatPlan, ChatRenderer
 
 INLINE_CHARS = 16_384
 """Prompts up to this many characters are encoded on the event loop (a thread hop costs more)."""
@@ -28,6 +29,7 @@ drop characters (accents, repeated spaces) so a token may cover more text than i
 
 class _HFTokenizer(Protocol):
     vocab_size: int
+    chat_template: Any
 
     def __len__(self) -> int: ...
     def get_vocab(self) -> dict[str, int]: ...
@@ -45,30 +47,31 @@ class PromptBuilder:
         # SentencePiece: "▁" for a space, "<0x0A>" for a byte), so no token covers more characters
         # than its UTF-8 spelling has bytes.
         self._longest = max((len(t.encode()) for t in tokenizer.get_vocab()), default=1) or 1
+        self._renderer = ChatRenderer(tokenizer)
 
     def least_tokens(self, chars: int) -> int:
         """A lower bound on the tokens any text of ``chars`` characters encodes to."""
         return chars // (self._longest * SAFETY)
 
-    async def chat_async(self, messages: Sequence[ChatMessage]) -> list[int]:
-        if sum(len(m.text()) for m in messages) <= INLINE_CHARS:
-            return self.chat(messages)
-        return await asyncio.to_thread(self.chat, messages)
+    async def chat_async(
+        self, body: ChatCompletionRequest, answering: Answering, max_logprobs: int
+    ) -> tuple[ChatPlan, list[int]]:
+        if sum(len(m.text()) for m in body.messages) <= INLINE_CHARS:
+            return self.chat(body, answering, max_logprobs)
+        return await asyncio.to_thread(self.chat, body, answering, max_logprobs)
 
     async def text_async(self, prompt: str | list[int]) -> list[int]:
         if not isinstance(prompt, str) or len(prompt) <= INLINE_CHARS:
             return self.text(prompt)
         return await asyncio.to_thread(self.text, prompt)
 
-    def chat(self, messages: Sequence[ChatMessage]) -> list[int]:
-        conversation = [{"role": m.role, "content": m.text()} for m in messages]
-        try:
-            text = self._tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-        except Exception as exc:  # the template is user-supplied Jinja: any error is the input's
-            raise InvalidRequest(
-                f"the chat template rejected these messages: {exc}", param="messages"
-            ) from exc
-        return self._tok.encode(str(text), add_special_tokens=False)
+    def chat(
+        self, body: ChatCompletionRequest, answering: Answering, max_logprobs: int
+    ) -> tuple[ChatPlan, list[int]]:
+        """The request rendered as vLLM's server renders it (see :mod:`serving.chat`), and its
+        prompt's token ids."""
+        plan = self._renderer.plan(body, answering, max_logprobs)
+        return plan, self._tok.encode(plan.text, add_special_tokens=bool(plan.request.add_special_tokens))
 
     def text(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -108,10 +111,15 @@ class TokenizerCache:
         return builder
 
 
+WARM_UP = ChatCompletionRequest.model_validate(
+    {"model": "-", "messages": [{"role": "user", "content": "Hello"}]}
+)
+
+
 def _warm(builder: PromptBuilder) -> PromptBuilder:
     """Compile the chat template and run the encoder once, so the first request pays for neither."""
     with contextlib.suppress(InvalidRequest):  # a template that needs more than one user message
-        builder.chat([ChatMessage(role="user", content="Hello")])
+        builder.chat(WARM_UP, Answering(), 0)
     return builder
 
 

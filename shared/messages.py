@@ -12,6 +12,10 @@ from typing import Annotated, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 WIRE_VERSION = 1
+JOB_VERSIONS = (1, 2)
+"""Job versions this release runs. A job that needs what version 1 lacked (structured output,
+log probabilities, logit bias, special tokens kept, step boundaries) is version 2, so a worker
+of an older release refuses it rather than run it without the constraint its client asked for."""
 
 FinishReason = Literal["stop", "length", "abort"]
 Priority = Literal["interactive", "batch"]
@@ -22,6 +26,20 @@ class _Wire(BaseModel):
 
 
 _W = TypeVar("_W", bound=_Wire)
+
+
+class StructuredOutput(_Wire):
+    """What the engine's structured-output backend holds the text to: exactly one of these, already
+    checked by the gateway (the names are vLLM's ``StructuredOutputsParams``, but ``json_schema``
+    for its ``json``)."""
+
+    json_schema: str | None = None
+    """A JSON schema, serialized."""
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+    structural_tag: str | None = None
 
 
 class Sampling(_Wire):
@@ -42,6 +60,31 @@ class Sampling(_Wire):
     ignore_eos: bool = False
     min_tokens: int = 0
     include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    logprobs: int | None = None
+    """Log probabilities of each generated token and of this many alternatives (None: none)."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) pairs added to the logits before sampling."""
+    structured_output: StructuredOutput | None = None
+
+    @property
+    def version(self) -> int:
+        """The job version a job with these parameters needs (see ``JOB_VERSIONS``)."""
+        plain = (
+            self.structured_output is None
+            and self.logprobs is None
+            and not self.logit_bias
+            and self.skip_special_tokens
+            and self.spaces_between_special_tokens
+        )
+        return 1 if plain else 2
+
+    @property
+    def constrained(self) -> bool:
+        """Whether a grammar holds the output: such a job cannot resume from tokens already sent,
+        since the engine's grammar would start over from the top."""
+        return self.structured_output is not None
 
 
 class Job(_Wire):
@@ -61,6 +104,12 @@ class Job(_Wire):
     cache_salt: str | None = None
     """The engine's prefix cache serves this job only blocks cached under the same salt (its
     tenant's, see ``shared.tenants.cache_salt``); None: any."""
+    steps: bool = False
+    """Say where each engine step's text ends in every token message (``Tokens.steps``): for
+    answer parsers that must see the output a step at a time."""
+    reasoning_ended: bool | None = None
+    """For a model with a reasoning parser and a grammar: whether the prompt already closed the
+    reasoning, so the grammar holds from the first token (None: the engine checks the prompt)."""
 
 
 class Started(_Wire):
@@ -79,6 +128,17 @@ class Started(_Wire):
     resumed_tokens: int = 0
 
 
+class Logprobs(_Wire):
+    """Log probabilities of the tokens of one message, in order: of each token sampled, and of the
+    alternatives the job asked for (``Sampling.logprobs``), as the engine ranks them."""
+
+    sampled: tuple[float, ...]
+    texts: tuple[str, ...]
+    """Each sampled token's text, decoded on its own (a piece of a character decodes to "")."""
+    top: tuple[tuple[tuple[int, float, str], ...], ...] = ()
+    """Per token: (token id, log probability, text) of each alternative."""
+
+
 class Tokens(_Wire):
     """Coalesced newly generated tokens of one choice."""
 
@@ -89,6 +149,9 @@ class Tokens(_Wire):
     text: str
     token_ids: tuple[int, ...]
     finish_reason: FinishReason | None = None
+    logprobs: Logprobs | None = None
+    steps: tuple[tuple[int, int], ...] | None = None
+    """(characters, tokens) of each engine step in ``text`` and ``token_ids``, when the job asked."""
 
 
 class Usage(_Wire):
@@ -149,8 +212,8 @@ def decode_reply(raw: str | bytes) -> Started | Tokens | Final | Failure:
 
 def decode_job(raw: str | bytes) -> Job:
     job = _decode(Job, raw, "job")
-    if job.v != WIRE_VERSION:
-        raise WireError(f"job wire version {job.v} is not {WIRE_VERSION}")
+    if job.v not in JOB_VERSIONS:
+        raise WireError(f"job wire version {job.v} is not one of {JOB_VERSIONS}")
     return job
 
 
@@ -177,6 +240,13 @@ class WorkerInfo(_Wire):
     """What generates: ``vllm``, or ``sim`` for the simulated engine of capacity tests."""
     draining: bool = False
     """The worker takes no new jobs (it is stopping)."""
+    tool_call_parser: str | None = None
+    """vLLM's tool-call parser for the model's output (``vllm serve --tool-call-parser``)."""
+    auto_tool_choice: bool = False
+    """Whether ``tool_choice: auto`` parses tool calls out of the text (needs the parser)."""
+    reasoning_parser: str | None = None
+    """vLLM's reasoning parser for the model (``vllm serve --reasoning-parser``)."""
+    max_logprobs: int = 20
 
 
 def decode_worker_info(raw: str | bytes) -> WorkerInfo:
@@ -217,15 +287,9 @@ class DeadLetter(_Wire):
             raise WireError(f"undecodable dead letter: {exc}") from exc
 
 
-def decode_progress(entries: list[bytes]) -> list[Tokens]:
-    """A job's progress list: the token messages its earlier attempts published, in order."""
-    out = []
-    for raw in entries:
-        reply = decode_reply(raw)
-        if not isinstance(reply, Tokens):
-            raise WireError(f"progress entry is a {reply.type} message, not tokens")
-        out.append(reply)
-    return out
+def decode_progress(entries: list[bytes]) -> list[Started | Tokens | Final | Failure]:
+    """A job's progress list: every reply its attempts published, in order."""
+    return [decode_reply(raw) for raw in entries]
 
 
 class UsageEvent(_Wire):

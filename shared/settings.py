@@ -71,6 +71,22 @@ class GatewaySettings(RedisSettings):
             "requests get 503 with Retry-After."
         ),
     )
+    resume_grace: float = Field(
+        default=10.0,
+        ge=0,
+        description=(
+            "Seconds a resumable stream's job goes on after its client's connection drops, for the "
+            "client to take the stream up again with Last-Event-ID (other streams stop at once)."
+        ),
+    )
+    idempotency_ttl: float = Field(
+        default=3600.0,
+        gt=0,
+        description=(
+            "Seconds a request sent with an Idempotency-Key is remembered (and its answer kept): the "
+            "same request sent again with that key gets the first one's answer instead of running twice."
+        ),
+    )
     max_n: int = Field(default=8, ge=1, description="Largest `n` (choices per request) accepted.")
     auth: bool = Field(
         default=True, description="Require an API key (off: every request is tenant 'default')."
@@ -290,6 +306,23 @@ class WorkerSettings(RedisSettings):
         gt=0,
         description="The simulated engine runs this many times faster than its preset (tests: 10 or more).",
     )
+    sim_reasoning_tokens: int = Field(
+        default=64,
+        ge=0,
+        description=(
+            "With a reasoning parser, the simulated engine thinks this many tokens (at most half of "
+            "max_tokens) between <think> and </think> before each answer; 0: never."
+        ),
+    )
+    sim_tool_calls: float = Field(
+        default=1.0,
+        ge=0,
+        le=1,
+        description=(
+            "Share of the simulated engine's answers to prompts that list tools (tool_choice auto, "
+            "hermes parser) that call one of them."
+        ),
+    )
     model: str = Field(default="demo", description="'demo', a Hugging Face model id, or a path.")
     served_model_name: str | None = Field(default=None, description="Name clients use for the model.")
     max_model_len: int | None = Field(
@@ -305,6 +338,32 @@ class WorkerSettings(RedisSettings):
         description="KV cache size in GiB; unset lets vLLM size it (the demo model defaults to 1).",
     )
     capacity: int = Field(default=256, ge=1, description="Jobs one worker runs at once.")
+    tool_call_parser: str | None = Field(
+        default=None,
+        description=(
+            "vLLM's tool-call parser for the model's output (hermes, llama3_json, mistral, ...; as "
+            "`vllm serve --tool-call-parser`). Unset: `tool_choice` required or named still works "
+            "(decoded against the tools' schema), auto answers in text. Unset for the demo model: hermes."
+        ),
+    )
+    enable_auto_tool_choice: bool | None = Field(
+        default=None,
+        description="Parse tool calls out of the text for `tool_choice: auto` (unset: when a parser is set).",
+    )
+    reasoning_parser: str | None = Field(
+        default=None,
+        description="vLLM's reasoning parser for the model (qwen3, deepseek_r1, ...: `--reasoning-parser`).",
+    )
+    structured_output_backend: Literal["xgrammar", "guidance"] = Field(
+        default="xgrammar",
+        description=(
+            "The engine's backend for JSON schemas, regexes, choices and grammars. JSON is always "
+            "decoded compact (no whitespace between tokens), so a model cannot fill `max_tokens` with it."
+        ),
+    )
+    max_logprobs: int = Field(
+        default=20, ge=0, le=1000, description="Largest `top_logprobs` a request may ask for."
+    )
     headroom_window: float = Field(
         default=10.0,
         ge=0,

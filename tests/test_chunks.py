@@ -1,10 +1,12 @@
 """Chunk assembly and response shapes (pure)."""
 
 from api.assembly import FullAssembler, Meta, StreamAssembler
+from api.chat.assembly import CHAT as CHAT_FAMILY
+from api.completions.assembly import TEXT as TEXT_FAMILY
 from shared.messages import Final, Tokens, Usage
 
-CHAT = Meta(id="chatcmpl-1", created=1, model="m", kind="chat")
-TEXT = Meta(id="cmpl-1", created=1, model="m", kind="text")
+CHAT = Meta(id="chatcmpl-1", created=1, model="m", family=CHAT_FAMILY)
+TEXT = Meta(id="cmpl-1", created=1, model="m", family=TEXT_FAMILY)
 
 
 def tok(seq: int, text: str, index: int = 0, finish: str | None = None) -> Tokens:

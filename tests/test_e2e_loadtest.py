@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from loadtest import fairness, sweep
+from loadtest.report import read_json, read_text
 from loadtest.sweepreport import read_rows
 from shared.tenants import Tenant
 from tests.conftest import System, create_tenant
@@ -24,7 +25,7 @@ def test_sweep_one_short_level(system: System, tmp_path: Path) -> None:
     ]
     argv += ["--output-tokens", "16", "--prompt-tokens", "32", "--api-keys", ",".join(keys)]
     argv += ["--stream-weight", "3", "--nonstream-weight", "1"]
-    assert sweep.main(argv) == 0, (out / "switchyard" / "users-2.log").read_text()[-3000:]
+    assert sweep.main(argv) == 0, read_text(out / "switchyard" / "users-2.log")[-3000:]
 
     for name in ("summary.md", "summary.json", "throughput.png", "latency.png"):
         assert (out / name).stat().st_size > 0, name
@@ -55,7 +56,7 @@ def test_fairness_short_run_against_a_running_system(system: System, tmp_path: P
     argv += ["--warmup", "1", "--prompt-tokens", "16", "--output-tokens", "8"]
     assert fairness.main(argv) == 0
 
-    doc = json.loads(out.read_text())
+    doc = read_json(out)
     for part in ("alone", "victim", "flooder"):
         assert doc[part]["requests_ok"] > 0 and doc[part]["errors"] == 0, part
         assert doc[part]["token_mismatches"] == 0 and doc[part]["ttft_p95_ms"] > 0, part

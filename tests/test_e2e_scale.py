@@ -31,4 +31,4 @@ def test_a_short_scale_run_writes_the_whole_report(tmp_path: Path) -> None:
     assert doc["efficiency"]["1"] == 1.0
     assert "| 2 | 8 |" in (out / "summary.md").read_text()
     assert (out / "scale.png").stat().st_size > 0
-    assert (out / "logs" / "2-workers" / "worker-2.log").exists()
+    assert (out / "logs" / "2-workers" / "worker-2.log.gz").exists()

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from loadtest import fairreport as fr
-from loadtest.benchreport import BenchConfig, BenchReport, RequestResult, summarize
+from loadtest.benchreport import BenchConfig, BenchReport, RequestResult, summarize, window_tokens_per_s
 
 CFG = BenchConfig(base_url="http://h/v1", model="m", concurrency=4, requests=0, output_tokens=8)
 
@@ -39,8 +39,8 @@ def test_window_counts_successful_requests_that_finished_inside_it() -> None:
         request(3.0, 0.1, 0.5, ok=False),  # failed: its tokens do not count
         request(3.5, 0.1, 1.0),  # ends at 4.5: after
     ]
-    assert fr.window_tokens_per_s(results, 2.0, 4.0) == pytest.approx((8 + 4) / 2.0)
-    assert math.isnan(fr.window_tokens_per_s(results, 4.0, 4.0))
+    assert window_tokens_per_s(results, 2.0, 4.0) == pytest.approx((8 + 4) / 2.0)
+    assert math.isnan(window_tokens_per_s(results, 4.0, 4.0))
 
 
 def test_queue_summary_uses_the_window_and_subtracts_running_jobs() -> None:

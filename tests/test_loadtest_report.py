@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from loadtest import sweepreport as sr
-from loadtest.charts import write_charts
+from loadtest.sweepreport import write_charts
 from loadtest.workload import Workload, base_url, parse_keys
 
 HEADER = [

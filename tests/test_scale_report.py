@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from loadtest import scalereport as sr
-from loadtest.benchreport import RequestResult
+from loadtest.benchreport import RequestResult, window_tokens_per_s
 
 QUIET = {"gateway": 0.1, "redis": 0.02, "client": 0.1, "worker-1": 0.05, "host": 0.3, "other": 0.03}
 
@@ -72,9 +72,9 @@ def test_the_window_counts_requests_by_when_they_ended_and_ttft_by_when_they_wer
         RequestResult(ok=False, sent=2.0, ttft=0.3, latency=1.0, output_tokens=8),
         RequestResult(ok=True, sent=3.9, ttft=0.4, latency=1.0, output_tokens=8),  # ends after
     ]
-    assert sr.window_tokens_per_s(results, 2.0, 4.0) == 4.0
+    assert window_tokens_per_s(results, 2.0, 4.0) == 4.0
     assert sr.ttfts_ms(results, 1.0, 4.0) == [200.0, 400.0]
-    assert math.isnan(sr.window_tokens_per_s(results, 4.0, 4.0))
+    assert math.isnan(window_tokens_per_s(results, 4.0, 4.0))
 
 
 def test_the_report_files(tmp_path: Path) -> None:

@@ -8,9 +8,10 @@ from api.completions.protocol import CompletionRequest
 from api.errors import InvalidRequest
 from gateway.app import validation_error
 from serving.path import fit_context
-from shared.messages import Sampling
+from shared.messages import Sampling, StructuredOutput
 
 MSG = [{"role": "user", "content": "hi"}]
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
 
 
 def first_error(cls: type, body: dict) -> InvalidRequest:
@@ -36,8 +37,24 @@ def test_unknown_field_is_named() -> None:
         ({"model": "m", "messages": MSG, "stop": [""]}, "stop"),
         ({"model": "m", "messages": MSG, "stop": ["x" * 513]}, "stop"),
         ({"model": "m", "messages": MSG, "stop": "x" * 513}, "stop"),
-        ({"model": "m", "messages": MSG, "logit_bias": {"1": 2}}, "logit_bias"),
-        ({"model": "m", "messages": MSG, "tools": [{"type": "function"}]}, "tools"),
+        ({"model": "m", "messages": MSG, "logit_bias": {"x": 2}}, "logit_bias"),
+        ({"model": "m", "messages": MSG, "logit_bias": {"5": 101}}, "logit_bias"),
+        ({"model": "m", "messages": MSG, "tools": [{"type": "function"}]}, "tools.0.function"),
+        ({"model": "m", "messages": MSG, "tools": [TOOL | {"type": "custom"}]}, "tools.0.type"),
+        (
+            {"model": "m", "messages": MSG, "tools": [{**TOOL, "function": {"name": "a b"}}]},
+            "tools.0.function.name",
+        ),
+        ({"model": "m", "messages": MSG, "top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+        ({"model": "m", "messages": MSG, "tool_choice": "sometimes"}, "tool_choice"),
+        ({"model": "m", "messages": MSG, "response_format": {"type": "xml"}}, "response_format"),
+        ({"model": "m", "messages": MSG, "reasoning_effort": "extreme"}, "reasoning_effort"),
+        ({"model": "m", "messages": [{"role": "tool", "content": "42"}]}, "messages.0"),
+        ({"model": "m", "messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "messages.0"),
+        (
+            {"model": "m", "messages": [{"role": "user", "content": [{"type": "video"}]}]},
+            "messages.0.content.0",
+        ),
         ({"model": "m", "messages": MSG, "stop_token_ids": [2, -1]}, "stop_token_ids.1"),
         ({"model": "m", "messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
     ],
@@ -102,6 +119,19 @@ NON_DEFAULT = {
     "ignore_eos": True,
     "min_tokens": 2,
     "include_stop_str_in_output": True,
+    "skip_special_tokens": False,
+    "spaces_between_special_tokens": False,
+    "logprobs": 3,
+    "logit_bias": ((5, 1.5),),
+    "structured_output": StructuredOutput(json_schema='{"type": "object"}'),
+}
+# How those reach the request, where its form differs from the wire's, or the request path decides.
+IN_REQUEST = {"logprobs": {"logprobs": True, "top_logprobs": 3}, "logit_bias": {"logit_bias": {"5": 1.5}}}
+DECIDED = ("structured_output",)
+# What the engine's parameters hold for them, where its form differs from the wire's.
+IN_ENGINE = {
+    "logit_bias": lambda p: p.logit_bias == {5: 1.5},
+    "structured_output": lambda p: p.structured_outputs.json == '{"type": "object"}',
 }
 
 
@@ -110,15 +140,24 @@ def test_every_sampling_parameter_travels_from_the_request_to_the_engine() -> No
 
     fields = set(Sampling.model_fields) - {"max_tokens"}
     assert fields == set(NON_DEFAULT), "a new sampling field needs a value in NON_DEFAULT"
-    body = {name: list(v) if isinstance(v, tuple) else v for name, v in NON_DEFAULT.items()}
+    body: dict[str, object] = {}
+    for name, value in NON_DEFAULT.items():
+        if name in IN_REQUEST:
+            body |= IN_REQUEST[name]
+        elif name not in DECIDED:
+            body[name] = list(value) if isinstance(value, tuple) else value
     req = ChatCompletionRequest.model_validate({"model": "m", "messages": MSG, **body})
-    wire = req.to_sampling(12)
+    decided = {name: NON_DEFAULT[name] for name in DECIDED}
+    wire = req.to_sampling(12, logprobs=req.wants_logprobs(), **decided)
     defaults = Sampling(max_tokens=12)
     for name, value in NON_DEFAULT.items():
         assert getattr(wire, name) == value != getattr(defaults, name), name
     params = sampling_params(wire)
     assert params.max_tokens == 12
     for name, value in NON_DEFAULT.items():
+        if name in IN_ENGINE:
+            assert IN_ENGINE[name](params), name
+            continue
         got = getattr(params, name)
         assert (tuple(got) if isinstance(got, list) else got) == value, name
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from shared.messages import FinishReason, Sampling
+from shared.messages import FinishReason, Logprobs, Sampling
 from worker.engine import Delta
 
 
@@ -34,6 +34,11 @@ class Chunk:
     texts: list[str] = field(default_factory=list)
     ids: list[int] = field(default_factory=list)
     finish: FinishReason | None = None
+    counts: list[int] = field(default_factory=list)
+    """Tokens of each delta (one engine step each), beside ``texts``."""
+    sampled: list[float] = field(default_factory=list)
+    token_texts: list[str] = field(default_factory=list)
+    top: list[tuple[tuple[int, float, str], ...]] = field(default_factory=list)
 
     @property
     def text(self) -> str:
@@ -42,8 +47,22 @@ class Chunk:
     def add(self, delta: Delta) -> None:
         self.texts.append(delta.text)
         self.ids.extend(delta.token_ids)
+        self.counts.append(len(delta.token_ids))
+        if delta.logprobs is not None:
+            self.sampled += delta.logprobs.sampled
+            self.token_texts += delta.logprobs.texts
+            self.top += delta.logprobs.top
         if delta.finish_reason is not None:
             self.finish = delta.finish_reason
+
+    def logprobs(self) -> Logprobs | None:
+        if not self.sampled:
+            return None
+        return Logprobs(sampled=tuple(self.sampled), texts=tuple(self.token_texts), top=tuple(self.top))
+
+    def steps(self) -> tuple[tuple[int, int], ...]:
+        """(characters, tokens) of each engine step, in order."""
+        return tuple((len(t), n) for t, n in zip(self.texts, self.counts, strict=True))
 
 
 @dataclass(frozen=True, slots=True)

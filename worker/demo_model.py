@@ -1,7 +1,40 @@
 """The offline demo model: a tiny random-weight Llama with a real BPE tokenizer.
 
-No model hub is reachable from our machines, yet every code path (vLLM, tokenizer, chat template)
-should be the real one; this builds such a model locally in a few seconds, deterministically.
+No model hub is reachable from our machines, yet every code path (vLLM, tokenizer, chat template,
+tool-call and reasoning parsers) should be the real one; this builds such a model locally in a few
+seconds, deterministically.
+
+The vocabulary is a byte-level BPE trained on a little text, plus added tokens:
+
+- ``<s>``, ``</s>``, ``<pad>`` and the role tokens ``<|system|>``, ``<|user|>``, ``<|assistant|>``,
+  ``<|tool|>``: special, so ``skip_special_tokens`` hides them from generated text.
+- ``<tool_call>``, ``</tool_call>``, ``<think>``, ``</think>``: single tokens but *not* special, as
+  in the Qwen and DeepSeek-R1 vocabularies. They stay in the text whatever ``skip_special_tokens``
+  says, so every parser that reads them from the text works: vLLM's ``hermes`` tool parser,
+  and the ``qwen3`` and ``deepseek_r1`` reasoning parsers (``deepseek_r1`` leaves
+  ``skip_special_tokens`` on, and would never see a special ``</think>``).
+
+The chat template (:data:`CHAT_TEMPLATE`) renders a turn as ``<|role|>`` (followed by the message's
+``name``, if it has one), a newline, the content, and ``</s>`` plus a newline. It knows Hermes-style
+tool calling and Qwen3-style thinking:
+
+- ``tools`` are listed, one JSON object a line between ``<tools>`` and ``</tools>``, at the end of
+  the first system turn (one is opened if the conversation has none), with an instruction to answer
+  with ``<tool_call>{"name": ..., "arguments": ...}</tool_call>``;
+- an assistant message's ``tool_calls`` follow its content, each as
+  ``<tool_call>\\n{"name": NAME, "arguments": ARGUMENTS}\\n</tool_call>``;
+- role ``tool`` (a tool's result) is a turn of its own, ``<|tool|>``;
+- ``enable_thinking=False`` ends the generation prompt with an empty ``<think>\\n\\n</think>\\n\\n``;
+  by default the prompt ends at ``<|assistant|>\\n``, and earlier turns' reasoning is not replayed;
+- the ``developer`` role is not named, so vLLM maps it to ``system``.
+
+A conversation without tools, tool turns, names or ``enable_thinking=False`` renders exactly as the
+first version of the template did (``tests/test_demo_model.py`` holds that version to compare).
+
+vLLM's ``qwen3`` parser ends its backwards search for a reasoning boundary at Qwen's ChatML turn
+tokens, which this vocabulary does not have: for it, a prompt holding any ``<tool_call>`` (every
+prompt with tools) counts as one whose reasoning has already ended. ``deepseek_r1`` looks only for
+``<think>``/``</think>`` and has no such blind spot.
 """
 
 from __future__ import annotations
@@ -14,30 +47,73 @@ from pathlib import Path
 DEMO_MODEL_NAME = "switchyard-demo"
 
 # Bump when the recipe changes so that cached copies of an older recipe are rebuilt.
-_RECIPE = "switchyard-demo-model v1"
+_RECIPE = "switchyard-demo-model v2"
 _MARKER = ".switchyard-complete"
 _SEED = 1234
 _VOCAB_SIZE = 768
 
 _BOS, _EOS, _PAD = "<s>", "</s>", "<pad>"
 _ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+TOOL_ROLE_TOKEN = "<|tool|>"
+TOOL_CALL_START, TOOL_CALL_END = "<tool_call>", "</tool_call>"
+THINK_START, THINK_END = "<think>", "</think>"
+MARKUP_TOKENS = (TOOL_CALL_START, TOOL_CALL_END, THINK_START, THINK_END)
+"""Added tokens that are not special: generated markup that parsers read from the text."""
 
 # Turns end with eos so that a model that learned the format would stop at the end of its turn.
-# Content given as OpenAI-style parts keeps only its text parts.
+# Content given as OpenAI-style parts keeps only its text parts. The template never spells the
+# developer role, so vLLM renders developer messages as system ones.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    # The tool list: closes the first system turn, or is a system turn of its own.
+    "{% if tools %}"
+    "{% set tool_list %}"
+    "{{ '# Tools\n\nThese functions can be called; their signatures follow, one JSON object a line,"
+    " between <tools> and </tools>:\n<tools>' }}"
+    "{% for tool in tools %}{{ '\n' + (tool | tojson) }}{% endfor %}"
+    "{{ '\n</tools>\n\nTo call a function, answer with a JSON object that gives its name and its"
+    " arguments, between <tool_call> and </tool_call>:\n<tool_call>\n"
+    '{"name": <function name>, "arguments": <arguments as a JSON object>}'
+    "\n</tool_call>' }}"
+    "{% endset %}"
+    "{% if not messages or messages[0]['role'] != 'system' %}"
+    "{{ '<|system|>\n' + tool_list + eos_token + '\n' }}"
+    "{% endif %}"
+    "{% endif %}"
     "{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant', 'tool'] %}"
     "{{ raise_exception('unsupported role: ' + message['role']) }}"
     "{% endif %}"
-    "{{ '<|' + message['role'] + '|>\n' }}"
+    "{{ '<|' + message['role'] + '|>' }}"
+    "{% if message['name'] is string %}{{ message['name'] }}{% endif %}"
+    "{{ '\n' }}"
+    "{% set text %}"
     "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
+    "{% elif message['content'] %}{% for part in message['content'] %}"
     "{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
     "{% endfor %}{% endif %}"
+    "{% endset %}"
+    "{{ text }}"
+    "{% if message['role'] == 'assistant' and message['tool_calls'] %}"
+    "{% for call in message['tool_calls'] %}"
+    "{% set function = call['function'] if call['function'] is defined else call %}"
+    "{% if text or not loop.first %}{{ '\n' }}{% endif %}"
+    "{{ '<tool_call>\n{\"name\": ' + (function['name'] | tojson) + ', \"arguments\": ' }}"
+    "{% if function['arguments'] is string %}{{ function['arguments'] }}"
+    "{% else %}{{ function['arguments'] | tojson }}{% endif %}"
+    "{{ '}\n</tool_call>' }}"
+    "{% endfor %}"
+    "{% endif %}"
+    "{% if tools and loop.first and message['role'] == 'system' %}"
+    "{{ ('\n\n' if text else '') + tool_list }}"
+    "{% endif %}"
     "{{ eos_token + '\n' }}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}"
+    "{{ '<think>\n\n</think>\n\n' }}"
+    "{% endif %}"
+    "{% endif %}"
 )
 
 _CORPUS = """\
@@ -75,7 +151,7 @@ def _is_complete(directory: Path) -> bool:
 
 def _write_model(out: Path) -> None:
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     from transformers.utils import logging as hf_logging
 
@@ -89,6 +165,9 @@ def _write_model(out: Path) -> None:
         vocab_size=_VOCAB_SIZE, special_tokens=specials, initial_alphabet=alphabet, show_progress=False
     )
     bpe.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
+    # Added after training, so the trained vocabulary and its ids stay those of the first recipe.
+    bpe.add_special_tokens([TOOL_ROLE_TOKEN])
+    bpe.add_tokens([AddedToken(token, special=False, normalized=False) for token in MARKUP_TOKENS])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe, bos_token=_BOS, eos_token=_EOS, pad_token=_PAD, model_max_length=2048
     )

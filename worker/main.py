@@ -12,6 +12,7 @@ import signal
 import socket
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -23,6 +24,9 @@ from worker.engine import Engine
 from worker.health import Health
 from worker.heartbeat import Heartbeat
 from worker.metrics import MetricsServer, WorkerMetrics
+
+if TYPE_CHECKING:
+    from worker.sim_shapes import Shaping
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +79,23 @@ async def start_engine(settings: WorkerSettings) -> Engine:
         dtype=settings.dtype,
         enforce_eager=settings.enforce_eager,
         max_num_seqs=settings.capacity,
+        max_logprobs=settings.max_logprobs,
+        structured_outputs_config=structured_outputs_config(settings),
         **extra,
     )
+
+
+def structured_outputs_config(settings: WorkerSettings) -> dict[str, object]:
+    """The engine's structured-output settings: compact JSON (no whitespace the grammar would let a
+    model repeat until ``max_tokens``), and the model's reasoning parser, so a grammar starts
+    holding the text only once the reasoning ends."""
+    config: dict[str, object] = {
+        "backend": settings.structured_output_backend,
+        "disable_any_whitespace": True,
+    }
+    if settings.reasoning_parser:
+        config["reasoning_parser"] = settings.reasoning_parser
+    return config
 
 
 async def start_sim_engine(settings: WorkerSettings, path: str, served: str | None) -> Engine:
@@ -92,6 +111,7 @@ async def start_sim_engine(settings: WorkerSettings, path: str, served: str | No
             max_model_len=settings.max_model_len,
             capacity=settings.capacity,
             speed=settings.sim_speed,
+            shaping=sim_shaping(settings),
         )
     except (OSError, UnsuitableTokenizer) as exc:
         raise WorkerStartError(f"the simulated engine cannot use the tokenizer of {path}: {exc}") from exc
@@ -132,6 +152,37 @@ async def warm_up(engine: Engine) -> None:
     log.info("engine warmed up in %.2fs", time.monotonic() - started)
 
 
+def sim_shaping(settings: WorkerSettings) -> Shaping:
+    """The answers the simulated engine gives, from what the worker advertises of its model's."""
+    from worker.sim_shapes import Shaping
+
+    parsing = answer_parsing(settings)
+    return Shaping(
+        reasoning=parsing["reasoning_parser"] is not None,
+        reasoning_tokens=settings.sim_reasoning_tokens,
+        hermes_tools=parsing["auto_tool_choice"] and parsing["tool_call_parser"] == "hermes",
+        tool_calls=settings.sim_tool_calls,
+    )
+
+
+DEMO_TOOL_CALL_PARSER = "hermes"
+"""The demo model's chat template writes tool calls as Hermes does: ``<tool_call>{...}</tool_call>``."""
+
+
+def answer_parsing(settings: WorkerSettings) -> dict[str, Any]:
+    """How gateways parse this model's answers (tool calls, reasoning), as its heartbeat says."""
+    parser = settings.tool_call_parser
+    if parser is None and settings.model == "demo":
+        parser = DEMO_TOOL_CALL_PARSER
+    auto = settings.enable_auto_tool_choice
+    return {
+        "tool_call_parser": parser,
+        "auto_tool_choice": bool(parser) if auto is None else auto and bool(parser),
+        "reasoning_parser": settings.reasoning_parser,
+        "max_logprobs": settings.max_logprobs,
+    }
+
+
 def start_metrics(port: int, health: Health) -> MetricsServer | None:
     """Serve /metrics before the engine loads, so a taken port fails fast; 0 means no server."""
     if port == 0:
@@ -159,6 +210,7 @@ async def run_consumer(redis: Redis, settings: WorkerSettings, engine: Engine, h
         engine=engine.kind,
         started_at=now,
         heartbeat_at=now,
+        **answer_parsing(settings),
     )
 
     def status() -> dict[str, object]:

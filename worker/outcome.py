@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from worker.coalesce import EngineAborted
-from worker.engine import EngineRejected
+from worker.engine import EngineFailed, EngineRejected
 
 StopReason = Literal["client", "lost"]
 """Why a job's task was cancelled: its client left, or another worker took it over (None: the worker
@@ -56,4 +56,6 @@ def early_end(error: BaseException, stop: StopReason | None, n: int, stopping: b
         return Action("hand_back")
     if isinstance(error, EngineAborted):
         return Action("fail", 503, "engine_aborted", str(error))
+    if isinstance(error, EngineFailed):
+        return Action("fail", 500, "engine_error", str(error))
     return Action("fail", 500, "engine_error", f"generation failed: {type(error).__name__}", unexpected=True)

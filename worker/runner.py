@@ -72,7 +72,7 @@ class JobRunner:
             claim,
             self._worker_id,
             self._metrics.published,
-            record_progress=job.sampling.n == 1,
+            fresh=progress is None,
             first_seq=progress.last_seq + 1 if progress else 0,
         )
         try:
@@ -108,8 +108,11 @@ class JobRunner:
             await self.fail(out, action.status, action.code, action.message)
 
     async def _progress(self, claim: Claim) -> Progress | None:
-        """What an earlier attempt published, when this is a retry or a hand-back."""
-        if claim.attempt <= 1 and not claim.handed_back:
+        """What an earlier attempt published, when this is a retry or a hand-back of a job that can
+        resume: one choice, no grammar (the engine's grammar would start over mid-answer), so
+        the others start over."""
+        sampling = claim.job.sampling
+        if (claim.attempt <= 1 and not claim.handed_back) or sampling.n > 1 or sampling.constrained:
             return None
         (entries,) = await self._outbox.send(("LRANGE", self._names.progress(claim.job.id), 0, -1))
         return Progress.parse(entries)
@@ -138,7 +141,11 @@ class JobRunner:
             # Its prompt's turn to enter the engine (see worker.prefill_gate).
             async with self._gate.job(job.tenant, sampling.max_tokens) as entry:
                 stream = self._engine.generate(
-                    job.id, job.prompt_token_ids + prior, sampling, cache_salt=job.cache_salt
+                    job.id,
+                    job.prompt_token_ids + prior,
+                    sampling,
+                    reasoning_ended=job.reasoning_ended,
+                    cache_salt=job.cache_salt,
                 )
                 async with contextlib.aclosing(stream):  # leaving early (e.g. ClaimLost) aborts it
                     async for deltas in stream:
@@ -171,7 +178,7 @@ class JobRunner:
     async def _abandon(self, claim: Claim) -> None:
         """End a job nobody listens to any more, without a word (there is no one to say it to)."""
         self._metrics.outcome("abandoned")
-        out = ReplyChannel(self._outbox, self._names, claim, self._worker_id, lambda: None, False)
+        out = ReplyChannel(self._outbox, self._names, claim, self._worker_id, lambda: None, fresh=False)
         await out.send([], ack=True)
 
     async def hand_back(self, claim: Claim, started: bool = True) -> None:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, get_args
 import psutil
 
 from shared.messages import FinishReason, Sampling
-from worker.engine import Delta, EngineRejected, EngineStats
+from worker.engine import Delta, EngineFailed, EngineRejected, EngineStats, TokenLogprobs
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +73,24 @@ def _stats_logger_factory(snapshot: _SchedulerSnapshot) -> Any:
 def sampling_params(sampling: Sampling) -> SamplingParams:
     """vLLM's parameters for a job: every field of the wire's ``Sampling`` is passed under its own
     name (they are vLLM's names), sequences as lists or ``None`` when empty, so a new field reaches
-    the engine without another hand-written copy."""
-    from vllm.sampling_params import RequestOutputKind, SamplingParams
+    the engine without another hand-written copy; the two that are not plain values are converted."""
+    from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
     fields: dict[str, Any] = {
         name: (list(value) or None) if isinstance(value, tuple) else value
-        for name, value in sampling.model_dump().items()
+        for name, value in sampling.model_dump(exclude={"logit_bias", "structured_output"}).items()
     }
+    if sampling.logit_bias:
+        fields["logit_bias"] = dict(sampling.logit_bias)
+    if (so := sampling.structured_output) is not None:
+        fields["structured_outputs"] = StructuredOutputsParams(
+            json=so.json_schema,
+            regex=so.regex,
+            choice=list(so.choice) if so.choice is not None else None,
+            grammar=so.grammar,
+            json_object=so.json_object or None,
+            structural_tag=so.structural_tag,
+        )
     return SamplingParams(**fields, output_kind=RequestOutputKind.DELTA)
 
 
@@ -254,6 +265,10 @@ class VLLMEngine:
             }
             if max_model_len is not None:  # None: vLLM derives it from the model config
                 kwargs["max_model_len"] = max_model_len
+            if isinstance(outputs := kwargs.get("structured_outputs_config"), dict):
+                from vllm.config import StructuredOutputsConfig
+
+                kwargs["structured_outputs_config"] = StructuredOutputsConfig(**outputs)
             args = AsyncEngineArgs(**kwargs)
             llm = AsyncLLM.from_engine_args(args, stat_loggers=[_stats_logger_factory(snapshot)])
             with lock:
@@ -286,6 +301,7 @@ class VLLMEngine:
         request_id: str,
         prompt_token_ids: Sequence[int],
         sampling: Sampling,
+        reasoning_ended: bool | None = None,
         *,
         cache_salt: str | None = None,
     ) -> AsyncGenerator[list[Delta]]:
@@ -308,7 +324,8 @@ class VLLMEngine:
         # An already-rendered token input: a raw ``TokensPrompt`` takes the same path after a
         # detour through the renderer that vLLM 0.32 logs as deprecated. Both validate the ids.
         prompt = tokens_input(list(prompt_token_ids), cache_salt=cache_salt)
-        stream = self._llm.generate(prompt, params, request_id)
+        stream = self._llm.generate(prompt, params, request_id, reasoning_ended=reasoning_ended)
+        with_logprobs = params.logprobs is not None
         try:
             async for output in stream:
                 deltas = [
@@ -317,6 +334,7 @@ class VLLMEngine:
                         text=choice.text,
                         token_ids=tuple(choice.token_ids),
                         finish_reason=_finish_reason(choice.finish_reason),
+                        logprobs=_logprobs(choice.token_ids, choice.logprobs) if with_logprobs else None,
                     )
                     for choice in output.outputs
                     if choice.token_ids or choice.text or choice.finish_reason is not None
@@ -364,6 +382,22 @@ def _shutdown_once(llm: AsyncLLM) -> None:
 def _finish_reason(reason: str | None) -> FinishReason | None:
     if reason is None:
         return None
+    if reason == "error":  # e.g. a grammar the engine core could not compile: no answer to give
+        raise EngineFailed("the engine failed the request (finish reason 'error')")
     if reason in _FINISH_REASONS:
         return reason  # type: ignore[return-value]
-    return "stop"  # e.g. vLLM's "error": the choice is over, and no other reason fits
+    return "stop"  # a reason this release does not know: the choice is over, and none fits better
+
+
+def _logprobs(token_ids: Sequence[int], positions: Any) -> TokenLogprobs:
+    """The log probabilities of a delta's tokens, from vLLM's per-position ``{id: Logprob}`` (the
+    sampled token first, then the alternatives by rank)."""
+    sampled: list[float] = []
+    texts: list[str] = []
+    top: list[tuple[tuple[int, float, str], ...]] = []
+    for token, position in zip(token_ids, positions or (), strict=False):
+        chosen = position.get(token)
+        sampled.append(chosen.logprob if chosen is not None else float("-inf"))
+        texts.append((chosen.decoded_token or "") if chosen is not None else "")
+        top.append(tuple((i, p.logprob, p.decoded_token or "") for i, p in position.items()))
+    return TokenLogprobs(sampled=sampled, texts=texts, top=top)

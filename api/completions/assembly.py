@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from api.assembly import Family
+
 OBJECT = OBJECT_CHUNK = "text_completion"
 
 
@@ -15,3 +17,6 @@ def delta_choice(index: int, text: str, finish: str | None, first: bool) -> dict
 def message_choice(index: int, text: str, finish: str | None) -> dict[str, Any]:
     """One choice of a whole answer."""
     return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+
+
+TEXT = Family(OBJECT, OBJECT_CHUNK, delta_choice, message_choice)
