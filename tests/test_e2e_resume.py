@@ -230,3 +230,20 @@ async def test_requests_sent_again_while_the_first_runs_share_its_job(system: Sy
     assert len({b["id"] for b in bodies}) == 1
     assert len({b["choices"][0]["message"]["content"] for b in bodies}) == 1
     assert all(b["usage"]["completion_tokens"] == 200 for b in bodies)
+
+
+async def test_a_tenant_at_its_rate_gets_the_answer_it_already_has(system: System) -> None:
+    """Sending a request again with its Idempotency-Key is no new work: a tenant whose one request a
+    minute is spent gets the first answer again, while a new request of it gets 429."""
+    from shared.tenants import Tenant
+
+    key = await create_tenant(system.redis_url, system.names, Tenant(name=f"once-{time.time_ns()}", rpm=1))
+    client = OpenAI(base_url=f"{system.base_url}/v1", api_key=key, max_retries=0, timeout=60)
+    kwargs: dict[str, Any] = {"model": system.model, "messages": MESSAGES, "max_tokens": 8, "seed": 1}
+    again = {"Idempotency-Key": f"once-{time.time_ns()}"}
+    first = await asyncio.to_thread(client.chat.completions.create, **kwargs, extra_headers=again)
+    repeated = await asyncio.to_thread(client.chat.completions.create, **kwargs, extra_headers=again)
+    assert repeated.id == first.id
+    with pytest.raises(Exception) as refused:
+        await asyncio.to_thread(client.chat.completions.create, **kwargs)
+    assert getattr(refused.value, "status_code", None) == 429
