@@ -19,6 +19,7 @@ from shared.tenants import Tenant
 async def embeddings(gw: Gateway, request: Request, body: EmbeddingRequest, tenant: Tenant) -> Any:
     gw.lifecycle.check_open()
     entry = await gw.resolve(request, body.model)
+    await gw.admission.precheck(tenant, entry.name)  # a tenant over its limits costs no encoding
     prepared = await prepare_embedding(gw.tokenizers, entry, body, tenant, request.state.request_id)
     admitted = await submit(prepared.job, tenant, gw.dispatcher, gw.admission, gw.lifecycle)
     # Nothing reaches the client before the last vector: a worker taking the job over runs it again.

@@ -46,9 +46,10 @@ class ResponsesAPI:
         gw = self.gw
         gw.lifecycle.check_open()
         entry = await gw.resolve(request, body.model)
+        await gw.admission.precheck(tenant, entry.name)  # a tenant over its limits costs no rendering
         prior = None
         if body.previous_response_id is not None:
-            prior = await previous(self.store, gw.dispatcher, tenant.name, body.previous_response_id)
+            prior = await previous(self.store, gw.dispatcher, tenant.id, body.previous_response_id)
         # A big input is converted off the event loop (vLLM's item models validate it), as chat
         # prompts are rendered.
         big = int(request.headers.get("content-length") or 0) > LARGE_BODY
@@ -67,7 +68,7 @@ class ResponsesAPI:
             prepared,
             chat,
             response,
-            tenant.name,
+            tenant.id,
             body.wants_logprobs() is not None,
             self.store if body.storing and not body.background else None,
         )
@@ -104,17 +105,17 @@ class ResponsesAPI:
         return JSONResponse(queued, headers=run.admitted.ticket.headers)
 
     async def retrieve(self, tenant: Tenant, response_id: str) -> dict[str, Any]:
-        return (await current(self.store, self.gw.dispatcher, tenant.name, _checked(response_id))).response
+        return (await current(self.store, self.gw.dispatcher, tenant.id, _checked(response_id))).response
 
     async def cancel(self, tenant: Tenant, response_id: str) -> dict[str, Any]:
-        return await cancel(self.store, self.gw.dispatcher, tenant.name, _checked(response_id))
+        return await cancel(self.store, self.gw.dispatcher, tenant.id, _checked(response_id))
 
     async def delete(self, tenant: Tenant, response_id: str) -> dict[str, Any]:
         """Forget a stored response; one still running is cancelled first."""
-        found = await current(self.store, self.gw.dispatcher, tenant.name, _checked(response_id))
+        found = await current(self.store, self.gw.dispatcher, tenant.id, _checked(response_id))
         if found.status in UNFINISHED:
-            await cancel(self.store, self.gw.dispatcher, tenant.name, response_id)
-        if not await stored(lambda: self.store.delete(tenant.name, response_id)):
+            await cancel(self.store, self.gw.dispatcher, tenant.id, response_id)
+        if not await stored(lambda: self.store.delete(tenant.id, response_id)):
             raise NotFound(f"Response with id '{response_id}' not found.", param="response_id")
         return {"id": response_id, "object": "response.deleted", "deleted": True}
 

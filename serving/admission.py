@@ -13,8 +13,10 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from api.errors import InvalidRequest, RateLimited, Unavailable
@@ -96,6 +98,19 @@ class Admission:
         """Load the scripts now, so the first request does not wait for it."""
         await self._scripts.load()
 
+    async def precheck(self, tenant: Tenant, model: str, stream: str | None = None) -> None:
+        """Refuse at once (429/503, booking nothing) a request whose tenant is over a limit already,
+        or whose model is at capacity: checked before the prompt is encoded, which may take a chat
+        template over megabytes. :meth:`admit` checks again with the request's tokens."""
+        self._check_total(model)
+        if not (tenant.rpm or tenant.tpm or tenant.max_concurrent or tenant.max_backlog):
+            return
+        result = await self._run(
+            self._scripts.precheck, tenant, "", 0, stream or self._names.jobs_stream(model, tenant.name)
+        )
+        if int(result[0]) != 1:
+            raise self._refused(tenant, model, result)
+
     async def admit(self, tenant: Tenant, job: Job, stream: str | None = None) -> Ticket:
         """Reserve the job's slot and tokens, or raise 429/503 (fail closed without Redis). The
         tenant's backlog is counted on ``stream``, its job stream of the model unless given."""
@@ -121,6 +136,23 @@ class Admission:
     ) -> Ticket:
         """``job``: the request's (its first, of several): what they share, the model and the kind."""
         model = job.model
+        self._check_total(model)
+        result = await self._run(
+            self._scripts.admit,
+            tenant,
+            request_id,
+            tokens,
+            stream or self._names.jobs_stream(model, tenant.name),
+            jobs,
+        )
+        if int(result[0]) == 1:
+            _, req_used, tok_used, reset_req, reset_tok = (int(x) for x in result)
+            return Ticket(
+                tenant.name, request_id, limit_headers(tenant, req_used, tok_used, reset_req, reset_tok)
+            )
+        raise self._refused(tenant, model, result, jobs, embedding=job.embed is not None)
+
+    def _check_total(self, model: str) -> None:
         backlog = self._drain.backlog(model)
         if backlog >= self._max_total:
             raise Unavailable(
@@ -128,6 +160,10 @@ class Admission:
                 retry_after=self._drain.retry_after(model, backlog - self._max_total + 1),
                 code="overloaded",
             )
+
+    async def _run(
+        self, script: AsyncScript, tenant: Tenant, request_id: str, tokens: int, stream: str, jobs: int = 1
+    ) -> list[Any]:
         n = self._names
         keys = [
             n.rate(tenant.name, "req"),
@@ -135,7 +171,7 @@ class Admission:
             n.rate(tenant.name, "amt"),
             n.rate(tenant.name, "sum"),
             n.inflight(tenant.name),
-            stream or n.jobs_stream(model, tenant.name),
+            stream,
         ]
         args: list[str | int] = [
             request_id,
@@ -149,27 +185,21 @@ class Admission:
             jobs,
         ]
         try:
-            result = await self._scripts.admit(keys=keys, args=args)
+            return list(await script(keys=keys, args=args))
         except (RedisError, OSError) as exc:
             raise Unavailable(
                 "rate limits cannot be checked: the queue is unreachable", retry_after=2
             ) from exc
-        if int(result[0]) == 1:
-            _, req_used, tok_used, reset_req, reset_tok = (int(x) for x in result)
-            return Ticket(
-                tenant.name, request_id, limit_headers(tenant, req_used, tok_used, reset_req, reset_tok)
-            )
+
+    def _refused(
+        self, tenant: Tenant, model: str, result: list[Any], jobs: int = 1, embedding: bool = False
+    ) -> Exception:
+        """Why admission (or its check before encoding) refused a request of ``jobs`` jobs, as the
+        error its client gets; ``embedding``: its tokens are all input."""
         reason = result[1].decode() if isinstance(result[1], bytes) else str(result[1])
         wait_ms, req_used, tok_used = int(result[2]), int(result[3]), int(result[4])
         headers = limit_headers(tenant, req_used, tok_used, wait_ms, wait_ms)
-        raise self._rejection(tenant, job, reason, wait_ms, headers, jobs)
-
-    def _rejection(
-        self, tenant: Tenant, job: Job, reason: str, wait_ms: int, headers: dict[str, str], jobs: int
-    ) -> Exception:
-        model = job.model
         if reason == "tokens_too_many":
-            embedding = job.embed is not None  # its tokens are all input
             return InvalidRequest(
                 f"this request needs more tokens than tenant '{tenant.name}' may use in a minute "
                 f"({tenant.tpm}); "

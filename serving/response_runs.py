@@ -53,6 +53,7 @@ class Run:
     response: dict[str, Any]
     """The response object before any output (status ``in_progress``)."""
     tenant: str
+    """The tenant's id (``Tenant.id``, not its name), which its stored responses are kept under."""
     logprobs: bool
     store: ResponseStore | None
     """Where the response is kept when it ends (None: ``store: false``)."""

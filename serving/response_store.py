@@ -1,5 +1,6 @@
-"""Stored responses of the Responses API in Redis: one hash per response, under its tenant's name,
-forgotten after ``SWITCHYARD_RESPONSE_TTL``.
+"""Stored responses of the Responses API in Redis: one hash per response, under its tenant's id
+(``Tenant.id``: a tenant removed and its name given again is a new tenant, which finds none of
+them), forgotten after ``SWITCHYARD_RESPONSE_TTL``.
 
 A response is stored when it ends (``store: true``); a background one as soon as it is accepted
 (``queued``), then moved to ``in_progress`` when a worker starts it and to its end by the gateway

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -254,6 +256,29 @@ def test_another_tenants_response_is_not_found(client: OpenAI, other: OpenAI, sy
         with pytest.raises(openai.NotFoundError):
             attempt()
     assert client.responses.retrieve(mine.id).id == mine.id  # untouched
+
+
+def test_a_tenant_given_a_removed_tenants_name_finds_none_of_its_responses(system: System) -> None:
+    name = "resp-" + uuid.uuid4().hex[:6]
+
+    def client_of(key: str) -> OpenAI:
+        return OpenAI(base_url=f"{system.base_url}/v1", api_key=key, max_retries=0, timeout=60)
+
+    old = client_of(asyncio.run(create_tenant(system.redis_url, system.names, Tenant(name=name))))
+    kept = old.responses.create(model=system.model, input=QUESTION, max_output_tokens=2)
+    flags = ["--redis-url", system.redis_url, "--key-prefix", system.names.prefix]
+    command = [sys.executable, "-m", "control.cli", "keys", "revoke", "--tenant", name, *flags]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    new = client_of(asyncio.run(create_tenant(system.redis_url, system.names, Tenant(name=name))))
+    for attempt in (
+        lambda: new.responses.retrieve(kept.id),
+        lambda: new.responses.create(
+            model=system.model, input="And then?", previous_response_id=kept.id, max_output_tokens=2
+        ),
+    ):
+        with pytest.raises(openai.NotFoundError):
+            attempt()
 
 
 def test_delete_forgets_a_response(client: OpenAI, system: System) -> None:
