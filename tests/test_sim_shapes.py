@@ -235,6 +235,25 @@ async def test_log_probabilities_on_every_token(
         assert all(d.logprobs is None for d in await run(engine, prompts["plain"], max_tokens=20))
 
 
+async def test_prompt_log_probabilities_come_once_on_the_first_delta(
+    demo_model_dir: Path, hf: Any, prompts: dict[str, list[int]]
+) -> None:
+    prompt = prompts["plain"]
+    async with sim(demo_model_dir) as engine:
+        deltas = await run(engine, prompt, max_tokens=5, n=2, logprobs=1, prompt_logprobs=2, seed=4)
+        scored = deltas[0].prompt_logprobs
+        assert scored is not None and all(d.prompt_logprobs is None for d in deltas[1:])
+        assert len(scored.sampled) == len(scored.texts) == len(scored.top) == len(prompt) - 1
+        for token, sampled, text, top in zip(
+            prompt[1:], scored.sampled, scored.texts, scored.top, strict=True
+        ):
+            assert sampled <= 0 and text == hf.decode([token]) and top[0] == (token, sampled, text)
+            assert len(top) == 3
+        again = await run(engine, prompt, max_tokens=5, n=2, logprobs=1, prompt_logprobs=2, seed=4)
+        assert again[0].prompt_logprobs == scored  # drawn from the seed
+        assert all(d.prompt_logprobs is None for d in await run(engine, prompt, max_tokens=5, logprobs=1))
+
+
 def test_token_texts_are_what_an_incremental_detokenizer_streams(demo_model_dir: Path) -> None:
     demo = load_tokenizer(str(demo_model_dir))
     split = demo.encode("é", add_special_tokens=False)

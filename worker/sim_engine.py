@@ -12,7 +12,8 @@ What it honours as vLLM would report it: ``max_tokens`` and the end of the conte
 ("stop", the ending token in the ids, its text only with ``include_stop_str_in_output``). Without
 ``ignore_eos`` a choice ends with EOS at a pseudo-random length reproducible from the request's
 seed, or its id. The shapes of agent traffic are honoured too (:mod:`worker.sim_shapes`):
-structured output, tool calls, reasoning and log probabilities. It ignores the rest of the
+structured output, tool calls, reasoning and log probabilities, of the prompt's tokens too
+(``prompt_logprobs``, on the first delta, as vLLM sends them). It ignores the rest of the
 sampling: stop strings never match (the text is random words), temperature, penalties and logit
 bias change nothing, prefix caching is not modelled.
 
@@ -23,14 +24,16 @@ The step loop is one task in the worker's event loop that sleeps the modelled ti
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import random
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 
 from shared.messages import EmbeddingModel, Sampling
-from worker.engine import Delta, EngineRejected, EngineStats
+from worker.engine import Delta, EngineRejected, EngineStats, TokenLogprobs
 from worker.sim_batch import Batch, plan_choice
-from worker.sim_shapes import Shaper, Shaping
+from worker.sim_shapes import Shaper, Shaping, token_logprobs
 from worker.sim_timing import Preset, step_seconds
 from worker.sim_tokens import Tokenizer, TokenPool, build_pool, load_tokenizer
 
@@ -177,6 +180,11 @@ class SimEngine:
             )
             for index in range(sampling.n)
         ]
+        scored = (
+            self._prompt_logprobs(key, prompt_token_ids, sampling.prompt_logprobs, ids, texts)
+            if sampling.prompt_logprobs is not None
+            else None
+        )
         self._batch.add(choices)
         self._work.set()
         try:
@@ -186,11 +194,29 @@ class SimEngine:
                 if request.stopped:
                     raise EngineStopped("the simulated engine stopped")
                 deltas, request.deltas = request.deltas, []
+                if scored is not None and deltas:
+                    deltas[0], scored = dataclasses.replace(deltas[0], prompt_logprobs=scored), None
                 request.choices -= sum(d.finish_reason is not None for d in deltas)
                 yield deltas
         finally:
             if request.choices:
                 self._batch.drop(request)
+
+    def _prompt_logprobs(
+        self, key: str, prompt: Sequence[int], k: int, ids: Sequence[int], texts: Sequence[str]
+    ) -> TokenLogprobs:
+        """The prompt's tokens from the second on, each with a drawn log probability and ``k``
+        alternatives from the pool, reproducible from ``key``."""
+        rng = random.Random(f"{key}/prompt")
+        tokenizer = self._tokenizer
+        out = TokenLogprobs(sampled=[], texts=[], top=[])
+        for token in prompt[1:]:
+            text = tokenizer.decode([token]) if tokenizer is not None else ""
+            sampled, top = token_logprobs(rng, token, text, k, ids, texts)
+            out.sampled.append(sampled)
+            out.texts.append(text)
+            out.top.append(top)
+        return out
 
     def _check(self, prompt_token_ids: Sequence[int], sampling: Sampling) -> None:
         """Refuse what vLLM would refuse before scheduling (the gateway checks these first)."""
