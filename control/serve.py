@@ -27,7 +27,7 @@ import uvicorn
 
 from control.children import Child, Children, CrashLoop
 from control.processes import StartupError, check_port_free
-from shared.settings import BackgroundSettings, GatewaySettings, RedisSettings, WorkerSettings
+from shared.settings import BackgroundSettings, GatewaySettings, RedisSettings, WorkerSettings, redact_url
 
 if TYPE_CHECKING:
     from serving.lifecycle import Lifecycle
@@ -43,7 +43,7 @@ def check_redis(settings: RedisSettings, timeout: float = 3.0) -> None:
     try:
         client.ping()
     except (RedisError, OSError) as exc:
-        raise StartupError(f"cannot reach Redis at {settings.redis_url}: {exc}") from exc
+        raise StartupError(f"cannot reach Redis at {redact_url(settings.redis_url)}: {exc}") from exc
     finally:
         client.close()
 

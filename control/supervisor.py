@@ -36,7 +36,7 @@ from control.processes import StartupError, answers_ok, check_port_free, free_po
 from control.redis_server import EmbeddedRedis
 from control.serve import check_redis
 from scaling.local import LocalAutoscaler
-from shared.settings import GatewaySettings, WorkerSettings
+from shared.settings import GatewaySettings, WorkerSettings, redact_url
 from worker.main import DEMO_KV_CACHE_GIB, WorkerStartError, resolve_model
 from worker.vllm_engine import cpu_build, cpu_kv_cache_bytes, model_threads, usable_cpus, weight_bytes
 
@@ -276,7 +276,7 @@ class Supervisor:
 
     def _announce(self) -> None:
         model = self.worker.served_model_name or self.worker.model
-        redis = self.redis.url if self.redis else self.gateway.redis_url
+        redis = redact_url(self.redis.url if self.redis else self.gateway.redis_url)
         key = self.dev_key or "none"
         auth = (
             f"API key (tenant 'dev', kept in {dev_key_file()}):\n  {key}\n"

@@ -42,7 +42,7 @@ from serving.path import new_request_id
 from serving.registry import WorkerRegistry
 from serving.replies import ReplyHub
 from serving.tokenizer import TokenizerCache
-from shared.settings import GatewaySettings
+from shared.settings import GatewaySettings, redact_url
 from shared.tenants import Tenant, TenantStore
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             await gateway.admission.prepare()
         except (TimeoutError, RedisError, OSError):
             log.warning(
-                "Redis at %s is not answering yet; requests get 503 until it does", settings.redis_url
+                "Redis at %s is not answering yet; requests get 503 until it does",
+                redact_url(settings.redis_url),
             )
         try:
             yield

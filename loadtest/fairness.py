@@ -88,7 +88,7 @@ from loadtest.benchreport import (
 from loadtest.report import write_raw
 from shared.fleet import gather
 from shared.names import Names
-from shared.settings import RedisSettings
+from shared.settings import RedisSettings, redact_url
 from shared.tenants import Tenant, TenantStore
 
 FLOODER, VICTIM = "flooder", "victim"  # tenant names when this study creates them
@@ -124,7 +124,7 @@ class QueueProbe:
         if tenants[0] is None or tenants[1] is None:
             await redis.aclose()
             raise RuntimeError(
-                f"--key-a/--key-b are not keys of tenants in {settings.redis_url} "
+                f"--key-a/--key-b are not keys of tenants in {redact_url(settings.redis_url)} "
                 f"under prefix {settings.key_prefix!r}"
             )
         return cls(redis, settings.names, model, tenants[0].name, tenants[1].name)
