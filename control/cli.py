@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_redis(up)
     up.add_argument("--workers", type=int, default=1, help="worker processes to start (default: 1)")
     up.add_argument(
+        "--metrics-port",
+        type=int,
+        help="the gateway's /metrics and /scaling port; worker i's metrics on this port + i "
+        "(default: 9100; a free port for any one taken)",
+    )
+    up.add_argument(
         "--autoscale",
         metavar="MIN:MAX",
         help="start and retire workers by demand, between MIN and MAX (MIN 0: scale to zero when idle)",
@@ -104,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     gw = roles.add_parser("gateway", help="run one gateway (HTTP API) against a shared Redis")
     _add_gateway(gw)
     _add_redis(gw)
+    gw.add_argument(
+        "--metrics-port",
+        type=int,
+        help="port of the gateway's /metrics and /scaling, apart from the API's (default: 0, none)",
+    )
     gw.add_argument("--shared-port", action="store_true", help=argparse.SUPPRESS)  # one of --processes N
 
     wk = roles.add_parser("worker", help="run one worker (engine + job consumer) against a shared Redis")
@@ -183,7 +194,7 @@ def _overrides(args: argparse.Namespace, fields: Sequence[str]) -> dict[str, Any
 
 
 REDIS_FIELDS = ("redis_url", "key_prefix")
-GATEWAY_FIELDS = ("host", "port", "processes", *REDIS_FIELDS)
+GATEWAY_FIELDS = ("host", "port", "processes", "metrics_port", *REDIS_FIELDS)
 WORKER_FIELDS = (
     "model",
     "served_model_name",

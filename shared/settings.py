@@ -125,6 +125,14 @@ class GatewaySettings(RedisSettings):
     processes: int = Field(
         default=1, ge=1, description="Gateway processes sharing the port (metrics summed over them)."
     )
+    metrics_port: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "Port of the gateway's Prometheus /metrics and of /scaling (what KEDA reads), apart from "
+            "the API's so that only monitoring reaches them; 0: neither is served."
+        ),
+    )
     ping_interval: float = Field(default=10.0, gt=0, description="Seconds between SSE keep-alives.")
     request_timeout: float = Field(
         default=600.0, gt=0, description="Longest a request may take, queueing included."
@@ -234,6 +242,12 @@ class GatewaySettings(RedisSettings):
     usage_retention_days: int = Field(
         default=90, ge=1, description="Days of hourly usage roll-ups kept per tenant."
     )
+
+    @model_validator(mode="after")
+    def _ports_apart(self) -> Self:
+        if self.metrics_port and self.metrics_port == self.port:
+            raise ValueError("the metrics port must not be the API's port: metrics are not for clients")
+        return self
 
     @property
     def files_path(self) -> Path:

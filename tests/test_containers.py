@@ -168,12 +168,17 @@ async def _stream(
     return finish, used, longest
 
 
-def _worker_metric(stack: Stack, worker: Container, line_start: str) -> float:
-    """One sample of a worker's /metrics, read inside its container (worker ports are not published)."""
-    text = stack.exec(
-        worker, "python", "-c",
-        "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9101/metrics').read().decode())",
+def _internal(stack: Stack, container: Container, path: str) -> str:
+    """A page of a container's metrics port (9101), read inside it: no metrics port is published."""
+    return stack.exec(
+        container, "python", "-c",
+        f"import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9101{path}').read().decode())",
     )  # fmt: skip
+
+
+def _worker_metric(stack: Stack, worker: Container, line_start: str) -> float:
+    """One sample of a worker's /metrics."""
+    text = _internal(stack, worker, "/metrics")
     values = [float(x.rsplit(" ", 1)[1]) for x in text.splitlines() if x.startswith(line_start)]
     return sum(values)
 
@@ -214,7 +219,7 @@ def test_scaling_adds_workers_by_starting_containers(stack: Stack, api_key: str)
     stack.wait(lambda: len(stack.live_workers(MODEL)) == 3, 600, "three live workers in `switchyard status`")
 
     def counted() -> bool:
-        scaling = httpx.get(f"{stack.base_url}/scaling", params={"model": MODEL}, timeout=5).json()
+        scaling = json.loads(_internal(stack, stack.container("gateway"), f"/scaling?model={MODEL}"))
         return bool(scaling["workers"] == 3)
 
     stack.wait(counted, 60, "the gateway's /scaling counting three workers")

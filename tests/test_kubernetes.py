@@ -19,7 +19,8 @@ import pytest
 import yaml
 
 from control.processes import free_port
-from gateway.app import create_app, scaling_row
+from gateway.app import create_app
+from gateway.internal import scaling_row
 from scaling.decision import Decision, Load, Memory
 from shared.settings import BackgroundSettings, GatewaySettings, WorkerSettings
 from worker.health import Health
@@ -104,8 +105,13 @@ def test_keda_asks_the_gateways_about_the_served_model() -> None:
     url = urlparse(trigger["metadata"]["url"])
     service = find("Service", "switchyard-gateway")
     assert url.hostname == service["metadata"]["name"]
-    assert url.port == service["spec"]["ports"][0]["port"]
-    assert url.path == "/scaling" and "/scaling" in {r.path for r in create_app(GatewaySettings()).routes}  # type: ignore[attr-defined]
+    # /scaling is served on the gateways' metrics port, and the Service leads there.
+    ports = {p["port"]: p["targetPort"] for p in service["spec"]["ports"]}
+    named = {p["name"]: p["containerPort"] for p in container("switchyard-gateway")["ports"]}
+    assert named[ports[url.port]] == int(CONFIG["SWITCHYARD_METRICS_PORT"])
+    app = create_app(GatewaySettings())
+    assert url.path == "/scaling" and "/scaling" in {r.path for r in app.state.internal.routes}
+    assert "/scaling" not in {r.path for r in app.routes}  # type: ignore[attr-defined]
     assert parse_qs(url.query)["model"] == [CONFIG["SWITCHYARD_SERVED_MODEL_NAME"]]
     row = scaling_row(Load(0, 0, 0, 8), Decision(0, "steady", Memory()))
     assert trigger["metadata"]["valueLocation"] in row
@@ -153,13 +159,19 @@ def test_commands_are_cli_commands() -> None:
 def test_ports_and_probes_are_what_the_gateway_serves() -> None:
     gateway = container("switchyard-gateway")
     args = gateway["args"]
-    assert gateway["ports"][0]["containerPort"] == int(args[args.index("--port") + 1])
-    paths = {r.path for r in create_app(GatewaySettings()).routes}  # type: ignore[attr-defined]
+    ports = {p["name"]: p["containerPort"] for p in gateway["ports"]}
+    assert ports["http"] == int(args[args.index("--port") + 1])
+    app = create_app(GatewaySettings())
+    paths = {r.path for r in app.routes}  # type: ignore[attr-defined]
     for probe in ("readinessProbe", "livenessProbe"):
         assert gateway[probe]["httpGet"]["path"] in paths
+        assert gateway[probe]["httpGet"]["port"] == "http"
     assert gateway["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # Prometheus scrapes the metrics port: the API's serves no /metrics.
     pod = find("Deployment", "switchyard-gateway")["spec"]["template"]
-    assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(gateway["ports"][0]["containerPort"])
+    assert ports["metrics"] == int(CONFIG["SWITCHYARD_METRICS_PORT"]) != ports["http"]
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(ports["metrics"])
+    assert "/metrics" not in paths and "/metrics" in {r.path for r in app.state.internal.routes}
 
 
 def test_ports_and_probes_are_what_the_worker_serves() -> None:
