@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import threading
@@ -48,6 +49,8 @@ DRAINED = 600
 host done well within its 30 s grace (a host busy with other work may need longer: they are cut)."""
 RECLAIM_IDLE = 15.0
 """compose.yaml leaves SWITCHYARD_RECLAIM_IDLE at its default: a dead worker's jobs wait this long."""
+REDIS_PASSWORD = secrets.token_hex(24)
+SERVICES = ("redis", "gateway", "worker", "background", "prometheus")
 
 
 def _missing() -> str | None:
@@ -110,6 +113,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, figures: dict[str, str]) -> 
             "CONTAINERS_CONF": str(containers_conf(home / "containers.conf")),
             "SWITCHYARD_GATEWAY_PORT": str(gateway_port),
             "SWITCHYARD_PROMETHEUS_PORT": str(prometheus_port),
+            # compose.yaml starts nothing without it (users keep it in .env).
+            "SWITCHYARD_REDIS_PASSWORD": REDIS_PASSWORD,
         }
     )
     project = f"sytest-{uuid.uuid4().hex[:8]}"
@@ -208,8 +213,33 @@ def test_up_streams_a_chat_completion(stack: Stack, api_key: str, figures: dict[
     assert finish in ("stop", "length") and "".join(pieces)
     # compose.yaml's healthchecks ask the right question. podman without systemd schedules none
     # (depends_on's service_healthy is ignored with a warning there); run each once by hand.
-    for service in ("gateway", "worker"):
+    for service in ("redis", "gateway", "worker"):
         stack.podman("healthcheck", "run", stack.container(service).id)
+
+
+def test_the_stack_shows_little_and_runs_unprivileged(stack: Stack, api_key: str) -> None:
+    """Only the API is published, and it serves no metrics; Redis wants its password, which no
+    command line shows; every container runs as a user other than root, with no capability, on a
+    read-only root file system."""
+    assert httpx.get(f"{stack.base_url}/metrics", timeout=5).status_code == 404
+    assert httpx.get(f"{stack.base_url}/readyz", timeout=5).json() == {"status": "ready"}
+    refused = stack.exec(stack.container("redis"), "env", "-u", "REDISCLI_AUTH", "redis-cli", "ping")
+    assert "NOAUTH" in refused, refused
+    for service in SERVICES:
+        container = stack.container(service)
+        (inspected,) = json.loads(stack.podman("inspect", container.id))
+        assert inspected["HostConfig"]["ReadonlyRootfs"] is True, service
+        assert not inspected.get("EffectiveCaps"), (service, inspected.get("EffectiveCaps"))
+        assert stack.exec(container, "id", "-u").strip() != "0", service
+        # podman top: every process of the container with its command line.
+        assert REDIS_PASSWORD not in stack.podman("top", container.id, "args"), service
+        published = {
+            binding["HostIp"] or "0.0.0.0"
+            for bindings in (inspected["HostConfig"].get("PortBindings") or {}).values()
+            for binding in bindings or ()
+        }
+        expected = {"gateway": {"0.0.0.0"}, "prometheus": {"127.0.0.1"}}.get(service, set())
+        assert published == expected, (service, published)
 
 
 def test_scaling_adds_workers_by_starting_containers(stack: Stack, api_key: str) -> None:
