@@ -340,6 +340,8 @@ def test_network_policies_let_in_only_who_needs_each_port() -> None:
         n for n, pod in pod_templates().items() if selects(peer["podSelector"], pod["metadata"]["labels"])
     }
     assert allowed == set(SWITCHYARD_DEPLOYMENTS)
+    (expression,) = peer["podSelector"]["matchExpressions"]  # and nobody else, now or later
+    assert sorted(expression["values"]) == sorted(SWITCHYARD_DEPLOYMENTS)
     assert [p["port"] for p in rule["ports"]] == [p["name"] for p in redis_container()["ports"]]
     # Gateways: the API from anywhere; the metrics port (/metrics, /scaling) from monitoring and KEDA.
     api, metrics = ingress("switchyard-gateway")
