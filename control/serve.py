@@ -60,12 +60,18 @@ def run_gateway(settings: GatewaySettings, shared_port: bool = False) -> None:
         _supervise_gateways(settings)
         return
     from gateway.app import create_app
+    from gateway.connections import connection_protocol
     from gateway.internal import ByPort
 
     app = create_app(settings)
     served = ByPort(app, app.state.internal, settings.metrics_port) if settings.metrics_port else app
     config = uvicorn.Config(
-        served, log_level="warning", access_log=False, timeout_graceful_shutdown=5, lifespan="on"
+        served,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        lifespan="on",
+        http=connection_protocol(settings.header_timeout, settings.max_connections),
     )
     server = DrainingServer(config, app.state.lifecycle)
     server.run(sockets=[listen(settings.host, port, reuse_port=shared_port) for port in ports])
