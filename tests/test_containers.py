@@ -5,8 +5,11 @@ system used through its published port the way the README tells users to.
 Workers are added by starting containers (``--scale worker=3``) and load spreads over them; a worker
 container killed with SIGKILL mid-stream costs no stream (another worker resumes each one) and its
 restart policy brings it back; the background container runs a batch; Prometheus scrapes every target; a
-gateway container told to stop drains its streams. Where no registry is reachable, which is the case
-here, deploy/images.sh builds every image from Debian's packages.
+gateway container told to stop drains its streams. The stack runs as shipped: Redis wants a password
+(the test makes one), only the gateway's API port is published and serves no metrics, and every
+container runs as a user other than root with no capabilities and a read-only root file system.
+Where no registry is reachable, which is the case here, deploy/images.sh builds every image from
+Debian's packages.
 
 Needs root, podman and podman-compose (and debootstrap unless its base image exists); skipped
 without them unless SWITCHYARD_REQUIRE_CONTAINERS=1 (CI), where it fails instead. It prints the

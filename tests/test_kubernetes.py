@@ -268,7 +268,7 @@ def option_of(args: list[str], name: str) -> str:
 def image_user() -> tuple[int, str]:
     """The Dockerfile's user id and its HOME."""
     text = (ROOT / "Dockerfile").read_text()
-    user, home = re.search(r"^USER (\d+):\d+$", text, re.MULTILINE), re.search(r"HOME=(\S+)", text)
+    user, home = re.search(r"^USER (\d+):\d+$", text, re.MULTILINE), re.search(r"\bHOME=(\S+)", text)
     assert user is not None and home is not None
     return int(user[1]), home[1]
 
@@ -292,7 +292,7 @@ def test_every_container_runs_unprivileged_with_bounded_memory() -> None:
             assert quantity(limit) >= quantity(request), (name, c["name"])
             if c["image"].startswith("switchyard:"):
                 assert context["runAsUser"] == uid, name  # the image's user, owner of its directories
-                # What the read-only root leaves writable: volumes, and /tmp and HOME for caches.
+                # What the read-only root leaves writable: volumes, and /tmp (HOME too) for caches.
                 mounted = {m["mountPath"] for m in c["volumeMounts"]}
                 assert {"/tmp", home, "/var/cache/switchyard"} <= mounted, (name, mounted)
 
