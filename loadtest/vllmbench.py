@@ -4,7 +4,11 @@
         --tokenizer ~/.cache/switchyard/demo-model --concurrency 64 --num-prompts 400 --json out.json
 
 Random dataset, ``--input-len`` prompt and exactly ``--output-len`` output tokens (``ignore_eos``),
-streamed through ``/v1/completions`` (vLLM's default ``openai`` backend). The ``vllm`` command line
+streamed through ``/v1/completions`` (vLLM's default ``openai`` backend), or with ``--chat`` through
+``/v1/chat/completions`` (its ``openai-chat`` backend: the prompt as one user message, TTFT to the first
+chunk with a choice). ``--extra-body JSON`` adds fields to every request (tools and ``tool_choice``,
+a ``response_format``, ``temperature``); ``--no-ignore-eos`` lets an answer end where its grammar
+does (at most ``--output-len`` tokens). The ``vllm`` command line
 itself cannot run on hosts without AVX-512 (it loads a kernel library for another platform first and
 dies with SIGILL), so the CPU platform is chosen before vLLM's benchmark module is imported. The key
 of ``--api-key`` travels as vLLM's client expects it, in ``OPENAI_API_KEY``. Prints and writes the
@@ -27,7 +31,9 @@ FIGURES = (
     "request_throughput",
     "mean_ttft_ms",
     "median_ttft_ms",
+    "p95_ttft_ms",
     "p99_ttft_ms",
+    "total_output_tokens",
     "mean_tpot_ms",
     "median_tpot_ms",
     "median_itl_ms",
@@ -48,15 +54,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         os.environ["OPENAI_API_KEY"] = args.api_key
     parser = FlexibleArgumentParser()
     add_cli_args(parser)
-    bench = parser.parse_args(
-        [
-            *("--base-url", args.base_url, "--model", args.model, "--tokenizer", str(args.tokenizer)),
-            *("--dataset-name", "random", "--random-input-len", str(args.input_len)),
-            *("--random-output-len", str(args.output_len), "--ignore-eos"),
-            *("--max-concurrency", str(args.concurrency), "--num-prompts", str(args.num_prompts)),
-            *("--seed", str(args.seed), "--percentile-metrics", "ttft,tpot,itl,e2el"),
-        ]
-    )
+    flags = [
+        *("--base-url", args.base_url, "--model", args.model, "--tokenizer", str(args.tokenizer)),
+        *("--dataset-name", "random", "--random-input-len", str(args.input_len)),
+        *("--random-output-len", str(args.output_len)),
+        *("--max-concurrency", str(args.concurrency), "--num-prompts", str(args.num_prompts)),
+        *("--seed", str(args.seed), "--percentile-metrics", "ttft,tpot,itl,e2el"),
+        *("--metric-percentiles", "50,95,99"),
+    ]
+    flags += ["--backend", "openai-chat", "--endpoint", "/v1/chat/completions"] if args.chat else []
+    extra = json.loads(args.extra_body or "{}")
+    if args.no_ignore_eos:  # the client sets ignore_eos for its random dataset whatever it is told
+        extra["ignore_eos"] = False
+    else:
+        flags.append("--ignore-eos")
+    flags += ["--extra-body", json.dumps(extra)] if extra else []
+    bench = parser.parse_args(flags)
     result: dict[str, Any] = main(bench)
     return {k: result.get(k) for k in FIGURES}
 
@@ -74,6 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--api-key")
+    p.add_argument("--chat", action="store_true", help="through /v1/chat/completions")
+    p.add_argument("--extra-body", help="JSON object of fields added to every request")
+    p.add_argument("--no-ignore-eos", action="store_true", help="answers may end before --output-len")
     p.add_argument("--json", type=Path)
     return p.parse_args(argv)
 
