@@ -10,6 +10,7 @@ import importlib
 import sys
 
 STUDIES = {
+    "agentbench": "tool calls and JSON schemas at 64 streams beside plain chat, Switchyard and vLLM's server",
     "affinity": "prefix affinity on multi-turn conversations, two vLLM workers, with and without it",
     "autoscale": "a burst sent while a model has no worker: workers come, the burst completes, they go",
     "batchbench": "a Batch API batch beside interactive traffic, and what it costs that traffic",
