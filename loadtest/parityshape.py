@@ -175,6 +175,8 @@ class Output:
     completion_tokens: int | None = None
     logprob_tokens: list[str] | None = None
     error: str | None = None
+    others: list[str | None] = field(default_factory=list)
+    """The content of the other choices (``n`` > 1), in order."""
 
 
 def _error_text(doc: Any) -> str:
@@ -189,7 +191,7 @@ def output(answer: Answer) -> Output:
         return _folded(answer.events)
     body = answer.body
     usage = body.get("usage") or {}
-    choice = (body.get("choices") or [{}])[0]
+    choice, *others = body.get("choices") or [{}]
     message = choice.get("message") or {}
     calls = [(c["function"]["name"], c["function"]["arguments"]) for c in message.get("tool_calls") or ()]
     return Output(
@@ -200,6 +202,7 @@ def output(answer: Answer) -> Output:
         prompt_tokens=usage.get("prompt_tokens"),
         completion_tokens=usage.get("completion_tokens"),
         logprob_tokens=_tokens((choice.get("logprobs") or {}).get("content")),
+        others=[(other.get("message") or {}).get("content") for other in others],
     )
 
 
@@ -208,26 +211,28 @@ def _tokens(entries: Sequence[Any] | None) -> list[str] | None:
 
 
 def _folded(events: Sequence[Any]) -> Output:
-    """A stream's first choice as a client assembles it."""
-    out = Output()
-    calls: dict[int, list[str]] = {}
+    """A stream's choices as a client assembles them: the first, with the others' content."""
+    choices: dict[int, Output] = {}
+    calls: dict[int, dict[int, list[str]]] = {}
+    error: str | None = None
+    usage: dict[str, Any] = {}
     for event in events:
         if not isinstance(event, dict):
             continue
         if "error" in event:
-            out.error = _error_text(event)
+            error = _error_text(event)
             continue
-        if usage := event.get("usage"):
-            out.prompt_tokens, out.completion_tokens = (
-                usage.get("prompt_tokens"),
-                usage.get("completion_tokens"),
-            )
+        usage = event.get("usage") or usage
         for choice in event.get("choices") or ():
-            if choice.get("index", 0) != 0:
-                continue
-            _fold_delta(out, calls, choice)
-    out.tool_calls = [(name, arguments) for name, arguments in calls.values()]
-    return out
+            index = choice.get("index", 0)
+            _fold_delta(choices.setdefault(index, Output()), calls.setdefault(index, {}), choice)
+    for index, out in choices.items():
+        out.tool_calls = [(name, arguments) for name, arguments in calls[index].values()]
+    first = choices.get(0, Output())
+    first.others = [choices[i].content for i in sorted(choices) if i]
+    first.error = error
+    first.prompt_tokens, first.completion_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    return first
 
 
 def _fold_delta(out: Output, calls: dict[int, list[str]], choice: dict[str, Any]) -> None:
@@ -256,16 +261,14 @@ def _arguments(text: str) -> Any:
 
 def same_text(a: Output, b: Output) -> bool:
     """Whether two outputs say the same: content (an empty one as none), reasoning, the calls'
-    names and arguments (as JSON values: ``{"a": 1}`` and ``{"a":1}`` are the same call) and the
-    logprobs' tokens."""
-    calls_a = [(name, _arguments(args)) for name, args in a.tool_calls]
-    calls_b = [(name, _arguments(args)) for name, args in b.tool_calls]
-    return (a.content or None, a.reasoning, calls_a, a.logprob_tokens) == (
-        b.content or None,
-        b.reasoning,
-        calls_b,
-        b.logprob_tokens,
-    )
+    names and arguments (as JSON values: ``{"a": 1}`` and ``{"a":1}`` are the same call), the
+    logprobs' tokens and the other choices' content."""
+
+    def said(out: Output) -> tuple[Any, ...]:
+        calls = [(name, _arguments(args)) for name, args in out.tool_calls]
+        return out.content or None, out.reasoning, calls, out.logprob_tokens, out.others
+
+    return said(a) == said(b)
 
 
 def held(holds: Holds | None, out: Output) -> str | None:

@@ -136,3 +136,27 @@ def test_every_body_has_a_unique_name_and_the_ci_set_exists() -> None:
     names = [c.name for c in CASES]
     assert len(names) == len(set(names))
     assert all(not c.body.get("stream") or c.name.endswith("_stream") for c in CASES)
+
+
+def test_every_choice_of_n_is_folded_and_compared() -> None:
+    def two(first: str, second: str) -> list[dict[str, Any]]:
+        events = [chunk({"role": "assistant", "content": first}, "length")]
+        other = chunk({"role": "assistant", "content": second}, "length")
+        other["choices"][0]["index"] = 1
+        return [*events, other, usage_chunk()]
+
+    streamed = output(Answer(200, events=two("a", "b"), done=True))
+    assert (streamed.content, streamed.others, streamed.completion_tokens) == ("a", ["b"], 3)
+    whole = output(
+        Answer(
+            200,
+            body={
+                "choices": [
+                    {"index": 0, "message": {"content": "a"}, "finish_reason": "length"},
+                    {"index": 1, "message": {"content": "b"}, "finish_reason": "length"},
+                ]
+            },
+        )
+    )
+    assert same_text(streamed, whole)
+    assert not same_text(streamed, output(Answer(200, events=two("a", "c"), done=True)))
