@@ -128,6 +128,12 @@ AUTO = Case(
     {"messages": USER, "tools": [WEATHER, TIME], "tool_choice": "auto", "max_tokens": 32, **GREEDY},
     tools=True,
 )
+NONE = Case(
+    "tool_none",
+    "tools offered with tool_choice none: an answer in text",
+    {"messages": USER, "tools": [WEATHER, TIME], "tool_choice": "none", "max_tokens": 16, **GREEDY},
+    tools=True,
+)
 TOOL_RESULT = Case(
     "tool_result_turn",
     "a tool's result sent back after the assistant's call",
@@ -208,6 +214,22 @@ PLAIN = Case(
     "a plain chat turn",
     {"messages": [{"role": "user", "content": "Hello, how are you?"}], "max_tokens": 24, **GREEDY},
 )
+TWO = Case(
+    "two_choices",
+    "n 2: two choices of one prompt, sampled with a seed",
+    {
+        "messages": [{"role": "user", "content": "Hello, how are you?"}],
+        "max_tokens": 8,
+        "n": 2,
+        "temperature": 1.0,
+        "seed": 7,
+    },
+)
+REFUSED = Case(
+    "sampling_refused",
+    "n 2 with greedy decoding, which vLLM's sampling parameters refuse",
+    {"messages": [{"role": "user", "content": "Hello, how are you?"}], "max_tokens": 8, "n": 2, **GREEDY},
+)
 LOGPROBS = Case(
     "logprobs_top3",
     "logprobs with the top 3 alternatives",
@@ -258,6 +280,11 @@ ROUND_TRIP = Case(
     tools=True,
     round_trip={"follow_up": {"role": "tool", "content": '{"celsius": 21}'}, "max_tokens": 16},
 )
+MIN_OVER_MAX = Case(
+    "min_over_max_stream",
+    "min_tokens above max_tokens, which vLLM's sampling parameters refuse, streamed",
+    {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "min_tokens": 8, **GREEDY, **STREAM},
+)
 BAD_SCHEMA = Case(
     "bad_schema",
     "a json_schema that cannot compile (type 'strin')",
@@ -294,9 +321,11 @@ IMAGE = Case(
 
 CASES: tuple[Case, ...] = (
     *_both(PLAIN),
+    *_both(TWO),
     *_both(REQUIRED),
     *_both(NAMED),
     *_both(AUTO),
+    NONE,
     *_both(TOOL_RESULT),
     JSON_OBJECT,
     *_both(JSON_SCHEMA),
@@ -307,6 +336,8 @@ CASES: tuple[Case, ...] = (
     *_both(CONTINUE),
     ROUND_TRIP,
     *_both(BAD_SCHEMA),
+    *_both(REFUSED),
+    MIN_OVER_MAX,
     IMAGE,
 )
 """Every body the study sends, in order."""
