@@ -59,16 +59,6 @@ FIRST = "first chunk|any chunk"
 
 KNOWN: tuple[Known, ...] = (
     Known(
-        "Switchyard",
-        "`n` 2 with greedy decoding (`temperature` 0), which vLLM's sampling parameters refuse, is "
-        "checked only by the worker's engine, after the job is enqueued: a whole answer is still a 400, "
-        "but a stream has already answered 200 and gets an `error` event instead. vLLM checks it before "
-        "it answers.",
-        part="status",
-        vllm=("400",),
-        cases=("sampling_refused_stream",),
-    ),
-    Known(
         "intended",
         "vLLM's own extension fields, and OpenAI fields that neither server fills, are sent as null by "
         "vLLM and left out by Switchyard; the SDK reads a missing field and a null one alike (None).",
