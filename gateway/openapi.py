@@ -88,8 +88,25 @@ COMPLETION_ERRORS: dict[int | str, dict[str, Any]] = {
         "No live worker serves the model, the system is at capacity, or Redis is unreachable.",
         retry_after=True,
     ),
+    409: _error("This Idempotency-Key was sent with another request."),
     504: _error("The request timed out in the queue or while generating."),
 }
+RESUMPTION_HEADERS = [
+    {
+        "name": "Idempotency-Key",
+        "in": "header",
+        "required": False,
+        "description": "The same request sent again with the same key gets the first one's answer.",
+        "schema": {"type": "string", "minLength": 1, "maxLength": 256},
+    },
+    {
+        "name": "Last-Event-ID",
+        "in": "header",
+        "required": False,
+        "description": "Take up a resumable stream where this event left off (send the same request).",
+        "schema": {"type": "string"},
+    },
+]
 
 
 NOT_FOUND = _error("No such object for this tenant (another tenant's objects are not found either).")
@@ -163,6 +180,8 @@ def _adjust(schema: dict[str, Any], auth: bool, max_n: int) -> None:
     for path, operations in schema["paths"].items():
         for operation in operations.values():
             operation["responses"].pop("422", None)
+            if path in ("/v1/chat/completions", "/v1/completions"):
+                operation.setdefault("parameters", []).extend(RESUMPTION_HEADERS)
             if auth and path.startswith("/v1/"):
                 operation["security"] = [{"bearer": []}]
             for response in operation["responses"].values():

@@ -17,14 +17,16 @@ from sse_starlette import EventSourceResponse
 from api.chat.protocol import ChatCompletionRequest
 from api.common import GenerationRequest
 from api.completions.protocol import CompletionRequest
-from api.errors import APIError
+from api.errors import APIError, InvalidRequest
 from gateway.auth import Authenticator
 from serving.admission import Admission
-from serving.dispatch import Dispatcher
+from serving.dispatch import Dispatcher, owner_record
+from serving.idempotency import Idempotency
 from serving.lifecycle import Lifecycle
 from serving.path import JobBuilder, Prepared, submit
 from serving.registry import ModelEntry, WorkerRegistry
-from serving.relay import collect, sse_events, until_disconnect
+from serving.relay import Attached, collect, sse_events, until_disconnect
+from serving.resume import EventId, Resumable
 from serving.tokenizer import TokenizerCache
 from shared.settings import GatewaySettings
 from shared.tenants import Tenant
@@ -49,11 +51,15 @@ class Gateway:
     admission: Admission
     lifecycle: Lifecycle
     jobs: JobBuilder = field(init=False)
+    resumable: Resumable = field(init=False)
+    idempotency: Idempotency = field(init=False)
 
     def __post_init__(self) -> None:
         self.jobs = JobBuilder(
             self.registry, self.tokenizers, self.settings.max_n, self.settings.affinity_tokens
         )
+        self.resumable = Resumable(self.dispatcher, self.settings.resume_grace)
+        self.idempotency = Idempotency(self.redis, self.settings.names, self.settings.idempotency_ttl)
 
     async def prewarm(self, period: float = 1.0) -> None:
         """Load each served model's tokenizer before its first request needs it (until then the
@@ -100,10 +106,34 @@ class Gateway:
     async def _respond(
         self, request: Request, prepared: Prepared, body: GenerationRequest, tenant: Tenant
     ) -> Any:
-        admitted = await submit(prepared.job, tenant, self.dispatcher, self.admission, self.lifecycle)
+        options = body.stream_options
+        resumable = self.resumable if body.stream and options and options.resumable else None
+        if (last := request.headers.get("last-event-id")) is not None:
+            if not body.stream:
+                raise InvalidRequest(
+                    "Last-Event-ID takes up a stream: send it with stream: true", param="Last-Event-ID"
+                )
+            after = EventId.parse(last)
+            return await self._take_up(request, prepared, body, after.job, resumable or self.resumable, after)
+        key = request.headers.get("idempotency-key")
+        keep = None
+        if key is not None:
+            what = owner_record(prepared.job)
+            earlier = await self.idempotency.claim(tenant.name, key, what, prepared.job.id)
+            if earlier is not None:
+                return await self._take_up(request, prepared, body, earlier.id, resumable, None)
+            keep = self.settings.idempotency_ttl
+        try:
+            admitted = await submit(
+                prepared.job, tenant, self.dispatcher, self.admission, self.lifecycle, keep
+            )
+        except BaseException:
+            if key is not None:
+                await self.idempotency.forget(tenant.name, key, prepared.job.id)
+            raise
         if body.stream:
             return EventSourceResponse(
-                sse_events(admitted, prepared.streaming(body)),
+                sse_events(admitted, prepared.streaming(body), resumable),
                 ping=self.settings.ping_interval,
                 headers=admitted.ticket.headers,
                 sep=SSE_SEPARATOR,
@@ -116,3 +146,33 @@ class Gateway:
         if result is None:  # the client left; nobody reads a response
             return JSONResponse({}, status_code=499)
         return JSONResponse(result, headers=admitted.ticket.headers)
+
+    async def _take_up(
+        self,
+        request: Request,
+        prepared: Prepared,
+        body: GenerationRequest,
+        job_id: str,
+        resumable: Resumable | None,
+        after: EventId | None,
+    ) -> Any:
+        """Answer from the replies of a job an earlier request enqueued: a stream taken up again
+        where its client left off (``after``), or the same request sent again under its
+        ``Idempotency-Key``."""
+        replies = await self.dispatcher.attach(prepared.job.model_copy(update={"id": job_id}))
+        prepared.job = replies.job
+        attached = Attached(replies, self.lifecycle, stop_on_close=body.stream)
+        if body.stream:
+            return EventSourceResponse(
+                sse_events(attached, prepared.streaming(body), resumable, after),
+                ping=self.settings.ping_interval,
+                sep=SSE_SEPARATOR,
+            )
+        replies.restartable = True
+        try:
+            result = await until_disconnect(request, lambda: collect(replies, prepared.whole()))
+        finally:
+            await attached.close()
+        if result is None:
+            return JSONResponse({}, status_code=499)
+        return JSONResponse(result)

@@ -164,6 +164,7 @@ class ChoiceParser:
         self._parser = parser
         self._plan = plan
         self._prompt: list[int] | None = prompt
+        self._whole_prompt = prompt
         self.named = plan.named_tool
 
     def delta(self, text: str, token_ids: Sequence[int], finished: bool) -> ParsedDelta | None:
@@ -181,12 +182,16 @@ class ChoiceParser:
         )
 
     def whole(self, text: str, token_ids: Sequence[int]) -> ParsedMessage:
-        reasoning, content, calls = self._parser.parse(
-            text,
-            self._plan.request,
-            enable_auto_tools=self._plan.auto_tools,
-            model_output_token_ids=token_ids,
-        )
+        plan, parser = self._plan, self._parser
+        if isinstance(parser, DelegatingParser) and self._prompt_ended_reasoning():
+            # The prompt closed the reasoning (thinking turned off): the whole answer is content,
+            # as the streamed answer has it (vLLM's own whole-answer parse does not look).
+            reasoning: str | None = None
+            calls, content = parser._extract_tool_calls(text, plan.request, enable_auto_tools=plan.auto_tools)
+        else:
+            reasoning, content, calls = parser.parse(
+                text, plan.request, enable_auto_tools=plan.auto_tools, model_output_token_ids=token_ids
+            )
 
         tool_calls = [
             {
@@ -202,6 +207,10 @@ class ChoiceParser:
 
     def reasoning_tokens(self, token_ids: Sequence[int]) -> int:
         return self._parser.count_reasoning_tokens(token_ids)
+
+    def _prompt_ended_reasoning(self) -> bool:
+        parser = self._parser
+        return parser.reasoning_parser is not None and parser.is_reasoning_end(self._whole_prompt)
 
 
 def _dropped_none(call: dict[str, Any]) -> dict[str, Any]:

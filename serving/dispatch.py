@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
+import zlib
+from array import array
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -12,7 +16,7 @@ from typing import Protocol
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from api.errors import APIError, Timeout, Unavailable, UpstreamFailure, from_status
+from api.errors import APIError, NotFound, Timeout, Unavailable, UpstreamFailure, from_status
 from serving.replies import ReplyHub, Subscription, SubscriptionLost
 from shared.messages import (
     Failure,
@@ -32,6 +36,22 @@ from shared.names import JOB_FIELD, Names
 log = logging.getLogger(__name__)
 
 CANCEL_MARKER_TTL = 600
+OWNER_MARGIN = 300.0
+"""Seconds a job's owner record outlives the longest its request may take: a client may take up
+the stream of a job that just ended a little longer (the job's replies are kept that long too)."""
+
+
+def owner_record(job: Job) -> str:
+    """The tenant of a job and a digest of what it asks (prompt and sampling): taking up its
+    stream needs both, so another tenant's key, or another request, cannot."""
+    digest = hashlib.blake2b(encode(job.sampling).encode(), digest_size=12)
+    digest.update(array("l", job.prompt_token_ids).tobytes())
+    return f"{job.tenant}:{digest.hexdigest()}"
+
+
+def epoch_of(start: Started) -> str:
+    """A short mark of the attempt that began an answer (a client's event ids carry it)."""
+    return f"{zlib.crc32(f'{start.worker}/{start.attempt}'.encode()):08x}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +144,9 @@ class Dispatcher:
                 pipe.xadd(stream, {JOB_FIELD: encode(job)})
                 record = StreamRecord(tenant=job.tenant, priority=priority)
                 pipe.hset(self._names.streams_index(job.model), stream, encode(record))
+                # Who may take up its stream again, and for which request (see :meth:`attach`).
+                keep = max(1, round(self._timeouts.total + OWNER_MARGIN))
+                pipe.set(self._names.owner(job.id), f"{owner_record(job)}:{job.created_at}", ex=keep)
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             await self._hub.close(sub)
@@ -132,6 +155,52 @@ class Dispatcher:
             await self._hub.close(sub)
             raise
         return ReplyStream(job, sub, self, self._timeouts)
+
+    async def attach(self, job: Job) -> ReplyStream:
+        """Take up the replies of ``job``, enqueued earlier by this or another gateway for the same
+        tenant and request (``job`` rebuilt from the same body, under its first id): subscribe,
+        then read every reply so far from its progress list, then follow the live ones (each
+        reply once, whichever way it came). Raises :class:`NotFound` for a job that is not the
+        tenant's, or whose replies are no longer kept."""
+        try:
+            owner = await self._redis.get(self._names.owner(job.id))
+        except (RedisError, OSError) as exc:
+            raise Unavailable("the queue is unreachable", retry_after=2) from exc
+        record, _, created = (owner or b"").decode().rpartition(":")
+        if record != owner_record(job):
+            raise NotFound("there is no such stream to take up for this key and request")
+        job = job.model_copy(update={"created_at": float(created)})
+        sub = await self.subscribe(job)
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.lrange(self._names.progress(job.id), 0, -1)
+                pipe.incr(self._names.attached(job.id))
+                pipe.expire(self._names.attached(job.id), max(1, round(self._timeouts.total)))
+                history, _, _ = await pipe.execute()
+            replies = [decode_reply(raw) for raw in history]
+        except (RedisError, OSError, WireError) as exc:
+            await self._hub.close(sub)
+            raise Unavailable(f"the stream cannot be read back: {exc}", retry_after=2) from exc
+        except BaseException:
+            await self._hub.close(sub)
+            raise
+        stream = ReplyStream(job, sub, self, self._timeouts)
+        stream.preload(replies)
+        return stream
+
+    async def attachments(self, job_id: str) -> int:
+        """How many times a client took up the job's stream again (see :meth:`attach`)."""
+        return int(await self._redis.get(self._names.attached(job_id)) or 0)
+
+    async def was_cancelled(self, job_id: str) -> bool:
+        return bool(await self._redis.exists(self._names.cancelled(job_id)))
+
+    async def keep_replies(self, job_id: str, seconds: float) -> None:
+        """Keep a finished job's replies (and who may read them) longer than workers do."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.expire(self._names.progress(job_id), max(1, round(seconds)))
+            pipe.expire(self._names.owner(job_id), max(1, round(seconds)))
+            await pipe.execute()
 
     async def unsubscribe(self, opening: asyncio.Task[Subscription]) -> None:
         """Undo :meth:`subscribe` run as ``opening`` for a job that will not be enqueued."""
@@ -181,7 +250,12 @@ class ReplyStream:
         self.restartable = False
         """Nothing of the answer reached the client yet (it gets the whole answer at the end): a
         worker taking the job over may start it from the top rather than resume it."""
+        self.epoch = ""
+        """Marks the attempt that began the answer the client is getting (:func:`epoch_of`): one
+        that starts over begins a new answer, and a client cannot take up the old one's in it."""
         self.track = owner.metrics.track(job)
+        self._backlog: deque[Started | Tokens | Final | Failure] = deque()
+        self._catching_up = False
 
     async def __aiter__(self) -> AsyncIterator[Started | Tokens | Final]:
         try:
@@ -194,9 +268,17 @@ class ReplyStream:
             self.track.failed(exc)
             raise
 
+    def preload(self, replies: list[Started | Tokens | Final | Failure]) -> None:
+        """Replies published before this stream subscribed (read back from the job's progress
+        list): they come first, and the live ones they already hold are skipped."""
+        self._backlog.extend(replies)
+        self._catching_up = True
+
     async def _replies(self) -> AsyncIterator[Started | Tokens | Final]:
         while not self.finished:
             reply = await self._next()
+            if self._catching_up and reply.seq < self._expected and not self._starts_over(reply):
+                continue  # read back already, and heard live too
             if isinstance(reply, Started):
                 self._on_started(reply)
             elif reply.seq != self._expected:
@@ -233,8 +315,15 @@ class ReplyStream:
             self._delivered_tokens = False
         if self.started_at is None:
             self.started_at = time.monotonic()
+        if reply.seq == 0:
+            self.epoch = epoch_of(reply)
+
+    def _starts_over(self, reply: Started | Tokens | Final | Failure) -> bool:
+        return isinstance(reply, Started) and reply.seq == 0 and epoch_of(reply) != self.epoch
 
     async def _next(self) -> Started | Tokens | Final | Failure:
+        if self._backlog:
+            return self._backlog.popleft()
         now = time.monotonic()
         remaining = self._deadline - now
         if remaining <= 0:
@@ -268,6 +357,10 @@ class ReplyStream:
         except WireError as exc:
             raise UpstreamFailure(str(exc), code="bad_reply") from exc
 
+    async def keep(self, seconds: float) -> None:
+        """Keep this finished job's replies for ``seconds`` (see :meth:`Dispatcher.keep_replies`)."""
+        await self._owner.keep_replies(self.job.id, seconds)
+
     def interrupt(self, error: APIError) -> None:
         """Make the reader of these replies fail with ``error`` (e.g. the gateway is stopping)."""
         self.subscription.fail(error)
@@ -279,10 +372,11 @@ class ReplyStream:
             return self.final.usage
         return Usage(prompt_tokens=len(self.job.prompt_token_ids), completion_tokens=self.generated)
 
-    async def close(self) -> None:
-        """Stop listening; if the job had not finished, tell the workers to drop it. Idempotent."""
+    async def close(self, stop: bool = True) -> None:
+        """Stop listening; if the job had not finished (and ``stop``), tell the workers to drop
+        it. Idempotent."""
         if self._closed:
             return
         self._closed = True
         self.track.close()
-        await self._owner.release(self, cancel=not self.finished)
+        await self._owner.release(self, cancel=stop and not self.finished)

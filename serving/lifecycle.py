@@ -13,7 +13,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Protocol
+from collections.abc import Coroutine
+from typing import Any, Protocol
 
 from api.errors import APIError, Unavailable
 
@@ -47,6 +48,14 @@ class Lifecycle:
         self._open: set[Open] = set()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        """Run ``work`` for a request whose client went away (it closes the request when done):
+        held here so it is neither lost nor left behind; draining waits for its request."""
+        task = asyncio.create_task(work, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def check_open(self) -> None:
         """Refuse a new request while draining."""

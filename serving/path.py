@@ -176,7 +176,12 @@ class JobBuilder:
 
 
 async def submit(
-    job: Job, tenant: Tenant, dispatcher: Dispatcher, admission: Admission, lifecycle: Lifecycle
+    job: Job,
+    tenant: Tenant,
+    dispatcher: Dispatcher,
+    admission: Admission,
+    lifecycle: Lifecycle,
+    keep: float | None = None,
 ) -> Admitted:
     """Admit (rate limits, backlog) and enqueue; the reservation is settled when the reply ends."""
     lifecycle.check_open()  # it may have begun draining while this request was tokenized
@@ -193,7 +198,7 @@ async def submit(
     except BaseException:
         await admission.settle(ticket, NOTHING)  # nothing was enqueued
         raise
-    return Admitted(replies, ticket, admission, lifecycle)
+    return Admitted(replies, ticket, admission, lifecycle, keep)
 
 
 def prefix_digest(prompt: Sequence[int], length: int) -> str | None:

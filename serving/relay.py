@@ -20,6 +20,7 @@ from api.sse import encode, sse
 from serving.admission import Admission, Ticket
 from serving.dispatch import ReplyStream
 from serving.lifecycle import Lifecycle
+from serving.resume import EventId, Resumable, with_id
 from shared.messages import Final, Started, Tokens, UsageEvent
 
 T = TypeVar("T")
@@ -29,17 +30,30 @@ log = logging.getLogger(__name__)
 
 class Admitted:
     """An admitted request: its reply stream and its reservation, released together, and known to
-    the process's lifecycle until then (a draining gateway waits for it, or cuts it)."""
+    the process's lifecycle until then (a draining gateway waits for it, or cuts it).
+
+    ``keep``: seconds to keep the job's replies once it ended (an ``Idempotency-Key``'s life), so
+    the same request sent again is answered from them."""
 
     def __init__(
-        self, replies: ReplyStream, ticket: Ticket, admission: Admission, lifecycle: Lifecycle
+        self,
+        replies: ReplyStream,
+        ticket: Ticket,
+        admission: Admission,
+        lifecycle: Lifecycle,
+        keep: float | None = None,
     ) -> None:
         self.replies = replies
         self.ticket = ticket
         self._admission = admission
         self._lifecycle = lifecycle
+        self._keep = keep
         self._closed = False
         lifecycle.opened(self)
+
+    @property
+    def lifecycle(self) -> Lifecycle:
+        return self._lifecycle
 
     def interrupt(self, error: APIError) -> None:
         self.replies.interrupt(error)
@@ -62,8 +76,44 @@ class Admitted:
                     error=self.replies.error or "",
                 )
                 await self._admission.settle(self.ticket, usage, served)
+                if self._keep and self.replies.finished:
+                    await self.replies.keep(self._keep)
         finally:
             self._lifecycle.closed(self)
+
+
+class Attached:
+    """A stream taken up again (``Last-Event-ID``, or a request sent again under its
+    ``Idempotency-Key``): the replies of a job another request admitted, which settles it."""
+
+    def __init__(self, replies: ReplyStream, lifecycle: Lifecycle, stop_on_close: bool) -> None:
+        self.replies = replies
+        self._lifecycle = lifecycle
+        self._stop = stop_on_close
+        """Stop the job if it has not ended when this closes (a stream whose client left for good);
+        not for a whole answer sent again, whose first request may still wait for it."""
+        self._closed = False
+        lifecycle.opened(self)
+
+    @property
+    def lifecycle(self) -> Lifecycle:
+        return self._lifecycle
+
+    def interrupt(self, error: APIError) -> None:
+        self.replies.interrupt(error)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            with anyio.CancelScope(shield=True):
+                await self.replies.close(stop=self._stop)
+        finally:
+            self._lifecycle.closed(self)
+
+
+Following = Admitted | Attached
 
 
 async def collect(replies: ReplyStream, assembler: FullAssembler) -> dict[str, Any]:
@@ -80,22 +130,46 @@ async def collect(replies: ReplyStream, assembler: FullAssembler) -> dict[str, A
 DONE = sse("[DONE]")
 
 
-async def sse_events(request: Admitted, assembler: StreamAssembler) -> AsyncIterator[bytes]:
+async def sse_events(
+    request: Following,
+    assembler: StreamAssembler,
+    resumable: Resumable | None = None,
+    after: EventId | None = None,
+) -> AsyncIterator[bytes]:
     """SSE events of one streamed response, as bytes; an error after the start becomes an error
-    event."""
+    event. With ``resumable`` every event has an id, and a client whose connection drops may take
+    the stream up again (after the grace, the job stops); ``after`` is where such a client left
+    off: the events up to it are not sent again."""
+    replies = request.replies
+    ended = False
     try:
-        async for reply in request.replies:
-            if isinstance(reply, Tokens | Final):
-                for event in assembler.events(reply):
+        async for reply in replies:
+            if not isinstance(reply, Tokens | Final):
+                continue
+            events = assembler.events(reply)
+            if isinstance(reply, Final):
+                events.append(DONE)
+            if resumable is None:
+                for event in events:
                     yield event
-        yield DONE
+                continue
+            for k, event in enumerate(events):
+                here = EventId(replies.job.id, replies.epoch, reply.seq, k)
+                if after is None or after.before(here):
+                    yield with_id(event, here)
+        ended = True
     except APIError as exc:
+        ended = True
         yield encode(exc.envelope())
     except Exception:  # a defect: the client must still learn the stream is broken
-        log.exception("stream of %s failed", request.replies.job.id)
-        yield encode(InternalError(request_id=request.replies.job.id).envelope())
+        ended = True
+        log.exception("stream of %s failed", replies.job.id)
+        yield encode(InternalError(request_id=replies.job.id).envelope())
     finally:
-        await request.close()
+        if ended or resumable is None or replies.finished:
+            await request.close()
+        else:  # the client went away: give it a while to come back
+            request.lifecycle.spawn(resumable.linger(request), f"linger-{replies.job.id}")
 
 
 async def until_disconnect(request: Request, work: Callable[[], Awaitable[T]]) -> T | None:

@@ -26,9 +26,6 @@ class SubscriptionLost(Exception):
 class Subscription:
     channel: str
     queue: asyncio.Queue[bytes | Exception] = field(default_factory=asyncio.Queue)
-    confirmed: asyncio.Future[None] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
 
     async def get(self) -> bytes:
         item = await self.queue.get()
@@ -41,12 +38,23 @@ class Subscription:
         self.queue.put_nowait(error)
 
 
+@dataclass(eq=False)
+class _Channel:
+    """A channel this process listens on, for every subscription to it: two requests may follow
+    one job (a stream taken up again on the gateway that lost it, a request sent again)."""
+
+    subs: list[Subscription] = field(default_factory=list)
+    confirmed: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
 class ReplyHub:
     def __init__(self, redis: Redis, control_channel: str, subscribe_timeout: float = 5.0) -> None:
         self._redis = redis
         self._control = control_channel
         self._timeout = subscribe_timeout
-        self._subs: dict[bytes, Subscription] = {}
+        self._channels: dict[bytes, _Channel] = {}
         self._pubsub: PubSub | None = None
         self.connected = asyncio.Event()
 
@@ -83,45 +91,65 @@ class ReplyHub:
     def _dispatch(self, message: dict[str, object]) -> None:
         channel = message["channel"]
         assert isinstance(channel, bytes)
-        sub = self._subs.get(channel)
-        if sub is None:
+        listening = self._channels.get(channel)
+        if listening is None:
             return
         kind = message["type"]
         if kind == "message":
             data = message["data"]
             assert isinstance(data, bytes)
-            sub.queue.put_nowait(data)
-        elif kind == "subscribe" and not sub.confirmed.done():
-            sub.confirmed.set_result(None)
+            for sub in listening.subs:
+                sub.queue.put_nowait(data)
+        elif kind == "subscribe" and not listening.confirmed.done():
+            listening.confirmed.set_result(None)
 
     def _fail_all(self, error: SubscriptionLost) -> None:
-        for sub in self._subs.values():
-            sub.queue.put_nowait(error)
-            if not sub.confirmed.done():
-                sub.confirmed.set_exception(error)
-        self._subs.clear()
+        for listening in self._channels.values():
+            for sub in listening.subs:
+                sub.queue.put_nowait(error)
+            if not listening.confirmed.done():
+                listening.confirmed.set_exception(error)
+                listening.confirmed.exception()  # retrieved: nobody may be waiting on it
+        self._channels.clear()
 
     async def open(self, channel: str) -> Subscription:
         """Subscribe and wait until Redis has confirmed it."""
         pubsub = self._pubsub
         if pubsub is None or not self.connected.is_set():
             raise SubscriptionLost("not connected to Redis")
+        key = channel.encode()
         sub = Subscription(channel)
-        self._subs[channel.encode()] = sub
+        listening = self._channels.get(key)
+        first = listening is None
+        if listening is None:
+            listening = self._channels[key] = _Channel()
+        listening.subs.append(sub)
         try:
             async with asyncio.timeout(self._timeout):  # the SUBSCRIBE's write and its confirmation
-                await pubsub.subscribe(channel)
-                await asyncio.shield(sub.confirmed)
+                if first:
+                    await pubsub.subscribe(channel)
+                await asyncio.shield(listening.confirmed)
         except (RedisError, OSError, TimeoutError) as exc:
-            self._subs.pop(channel.encode(), None)
+            self._forget(key, sub)
             raise SubscriptionLost(f"could not subscribe to replies: {exc!r}") from exc
         except BaseException:  # cancelled: nobody will close it
-            self._subs.pop(channel.encode(), None)
+            self._forget(key, sub)
             raise
         return sub
 
+    def _forget(self, key: bytes, sub: Subscription) -> bool:
+        """Drop ``sub``; True when it was the channel's last one (nobody listens there any more)."""
+        listening = self._channels.get(key)
+        if listening is None or sub not in listening.subs:
+            return False
+        listening.subs.remove(sub)
+        if listening.subs:
+            return False
+        del self._channels[key]
+        return True
+
     async def close(self, sub: Subscription) -> None:
-        if self._subs.pop(sub.channel.encode(), None) is None:
+        if not self._forget(sub.channel.encode(), sub):
             return
         pubsub = self._pubsub
         if pubsub is not None:

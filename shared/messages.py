@@ -284,15 +284,9 @@ class DeadLetter(_Wire):
             raise WireError(f"undecodable dead letter: {exc}") from exc
 
 
-def decode_progress(entries: list[bytes]) -> list[Tokens]:
-    """A job's progress list: the token messages its earlier attempts published, in order."""
-    out = []
-    for raw in entries:
-        reply = decode_reply(raw)
-        if not isinstance(reply, Tokens):
-            raise WireError(f"progress entry is a {reply.type} message, not tokens")
-        out.append(reply)
-    return out
+def decode_progress(entries: list[bytes]) -> list[Started | Tokens | Final | Failure]:
+    """A job's progress list: every reply its attempts published, in order."""
+    return [decode_reply(raw) for raw in entries]
 
 
 class UsageEvent(_Wire):

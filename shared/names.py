@@ -10,6 +10,7 @@ several test runs, can share one Redis. They are plain strings meant to be typed
     ZRANGE     switchyard:workers 0 -1 WITHSCORES        live workers by last heartbeat
     GET        switchyard:worker:<id>                    what one worker serves (JSON)
     PUBSUB CHANNELS switchyard:reply:*                   requests being answered right now
+    LRANGE     switchyard:progress:<request> 0 -1        every reply of one request so far (kept a while)
 
 The Batch API and the background role (``switchyard background``) keep theirs beside them:
 
@@ -71,8 +72,23 @@ class Names:
         return f"{self.prefix}:cancelled:{request_id}"
 
     def progress(self, request_id: str) -> str:
-        """List of the token messages a job has published so far, so another worker can resume it."""
+        """List of every reply a job has published so far (``LRANGE ... 0 -1``): another worker
+        resumes the job from its tokens, a client that lost its stream takes it up again from
+        here. Kept a while after the job ends."""
         return f"{self.prefix}:progress:{request_id}"
+
+    def owner(self, request_id: str) -> str:
+        """The tenant whose request a job is: only that tenant's keys may take up its stream."""
+        return f"{self.prefix}:owner:{request_id}"
+
+    def attached(self, request_id: str) -> str:
+        """How many times a client took up the job's stream again (a gateway that lost the
+        client's connection waits a while for this to move before it stops the job)."""
+        return f"{self.prefix}:attached:{request_id}"
+
+    def idempotency(self, tenant: str, digest: str) -> str:
+        """A tenant's request under an ``Idempotency-Key`` (its digest): what it became (JSON)."""
+        return f"{self.prefix}:idempotency:{tenant}:{digest}"
 
     def inbox(self, worker_id: str) -> str:
         """Channel on which a worker is told of a job another worker handed to it (prefix affinity)."""

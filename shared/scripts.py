@@ -133,25 +133,27 @@ if not p[1] or p[1][2] ~= ARGV[2] then return 0 end
 # successor resumes from is exactly what the client was sent); with 'ack', then end the job: XACK,
 # XDEL (XLEN stays the live backlog), drop the progress, count it as drained.
 # KEYS: job stream, progress list, drained counter.
-# ARGV: group, consumer, entry id, channel, progress ttl ms, 'ack' or '', then pairs of
+# ARGV: group, consumer, entry id, channel, progress ttl ms while the job runs, progress ttl ms once
+# it ended, flags ('a': end the job; 'r': start its progress list over), then pairs of
 # (payload, '1' to keep it in the progress list or '').
 # Returns 0 when the worker does not own the job, 2 when nobody listens on the channel any more (the
 # gateway that took the request is gone: the job is of no use), else 1.
 CLAIMED_PUBLISH = Lua(
     _OWNS
     + """
+if string.find(ARGV[7], 'r', 1, true) then redis.call('DEL', KEYS[2]) end
 local heard = 1
-for i = 7, #ARGV, 2 do
+for i = 8, #ARGV, 2 do
   if ARGV[i + 1] ~= '' then
     redis.call('RPUSH', KEYS[2], ARGV[i])
     redis.call('PEXPIRE', KEYS[2], ARGV[5])
   end
   if redis.call('PUBLISH', ARGV[4], ARGV[i]) == 0 then heard = 2 end
 end
-if ARGV[6] == 'ack' then
+if string.find(ARGV[7], 'a', 1, true) then
   redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
   redis.call('XDEL', KEYS[1], ARGV[3])
-  redis.call('DEL', KEYS[2])
+  redis.call('PEXPIRE', KEYS[2], ARGV[6])
   redis.call('INCR', KEYS[3])
   return 1
 end

@@ -53,6 +53,22 @@ class GatewaySettings(RedisSettings):
         description="Longest silence from the worker once a job has started before the request fails.",
     )
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0, description="Larger bodies get 413.")
+    resume_grace: float = Field(
+        default=10.0,
+        ge=0,
+        description=(
+            "Seconds a resumable stream's job goes on after its client's connection drops, for the "
+            "client to take the stream up again with Last-Event-ID (other streams stop at once)."
+        ),
+    )
+    idempotency_ttl: float = Field(
+        default=3600.0,
+        gt=0,
+        description=(
+            "Seconds a request sent with an Idempotency-Key is remembered (and its answer kept): the "
+            "same request sent again with that key gets the first one's answer instead of running twice."
+        ),
+    )
     max_n: int = Field(default=8, ge=1, description="Largest `n` (choices per request) accepted.")
     auth: bool = Field(
         default=True, description="Require an API key (off: every request is tenant 'default')."
@@ -206,6 +222,23 @@ class WorkerSettings(RedisSettings):
         default=1.0,
         gt=0,
         description="The simulated engine runs this many times faster than its preset (tests: 10 or more).",
+    )
+    sim_reasoning_tokens: int = Field(
+        default=64,
+        ge=0,
+        description=(
+            "With a reasoning parser, the simulated engine thinks this many tokens (at most half of "
+            "max_tokens) between <think> and </think> before each answer; 0: never."
+        ),
+    )
+    sim_tool_calls: float = Field(
+        default=1.0,
+        ge=0,
+        le=1,
+        description=(
+            "Share of the simulated engine's answers to prompts that list tools (tool_choice auto, "
+            "hermes parser) that call one of them."
+        ),
     )
     model: str = Field(default="demo", description="'demo', a Hugging Face model id, or a path.")
     served_model_name: str | None = Field(default=None, description="Name clients use for the model.")

@@ -27,6 +27,8 @@ PREFIX = "sytest"
 MAX_MODEL_LEN = 1024
 SESSION_RECLAIM_IDLE = 3
 """Seconds a test worker's claim may stay idle before another worker may take the job over."""
+RESUME_GRACE = 3
+"""Seconds the session's gateway keeps a resumable stream's job going for a client that went away."""
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,12 @@ def system(
     worker = spawn("worker", worker_vars, worker_log)
     gateway = spawn(
         "gateway",
-        sys_.env(SWITCHYARD_PORT=str(port), SWITCHYARD_PING_INTERVAL="0.5", SWITCHYARD_WORKER_TTL="3"),
+        sys_.env(
+            SWITCHYARD_PORT=str(port),
+            SWITCHYARD_PING_INTERVAL="0.5",
+            SWITCHYARD_WORKER_TTL="3",
+            SWITCHYARD_RESUME_GRACE=str(RESUME_GRACE),
+        ),
         gateway_log,
     )
     try:

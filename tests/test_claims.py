@@ -18,9 +18,9 @@ import pytest_asyncio
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from shared.messages import Job, Sampling, Started, Tokens, decode_reply, encode
+from shared.messages import Final, Job, Sampling, Started, Tokens, Usage, decode_reply, encode
 from shared.names import GROUP, JOB_FIELD, Names
-from worker.channel import Claim, ClaimLost, NobodyListening, ReplyChannel
+from worker.channel import ENDED_TTL_MS, Claim, ClaimLost, NobodyListening, Progress, ReplyChannel
 from worker.metrics import WorkerMetrics
 from worker.outbox import Outbox
 from worker.runner import JobRunner
@@ -47,10 +47,8 @@ class Held:
             metrics=WorkerMetrics("m"),
         )
 
-    def channel(self, claim: Claim, worker: str) -> ReplyChannel:
-        return ReplyChannel(
-            self.outbox, self.names, claim, worker, published=lambda: None, record_progress=True
-        )
+    def channel(self, claim: Claim, worker: str, fresh: bool = True) -> ReplyChannel:
+        return ReplyChannel(self.outbox, self.names, claim, worker, published=lambda: None, fresh=fresh)
 
 
 @pytest_asyncio.fixture
@@ -119,8 +117,27 @@ async def test_the_owner_publishes_and_records_progress(redis: Redis, held: Held
         await a.send([Started(seq=0, worker="a", attempt=1), tokens(1, (5, 6))])
 
     assert await published(redis, channel, asyncio.ensure_future(send())) == [0, 1]
-    progress = await redis.lrange(held.names.progress(held.claim_a.job.id), 0, -1)
-    assert len(progress) == 1  # token messages only: a successor resumes after them
+    key = held.names.progress(held.claim_a.job.id)
+    assert [decode_reply(m).seq for m in await redis.lrange(key, 0, -1)] == [0, 1]  # every reply
+    assert Progress.parse(await redis.lrange(key, 0, -1)) == Progress(last_seq=1, token_ids=(5, 6))
+    await a.send(
+        [Final(seq=2, finish_reasons=("stop",), usage=Usage(prompt_tokens=1, completion_tokens=2))], ack=True
+    )
+    assert len(await redis.lrange(key, 0, -1)) == 3, "kept after the end, for a client that comes back"
+    assert 0 < await redis.pttl(key) <= ENDED_TTL_MS
+
+
+async def test_an_attempt_that_starts_over_clears_what_the_last_one_left(redis: Redis, held: Held) -> None:
+    """A job that cannot resume (several choices, a grammar) starts over: its list must not mix
+    the runs, or a client taking up its stream would get the first run's text."""
+    await held.channel(held.claim_a, "a").send([Started(seq=0, worker="a", attempt=1), tokens(1, (5,))])
+    await take_over(redis, held)
+    b = held.channel(held.claim_b, "b", fresh=True)
+    await b.send([Started(seq=0, worker="b", attempt=2)])
+    await b.send([tokens(1, (9,))])
+    entries = [decode_reply(m) for m in await redis.lrange(held.names.progress(held.claim_a.job.id), 0, -1)]
+    assert [(type(m).__name__, m.seq) for m in entries] == [("Started", 0), ("Tokens", 1)]
+    assert entries[0].worker == "b"  # type: ignore[union-attr]
 
 
 async def test_a_worker_that_lost_its_claim_publishes_nothing(redis: Redis, held: Held) -> None:
@@ -137,7 +154,7 @@ async def test_a_worker_that_lost_its_claim_publishes_nothing(redis: Redis, held
     progress = await redis.lrange(held.names.progress(held.claim_a.job.id), 0, -1)
     assert len(progress) == 1, "the late batch must not enter the progress b resumes from"
 
-    b = held.channel(held.claim_b, "b")
+    b = held.channel(held.claim_b, "b", fresh=False)
     await b.send([tokens(1, (7,))])  # the new owner goes on
     assert len(await redis.lrange(held.names.progress(held.claim_a.job.id), 0, -1)) == 2
 

@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,16 @@ DOCKERFILE = ROOT / "Dockerfile"
 PROMETHEUS = ROOT / "monitoring" / "prometheus-compose.yml"
 
 
+def with_defaults(text: str) -> str:
+    """compose.yaml as Compose reads it when none of the variables it names is set: each
+    ``${NAME:-default}`` becomes its default (``${NAME}`` becomes empty)."""
+    return re.sub(r"\$\{\w+(?::?-([^}]*))?\}", lambda m: m[1] or "", text)
+
+
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
     # Compose resolves YAML anchors and merge keys before applying its schema; so does PyYAML.
-    raw = yaml.safe_load(COMPOSE.read_text())
+    raw = yaml.safe_load(with_defaults(COMPOSE.read_text()))
     spec = PyCompose.from_json(json.dumps(raw))
     spec.to_spec()  # raises ValueError on anything the Compose specification does not allow
     doc: dict[str, Any] = spec.to_dict()
@@ -34,7 +41,7 @@ def compose() -> dict[str, Any]:
 
 def test_the_services_and_their_references_exist(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert {"redis", "gateway", "worker", "jobs", "prometheus", "grafana"} <= services.keys()
+    assert {"redis", "gateway", "worker", "background", "prometheus", "grafana"} <= services.keys()
     volumes = set(compose.get("volumes") or {})
     for name, service in services.items():
         for dependency in service.get("depends_on") or {}:
@@ -77,7 +84,7 @@ def test_every_setting_named_is_one_the_code_reads(compose: dict[str, Any]) -> N
 
 
 def test_commands_are_cli_commands_and_shutdown_has_time_to_drain(compose: dict[str, Any]) -> None:
-    for name in ("gateway", "worker", "jobs"):
+    for name in ("gateway", "worker", "background"):
         command = compose["services"][name]["command"]
         assert command[0] == "switchyard"
         done = subprocess.run(
@@ -101,20 +108,38 @@ def test_healthchecks_ask_whether_ready(compose: dict[str, Any]) -> None:
 def test_the_image_holds_every_package_the_project_installs() -> None:
     text = DOCKERFILE.read_text()
     copied = set(re.findall(r"^COPY (\w+) \1$", text, flags=re.MULTILINE))
-    packages = {"gateway", "worker", "shared", "control"}  # pyproject's packages.find include
-    assert packages <= copied
+    found = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    packages = {pattern.rstrip("*") for pattern in found["include"]}
+    assert packages <= copied, f"the Dockerfile does not copy {sorted(packages - copied)}"
     assert all((ROOT / p / "__init__.py").is_file() for p in packages)
-    assert 'pip install --extra-index-url "$TORCH_INDEX" ".[$ENGINE]"' in text
+    placeholders = re.search(r"mkdir ([\w ]+?) *\\\n", text)
+    assert placeholders is not None and set(placeholders.group(1).split()) == packages
+    checked = re.search(r'python -c "import ([\w., ]+)"', text)
+    assert checked is not None and packages <= {m.split(".")[0] for m in checked.group(1).split(", ")}
+    assert 'pip install ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} ".[$ENGINE]"' in text
+    assert "pip install --no-deps ." in text  # the code, over the dependencies' layer
 
 
-def test_gateway_and_jobs_share_the_uploaded_files(compose: dict[str, Any]) -> None:
+def test_gateway_and_background_share_the_uploaded_files(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    dirs = {services[name]["environment"]["SWITCHYARD_FILES_DIR"] for name in ("gateway", "jobs")}
-    assert len(dirs) == 1, "the jobs service would not find the files the gateway stored"
+    dirs = {services[name]["environment"]["SWITCHYARD_FILES_DIR"] for name in ("gateway", "background")}
+    assert len(dirs) == 1, "the background service would not find the files the gateway stored"
     (files_dir,) = dirs
-    for name in ("gateway", "jobs"):
+    for name in ("gateway", "background"):
         assert f"files:{files_dir}" in services[name]["volumes"], name
     assert (
-        int(services["jobs"]["stop_grace_period"].removesuffix("s"))
+        int(services["background"]["stop_grace_period"].removesuffix("s"))
         > BackgroundSettings().background_drain_timeout
     )
+
+
+def test_local_images_are_the_ones_compose_yaml_can_be_pointed_at() -> None:
+    """deploy/images.sh prints the variables compose.yaml reads for its images and the base."""
+    script = (ROOT / "deploy" / "images.sh").read_text()
+    printed = set(re.findall(r'^echo "export (SWITCHYARD_\w+)=', script, flags=re.MULTILINE))
+    read = set(re.findall(r"\$\{(SWITCHYARD_\w+_IMAGE):-", COMPOSE.read_text()))
+    assert (
+        printed == read == {"SWITCHYARD_BASE_IMAGE", "SWITCHYARD_REDIS_IMAGE", "SWITCHYARD_PROMETHEUS_IMAGE"}
+    )
+    assert "ARG BASE_IMAGE=python:3.11-slim" in DOCKERFILE.read_text()
+    assert "${SWITCHYARD_BASE_IMAGE:-python:3.11-slim}" in COMPOSE.read_text()

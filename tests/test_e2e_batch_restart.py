@@ -44,11 +44,15 @@ def start_worker(system: System, name: str, logs: Path) -> subprocess.Popen[byte
     return proc
 
 
-def start_jobs(system: System, name: str, logs: Path) -> subprocess.Popen[bytes]:
-    log = logs / f"{name}.log"
-    proc = spawn("background", jobs_env(system), log)
-    wait_until(lambda: b"batches and housekeeping" in log.read_bytes(), 60, name, procs=(proc,), logs=(log,))
-    return proc
+def start_jobs(system: System, logs: Path, *names: str) -> dict[str, subprocess.Popen[bytes]]:
+    """Background processes started together, so that none runs the batch alone while another is
+    still importing."""
+    procs = {name: spawn("background", jobs_env(system), logs / f"{name}.log") for name in names}
+    for name, proc in procs.items():
+        log = logs / f"{name}.log"
+        ready = lambda log=log: b"batches and housekeeping" in log.read_bytes()  # noqa: E731
+        wait_until(ready, 60, name, procs=(proc,), logs=(log,))
+    return procs
 
 
 @pytest.fixture
@@ -83,7 +87,7 @@ def test_no_line_is_lost_or_duplicated_across_restarts(client: OpenAI, system: S
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
         procs["rs-1"] = start_worker(system, "rs-1", logs)
-        procs["jobs-a"] = start_jobs(system, "jobs-a", logs)
+        procs |= start_jobs(system, logs, "jobs-a")
         lines = [chat_line(f"line-{i}", MODEL, tokens=TOKENS, ignore_eos=True) for i in range(LINES)]
         batch = submit(client, lines)
 
@@ -91,10 +95,11 @@ def test_no_line_is_lost_or_duplicated_across_restarts(client: OpenAI, system: S
         kill(procs.pop("jobs-a"))  # mid-batch: its lines on the queue lose their listener
         at_kill = completed(client, batch.id)
         assert at_kill < LINES, "the batch finished before the kill: make it longer"
-        procs["jobs-b"] = start_jobs(system, "jobs-b", logs)
-        procs["jobs-c"] = start_jobs(system, "jobs-c", logs)  # two at once: one feeds, one waits
+        procs |= start_jobs(system, logs, "jobs-b", "jobs-c")  # two at once: one feeds, one waits
 
-        wait_completed(client, batch.id, at_kill + 10)
+        # A few more lines done shows the new run feeding; the kill comes soon after, so lines are
+        # running on the worker even when a busy host makes this test's polls slow.
+        wait_completed(client, batch.id, at_kill + 3)
         kill(procs.pop("rs-1"))  # the worker, with lines running on it
         at_worker_kill = completed(client, batch.id)
         assert at_worker_kill < LINES, "the batch finished before the worker was killed"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import re
 import signal
 import subprocess
 import time
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import openai
 import pytest
 from openai import AsyncOpenAI
 from redis.asyncio import Redis
@@ -25,6 +27,9 @@ pytestmark = pytest.mark.e2e
 
 STREAMS = 24
 TOKENS = 800
+HELD = 4
+"""Requests of each kind held by a grammar (streamed and not) in the same burst."""
+PATTERN = "[a-z]{700}"
 
 
 MODEL = "failover-demo"
@@ -122,11 +127,47 @@ async def test_streams_survive_a_killed_worker(
             if chunk.usage:
                 usage[i] = chunk.usage.completion_tokens
 
+    held_whole: list[str | None] = [None] * HELD
+    held_streamed: list[tuple[str, str | None] | BaseException] = []
+
+    async def whole(i: int) -> None:
+        """A grammar-held answer cannot resume mid-way: not streamed, it starts over elsewhere."""
+        reply = await aclient.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": f"letters {i}"}],
+            max_tokens=TOKENS,
+            extra_body={"structured_outputs": {"regex": PATTERN}},
+        )
+        held_whole[i] = reply.choices[0].message.content
+
+    async def streamed(i: int) -> None:
+        """Streamed, it either finishes whole or, once the client had some of it, ends with an error
+        event: never a cut answer taken for a whole one."""
+        text, finish = "", None
+        try:
+            stream = await aclient.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": f"streamed letters {i}"}],
+                max_tokens=TOKENS,
+                stream=True,
+                extra_body={"structured_outputs": {"regex": PATTERN}},
+            )
+            async for chunk in stream:
+                if chunk.choices:
+                    text += chunk.choices[0].delta.content or ""
+                    finish = chunk.choices[0].finish_reason or finish
+        except openai.APIError as exc:
+            held_streamed.append(exc)
+            return
+        held_streamed.append((text, finish))
+
     tasks = [asyncio.create_task(one(i)) for i in range(STREAMS)]  # a burst: all run at once
+    tasks += [asyncio.create_task(whole(i)) for i in range(HELD)]
+    tasks += [asyncio.create_task(streamed(i)) for i in range(HELD)]
     deadline = time.monotonic() + 60
     # Kill once the workers hold most of the jobs (the CPU engine may hand out tokens in bursts,
     # so the client's chunks are no reliable sign that generation is under way).
-    while sum((holding := await pending(redis, system)).values()) < STREAMS * 2 // 3:
+    while sum((holding := await pending(redis, system)).values()) < (STREAMS + 2 * HELD) * 2 // 3:
         assert time.monotonic() < deadline, "the workers never took the jobs"
         await asyncio.sleep(0.02)
     assert holding, "no worker holds a job"
@@ -138,6 +179,14 @@ async def test_streams_survive_a_killed_worker(
 
     assert usage == [TOKENS] * STREAMS  # every token exactly once: the gateway refuses gaps and repeats
     assert finish == ["length"] * STREAMS
+    assert all(text is not None and re.fullmatch(PATTERN, text) for text in held_whole), held_whole
+    for outcome in held_streamed:
+        if isinstance(outcome, BaseException):
+            assert "worker" in str(outcome), outcome
+        else:
+            assert outcome[1] == "stop" and re.fullmatch(PATTERN, outcome[0]), outcome
+    cut = sum(isinstance(o, BaseException) for o in held_streamed)
+    print(f"grammar-held: {HELD} whole answers complete; {cut} of {HELD} streams ended with an error event")
     gaps = [max((b - a for a, b in itertools.pairwise(t) if b > killed_at), default=0.0) for t in arrivals]
     recovery = max(gaps)
     print(f"killed a worker holding {held} of {STREAMS} streams; longest pause {recovery:.1f}s")

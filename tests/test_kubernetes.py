@@ -132,15 +132,15 @@ def test_every_setting_named_is_one_the_code_reads() -> None:
             if k.removeprefix("SWITCHYARD_").lower() in WorkerSettings.model_fields
         }
     )
-    for name in ("switchyard-gateway", "switchyard-worker", "switchyard-jobs"):
+    for name in ("switchyard-gateway", "switchyard-worker", "switchyard-background"):
         env = {e["name"] for e in container(name).get("env", [])}
         assert "REDIS_URL" in env, f"{name} would look for Redis on its own localhost"
-    # Gateways store uploads, jobs pods read them: without a shared volume they meet in Redis.
+    # Gateways store uploads, background pods read them: without a shared volume they meet in Redis.
     assert CONFIG["SWITCHYARD_FILE_STORE"] == "redis"
 
 
 def test_commands_are_cli_commands() -> None:
-    for name in ("switchyard-gateway", "switchyard-worker", "switchyard-jobs"):
+    for name in ("switchyard-gateway", "switchyard-worker", "switchyard-background"):
         args = container(name)["args"]
         assert args[0] == "switchyard"
         done = subprocess.run(
@@ -200,8 +200,8 @@ def test_grace_periods_outlast_the_drains() -> None:
     assert gateway["terminationGracePeriodSeconds"] > float(CONFIG["SWITCHYARD_SHUTDOWN_GRACE"]) + pause
     worker = find("Deployment", "switchyard-worker")["spec"]["template"]["spec"]
     assert worker["terminationGracePeriodSeconds"] > float(CONFIG["SWITCHYARD_DRAIN_TIMEOUT"])
-    jobs = find("Deployment", "switchyard-jobs")["spec"]["template"]["spec"]
-    assert jobs["terminationGracePeriodSeconds"] > BackgroundSettings().background_drain_timeout
+    background = find("Deployment", "switchyard-background")["spec"]["template"]["spec"]
+    assert background["terminationGracePeriodSeconds"] > BackgroundSettings().background_drain_timeout
     budget = find("PodDisruptionBudget", "switchyard-gateway")
     assert budget["spec"]["selector"] == find("Deployment", "switchyard-gateway")["spec"]["selector"]
 

@@ -187,3 +187,55 @@ async def test_redis_dying_mid_request_is_an_error_not_a_hang() -> None:
             assert time.monotonic() - begun < 5
             with pytest.raises(Unavailable):
                 await e.dispatcher.submit(e.job())
+
+
+async def test_a_job_followed_twice_in_one_process_reaches_both(env: Env) -> None:
+    """A stream taken up again on the gateway that lost it: two subscriptions to one channel,
+    each gets every reply, and the first closing leaves the second listening."""
+    job = env.job()
+    first = await env.dispatcher.submit(job)
+    early = [Started(seq=0, worker="w", attempt=1), tok(1, "a")]
+    await env.publish(job, *early)
+    for reply in early:  # as a worker records them
+        await env.redis.rpush(env.names.progress(job.id), encode(reply))
+    second = await env.dispatcher.attach(job)
+    await first.close(stop=False)
+    await env.publish(
+        job,
+        tok(2, "b"),
+        Final(seq=3, finish_reasons=("length",), usage=Usage(prompt_tokens=2, completion_tokens=2)),
+    )
+    replies = await asyncio.wait_for(drain(second), 5)
+    assert [r.seq for r in replies] == [0, 1, 2, 3]  # type: ignore[attr-defined]
+
+
+async def test_taking_up_a_stream_reads_it_back_then_follows_each_reply_once(env: Env) -> None:
+    """Replies published before the attach come from the progress list, those after live, and
+    one heard both ways counts once."""
+    job = env.job()
+    await env.dispatcher.submit(job)
+    progress = env.names.progress(job.id)
+    early = [Started(seq=0, worker="w", attempt=1), tok(1, "a"), tok(2, "b")]
+    for reply in early:
+        await env.redis.rpush(progress, encode(reply))
+    follower = await env.dispatcher.attach(job)
+    await env.publish(job, tok(2, "b"), tok(3, "c"))  # 2 was read back already
+    await env.publish(
+        job, Final(seq=4, finish_reasons=("length",), usage=Usage(prompt_tokens=2, completion_tokens=3))
+    )
+    replies = await asyncio.wait_for(drain(follower), 5)
+    assert [r.seq for r in replies] == [0, 1, 2, 3, 4]  # type: ignore[attr-defined]
+    assert "".join(r.text for r in replies if isinstance(r, Tokens)) == "abc"
+
+
+async def test_only_the_same_request_of_the_same_tenant_takes_up_a_stream(env: Env) -> None:
+    from api.errors import NotFound
+
+    job = env.job()
+    await env.dispatcher.submit(job)
+    for other in (
+        job.model_copy(update={"tenant": "other"}),
+        job.model_copy(update={"prompt_token_ids": (9,)}),
+    ):
+        with pytest.raises(NotFound):
+            await env.dispatcher.attach(other)

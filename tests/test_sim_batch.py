@@ -10,6 +10,7 @@ from shared.messages import Sampling
 from shared.settings import SimPreset
 from worker.engine import Delta
 from worker.sim_batch import NEVER, Batch, Choice, plan_choice
+from worker.sim_shapes import Script
 from worker.sim_timing import PRESETS, Preset, StepWork, step_seconds
 
 IDS = tuple(range(100, 110))
@@ -19,10 +20,16 @@ UNIT = Preset("unit", "round numbers", weights_s=1.0, token_s=0.1, kv_token_s=0.
 
 
 def choice(
-    owner: object, prompt: int = 4, index: int = 0, key: str = "k", eos: int | None = None, **sampling: object
+    owner: object,
+    prompt: int = 4,
+    index: int = 0,
+    key: str = "k",
+    eos: int | None = None,
+    script: Script | None = None,
+    **sampling: object,
 ) -> Choice[object]:
     params = Sampling(**{"max_tokens": 8, "ignore_eos": True, **sampling})  # type: ignore[arg-type]
-    return plan_choice(owner, index, key, prompt, params, 4096, IDS, TEXTS, eos, lambda t: f"<{t}>")
+    return plan_choice(owner, index, key, prompt, params, 4096, IDS, TEXTS, eos, lambda t: f"<{t}>", script)
 
 
 def flat(steps: list[list[tuple[object, Delta]]]) -> list[tuple[object, Delta]]:
@@ -224,3 +231,55 @@ def test_the_context_limits_generation() -> None:
     c = plan_choice(object(), 0, "k", 4090, params, 4096, IDS, TEXTS, None)
     deltas = generated(c)
     assert len(deltas) == 6 and deltas[-1].finish_reason == "length"
+
+
+DOCUMENT = Script(ids=(200, 201, 202), texts=("{", "", "é}"), alone=("{", "?", "?}"), final=True)
+THOUGHT = Script(
+    ids=(300, 101, 301), texts=("<think>", "b", "</think>"), alone=("<think>", "b", "</think>"), final=False
+)
+
+
+def test_a_final_script_is_said_then_eos() -> None:
+    for key in map(str, range(20)):
+        deltas = generated(
+            choice(object(), key=key, eos=EOS, max_tokens=100, ignore_eos=False, script=DOCUMENT)
+        )
+        assert [(d.token_ids, d.text, d.finish_reason) for d in deltas] == [
+            ((200,), "{", None),
+            ((201,), "", None),
+            ((202,), "é}", None),
+            ((EOS,), "", "stop"),
+        ]
+    # No EOS in the vocabulary: the script's last token ends it; max_tokens still cuts it short.
+    assert generated(choice(object(), script=DOCUMENT))[-1] == Delta(0, "é}", (202,), "stop")
+    cut = generated(choice(object(), eos=EOS, max_tokens=2, script=DOCUMENT))
+    assert [d.finish_reason for d in cut] == [None, "length"]
+
+
+def test_words_follow_a_script_that_is_not_final() -> None:
+    ends = []
+    for key in map(str, range(30)):
+        deltas = generated(
+            choice(object(), key=key, eos=EOS, max_tokens=4000, ignore_eos=False, script=THOUGHT)
+        )
+        assert [d.text for d in deltas[:3]] == ["<think>", "b", "</think>"]
+        assert all(d.token_ids[0] in IDS for d in deltas[3:-1]) and deltas[-1].token_ids == (EOS,)
+        ends.append(len(deltas))
+    assert min(ends) >= 4 and len(set(ends)) > 10
+    exact = generated(choice(object(), eos=EOS, max_tokens=10, script=THOUGHT))
+    assert len(exact) == 10 and exact[-1].finish_reason == "length"
+
+
+def test_log_probabilities_ride_on_every_token_when_asked() -> None:
+    deltas = generated(
+        choice(object(), eos=EOS, max_tokens=50, ignore_eos=False, logprobs=2, script=DOCUMENT)
+    )
+    for d in deltas:
+        assert d.logprobs is not None
+        ((token, sampled, text), *others) = d.logprobs.top[0]
+        assert (token, sampled, text) == (d.token_ids[0], d.logprobs.sampled[0], d.logprobs.texts[0])
+        assert len(others) == 2
+    assert [d.logprobs.texts[0] for d in deltas[:3]] == ["{", "?", "?}"]  # type: ignore[union-attr]
+    assert all(d.logprobs is None for d in generated(choice(object(), max_tokens=5)))
+    again = generated(choice(object(), eos=EOS, max_tokens=50, ignore_eos=False, logprobs=2, script=DOCUMENT))
+    assert again == deltas  # reproducible from the key

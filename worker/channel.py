@@ -13,6 +13,10 @@ from worker.outbox import Command, Outbox
 
 Reply = Started | Tokens | Final | Failure
 PROGRESS_TTL_MS = 3_600_000
+"""How long a running job's progress list outlives its last message."""
+ENDED_TTL_MS = 120_000
+"""How long the progress list of a job that ended is kept: a client that lost its stream near the end
+may take it up again meanwhile (a gateway keeps it longer for a request with an idempotency key)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,20 +48,22 @@ class Progress:
 
     @classmethod
     def parse(cls, entries: list[bytes]) -> Progress | None:
-        """The progress list (the token messages published so far), or None when it is empty."""
+        """The progress list (every reply published so far), or None when it holds no tokens."""
         messages = decode_progress(entries)
-        if not messages:
+        tokens = [m for m in messages if isinstance(m, Tokens)]
+        if not tokens:
             return None
-        ids = tuple(t for m in messages for t in m.token_ids)
+        ids = tuple(t for m in tokens for t in m.token_ids)
         return cls(last_seq=max(m.seq for m in messages), token_ids=ids)
 
 
 class ReplyChannel:
     """Publishes one job's replies with consecutive sequence numbers, while this worker owns the job.
 
-    With ``record_progress`` every token message is also kept in the job's progress list
-    (single-choice jobs only: several choices cannot be resumed one by one), which lets another
-    worker resume the stream exactly.
+    Every reply is also kept in the job's progress list: another worker resumes a single-choice
+    job from its tokens (several choices cannot be resumed one by one, nor a grammar's answer), and
+    a gateway takes up the stream of a client that reconnects. ``fresh``: this attempt starts the
+    job over (its first message clears what earlier attempts left).
     """
 
     def __init__(
@@ -67,14 +73,14 @@ class ReplyChannel:
         claim: Claim,
         worker_id: str,
         published: Callable[[], None],
-        record_progress: bool,
+        fresh: bool,
         first_seq: int = 0,
     ) -> None:
         job = claim.job
         self._steps = job.steps
         self._outbox = outbox
         self._published = published
-        self._record = "1" if record_progress else ""
+        self._reset = fresh
         self._seq = first_seq
         self._keys = (claim.stream, names.progress(job.id), names.drained(job.model))
         self._owner = (GROUP, worker_id, claim.entry_id)
@@ -104,8 +110,11 @@ class ReplyChannel:
         pairs: list[str] = []
         for message in messages:
             self._published()
-            pairs += (encode(message), self._record if isinstance(message, Tokens) else "")
-        args = (*self._owner, self._channel, PROGRESS_TTL_MS, "ack" if ack else "", *pairs)
+            pairs += (encode(message), "1")
+        flags = ("a" if ack else "") + ("r" if self._reset and messages else "")
+        if messages:
+            self._reset = False
+        args = (*self._owner, self._channel, PROGRESS_TTL_MS, ENDED_TTL_MS, flags, *pairs)
         return CLAIMED_PUBLISH.call(self._keys, args)
 
     async def send(self, messages: Sequence[Reply], ack: bool = False) -> None:

@@ -12,7 +12,7 @@ import signal
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -24,6 +24,9 @@ from worker.engine import Engine
 from worker.health import Health
 from worker.heartbeat import Heartbeat
 from worker.metrics import MetricsServer, WorkerMetrics
+
+if TYPE_CHECKING:
+    from worker.sim_shapes import Shaping
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +111,7 @@ async def start_sim_engine(settings: WorkerSettings, path: str, served: str | No
             max_model_len=settings.max_model_len,
             capacity=settings.capacity,
             speed=settings.sim_speed,
+            shaping=sim_shaping(settings),
         )
     except (OSError, UnsuitableTokenizer) as exc:
         raise WorkerStartError(f"the simulated engine cannot use the tokenizer of {path}: {exc}") from exc
@@ -146,6 +150,19 @@ async def warm_up(engine: Engine) -> None:
         async for _ in stream:
             pass
     log.info("engine warmed up in %.2fs", time.monotonic() - started)
+
+
+def sim_shaping(settings: WorkerSettings) -> Shaping:
+    """The answers the simulated engine gives, from what the worker advertises of its model's."""
+    from worker.sim_shapes import Shaping
+
+    parsing = answer_parsing(settings)
+    return Shaping(
+        reasoning=parsing["reasoning_parser"] is not None,
+        reasoning_tokens=settings.sim_reasoning_tokens,
+        hermes_tools=parsing["auto_tool_choice"] and parsing["tool_call_parser"] == "hermes",
+        tool_calls=settings.sim_tool_calls,
+    )
 
 
 DEMO_TOOL_CALL_PARSER = "hermes"

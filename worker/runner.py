@@ -72,9 +72,7 @@ class JobRunner:
             claim,
             self._worker_id,
             self._metrics.published,
-            # A job under a grammar cannot resume mid-answer (the engine's grammar would start over),
-            # so it keeps no progress: another worker starts it afresh.
-            record_progress=job.sampling.n == 1 and not job.sampling.constrained,
+            fresh=progress is None,
             first_seq=progress.last_seq + 1 if progress else 0,
         )
         try:
@@ -110,8 +108,11 @@ class JobRunner:
             await self.fail(out, action.status, action.code, action.message)
 
     async def _progress(self, claim: Claim) -> Progress | None:
-        """What an earlier attempt published, when this is a retry or a hand-back."""
-        if claim.attempt <= 1 and not claim.handed_back:
+        """What an earlier attempt published, when this is a retry or a hand-back of a job that can
+        resume: one choice, no grammar (the engine's grammar would start over mid-answer), so
+        the others start over."""
+        sampling = claim.job.sampling
+        if (claim.attempt <= 1 and not claim.handed_back) or sampling.n > 1 or sampling.constrained:
             return None
         (entries,) = await self._outbox.send(("LRANGE", self._names.progress(claim.job.id), 0, -1))
         return Progress.parse(entries)
@@ -173,7 +174,7 @@ class JobRunner:
     async def _abandon(self, claim: Claim) -> None:
         """End a job nobody listens to any more, without a word (there is no one to say it to)."""
         self._metrics.outcome("abandoned")
-        out = ReplyChannel(self._outbox, self._names, claim, self._worker_id, lambda: None, False)
+        out = ReplyChannel(self._outbox, self._names, claim, self._worker_id, lambda: None, fresh=False)
         await out.send([], ack=True)
 
     async def hand_back(self, claim: Claim, started: bool = True) -> None:

@@ -8,9 +8,11 @@ in chunks, and its first token comes in the step that completes it. When the run
 outgrow the KV cache, the newest is preempted: it goes back to the front of the queue and
 recomputes its prompt and tokens when readmitted, as vLLM does.
 
-What a choice generates is planned when it is created (:func:`plan_choice`): tokens walk a pool of
-plain-text vocabulary ids, and the choice ends at ``max_tokens`` ("length") or where its pseudo-random
-natural end falls ("stop"), as the real engine's stream would report them.
+What a choice generates is planned when it is created (:func:`plan_choice`): first the tokens of
+its script, if its request has a shape (reasoning, a JSON document, a tool call:
+:mod:`worker.sim_shapes`), then tokens that walk a pool of plain-text vocabulary ids; it ends at
+``max_tokens`` ("length"), after a final script (EOS, "stop"), or where its pseudo-random natural
+end falls ("stop"), as the real engine's stream would report them.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from shared.messages import Sampling
-from worker.engine import Delta
+from shared.messages import FinishReason, Sampling
+from worker.engine import Delta, TokenLogprobs
+from worker.sim_shapes import Script, token_logprobs
 from worker.sim_timing import StepWork
 
 OwnerT = TypeVar("OwnerT")
@@ -54,6 +57,12 @@ class Choice(Generic[OwnerT]):
     """Its pool of ordinary tokens and the text each adds."""
     start: int
     stride: int
+    script: Script | None = None
+    """Tokens it generates before walking its pool."""
+    top: int | None = None
+    """Alternatives whose log probabilities each token carries (None: no log probabilities)."""
+    rng: random.Random | None = None
+    """Draws the log probabilities."""
     generated: int = 0
     todo: int = field(default=-1)
     """Tokens still to prefill before its next token: the prompt at first; after a preemption, the
@@ -82,13 +91,17 @@ def plan_choice(
     texts: Sequence[str],
     eos_token: int | None,
     stop_text: Callable[[int], str] = lambda token: "",
+    script: Script | None = None,
 ) -> Choice[OwnerT]:
     """A choice's plan, reproducible from ``key`` (the request's seed, or its id) and its index.
 
     Its natural end, when it has one, is an EOS (unless ``ignore_eos``) or one of ``stop_token_ids``
     (always honoured, as vLLM does); like vLLM under ``min_tokens``, it never comes before token
-    ``min_tokens + 1``. The ending token is part of the choice's ids; its text is empty unless
-    ``include_stop_str_in_output`` asks for a stop token's text (``stop_text``).
+    ``min_tokens + 1``, nor before the end of a ``script``. The ending token is part of the choice's
+    ids; its text is empty unless ``include_stop_str_in_output`` asks for a stop token's text
+    (``stop_text``). A final script ends with EOS right after it (with its last token when the
+    tokenizer has no EOS), whatever ``ignore_eos`` says, as a grammar that is complete allows
+    nothing else.
     """
     rng = random.Random(f"{key}/{index}")
     enders = [
@@ -96,11 +109,17 @@ def plan_choice(
         *([eos_token] if eos_token is not None and not sampling.ignore_eos else []),
     ]
     end_at, end_token, end_text = NEVER, -1, ""
+    scripted = len(script.ids) if script is not None else 0
     if enders:
-        end_at = sampling.min_tokens + 1 + int(rng.expovariate(1 / MEAN_NATURAL_TOKENS))
+        end_at = max(sampling.min_tokens, scripted) + 1 + int(rng.expovariate(1 / MEAN_NATURAL_TOKENS))
         end_token = enders[rng.randrange(len(enders))]
         if sampling.include_stop_str_in_output and end_token != eos_token:
             end_text = stop_text(end_token)
+    if script is not None and script.final:
+        if eos_token is not None:
+            end_at, end_token, end_text = scripted + 1, eos_token, ""
+        elif scripted:
+            end_at, end_token, end_text = scripted, script.ids[-1], script.texts[-1]
     size = len(ids)
     stride = 1 + rng.randrange(size - 1) if size > 1 else 1
     while math.gcd(stride, size) != 1:  # visit the whole pool before repeating
@@ -117,6 +136,9 @@ def plan_choice(
         texts=texts,
         start=rng.randrange(size),
         stride=stride,
+        script=script,
+        top=sampling.logprobs,
+        rng=random.Random(f"{key}/{index}/logprobs") if sampling.logprobs is not None else None,
     )
 
 
@@ -206,13 +228,27 @@ class Batch(Generic[OwnerT]):
             c.emits = False
             c.generated = n = c.generated + 1
             if n == c.end_at:
-                out.append((c.owner, Delta(c.index, c.end_text, (c.end_token,), "stop")))
+                ending = _logprobs(c, c.end_token, c.end_text)
+                out.append((c.owner, Delta(c.index, c.end_text, (c.end_token,), "stop", ending)))
                 continue
-            k = (c.start + n * c.stride) % len(c.ids)
-            if n >= c.limit:
-                out.append((c.owner, Delta(c.index, c.texts[k], (c.ids[k],), "length")))
-                continue
-            out.append((c.owner, Delta(c.index, c.texts[k], (c.ids[k],), None)))
-            still.append(c)
+            script = c.script
+            if script is not None and n <= len(script.ids):
+                token, text, alone = script.ids[n - 1], script.texts[n - 1], script.alone[n - 1]
+            else:
+                k = (c.start + n * c.stride) % len(c.ids)
+                token, text = c.ids[k], c.texts[k]
+                alone = text
+            finish: FinishReason | None = "length" if n >= c.limit else None
+            logprobs = _logprobs(c, token, alone) if c.top is not None else None
+            out.append((c.owner, Delta(c.index, text, (token,), finish, logprobs)))
+            if finish is None:
+                still.append(c)
         self.running = still
         return out
+
+
+def _logprobs(c: Choice[OwnerT], token: int, text: str) -> TokenLogprobs | None:
+    if c.top is None or c.rng is None:
+        return None
+    sampled, top = token_logprobs(c.rng, token, text, c.top, c.ids, c.texts)
+    return TokenLogprobs(sampled=[sampled], texts=[text], top=[top])

@@ -11,8 +11,10 @@ What it honours as vLLM would report it: ``max_tokens`` and the end of the conte
 ``n`` (each choice a sequence of its own), ``min_tokens``, ``ignore_eos`` and ``stop_token_ids``
 ("stop", the ending token in the ids, its text only with ``include_stop_str_in_output``). Without
 ``ignore_eos`` a choice ends with EOS at a pseudo-random length reproducible from the request's
-seed, or its id. It ignores the rest of the sampling: stop strings never match (the text is random
-words), temperature and penalties change nothing, prefix caching is not modelled.
+seed, or its id. The shapes of agent traffic are honoured too (:mod:`worker.sim_shapes`):
+structured output, tool calls, reasoning and log probabilities. It ignores the rest of the
+sampling: stop strings never match (the text is random words), temperature, penalties and logit
+bias change nothing, prefix caching is not modelled.
 
 The step loop is one task in the worker's event loop that sleeps the modelled time of each step
 (divided by ``speed``); it never imports vLLM, so a worker starts in about a second.
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 from shared.messages import Sampling
 from worker.engine import Delta, EngineRejected, EngineStats
 from worker.sim_batch import Batch, plan_choice
+from worker.sim_shapes import Shaper, Shaping
 from worker.sim_timing import Preset, step_seconds
 from worker.sim_tokens import Tokenizer, TokenPool, build_pool, load_tokenizer
 
@@ -71,6 +74,7 @@ class SimEngine:
         capacity: int,
         speed: float = 1.0,
         tokenizer: Tokenizer | None = None,
+        shaping: Shaping | None = None,
     ) -> None:
         self.model_name = model_name
         self.tokenizer_source = tokenizer_source
@@ -79,6 +83,9 @@ class SimEngine:
         self._pool = pool
         self._speed = speed
         self._tokenizer = tokenizer
+        self._shaper = (
+            Shaper(tokenizer, shaping, pool.texts) if tokenizer is not None and shaping is not None else None
+        )
         self._stop_texts: dict[int, str] = {}
         self._batch: Batch[_Request] = Batch(capacity, preset.max_batched_tokens, preset.kv_tokens)
         self._work = asyncio.Event()
@@ -94,8 +101,10 @@ class SimEngine:
         max_model_len: int | None = None,
         capacity: int = 256,
         speed: float = 1.0,
+        shaping: Shaping | None = None,
     ) -> SimEngine:
         """Load the tokenizer (off the event loop), build the token pool and start the step loop.
+        ``shaping``: what the worker says of its model's answers (default: no reasoning, no tool parser).
 
         Raises OSError when the tokenizer cannot be loaded, UnsuitableTokenizer when it cannot be used.
         """
@@ -110,6 +119,7 @@ class SimEngine:
             capacity=capacity,
             speed=speed,
             tokenizer=tokenizer,
+            shaping=shaping or Shaping(),
         )
         engine.run_in_background()
         log.info(
@@ -143,6 +153,11 @@ class SimEngine:
         ids, texts = self._pool.ids, self._pool.texts
         if sampling.stop_token_ids:
             ids, texts = self._pool.without(sampling.stop_token_ids)
+        scripts = (
+            self._shaper.scripts(key, prompt_token_ids, sampling, reasoning_ended, (ids, texts))
+            if self._shaper is not None
+            else [None] * sampling.n
+        )
         choices = [
             plan_choice(
                 request,
@@ -155,6 +170,7 @@ class SimEngine:
                 texts,
                 self._pool.eos_token_id,
                 self._stop_text,
+                scripts[index],
             )
             for index in range(sampling.n)
         ]

@@ -6,6 +6,9 @@ only from a pool of plain tokens (ASCII letters, with or without one leading spa
 or added tokens) that decode the same alone as after another token. For such tokens the decoded
 text of any sequence is the concatenation of their texts, so a table lookup gives exact deltas;
 :func:`build_pool` checks that on a sample sequence and refuses a tokenizer for which it fails.
+
+Text the simulator must say exactly (a JSON document, tool-call or reasoning markup) is encoded
+with the tokenizer and its tokens' texts found once, when a request is planned (:class:`Detokenizer`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ class Tokenizer(Protocol):
     def __len__(self) -> int: ...
     def get_added_vocab(self) -> dict[str, int]: ...
     def decode(self, token_ids: list[int], skip_special_tokens: bool = ..., **kwargs: Any) -> str: ...
+    def batch_decode(
+        self, sequences: list[list[int]], skip_special_tokens: bool = ..., **kwargs: Any
+    ) -> list[str]: ...
+    def encode(self, text: str, add_special_tokens: bool = ..., **kwargs: Any) -> list[int]: ...
 
 
 def load_tokenizer(path: str) -> Tokenizer:
@@ -75,6 +82,14 @@ class FastTokenizer:
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = False, **kwargs: Any) -> str:
         return str(self._tok.decode(token_ids, skip_special_tokens=skip_special_tokens))
+
+    def batch_decode(
+        self, sequences: list[list[int]], skip_special_tokens: bool = False, **kwargs: Any
+    ) -> list[str]:
+        return list(self._tok.decode_batch(sequences, skip_special_tokens=skip_special_tokens))
+
+    def encode(self, text: str, add_special_tokens: bool = True, **kwargs: Any) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
 
 
 class UnsuitableTokenizer(ValueError):
@@ -138,3 +153,61 @@ def _check_concatenation(tokenizer: Tokenizer, ids: list[int], texts: list[str])
     decoded = tokenizer.decode([ids[k] for k in sample])
     if decoded != "".join(texts[k] for k in sample):
         raise UnsuitableTokenizer("a sequence of plain tokens does not decode to the sum of their texts")
+
+
+CONTEXT_TOKENS = 5
+"""Tokens before a new one that its text is decoded with (vLLM's incremental detokenizer uses as many)."""
+
+
+class Detokenizer:
+    """Token texts for one tokenizer; what each token decodes to on its own is remembered (a few
+    thousand entries at most: the tokens that requests' scripts use)."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tok = tokenizer
+        self._alone: dict[bool, dict[int, str]] = {True: {}, False: {}}
+
+    def alone(self, ids: list[int], skip_special_tokens: bool = True) -> list[str]:
+        """Each token decoded on its own."""
+        known = self._alone[skip_special_tokens]
+        missing = list({i for i in ids if i not in known})
+        if missing:
+            decoded = self._tok.batch_decode([[i] for i in missing], skip_special_tokens=skip_special_tokens)
+            known.update(zip(missing, decoded, strict=True))
+        return [known[i] for i in ids]
+
+    def texts(
+        self, ids: list[int], context: list[int], skip_special_tokens: bool = True
+    ) -> tuple[list[str], list[str]]:
+        """The text each of ``ids`` adds after ``context`` (what a detokenizing engine streams; ""
+        for a token that ends inside a character), and each decoded on its own (what log
+        probabilities show).
+
+        Most tokenizers decode a sequence to the concatenation of its tokens decoded alone, which
+        one decode shows; with the others (a SentencePiece word after another, a character split
+        across tokens) each token is decoded with a few before it, as vLLM does.
+        """
+        alone = self.alone(ids, skip_special_tokens)
+        tail = context[-CONTEXT_TOKENS:]
+        before = self._tok.decode(tail, skip_special_tokens=skip_special_tokens)
+        whole = self._tok.decode([*tail, *ids], skip_special_tokens=skip_special_tokens)
+        joined = "".join(alone)
+        if whole == before + joined and "\ufffd" not in joined:
+            return alone, alone
+        return _incremental(self._tok, [*tail, *ids], len(tail), skip_special_tokens), alone
+
+
+def _incremental(tokenizer: Tokenizer, tokens: list[int], start: int, skip: bool) -> list[str]:
+    """vLLM's incremental detokenization of ``tokens[start:]``: a token's text is what decoding from a
+    few tokens back adds, once it no longer ends in a partial character."""
+    texts: list[str] = []
+    prefix, read = max(0, start - CONTEXT_TOKENS), start
+    for end in range(start + 1, len(tokens) + 1):
+        known = tokenizer.decode(tokens[prefix:read], skip_special_tokens=skip)
+        grown = tokenizer.decode(tokens[prefix:end], skip_special_tokens=skip)
+        if len(grown) > len(known) and not grown.endswith("\ufffd"):
+            texts.append(grown[len(known) :])
+            prefix, read = read, end
+        else:
+            texts.append("")
+    return texts

@@ -1,0 +1,229 @@
+"""Streams that survive the client's own disconnect, and requests that run once under an
+Idempotency-Key: real gateways (two processes), the real worker, Redis read back."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+from openai import OpenAI
+from redis.asyncio import Redis
+
+from control.processes import free_port
+from shared.messages import Tokens, decode_reply
+from tests.conftest import RESUME_GRACE, System, create_tenant
+from tests.procs import ready, spawn, stop, wait_until
+
+pytestmark = pytest.mark.e2e
+
+MESSAGES = [{"role": "user", "content": "Tell me a long story about the harbour."}]
+
+
+@pytest.fixture(scope="module")
+def second_gateway(system: System, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Another gateway process on the same Redis: a client may come back through it."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("gw2") / "gateway.log"
+    env = system.env(SWITCHYARD_PORT=str(port), SWITCHYARD_RESUME_GRACE=str(RESUME_GRACE))
+    proc: subprocess.Popen[bytes] = spawn("gateway", env, log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: ready(url), 120, "second gateway", procs=(proc,), logs=(log,))
+        yield url
+    finally:
+        stop(proc)
+
+
+def body(tokens: int, seed: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "model": "switchyard-demo",
+        "messages": MESSAGES,
+        "max_tokens": tokens,
+        "seed": seed,
+        "stream": True,
+        "stream_options": {"resumable": True, "include_usage": True},
+        "ignore_eos": True,
+        **extra,
+    }
+
+
+@dataclass
+class Received:
+    ids: list[str] = field(default_factory=list)
+    text: str = ""
+    finish: str | None = None
+    usage: int | None = None
+    done: bool = False
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    completion: str = ""
+
+
+async def read(
+    client: httpx.AsyncClient,
+    url: str,
+    payload: dict[str, Any],
+    got: Received,
+    headers: dict[str, str],
+    stop_after: int | None = None,
+) -> None:
+    """Read a stream's events into ``got``; with ``stop_after``, drop the connection after that
+    many content events, as a client whose network fails does."""
+    contents = 0
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=payload, headers=headers) as resp:
+        assert resp.status_code == 200, await resp.aread()
+        event: dict[str, str] = {}
+        async for line in resp.aiter_lines():
+            if line.startswith(("data:", "id:")):
+                key, _, value = line.partition(":")
+                event[key] = value.strip()
+                continue
+            if line or "data" not in event:
+                continue
+            assert "id" in event, f"an event without an id: {event}"
+            got.ids.append(event["id"])
+            data = event.pop("data")
+            event.clear()
+            if data == "[DONE]":
+                got.done = True
+                return
+            chunk = json.loads(data)
+            if "error" in chunk:
+                got.errors.append(chunk["error"])
+                continue
+            got.completion = chunk["id"]
+            if chunk.get("usage"):
+                got.usage = chunk["usage"]["completion_tokens"]
+            for choice in chunk["choices"]:
+                if choice["delta"].get("content"):
+                    got.text += choice["delta"]["content"]
+                    contents += 1
+                got.finish = choice["finish_reason"] or got.finish
+            if stop_after is not None and contents >= stop_after:
+                return  # closing the response drops the connection mid-answer
+
+
+async def produced(redis: Redis, system: System, completion: str) -> str:
+    """What the job generated, as its worker published it (its progress list)."""
+    job = "req_" + completion.removeprefix("chatcmpl-")
+    history = [decode_reply(raw) for raw in await redis.lrange(system.names.progress(job), 0, -1)]
+    return "".join(m.text for m in history if isinstance(m, Tokens))
+
+
+async def test_a_dropped_stream_is_taken_up_at_another_gateway_with_nothing_repeated_or_missing(
+    system: System, redis: Redis, second_gateway: str
+) -> None:
+    """64 clients, each dropped once mid-answer and back through the other gateway process."""
+    count, tokens = 64, 120
+
+    async def one(i: int, client: httpx.AsyncClient) -> tuple[Received, Received]:
+        first, rest = Received(), Received()
+        payload = body(tokens, seed=i)
+        await read(client, system.base_url, payload, first, system.headers, stop_after=3 + i % 5)
+        assert not first.done and first.ids
+        await asyncio.sleep(0.2 * (i % 4))  # some come back at once, some after a pause
+        headers = {**system.headers, "last-event-id": first.ids[-1]}
+        await read(client, second_gateway, payload, rest, headers)
+        return first, rest
+
+    async with httpx.AsyncClient(timeout=120) as client:
+        results = await asyncio.gather(*(one(i, client) for i in range(count)))
+    for first, rest in results:
+        assert rest.done and not rest.errors and rest.finish == "length" and rest.usage == tokens
+        assert rest.completion == first.completion
+        assert not set(first.ids) & set(rest.ids), "an event was sent twice"
+        assert first.text + rest.text == await produced(redis, system, first.completion)
+
+
+async def test_a_client_that_does_not_come_back_stops_its_job_after_the_grace(
+    system: System, redis: Redis
+) -> None:
+    """Six long answers at once (each outlasts the grace), every client gone after two events."""
+    dropped = [Received() for _ in range(6)]
+    async with httpx.AsyncClient(timeout=60) as client:
+        await asyncio.gather(
+            *(
+                read(client, system.base_url, body(900, seed=i), got, system.headers, stop_after=2)
+                for i, got in enumerate(dropped)
+            )
+        )
+    jobs = ["req_" + got.completion.removeprefix("chatcmpl-") for got in dropped]
+    await asyncio.sleep(0.5)
+    assert not any([await redis.exists(system.names.cancelled(j)) for j in jobs]), "within the grace period"
+    deadline = time.monotonic() + RESUME_GRACE + 15
+    for job in jobs:
+        while not await redis.exists(system.names.cancelled(job)):
+            assert time.monotonic() < deadline, "nobody took the stream up, yet the job was not stopped"
+            await asyncio.sleep(0.2)
+
+
+async def test_another_tenant_or_another_request_cannot_take_the_stream_up(
+    system: System, redis: Redis
+) -> None:
+    other = await create_tenant(system.redis_url, system.names, _tenant("resume-other"))
+    async with httpx.AsyncClient(timeout=60) as client:
+        got = Received()
+        await read(client, system.base_url, body(200, seed=3), got, system.headers, stop_after=2)
+        last = {"last-event-id": got.ids[-1]}
+        url = f"{system.base_url}/v1/chat/completions"
+        theirs = await client.post(
+            url, json=body(200, seed=3), headers={"authorization": f"Bearer {other}", **last}
+        )
+        changed = await client.post(url, json=body(200, seed=4), headers={**system.headers, **last})
+        garbled = await client.post(
+            url, json=body(200, seed=3), headers={**system.headers, "last-event-id": "x"}
+        )
+    assert theirs.status_code == 404 and changed.status_code == 404
+    assert garbled.status_code == 400 and garbled.json()["error"]["param"] == "Last-Event-ID"
+
+
+def _tenant(name: str) -> Any:
+    from shared.tenants import Tenant
+
+    return Tenant(name=name)
+
+
+def test_a_request_sent_again_with_its_idempotency_key_runs_once(client: OpenAI, system: System) -> None:
+    key = {"Idempotency-Key": f"order-{time.time_ns()}"}
+    kwargs: dict[str, Any] = {"model": system.model, "messages": MESSAGES, "max_tokens": 16, "seed": 1}
+    first = client.chat.completions.create(**kwargs, extra_headers=key)
+    again = client.chat.completions.create(**kwargs, extra_headers=key)
+    assert again.id == first.id and again.choices[0].message.content == first.choices[0].message.content
+    streamed = list(client.chat.completions.create(**kwargs, stream=True, extra_headers=key))
+    assert {c.id for c in streamed} == {first.id}
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+        == first.choices[0].message.content
+    )
+    with pytest.raises(Exception) as info:
+        client.chat.completions.create(**{**kwargs, "seed": 2}, extra_headers=key)
+    assert getattr(info.value, "status_code", None) == 409
+
+
+async def test_requests_sent_again_while_the_first_runs_share_its_job(system: System) -> None:
+    key = {"idempotency-key": f"burst-{time.time_ns()}", **system.headers}
+    payload = {
+        "model": "switchyard-demo",
+        "messages": MESSAGES,
+        "max_tokens": 200,
+        "ignore_eos": True,
+        "seed": 5,
+    }
+    async with httpx.AsyncClient(timeout=120) as client:
+        url = f"{system.base_url}/v1/chat/completions"
+        first = asyncio.create_task(client.post(url, json=payload, headers=key))
+        await asyncio.sleep(0.3)
+        answers = await asyncio.gather(
+            first, *(client.post(url, json=payload, headers=key) for _ in range(3))
+        )
+    bodies = [a.json() for a in answers]
+    assert all(a.status_code == 200 for a in answers), bodies
+    assert len({b["id"] for b in bodies}) == 1
+    assert len({b["choices"][0]["message"]["content"] for b in bodies}) == 1
+    assert all(b["usage"]["completion_tokens"] == 200 for b in bodies)
