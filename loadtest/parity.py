@@ -7,9 +7,9 @@ shapes of the answers compared, and what the model said.
 
 Each pairing runs ``switchyard up`` (embedded Redis, a gateway, one worker) and vLLM's server
 (``python -m vllm.entrypoints.openai.api_server``) on the same model with the same engine settings
-(:class:`runner.EngineSettings`: dtype float32, context length, eager mode, KV cache), started side by
-side (nothing here is timed), and sends every body of :mod:`loadtest.paritycases` to each, one at a
-time, with plain HTTP (streams read event by event), except the agent loop's, which goes through the
+(:class:`runner.EngineSettings`: dtype float32, context length, eager mode, KV cache), one server
+at a time, and sends every body of :mod:`loadtest.paritycases` to each, one body at a time, with
+plain HTTP (streams read event by event), except the agent loop's, which goes through the
 official SDK. The pairings (:data:`PAIRS`) differ in how each server treats tool calls:
 
 - ``hermes``: vLLM with ``--enable-auto-tool-choice --tool-call-parser hermes``, Switchyard with the
@@ -19,8 +19,9 @@ official SDK. The pairings (:data:`PAIRS`) differ in how each server treats tool
   Switchyard's workers use (vLLM's JSON tool-call path, xgrammar without free whitespace), so that
   the two engines decode under the same grammar and the text can be compared too.
 
-Writes ``summary.md`` and ``parity.json`` (every answer, every difference and its explanation) to
-``--out``, and each server's log, compressed.
+Writes ``parity.md`` (the report), ``parity.json`` (every difference and its explanation) and
+``answers.json.gz`` (every answer, to judge again with ``--rejudge``) to ``--out``, and each server's
+log, compressed.
 """
 
 from __future__ import annotations
@@ -220,23 +221,15 @@ def switchyard_target(pair: Pair, engine: EngineSettings, model_dir: Path, model
 
 
 @contextlib.contextmanager
-def both_ready(
-    targets: Sequence[Target], model: str, out: Path, timeout: float
-) -> Iterator[dict[str, float]]:
-    """Start every target at once (their start-ups overlap), wait until each lists the model, and
-    stop them all after the block; yields seconds until each was ready."""
-    with contextlib.ExitStack() as stack:
-        procs = []
-        for target in targets:
-            print(f"starting {target.name}: {shlex.join(target.argv)}", flush=True)
-            procs.append(stack.enter_context(runner.running(target, out / f"{target.name}.log")))
+def serving(target: Target, model: str, out: Path, timeout: float) -> Iterator[None]:
+    """Start ``target``, wait until it lists the model, and stop it after the block."""
+    print(f"starting {target.name}: {shlex.join(target.argv)}", flush=True)
+    log = out / f"{target.name}.log"
+    with runner.running(target, log) as proc:
         begun = time.monotonic()
-        ready = {}
-        for target, proc in zip(targets, procs, strict=True):
-            runner.wait_ready(proc, target, model, KEY, timeout, out / f"{target.name}.log")
-            ready[target.name] = time.monotonic() - begun
-            print(f"{target.name} ready after {ready[target.name]:.0f} s", flush=True)
-        yield ready
+        runner.wait_ready(proc, target, model, KEY, timeout, log)
+        print(f"{target.name} ready after {time.monotonic() - begun:.0f} s", flush=True)
+        yield
 
 
 def cases_of(pair: Pair, only: Sequence[str]) -> list[Case]:
@@ -244,26 +237,27 @@ def cases_of(pair: Pair, only: Sequence[str]) -> list[Case]:
 
 
 def run_pairs(args: argparse.Namespace, model_dir: Path) -> list[PairResult]:
-    """Each pairing in turn; Switchyard started once for the pairings that configure it alike."""
+    """Each pairing in turn, one server at a time (two engines would share the host's two cores);
+    Switchyard started once for the pairings that configure it alike."""
     engine = EngineSettings(max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib)
     results = []
     switchyard_answers: dict[str, dict[str, Answer]] = {}  # by its environment
+    switchyard_commands: dict[str, str] = {}
     for name in args.pairs:
         pair = PAIRS[name]
         cases = cases_of(pair, args.cases)
-        settings = json.dumps(pair.switchyard_env, sort_keys=True)
         vllm = vllm_target(pair, engine, model_dir, args.model_name)
-        targets = [vllm]
-        if settings not in switchyard_answers:
-            targets.append(switchyard_target(pair, engine, model_dir, args.model_name))
-        with both_ready(targets, args.model_name, args.out, args.ready_timeout):
+        with serving(vllm, args.model_name, args.out, args.ready_timeout):
             theirs = ask(vllm.base_url, KEY, args.model_name, cases)
-            if len(targets) > 1:
-                wanted = [c for c in CASES if not args.cases or c.name in args.cases]
-                switchyard_answers[settings] = ask(targets[1].base_url, KEY, args.model_name, wanted)
-        ours = switchyard_answers[settings]
-        commands = {t.name: shlex.join(t.argv) for t in targets}
-        results.append(judge(pair.name, pair.about, cases, theirs, ours, commands))
+        settings = json.dumps(pair.switchyard_env, sort_keys=True)
+        if settings not in switchyard_answers:
+            ours = switchyard_target(pair, engine, model_dir, args.model_name)
+            wanted = [c for c in CASES if not args.cases or c.name in args.cases]
+            with serving(ours, args.model_name, args.out, args.ready_timeout):
+                switchyard_answers[settings] = ask(ours.base_url, KEY, args.model_name, wanted)
+            switchyard_commands[settings] = shlex.join(ours.argv)
+        commands = {vllm.name: shlex.join(vllm.argv), "switchyard": switchyard_commands[settings]}
+        results.append(judge(pair.name, pair.about, cases, theirs, switchyard_answers[settings], commands))
     return results
 
 
@@ -330,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
     }
     text = summary_markdown(results, host)
-    (args.out / "summary.md").write_text(text)
+    (args.out / "parity.md").write_text(text)
     (args.out / "parity.json").write_text(json_text({"host": host, "pairs": [r.summary() for r in results]}))
     write_raw(args.out / "answers.json", json_text([r.answers() for r in results]))
     print(text)
