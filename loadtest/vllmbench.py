@@ -12,7 +12,8 @@ does (at most ``--output-len`` tokens). The ``vllm`` command line
 itself cannot run on hosts without AVX-512 (it loads a kernel library for another platform first and
 dies with SIGILL), so the CPU platform is chosen before vLLM's benchmark module is imported. The key
 of ``--api-key`` travels as vLLM's client expects it, in ``OPENAI_API_KEY``. Prints and writes the
-figures vLLM's client reports (output tokens/s, TTFT, TPOT and ITL percentiles, failures).
+figures vLLM's client reports (output tokens/s, TTFT, TPOT and ITL percentiles, failures);
+``--requests PATH`` keeps one record per request too, compressed (``PATH.gz``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+
+from loadtest.report import json_text, write_raw
 
 FIGURES = (
     "completed",
@@ -40,9 +43,34 @@ FIGURES = (
     "p99_itl_ms",
     "median_e2el_ms",
 )
+PER_REQUEST = {
+    "start_times": "start",
+    "input_lens": "prompt_tokens",
+    "output_lens": "output_tokens",
+    "ttfts": "ttft",
+    "latencies": "latency",
+    "errors": "error",
+    "generated_texts": "text",
+}
+"""vLLM's client's per-request lists (``--save-detailed``) -> the field of each kept record."""
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def records(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """One record per request from the client's lists; the time between chunks summed up by its
+    count and mean (the whole list would be most of the file)."""
+    lists = {field: result.get(key) or [] for key, field in PER_REQUEST.items()}
+    itls = result.get("itls") or []
+    out = []
+    for i in range(max(map(len, lists.values()), default=0)):
+        record = {field: values[i] if i < len(values) else None for field, values in lists.items()}
+        gaps = itls[i] if i < len(itls) else []
+        record["chunks"] = len(gaps) + 1 if record["ttft"] else 0
+        record["itl_mean"] = sum(gaps) / len(gaps) if gaps else None
+        out.append(record)
+    return out
+
+
+def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     import vllm.platforms
     from vllm.platforms.cpu import CpuPlatform
 
@@ -62,6 +90,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         *("--seed", str(args.seed), "--percentile-metrics", "ttft,tpot,itl,e2el"),
         *("--metric-percentiles", "50,95,99"),
     ]
+    flags += ["--save-detailed"] if args.requests else []
     flags += ["--backend", "openai-chat", "--endpoint", "/v1/chat/completions"] if args.chat else []
     extra = json.loads(args.extra_body or "{}")
     if args.no_ignore_eos:  # the client sets ignore_eos for its random dataset whatever it is told
@@ -71,7 +100,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     flags += ["--extra-body", json.dumps(extra)] if extra else []
     bench = parser.parse_args(flags)
     result: dict[str, Any] = main(bench)
-    return {k: result.get(k) for k in FIGURES}
+    return {k: result.get(k) for k in FIGURES}, records(result) if args.requests else []
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -91,14 +120,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--extra-body", help="JSON object of fields added to every request")
     p.add_argument("--no-ignore-eos", action="store_true", help="answers may end before --output-len")
     p.add_argument("--json", type=Path)
+    p.add_argument("--requests", type=Path, help="keep one record per request here, compressed")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    figures = run(args)
+    figures, kept = run(args)
     text = json.dumps(figures, indent=1)
     if args.json:
         args.json.write_text(text)
+    if args.requests:
+        write_raw(args.requests, json_text({"figures": figures, "requests": kept}))
     print(text)
     return 0 if figures.get("failed") == 0 else 1
