@@ -14,12 +14,19 @@ servers write the same answers:
   is one call held to its tool's schema, as long as the grammar makes it (at most ``--output-len``);
 - ``json_schema``: a ``response_format`` JSON schema (what the SDK's ``parse()`` sends).
 
+A grammar ends an answer long before ``--output-len``, and a short answer costs more per token (its
+prompt is a larger share of the work), so each grammar-held body also gets a baseline of its own:
+``plain@BODY``, plain chat of exactly as many output tokens as BODY's answers had on average, on the
+same server in the same round. The ratios to the baseline are what the tool call or the schema costs.
+
 One server at a time on the same host, each with the same engine settings (:class:`runner.EngineSettings`)
 and the same grammar settings: Switchyard with the hermes parser, vLLM as the parity study's
 ``same-engine`` pairing (its JSON tool-call path, xgrammar without free whitespace; with its default
 structural tags the random-weights model writes arguments that never end, a different workload).
 Each bench records the CPU time of the server's process tree, of the client, of everything else on
-the host, the hypervisor's steal and the load average. Prints and writes ``agentbench.md`` and
+the host, the hypervisor's steal and the load average, and keeps the client's record of every
+request (``agentbench-SERVER-CELL-rROUND-requests.json.gz``: times, token counts, the text, from
+which a JSON answer is checked against its schema). Prints and writes ``agentbench.md`` and
 ``agentbench.json`` to ``--out``.
 """
 
@@ -30,14 +37,17 @@ import json
 import os
 import shlex
 import statistics
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import jsonschema
+
 from loadtest import proctree, runner
 from loadtest.parity import KEY, PAIRS, switchyard_target, vllm_target
 from loadtest.paritycases import PERSON_SCHEMA, TIME, WEATHER
-from loadtest.report import fmt, json_text, markdown_table, ratio, results_dir
+from loadtest.report import fmt, json_text, markdown_table, ratio, raw, read_json, results_dir
 from loadtest.runner import EngineSettings, Target
 
 BODIES: dict[str, dict[str, Any]] = {
@@ -58,15 +68,21 @@ BODIES: dict[str, dict[str, Any]] = {
     },
 }
 """What each kind of body adds to the benchmark client's chat request."""
+SCHEMAS: dict[str, dict[str, Any]] = {"json_schema": PERSON_SCHEMA}
+"""The bodies whose answers (their text) must match a schema."""
 FIGURES = (
     ("output_throughput", "output tok/s", "{:.0f}"),
     ("request_throughput", "requests/s", "{:.1f}"),
     ("tokens_per_request", "output tokens/request", "{:.1f}"),
+    ("prompt_tokens_per_request", "prompt tokens/request", "{:.0f}"),
     ("median_ttft_ms", "TTFT p50 ms", "{:.0f}"),
     ("p95_ttft_ms", "TTFT p95 ms", "{:.0f}"),
     ("p99_ttft_ms", "TTFT p99 ms", "{:.0f}"),
+    ("median_e2el_ms", "latency p50 ms", "{:.0f}"),
     ("failed", "failed", "{:d}"),
+    ("held_pct", "answers matching the schema %", "{:.0f}"),
     ("server_cpu_ms_per_1k", "server CPU ms / 1k tokens", "{:.0f}"),
+    ("server_cpu_ms_per_request", "server CPU ms / request", "{:.1f}"),
     ("client_cpu_ms_per_1k", "client CPU ms / 1k tokens", "{:.0f}"),
     ("other_load_cores", "other load, cores", "{:.2f}"),
     ("steal_pct", "CPU stolen %", "{:.1f}"),
@@ -81,14 +97,32 @@ def targets(args: argparse.Namespace, model_dir: Path) -> list[Target]:
     return [replace(vllm, name="vllm"), replace(switchyard, name="switchyard")]
 
 
-def bench(target: Target, pid: int, body: str, args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
-    """One cell: the benchmark client against ``target`` with ``body``'s fields; its figures and the
-    host's."""
-    path = args.out / f"agentbench-{target.name}-{body}-r{args.round}.json"
+def held_pct(texts: Sequence[str | None], schema: dict[str, Any]) -> float | None:
+    """The share of answers whose text is JSON matching ``schema``, in percent."""
+    if not texts:
+        return None
+    held = 0
+    for text in texts:
+        try:
+            jsonschema.validate(json.loads(text or ""), schema)
+        except (ValueError, jsonschema.ValidationError):
+            continue
+        held += 1
+    return 100 * held / len(texts)
+
+
+def bench(
+    target: Target, pid: int, cell: str, output_len: int, args: argparse.Namespace, model_dir: Path
+) -> dict[str, Any]:
+    """One cell: the benchmark client against ``target`` with the fields of the cell's body (``plain``
+    for ``plain@BODY``); its figures and the host's."""
+    body = cell.partition("@")[0]
+    name = f"agentbench-{target.name}-{cell}-r{args.round}"
+    path, kept = args.out / f"{name}.json", args.out / f"{name}-requests.json"
     argv = ["--base-url", target.base_url.removesuffix("/v1"), "--model", args.model_name, "--chat"]
-    argv += ["--tokenizer", str(model_dir), "--api-key", KEY, "--json", str(path)]
+    argv += ["--tokenizer", str(model_dir), "--api-key", KEY, "--json", str(path), "--requests", str(kept)]
     argv += ["--concurrency", str(args.concurrency), "--num-prompts", str(args.num_prompts)]
-    argv += ["--input-len", str(args.input_len), "--output-len", str(args.output_len)]
+    argv += ["--input-len", str(args.input_len), "--output-len", str(output_len)]
     argv += ["--extra-body", json.dumps(BODIES[body])]
     argv += [] if body == "plain" else ["--no-ignore-eos"]
     path.unlink(missing_ok=True)
@@ -97,12 +131,18 @@ def bench(target: Target, pid: int, body: str, args: argparse.Namespace, model_d
     window = proctree.cpu_window(before, proctree.cpu_sample(pid))
     wall, cores = window["window_s"], os.cpu_count() or 1
     result: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"failed": args.num_prompts}
-    path.unlink(missing_ok=True)  # its figures are kept in agentbench.json
+    path.unlink(missing_ok=True)  # its figures are kept in agentbench.json, its requests beside it
+    requests = read_json(kept)["requests"] if raw(kept).exists() else []
     done, tokens = result.get("completed") or 0, result.get("total_output_tokens") or 0
+    schema = SCHEMAS.get(cell)
     return result | {
+        "output_len": output_len,
         "tokens_per_request": tokens / done if done else None,
+        "prompt_tokens_per_request": (result.get("total_input_tokens") or 0) / done if done else None,
+        "held_pct": held_pct([r["text"] for r in requests if not r["error"]], schema) if schema else None,
         # Per unit of work: the window also holds the client's start-up, when the server idles.
         "server_cpu_ms_per_1k": 1e6 * window["server_cpu_s"] / tokens if tokens else None,
+        "server_cpu_ms_per_request": 1e3 * window["server_cpu_s"] / done if done else None,
         "client_cpu_ms_per_1k": 1e6 * window["bench_process_cpu_s"] / tokens if tokens else None,
         "other_load_cores": window["other_load_cores"],
         "steal_pct": 100 * (proctree.machine_steal() - steal) / (wall * cores),
@@ -111,16 +151,24 @@ def bench(target: Target, pid: int, body: str, args: argparse.Namespace, model_d
 
 
 def run(target: Target, args: argparse.Namespace, model_dir: Path) -> dict[str, dict[str, Any]]:
-    """Every body against one server, started for them and stopped after."""
+    """Every body against one server, started for them and stopped after, then each grammar-held
+    body's plain baseline of the same length."""
     log = args.out / f"agentbench-{target.name}-r{args.round}.log"
     print(f"=== {target.name}, round {args.round}: {shlex.join(target.argv)}", flush=True)
     with runner.running(target, log) as proc:
         runner.wait_ready(proc, target, args.model_name, KEY, args.ready_timeout, log)
-        cells = {}
+        cells: dict[str, dict[str, Any]] = {}
+
+        def measure(cell: str, output_len: int) -> None:
+            cells[cell] = bench(target, proc.pid, cell, output_len, args, model_dir)
+            shown = {k: cells[cell].get(k) for k, _, _ in FIGURES}
+            print(f"{target.name} {cell}: {json.dumps(shown)}", flush=True)
+
         for body in args.bodies:
-            cells[body] = bench(target, proc.pid, body, args, model_dir)
-            shown = {k: cells[body].get(k) for k, _, _ in FIGURES}
-            print(f"{target.name} {body}: {json.dumps(shown)}", flush=True)
+            measure(body, args.output_len)
+        for body in args.bodies:
+            if body != "plain" and (tokens := cells[body].get("tokens_per_request")):
+                measure(f"plain@{body}", max(1, round(tokens)))
         return cells
 
 
@@ -130,7 +178,7 @@ def medians(rounds: list[dict[str, dict[str, dict[str, Any]]]]) -> dict[str, dic
     for server, cells in rounds[0].items():
         out[server] = {}
         for body in cells:
-            runs = [r[server][body] for r in rounds]
+            runs = [r[server].get(body, {}) for r in rounds]
             out[server][body] = {
                 key: statistics.median(values)
                 for key, _, _ in FIGURES
@@ -145,22 +193,43 @@ COMPARED = (
     "median_ttft_ms",
     "p95_ttft_ms",
     "p99_ttft_ms",
+    "median_e2el_ms",
     "server_cpu_ms_per_1k",
+    "server_cpu_ms_per_request",
 )
 """Figures of the servers, given as ratios; the rest describe the run."""
 
 
-def table(results: dict[str, dict[str, dict[str, Any]]], bodies: list[str]) -> str:
-    """Each figure of each body for both servers, Switchyard / vLLM, and each server's body / its
-    plain chat (what the tool call or the schema costs there)."""
-    head = ["body", "figure", "vLLM", "Switchyard", "Switchyard / vLLM", "vLLM / plain", "Switchyard / plain"]
+def baseline(cell: str) -> str | None:
+    """The cell a cell is compared with on its own server: a grammar-held body with plain chat of
+    its length, that with plain chat of ``--output-len``."""
+    if cell == "plain":
+        return None
+    return "plain" if cell.startswith("plain@") else f"plain@{cell}"
+
+
+def table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """Each figure of each cell for both servers, Switchyard / vLLM, and each server's cell / its
+    baseline (what the tool call or the schema costs there)."""
+    head = [
+        "cell",
+        "figure",
+        "vLLM",
+        "Switchyard",
+        "Switchyard / vLLM",
+        "vLLM / baseline",
+        "Switchyard / baseline",
+    ]
     rows = [head]
-    for body in bodies:
-        cell = {server: results[server].get(body, {}) for server in ("vllm", "switchyard")}
-        plain = {server: results[server].get("plain", {}) for server in ("vllm", "switchyard")}
+    for cell_name in results["switchyard"]:
+        cell = {server: results[server].get(cell_name, {}) for server in ("vllm", "switchyard")}
+        base_name = baseline(cell_name)
+        base = {server: results[server].get(base_name or "", {}) for server in ("vllm", "switchyard")}
         for key, label, pattern in FIGURES:
+            if all(cell[s].get(key) is None for s in cell):
+                continue
             row = [
-                body,
+                cell_name,
                 label,
                 fmt(cell["vllm"].get(key), pattern),
                 fmt(cell["switchyard"].get(key), pattern),
@@ -168,7 +237,7 @@ def table(results: dict[str, dict[str, dict[str, Any]]], bodies: list[str]) -> s
             if key in COMPARED:
                 row.append(fmt(ratio(cell["switchyard"].get(key), cell["vllm"].get(key)), "{:.2f}"))
                 row += [
-                    fmt(ratio(cell[s].get(key), plain[s].get(key)), "{:.2f}") if body != "plain" else ""
+                    fmt(ratio(cell[s].get(key), base[s].get(key)), "{:.2f}") if base_name else ""
                     for s in ("vllm", "switchyard")
                 ]
             else:
@@ -213,13 +282,16 @@ def main(argv: list[str] | None = None) -> int:
             f"# Tool calls and JSON schemas at {args.concurrency} streams, beside plain chat",
             "",
             f"vLLM's benchmark client (`openai-chat`), random prompts of {args.input_len} tokens, "
-            f"{args.num_prompts} per cell, greedy; plain answers are exactly {args.output_len} tokens, "
-            f"the others end where their grammar does. Medians of {args.repeat} round(s), one server at "
-            "a time, servers in alternating order.",
+            f"{args.num_prompts} per cell, greedy; `plain` answers are exactly {args.output_len} tokens, "
+            "the others end where their grammar does, and each `plain@BODY` is plain chat of exactly as "
+            "many tokens as BODY's answers had on that server in that round: BODY's baseline (a "
+            f"`plain@BODY`'s own is `plain`). Medians of {args.repeat} round(s), one server at a time, "
+            "servers in alternating order. TTFT is to the first chunk with a choice: vLLM sends the "
+            "role alone first, Switchyard with the first text or tool-call delta it relays.",
             "",
             *(f"- `{t.name}`: `{shlex.join(t.argv)}`" for t in servers),
             "",
-            table(results, args.bodies),
+            table(results),
             "",
         ]
     )
