@@ -19,9 +19,9 @@ official SDK. The pairings (:data:`PAIRS`) differ in how each server treats tool
   Switchyard's workers use (vLLM's JSON tool-call path, xgrammar without free whitespace), so that
   the two engines decode under the same grammar and the text can be compared too.
 
-Writes ``parity.md`` (the report), ``parity.json`` (every difference and its explanation) and
-``answers.json.gz`` (every answer, to judge again with ``--rejudge``) to ``--out``, and each server's
-log, compressed.
+Writes ``parity.md`` (the report) to ``--out``, and compressed beside it ``parity.json.gz`` (every
+difference and its explanation), ``answers.json.gz`` (every answer, to judge again with
+``--rejudge``) and each server's log.
 """
 
 from __future__ import annotations
@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     text = summary_markdown(results, host)
     (args.out / "parity.md").write_text(text)
-    (args.out / "parity.json").write_text(json_text({"host": host, "pairs": [r.summary() for r in results]}))
+    write_raw(args.out / "parity.json", json_text({"host": host, "pairs": [r.summary() for r in results]}))
     write_raw(args.out / "answers.json", json_text([r.answers() for r in results]))
     print(text)
     return 0 if all(r.explained() for r in results) else 1
