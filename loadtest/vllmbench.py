@@ -32,6 +32,7 @@ FIGURES = (
     "duration",
     "output_throughput",
     "request_throughput",
+    "total_input_tokens",
     "mean_ttft_ms",
     "median_ttft_ms",
     "p95_ttft_ms",
