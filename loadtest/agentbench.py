@@ -49,6 +49,7 @@ from loadtest.parity import KEY, PAIRS, switchyard_target, vllm_target
 from loadtest.paritycases import PERSON_SCHEMA, TIME, WEATHER
 from loadtest.report import fmt, json_text, markdown_table, ratio, raw, read_json, results_dir
 from loadtest.runner import EngineSettings, Target
+from worker.vllm_engine import model_threads, usable_cpus
 
 BODIES: dict[str, dict[str, Any]] = {
     "plain": {"temperature": 0},
@@ -91,10 +92,17 @@ FIGURES = (
 
 
 def targets(args: argparse.Namespace, model_dir: Path) -> list[Target]:
+    """Both servers with the same engine settings, the model's threads included: Switchyard's worker
+    computes on the host's CPUs less one, and vLLM's server, in-process (``uni``), on all of them,
+    whose barriers wait for whichever core other work holds (on a shared 2-core host its plain chat
+    ran 6 times slower than Switchyard's)."""
     engine = EngineSettings(max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib)
     vllm = vllm_target(PAIRS["same-engine"], engine, model_dir, args.model_name)
+    threads = {
+        "OMP_NUM_THREADS": str(model_threads(usable_cpus(), configured=os.environ.get("OMP_NUM_THREADS")))
+    }
     switchyard = switchyard_target(PAIRS["same-engine"], engine, model_dir, args.model_name)
-    return [replace(vllm, name="vllm"), replace(switchyard, name="switchyard")]
+    return [replace(vllm, name="vllm", env=vllm.env | threads), replace(switchyard, name="switchyard")]
 
 
 def held_pct(texts: Sequence[str | None], schema: dict[str, Any]) -> float | None:
