@@ -17,6 +17,9 @@ from shared.messages import Sampling
 from shared.messages import Usage as WireUsage
 
 MAX_STOP_SEQUENCES = 16
+MAX_STOP_CHARS = 512
+"""The engine compares every stop string with the end of the text after each step: a bound on their
+length bounds what one request can make a worker do per token."""
 MAX_TOKENS_LIMIT = 1_000_000
 INT32_MAX = 2**31 - 1
 INT64 = 2**63
@@ -37,7 +40,12 @@ def only(*values: Any) -> Any:
 
 # What the ``stop`` validator enforces, stated for strings and lists alike (each keyword applies to
 # one JSON type only).
-_STOP_SCHEMA: JsonDict = {"minLength": 1, "maxItems": MAX_STOP_SEQUENCES, "items": {"minLength": 1}}
+_STOP_SCHEMA: JsonDict = {
+    "minLength": 1,
+    "maxLength": MAX_STOP_CHARS,
+    "maxItems": MAX_STOP_SEQUENCES,
+    "items": {"minLength": 1, "maxLength": MAX_STOP_CHARS},
+}
 
 
 class StreamOptions(Strict):
@@ -108,6 +116,8 @@ class GenerationRequest(Strict):
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
         if any(not s for s in stops):
             raise ValueError("stop sequences must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop sequence may be at most {MAX_STOP_CHARS} characters")
         return value
 
     @model_validator(mode="after")

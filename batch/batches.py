@@ -15,14 +15,17 @@ from typing import Any
 from redis.asyncio import Redis
 
 from api.batches.protocol import BatchCreateRequest
-from api.errors import InvalidRequest, NotFound
+from api.errors import InvalidRequest, NotFound, RateLimited
 from batch.files import Conflict, Files
-from shared.batches import BatchRequest, BatchState, new_batch_hash, sources
+from shared.batches import BatchRequest, BatchState, is_batch_id, new_batch_hash, owned_by, owner_key, sources
 from shared.names import Names
 from shared.scripts import BatchScripts
 from shared.settings import GatewaySettings
+from shared.tenants import Tenant
 
 COMPLETION_WINDOW = 24 * 3600
+BATCH_LIMIT_RETRY = 60.0
+"""Retry-After of a batch refused for its tenant's limit: batches take minutes to hours."""
 TIMESTAMPS = (
     "in_progress_at",
     "finalizing_at",
@@ -71,6 +74,10 @@ def batch_object(state: BatchState) -> dict[str, Any]:
     }
 
 
+def _owns(owner: Tenant, state: BatchState) -> bool:
+    return owned_by(owner.name, owner.id, state.request.tenant, state.request.tenant_id)
+
+
 @dataclass
 class BatchPage:
     states: list[BatchState]
@@ -84,9 +91,9 @@ class Batches:
         self._retention = settings.batch_ttl
         self._scripts = BatchScripts(redis)
 
-    async def create(self, tenant: str, body: BatchCreateRequest, files: Files) -> BatchState:
-        """A new batch of ``tenant``, ``validating`` until the background role takes it."""
-        source = await files.get(tenant, body.input_file_id, param="input_file_id")
+    async def create(self, owner: Tenant, body: BatchCreateRequest, files: Files) -> BatchState:
+        """A new batch of ``owner``, ``validating`` until the background role takes it."""
+        source = await files.get(owner, body.input_file_id, param="input_file_id")
         if source.purpose != "batch":
             raise InvalidRequest(
                 f"file {source.id} was uploaded with purpose '{source.purpose}', not 'batch'",
@@ -95,7 +102,8 @@ class Batches:
         now = int(time.time())
         request = BatchRequest(
             id=new_batch_id(),
-            tenant=tenant,
+            tenant=owner.name,
+            tenant_id=owner.id,
             endpoint=body.endpoint,
             input_file_id=source.id,
             metadata=body.metadata,
@@ -103,28 +111,37 @@ class Batches:
             expires_at=now + COMPLETION_WINDOW,
             output_ttl=body.output_expires_after.seconds if body.output_expires_after else None,
         )
-        n = self._names
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(n.batch(request.id), mapping=new_batch_hash(request))  # type: ignore[arg-type]
-            pipe.zadd(n.batches(tenant), {request.id: time.time() * 1000})
-            pipe.sadd(n.active_batches(), request.id)
-            await pipe.execute()
+        n, owner_id = self._names, owner_key(request)
+        keys = [n.batch(request.id), n.batches(owner.name), n.active_batches()]
+        keys += [n.tenant_active_batches(owner_id), n.batch_turns()]
+        pairs = [x for item in new_batch_hash(request).items() for x in item]
+        limit = owner.max_batches or 0
+        created = await self._scripts.create(
+            keys=keys, args=[limit, request.id, time.time() * 1000, owner_id, *pairs]
+        )
+        if int(created[0]) != 1:
+            raise RateLimited(
+                f"tenant '{owner.name}' has {int(created[1])} batches not finished, its limit of {limit}; "
+                "wait for one to end or cancel one",
+                retry_after=BATCH_LIMIT_RETRY,
+                code="batch_limit_reached",
+            )
         return BatchState(request=request, status="validating")
 
     async def load(self, batch_id: str) -> BatchState | None:
         raw = await self._redis.hgetall(self._names.batch(batch_id))  # type: ignore[misc]
         return BatchState.from_hash(raw) if raw else None
 
-    async def get(self, tenant: str, batch_id: str) -> BatchState:
+    async def get(self, owner: Tenant, batch_id: str) -> BatchState:
         """The tenant's batch, or 404 (also for another tenant's)."""
-        state = await self.load(batch_id)
-        if state is None or state.request.tenant != tenant:
+        state = await self.load(batch_id) if is_batch_id(batch_id) else None
+        if state is None or not _owns(owner, state):
             raise NotFound(f"No such Batch object: {batch_id}", param="batch_id")
         return state
 
-    async def page(self, tenant: str, after: str | None, limit: int) -> BatchPage:
+    async def page(self, owner: Tenant, after: str | None, limit: int) -> BatchPage:
         """The tenant's batches, newest first, after the batch ``after``."""
-        key = self._names.batches(tenant)
+        key = self._names.batches(owner.name)
         start = 0
         if after is not None:
             rank = await self._redis.zrevrank(key, after)
@@ -136,23 +153,23 @@ class Batches:
             for batch_id in ids:
                 pipe.hgetall(self._names.batch(batch_id.decode()))
             raws = await pipe.execute()
-        states = [BatchState.from_hash(raw) for raw in raws if raw]
+        states = [s for s in (BatchState.from_hash(raw) for raw in raws if raw) if _owns(owner, s)]
         return BatchPage(states[:limit], len(ids) > limit)
 
-    async def cancel(self, tenant: str, batch_id: str) -> BatchState:
+    async def cancel(self, owner: Tenant, batch_id: str) -> BatchState:
         """Ask for the batch to stop: ``cancelling`` until the process running it has stopped its
         lines (then ``cancelled``). Cancelling a cancelled batch again changes nothing; a batch that
         already ended otherwise gets 409."""
-        state = await self.get(tenant, batch_id)
+        state = await self.get(owner, batch_id)
         if state.status in ("cancelling", "cancelled"):
             return state
         if not await self.move(batch_id, "cancelling"):
-            state = await self.get(tenant, batch_id)
+            state = await self.get(owner, batch_id)
             if state.status not in ("cancelling", "cancelled"):
                 raise Conflict(
                     f"batch {batch_id} is {state.status} and cannot be cancelled", param="batch_id"
                 )
-        return await self.get(tenant, batch_id)
+        return await self.get(owner, batch_id)
 
     async def move(self, batch_id: str, to: str, **fields: str | int) -> bool:
         """Move the batch to status ``to`` if it may go there from where it is (one atomic step,
@@ -167,11 +184,21 @@ class Batches:
         """A batch reached a final status: it is no longer active, its record goes after the
         retention time, and its lines' results (in its files now) go at once."""
         n = self._names
+        state = await self.load(batch_id)
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.srem(n.active_batches(), batch_id)
             pipe.zadd(n.batch_expiry(), {batch_id: time.time() + self._retention})
             pipe.delete(n.batch_jobs(batch_id), n.batch_results(batch_id))
             await pipe.execute()
+        await self.retire(batch_id, owner_key(state.request) if state else None)
+
+    async def retire(self, batch_id: str, owner: str | None) -> None:
+        """The batch waits for no slot any more (finished, or its record is gone)."""
+        n = self._names
+        if owner is None:
+            await self._redis.srem(n.active_batches(), batch_id)  # type: ignore[misc]
+            return
+        keys = [n.active_batches(), n.tenant_active_batches(owner), n.batch_turns()]
+        await self._scripts.retire(keys=keys, args=[batch_id, owner])
 
     async def active(self) -> list[str]:
         return sorted(i.decode() for i in await self._redis.smembers(self._names.active_batches()))  # type: ignore[misc]
@@ -181,14 +208,20 @@ class Batches:
         n = self._names
         due = [i.decode() for i in await self._redis.zrangebyscore(n.batch_expiry(), "-inf", now)]
         for batch_id in due:
-            state = await self.load(batch_id)
-            async with self._redis.pipeline(transaction=True) as pipe:
-                if state is not None:
-                    pipe.zrem(n.batches(state.request.tenant), batch_id)
-                pipe.delete(n.batch(batch_id), n.batch_results(batch_id), n.batch_jobs(batch_id))
-                pipe.zrem(n.batch_expiry(), batch_id)
-                await pipe.execute()
+            await self.delete(batch_id)
         return len(due)
+
+    async def delete(self, batch_id: str) -> None:
+        """Delete a batch's record and all it keeps in Redis (its files are files of their own)."""
+        n = self._names
+        state = await self.load(batch_id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            if state is not None:
+                pipe.zrem(n.batches(state.request.tenant), batch_id)
+            pipe.delete(n.batch(batch_id), n.batch_results(batch_id), n.batch_jobs(batch_id))
+            pipe.zrem(n.batch_expiry(), batch_id)
+            await pipe.execute()
+        await self.retire(batch_id, owner_key(state.request) if state else None)
 
 
 @dataclass

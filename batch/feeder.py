@@ -15,6 +15,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -23,15 +24,18 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from api.errors import APIError, RateLimited, Unavailable
+from batch.filestore import FileStore
+from batch.input import LineIndex, read_line
 from batch.lines import BatchLine, encode_line, response_line
 from batch.policy import MAX_ATTEMPTS, Capacity, lines_to_add, retryable
+from batch.slots import Scheduler
 from serving.admission import Admission, Ticket
 from serving.dispatch import Dispatcher, Timeouts
 from serving.lifecycle import Lifecycle
 from serving.path import JobBuilder, Prepared, new_request_id
 from serving.relay import Admitted, collect
 from serving.replies import ReplyHub
-from shared.batches import BatchState
+from shared.batches import BatchState, owner_key
 from shared.fleet import live_workers, stream_records
 from shared.messages import Job, Usage
 from shared.names import GROUP, Names
@@ -41,7 +45,7 @@ from shared.tenants import Tenant, TenantStore
 
 log = logging.getLogger(__name__)
 
-Outcome = Literal["done", "cancelling", "expired", "stopping"]
+Outcome = Literal["done", "cancelling", "expired", "stopping", "gone", "yielded"]
 CHECK_EVERY = 0.5
 """Seconds between reads of the batch's status and the fleet's capacity: a cancel acts this fast."""
 INTERACTIVE_MEMORY = 10.0
@@ -50,6 +54,8 @@ is no idle capacity to fill with batch lines that would then slow the next burst
 LOOP_EVERY = 0.05
 """Shortest pause between two rounds of feeding, however fast lines finish."""
 TENANT_EVERY = 5.0
+PENDING_PAGE = 1000
+"""Lines looked up at a time for a result or an earlier run's job."""
 NO_WORKER_WAIT = 2.0
 
 
@@ -70,6 +76,12 @@ class Parts:
     stopping: asyncio.Event
     lifecycle: Lifecycle
     """Knows the lines in flight, as a gateway's knows its requests."""
+    files: FileStore
+    """Where batch input files are (lines are read from it one at a time)."""
+    parsing: anyio.CapacityLimiter
+    """Threads that parse input files at once in this process (one: the event loop keeps a core)."""
+    scheduler: Scheduler
+    """Batch slots: a run gives its slot back when its tenant has more than its share."""
 
     @property
     def names(self) -> Names:
@@ -102,6 +114,15 @@ async def fleet_capacity(redis: Redis, names: Names, model: str, worker_ttl: flo
     )
 
 
+async def tenant_of(tenants: TenantStore, name: str, tenant_id: str | None) -> Tenant | None:
+    """The tenant ``name`` with its limits in force, if it is the one with ``tenant_id`` (unset in
+    batches older than tenant ids); None when it was removed, even if the name was given again."""
+    tenant = await tenants.tenant(name)
+    if tenant is None or (tenant_id is not None and tenant.id != tenant_id):
+        return None
+    return tenant
+
+
 async def cancel_jobs(parts: Parts, job_ids: list[str], keep: float) -> None:
     """Tell the workers to drop these jobs (a worker that takes one within ``keep`` s skips it)."""
     dispatcher = Dispatcher(parts.redis, parts.hub, parts.names, Timeouts(total=1, stall=1))
@@ -110,18 +131,24 @@ async def cancel_jobs(parts: Parts, job_ids: list[str], keep: float) -> None:
 
 
 class Feeder:
-    def __init__(self, parts: Parts, state: BatchState, lines: list[BatchLine], token: str) -> None:
+    def __init__(self, parts: Parts, state: BatchState, lines: LineIndex, token: str, tenant: Tenant) -> None:
         self._parts = parts
         self._state = state
         self._lines = lines
+        """Where each line is in the input file: a line is read and parsed when its turn comes."""
         self._token = token
         self._scripts = BatchScripts(parts.redis)
         n, batch_id = parts.names, state.request.id
         self._keys = (n.batch_lease(batch_id), n.batch_results(batch_id), n.batch_jobs(batch_id))
         self._in_flight: set[str] = set()
         self._wake = asyncio.Event()
-        self._tenant = Tenant(name=state.request.tenant)
-        self._tenant_read = float("-inf")
+        self._tenant = tenant
+        """Its tenant with the limits in force, read again every few seconds."""
+        self._gone = False
+        """Its tenant was removed: no more lines; the run stops."""
+        self._began = time.monotonic()
+        self._owner = owner_key(state.request)
+        self._tenant_read = time.monotonic()
         self._checked = float("-inf")
         self._capacity = Capacity(free_slots=0, interactive_waiting=0, batch_waiting=0)
         self._added = 0
@@ -139,28 +166,35 @@ class Feeder:
 
     async def run(self) -> Outcome:
         """Feed and follow every line without a result; returns why it stopped."""
-        queue = await self._pending()
+        pending = self._pending()
+        exhausted = False
         outcome: Outcome = "done"
         lost = False
         try:
             async with anyio.create_task_group() as group:
-                while queue or self._in_flight:
+                while not exhausted or self._in_flight:
                     stop = await self._interrupted()
                     if stop is not None:
                         outcome = stop
                         break
-                    for _ in range(min(len(queue), await self._room())):
-                        line, previous = queue.popleft()
-                        self._in_flight.add(line.custom_id)
+                    for _ in range(await self._room()):
+                        following = await anext(pending, None)
+                        if following is None:
+                            exhausted = True
+                            break
+                        i, previous = following
+                        self._in_flight.add(self._lines.custom_ids[i])
                         self._added += 1
-                        group.start_soon(self._line, line, previous)
+                        group.start_soon(self._line, i, previous)
                     await anyio.sleep(LOOP_EVERY)
                     await self._pause(CHECK_EVERY)
-                if outcome == "stopping":
+                if outcome in ("stopping", "yielded"):
                     await self._drain()
                 group.cancel_scope.cancel()  # lines still running are cancelled as they close
         except* LeaseLost:
             lost = True
+        finally:
+            await pending.aclose()
         if lost:
             log.warning("batch %s: another process took it over; stopping here", self._state.request.id)
             return "stopping"
@@ -175,23 +209,31 @@ class Feeder:
             return False
         return True
 
-    async def _pending(self) -> deque[tuple[BatchLine, str | None]]:
-        """Lines without a result: those a previous run had on a queue first (they run again)."""
+    async def _pending(self) -> AsyncGenerator[tuple[int, str | None]]:
+        """Lines without a result, in file order, by their place in the index, with the job an
+        earlier run had queued for each (it is cancelled and the line runs again). Read a page at a
+        time: a restarted run of a large batch holds no set of its finished lines."""
         redis, (_, results, jobs) = self._parts.redis, self._keys
-        done = {k.decode() for k in await redis.hkeys(results)}  # type: ignore[misc]
-        assigned = {k.decode(): v.decode() for k, v in (await redis.hgetall(jobs)).items()}  # type: ignore[misc]
-        todo = [line for line in self._lines if line.custom_id not in done]
-        orphans = [(line, assigned[line.custom_id]) for line in todo if line.custom_id in assigned]
-        if orphans:
-            log.info(
-                "batch %s: running %d lines of an earlier run again", self._state.request.id, len(orphans)
-            )
-        fresh = [(line, None) for line in todo if line.custom_id not in assigned]
-        return deque([*orphans, *fresh])
+        ids = self._lines.custom_ids
+        for start in range(0, len(ids), PENDING_PAGE):
+            page = ids[start : start + PENDING_PAGE]
+            async with redis.pipeline(transaction=False) as pipe:
+                for custom_id in page:
+                    pipe.hexists(results, custom_id)
+                pipe.hmget(jobs, page)
+                *answered, assigned = await pipe.execute()
+            again = sum(1 for done, job in zip(answered, assigned, strict=True) if job and not done)
+            if again:
+                log.info("batch %s: running %d lines of an earlier run again", self._state.request.id, again)
+            for offset, (done, job) in enumerate(zip(answered, assigned, strict=True)):
+                if not done:
+                    yield start + offset, job.decode() if job is not None else None
 
     async def _interrupted(self) -> Outcome | None:
         if self._parts.stopping.is_set():
             return "stopping"
+        if self._gone:
+            return "gone"
         if time.monotonic() - self._checked < CHECK_EVERY:
             return None
         status = await self._parts.redis.hget(self._parts.names.batch(self._state.request.id), "status")  # type: ignore[misc]
@@ -201,6 +243,9 @@ class Feeder:
             return "stopping"
         if time.time() >= self._state.request.expires_at:
             return "expired"
+        sliced = time.monotonic() - self._began >= self._parts.settings.batch_slice
+        if sliced and await self._parts.scheduler.take_yield(self._owner, self._state.request.id):
+            return "yielded"  # another tenant waits with fewer slots than its share
         return None
 
     async def _room(self) -> int:
@@ -209,8 +254,13 @@ class Feeder:
         (admission would only refuse the lines beyond)."""
         parts, now = self._parts, time.monotonic()
         if now - self._tenant_read > TENANT_EVERY:
-            self._tenant = await parts.tenants.tenant(self._state.request.tenant) or self._tenant
+            req = self._state.request
+            fresh = await tenant_of(parts.tenants, req.tenant, req.tenant_id)
+            self._gone = fresh is None
+            self._tenant = fresh or self._tenant
             self._tenant_read = now
+        if self._gone:
+            return 0  # removed: the next check stops the run
         window = parts.settings.batch_window
         if self._tenant.max_concurrent:
             window = min(window, max(1, self._tenant.max_concurrent // 2))
@@ -241,10 +291,18 @@ class Feeder:
 
     # -- one line ----------------------------------------------------------------------------------
 
-    async def _line(self, line: BatchLine, previous: str | None) -> None:
+    async def _line(self, i: int, previous: str | None) -> None:
         """Run one line until it has a result: as a new job for each attempt, the earlier one
         cancelled first so it can never also complete into the output."""
+        custom_id = self._lines.custom_ids[i]
         try:
+            line = await read_line(
+                self._parts.files,
+                self._state.request.input_file_id,
+                self._lines,
+                i,
+                self._parts.settings.max_n,
+            )
             for attempt in range(1, MAX_ATTEMPTS + 1):
                 if previous is not None:
                     await self._dispatcher.cancel(previous, self._dispatcher_keep())
@@ -255,7 +313,7 @@ class Feeder:
                     return
                 previous = job_id
         finally:
-            self._in_flight.discard(line.custom_id)
+            self._in_flight.discard(custom_id)
             self._wake.set()
 
     def _dispatcher_keep(self) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections import Counter
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 from typing import IO, Literal
@@ -17,12 +18,17 @@ import anyio
 from redis.asyncio import Redis
 
 from api.errors import APIError, InvalidRequest, NotFound
-from batch.filestore import CHUNK, FileStore, MissingFile, file_store
-from shared.batches import BatchRequest, FilePurpose, FileRecord
+from batch.filestore import CHUNK, FileStore, MissingFile, Tally, file_store, verify
+from shared.batches import BatchRequest, FilePurpose, FileRecord, is_file_id, owned_by
 from shared.names import Names
+from shared.scripts import FileScripts
 from shared.settings import GatewaySettings
+from shared.tenants import Tenant
 
 Order = Literal["asc", "desc"]
+PAGE = 500
+RESERVATION_TTL = 3600.0
+"""Seconds an upload's reservation lasts: past it (its gateway died mid-upload) housekeeping frees it."""
 
 
 class StorageFull(APIError):
@@ -74,22 +80,96 @@ class Files:
         self._names: Names = settings.names
         self._settings = settings
         self.store = store or file_store(settings, redis)
+        self._scripts = FileScripts(redis)
+
+    async def reserve(self, tenant: str, size: int, quota: int | None) -> str:
+        """Room for an upload of ``size`` bytes in the store and in the tenant's ``quota`` (None:
+        none), taken before the upload is read; 413 when there is none. Returns the reservation,
+        which :meth:`create` turns into the file's bytes or :meth:`release` gives back."""
+        reservation = f"{tenant}|{secrets.token_hex(8)}"
+        n, cap = self._names, self._settings.files_max_total_bytes
+        result = await self._scripts.reserve(
+            keys=[
+                n.file_bytes(),
+                n.tenant_file_bytes(tenant),
+                n.file_reservations(),
+                n.file_reservation_expiry(),
+            ],
+            args=[reservation, size, cap, quota or 0, int(time.time() + RESERVATION_TTL)],
+        )
+        if int(result[0]) == 1:
+            return reservation
+        used = int(result[2])
+        if result[1] == b"tenant":
+            message = (
+                f"this tenant's files would take more than its {quota} bytes ({used} used, {size} more "
+                "asked for); delete files or wait for them to expire"
+            )
+        else:
+            message = (
+                f"the file store is full ({used} of {cap} bytes used, {size} more asked for); try again later"
+            )
+        raise StorageFull(message, param="file")
+
+    async def release(self, reservation: str) -> None:
+        """Give back what an upload reserved and did not use (nothing once it was stored)."""
+        await self._scripts.release(keys=self._reservation_keys(reservation), args=[reservation])
+
+    async def release_lapsed(self, now: float) -> int:
+        """Give back the reservations of uploads whose gateway died mid-way; returns how many."""
+        lapsed = await self._redis.zrangebyscore(self._names.file_reservation_expiry(), "-inf", now)
+        for raw in lapsed:
+            await self.release(raw.decode())
+        return len(lapsed)
+
+    async def usage(self) -> tuple[int, dict[str, int]]:
+        """What the records and live reservations add up to: (all bytes, bytes per tenant)."""
+        tenants: Counter[str] = Counter()
+        ids = [i.decode() async for i, _ in self._redis.zscan_iter(self._names.file_expiry(), count=PAGE)]
+        for start in range(0, len(ids), PAGE):
+            raws = await self._redis.mget([self._names.file(i) for i in ids[start : start + PAGE]])
+            for raw in raws:
+                if raw:
+                    record = FileRecord.model_validate_json(raw)
+                    tenants[record.tenant] += record.bytes
+        reserved = await self._redis.hgetall(self._names.file_reservations())  # type: ignore[misc]
+        for reservation, size in reserved.items():
+            tenants[reservation.decode().partition("|")[0]] += int(size)
+        return sum(tenants.values()), dict(tenants)
+
+    def _reservation_keys(self, reservation: str) -> list[str]:
+        n, tenant = self._names, reservation.partition("|")[0]
+        return [
+            n.file_bytes(),
+            n.tenant_file_bytes(tenant),
+            n.file_reservations(),
+            n.file_reservation_expiry(),
+        ]
 
     async def create(
-        self, tenant: str, filename: str, purpose: FilePurpose, source: IO[bytes], lines: int, ttl: float
+        self,
+        owner: Tenant,
+        filename: str,
+        purpose: FilePurpose,
+        source: IO[bytes],
+        lines: int,
+        ttl: float,
+        reservation: str | None = None,
+        quota: int | None = None,
     ) -> FileRecord:
-        """Store an upload (``source``, already checked) as a new file of ``tenant``."""
+        """Store an upload (``source``, already checked) as a new file of ``owner``, in the room
+        ``reservation`` holds (or room reserved now, within ``quota``)."""
         source.seek(0, 2)
         size = source.tell()
         source.seek(0)
-        await self._reserve(size)
-        record = self._record(new_file_id(), tenant, filename, purpose, size, lines, ttl)
+        reserved = reservation or await self.reserve(owner.name, size, quota)
+        record = self._record(new_file_id(), owner.name, owner.id, filename, purpose, size, lines, ttl)
         try:
             await self.store.write(record.id, _chunks_of(source))
-            await self._index(record)
+            await self._index(record, reserved)
         except BaseException:
             with anyio.CancelScope(shield=True):
-                await self._redis.decrby(self._names.file_bytes(), size)
+                await self.release(reserved)
                 await self.store.delete(record.id)
             raise
         return record
@@ -97,6 +177,7 @@ class Files:
     async def put(
         self,
         tenant: str,
+        tenant_id: str | None,
         file_id: str,
         filename: str,
         chunks: AsyncIterable[bytes],
@@ -105,23 +186,32 @@ class Files:
     ) -> FileRecord:
         """Store a file the system produced (a batch's output) under a given id, replacing any
         earlier one: writing it again after an interruption leaves one file, not two. Counted in
-        the store's bytes but never refused for them: a finished batch's results are not dropped."""
-        old = await self._load(file_id)
-        size = await self.store.write(file_id, chunks)
-        record = self._record(file_id, tenant, filename, "batch_output", size, lines, ttl)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.incrby(self._names.file_bytes(), size - (old.bytes if old else 0))
-            self._index_into(pipe, record)
-            await pipe.execute()
+        the store's bytes but never refused for them: a finished batch's results are not dropped.
+        Indexed only once it reads back exactly as written (else :class:`DamagedFile`): what it
+        was made from may be deleted then."""
+        written = Tally()
+        size = await self.store.write(file_id, written.count(chunks))
+        await verify(self.store, file_id, written)
+        record = self._record(file_id, tenant, tenant_id, filename, "batch_output", size, lines, ttl)
+        await self._index(record, None)
         return record
 
     def _record(
-        self, file_id: str, tenant: str, name: str, purpose: FilePurpose, size: int, lines: int, ttl: float
+        self,
+        file_id: str,
+        tenant: str,
+        tenant_id: str | None,
+        name: str,
+        purpose: FilePurpose,
+        size: int,
+        lines: int,
+        ttl: float,
     ) -> FileRecord:
         now = time.time()
         return FileRecord(
             id=file_id,
             tenant=tenant,
+            tenant_id=tenant_id,
             filename=name,
             purpose=purpose,
             bytes=size,
@@ -130,46 +220,32 @@ class Files:
             expires_at=int(now + ttl),
         )
 
-    async def _reserve(self, size: int) -> None:
-        cap = self._settings.files_max_total_bytes
-        total = int(await self._redis.incrby(self._names.file_bytes(), size))
-        if total > cap:
-            await self._redis.decrby(self._names.file_bytes(), size)
-            raise StorageFull(
-                f"the file store is full ({total - size} of {cap} bytes used); delete files or wait "
-                "for them to expire",
-                param="file",
-            )
-
-    async def _index(self, record: FileRecord) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            self._index_into(pipe, record)
-            await pipe.execute()
-
-    def _index_into(self, pipe: object, record: FileRecord) -> None:
+    async def _index(self, record: FileRecord, reservation: str | None) -> None:
+        """The record, its listings and its bytes counted, in place of the reservation, at once."""
         n = self._names
-        pipe.set(n.file(record.id), record.model_dump_json())  # type: ignore[attr-defined]
+        keys = self._reservation_keys(reservation or f"{record.tenant}|")
+        keys += [n.file(record.id), n.files(record.tenant), n.file_expiry()]
         # Milliseconds, not the record's seconds: files listed in the order they were made.
-        pipe.zadd(n.files(record.tenant), {record.id: time.time() * 1000})  # type: ignore[attr-defined]
-        if record.expires_at is not None:
-            pipe.zadd(n.file_expiry(), {record.id: record.expires_at})  # type: ignore[attr-defined]
+        listed = time.time() * 1000
+        args: list[str | int | float] = [reservation or "", record.id, record.model_dump_json(), record.bytes]
+        await self._scripts.index(keys=keys, args=[*args, listed, record.expires_at or ""])
 
     async def _load(self, file_id: str) -> FileRecord | None:
         raw = await self._redis.get(self._names.file(file_id))
         return FileRecord.model_validate_json(raw) if raw else None
 
-    async def get(self, tenant: str, file_id: str, param: str | None = None) -> FileRecord:
+    async def get(self, owner: Tenant, file_id: str, param: str | None = None) -> FileRecord:
         """The tenant's file, or 404 (also for another tenant's)."""
-        record = await self._load(file_id)
-        if record is None or record.tenant != tenant:
+        record = await self._load(file_id) if is_file_id(file_id) else None
+        if record is None or not owned_by(owner.name, owner.id, record.tenant, record.tenant_id):
             raise NotFound(f"No such File object: {file_id}", param=param)
         return record
 
     async def page(
-        self, tenant: str, after: str | None, limit: int, order: Order, purpose: str | None
+        self, owner: Tenant, after: str | None, limit: int, order: Order, purpose: str | None
     ) -> Page:
         """One page of the tenant's files by creation time, after the file ``after``."""
-        key = self._names.files(tenant)
+        key = self._names.files(owner.name)
         rank_of = self._redis.zrevrank if order == "desc" else self._redis.zrank
         start = 0
         if after is not None:
@@ -185,12 +261,17 @@ class Files:
             start += len(ids)
             raws = await self._redis.mget([self._names.file(i.decode()) for i in ids])
             records = (FileRecord.model_validate_json(r) for r in raws if r)
-            found += [r for r in records if purpose is None or r.purpose == purpose]
+            found += [
+                r
+                for r in records
+                if (purpose is None or r.purpose == purpose)
+                and owned_by(owner.name, owner.id, r.tenant, r.tenant_id)
+            ]
         return Page(found[:limit], len(found) > limit)
 
-    async def content(self, tenant: str, file_id: str) -> AsyncIterator[bytes]:
+    async def content(self, owner: Tenant, file_id: str) -> AsyncIterator[bytes]:
         """The file's bytes; 404 before the first chunk if it has none."""
-        await self.get(tenant, file_id)
+        await self.get(owner, file_id)
         chunks = self.store.read(file_id)
         try:
             first = await anext(chunks)
@@ -200,9 +281,9 @@ class Files:
             first = b""
         return _prepend(first, chunks)
 
-    async def delete(self, tenant: str, file_id: str) -> None:
+    async def delete(self, owner: Tenant, file_id: str) -> None:
         """Delete the tenant's file, unless a batch still running reads it (409)."""
-        record = await self.get(tenant, file_id)
+        record = await self.get(owner, file_id)
         user = await self.reader_of(file_id)
         if user is not None:
             raise Conflict(
@@ -214,13 +295,8 @@ class Files:
     async def remove(self, record: FileRecord) -> None:
         """Forget a file and free its bytes (idempotent: a second call changes nothing)."""
         n = self._names
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.delete(n.file(record.id))
-            pipe.zrem(n.files(record.tenant), record.id)
-            pipe.zrem(n.file_expiry(), record.id)
-            deleted, _, _ = await pipe.execute()
-        if deleted:
-            await self._redis.decrby(n.file_bytes(), record.bytes)
+        keys = [n.file_bytes(), n.tenant_file_bytes(record.tenant), n.file(record.id)]
+        await self._scripts.forget(keys=[*keys, n.files(record.tenant), n.file_expiry()], args=[record.id])
         await self.store.delete(record.id)
 
     async def reader_of(self, file_id: str) -> str | None:

@@ -1,6 +1,6 @@
 """Periodic work off the token path, run by the background role on a schedule (see
 :mod:`batch.role`): expiring files and finished batches, trimming dead-letter streams,
-rolling up usage, and restarting batches nobody runs. Each job is a plain method here, callable
+rolling up usage, and recounting the bytes files take. Each job is a plain method here, callable
 against any Redis; each run is logged in ``Names.housekeeping_log``.
 
 Dead letters are trimmed to a bound without dropping anything unread: whoever must see every dead
@@ -13,20 +13,22 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import ResponseError, WatchError
 
 from batch.batches import Batches
-from batch.files import Files
+from batch.files import RESERVATION_TTL, Files
+from batch.revocation import purge_removed
 from serving.usage import Usage, next_id
 from shared.fleet import known_models
 from shared.names import Names
 from shared.settings import BackgroundSettings
 
 LOG_BOUND = 1000
+RECOUNT_TRIES = 5
 """Housekeeping runs kept in the log."""
 PAGE = 500
 
@@ -61,12 +63,47 @@ class Housekeeping:
         return self.settings.names
 
     async def expire(self, now: float | None = None) -> dict[str, int]:
-        """Delete files past their expiry (not while a running batch reads them) and the records of
-        batches finished longer ago than the retention time."""
+        """Delete files past their expiry (not while a running batch reads them), the records of
+        batches finished longer ago than the retention time, and what removed tenants had."""
         now = time.time() if now is None else now
         files = await Files(self.redis, self.settings).expire(now)
         batches = await Batches(self.redis, self.settings).expire(now)
-        return {"files": files, "batches": batches}
+        purged = await purge_removed(self.redis, self.settings, now)
+        return {"files": files, "batches": batches, **{f"removed_{k}": v for k, v in purged.items()}}
+
+    async def recount_files(self, now: float | None = None) -> dict[str, int]:
+        """Set the store's and each tenant's byte counters to what the file records and the uploads
+        under way add up to, after giving back the room of uploads whose gateway died. Every step
+        moves a counter together with its record, but a process killed in an older release, or a
+        counter set by hand, would otherwise drift until every upload is refused."""
+        now = time.time() if now is None else now
+        files = Files(self.redis, self.settings)
+        lapsed = await files.release_lapsed(now)
+        swept = await files.store.sweep_parts(older_than=RESERVATION_TTL)
+        for _ in range(RECOUNT_TRIES):
+            try:
+                drift = await self._recount(files)
+            except WatchError:  # a file came or went meanwhile: count again
+                continue
+            return {"reservations_lapsed": lapsed, "parts_swept": swept, "drift": drift}
+        return {"reservations_lapsed": lapsed, "parts_swept": swept, "skipped": 1}
+
+    async def _recount(self, files: Files) -> int:
+        n = self.names
+        async with self.redis.pipeline(transaction=True) as pipe:
+            # Every counter step moves the store's counter too: watching it catches any change.
+            await pipe.watch(n.file_bytes())
+            before = int(await self.redis.get(n.file_bytes()) or 0)
+            total, tenants = await files.usage()
+            counters = [k.decode() async for k in self.redis.scan_iter(n.tenant_file_bytes("*"), count=PAGE)]
+            pipe.multi()
+            pipe.set(n.file_bytes(), total)
+            for key in counters:
+                pipe.delete(key)
+            for tenant, size in tenants.items():
+                pipe.set(n.tenant_file_bytes(tenant), size)
+            await pipe.execute()
+        return before - total
 
     async def trim_dead_letters(self) -> dict[str, int]:
         """Trim every model's dead-letter stream to ``dead_letter_max`` entries, oldest first,
@@ -115,16 +152,6 @@ class Housekeeping:
     async def roll_up_usage(self) -> dict[str, int]:
         usage = Usage(self.redis, self.names, self.settings.usage_retention_days)
         return {"requests": await usage.roll_up()}
-
-    async def check_batches(self, start: Callable[[str], Awaitable[object]]) -> dict[str, int]:
-        """Start a run of every unfinished batch that no process holds the lease of (its runner
-        died, stalled or stopped)."""
-        started = 0
-        for batch_id in await Batches(self.redis, self.settings).active():
-            if not await self.redis.exists(self.names.batch_lease(batch_id)):
-                await start(batch_id)
-                started += 1
-        return {"started": started}
 
     async def log_run(self, job: str, tick: str, result: dict[str, int], took: float) -> None:
         fields = {

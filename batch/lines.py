@@ -13,7 +13,7 @@ import json
 import secrets
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -21,6 +21,8 @@ from api.chat.protocol import ChatCompletionRequest
 from api.completions.protocol import CompletionRequest
 from shared.batches import BATCH_ENDPOINTS, Endpoint, LineError
 
+CHUNK = 1 << 20
+"""Bytes skipped at a time past the bound of a line too long."""
 MAX_REPORTED = 10
 """Errors an upload's answer lists; the rest are counted."""
 
@@ -77,6 +79,8 @@ def parse_line(number: int, raw: bytes | str, max_n: int) -> BatchLine:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise _refuse(number, "invalid_json", f"not valid JSON ({exc})") from exc
+    except RecursionError as exc:  # the parser recurses once per level of nesting
+        raise _refuse(number, "invalid_json", "not valid JSON: nested too deeply") from exc
     if not isinstance(data, dict):
         raise _refuse(number, "invalid_json", "not a JSON object")
     try:
@@ -98,6 +102,16 @@ def parse_line(number: int, raw: bytes | str, max_n: int) -> BatchLine:
     if body.n > max_n:
         raise _refuse(number, "invalid_body", f"n must be at most {max_n}", "body.n")
     return BatchLine(number, line.custom_id, line.url, body)  # type: ignore[arg-type]
+
+
+def bounded_lines(source: IO[bytes], limit: int) -> Iterator[bytes]:
+    """The lines of a file, each cut to at most ``limit + 1`` bytes: a line longer than ``limit``
+    shows as one that is too long without ever being held whole (a file may be one 200 MB line)."""
+    while line := source.readline(limit + 1):
+        if len(line) > limit and not line.endswith(b"\n"):
+            while (rest := source.readline(CHUNK)) and not rest.endswith(b"\n"):
+                pass
+        yield line
 
 
 def numbered(lines: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
@@ -122,9 +136,12 @@ class Scan:
         return shown + (f"; and {more} more" if more > 0 else "")
 
 
-def scan(lines: Iterable[bytes], max_n: int, max_lines: int, keep: bool = False) -> Scan:
-    """Check every line of an input file: each must parse, and custom_ids must be unique. With
-    ``keep`` the valid lines are returned too (the batch runner's reading); without, only counted."""
+def scan(
+    lines: Iterable[bytes], max_n: int, max_lines: int, keep: bool = False, max_line_bytes: int | None = None
+) -> Scan:
+    """Check every line of an input file: each must parse, be no larger than ``max_line_bytes`` (the
+    body a request may have over HTTP), and custom_ids must be unique. With ``keep`` the valid lines
+    are returned too; without, only counted."""
     result = Scan(lines=[], errors=[])
     seen: set[str] = set()
     for number, raw in numbered(lines):
@@ -138,6 +155,10 @@ def scan(lines: Iterable[bytes], max_n: int, max_lines: int, keep: bool = False)
                 )
             )
             break
+        if max_line_bytes is not None and len(raw.rstrip(b"\r\n")) > max_line_bytes:
+            message = f"line {number}: a request may be at most {max_line_bytes} bytes"
+            result.errors.append(LineError(code="line_too_long", message=message, line=number))
+            continue
         try:
             line = parse_line(number, raw, max_n)
         except LineRefused as exc:
@@ -161,27 +182,38 @@ def scan(lines: Iterable[bytes], max_n: int, max_lines: int, keep: bool = False)
     return result
 
 
+def check_line(
+    line: BatchLine, endpoint: str, known_models: set[str], model: str | None, seen: set[str]
+) -> LineError | None:
+    """What the batch itself refuses in a line: a custom_id an earlier line has (``seen``), a line
+    for another endpoint, a model that does not exist, or a model other than the batch's (``model``,
+    the first valid line's; one batch serves one model)."""
+    number = line.number
+    if line.custom_id in seen:
+        message = f"line {number}: custom_id '{line.custom_id}' appears more than once"
+        return LineError(code="duplicate_custom_id", message=message, line=number, param="custom_id")
+    if line.url != endpoint:
+        message = f"line {number}: url '{line.url}' is not the batch's endpoint '{endpoint}'"
+        return LineError(code="mismatched_endpoint", message=message, line=number, param="url")
+    if line.model not in known_models:
+        message = f"line {number}: the model '{line.model}' does not exist"
+        return LineError(code="model_not_found", message=message, line=number, param="body.model")
+    if model is not None and line.model != model:
+        message = f"line {number}: model '{line.model}' differs from line 1's '{model}'"
+        return LineError(code="mismatched_model", message=message, line=number, param="body.model")
+    return None
+
+
 def check_batch(lines: list[BatchLine], endpoint: str, known_models: set[str]) -> list[LineError]:
-    """What the batch itself refuses: a line for another endpoint, a model that does not exist, or
-    a model other than the first line's (one batch serves one model)."""
-    errors = []
-    first = lines[0].model if lines else None
+    """:func:`check_line` for each of a file's parsed lines."""
+    errors, seen, model = [], set[str](), None
     for line in lines:
-        if line.url != endpoint:
-            message = f"line {line.number}: url '{line.url}' is not the batch's endpoint '{endpoint}'"
-            errors.append(
-                LineError(code="mismatched_endpoint", message=message, line=line.number, param="url")
-            )
-        elif line.model not in known_models:
-            message = f"line {line.number}: the model '{line.model}' does not exist"
-            errors.append(
-                LineError(code="model_not_found", message=message, line=line.number, param="body.model")
-            )
-        elif line.model != first:
-            message = f"line {line.number}: model '{line.model}' differs from line 1's '{first}'"
-            errors.append(
-                LineError(code="mismatched_model", message=message, line=line.number, param="body.model")
-            )
+        error = check_line(line, endpoint, known_models, model, seen)
+        if error is not None:
+            errors.append(error)
+            continue
+        seen.add(line.custom_id)
+        model = model or line.model
     return errors
 
 

@@ -1,11 +1,14 @@
-"""The background role (``switchyard background``) on arq: batch runs as arq jobs, housekeeping as arq
-cron jobs. This is the one module that knows arq, so it could be swapped for another queue.
+"""The background role (``switchyard background``) on arq: housekeeping as arq cron jobs, and the
+batch slots of :mod:`batch.slots` beside them, woken by an arq job when a batch is created. This is
+the one module that knows arq, so it could be swapped for another queue.
 
-What arq gives here: durable, deduplicated job ids (a batch run or a cron tick is queued once
-however many processes ask), retries, and a schedule every process keeps. What it does not decide:
-who runs a batch (its lease, :mod:`batch.run`) and whether a cron tick already ran elsewhere
-(a marker per tick, below) -- arq only promises that mostly, and a process that lags a second
-behind could run a tick again.
+What arq gives here: durable, deduplicated job ids (a wake-up or a cron tick is queued once however
+many processes ask) and a schedule every process keeps. What it does not decide: which batch runs
+where (the slots, a tenant at a time; a batch's lease, :mod:`batch.run`) and whether a cron tick
+already ran elsewhere (a marker per tick, below) -- arq only promises that mostly, and a process
+that lags a second behind could run a tick again. Batch runs are not arq jobs: a job per waiting
+batch, each answering "busy here" on a full process, was a thousand jobs a tick for a thousand
+batches.
 
 Jobs are JSON (arq's default is pickle, which never crosses a process boundary here).
 """
@@ -28,10 +31,11 @@ from arq.worker import Worker, func
 from redis.asyncio import ConnectionPool, Redis
 from redis.exceptions import RedisError
 
-from batch.batches import COMPLETION_WINDOW
 from batch.feeder import Parts
+from batch.filestore import file_store
 from batch.housekeeping import Housekeeping
 from batch.run import BatchRunner
+from batch.slots import Scheduler, Slots
 from serving.admission import Admission, DrainMeter
 from serving.lifecycle import Lifecycle
 from serving.path import JobBuilder
@@ -68,8 +72,8 @@ def arq_client(pool: ConnectionPool, names: Names) -> ArqRedis:
 
 
 async def start_batch(redis: Redis, names: Names, batch_id: str, key: str) -> None:
-    """Queue a run of the batch; ``key`` makes the job id (a second request with the same key
-    while the first is queued or running queues nothing)."""
+    """A batch was created: wake a background process's batch slots; ``key`` makes the job id (a
+    second request with the same key while the first is queued queues nothing)."""
     job_id = names.background_job("run-batch", f"{batch_id}:{key}")
     await arq_client(redis.connection_pool, names).enqueue_job(RUN_BATCH, batch_id, _job_id=job_id)
 
@@ -127,17 +131,34 @@ class Background:
         )
         self.drain = DrainMeter()
         admission = Admission(redis, names, settings.request_timeout, self.drain, settings.max_backlog_total)
-        builder = JobBuilder(self.registry, TokenizerCache(), settings.max_n, settings.affinity_tokens)
+        builder = JobBuilder(
+            self.registry,
+            TokenizerCache(),
+            settings.max_n,
+            settings.affinity_tokens,
+            settings.prefix_cache_scope,
+        )
         lifecycle = Lifecycle(settings.background_drain_timeout)
-        tenants = TenantStore(redis, names)
-        parts = Parts(redis, settings, self.hub, builder, admission, tenants, stopping, lifecycle)
+        tenants = TenantStore(redis, names, settings.tenant_defaults())
+        store = file_store(settings, redis)
+        parsing = anyio.CapacityLimiter(1)
+        self.scheduler = Scheduler(redis, settings)
+        parts = Parts(
+            redis, settings, self.hub, builder, admission, tenants, stopping, lifecycle, store, parsing,
+            self.scheduler,
+        )  # fmt: skip
         self.runner = BatchRunner(parts)
+        self.slots = Slots(self.runner, self.scheduler, settings)
         self.housekeeping = Housekeeping(redis, settings)
 
     # -- arq functions (arq calls them with its context first) -------------------------------------
 
     async def run_batch(self, ctx: dict[str, Any], batch_id: str) -> str:
-        return await self.runner.run(batch_id)
+        """A batch was created: this process looks for a batch to run at once, if it has a free
+        slot (which batch is the slots' choice, a tenant at a time; any process may take it)."""
+        self.slots.wake()
+        taken = len(self.slots.running)
+        return f"looking for a batch to run ({taken} of {self.settings.max_batches} slots taken)"
 
     async def expire(self, ctx: dict[str, Any]) -> dict[str, int] | None:
         return await self._tick(ctx, "expire", self.housekeeping.expire)
@@ -145,17 +166,21 @@ class Background:
     async def trim_dead_letters(self, ctx: dict[str, Any]) -> dict[str, int] | None:
         return await self._tick(ctx, "trim-dead-letters", self.housekeeping.trim_dead_letters)
 
+    async def recount_files(self, ctx: dict[str, Any]) -> dict[str, int] | None:
+        return await self._tick(ctx, "recount-files", self.housekeeping.recount_files)
+
     async def roll_up_usage(self, ctx: dict[str, Any]) -> dict[str, int] | None:
         return await self._tick(ctx, "roll-up-usage", self.housekeeping.roll_up_usage)
 
     async def check_batches(self, ctx: dict[str, Any]) -> dict[str, int] | None:
-        async def revive() -> dict[str, int]:
-            tick = tick_of(ctx["job_id"])
-            names = self.settings.names
-            result = await self.housekeeping.check_batches(lambda b: start_batch(self.redis, names, b, tick))
-            return {**result, "pruned": await prune_runs(self.redis, names)}
+        """Which tenants' runs give batch slots back (see :mod:`batch.slots`); runs of batches that
+        finished leave arq's queue. Batches nobody runs are taken by free slots on their own."""
 
-        return await self._tick(ctx, "check-batches", revive)
+        async def balance() -> dict[str, int]:
+            result = await self.scheduler.balance()
+            return {**result, "pruned": await prune_runs(self.redis, self.settings.names)}
+
+        return await self._tick(ctx, "check-batches", balance)
 
     async def _tick(
         self, ctx: dict[str, Any], name: str, work: Callable[[], Awaitable[dict[str, int]]]
@@ -179,6 +204,7 @@ class Background:
             ("expire", self.expire, every),
             ("trim-dead-letters", self.trim_dead_letters, every),
             ("roll-up-usage", self.roll_up_usage, every),
+            ("recount-files", self.recount_files, every),
             ("check-batches", self.check_batches, often),
         ]
         return [
@@ -192,8 +218,8 @@ class Background:
         run_batch = func(
             self.run_batch,  # type: ignore[arg-type]
             name=RUN_BATCH,
-            timeout=COMPLETION_WINDOW + 3600,  # a run lasts until its batch is done
-            max_tries=1,  # a run that ended early is started again by check_batches, not by arq
+            timeout=60,  # it only wakes this process's batch slots
+            max_tries=1,
             keep_result=0,
         )
         return Worker(
@@ -202,7 +228,7 @@ class Background:
             queue_name=names.arq_queue(),
             redis_pool=arq_client(pool, names),
             handle_signals=False,
-            max_jobs=settings.max_batches + 8,  # room for the cron jobs beside the batch runs
+            max_jobs=16,  # cron jobs and wake-ups (batch runs are the slots', outside arq)
             keep_result=0,
             retry_jobs=False,
             job_serializer=_dumps,
@@ -232,11 +258,16 @@ async def serve(settings: BackgroundSettings) -> None:
             group.start_soon(role.hub.run)
             group.start_soon(watch_fleet, redis, settings, role.drain)
             group.start_soon(keep_polling, worker)
-            log.info("switchyard background: batches and housekeeping on %s", names_of(settings))
-            await stopping.wait()
+            async with anyio.create_task_group() as slots:
+                slots.start_soon(role.slots.run)
+                log.info("switchyard background: batches and housekeeping on %s", names_of(settings))
+                await stopping.wait()
+                role.slots.stop()  # no new runs; the running ones see `stopping`, drain and return
+                deadline = anyio.current_time() + settings.background_drain_timeout + 10
+                slots.cancel_scope.deadline = deadline
             running = [task for task in worker.tasks.values() if not task.done()]
-            if running:  # batch runs see `stopping`: they drain their lines and return
-                await asyncio.wait(running, timeout=settings.background_drain_timeout + 10)
+            if running:  # housekeeping under way
+                await asyncio.wait(running, timeout=max(1.0, deadline - anyio.current_time()))
             group.cancel_scope.cancel()
     finally:
         with anyio.CancelScope(shield=True):

@@ -146,11 +146,28 @@ def build_parser() -> argparse.ArgumentParser:
         "create", help="create (or update) a tenant and print a new key for it, once"
     )
     create.add_argument("--tenant", required=True, help="tenant name (letters, digits, _ . -)")
-    create.add_argument("--rpm", type=int, help="requests per minute (default: unlimited)")
-    create.add_argument("--tpm", type=int, help="tokens per minute, prompt + max_tokens (default: unlimited)")
-    create.add_argument("--max-concurrent", type=int, help="unfinished requests at once (default: unlimited)")
+    # Unset limits follow the deployment's defaults (SWITCHYARD_TENANT_*); 0 is no limit at all.
+    create.add_argument("--rpm", type=int, help="requests per minute (default: the deployment's; 0: none)")
     create.add_argument(
-        "--max-backlog", type=int, help="requests queued or running at once (default: unlimited)"
+        "--tpm", type=int, help="tokens per minute, prompt + max_tokens (default: the deployment's; 0: none)"
+    )
+    create.add_argument(
+        "--max-concurrent", type=int, help="unfinished requests at once (default: the deployment's; 0: none)"
+    )
+    create.add_argument(
+        "--max-backlog",
+        type=int,
+        help="requests queued or running at once (default: the deployment's, 1000; 0: none)",
+    )
+    create.add_argument(
+        "--file-bytes",
+        type=int,
+        help="bytes its files may take in the store (default: the deployment's, 2 GiB; 0: none)",
+    )
+    create.add_argument(
+        "--max-batches",
+        type=int,
+        help="batches not finished at once (default: the deployment's, 100; 0: none)",
     )
     create.add_argument(
         "--priority",
@@ -158,13 +175,20 @@ def build_parser() -> argparse.ArgumentParser:
         default="interactive",
         help="interactive tenants are served 4:1 over batch ones when workers are busy",
     )
+    create.add_argument(
+        "--cache-group",
+        help="tenants naming the same group share prefix-cache entries (default: none, the tenant's own)",
+    )
     _add_redis(create)
     lister = key_cmds.add_parser("list", help="list tenants, their limits and key ids (never the keys)")
     _add_redis(lister)
     revoke = key_cmds.add_parser("revoke", help="revoke one key, or every key of a tenant")
     target = revoke.add_mutually_exclusive_group(required=True)
     target.add_argument("key_id", nargs="?", help="the key id shown by 'keys list'")
-    target.add_argument("--tenant", help="revoke all keys of this tenant and remove it")
+    target.add_argument(
+        "--tenant",
+        help="remove this tenant: revoke its keys, cancel its batches, delete its files, batches and usage",
+    )
     _add_redis(revoke)
 
     cli = roles.add_parser("redis-cli", help="run the bundled redis-cli against the configured Redis")
@@ -302,7 +326,10 @@ def cmd_keys(args: argparse.Namespace) -> None:
             "tpm": args.tpm,
             "max_concurrent": args.max_concurrent,
             "max_backlog": args.max_backlog,
+            "file_bytes": args.file_bytes,
+            "max_batches": args.max_batches,
             "priority": args.priority,
+            "cache_group": args.cache_group,
         }
         try:
             tenant = Tenant(**fields)
@@ -314,7 +341,9 @@ def cmd_keys(args: argparse.Namespace) -> None:
     elif args.keys_command == "list":
         print(keys.listing(settings))
     else:
-        print(keys.revoke(settings, args.key_id, args.tenant))
+        from shared.settings import GatewaySettings
+
+        print(keys.revoke(_settings(GatewaySettings, args, REDIS_FIELDS), args.key_id, args.tenant))
 
 
 def cmd_redis_cli(args: argparse.Namespace) -> None:

@@ -11,8 +11,9 @@ from typing import TypeVar
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from batch.revocation import remove_tenant
 from control.processes import StartupError
-from shared.settings import RedisSettings
+from shared.settings import GatewaySettings, RedisSettings
 from shared.tenants import Tenant, TenantStore, key_id_of, new_key
 
 T = TypeVar("T")
@@ -45,32 +46,42 @@ def listing(settings: RedisSettings) -> str:
     rows = _with_store(settings, lambda store: store.listing())
     if not rows:
         return "no tenants"
-    lines = [
-        f"{'tenant':<20} {'priority':<11} {'rpm':>7} {'tpm':>9} {'concurrent':>10} {'backlog':>8}  key ids"
-    ]
+    head = f"{'tenant':<20} {'priority':<11} {'rpm':>7} {'tpm':>9} {'concurrent':>10} {'backlog':>8}"
+    head += f" {'file bytes':>12} {'batches':>7}"
+    lines = [f"{head}  key ids   (default: the deployment's; none: no limit)"]
     for t, ids in rows:
         lines.append(
             f"{t.name:<20} {t.priority:<11} {_n(t.rpm):>7} {_n(t.tpm):>9} {_n(t.max_concurrent):>10} "
-            f"{_n(t.max_backlog):>8}  {', '.join(ids) or '-'}"
+            f"{_n(t.max_backlog):>8} {_n(t.file_bytes):>12} {_n(t.max_batches):>7}  {', '.join(ids) or '-'}"
         )
     return "\n".join(lines)
 
 
 def _n(value: int | None) -> str:
-    return "-" if value is None else str(value)
+    return "default" if value is None else "none" if value == 0 else str(value)
 
 
-def revoke(settings: RedisSettings, key_id: str | None, tenant: str | None) -> str:
+def revoke(settings: GatewaySettings, key_id: str | None, tenant: str | None) -> str:
     async def work(store: TenantStore) -> str:
         if tenant is not None:
-            count = await store.revoke_tenant(tenant)
-            return f"revoked {count} key(s) of tenant {tenant} and removed the tenant"
+            return await _remove(store, settings, tenant)
         assert key_id is not None
         if not await store.revoke_key(key_id):
             raise StartupError(f"no key with id {key_id}")
         return f"revoked key {key_id}"
 
     return _with_store(settings, work)
+
+
+async def _remove(store: TenantStore, settings: GatewaySettings, tenant: str) -> str:
+    if await store.tenant(tenant) is None:
+        raise StartupError(f"no tenant {tenant}")
+    removal = await remove_tenant(store.redis, settings, tenant)
+    return (
+        f"removed tenant {tenant}: revoked {removal.keys} key(s), cancelled {removal.batches_cancelled} "
+        f"batch(es), deleted {removal.usage_days} day(s) of usage; its files and batches are out of "
+        "reach now and deleted by the next housekeeping run (a tenant given this name later is a new one)"
+    )
 
 
 DEV_TENANT = "dev"

@@ -57,10 +57,16 @@ def run_gateway(settings: GatewaySettings, shared_port: bool = False) -> None:
         _supervise_gateways(settings)
         return
     from gateway.app import create_app
+    from gateway.connections import connection_protocol
 
     app = create_app(settings)
     config = uvicorn.Config(
-        app, log_level="warning", access_log=False, timeout_graceful_shutdown=5, lifespan="on"
+        app,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        lifespan="on",
+        http=connection_protocol(settings.header_timeout, settings.max_connections),
     )
     server = DrainingServer(config, app.state.lifecycle)
     server.run(sockets=[listen(settings.host, settings.port, reuse_port=shared_port)])

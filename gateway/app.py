@@ -70,7 +70,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             registry=registry,
             tokenizers=TokenizerCache(),
             dispatcher=Dispatcher(redis, hub, names, timeouts, metrics=metrics),
-            auth=Authenticator(TenantStore(redis, names), required=settings.auth),
+            auth=Authenticator(TenantStore(redis, names, settings.tenant_defaults()), required=settings.auth),
             admission=Admission(redis, names, settings.request_timeout, drain, settings.max_backlog_total),
             lifecycle=lifecycle,
         )

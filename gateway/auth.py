@@ -13,7 +13,7 @@ from shared.tenants import Tenant, TenantStore, digest
 CACHE_SECONDS = 1.0
 """How long a gateway trusts a key check: a revoked key stops working within this time."""
 
-ANONYMOUS = Tenant(name="default")
+ANONYMOUS = Tenant(name="default", id="default")  # the same tenant in every gateway process
 
 
 class Authenticator:

@@ -8,6 +8,7 @@ only if every line passes: a refused upload leaves nothing behind.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import IO, Annotated, Any, Literal
 
@@ -22,7 +23,7 @@ from api.errors import InvalidRequest
 from api.usage import UsageList
 from batch.batches import Batches, batch_object
 from batch.files import Files, StorageFull, file_object
-from batch.lines import Scan, scan
+from batch.lines import Scan, bounded_lines, scan
 from batch.role import start_batch
 from gateway.openapi import FILE_CONTENT, UPLOAD_BODY, resource_responses
 from gateway.service import Gateway
@@ -110,7 +111,8 @@ def _ttl(form: Any, default: float) -> float:
         return default
     if anchor != "created_at":
         raise InvalidRequest("expires_after[anchor] must be 'created_at'", param="expires_after[anchor]")
-    if seconds is None or not seconds.strip().isdigit() or not 3600 <= int(seconds) <= 2_592_000:
+    # ASCII digits only: str.isdigit() also passes "²" and other scripts' digits.
+    if seconds is None or not re.fullmatch(r"[0-9]{1,7}", seconds) or not 3600 <= int(seconds) <= 2_592_000:
         raise InvalidRequest(
             "expires_after[seconds] must be a whole number from 3600 to 2592000",
             param="expires_after[seconds]",
@@ -118,15 +120,34 @@ def _ttl(form: Any, default: float) -> float:
     return min(float(seconds), default)
 
 
-def _check_file(source: IO[bytes], max_n: int, max_lines: int) -> Scan:
+def _check_file(source: IO[bytes], max_n: int, max_lines: int, max_line: int) -> Scan:
     source.seek(0)
     try:
-        return scan(source, max_n, max_lines)
+        return scan(bounded_lines(source, max_line), max_n, max_lines, max_line_bytes=max_line)
     finally:
         source.seek(0)
 
 
 async def upload_file(request: Request, tenant: Owner) -> dict[str, Any]:
+    settings, files = _gateway(request).settings, _files(request)
+    # Room in the store and in the tenant's quota is taken before the body is read (from what its
+    # Content-Length announces, or the largest file when it announces none): uploads that would
+    # not fit are refused at once, and many at a time cannot fill the disk on the way.
+    declared = _declared_length(request)
+    size = settings.file_max_bytes if declared is None else min(declared, settings.file_max_bytes)
+    reservation = await files.reserve(tenant.name, size, tenant.file_bytes)
+    try:
+        return await _store_upload(request, tenant, files, reservation)
+    finally:
+        await files.release(reservation)  # what the stored file did not take, or all of it
+
+
+def _declared_length(request: Request) -> int | None:
+    value = request.headers.get("content-length", "")
+    return int(value) if value.isascii() and value.isdigit() else None
+
+
+async def _store_upload(request: Request, tenant: Tenant, files: Files, reservation: str) -> dict[str, Any]:
     settings = _gateway(request).settings
     form = await request.form(max_files=1, max_fields=8)
     try:
@@ -142,12 +163,14 @@ async def upload_file(request: Request, tenant: Owner) -> dict[str, Any]:
         if (upload.size or 0) > settings.file_max_bytes:
             raise StorageFull(f"the file is larger than {settings.file_max_bytes} bytes", param="file")
         checked = await anyio.to_thread.run_sync(
-            _check_file, upload.file, settings.max_n, settings.file_max_lines
+            _check_file, upload.file, settings.max_n, settings.file_max_lines, settings.max_body_bytes
         )
         if checked.errors:
             raise InvalidRequest(checked.summary(), param="file", code="invalid_file")
         name = (upload.filename or "upload.jsonl")[-255:]
-        record = await _files(request).create(tenant.name, name, "batch", upload.file, checked.count, ttl)
+        record = await files.create(
+            tenant, name, "batch", upload.file, checked.count, ttl, reservation=reservation
+        )
     finally:
         await form.close()
     return file_object(record)
@@ -161,21 +184,21 @@ async def list_files(
     order: Literal["asc", "desc"] = "desc",
     purpose: Annotated[str | None, Query(max_length=64)] = None,
 ) -> dict[str, Any]:
-    page = await _files(request).page(tenant.name, after, limit, order, purpose)
+    page = await _files(request).page(tenant, after, limit, order, purpose)
     return _listing([file_object(r) for r in page.records], page.has_more)
 
 
 async def get_file(file_id: str, request: Request, tenant: Owner) -> dict[str, Any]:
-    return file_object(await _files(request).get(tenant.name, file_id, param="file_id"))
+    return file_object(await _files(request).get(tenant, file_id, param="file_id"))
 
 
 async def delete_file(file_id: str, request: Request, tenant: Owner) -> dict[str, Any]:
-    await _files(request).delete(tenant.name, file_id)
+    await _files(request).delete(tenant, file_id)
     return {"id": file_id, "object": "file", "deleted": True}
 
 
 async def file_content(file_id: str, request: Request, tenant: Owner) -> StreamingResponse:
-    chunks = await _files(request).content(tenant.name, file_id)
+    chunks = await _files(request).content(tenant, file_id)
     return StreamingResponse(chunks, media_type="application/octet-stream")
 
 
@@ -184,7 +207,7 @@ async def file_content(file_id: str, request: Request, tenant: Owner) -> Streami
 
 async def create_batch(body: BatchCreateRequest, request: Request, tenant: Owner) -> dict[str, Any]:
     gw = _gateway(request)
-    state = await _batches(request).create(tenant.name, body, _files(request))
+    state = await _batches(request).create(tenant, body, _files(request))
     try:
         await start_batch(gw.redis, gw.settings.names, state.request.id, "created")
     except (RedisError, OSError) as exc:  # created all the same: the periodic check starts it
@@ -198,16 +221,16 @@ async def list_batches(
     after: ObjectId | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> dict[str, Any]:
-    page = await _batches(request).page(tenant.name, after, limit)
+    page = await _batches(request).page(tenant, after, limit)
     return _listing([batch_object(s) for s in page.states], page.has_more)
 
 
 async def get_batch(batch_id: str, request: Request, tenant: Owner) -> dict[str, Any]:
-    return batch_object(await _batches(request).get(tenant.name, batch_id))
+    return batch_object(await _batches(request).get(tenant, batch_id))
 
 
 async def cancel_batch(batch_id: str, request: Request, tenant: Owner) -> dict[str, Any]:
-    return batch_object(await _batches(request).cancel(tenant.name, batch_id))
+    return batch_object(await _batches(request).cancel(tenant, batch_id))
 
 
 # -- usage -----------------------------------------------------------------------------------------

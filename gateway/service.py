@@ -55,8 +55,13 @@ class Gateway:
     idempotency: Idempotency = field(init=False)
 
     def __post_init__(self) -> None:
+        settings = self.settings
         self.jobs = JobBuilder(
-            self.registry, self.tokenizers, self.settings.max_n, self.settings.affinity_tokens
+            self.registry,
+            self.tokenizers,
+            settings.max_n,
+            settings.affinity_tokens,
+            settings.prefix_cache_scope,
         )
         self.resumable = Resumable(self.dispatcher, self.settings.resume_grace)
         self.idempotency = Idempotency(self.redis, self.settings.names, self.settings.idempotency_ttl)
@@ -94,14 +99,24 @@ class Gateway:
     async def chat(self, request: Request, body: ChatCompletionRequest, tenant: Tenant) -> Any:
         self.lifecycle.check_open()
         entry = await self.resolve(request, body.model)
+        await self._precheck(request, tenant, entry.name)
         prepared = await self.jobs.chat(entry, body, tenant, request.state.request_id)
         return await self._respond(request, prepared, body, tenant)
 
     async def completion(self, request: Request, body: CompletionRequest, tenant: Tenant) -> Any:
         self.lifecycle.check_open()
         entry = await self.resolve(request, body.model)
+        await self._precheck(request, tenant, entry.name)
         prepared = await self.jobs.completion(entry, body, tenant, request.state.request_id)
         return await self._respond(request, prepared, body, tenant)
+
+    async def _precheck(self, request: Request, tenant: Tenant, model: str) -> None:
+        """Refuse a tenant over its limits before its prompt costs an encoding. A request that takes
+        up or repeats an earlier one (``Last-Event-ID``, ``Idempotency-Key``) may be no new work:
+        it is left to the checks after encoding, which know whether it is."""
+        if "last-event-id" in request.headers or "idempotency-key" in request.headers:
+            return
+        await self.admission.precheck(tenant, model)
 
     async def _respond(
         self, request: Request, prepared: Prepared, body: GenerationRequest, tenant: Tenant

@@ -12,8 +12,10 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from api.errors import InvalidRequest, RateLimited, Unavailable
@@ -95,10 +97,39 @@ class Admission:
         """Load the scripts now, so the first request does not wait for it."""
         await self._scripts.load()
 
+    async def precheck(self, tenant: Tenant, model: str, stream: str | None = None) -> None:
+        """Refuse at once (429/503, booking nothing) a request whose tenant is over a limit already,
+        or whose model is at capacity: checked before the prompt is encoded, which may take a chat
+        template over megabytes. :meth:`admit` checks again with the request's tokens."""
+        self._check_total(model)
+        if not (tenant.rpm or tenant.tpm or tenant.max_concurrent or tenant.max_backlog):
+            return
+        result = await self._run(
+            self._scripts.precheck, tenant, "", 0, stream or self._names.jobs_stream(model, tenant.name)
+        )
+        if int(result[0]) != 1:
+            raise self._refused(tenant, model, result)
+
     async def admit(self, tenant: Tenant, job: Job, stream: str | None = None) -> Ticket:
         """Reserve the job's slot and tokens, or raise 429/503 (fail closed without Redis). The
         tenant's backlog is counted on ``stream``, its job stream of the model unless given."""
         request_id, model, tokens = job.id, job.model, reservation(job)
+        self._check_total(model)
+        result = await self._run(
+            self._scripts.admit,
+            tenant,
+            request_id,
+            tokens,
+            stream or self._names.jobs_stream(model, tenant.name),
+        )
+        if int(result[0]) == 1:
+            _, req_used, tok_used, reset_req, reset_tok = (int(x) for x in result)
+            return Ticket(
+                tenant.name, request_id, limit_headers(tenant, req_used, tok_used, reset_req, reset_tok)
+            )
+        raise self._refused(tenant, model, result)
+
+    def _check_total(self, model: str) -> None:
         backlog = self._drain.backlog(model)
         if backlog >= self._max_total:
             raise Unavailable(
@@ -106,6 +137,10 @@ class Admission:
                 retry_after=self._drain.retry_after(model, backlog - self._max_total + 1),
                 code="overloaded",
             )
+
+    async def _run(
+        self, script: AsyncScript, tenant: Tenant, request_id: str, tokens: int, stream: str
+    ) -> list[Any]:
         n = self._names
         keys = [
             n.rate(tenant.name, "req"),
@@ -113,7 +148,7 @@ class Admission:
             n.rate(tenant.name, "amt"),
             n.rate(tenant.name, "sum"),
             n.inflight(tenant.name),
-            stream or n.jobs_stream(model, tenant.name),
+            stream,
         ]
         args: list[str | int] = [
             request_id,
@@ -126,19 +161,16 @@ class Admission:
             self._ttl_ms,
         ]
         try:
-            result = await self._scripts.admit(keys=keys, args=args)
+            return list(await script(keys=keys, args=args))
         except (RedisError, OSError) as exc:
             raise Unavailable(
                 "rate limits cannot be checked: the queue is unreachable", retry_after=2
             ) from exc
-        if int(result[0]) == 1:
-            _, req_used, tok_used, reset_req, reset_tok = (int(x) for x in result)
-            return Ticket(
-                tenant.name, request_id, limit_headers(tenant, req_used, tok_used, reset_req, reset_tok)
-            )
+
+    def _refused(self, tenant: Tenant, model: str, result: list[Any]) -> Exception:
         reason = result[1].decode() if isinstance(result[1], bytes) else str(result[1])
         wait_ms, req_used, tok_used = int(result[2]), int(result[3]), int(result[4])
-        raise self._rejection(
+        return self._rejection(
             tenant, model, reason, wait_ms, limit_headers(tenant, req_used, tok_used, wait_ms, wait_ms)
         )
 

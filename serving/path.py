@@ -28,7 +28,7 @@ from serving.registry import ModelEntry, WorkerRegistry
 from serving.relay import Admitted
 from serving.tokenizer import PromptBuilder, TokenizerCache
 from shared.messages import Job, Usage
-from shared.tenants import Tenant
+from shared.tenants import CacheScope, Tenant, cache_salt
 
 NOTHING = Usage(prompt_tokens=0, completion_tokens=0)
 
@@ -92,6 +92,7 @@ class JobBuilder:
     tokenizers: TokenizerCache
     max_n: int
     affinity_tokens: int = 0
+    cache_scope: CacheScope = "tenant"
 
     async def resolve(self, model: str) -> ModelEntry:
         live = await self.registry.models()
@@ -160,6 +161,7 @@ class JobBuilder:
         if max_tokens is None:
             max_tokens = default_output(room, len(prompt), body.n, tenant.tpm)
         check_sampling(body, max_tokens)
+        salt = cache_salt(tenant, self.cache_scope)
         sampling = body.to_sampling(max_tokens, **(decided or {}))
         return Job(
             v=max(sampling.version, 2 if steps else 1),
@@ -169,7 +171,8 @@ class JobBuilder:
             prompt_token_ids=tuple(prompt),
             sampling=sampling,
             created_at=time.time(),
-            affinity=prefix_digest(prompt, self.affinity_tokens),
+            affinity=prefix_digest(prompt, self.affinity_tokens, salt),
+            cache_salt=salt,
             steps=steps,
             reasoning_ended=reasoning_ended,
         )
@@ -201,12 +204,16 @@ async def submit(
     return Admitted(replies, ticket, admission, lifecycle, keep)
 
 
-def prefix_digest(prompt: Sequence[int], length: int) -> str | None:
+def prefix_digest(prompt: Sequence[int], length: int, salt: str | None = None) -> str | None:
     """A digest of the prompt's first ``length`` tokens, when it has more (see ``Job.affinity``):
-    the turns of a conversation, or requests that open with one long system prompt, share it."""
+    the turns of a conversation, or requests that open with one long system prompt, share it. The
+    prefix-cache salt is part of it: prompts that share no cache entries share no digest."""
     if length <= 0 or len(prompt) <= length:
         return None
-    return hashlib.blake2b(array("l", prompt[:length]).tobytes(), digest_size=8).hexdigest()
+    digest = hashlib.blake2b(array("l", prompt[:length]).tobytes(), digest_size=8)
+    if salt is not None:
+        digest.update(salt.encode())
+    return digest.hexdigest()
 
 
 GREEDY_BELOW = 1e-5

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -20,6 +20,7 @@ from redis.exceptions import WatchError
 
 from shared.messages import UsageEvent, WireError
 from shared.names import Names
+from shared.tenants import removed_before
 
 METRICS = ("requests", "errors", "prompt_tokens", "completion_tokens")
 READ_BATCH = 5_000
@@ -42,10 +43,17 @@ def day_and_hour(ms: int) -> tuple[str, str]:
     return at.strftime("%Y-%m-%d"), at.strftime("%H")
 
 
-def tally(entries: Iterable[tuple[str, UsageEvent]]) -> dict[tuple[str, str], Counter[str]]:
-    """Pure: log entries -> (tenant, day) -> ``HH|model|metric`` -> count to add."""
+def tally(
+    entries: Iterable[tuple[str, UsageEvent]], removed: Mapping[str, float] | None = None
+) -> dict[tuple[str, str], Counter[str]]:
+    """Pure: log entries -> (tenant, day) -> ``HH|model|metric`` -> count to add. Entries logged
+    before their tenant was removed (``removed``: name -> Unix seconds) are not counted: a tenant
+    given that name later must not inherit them."""
     out: dict[tuple[str, str], Counter[str]] = {}
+    removed = removed or {}
     for entry_id, event in entries:
+        if entry_ms(entry_id) <= removed.get(event.tenant, -1.0) * 1000:
+            continue
         day, hour = day_and_hour(entry_ms(entry_id))
         counts = out.setdefault((event.tenant, day), Counter())
         base = f"{hour}|{event.model}|"
@@ -126,9 +134,10 @@ class Usage:
                 await pipe.reset()
                 return 0
             last = raw[-1][0].decode()
+            removed = await removed_before(self._redis, n)
             pipe.multi()
             ttl = self._retention_days * 86400 + 86400
-            for (tenant, day), counts in tally(entries).items():
+            for (tenant, day), counts in tally(entries, removed).items():
                 key = n.usage(tenant, day)
                 for field, amount in counts.items():
                     if amount:
@@ -160,6 +169,14 @@ class Usage:
         return [
             row for d, fields in zip(days, hashes, strict=True) for row in rows_of(d, fields, since, until)
         ]
+
+    async def forget(self, tenant: str) -> int:
+        """Delete a tenant's rolled-up usage (it was removed); returns the days deleted."""
+        days = [k async for k in self._redis.scan_iter(self._names.usage(tenant, "*"), count=500)]
+        if days:
+            await self._redis.delete(*days)
+        await self._redis.srem(self._names.usage_tenants(), tenant)  # type: ignore[misc]
+        return len(days)
 
     async def tenants(self) -> list[str]:
         return sorted(t.decode() for t in await self._redis.smembers(self._names.usage_tenants()))  # type: ignore[misc]

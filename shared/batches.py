@@ -10,6 +10,7 @@ counts can be incremented and the status moved atomically, each by one command o
 from __future__ import annotations
 
 import json
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -34,6 +35,26 @@ COUNTS = ("total", "completed", "failed", "prompt_tokens", "completion_tokens")
 """Integer fields of a batch's hash (the last four are incremented as lines finish)."""
 
 
+BATCH_ID = re.compile(r"batch_[0-9a-f]{24}")
+FILE_ID = re.compile(r"file-[0-9a-f]{24}")
+"""The ids this system gives: anything else names no object (and never a neighbouring Redis key,
+such as a batch's ``:jobs`` hash)."""
+
+
+def is_batch_id(value: str) -> bool:
+    return BATCH_ID.fullmatch(value) is not None
+
+
+def is_file_id(value: str) -> bool:
+    return FILE_ID.fullmatch(value) is not None
+
+
+def owned_by(name: str, tenant_id: str | None, record_tenant: str, record_tenant_id: str | None) -> bool:
+    """Whether a record belongs to the tenant ``name`` with id ``tenant_id``: same name, and the
+    same tenant of that name (a name removed and given again owns nothing of the old tenant's)."""
+    return record_tenant == name and record_tenant_id in (None, tenant_id)
+
+
 def sources(target: str) -> tuple[str, ...]:
     """The statuses a batch may move to ``target`` from."""
     return tuple(sorted(s for s, targets in MOVES.items() if target in targets))
@@ -49,6 +70,8 @@ class FileRecord(_Record):
     v: int = 1
     id: str
     tenant: str
+    tenant_id: str | None = None
+    """Which tenant of that name (see ``Tenant.id``); unset in records older than tenant ids."""
     filename: str
     purpose: FilePurpose
     bytes: int
@@ -72,6 +95,8 @@ class BatchRequest(_Record):
     v: int = 1
     id: str
     tenant: str
+    tenant_id: str | None = None
+    """Which tenant of that name (see ``Tenant.id``); unset in records older than tenant ids."""
     endpoint: Endpoint
     input_file_id: str
     completion_window: str = "24h"
@@ -80,6 +105,12 @@ class BatchRequest(_Record):
     expires_at: int
     output_ttl: int | None = None
     """Seconds the output and error files are kept (``output_expires_after``); unset: the file TTL."""
+
+
+def owner_key(request: BatchRequest) -> str:
+    """Whose turn a batch waits for: its tenant's id (a batch made before tenants had ids: its
+    tenant's name, marked so it is no id)."""
+    return request.tenant_id or f"name={request.tenant}"
 
 
 class BatchState(_Record):

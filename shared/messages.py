@@ -101,6 +101,9 @@ class Job(_Wire):
     affinity: str | None = None
     """A digest of the prompt's first tokens: jobs that share it share a prompt prefix, so a worker
     whose engine holds that prefix in its cache should run them (see ``worker/affinity.py``)."""
+    cache_salt: str | None = None
+    """The engine's prefix cache serves this job only blocks cached under the same salt (its
+    tenant's, see ``shared.tenants.cache_salt``); None: any."""
     steps: bool = False
     """Say where each engine step's text ends in every token message (``Tokens.steps``): for
     answer parsers that must see the output a step at a time."""

@@ -7,6 +7,7 @@ several test runs, can share one Redis. They are plain strings meant to be typed
     XPENDING   switchyard:jobs:<model>:<tenant> workers  jobs taken by workers, not yet finished
     HGETALL    switchyard:streams:<model>                every job stream of a model: tenant, priority
     HGETALL    switchyard:tenants                        tenants and their limits
+    HGETALL    switchyard:removed-tenants                removed tenants whose data is being removed
     ZRANGE     switchyard:workers 0 -1 WITHSCORES        live workers by last heartbeat
     GET        switchyard:worker:<id>                    what one worker serves (JSON)
     PUBSUB CHANNELS switchyard:reply:*                   requests being answered right now
@@ -19,7 +20,12 @@ The Batch API and the background role (``switchyard background``) keep theirs be
     HLEN       switchyard:batch:<id>:results             its lines with a result (output or error)
     HGETALL    switchyard:batch:<id>:jobs                its lines on a worker queue now: job ids
     SMEMBERS   switchyard:active-batches                 batches not finished yet
+    ZRANGE     switchyard:active-batches:<tenant id> 0 -1 a tenant's, in the order they get a batch slot
+    ZRANGE     switchyard:batch-turns 0 -1 WITHSCORES    tenants by when they last got a batch slot
+    HGETALL    switchyard:batch-yields                   batch slots a tenant's runs are to give back
+    HGETALL    switchyard:batch-leaving                  runs giving their batch slot back now
     GET        switchyard:file:<id>                      one uploaded or produced file (JSON)
+    GET        switchyard:file-bytes:<tenant>            bytes a tenant's files take, against its quota
     ZRANGE     switchyard:files:<tenant> 0 -1            a tenant's files, oldest first
     HGETALL    switchyard:usage:<tenant>:<YYYY-MM-DD>    a tenant's usage that day, per hour and model
     XREVRANGE  switchyard:housekeeping + - COUNT 10      the last housekeeping runs
@@ -108,6 +114,19 @@ class Names:
         """Hash: tenant name -> its limits (JSON)."""
         return f"{self.prefix}:tenants"
 
+    def removed_tenants(self) -> str:
+        """Hash: id of a removed tenant -> its tombstone (JSON: name, when), so that nothing of it
+        reaches a tenant given the same name later while housekeeping removes what it had."""
+        return f"{self.prefix}:removed-tenants"
+
+    def removed_files(self, tenant_id: str) -> str:
+        """A removed tenant's file listing (``files:<tenant>`` at its removal), for housekeeping."""
+        return f"{self.prefix}:removed:{tenant_id}:files"
+
+    def removed_batches(self, tenant_id: str) -> str:
+        """A removed tenant's batch listing (``batches:<tenant>`` at its removal), for housekeeping."""
+        return f"{self.prefix}:removed:{tenant_id}:batches"
+
     def keys(self) -> str:
         """Hash: API key id -> the key's tenant and hash (JSON); never the key itself."""
         return f"{self.prefix}:keys"
@@ -151,8 +170,22 @@ class Names:
         return f"{self.prefix}:file-expiry"
 
     def file_bytes(self) -> str:
-        """Counter of the bytes every stored file takes, checked against the store's bound."""
+        """Counter of the bytes every stored file takes (and uploads under way have reserved),
+        checked against the store's bound."""
         return f"{self.prefix}:file-bytes"
+
+    def tenant_file_bytes(self, tenant: str) -> str:
+        """Counter of the bytes a tenant's files take (and its uploads under way have reserved),
+        checked against its quota."""
+        return f"{self.prefix}:file-bytes:{tenant}"
+
+    def file_reservations(self) -> str:
+        """Hash: ``<tenant>|<random>`` -> bytes an upload under way reserved from its Content-Length."""
+        return f"{self.prefix}:file-reservations"
+
+    def file_reservation_expiry(self) -> str:
+        """Sorted set of reservations by when (s) they lapse: an upload whose gateway died."""
+        return f"{self.prefix}:file-reservation-expiry"
 
     def batch(self, batch_id: str) -> str:
         """Hash of one batch: its request (JSON), status, timestamps, counts and files."""
@@ -177,6 +210,24 @@ class Names:
     def active_batches(self) -> str:
         """Set of the batches not finished yet (validating, in progress, finalizing, cancelling)."""
         return f"{self.prefix}:active-batches"
+
+    def tenant_active_batches(self, owner: str) -> str:
+        """Sorted set of one tenant's unfinished batches by creation time (ms), by tenant id: the
+        batches that wait for a slot, in the order they get one."""
+        return f"{self.prefix}:active-batches:{owner}"
+
+    def batch_turns(self) -> str:
+        """Sorted set: tenant id -> the turn (a count) it was last given a batch slot at, 0 for a
+        tenant not given one yet; a free slot goes to the tenant given one longest ago."""
+        return f"{self.prefix}:batch-turns"
+
+    def batch_yields(self) -> str:
+        """Hash: tenant id -> batch slots its runs should give back to tenants below their share."""
+        return f"{self.prefix}:batch-yields"
+
+    def batch_leaving(self) -> str:
+        """Hash: batch id -> tenant id, of the runs giving their slot back (their lines draining)."""
+        return f"{self.prefix}:batch-leaving"
 
     def batch_expiry(self) -> str:
         """Sorted set of finished batch ids by the time (s) their records are deleted."""

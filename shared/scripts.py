@@ -61,7 +61,8 @@ return lost
 # ARGV: request id, tokens, rpm, tpm, max concurrent, max backlog, window ms, in-flight ttl ms
 # (0 = no limit). Returns {1, requests used, tokens used, req reset ms, tok reset ms} when admitted,
 # {0, reason, retry after ms, requests used, tokens used} when not.
-_ADMIT = """
+# The first part (the windows brought up to date) is shared with the check before encoding below.
+_WINDOWS = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local id, tokens = ARGV[1], tonumber(ARGV[2])
@@ -83,6 +84,11 @@ local function oldest(key)
   return 0
 end
 if rpm > 0 and nreq >= rpm then return {0, 'requests', oldest(KEYS[1]), nreq, used} end
+"""
+
+_ADMIT = (
+    _WINDOWS
+    + """
 if tpm > 0 and used + tokens > tpm then
   if tokens > tpm then return {0, 'tokens_too_many', 0, nreq, used} end
   local free, wait = tpm - used, window
@@ -103,6 +109,26 @@ redis.call('ZADD', KEYS[5], now + ttl, id)
 for i = 1, 5 do redis.call('PEXPIRE', KEYS[i], window + ttl) end
 return {1, nreq + 1, used + tokens, oldest(KEYS[1]), oldest(KEYS[2])}
 """
+)
+
+# The same limits, checked before a request is encoded (its token count unknown, so only a minute's
+# tokens used up entirely counts), booking nothing: a tenant over its limit costs no encoding.
+# KEYS and ARGV as for admission (tokens: 0). Returns {1} when the request may go on, else as
+# admission's refusal.
+_PRECHECK = (
+    _WINDOWS
+    + """
+if tpm > 0 and used >= tpm then
+  local entries = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+  local wait = window
+  if entries[2] then wait = tonumber(entries[2]) + window - now end
+  return {0, 'tokens', wait, nreq, used}
+end
+if maxc > 0 and redis.call('ZCARD', KEYS[5]) >= maxc then return {0, 'concurrency', 1000, nreq, used} end
+if maxb > 0 and redis.call('XLEN', KEYS[6]) >= maxb then return {0, 'backlog', 0, nreq, used} end
+return {1}
+"""
+)
 
 # The end of an admitted request: free its concurrency slot and give back the reserved tokens it did
 # not use (if its reservation is still inside the window).
@@ -208,10 +234,11 @@ class Scripts:
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
         self.admit: AsyncScript = redis.register_script(_ADMIT)
+        self.precheck: AsyncScript = redis.register_script(_PRECHECK)
         self.release: AsyncScript = redis.register_script(_RELEASE)
 
     async def load(self) -> None:
-        for script in (_ADMIT, _RELEASE):
+        for script in (_ADMIT, _PRECHECK, _RELEASE):
             await self._redis.script_load(script)
 
 
@@ -288,6 +315,131 @@ return 1
 )
 
 
+# -- file storage quotas ---------------------------------------------------------------------------
+#
+# Two counters bound stored files: all bytes, and each tenant's. Both count stored files and the
+# room uploads under way have reserved (from their Content-Length, before reading the body), and
+# both move only in these scripts, in the same step as the records they count.
+
+# Reserve room for an upload. KEYS: total counter, tenant counter, reservations, reservation expiry.
+# ARGV: reservation id, bytes, total bound, tenant bound (0: none), lapses at (s).
+# Returns {1} when reserved, {0, 'store' or 'tenant', bytes used there} when there is no room.
+_FILE_RESERVE = """
+local size = tonumber(ARGV[2])
+local total = tonumber(redis.call('GET', KEYS[1]) or '0')
+local mine = tonumber(redis.call('GET', KEYS[2]) or '0')
+if tonumber(ARGV[4]) > 0 and mine + size > tonumber(ARGV[4]) then return {0, 'tenant', mine} end
+if total + size > tonumber(ARGV[3]) then return {0, 'store', total} end
+redis.call('INCRBY', KEYS[1], size)
+redis.call('INCRBY', KEYS[2], size)
+redis.call('HSET', KEYS[3], ARGV[1], size)
+redis.call('ZADD', KEYS[4], ARGV[5], ARGV[1])
+return {1}
+"""
+
+# Give a reservation back (the upload failed, or its gateway died). KEYS and ARGV[1] as above.
+_FILE_RELEASE = """
+local size = tonumber(redis.call('HGET', KEYS[3], ARGV[1]) or '-1')
+redis.call('ZREM', KEYS[4], ARGV[1])
+if size < 0 then return 0 end
+redis.call('HDEL', KEYS[3], ARGV[1])
+redis.call('DECRBY', KEYS[1], size)
+redis.call('DECRBY', KEYS[2], size)
+return size
+"""
+
+# Index a stored file and count it, in place of its reservation (if any) and of an earlier file of
+# the same id (if any). KEYS: total counter, tenant counter, reservations, reservation expiry,
+# record, the tenant's files, file expiry. ARGV: reservation id ('' none), file id, record (JSON),
+# bytes, listed at (ms), expires at (s, '' none).
+_FILE_INDEX = """
+local size = tonumber(ARGV[4])
+local reserved = tonumber(redis.call('HGET', KEYS[3], ARGV[1]) or '0')
+redis.call('HDEL', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
+local old = redis.call('GET', KEYS[5])
+if old then size = size - cjson.decode(old)['bytes'] end
+redis.call('INCRBY', KEYS[1], size - reserved)
+redis.call('INCRBY', KEYS[2], size - reserved)
+redis.call('SET', KEYS[5], ARGV[3])
+redis.call('ZADD', KEYS[6], ARGV[5], ARGV[2])
+if ARGV[6] ~= '' then redis.call('ZADD', KEYS[7], ARGV[6], ARGV[2]) end
+return 1
+"""
+
+# Forget a file and uncount it, once. KEYS: total counter, tenant counter, record, the tenant's
+# files, file expiry. ARGV: file id. Returns the bytes freed (0: it was gone already).
+_FILE_FORGET = """
+local old = redis.call('GET', KEYS[3])
+redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('ZREM', KEYS[5], ARGV[1])
+if not old then return 0 end
+local size = cjson.decode(old)['bytes']
+redis.call('DEL', KEYS[3])
+redis.call('DECRBY', KEYS[1], size)
+redis.call('DECRBY', KEYS[2], size)
+return size
+"""
+
+
+class FileScripts:
+    """The file store's counted steps; redis-py loads them on ``NOSCRIPT`` by itself."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.reserve: AsyncScript = redis.register_script(_FILE_RESERVE)
+        self.release: AsyncScript = redis.register_script(_FILE_RELEASE)
+        self.index: AsyncScript = redis.register_script(_FILE_INDEX)
+        self.forget: AsyncScript = redis.register_script(_FILE_FORGET)
+
+
+# Create a batch, unless its tenant has its limit of unfinished ones already; its tenant's batches
+# wait in the order they came (a batch made in the same millisecond as the last goes after it), and
+# a tenant new to the batch slots joins them at the head of the turns. KEYS: batch hash, the
+# tenant's batch listing, unfinished batches, the tenant's unfinished batches, turns. ARGV: limit
+# (0: none), batch id, created at (ms), tenant id, then the hash's (field, value) pairs. Returns {1}
+# or {0, unfinished}.
+_BATCH_CREATE = """
+local held = redis.call('ZCARD', KEYS[4])
+if tonumber(ARGV[1]) > 0 and held >= tonumber(ARGV[1]) then return {0, held} end
+for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
+redis.call('SADD', KEYS[3], ARGV[2])
+local last = tonumber(redis.call('ZRANGE', KEYS[4], -1, -1, 'WITHSCORES')[2])
+redis.call('ZADD', KEYS[4], math.max(tonumber(ARGV[3]), (last or 0) + 1), ARGV[2])
+redis.call('ZADD', KEYS[5], 'NX', 0, ARGV[4])
+return {1}
+"""
+
+# A batch finished (or its record went): no longer unfinished, and a tenant with no unfinished batch
+# leaves the turns. KEYS: unfinished batches, the tenant's unfinished batches, turns. ARGV: batch
+# id, tenant id.
+_BATCH_RETIRE = """
+redis.call('SREM', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+if redis.call('ZCARD', KEYS[2]) == 0 then redis.call('ZREM', KEYS[3], ARGV[2]) end
+return 1
+"""
+
+# A tenant was given a batch slot: it goes to the back of the turns (a count, not a clock: processes'
+# clocks differ, and two turns in one millisecond would tie). KEYS: turns. ARGV: tenant id.
+_BATCH_TURN = """
+local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')[2]
+redis.call('ZADD', KEYS[1], 'XX', (tonumber(last) or 0) + 1, ARGV[1])
+return 1
+"""
+
+# A run of the tenant gives its slot back if its tenant still owes one, and is marked leaving until
+# its slot is free. KEYS: yields, leaving. ARGV: tenant id, batch id.
+_BATCH_YIELD = """
+if tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0') > 0 then
+  redis.call('HINCRBY', KEYS[1], ARGV[1], -1)
+  redis.call('HSET', KEYS[2], ARGV[2], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+
 class BatchScripts:
     """The Batch API's atomic steps; redis-py loads them on ``NOSCRIPT`` by itself."""
 
@@ -297,3 +449,7 @@ class BatchScripts:
         self.lease_release: AsyncScript = redis.register_script(_LEASE_RELEASE)
         self.assign: AsyncScript = redis.register_script(_LINE_ASSIGN)
         self.result: AsyncScript = redis.register_script(_LINE_RESULT)
+        self.create: AsyncScript = redis.register_script(_BATCH_CREATE)
+        self.retire: AsyncScript = redis.register_script(_BATCH_RETIRE)
+        self.turn: AsyncScript = redis.register_script(_BATCH_TURN)
+        self.take_yield: AsyncScript = redis.register_script(_BATCH_YIELD)

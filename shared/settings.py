@@ -9,6 +9,7 @@ from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.names import Names
+from shared.tenants import CacheScope, TenantDefaults
 
 SimPreset = Literal["l4", "a100", "h100", "cpu-demo"]
 """Timing presets of the simulated engine (``worker/sim_timing.py`` holds their figures and sources)."""
@@ -52,7 +53,24 @@ class GatewaySettings(RedisSettings):
         gt=0,
         description="Longest silence from the worker once a job has started before the request fails.",
     )
-    max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0, description="Larger bodies get 413.")
+    max_body_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        gt=0,
+        description="Larger bodies get 413; a line of a batch file is one request, held to the same bound.",
+    )
+    header_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds a client has to send a request's headers before its connection is closed.",
+    )
+    max_connections: int = Field(
+        default=2048,
+        ge=1,
+        description=(
+            "Connections (or requests in progress) one gateway process serves at once; beyond, "
+            "requests get 503 with Retry-After."
+        ),
+    )
     resume_grace: float = Field(
         default=10.0,
         ge=0,
@@ -72,6 +90,39 @@ class GatewaySettings(RedisSettings):
     max_n: int = Field(default=8, ge=1, description="Largest `n` (choices per request) accepted.")
     auth: bool = Field(
         default=True, description="Require an API key (off: every request is tenant 'default')."
+    )
+    tenant_rpm: int | None = Field(
+        default=None, ge=0, description="Requests a minute of a tenant that sets none; unset or 0: no limit."
+    )
+    tenant_tpm: int | None = Field(
+        default=None, ge=0, description="Tokens per minute of a tenant that sets none; unset or 0: no limit."
+    )
+    tenant_max_concurrent: int | None = Field(
+        default=None, ge=0, description="Requests at once of a tenant that sets none; unset or 0: no limit."
+    )
+    tenant_max_backlog: int | None = Field(
+        default=1000,
+        ge=0,
+        description=(
+            "Jobs queued or running of a tenant that sets none, so that one tenant cannot take a "
+            "model's whole backlog (max_backlog_total) from the others; 0: no limit."
+        ),
+    )
+    tenant_file_bytes: int | None = Field(
+        default=2 * 1024**3,
+        ge=0,
+        description=(
+            "Bytes the files of a tenant that sets none may take, so that one tenant cannot fill "
+            "the store (files_max_total_bytes) for the others; 0: no limit."
+        ),
+    )
+    tenant_max_batches: int | None = Field(
+        default=100,
+        ge=0,
+        description=(
+            "Batches not finished yet (of any status before a final one) that a tenant that sets no "
+            "limit may have at once; creating one more gets 429. 0: no limit."
+        ),
     )
     queue_timeout: float = Field(
         default=120.0, gt=0, description="Longest a request may wait for a worker to start it."
@@ -119,6 +170,14 @@ class GatewaySettings(RedisSettings):
             "sharing that prefix can run on the worker whose prefix cache holds it. 0: none."
         ),
     )
+    prefix_cache_scope: CacheScope = Field(
+        default="tenant",
+        description=(
+            "Who shares the engines' prefix cache: 'tenant' (each tenant its own, tenants of one "
+            "cache group theirs; a tenant cannot tell from its time to first token what another "
+            "sent) or 'shared' (everyone: more cache hits, for tenants that all trust each other)."
+        ),
+    )
     shutdown_grace: float = Field(
         default=30.0,
         ge=0,
@@ -153,6 +212,16 @@ class GatewaySettings(RedisSettings):
         default=90, ge=1, description="Days of hourly usage roll-ups kept per tenant."
     )
 
+    def tenant_defaults(self) -> TenantDefaults:
+        return TenantDefaults(
+            rpm=self.tenant_rpm,
+            tpm=self.tenant_tpm,
+            max_concurrent=self.tenant_max_concurrent,
+            max_backlog=self.tenant_max_backlog,
+            file_bytes=self.tenant_file_bytes,
+            max_batches=self.tenant_max_batches,
+        )
+
     @property
     def files_path(self) -> Path:
         """The 'directory' store's root, under which each key prefix has its own directory."""
@@ -174,7 +243,13 @@ class BackgroundSettings(GatewaySettings):
         description="Seconds a batch stays with a process that stopped renewing its claim on it.",
     )
     batch_check_interval: int = Field(
-        default=5, ge=1, le=60, description="Seconds between checks for batches nobody feeds (divides 60)."
+        default=5,
+        ge=1,
+        le=60,
+        description=(
+            "Seconds between a process's looks for batches nobody feeds, and between reckonings of "
+            "which tenants' runs give a batch slot back (divides 60)."
+        ),
     )
     housekeeping_interval: int = Field(
         default=60,
@@ -186,6 +261,14 @@ class BackgroundSettings(GatewaySettings):
         default=10_000, ge=1, description="Entries a dead-letter stream is trimmed to (unread ones stay)."
     )
     max_batches: int = Field(default=8, ge=1, description="Batches one background process feeds at once.")
+    batch_slice: float = Field(
+        default=300.0,
+        gt=0,
+        description=(
+            "Seconds a run keeps its batch slot while a batch of a tenant with fewer slots than its "
+            "share waits for one; then it gives the slot back (its lines drain, the batch waits again)."
+        ),
+    )
     background_drain_timeout: float = Field(
         default=30.0,
         ge=0,

@@ -3,6 +3,7 @@ status moves, the cron schedule, dead-letter trim points and usage roll-ups."""
 
 from __future__ import annotations
 
+import io
 import json
 from collections import Counter
 
@@ -10,8 +11,10 @@ import pytest
 
 from api.errors import APIError, InvalidRequest, Timeout, Unavailable, UpstreamFailure, from_status
 from batch.housekeeping import trim_minid, unread_from
+from batch.input import Reading
 from batch.lines import (
     LineRefused,
+    bounded_lines,
     check_batch,
     is_output,
     parse_line,
@@ -52,6 +55,9 @@ def line(
         (line(extra_field=1), "invalid_request", "extra_field", "unrecognized argument 'extra_field'"),
         (line(url="/v1/completions", body={"model": "m", "prompt": ["a", "b"]}), "invalid_body", "body",
          "one prompt"),
+        # Nested deeper than the JSON parser recurses: refused like any other bad JSON, never a 500.
+        (b'{"custom_id": "a", "body": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "invalid_json", None,
+         "nested too deeply"),
     ],
 )  # fmt: skip
 def test_a_bad_line_is_refused_naming_it(raw: bytes, code: str, param: str | None, says: str) -> None:
@@ -91,6 +97,23 @@ def test_a_file_has_between_one_and_max_lines_requests(
     lines: list[bytes], max_lines: int, codes: list[str]
 ) -> None:
     assert [e.code for e in scan(lines, max_n=8, max_lines=max_lines).errors] == codes
+
+
+def test_a_line_longer_than_a_request_body_may_be_is_refused() -> None:
+    """A line becomes one request: it may not be larger than the gateway takes over HTTP."""
+    short, long = line("a"), line("b", body={**CHAT, "user": "x" * 400})
+    found = scan([short, long, line("c")], max_n=8, max_lines=10, max_line_bytes=len(long) - 1)
+    assert [(e.line, e.code) for e in found.errors] == [(2, "line_too_long")]
+    assert found.errors[0].message.startswith("line 2: ") and str(len(long) - 1) in found.errors[0].message
+    assert found.count == 3
+
+
+def test_lines_are_read_with_a_bound_however_long_they_are() -> None:
+    """The upload's reader never holds more than the bound (plus one byte) of a line in memory."""
+    source = io.BytesIO(b"short\n" + b"x" * 10_000 + b"\n" + b"tail-without-newline")
+    read = list(bounded_lines(source, limit=100))
+    assert read[0] == b"short\n" and len(read[1]) == 101 and read[2] == b"tail-without-newline"
+    assert len(read) == 3
 
 
 def test_without_keep_a_scan_holds_no_lines() -> None:
@@ -251,3 +274,20 @@ def test_usage_is_tallied_per_tenant_day_hour_and_model() -> None:
 
 def test_the_id_after() -> None:
     assert next_id("1764684000000-7") == "1764684000000-8"
+
+
+@pytest.mark.parametrize("block", [1, 3, 7, 1000])
+def test_lines_read_in_blocks_keep_their_numbers_and_offsets(block: int) -> None:
+    data = b"a\n\nbb\r\n" + b"x" * 40 + b"\nccc"
+    seen: list[tuple[int, int, bytes]] = []
+    reading = Reading(max_line_bytes=10, take=lambda n, at, raw: seen.append((n, at, raw)))
+    for start in range(0, len(data), block):
+        reading.feed(data[start : start + block])
+    reading.close()
+    assert [(n, at) for n, at, _ in seen] == [(1, 0), (3, 3), (4, 7), (5, 48)]
+    assert [raw for n, at, raw in seen if n != 4] == [b"a\n", b"bb\r\n", b"ccc"]
+    too_long = next(raw for n, _, raw in seen if n == 4)
+    assert len(too_long) == 11  # never more than the bound and one byte of it
+    for n, at, raw in seen:
+        if n != 4:
+            assert data[at : at + len(raw)] == raw

@@ -23,6 +23,10 @@ from batch.role import Background
 from control.redis_server import EmbeddedRedis
 from shared.batches import BatchRequest
 from shared.settings import BackgroundSettings
+from shared.tenants import Tenant, TenantStore
+
+T = Tenant(name="t", id="t")
+"""The tenant of these tests' files and batches."""
 
 
 def lines(count: int) -> bytes:
@@ -46,16 +50,17 @@ def settings(redis_server: EmbeddedRedis, tmp_path: Path) -> BackgroundSettings:
 @pytest_asyncio.fixture
 async def jobs(redis: Redis, settings: BackgroundSettings) -> AsyncIterator[Background]:
     await redis.hset(settings.names.models(), "m", "1")  # a model served here once
+    await TenantStore(redis, settings.names).put_tenant(T)
     yield Background(settings, redis, asyncio.Event())
 
 
 async def new_batch(redis: Redis, settings: BackgroundSettings, count: int = 3) -> str:
     files = Files(redis, settings)
-    source = await files.create("t", "in.jsonl", "batch", io.BytesIO(lines(count)), count, ttl=3600)
+    source = await files.create(T, "in.jsonl", "batch", io.BytesIO(lines(count)), count, ttl=3600)
     body = BatchCreateRequest(
         input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h"
     )
-    return (await Batches(redis, settings).create("t", body, files)).request.id
+    return (await Batches(redis, settings).create(T, body, files)).request.id
 
 
 async def test_a_batch_past_its_window_expires_with_its_lines_in_the_error_file(
@@ -74,7 +79,7 @@ async def test_a_batch_past_its_window_expires_with_its_lines_in_the_error_file(
     )
 
     assert await jobs.runner.run(batch_id) == "expired"
-    state = await Batches(redis, settings).get("t", batch_id)
+    state = await Batches(redis, settings).get(T, batch_id)
     assert state.status == "expired" and state.times["expired_at"] and state.total == 3
     assert state.output_file_id is not None and state.error_file_id is not None
     store = Files(redis, settings).store
@@ -93,10 +98,10 @@ async def test_a_batch_cancelled_before_its_run_ends_cancelled(
     redis: Redis, settings: BackgroundSettings, jobs: Background
 ) -> None:
     batch_id = await new_batch(redis, settings)
-    cancelling = await Batches(redis, settings).cancel("t", batch_id)
+    cancelling = await Batches(redis, settings).cancel(T, batch_id)
     assert cancelling.status == "cancelling"
     assert await jobs.runner.run(batch_id) == "cancelled"
-    state = await Batches(redis, settings).get("t", batch_id)
+    state = await Batches(redis, settings).get(T, batch_id)
     assert state.status == "cancelled" and state.output_file_id is None and state.error_file_id is None
     assert await jobs.runner.run(batch_id) == "cancelled"  # again: nothing to do
 
@@ -107,15 +112,15 @@ async def test_a_batch_runs_in_one_process_at_a_time(
     batch_id = await new_batch(redis, settings)
     await redis.set(settings.names.batch_lease(batch_id), "another-process", px=5000)
     assert await jobs.runner.run(batch_id) == "run by another process"
-    assert (await Batches(redis, settings).get("t", batch_id)).status == "validating"
+    assert (await Batches(redis, settings).get(T, batch_id)).status == "validating"
 
 
 async def test_a_batch_whose_input_is_gone_fails(
     redis: Redis, settings: BackgroundSettings, jobs: Background
 ) -> None:
     batch_id = await new_batch(redis, settings)
-    state = await Batches(redis, settings).get("t", batch_id)
+    state = await Batches(redis, settings).get(T, batch_id)
     await Files(redis, settings).store.delete(state.request.input_file_id)
     assert await jobs.runner.run(batch_id) == "failed"
-    failed = await Batches(redis, settings).get("t", batch_id)
+    failed = await Batches(redis, settings).get(T, batch_id)
     assert [e.code for e in failed.errors] == ["input_file_missing"]

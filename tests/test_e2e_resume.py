@@ -18,20 +18,23 @@ from redis.asyncio import Redis
 
 from control.processes import free_port
 from shared.messages import Tokens, decode_reply
-from tests.conftest import RESUME_GRACE, System, create_tenant
+from tests.conftest import System, create_tenant
 from tests.procs import ready, spawn, stop, wait_until
 
 pytestmark = pytest.mark.e2e
 
 MESSAGES = [{"role": "user", "content": "Tell me a long story about the harbour."}]
+QUICK_GRACE = 1.5
+"""The second gateway's grace: shorter than any of the long answers below takes on the demo model."""
 
 
 @pytest.fixture(scope="module")
 def second_gateway(system: System, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Another gateway process on the same Redis: a client may come back through it."""
+    """Another gateway process on the same Redis: a client may come back through it. Its own
+    grace period is short, for clients that leave it and never come back."""
     port = free_port()
     log = tmp_path_factory.mktemp("gw2") / "gateway.log"
-    env = system.env(SWITCHYARD_PORT=str(port), SWITCHYARD_RESUME_GRACE=str(RESUME_GRACE))
+    env = system.env(SWITCHYARD_PORT=str(port), SWITCHYARD_RESUME_GRACE=str(QUICK_GRACE))
     proc: subprocess.Popen[bytes] = spawn("gateway", env, log)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -142,21 +145,21 @@ async def test_a_dropped_stream_is_taken_up_at_another_gateway_with_nothing_repe
 
 
 async def test_a_client_that_does_not_come_back_stops_its_job_after_the_grace(
-    system: System, redis: Redis
+    system: System, redis: Redis, second_gateway: str
 ) -> None:
-    """Six long answers at once (each outlasts the grace), every client gone after two events."""
-    dropped = [Received() for _ in range(6)]
+    """Twelve long answers at once (together they outlast the short grace of the second gateway
+    many times over), every client gone after two events."""
+    dropped = [Received() for _ in range(12)]
     async with httpx.AsyncClient(timeout=60) as client:
         await asyncio.gather(
             *(
-                read(client, system.base_url, body(900, seed=i), got, system.headers, stop_after=2)
+                read(client, second_gateway, body(900, seed=i), got, system.headers, stop_after=2)
                 for i, got in enumerate(dropped)
             )
         )
     jobs = ["req_" + got.completion.removeprefix("chatcmpl-") for got in dropped]
-    await asyncio.sleep(0.5)
     assert not any([await redis.exists(system.names.cancelled(j)) for j in jobs]), "within the grace period"
-    deadline = time.monotonic() + RESUME_GRACE + 15
+    deadline = time.monotonic() + QUICK_GRACE + 15
     for job in jobs:
         while not await redis.exists(system.names.cancelled(job)):
             assert time.monotonic() < deadline, "nobody took the stream up, yet the job was not stopped"
@@ -227,3 +230,20 @@ async def test_requests_sent_again_while_the_first_runs_share_its_job(system: Sy
     assert len({b["id"] for b in bodies}) == 1
     assert len({b["choices"][0]["message"]["content"] for b in bodies}) == 1
     assert all(b["usage"]["completion_tokens"] == 200 for b in bodies)
+
+
+async def test_a_tenant_at_its_rate_gets_the_answer_it_already_has(system: System) -> None:
+    """Sending a request again with its Idempotency-Key is no new work: a tenant whose one request a
+    minute is spent gets the first answer again, while a new request of it gets 429."""
+    from shared.tenants import Tenant
+
+    key = await create_tenant(system.redis_url, system.names, Tenant(name=f"once-{time.time_ns()}", rpm=1))
+    client = OpenAI(base_url=f"{system.base_url}/v1", api_key=key, max_retries=0, timeout=60)
+    kwargs: dict[str, Any] = {"model": system.model, "messages": MESSAGES, "max_tokens": 8, "seed": 1}
+    again = {"Idempotency-Key": f"once-{time.time_ns()}"}
+    first = await asyncio.to_thread(client.chat.completions.create, **kwargs, extra_headers=again)
+    repeated = await asyncio.to_thread(client.chat.completions.create, **kwargs, extra_headers=again)
+    assert repeated.id == first.id
+    with pytest.raises(Exception) as refused:
+        await asyncio.to_thread(client.chat.completions.create, **kwargs)
+    assert getattr(refused.value, "status_code", None) == 429

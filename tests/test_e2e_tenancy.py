@@ -59,6 +59,100 @@ async def test_rpm_limit_headers_and_429(system: System) -> None:
         assert await redis.pubsub_numsub(channel) == [(channel.encode(), 0)]
 
 
+LONG = [{"role": "user", "content": "x " * 3000}]
+"""Over the demo model's context once encoded, which only encoding it can tell."""
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [{"rpm": 1}, {"max_concurrent": 1}, {"tpm": 60}],
+    ids=["requests per minute", "concurrency", "tokens per minute"],
+)
+async def test_a_tenant_over_its_limit_is_refused_before_its_prompt_is_encoded(
+    system: System, limits: dict[str, int], aclient: openai.AsyncOpenAI
+) -> None:
+    """A request that would cost the gateway an encoding (up to 4 MB through the chat template) is
+    refused at once while its tenant is over a limit; the other tenant is served all along."""
+    if "tpm" in limits:  # exactly what the request below uses: its prompt and 60 tokens
+        probe = await aclient.chat.completions.create(model=system.model, messages=USER, max_tokens=1)
+        assert probe.usage is not None
+        limits = {"tpm": probe.usage.prompt_tokens + 60}
+    name = "pre-" + uuid.uuid4().hex[:6]
+    key = await tenant_key(system, Tenant(name=name, **limits))  # type: ignore[arg-type]
+    other = await tenant_key(system, Tenant(name="pre-other-" + uuid.uuid4().hex[:6]))
+    async with (
+        openai.AsyncOpenAI(base_url=f"{system.base_url}/v1", api_key=key, max_retries=0) as client,
+        openai.AsyncOpenAI(base_url=f"{system.base_url}/v1", api_key=other, max_retries=0) as others,
+    ):
+        # Under its limits the long prompt is encoded, and refused for what the encoding shows.
+        with pytest.raises(openai.BadRequestError) as encoded:
+            await others.chat.completions.create(model=system.model, messages=LONG, max_tokens=2)
+        assert encoded.value.code == "context_length_exceeded" and "you requested" in encoded.value.message
+        held = None
+        if "max_concurrent" in limits:  # one request running holds the only slot
+            held = await client.chat.completions.create(
+                model=system.model,
+                messages=USER,
+                max_tokens=200,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
+            await anext(held)
+        else:  # a minute's requests, or tokens, used up
+            await client.chat.completions.create(
+                model=system.model, messages=USER, max_tokens=60, extra_body={"ignore_eos": True}
+            )
+        try:
+            with pytest.raises(openai.RateLimitError):
+                await client.chat.completions.create(model=system.model, messages=LONG, max_tokens=2)
+            served = await others.chat.completions.create(model=system.model, messages=USER, max_tokens=2)
+            assert served.choices[0].finish_reason == "length"
+        finally:
+            if held is not None:
+                await held.close()
+
+
+def prefix_cache_hits(system: System) -> float:
+    text = httpx.get(system.worker_metrics_url, timeout=5).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("vllm:prefix_cache_hits_total")
+    )
+
+
+async def hits_of(system: System, client: openai.AsyncOpenAI, prompt: str) -> float:
+    """Prompt tokens vLLM's prefix cache served for one request of ``client``'s tenant."""
+    before = prefix_cache_hits(system)
+    await client.completions.create(model=system.model, prompt=prompt, max_tokens=1)
+    await asyncio.sleep(0.3)  # the engine's stats come with its next output
+    return prefix_cache_hits(system) - before
+
+
+async def test_one_tenants_prompts_do_not_warm_another_tenants_prefix_cache(system: System) -> None:
+    """Whether a prompt's prefix is cached shows in its time to first token; a tenant must not learn
+    from it what another sent lately. Tenants of one cache group share the cache on purpose."""
+    run = uuid.uuid4().hex[:6]
+    tenants = [Tenant(name=f"salt-{n}-{run}") for n in ("a", "b")]
+    tenants += [Tenant(name=f"salt-{n}-{run}", cache_group=f"team-{run}") for n in ("c", "d")]
+    keys = [await tenant_key(system, t) for t in tenants]
+    clients = [openai.AsyncOpenAI(base_url=f"{system.base_url}/v1", api_key=k, max_retries=0) for k in keys]
+    a, b, c, d = clients
+    words = ("harbour", "lantern", "quiet", "river", "stone", "market", "bridge", "meadow")
+    document, other_document = (
+        run + " " + " ".join(words[(i * step + i // 3) % len(words)] for i in range(250)) for step in (7, 5)
+    )
+    try:
+        assert await hits_of(system, a, document) == 0, "a fresh document was cached already"
+        assert await hits_of(system, b, document) == 0, "another tenant's prompt served from the cache"
+        assert await hits_of(system, a, document) > 0, "a tenant's own prefix is not reused"
+        assert await hits_of(system, c, other_document) == 0
+        assert await hits_of(system, d, other_document) > 0, "tenants of one cache group do not share it"
+    finally:
+        for client in clients:
+            await client.close()
+
+
 async def test_unused_tokens_are_refunded_when_the_client_leaves(system: System, redis: Redis) -> None:
     tenant = Tenant(name="tpm-" + uuid.uuid4().hex[:6], tpm=5000)
     key = await tenant_key(system, tenant)

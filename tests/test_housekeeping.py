@@ -26,7 +26,11 @@ from serving.usage import Usage
 from shared.messages import UsageEvent
 from shared.names import Names
 from shared.settings import BackgroundSettings
+from shared.tenants import Tenant
 from tests.procs import spawn, stop, wait_until
+
+T = Tenant(name="t", id="t")
+"""The tenant of these tests' files and batches."""
 
 LINE = json.dumps(
     {
@@ -58,14 +62,16 @@ async def test_expiry_deletes_files_but_not_while_a_batch_reads_them(
     redis: Redis, settings: BackgroundSettings, keeper: Housekeeping
 ) -> None:
     names, files = settings.names, Files(redis, settings)
-    kept = await files.create("t", "in.jsonl", "batch", io.BytesIO(LINE), 1, ttl=60)
-    dropped = await files.create("t", "other.jsonl", "batch", io.BytesIO(LINE * 2), 2, ttl=60)
+    kept = await files.create(T, "in.jsonl", "batch", io.BytesIO(LINE), 1, ttl=60)
+    dropped = await files.create(T, "other.jsonl", "batch", io.BytesIO(LINE * 2), 2, ttl=60)
     body = BatchCreateRequest(input_file_id=kept.id, endpoint="/v1/chat/completions", completion_window="24h")
-    batch = await Batches(redis, settings).create("t", body, files)
+    batch = await Batches(redis, settings).create(T, body, files)
     assert int(await redis.get(names.file_bytes())) == len(LINE) * 3
 
-    assert await keeper.expire(now=time.time() + 30) == {"files": 0, "batches": 0}  # nothing due yet
-    assert await keeper.expire(now=time.time() + 61) == {"files": 1, "batches": 0}
+    nothing = await keeper.expire(now=time.time() + 30)  # nothing due yet
+    assert (nothing["files"], nothing["batches"]) == (0, 0)
+    due = await keeper.expire(now=time.time() + 61)
+    assert (due["files"], due["batches"]) == (1, 0)
     assert await redis.get(names.file(dropped.id)) is None
     assert not (settings.files_path / settings.key_prefix / dropped.id).exists()
     assert await redis.zscore(names.files("t"), dropped.id) is None
@@ -81,11 +87,11 @@ async def test_expiry_deletes_finished_batches_after_their_retention(
     redis: Redis, settings: BackgroundSettings, keeper: Housekeeping
 ) -> None:
     names, files, batches = settings.names, Files(redis, settings), Batches(redis, settings)
-    source = await files.create("t", "in.jsonl", "batch", io.BytesIO(LINE), 1, ttl=10**6)
+    source = await files.create(T, "in.jsonl", "batch", io.BytesIO(LINE), 1, ttl=10**6)
     body = BatchCreateRequest(
         input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h"
     )
-    batch_id = (await batches.create("t", body, files)).request.id
+    batch_id = (await batches.create(T, body, files)).request.id
     await redis.hset(names.batch_results(batch_id), "a", "{}")
     assert await batches.move(batch_id, "cancelling") and await batches.move(batch_id, "cancelled")
     await batches.finished(batch_id)
@@ -175,33 +181,13 @@ async def test_a_tick_runs_once(redis: Redis, settings: BackgroundSettings) -> N
     assert await first_run(redis, names, "expire", "1764684001123")
 
 
-async def test_batches_nobody_runs_are_started_again(
-    redis: Redis, settings: BackgroundSettings, keeper: Housekeeping
-) -> None:
-    names, files, batches = settings.names, Files(redis, settings), Batches(redis, settings)
-    source = await files.create("t", "in.jsonl", "batch", io.BytesIO(LINE), 1, ttl=3600)
-    body = BatchCreateRequest(
-        input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h"
-    )
-    orphan = (await batches.create("t", body, files)).request.id
-    running = (await batches.create("t", body, files)).request.id
-    await redis.set(names.batch_lease(running), "someone", px=10_000)
-    started: list[str] = []
-
-    async def start(batch_id: str) -> None:
-        started.append(batch_id)
-
-    assert await keeper.check_batches(start) == {"started": 1}
-    assert started == [orphan]
-
-
 async def test_runs_of_finished_batches_leave_the_queue(redis: Redis, settings: BackgroundSettings) -> None:
     names, files, batches = settings.names, Files(redis, settings), Batches(redis, settings)
-    source = await files.create("t", "in.jsonl", "batch", io.BytesIO(LINE), 1, ttl=3600)
+    source = await files.create(T, "in.jsonl", "batch", io.BytesIO(LINE), 1, ttl=3600)
     body = BatchCreateRequest(
         input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h"
     )
-    live, done = [(await batches.create("t", body, files)).request.id for _ in range(2)]
+    live, done = [(await batches.create(T, body, files)).request.id for _ in range(2)]
     for batch_id in (live, done):
         await start_batch(redis, names, batch_id, "created")
     zombie = names.background_job("run-batch", f"{done}:created")
@@ -246,5 +232,5 @@ def test_one_run_per_tick_across_two_processes(redis_server: EmbeddedRedis, tmp_
     seen = Counter(asyncio.run(runs()))
     assert seen and max(seen.values()) == 1, [k for k, n in seen.items() if n > 1]
     per_job = Counter(job for job, _ in seen)
-    assert set(per_job) == {"expire", "trim-dead-letters", "roll-up-usage", "check-batches"}
+    assert set(per_job) == {"expire", "trim-dead-letters", "roll-up-usage", "recount-files", "check-batches"}
     assert min(per_job.values()) >= 4, per_job

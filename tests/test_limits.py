@@ -16,7 +16,7 @@ from serving.admission import Admission, DrainMeter, Ticket, default_output, res
 from shared.fleet import gather
 from shared.messages import Job, Sampling, Usage
 from shared.names import Names
-from shared.tenants import Tenant, TenantStore, key_id_of
+from shared.tenants import Tenant, TenantDefaults, TenantStore, key_id_of
 
 
 @pytest_asyncio.fixture
@@ -64,6 +64,47 @@ async def test_keys_are_stored_hashed_and_checked(redis: Redis, names: Names) ->
     assert [(t.name, ids) for t, ids in await store.listing()] == [("acme", [])]
 
 
+async def test_a_tenant_keeps_its_id_when_its_limits_change(redis: Redis, names: Names) -> None:
+    store = TenantStore(redis, names)
+    first = await store.put_tenant(Tenant(name="acme", rpm=10))
+    changed = await store.put_tenant(Tenant(name="acme", rpm=20))
+    assert (changed.id, changed.rpm) == (first.id, 20)
+    stored = await store.tenant("acme")
+    assert stored is not None and stored.id == first.id
+    # A record from before tenants had ids reads with the same derived id every time.
+    await redis.hset(names.tenants(), "old", '{"name": "old", "created_at": 1700000000.0}')
+    old = [await store.tenant("old") for _ in range(2)]
+    assert old[0] is not None and old[1] is not None and old[0].id == old[1].id
+
+
+def test_a_tenant_takes_the_defaults_for_the_limits_it_leaves_unset() -> None:
+    defaults = TenantDefaults(rpm=60, max_backlog=1000, file_bytes=2000)
+    plain = defaults.apply(Tenant(name="a"))
+    assert (plain.rpm, plain.tpm, plain.max_concurrent, plain.max_backlog, plain.file_bytes) == (
+        60, None, None, 1000, 2000,
+    )  # fmt: skip
+    own = defaults.apply(Tenant(name="b", rpm=5, max_backlog=0, tpm=0))
+    assert (own.rpm, own.tpm, own.max_backlog, own.file_bytes) == (5, None, None, 2000)  # 0: no limit
+    assert TenantDefaults(max_backlog=0).apply(Tenant(name="c")).max_backlog is None
+
+
+async def test_a_tenant_without_limits_is_held_to_the_default_backlog(
+    admission: Admission, redis: Redis, names: Names
+) -> None:
+    store = TenantStore(redis, names, TenantDefaults(max_backlog=2))
+    for name in ("a", "b"):
+        await store.put_tenant(Tenant(name=name))
+    a, b = await store.tenant("a"), await store.tenant("b")
+    assert a is not None and b is not None and a.max_backlog == 2
+    for _ in range(2):
+        await redis.xadd(names.jobs_stream("m", "a"), {"job": "{}"})
+    with pytest.raises(RateLimited) as full:
+        await admission.admit(a, job(1))
+    assert full.value.code == "backlog_full"
+    await admission.admit(b, job(1))  # the other tenant's backlog is its own
+    assert (await TenantStore(redis, names).tenant("a")).max_backlog is None  # type: ignore[union-attr]
+
+
 async def test_requests_per_minute(admission: Admission) -> None:
     tenant = Tenant(name="t", rpm=5)
     tickets = [await admission.admit(tenant, job(1)) for _ in range(5)]
@@ -73,6 +114,29 @@ async def test_requests_per_minute(admission: Admission) -> None:
         await admission.admit(tenant, job(1))
     assert info.value.status == 429 and 55 <= info.value.retry_after <= 60
     assert int(info.value.headers()["retry-after"]) >= 55
+
+
+@pytest.mark.parametrize(
+    ("limits", "fill"),
+    [({"rpm": 2}, 2), ({"tpm": 100}, 100), ({"max_concurrent": 1}, 1)],
+    ids=["requests", "tokens", "concurrency"],
+)
+async def test_the_check_before_encoding_refuses_only_a_tenant_over_its_limit_and_books_nothing(
+    admission: Admission, redis: Redis, names: Names, limits: dict[str, int], fill: int
+) -> None:
+    tenant, other = Tenant(name="t", **limits), Tenant(name="u", **limits)  # type: ignore[arg-type]
+    await admission.precheck(tenant, "m")
+    if "tpm" in limits:
+        await admission.admit(tenant, job(fill))
+    else:
+        for _ in range(fill):
+            await admission.admit(tenant, job(1))
+    windows = [await redis.zcard(names.rate("t", "req")), await redis.get(names.rate("t", "sum"))]
+    with pytest.raises(RateLimited):
+        await admission.precheck(tenant, "m")
+    await admission.precheck(other, "m")  # the other tenant's limits are its own
+    assert [await redis.zcard(names.rate("t", "req")), await redis.get(names.rate("t", "sum"))] == windows
+    assert await redis.zcard(names.rate("u", "req")) == 0
 
 
 async def test_tokens_are_reserved_then_refunded(admission: Admission) -> None:

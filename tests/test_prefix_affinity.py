@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from serving.path import prefix_digest
 from shared.messages import Job, Sampling, encode
 from shared.names import GROUP, JOB_FIELD, Names
+from shared.tenants import Tenant, cache_salt
 from worker.handover import SPARE, hand_over, receive
 from worker.outbox import Outbox
 from worker.prefix_affinity import SLACK, Peer, hand_to, preferred
@@ -32,6 +33,24 @@ async def outbox(redis: Redis) -> AsyncIterator[Outbox]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+def test_equal_prompts_of_tenants_that_share_no_cache_have_different_digests() -> None:
+    """A digest names a prefix in one cache: two tenants' equal prompts sit in different caches
+    (their salts differ), so they need not meet on one worker, and no timing can tell one tenant
+    where the other's prompts went."""
+    a, b = Tenant(name="a"), Tenant(name="b")
+    grouped = [Tenant(name=n, cache_group="team") for n in ("c", "d")]
+    salts = {t.name: cache_salt(t, "tenant") for t in (a, b, *grouped)}
+    assert len({salts["a"], salts["b"], salts["c"]}) == 3 and salts["c"] == salts["d"]
+    assert all(s and len(s) <= 128 and not set(s) & set("@/\\\0") for s in salts.values())
+    assert cache_salt(a, "shared") is None and cache_salt(grouped[0], "shared") is None
+    prompt = list(range(100))
+    digests = {name: prefix_digest(prompt, 64, salt) for name, salt in salts.items()}
+    assert digests["a"] != digests["b"] and digests["c"] == digests["d"] != digests["a"]
+    assert prefix_digest(prompt, 64, None) == prefix_digest(prompt, 64)
+    again = Tenant(name="a")  # the name given anew is another tenant: another cache
+    assert cache_salt(again, "tenant") != salts["a"]
 
 
 def test_a_conversation_keeps_its_digest_and_short_prompts_have_none() -> None:

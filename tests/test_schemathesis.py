@@ -1,10 +1,12 @@
 """Schemathesis against the gateway's own OpenAPI schema, with the keys of two tenants: no 5xx, answers
-as documented (status, media type, body, headers), invalid input refused, keys enforced, and every
-request charged to its own tenant only."""
+as documented (status, media type, body, headers), invalid input refused, keys enforced, every
+request charged to its own tenant only, and every Files and Batches operation (multipart uploads
+included) aimed at the tenant's own objects or probing the other tenant's, which it must not find."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import uuid
 import zlib
@@ -51,6 +53,35 @@ def keys(system: System) -> dict[str, str]:
     return {"main": system.api_key, OTHER: other}
 
 
+@pytest.fixture(scope="module")
+def objects(system: System, keys: dict[str, str]) -> dict[str, dict[str, str]]:
+    """A file and a batch of each tenant: cases aim at their own, or probe the other's."""
+    out = {}
+    for tenant, key in keys.items():
+        headers = {"authorization": f"Bearer {key}"}
+        upload = httpx.post(
+            f"{system.base_url}/v1/files",
+            headers=headers,
+            data={"purpose": "batch"},
+            files={"file": ("in.jsonl", valid_file(system.model))},
+        )
+        assert upload.status_code == 200, upload.text
+        body = {"input_file_id": upload.json()["id"], "endpoint": "/v1/chat/completions"}
+        batch = httpx.post(
+            f"{system.base_url}/v1/batches", headers=headers, json={**body, "completion_window": "24h"}
+        )
+        assert batch.status_code == 200, batch.text
+        out[tenant] = {"file_id": upload.json()["id"], "batch_id": batch.json()["id"]}
+    return out
+
+
+def valid_file(model: str) -> bytes:
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": CHEAP_TOKENS}
+    return json.dumps(
+        {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": body}
+    ).encode()
+
+
 @pytest.fixture(params=["main", "other"])
 def tenant(request: pytest.FixtureRequest) -> str:
     return "main" if request.param == "main" else OTHER
@@ -72,6 +103,29 @@ def sync_redis(system: System) -> Iterator[Redis]:
     r = Redis.from_url(system.redis_url)
     yield r
     r.close()
+
+
+def aim_at_objects(case: Any, own: dict[str, str], other: dict[str, str]) -> bool:
+    """Point a case's file or batch id at the tenant's own object (two in four), the other tenant's
+    (one in four), or leave the generated one; picked by a hash of the generated id, so a failing
+    case replays the same. Returns whether the case names the other tenant's object."""
+    probing = False
+    targets = [(case.path_parameters or {}, name) for name in ("file_id", "batch_id")]
+    if isinstance(case.body, dict) and case.operation.path == "/v1/batches":
+        targets.append((case.body, "input_file_id"))
+    for holder, name in targets:
+        if name not in holder:
+            continue
+        pick = zlib.crc32(str(holder[name]).encode()) % 4
+        kind = "batch_id" if name == "batch_id" else "file_id"
+        if pick < 2:
+            holder[name] = own[kind]
+        elif pick == 2:
+            holder[name] = other[kind]
+            probing = True
+    if isinstance(case.body, dict) and case.operation.path == "/v1/files" and _aimed(case.body.get("file")):
+        case.body["file"] = valid_file(own["model"])  # mostly a file the checks accept
+    return probing
 
 
 def steer(case: Any, model: str) -> None:
@@ -114,15 +168,21 @@ def test_gateway_answers_as_its_schema_says(
     keys: dict[str, str],
     http: requests.Session,
     sync_redis: Redis,
+    objects: dict[str, dict[str, str]],
 ) -> None:
     # schemathesis' pytest integration (schema.parametrize with a fixture-loaded schema) breaks on
     # pytest 9.2, so the operations' strategies run under plain hypothesis instead.
     other = next(t for t in keys if t != tenant)
     own_window, other_window = system.names.rate(tenant, "req"), system.names.rate(other, "req")
 
+    own, theirs = {**objects[tenant], "model": system.model}, objects[other]
+
     def send(case: Any) -> None:
+        probing = False
         if mode.is_positive:
             steer(case, system.model)
+            probing = aim_at_objects(case, own, theirs)
+        before = seen_by_owner(system, keys[other], theirs) if probing else []
         response = case.call_and_validate(
             base_url=system.base_url,
             session=http,
@@ -140,7 +200,12 @@ def test_gateway_answers_as_its_schema_says(
         if case.operation.path in COMPLETIONS and response.status_code == 200:
             assert charged, "served without being admitted for its own tenant"
         if 400 <= response.status_code < 500:
-            assert not charged, "refused only after it was admitted and enqueued"
+            assert not charged, (
+                f"refused after it was admitted and enqueued: {response.status_code} {response.text}"
+            )
+        if probing:
+            assert response.status_code in (400, 404), "the other tenant's object was found"
+            assert seen_by_owner(system, keys[other], theirs) == before, "the other tenant's object changed"
 
     operations = [result.ok() for result in api_schema.get_all_operations()]
     assert {f"POST {path}" for path in COMPLETIONS} <= {op.label for op in operations}
@@ -148,7 +213,7 @@ def test_gateway_answers_as_its_schema_says(
         if not mode.is_positive and not operation.body and not list(operation.iter_parameters()):
             continue  # nothing to make invalid (security schemes are tested by the auth checks)
         test = given(case=operation.as_strategy(generation_mode=mode))(send)
-        examples = found_before(operation, system.model)
+        examples = found_before(operation, system.model, own)
         if mode.is_positive:
             examples += served_examples(operation, system.model)
         for case in examples:
@@ -156,8 +221,34 @@ def test_gateway_answers_as_its_schema_says(
         BUDGET(test)()
 
 
-def found_before(operation: Any, model: str) -> list[Any]:
+def seen_by_owner(system: System, key: str, theirs: dict[str, str]) -> list[tuple[int, str]]:
+    """The other tenant's file and batch as it sees them."""
+    headers = {"authorization": f"Bearer {key}"}
+    return [
+        (resp.status_code, resp.text)
+        for resp in (
+            httpx.get(f"{system.base_url}/v1/files/{theirs['file_id']}", headers=headers),
+            httpx.get(f"{system.base_url}/v1/batches/{theirs['batch_id']}", headers=headers),
+        )
+    ]
+
+
+def found_before(operation: Any, model: str, own: dict[str, str]) -> list[Any]:
     """Cases that once broke the gateway, replayed in every run of either mode."""
+    upload = {"file": valid_file(model), "purpose": "batch"}
+    deep = b'{"custom_id": "a", "body": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    form = "multipart/form-data"
+    if operation.path == "/v1/files" and operation.method.upper() == "POST":
+        return [
+            operation.Case(body={**upload, "file": deep}, media_type=form),  # RecursionError: 500
+            operation.Case(  # "²" passes str.isdigit() and failed int(): 500
+                body={**upload, "expires_after[anchor]": "created_at", "expires_after[seconds]": "²"},
+                media_type=form,
+            ),
+        ]
+    if operation.path.startswith("/v1/batches/{batch_id}"):
+        # An own batch's neighbouring Redis key read as a batch: 500.
+        return [operation.Case(path_parameters={"batch_id": own["batch_id"] + ":jobs"})]
     if operation.path != "/v1/chat/completions":
         return []
     messages = [{"role": "user", "content": "hi"}]

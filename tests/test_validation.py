@@ -35,6 +35,8 @@ def test_unknown_field_is_named() -> None:
         ({"model": "m", "messages": MSG, "max_tokens": 0}, "max_tokens"),
         ({"model": "m", "messages": MSG, "n": 0}, "n"),
         ({"model": "m", "messages": MSG, "stop": [""]}, "stop"),
+        ({"model": "m", "messages": MSG, "stop": ["x" * 513]}, "stop"),
+        ({"model": "m", "messages": MSG, "stop": "x" * 513}, "stop"),
         ({"model": "m", "messages": MSG, "logit_bias": {"x": 2}}, "logit_bias"),
         ({"model": "m", "messages": MSG, "logit_bias": {"5": 101}}, "logit_bias"),
         ({"model": "m", "messages": MSG, "tools": [{"type": "function"}]}, "tools.0.function"),

@@ -62,10 +62,13 @@ class Engine(Protocol):
         prompt_token_ids: Sequence[int],
         sampling: Sampling,
         reasoning_ended: bool | None = None,
+        *,
+        cache_salt: str | None = None,
     ) -> AsyncGenerator[list[Delta]]:
         """Stream the request's deltas, one list per engine step. Closing the generator (or cancelling
         the task iterating it) aborts the request in the engine. ``reasoning_ended`` tells an engine
-        with a reasoning parser whether the prompt already closed the reasoning (None: it checks)."""
+        with a reasoning parser whether the prompt already closed the reasoning (None: it checks).
+        Prefix-cache entries are shared only between requests of the same ``cache_salt``."""
         ...
 
     def stats(self) -> EngineStats: ...

@@ -141,7 +141,11 @@ class JobRunner:
             # Its prompt's turn to enter the engine (see worker.prefill_gate).
             async with self._gate.job(job.tenant, sampling.max_tokens) as entry:
                 stream = self._engine.generate(
-                    job.id, job.prompt_token_ids + prior, sampling, reasoning_ended=job.reasoning_ended
+                    job.id,
+                    job.prompt_token_ids + prior,
+                    sampling,
+                    reasoning_ended=job.reasoning_ended,
+                    cache_salt=job.cache_salt,
                 )
                 async with contextlib.aclosing(stream):  # leaving early (e.g. ClaimLost) aborts it
                     async for deltas in stream:

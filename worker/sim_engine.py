@@ -142,6 +142,8 @@ class SimEngine:
         prompt_token_ids: Sequence[int],
         sampling: Sampling,
         reasoning_ended: bool | None = None,
+        *,
+        cache_salt: str | None = None,  # no prefix cache here: nothing to keep apart
     ) -> AsyncGenerator[list[Delta]]:
         """Stream the request's deltas, one list per step (or several steps' worth when the consumer
         was slower). Closing the generator or cancelling its consumer drops the request at once."""

@@ -302,6 +302,8 @@ class VLLMEngine:
         prompt_token_ids: Sequence[int],
         sampling: Sampling,
         reasoning_ended: bool | None = None,
+        *,
+        cache_salt: str | None = None,
     ) -> AsyncGenerator[list[Delta]]:
         """Stream the request's deltas, one list per engine step holding each choice that advanced.
 
@@ -321,7 +323,7 @@ class VLLMEngine:
 
         # An already-rendered token input: a raw ``TokensPrompt`` takes the same path after a
         # detour through the renderer that vLLM 0.32 logs as deprecated. Both validate the ids.
-        prompt = tokens_input(list(prompt_token_ids))
+        prompt = tokens_input(list(prompt_token_ids), cache_salt=cache_salt)
         stream = self._llm.generate(prompt, params, request_id, reasoning_ended=reasoning_ended)
         with_logprobs = params.logprobs is not None
         try:
