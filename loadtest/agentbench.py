@@ -295,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
             "many tokens as BODY's answers had on that server in that round: BODY's baseline (a "
             f"`plain@BODY`'s own is `plain`). Medians of {args.repeat} round(s), one server at a time, "
             "servers in alternating order. TTFT is to the first chunk with a choice: vLLM sends the "
-            "role alone first, Switchyard with the first text or tool-call delta it relays.",
+            "role alone with the first token, Switchyard its first chunk with the first tokens its "
+            "worker relays (gathered for up to 40 ms).",
             "",
             *(f"- `{t.name}`: `{shlex.join(t.argv)}`" for t in servers),
             "",
