@@ -197,6 +197,7 @@ async def entries_added(redis: Redis, system: System) -> int:
         ({"n": 99}, "n"),
         ({"extra_body": {"frobnicate": True}}, "frobnicate"),
         ({"extra_body": {"min_tokens": 50}, "max_tokens": 5}, "min_tokens"),
+        ({"n": 2, "temperature": 0}, "n"),
         ({"max_tokens": MAX_MODEL_LEN}, "messages"),
         ({"extra_body": {"stop_token_ids": [10**6]}}, "stop_token_ids"),
     ],
