@@ -1,4 +1,5 @@
-# One image for every Switchyard role (gateway, worker, jobs, key management), with vLLM's CPU build.
+# One image for every Switchyard role (gateway, worker, background, key management), with vLLM's CPU
+# build, run as the unprivileged user 10001.
 # For NVIDIA hosts build with --build-arg ENGINE=gpu (vLLM's CUDA build from PyPI).
 #
 #   docker build -t switchyard .                     # or: docker compose build
@@ -61,10 +62,23 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     # Each role's entry module, so that a package missing above fails the build, not the container.
     && python -c "import vllm, shared, api, serving, scaling, batch.role, gateway.app, worker.main, control.cli"
 
+# Every role runs as an unprivileged user with a fixed uid (Kubernetes' runAsNonRoot can check a
+# number, not a name), and may run with a read-only root file system: it writes only to the model
+# cache, the files directory (both volumes, which take their owner from these directories when they
+# are first mounted) and /tmp, which is also HOME (vLLM, torch and Triton keep caches and compiled
+# kernels there): one scratch directory to mount writable, and one whose mode (1777) a tmpfs mounted
+# over it keeps. After the layers above, so that adding the user rebuilds none of them.
+RUN groupadd --system --gid 10001 switchyard \
+    && useradd --system --uid 10001 --gid switchyard --home-dir /tmp --no-create-home \
+        --shell /usr/sbin/nologin switchyard \
+    && mkdir -p /var/cache/switchyard /var/lib/switchyard/files \
+    && chown switchyard:switchyard /var/cache/switchyard /var/lib/switchyard/files
 # Models (the demo model included) and tokenizers are cached here; mount a volume to keep them. Set
 # only now: during the build, pip's cache must stay in the cache mount above, not move here.
-ENV HF_HOME=/var/cache/switchyard/hf \
+ENV HOME=/tmp \
+    HF_HOME=/var/cache/switchyard/hf \
     XDG_CACHE_HOME=/var/cache/switchyard
 VOLUME /var/cache/switchyard
+USER 10001:10001
 EXPOSE 8000 9101
 CMD ["switchyard", "--help"]

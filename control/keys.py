@@ -13,7 +13,7 @@ from redis.exceptions import RedisError
 
 from batch.revocation import remove_tenant
 from control.processes import StartupError
-from shared.settings import GatewaySettings, RedisSettings
+from shared.settings import GatewaySettings, RedisSettings, redact_url
 from shared.tenants import Tenant, TenantStore, key_id_of, new_key
 
 T = TypeVar("T")
@@ -25,7 +25,7 @@ def _with_store(settings: RedisSettings, work: Callable[[TenantStore], Awaitable
         try:
             return await work(TenantStore(redis, settings.names))
         except (RedisError, OSError) as exc:
-            raise StartupError(f"cannot reach Redis at {settings.redis_url}: {exc}") from exc
+            raise StartupError(f"cannot reach Redis at {redact_url(settings.redis_url)}: {exc}") from exc
         finally:
             await redis.aclose()
 

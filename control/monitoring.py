@@ -138,13 +138,14 @@ class Monitoring:
                 f"port {self.port} for Prometheus is in use; choose another with --prometheus-port"
             ) from exc
 
-    def start(self, gateway_host: str, gateway_port: int, worker_ports: list[int]) -> None:
-        """Scrape the gateway and the local workers' metrics ports, with the alert rules."""
+    def start(self, gateway_host: str, gateway_metrics_port: int, worker_ports: list[int]) -> None:
+        """Scrape the gateway's and the local workers' metrics ports, with the alert rules."""
         if self.port is None or self.binary is None:
             return
         host = "127.0.0.1" if gateway_host in ("0.0.0.0", "::", "") else gateway_host
         workers = [f"127.0.0.1:{p}" for p in worker_ports]
-        self.server = Prometheus([f"{host}:{gateway_port}"], workers, port=self.port, binary=self.binary)
+        gateways = [f"{host}:{gateway_metrics_port}"]
+        self.server = Prometheus(gateways, workers, port=self.port, binary=self.binary)
         self.server.start()
 
     def describe(self) -> str:

@@ -29,7 +29,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def check_port_free(host: str, port: int) -> None:
+def check_port_free(host: str, port: int, flag: str = "--port") -> None:
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -37,7 +37,7 @@ def check_port_free(host: str, port: int) -> None:
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise StartupError(
-                    f"port {port} on {host} is already in use; pick another with --port"
+                    f"port {port} on {host} is already in use; pick another with {flag}"
                 ) from exc
             raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
 

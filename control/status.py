@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared.fleet import Snapshot, StreamStatus, gather
-from shared.settings import GatewaySettings
+from shared.settings import GatewaySettings, redact_url
 
 CLEAR_SCREEN = "\x1b[H\x1b[2J"
 
@@ -125,7 +125,8 @@ async def _status(settings: GatewaySettings, json_out: bool, watch: float | None
             try:
                 snap = await gather(redis, settings.names, settings.worker_ttl)
             except (RedisError, OSError) as exc:
-                raise ConnectionError(f"cannot read Redis at {settings.redis_url}: {exc}") from exc
+                where = redact_url(settings.redis_url)
+                raise ConnectionError(f"cannot read Redis at {where}: {exc}") from exc
             if json_out:
                 print(json.dumps(as_json(snap)), flush=True)  # one document a line under --watch
             else:

@@ -36,15 +36,16 @@ from control.processes import StartupError, answers_ok, check_port_free, free_po
 from control.redis_server import EmbeddedRedis
 from control.serve import check_redis
 from scaling.local import LocalAutoscaler
-from shared.settings import GatewaySettings, WorkerSettings
+from shared.settings import GatewaySettings, WorkerSettings, redact_url
 from worker.main import DEMO_KV_CACHE_GIB, DEMO_MODELS, WorkerStartError, resolve_model
 from worker.vllm_engine import cpu_build, cpu_kv_cache_bytes, model_threads, usable_cpus, weight_bytes
 
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 600.0
-WORKER_METRICS_PORT = 9101
-"""Worker i (from 1) serves /metrics on this port + i - 1, or on a free port when that one is taken."""
+METRICS_PORT = 9100
+"""The gateway serves /metrics and /scaling on this port, and worker i (from 1) its metrics on this
+port + i; each on a free port instead when its own is taken."""
 TICK = 0.5
 BACKGROUND_DRAIN = 5.0
 
@@ -80,6 +81,8 @@ class Supervisor:
         self.redis: EmbeddedRedis | None = None
         self.children = Children()
         self.metrics_ports: list[int] = []
+        """Each worker's metrics port (the gateway's is its settings' metrics_port)."""
+        self._metrics_base = gateway.metrics_port or METRICS_PORT
         self.monitoring = monitoring or Monitoring(None)
         self.dev_key: str | None = None
         self._signals: list[int] = []
@@ -89,6 +92,11 @@ class Supervisor:
     @property
     def base_url(self) -> str:
         return f"http://{self.gateway.host}:{self.gateway.port}"
+
+    @property
+    def internal_url(self) -> str:
+        """Where the gateway serves /metrics and /scaling."""
+        return f"http://{self.gateway.host}:{self.gateway.metrics_port}"
 
     def run(self) -> None:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -119,6 +127,8 @@ class Supervisor:
         else:
             check_redis(self.gateway)
         self.worker = self._resolve_model(self.worker)
+        gateway_metrics = metrics_port(self._metrics_base, [self.gateway.port])
+        self.gateway = self.gateway.model_copy(update={"metrics_port": gateway_metrics})
         if self.gateway.auth:
             self.dev_key = ensure_dev_key(self.gateway)
         for _ in range(self.workers):
@@ -140,7 +150,7 @@ class Supervisor:
         self.children.add(Child("background", self._argv("background"), self._env(background)))
         self._wait_ready()
         self._keep_off_engine_cores()
-        self.monitoring.start(self.gateway.host, self.gateway.port, self.metrics_ports)
+        self.monitoring.start(self.gateway.host, self.gateway.metrics_port, self.metrics_ports)
 
     def _start_redis(self, port: int) -> None:
         # An append-only file, so that a Redis that crashed is started again with its data.
@@ -185,9 +195,8 @@ class Supervisor:
         """Start one more worker (its metrics on the next port)."""
         self._worker_index += 1
         name = f"worker-{self._worker_index}"
-        port = metrics_port(
-            (self.worker.metrics_port or WORKER_METRICS_PORT) + self._worker_index - 1, self.metrics_ports
-        )
+        taken = [self.gateway.port, self.gateway.metrics_port, *self.metrics_ports]
+        port = metrics_port(self._metrics_base + self._worker_index, taken)
         self.metrics_ports.append(port)
         env = self._env({**self.worker.environment(), "SWITCHYARD_METRICS_PORT": str(port)})
         if self._share_cpus:  # workers on one CPU host split its cores instead of each taking all
@@ -276,7 +285,7 @@ class Supervisor:
 
     def _announce(self) -> None:
         model = self.worker.served_model_name or self.worker.model
-        redis = self.redis.url if self.redis else self.gateway.redis_url
+        redis = redact_url(self.redis.url if self.redis else self.gateway.redis_url)
         key = self.dev_key or "none"
         auth = (
             f"API key (tenant 'dev', kept in {dev_key_file()}):\n  {key}\n"
@@ -288,7 +297,7 @@ class Supervisor:
         )
         scaling = (
             f"Workers: {self.autoscale.min_workers} to {self.autoscale.max_workers}, by demand "
-            f"(now {self.workers}; see {self.base_url}/scaling)\n"
+            f"(now {self.workers}; see {self.internal_url}/scaling)\n"
             if self.autoscale
             else ""
         )
@@ -297,7 +306,7 @@ class Supervisor:
 Switchyard is serving {model} at {self.base_url}/v1   (Redis: {redis})
 {auth}{scaling}
 Metrics (Prometheus):
-  gateway:  {self.base_url}/metrics
+  gateway:  {self.internal_url}/metrics
 {workers}
 {self.monitoring.describe()}Queues and workers: switchyard status --watch 2
 

@@ -11,7 +11,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from serving.usage import Usage, UsageRow
-from shared.settings import GatewaySettings
+from shared.settings import GatewaySettings, redact_url
 
 DURATION = re.compile(r"^(\d+)([smhd])$")
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -65,7 +65,7 @@ def run_usage(settings: GatewaySettings, tenant: str | None, since: int, as_json
             tenants = [tenant] if tenant else await usage.tenants()
             return {t: await usage.read(t, since) for t in tenants}
         except (RedisError, OSError) as exc:
-            raise ConnectionError(f"cannot read Redis at {settings.redis_url}: {exc}") from exc
+            raise ConnectionError(f"cannot read Redis at {redact_url(settings.redis_url)}: {exc}") from exc
         finally:
             await redis.aclose()
 

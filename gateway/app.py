@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -24,6 +24,7 @@ from gateway import batch_api, responses_api
 from gateway.auth import Authenticator
 from gateway.edge import RequestEdge
 from gateway.embeddings import embeddings
+from gateway.internal import internal_app
 from gateway.metrics import ENDPOINTS, GatewayMetrics, RequestCounter, rejection_reason
 from gateway.openapi import (
     AUTH_ERRORS,
@@ -39,7 +40,7 @@ from gateway.openapi import (
 )
 from gateway.probe import QueueProbe
 from gateway.service import Gateway
-from scaling.decision import Decision, Load, Scaler, scaling_policy
+from scaling.decision import Scaler, scaling_policy
 from serving import tokenization
 from serving.admission import Admission, DrainMeter
 from serving.dispatch import Dispatcher, Timeouts
@@ -48,7 +49,7 @@ from serving.path import new_request_id
 from serving.registry import WorkerRegistry
 from serving.replies import ReplyHub
 from serving.tokenizer import TokenizerCache
-from shared.settings import GatewaySettings
+from shared.settings import GatewaySettings, redact_url
 from shared.tenants import Tenant, TenantStore
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             await gateway.admission.prepare()
         except (TimeoutError, RedisError, OSError):
             log.warning(
-                "Redis at %s is not answering yet; requests get 503 until it does", settings.redis_url
+                "Redis at %s is not answering yet; requests get 503 until it does",
+                redact_url(settings.redis_url),
             )
         try:
             yield
@@ -115,38 +117,13 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(responses_api.router())
     install(app, auth=settings.auth, max_n=settings.max_n)
 
-    @app.get("/scaling", include_in_schema=False)
-    def scaling(model: str | None = None) -> JSONResponse:
-        """Workers each model should have, by the scaling decision: what KEDA's metrics-api trigger
-        reads (``valueLocation: desired_workers`` with ``?model=``). No tenant data: no key needed."""
-        rows = {m: scaling_row(load, d) for m, (load, d) in scaler.latest.items()}
-        if model is None:
-            return JSONResponse({"models": rows})
-        if model not in rows:
-            return JSONResponse({"model": model, "desired_workers": 0, "known": False})
-        return JSONResponse({"model": model, "known": True, **rows[model]})
-
-    @app.get("/metrics", include_in_schema=False)
-    def prometheus_metrics() -> Response:  # sync: the multiprocess merge reads files, off the loop
-        body, content_type = metrics.exposition()
-        return Response(body, media_type=content_type)
+    # /metrics and /scaling: on the metrics port only (see gateway.internal), never on this app's.
+    app.state.internal = internal_app(metrics, scaler)
 
     uploads = {"/v1/files": batch_api.upload_cap(settings.file_max_bytes)}
     app.add_middleware(RequestEdge, max_body=settings.max_body_bytes, new_id=new_request_id, streamed=uploads)
     app.add_middleware(RequestCounter, metrics=metrics)
     return app
-
-
-def scaling_row(load: Load, decision: Decision) -> dict[str, Any]:
-    return {
-        "desired_workers": decision.desired,
-        "reason": decision.reason,
-        "workers": load.workers,
-        "waiting": load.waiting,
-        "running": load.running,
-        "capacity": load.capacity,
-        "drain_rate": round(load.drain_rate, 3),
-    }
 
 
 def app_from_env() -> FastAPI:
@@ -257,16 +234,15 @@ def _install_routes(app: FastAPI) -> None:
 
     @app.get("/readyz", response_model=None, responses={200: {"model": Readiness}, 503: {"model": Readiness}})
     async def readyz(request: Request) -> JSONResponse:
-        """Ready means fast: Redis answers, a live worker serves a model and its tokenizer is loaded."""
-        gw = _gateway(request)
+        """Ready means fast: Redis answers, a live worker serves a model and its tokenizer is loaded.
+        Anyone may ask, so the answer names no model and no address (the log has the details)."""
         try:
-            reason = await gw.unready()
-            models = await gw.registry.models()
-        except (RedisError, OSError) as exc:
-            return JSONResponse({"status": "unready", "reason": f"redis: {exc}"}, status_code=503)
+            reason = await _gateway(request).unready()
+        except (RedisError, OSError):
+            reason = "Redis is not answering"
         if reason is not None:
             return JSONResponse({"status": "unready", "reason": reason}, status_code=503)
-        return JSONResponse({"status": "ready", "models": sorted(models)})
+        return JSONResponse({"status": "ready"})
 
 
 def _install_error_handlers(app: FastAPI, metrics: GatewayMetrics) -> None:

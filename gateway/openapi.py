@@ -38,7 +38,6 @@ class Health(BaseModel):
 
 class Readiness(BaseModel):
     status: Literal["ready", "unready"]
-    models: list[str] | None = None
     reason: str | None = None
 
 

@@ -87,9 +87,8 @@ class Gateway:
         models = await self.registry.models()
         if not models:
             return "no live worker"
-        loading = sorted(m.name for m in models.values() if not self.tokenizers.loaded(m.tokenizer))
-        if loading:
-            return f"loading the tokenizer of {', '.join(loading)}"
+        if any(not self.tokenizers.loaded(m.tokenizer) for m in models.values()):
+            return "loading a tokenizer"
         return None
 
     async def resolve(self, request: Request, model: str) -> ModelEntry:

@@ -10,6 +10,7 @@ import importlib
 import sys
 
 STUDIES = {
+    "agentbench": "tool calls and JSON schemas at 64 streams beside plain chat, Switchyard and vLLM's server",
     "affinity": "prefix affinity on multi-turn conversations, two vLLM workers, with and without it",
     "autoscale": "a burst sent while a model has no worker: workers come, the burst completes, they go",
     "batchbench": "a Batch API batch beside interactive traffic, and what it costs that traffic",
@@ -17,6 +18,7 @@ STUDIES = {
     "compare": "Switchyard against vLLM's own server: same model, same engine settings (make bench)",
     "defaults": "`vllm serve` as shipped against `switchyard up` as shipped, with vLLM's client",
     "fairness": "how much one tenant flooding the system slows another tenant's first token",
+    "parity": "Switchyard's answers against vLLM's own server's, body by body: shapes, finish reasons, text",
     "pathcost": "CPU time per 1,000 output tokens of each part of the serving path",
     "scale": "output tokens/s and balance of 1 to 16 simulated workers behind one gateway",
     "sweep": "Locust at a sweep of concurrency levels against one or two running servers",

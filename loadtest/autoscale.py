@@ -6,9 +6,9 @@ burst completes, workers go.
 
 Starts ``switchyard up --autoscale 0:MAX`` on free ports, waits until it has scaled to zero, sends
 ``--requests`` streamed requests at once, samples the model's backlog, workers and completed
-requests every ``--every`` seconds from the gateway's ``/scaling`` until it is back at zero, and
-writes ``timeline.json``, ``timeline.png`` and ``summary.md`` to ``--out``. Every request must end
-with its full output: the study fails otherwise.
+requests every ``--every`` seconds from the gateway's ``/scaling`` (on its metrics port) until it
+is back at zero, and writes ``timeline.json``, ``timeline.png`` and ``summary.md`` to ``--out``.
+Every request must end with its full output: the study fails otherwise.
 """
 
 from __future__ import annotations
@@ -58,8 +58,10 @@ class Burst:
         )
 
 
-async def scaling(http: httpx.AsyncClient, model: str) -> dict[str, float]:
-    body: dict[str, float] = (await http.get("/scaling", params={"model": model})).json()
+async def scaling(http: httpx.AsyncClient, internal_url: str, model: str) -> dict[str, float]:
+    """The gateway's scaling figures for ``model``, from its metrics port (``internal_url``)."""
+    reply = await http.get(f"{internal_url}/scaling", params={"model": model})
+    body: dict[str, float] = reply.raise_for_status().json()
     return body
 
 
@@ -107,7 +109,14 @@ async def one(http: httpx.AsyncClient, key: str, model: str, burst: Burst) -> No
 
 
 async def watch_burst(
-    base_url: str, redis_url: str, key: str, model: str, burst: Burst, every: float, settle: float
+    base_url: str,
+    internal_url: str,
+    redis_url: str,
+    key: str,
+    model: str,
+    burst: Burst,
+    every: float,
+    settle: float,
 ) -> list[Sample]:
     """Send the burst, sample until every request ended and the model is back at zero workers (or
     ``settle`` seconds after the last request ended), and return the timeline."""
@@ -119,7 +128,7 @@ async def watch_burst(
         ended_at = None
         while True:
             waiting, running, workers = await fleet(redis, model)
-            desired = int((await scaling(http, model)).get("desired_workers", 0))
+            desired = int((await scaling(http, internal_url, model)).get("desired_workers", 0))
             now = time.monotonic()
             samples.append(
                 Sample(
@@ -197,9 +206,12 @@ def summary(args: argparse.Namespace, burst: Burst, samples: list[Sample], to_ze
     )
 
 
-def up_flags(args: argparse.Namespace, port: int, redis_port: int) -> tuple[list[str], dict[str, str]]:
+def up_flags(
+    args: argparse.Namespace, port: int, redis_port: int, metrics_port: int
+) -> tuple[list[str], dict[str, str]]:
     """``switchyard up --autoscale 0:MAX`` as this run wants it: its flags and settings."""
     flags = ["--autoscale", f"0:{args.max}", "--port", str(port), "--redis-port", str(redis_port)]
+    flags += ["--metrics-port", str(metrics_port)]
     flags += ["--capacity", str(args.capacity), "--engine", args.engine]
     if args.engine == "sim":
         flags += ["--sim-preset", args.sim_preset]
@@ -233,10 +245,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    port, redis_port = free_port(), free_port()
+    port, redis_port, metrics_port = free_port(), free_port(), free_port()
     log = args.out / "up.log"
-    base = f"http://127.0.0.1:{port}"
-    flags, env = up_flags(args, port, redis_port)
+    base, internal = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}"
+    flags, env = up_flags(args, port, redis_port, metrics_port)
     try:
         with runner.serving(runner.up("switchyard up", flags, env, port), log):
             key = (args.out / "config" / "switchyard" / "dev-key").read_text().strip()
@@ -245,7 +257,9 @@ def main(argv: list[str] | None = None) -> int:
             redis_url = f"redis://127.0.0.1:{redis_port}/0"
             to_zero = asyncio.run(until_zero(redis_url, model, 300))
             burst = Burst(args.requests, args.tokens)
-            samples = asyncio.run(watch_burst(base, redis_url, key, model, burst, args.every, settle=120))
+            samples = asyncio.run(
+                watch_burst(base, internal, redis_url, key, model, burst, args.every, settle=120)
+            )
     except runner.ServerError as exc:
         print(exc, file=sys.stderr)
         return 1

@@ -77,6 +77,7 @@ import httpx
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from control.processes import free_port
 from loadtest import bench, fairreport, proctree, runner, simfleet
 from loadtest.benchreport import (
     DEFAULT_TIMEOUT_S,
@@ -88,7 +89,7 @@ from loadtest.benchreport import (
 from loadtest.report import write_raw
 from shared.fleet import gather
 from shared.names import Names
-from shared.settings import RedisSettings
+from shared.settings import RedisSettings, redact_url
 from shared.tenants import Tenant, TenantStore
 
 FLOODER, VICTIM = "flooder", "victim"  # tenant names when this study creates them
@@ -106,6 +107,8 @@ class Setup:
     redis: RedisSettings | None  # where its queues are, if known
     processes: dict[str, int] = field(default_factory=dict)
     """Its processes (name -> pid of a process tree), when started here: their CPU is reported."""
+    metrics_url: str | None = None
+    """The gateway's ``/metrics`` (on its metrics port), if known: the gateway's own timings."""
 
 
 class QueueProbe:
@@ -124,7 +127,7 @@ class QueueProbe:
         if tenants[0] is None or tenants[1] is None:
             await redis.aclose()
             raise RuntimeError(
-                f"--key-a/--key-b are not keys of tenants in {settings.redis_url} "
+                f"--key-a/--key-b are not keys of tenants in {redact_url(settings.redis_url)} "
                 f"under prefix {settings.key_prefix!r}"
             )
         return cls(redis, settings.names, model, tenants[0].name, tenants[1].name)
@@ -185,13 +188,14 @@ LAG_METRIC = "switchyard:gateway_event_loop_lag_seconds"
 KINDS = ("queue", "ttft", "lag")
 
 
-async def gateway_totals(client: httpx.AsyncClient, base_url: str, tenant: str) -> dict[str, float] | None:
+async def gateway_totals(client: httpx.AsyncClient, url: str | None, tenant: str) -> dict[str, float] | None:
     """Sums, counts and bucket counts of the gateway's queue-time and TTFT histograms for ``tenant``
-    (every model) and of its event-loop lag, or None when the gateway exposes no metrics (e.g. not
-    a Switchyard gateway)."""
+    (every model) and of its event-loop lag, from its ``/metrics`` at ``url``; None when that is
+    unknown or answers nothing (e.g. not a Switchyard gateway)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    url = base_url.rstrip("/").removesuffix("/v1") + "/metrics"
+    if url is None:
+        return None
     try:
         resp = await client.get(url)
         resp.raise_for_status()
@@ -443,7 +447,7 @@ async def run_phases(args: argparse.Namespace, setup: Setup) -> fairreport.Fairn
             victim_name = probe.victim if probe else VICTIM
 
             async def totals() -> dict[str, float] | None:
-                return await gateway_totals(client_b, setup.base_url, victim_name)
+                return await gateway_totals(client_b, setup.metrics_url, victim_name)
 
             print(f"phase 1: B alone, {cfg_b.concurrency} streams, {args.duration:.0f} s", flush=True)
             before, cpu = await totals(), proctree.cpu_seconds(setup.processes)
@@ -498,15 +502,18 @@ def run_started_system(args: argparse.Namespace) -> fairreport.FairnessReport:
     """Start ``switchyard up`` with a small capacity, run both phases, always stop it."""
     model_dir, args.model_name = runner.resolve_model(args.model_dir, args.model_name)
     log = args.log or Path(tempfile.mkdtemp(prefix="switchyard-fairness-")) / "system.log"
+    metrics_port = free_port()  # where up's gateway serves /metrics (its workers: the ports after it)
     with runner.switchyard_system(
-        model_dir, args.model_name, args.capacity, args.workers, log, args.ready_timeout
-    ) as system:
+        model_dir, args.model_name, args.capacity, args.workers, log, args.ready_timeout,
+        env={"SWITCHYARD_METRICS_PORT": str(metrics_port)},
+    ) as system:  # fmt: skip
         redis = RedisSettings(redis_url=system.redis_url)  # the prefix as the system reads it: env
         key_a, key_b = runner.add_tenants(
             redis, Tenant(name=FLOODER, priority=args.flooder_priority), Tenant(name=VICTIM)
         )
         base_url, pid = system.target.base_url, system.proc.pid
-        setup = Setup(base_url, args.model_name, key_a, key_b, redis, {"system": pid})
+        metrics = f"http://127.0.0.1:{metrics_port}/metrics"
+        setup = Setup(base_url, args.model_name, key_a, key_b, redis, {"system": pid}, metrics)
         return bench.run_on_loop(run_phases(args, setup), not args.no_uvloop)
 
 
@@ -527,7 +534,10 @@ def run_simulated_system(args: argparse.Namespace) -> fairreport.FairnessReport:
         key_a = fleet.add_tenant(FLOODER, args.flooder_priority)
         key_b = fleet.add_tenant(VICTIM)
         redis = fleet.settings
-        setup = Setup(f"{fleet.base_url}/v1", spec.served_name, key_a, key_b, redis, fleet.processes())
+        setup = Setup(
+            f"{fleet.base_url}/v1", spec.served_name, key_a, key_b, redis, fleet.processes(),
+            fleet.gateway_metrics_url,
+        )  # fmt: skip
         return bench.run_on_loop(run_phases(args, setup), not args.no_uvloop)
 
 
@@ -537,7 +547,7 @@ def run_given_system(args: argparse.Namespace) -> fairreport.FairnessReport:
     if args.redis_url:
         prefix = {"key_prefix": args.key_prefix} if args.key_prefix else {}
         redis = RedisSettings(redis_url=args.redis_url, **prefix)
-    setup = Setup(args.base_url, model, args.key_a, args.key_b, redis)
+    setup = Setup(args.base_url, model, args.key_a, args.key_b, redis, metrics_url=args.metrics_url)
     return bench.run_on_loop(run_phases(args, setup), not args.no_uvloop)
 
 
@@ -549,6 +559,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--key-b", help="with --base-url: the victim tenant's key")
     add("--redis-url", help="with --base-url: its Redis, for the queue figures")
     add("--key-prefix", help="with --redis-url: its prefix (default: switchyard)")
+    add("--metrics-url", help="with --base-url: its gateway's /metrics (on the gateway's metrics port), "
+        "for the gateway's own queue-time and TTFT figures")  # fmt: skip
     add("--model-dir", type=Path, help="default: the demo model (built if missing)")
     add("--model-name", help="served model name (default: the demo's, the directory's, or the first listed)")
     add("--capacity", type=int, default=16, help="jobs each started worker runs at once (default: 16)")
@@ -610,8 +622,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--duration must be > 0, --lead and --warmup >= 0")
     if args.base_url is not None and not (args.key_a and args.key_b):
         p.error("--base-url needs --key-a and --key-b")
-    if args.base_url is None and (args.key_a or args.key_b or args.redis_url or args.key_prefix):
-        p.error("--key-a, --key-b, --redis-url and --key-prefix go with --base-url")
+    if args.base_url is None and (
+        args.key_a or args.key_b or args.redis_url or args.key_prefix or args.metrics_url
+    ):
+        p.error("--key-a, --key-b, --redis-url, --key-prefix and --metrics-url go with --base-url")
     return args
 
 

@@ -75,12 +75,17 @@ class SimFleet:
         self.names = Names()
         self.redis = EmbeddedRedis()
         self.port = free_port()
+        self.metrics_port = free_port()
         self.gateway: Proc | None = None
         self.workers: list[Proc] = []
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def gateway_metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     @property
     def redis_url(self) -> str:
@@ -114,7 +119,11 @@ class SimFleet:
         self.redis.start()
         for index in range(1, self.spec.workers + 1):
             self.workers.append(self._start_worker(index))
-        gateway_env = {"SWITCHYARD_PORT": str(self.port), **self.spec.gateway_env}
+        gateway_env = {
+            "SWITCHYARD_PORT": str(self.port),
+            "SWITCHYARD_METRICS_PORT": str(self.metrics_port),
+            **self.spec.gateway_env,
+        }
         self.gateway = self._spawn("gateway", "gateway", gateway_env)
         everyone = [self.gateway, *self.workers]
 

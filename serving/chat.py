@@ -326,7 +326,8 @@ def _structured(request: EngineRequest, body: ChatCompletionRequest) -> Structur
         validate_xgrammar_grammar(SamplingParams(structured_outputs=replace(params)))
     except (VLLMValidationError, ValueError, TypeError, RuntimeError) as exc:
         raise InvalidRequest(
-            f"the engine cannot hold the answer to this {param}: {exc}", param=param
+            f"the engine cannot hold the answer to this {param}: {_BACKEND_NOISE.sub('', str(exc)).strip()}",
+            param=param,
         ) from exc
     return _wire(params)
 

@@ -199,8 +199,7 @@ class JobBuilder:
         room = fit_context(len(prompt), max_tokens, entry.max_model_len, param)
         if max_tokens is None:
             max_tokens = default_output(room, len(prompt), body.n, tenant.tpm)
-        if body.min_tokens > max_tokens:
-            raise InvalidRequest("min_tokens must not exceed max_tokens", param="min_tokens")
+        check_sampling(body, max_tokens)
         salt = cache_salt(tenant, self.cache_scope)
         sampling = body.to_sampling(max_tokens, **(decided or {}))
         return Job(
@@ -264,6 +263,19 @@ def generation_only(entry: ModelEntry, api: str) -> None:
             f"The model '{entry.name}' is an embedding model and does not support the {api} API",
             param="model",
         )
+
+
+GREEDY_BELOW = 1e-5
+"""vLLM's bound: a temperature below it is greedy decoding, which has one answer to give."""
+
+
+def check_sampling(body: GenerationRequest, max_tokens: int) -> None:
+    """Refuse, before enqueueing, what vLLM's sampling parameters refuse across fields: the engine
+    would refuse it only once the job is running, when a stream has already answered 200."""
+    if body.min_tokens > max_tokens:
+        raise InvalidRequest("min_tokens must not exceed max_tokens", param="min_tokens")
+    if body.n > 1 and body.temperature is not None and body.temperature < GREEDY_BELOW:
+        raise InvalidRequest(f"n must be 1 with greedy decoding (temperature 0), got {body.n}", param="n")
 
 
 def check_token_ids(tokens: PromptBuilder, body: GenerationRequest) -> None:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
+from urllib.parse import SplitResult, parse_qsl, quote, unquote, urlencode, urlsplit
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.names import Names
@@ -16,26 +17,107 @@ SimPreset = Literal["l4", "a100", "h100", "cpu-demo"]
 
 
 class RedisSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SWITCHYARD_", extra="ignore", populate_by_name=True)
+    # A setting that fails validation is named in the error, its value never shown: it may be a
+    # URL with a password.
+    model_config = SettingsConfigDict(
+        env_prefix="SWITCHYARD_", extra="ignore", populate_by_name=True, hide_input_in_errors=True
+    )
 
     redis_url: str = Field(
         default="redis://127.0.0.1:6379/0",
         validation_alias="REDIS_URL",
+        # A password in it is shown nowhere: every message prints redact_url(redis_url).
+        repr=False,
         description="Redis every gateway and worker shares.",
     )
+    redis_password: SecretStr | None = Field(
+        default=None,
+        description=(
+            "Password Redis requires, kept apart from REDIS_URL (e.g. in a Kubernetes Secret); used "
+            "when the URL carries none."
+        ),
+    )
     key_prefix: str = Field(default="switchyard", description="Prefix of every Redis name.")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _parses(cls, url: str) -> str:
+        try:
+            urlsplit(url).port  # noqa: B018 - raises for what is no port, e.g. a password's stray "/"
+        except ValueError:
+            raise ValueError(
+                "not a Redis URL (a password in it must be percent-encoded, or given apart in "
+                "SWITCHYARD_REDIS_PASSWORD)"
+            ) from None
+        return url
+
+    @model_validator(mode="after")
+    def _password_in_url(self) -> Self:
+        """Every client connects with ``redis_url`` alone: a password given apart goes into it."""
+        if self.redis_password is not None and self.redis_password.get_secret_value():
+            self.redis_url = with_password(self.redis_url, self.redis_password.get_secret_value())
+        return self
 
     @property
     def names(self) -> Names:
         return Names(self.key_prefix)
 
     def environment(self) -> dict[str, str]:
-        """These settings as the environment variables a process started with them reads."""
+        """These settings as the environment variables a process started with them reads (the
+        password inside REDIS_URL, where these settings keep it)."""
         env = {}
-        for name, value in self.model_dump(exclude_none=True).items():
+        for name, value in self.model_dump(exclude_none=True, exclude={"redis_password"}).items():
             key = "REDIS_URL" if name == "redis_url" else f"SWITCHYARD_{name.upper()}"
             env[key] = str(value).lower() if isinstance(value, bool) else str(value)
         return env
+
+
+REDACTED = "***"
+
+
+def redact_url(url: str) -> str:
+    """``url`` fit to log, print or show: a password in it (``user:password@`` or ``?password=``)
+    replaced by ``***``. Every message that names a Redis URL goes through here."""
+    parts = urlsplit(url)
+    netloc, query = parts.netloc, parts.query
+    if parts.password is not None:
+        userinfo, _, host = netloc.rpartition("@")
+        netloc = f"{userinfo.partition(':')[0]}:{REDACTED}@{host}"
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if any(k == "password" for k, _ in pairs):
+        query = urlencode([(k, REDACTED if k == "password" else v) for k, v in pairs], safe="*")
+    return _join(parts, netloc, query)
+
+
+def split_credentials(url: str) -> tuple[str, str | None, str | None]:
+    """``url`` without its user name and password, and those two (None where absent): for
+    programs that take the secret another way than on their command line."""
+    parts = urlsplit(url)
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    password = unquote(parts.password) if parts.password is not None else dict(pairs).get("password")
+    username = unquote(parts.username) if parts.username else dict(pairs).get("username")
+    kept = [(k, v) for k, v in pairs if k not in ("password", "username")]
+    query = urlencode(kept) if len(kept) < len(pairs) else parts.query
+    return _join(parts, parts.netloc.rpartition("@")[2], query), username or None, password or None
+
+
+def with_password(url: str, password: str) -> str:
+    """``url`` carrying ``password``, unless it carries one already (the URL's own wins)."""
+    parts = urlsplit(url)
+    if parts.password is not None or "password" in dict(parse_qsl(parts.query)):
+        return url
+    userinfo, at, host = parts.netloc.rpartition("@")
+    user = userinfo if at else ""
+    return _join(parts, f"{user}:{quote(password, safe='')}@{host}", parts.query)
+
+
+def _join(parts: SplitResult, netloc: str, query: str) -> str:
+    """A Redis URL from its parts (``unix://`` keeps its two slashes, which urlunsplit drops)."""
+    return (
+        f"{parts.scheme}://{netloc}{parts.path}"
+        + (f"?{query}" if query else "")
+        + (f"#{parts.fragment}" if parts.fragment else "")
+    )
 
 
 class GatewaySettings(RedisSettings):
@@ -43,6 +125,14 @@ class GatewaySettings(RedisSettings):
     port: int = Field(default=8000, description="Gateway port.")
     processes: int = Field(
         default=1, ge=1, description="Gateway processes sharing the port (metrics summed over them)."
+    )
+    metrics_port: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "Port of the gateway's Prometheus /metrics and of /scaling (what KEDA reads), apart from "
+            "the API's so that only monitoring reaches them; 0: neither is served."
+        ),
     )
     ping_interval: float = Field(default=10.0, gt=0, description="Seconds between SSE keep-alives.")
     request_timeout: float = Field(
@@ -219,6 +309,12 @@ class GatewaySettings(RedisSettings):
             "`previous_response_id`; Redis holds it in memory."
         ),
     )
+
+    @model_validator(mode="after")
+    def _ports_apart(self) -> Self:
+        if self.metrics_port and self.metrics_port == self.port:
+            raise ValueError("the metrics port must not be the API's port: metrics are not for clients")
+        return self
 
     def tenant_defaults(self) -> TenantDefaults:
         return TenantDefaults(

@@ -41,6 +41,8 @@ class System:
     logs: Path
     api_key: str
     worker_metrics_url: str
+    gateway_metrics_url: str
+    """The gateway's /metrics, on its metrics port (/scaling beside it)."""
     files_dir: Path
     """Where the session's gateway (and any background jobs process of the tests) keep files."""
 
@@ -92,7 +94,7 @@ def system(
     redis_server: EmbeddedRedis, demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[System]:
     logs = tmp_path_factory.mktemp("logs")
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port, gateway_metrics_port = free_port(), free_port(), free_port()
     names = Names(PREFIX)
     key = asyncio.run(create_tenant(redis_server.url, names, Tenant(name="main")))
     sys_ = System(
@@ -104,6 +106,7 @@ def system(
         logs=logs,
         api_key=key,
         worker_metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
+        gateway_metrics_url=f"http://127.0.0.1:{gateway_metrics_port}/metrics",
         files_dir=tmp_path_factory.mktemp("files"),
     )
     worker_log, gateway_log = logs / "worker.log", logs / "gateway.log"
@@ -113,6 +116,7 @@ def system(
         "gateway",
         sys_.env(
             SWITCHYARD_PORT=str(port),
+            SWITCHYARD_METRICS_PORT=str(gateway_metrics_port),
             SWITCHYARD_PING_INTERVAL="0.5",
             SWITCHYARD_WORKER_TTL="3",
             SWITCHYARD_RESUME_GRACE=str(RESUME_GRACE),

@@ -23,10 +23,19 @@ DOCKERFILE = ROOT / "Dockerfile"
 PROMETHEUS = ROOT / "monitoring" / "prometheus-compose.yml"
 
 
+REQUIRED = "given-by-the-user"
+"""What a variable compose.yaml requires (``${NAME:?message}``) stands for here."""
+
+
 def with_defaults(text: str) -> str:
-    """compose.yaml as Compose reads it when none of the variables it names is set: each
-    ``${NAME:-default}`` becomes its default (``${NAME}`` becomes empty)."""
-    return re.sub(r"\$\{\w+(?::?-([^}]*))?\}", lambda m: m[1] or "", text)
+    """compose.yaml as Compose reads it when only the variables it requires are set: each
+    ``${NAME:-default}`` becomes its default (``${NAME}`` becomes empty), each ``${NAME:?message}``
+    :data:`REQUIRED`."""
+
+    def value(m: re.Match[str]) -> str:
+        return REQUIRED if m[2] is not None else m[1] or ""
+
+    return re.sub(r"\$\{\w+(?::?-([^}]*)|:?\?([^}]*))?\}", value, text)
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +74,10 @@ def test_workers_scale_and_are_found_where_prometheus_looks(compose: dict[str, A
     assert jobs["switchyard-worker"]["names"] == ["worker"]
     assert jobs["switchyard-worker"]["port"] == int(worker["environment"]["SWITCHYARD_METRICS_PORT"])
     assert jobs["switchyard-gateway"]["names"] == ["gateway"]
-    assert jobs["switchyard-gateway"]["port"] == int(
-        gateway["command"][gateway["command"].index("--port") + 1]
-    )
-    assert "8000:8000" in gateway["ports"]
+    # The gateway's metrics port, which is not its API's and is not published.
+    api = int(gateway["command"][gateway["command"].index("--port") + 1])
+    assert jobs["switchyard-gateway"]["port"] == int(gateway["environment"]["SWITCHYARD_METRICS_PORT"]) != api
+    assert gateway["ports"] == ["8000:8000"]
 
 
 def test_every_setting_named_is_one_the_code_reads(compose: dict[str, Any]) -> None:
@@ -143,3 +152,102 @@ def test_local_images_are_the_ones_compose_yaml_can_be_pointed_at() -> None:
     )
     assert "ARG BASE_IMAGE=python:3.11-slim" in DOCKERFILE.read_text()
     assert "${SWITCHYARD_BASE_IMAGE:-python:3.11-slim}" in COMPOSE.read_text()
+
+
+SWITCHYARD_SERVICES = ("gateway", "worker", "background")
+CONTEXT_TOKENS = 32_768
+"""The longest prompt a job may carry, in tokens, for the memory budget: a 7B model's context (the
+demo model's is 2,048)."""
+TOKEN_ID_BYTES = 7
+"""A prompt token id in a job's JSON: up to six digits and a comma."""
+REDIS_UNITS = {"": 1, "k": 1000, "kb": 1024, "m": 1000**2, "mb": 1024**2, "g": 1000**3, "gb": 1024**3}
+
+
+def redis_bytes(value: str) -> int:
+    """A Redis memory figure (``2gb``, ``512mb``, ``1000000``) in bytes, as Redis reads it."""
+    found = re.fullmatch(r"(\d+)([kmg]b?)?", value.lower())
+    assert found is not None, value
+    return int(found[1]) * REDIS_UNITS[found[2] or ""]
+
+
+def option(command: list[str], name: str) -> str:
+    return command[command.index(name) + 1]
+
+
+def test_redis_wants_a_password_every_client_has(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    redis = services["redis"]
+    assert option(redis["command"], "--requirepass") == REQUIRED
+    assert redis["environment"]["REDISCLI_AUTH"] == REQUIRED  # redis-cli in it, for operators
+    check = redis["healthcheck"]["test"]  # a CMD-SHELL check is read as its shell command
+    probe = "env -u REDISCLI_AUTH redis-cli ping | grep -q -e PONG -e NOAUTH"  # see compose.yaml
+    assert probe in (check if isinstance(check, str) else " ".join(check))
+    for name in SWITCHYARD_SERVICES:
+        env = services[name]["environment"]
+        assert env["SWITCHYARD_REDIS_PASSWORD"] == REQUIRED, name
+        assert "@" not in env["REDIS_URL"], "the password stays out of the URL"
+    # No default password: Compose refuses to start until one is set.
+    text = COMPOSE.read_text()
+    uses = re.findall(r"\$\{SWITCHYARD_REDIS_PASSWORD(:?.)?", text)
+    assert uses and set(uses) == {":?"}, uses
+
+
+def test_only_the_gateway_is_published(compose: dict[str, Any]) -> None:
+    published = {name: s["ports"] for name, s in compose["services"].items() if s.get("ports")}
+    assert published.pop("gateway") == ["8000:8000"]
+    assert set(published) == {"prometheus", "grafana"}
+    for name, ports in published.items():
+        assert all(p.startswith("127.0.0.1:") for p in ports), f"{name} must listen on loopback only"
+    grafana = compose["services"]["grafana"]["environment"]
+    assert grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert grafana["GF_USERS_ALLOW_SIGN_UP"] == "false"
+
+
+def test_every_container_is_unprivileged_and_read_only(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    for name, service in services.items():
+        assert service.get("read_only") is True, name
+        assert service.get("cap_drop") == ["ALL"] and not service.get("cap_add"), name
+        assert "no-new-privileges" in service.get("security_opt", []), name
+    assert services["redis"]["user"] == "redis"
+    # What Switchyard's roles write: their volumes, and vLLM's, torch's and Triton's caches in
+    # /tmp (the image's HOME), which must allow executing the kernels compiled there.
+    text = DOCKERFILE.read_text()
+    home = re.search(r"\bHOME=(\S+)", text)
+    assert home is not None
+    for name in SWITCHYARD_SERVICES:
+        tmpfs = {entry.split(":")[0]: entry for entry in services[name]["tmpfs"]}
+        assert set(tmpfs) == {"/tmp", home[1]}, name
+        assert all("exec" in entry.split(":")[1].split(",") for entry in tmpfs.values()), name
+
+
+def test_the_image_runs_as_a_user_who_owns_its_volumes(compose: dict[str, Any]) -> None:
+    text = DOCKERFILE.read_text()
+    users = re.findall(r"^USER (\d+):(\d+)$", text, flags=re.MULTILINE)
+    assert len(users) == 1 and int(users[0][0]) != 0, "a numeric user, so runAsNonRoot can check it"
+    after = text[text.index("\nUSER ") :]
+    assert "\nRUN " not in after, "build steps run as root, before USER"
+    owned = re.search(r"chown (\d+|switchyard):\S+ ([^\n]+)", text)
+    assert owned is not None
+    targets = {m.split(":")[1] for n in SWITCHYARD_SERVICES for m in compose["services"][n]["volumes"]}
+    # A volume mounted for the first time takes its owner from the image's directory.
+    assert targets <= set(owned[2].split()), targets - set(owned[2].split())
+
+
+def test_redis_memory_holds_every_byte_quota_with_room_to_spare(compose: dict[str, Any]) -> None:
+    """Redis never evicts (a job evicted would be lost), so what may be written to it must fit:
+    each model's waiting and running jobs and its dead letters, each about its request body and
+    its prompt's token ids, within three quarters of maxmemory (the rest: tenants, records,
+    answers kept for idempotent retries). File bytes are on a volume, not in Redis."""
+    services = compose["services"]
+    command = services["redis"]["command"]
+    assert option(command, "--maxmemory-policy") == "noeviction"
+    maxmemory = redis_bytes(option(command, "--maxmemory"))
+    for name in SWITCHYARD_SERVICES:
+        env = services[name]["environment"]
+        named = {k.removeprefix("SWITCHYARD_").lower(): v for k, v in env.items() if k != "REDIS_URL"}
+        settings = BackgroundSettings(**named)
+        assert settings.file_store == "directory", name
+        job = settings.max_body_bytes + TOKEN_ID_BYTES * CONTEXT_TOKENS
+        held = (settings.max_backlog_total + settings.dead_letter_max) * job
+        assert held <= 0.75 * maxmemory, f"{name}: {held} bytes of jobs, {maxmemory} bytes of Redis"

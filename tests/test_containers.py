@@ -5,8 +5,11 @@ system used through its published port the way the README tells users to.
 Workers are added by starting containers (``--scale worker=3``) and load spreads over them; a worker
 container killed with SIGKILL mid-stream costs no stream (another worker resumes each one) and its
 restart policy brings it back; the background container runs a batch; Prometheus scrapes every target; a
-gateway container told to stop drains its streams. Where no registry is reachable, which is the case
-here, deploy/images.sh builds every image from Debian's packages.
+gateway container told to stop drains its streams. The stack runs as shipped: Redis wants a password
+(the test makes one), only the gateway's API port is published and serves no metrics, and every
+container runs as a user other than root with no capabilities and a read-only root file system.
+Where no registry is reachable, which is the case here, deploy/images.sh builds every image from
+Debian's packages.
 
 Needs root, podman and podman-compose (and debootstrap unless its base image exists); skipped
 without them unless SWITCHYARD_REQUIRE_CONTAINERS=1 (CI), where it fails instead. It prints the
@@ -18,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import threading
@@ -48,6 +52,8 @@ DRAINED = 600
 host done well within its 30 s grace (a host busy with other work may need longer: they are cut)."""
 RECLAIM_IDLE = 15.0
 """compose.yaml leaves SWITCHYARD_RECLAIM_IDLE at its default: a dead worker's jobs wait this long."""
+REDIS_PASSWORD = secrets.token_hex(24)
+SERVICES = ("redis", "gateway", "worker", "background", "prometheus")
 
 
 def _missing() -> str | None:
@@ -110,6 +116,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, figures: dict[str, str]) -> 
             "CONTAINERS_CONF": str(containers_conf(home / "containers.conf")),
             "SWITCHYARD_GATEWAY_PORT": str(gateway_port),
             "SWITCHYARD_PROMETHEUS_PORT": str(prometheus_port),
+            # compose.yaml starts nothing without it (users keep it in .env).
+            "SWITCHYARD_REDIS_PASSWORD": REDIS_PASSWORD,
         }
     )
     project = f"sytest-{uuid.uuid4().hex[:8]}"
@@ -168,12 +176,17 @@ async def _stream(
     return finish, used, longest
 
 
-def _worker_metric(stack: Stack, worker: Container, line_start: str) -> float:
-    """One sample of a worker's /metrics, read inside its container (worker ports are not published)."""
-    text = stack.exec(
-        worker, "python", "-c",
-        "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9101/metrics').read().decode())",
+def _internal(stack: Stack, container: Container, path: str) -> str:
+    """A page of a container's metrics port (9101), read inside it: no metrics port is published."""
+    return stack.exec(
+        container, "python", "-c",
+        f"import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9101{path}').read().decode())",
     )  # fmt: skip
+
+
+def _worker_metric(stack: Stack, worker: Container, line_start: str) -> float:
+    """One sample of a worker's /metrics."""
+    text = _internal(stack, worker, "/metrics")
     values = [float(x.rsplit(" ", 1)[1]) for x in text.splitlines() if x.startswith(line_start)]
     return sum(values)
 
@@ -203,8 +216,33 @@ def test_up_streams_a_chat_completion(stack: Stack, api_key: str, figures: dict[
     assert finish in ("stop", "length") and "".join(pieces)
     # compose.yaml's healthchecks ask the right question. podman without systemd schedules none
     # (depends_on's service_healthy is ignored with a warning there); run each once by hand.
-    for service in ("gateway", "worker"):
+    for service in ("redis", "gateway", "worker"):
         stack.podman("healthcheck", "run", stack.container(service).id)
+
+
+def test_the_stack_shows_little_and_runs_unprivileged(stack: Stack, api_key: str) -> None:
+    """Only the API is published, and it serves no metrics; Redis wants its password, which no
+    command line shows; every container runs as a user other than root, with no capability, on a
+    read-only root file system."""
+    assert httpx.get(f"{stack.base_url}/metrics", timeout=5).status_code == 404
+    assert httpx.get(f"{stack.base_url}/readyz", timeout=5).json() == {"status": "ready"}
+    refused = stack.exec(stack.container("redis"), "env", "-u", "REDISCLI_AUTH", "redis-cli", "ping")
+    assert "NOAUTH" in refused, refused
+    for service in SERVICES:
+        container = stack.container(service)
+        (inspected,) = json.loads(stack.podman("inspect", container.id))
+        assert inspected["HostConfig"]["ReadonlyRootfs"] is True, service
+        assert not inspected.get("EffectiveCaps"), (service, inspected.get("EffectiveCaps"))
+        assert stack.exec(container, "id", "-u").strip() != "0", service
+        # podman top: every process of the container with its command line.
+        assert REDIS_PASSWORD not in stack.podman("top", container.id, "args"), service
+        published = {
+            binding["HostIp"] or "0.0.0.0"
+            for bindings in (inspected["HostConfig"].get("PortBindings") or {}).values()
+            for binding in bindings or ()
+        }
+        expected = {"gateway": {"0.0.0.0"}, "prometheus": {"127.0.0.1"}}.get(service, set())
+        assert published == expected, (service, published)
 
 
 def test_scaling_adds_workers_by_starting_containers(stack: Stack, api_key: str) -> None:
@@ -214,7 +252,7 @@ def test_scaling_adds_workers_by_starting_containers(stack: Stack, api_key: str)
     stack.wait(lambda: len(stack.live_workers(MODEL)) == 3, 600, "three live workers in `switchyard status`")
 
     def counted() -> bool:
-        scaling = httpx.get(f"{stack.base_url}/scaling", params={"model": MODEL}, timeout=5).json()
+        scaling = json.loads(_internal(stack, stack.container("gateway"), f"/scaling?model={MODEL}"))
         return bool(scaling["workers"] == 3)
 
     stack.wait(counted, 60, "the gateway's /scaling counting three workers")

@@ -138,7 +138,16 @@ def test_models_and_health(client: OpenAI, system: System) -> None:
     assert client.models.retrieve(system.model).id == system.model
     assert httpx.get(f"{system.base_url}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{system.base_url}/readyz")
-    assert ready.status_code == 200 and ready.json()["models"] == [system.model]
+    # Anyone may ask: the answer names no model and no Redis.
+    assert ready.status_code == 200 and ready.json() == {"status": "ready"}
+    # Metrics and the scaling figures are served on the metrics port, and on the API's not at all.
+    for path in ("/metrics", "/scaling"):
+        assert httpx.get(f"{system.base_url}{path}").status_code == 404, path
+    assert "switchyard:requests_total" in httpx.get(system.gateway_metrics_url).text
+    internal = system.gateway_metrics_url.removesuffix("/metrics")
+    scaling = httpx.get(f"{internal}/scaling", params={"model": system.model}).json()
+    assert scaling["model"] == system.model and scaling["known"]
+    assert httpx.get(f"{internal}/v1/models").status_code == 404
 
 
 async def test_fifty_concurrent_streams_all_complete_exactly(aclient: AsyncOpenAI, system: System) -> None:
@@ -188,6 +197,7 @@ async def entries_added(redis: Redis, system: System) -> int:
         ({"n": 99}, "n"),
         ({"extra_body": {"frobnicate": True}}, "frobnicate"),
         ({"extra_body": {"min_tokens": 50}, "max_tokens": 5}, "min_tokens"),
+        ({"n": 2, "temperature": 0}, "n"),
         ({"max_tokens": MAX_MODEL_LEN}, "messages"),
         ({"extra_body": {"stop_token_ids": [10**6]}}, "stop_token_ids"),
     ],

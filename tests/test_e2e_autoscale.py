@@ -30,9 +30,9 @@ async def test_a_burst_from_zero_brings_workers_that_go_away_again(tmp_path: Pat
         cooldown=1.0,
         out=tmp_path,
     )
-    port, redis_port = free_port(), free_port()
+    port, redis_port, metrics_port = free_port(), free_port(), free_port()
     log = tmp_path / "up.log"
-    flags, env = up_flags(args, port, redis_port)
+    flags, env = up_flags(args, port, redis_port, metrics_port)
     proc = spawn("up", env, log, *flags)
     base, redis_url = f"http://127.0.0.1:{port}", f"redis://127.0.0.1:{redis_port}/0"
     try:
@@ -44,12 +44,16 @@ async def test_a_burst_from_zero_brings_workers_that_go_away_again(tmp_path: Pat
             models = await http.get("/v1/models", headers={"authorization": f"Bearer {key}"})
             assert [m["id"] for m in models.json()["data"]] == ["switchyard-demo"]
         burst = Burst(requests=24, tokens=128)
-        samples = await watch_burst(base, redis_url, key, "switchyard-demo", burst, every=0.25, settle=60)
+        internal = f"http://127.0.0.1:{metrics_port}"
+        samples = await watch_burst(
+            base, internal, redis_url, key, "switchyard-demo", burst, every=0.25, settle=60
+        )
         assert burst.whole == 24, burst.ends
         most = max(s.workers for s in samples)
         assert 2 <= most <= 3, samples
         assert max(s.waiting for s in samples) > 0  # the burst did wait for workers
         assert samples[-1].workers == 0, "the workers were not retired after the burst"
+        assert max(s.desired for s in samples) >= 2, samples  # the decision /scaling exports
         print(f"first token after {min(burst.ttft):.1f}s from zero workers; at most {most} workers")
     finally:
         await asyncio.to_thread(stop, proc, 120)

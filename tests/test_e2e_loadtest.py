@@ -52,6 +52,7 @@ def test_fairness_short_run_against_a_running_system(system: System, tmp_path: P
     out = tmp_path / "fairness.json"
     argv = ["--base-url", f"{system.base_url}/v1", "--key-a", key_a, "--key-b", key_b, "--out", str(out)]
     argv += ["--redis-url", system.redis_url, "--key-prefix", system.names.prefix]
+    argv += ["--metrics-url", system.gateway_metrics_url]
     argv += ["--concurrency", "1", "--flood-concurrency", "4", "--duration", "2", "--lead", "1"]
     argv += ["--warmup", "1", "--prompt-tokens", "16", "--output-tokens", "8"]
     assert fairness.main(argv) == 0
@@ -62,5 +63,6 @@ def test_fairness_short_run_against_a_running_system(system: System, tmp_path: P
         assert doc[part]["token_mismatches"] == 0 and doc[part]["ttft_p95_ms"] > 0, part
     assert doc["options"]["flood_concurrency"] == 4 and "key_a" not in doc["options"]
     assert doc["queue_flood"]["samples"] > 0  # Redis was read while B was measured
+    assert doc["gateway_alone"]["ttft_mean_ms"] > 0  # and the gateway's /metrics, on its own port
     assert doc["worker_capacity"] >= 1 and doc["flood_tokens_per_s"] > 0
     assert doc["cpu_flood"]["flood client"] > 0  # A's streams came from a client process of their own

@@ -56,7 +56,7 @@ def settle(url: str, done: Callable[[Samples], bool], timeout: float = 3.0) -> S
 
 
 def test_gateway_metrics_count_requests_by_outcome(system: System, client: OpenAI) -> None:
-    url = f"{system.base_url}/metrics"
+    url = system.gateway_metrics_url
     model, mt = system.model, {"model": system.model, "tenant": "main"}
     before = scrape(url)
     prompt_tokens = 0
@@ -175,12 +175,13 @@ def test_worker_metrics_port_serves_worker_and_vllm_metrics(system: System, clie
 
 
 async def test_gateway_processes_add_up_their_counters(redis_server: EmbeddedRedis, tmp_path: Path) -> None:
-    port, samples_dir = free_port(), tmp_path / "prom"
+    port, metrics_port, samples_dir = free_port(), free_port(), tmp_path / "prom"
     samples_dir.mkdir()
     env = {
         "REDIS_URL": redis_server.url,
         "SWITCHYARD_KEY_PREFIX": "mp-" + uuid.uuid4().hex[:6],
         "SWITCHYARD_PORT": str(port),
+        "SWITCHYARD_METRICS_PORT": str(metrics_port),
         "SWITCHYARD_PROCESSES": "2",
         "PROMETHEUS_MULTIPROC_DIR": str(samples_dir),
         "SWITCHYARD_AUTH": "false",  # every request is tenant 'default'
@@ -214,7 +215,7 @@ async def test_gateway_processes_add_up_their_counters(redis_server: EmbeddedRed
                     break
         assert len(served) == 2 and all(served.values()), f"one process took all {sent} requests: {served}"
         for _ in range(4):  # whichever process answers the scrape reports the sum
-            samples = scrape(f"{base}/metrics")
+            samples = scrape(f"http://127.0.0.1:{metrics_port}/metrics")
             assert value(samples, "switchyard:rejections_total", reason="model_not_found") == sent
             labels = {"model": "unknown", "tenant": "default", "endpoint": "chat", "status": "404"}
             assert value(samples, "switchyard:requests_total", **labels) == sent
@@ -229,7 +230,7 @@ async def test_failure_after_admission_is_an_error_not_a_rejection(system: Syste
     model = "failing-" + uuid.uuid4().hex[:6]
     await fake_model(redis, system, model, live=True)
     await asyncio.sleep(0.6)  # past the gateway's registry cache
-    url = f"{system.base_url}/metrics"
+    url = system.gateway_metrics_url
     before = await asyncio.to_thread(scrape, url)
     body = {"model": model, "messages": USER}
     stream = system.names.jobs_stream(model, "main")

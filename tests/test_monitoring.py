@@ -138,7 +138,7 @@ def _traffic(client: OpenAI, system: System) -> None:
 def scrapes(system: System, client: OpenAI) -> dict[str, str]:
     _traffic(client, system)
     return {
-        GATEWAY_JOB: httpx.get(f"{system.base_url}/metrics", timeout=10).text,
+        GATEWAY_JOB: httpx.get(system.gateway_metrics_url, timeout=10).text,
         WORKER_JOB: httpx.get(system.worker_metrics_url, timeout=10).text,
     }
 
@@ -174,7 +174,7 @@ def _hostport(url: str) -> str:
 def prometheus(system: System, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
     binary = _require("prometheus")
     prom = Prometheus(
-        gateways=[_hostport(system.base_url)],
+        gateways=[_hostport(system.gateway_metrics_url)],
         workers=[_hostport(system.worker_metrics_url)],
         port=free_port(),
         interval=1.0,
@@ -193,7 +193,7 @@ def test_monitoring_runs_prometheus_when_installed(
     _require("prometheus")
     monitoring = Monitoring(free_port())
     monitoring.check()
-    monitoring.start("0.0.0.0", 8000, [9101, 9102])
+    monitoring.start("0.0.0.0", 9100, [9101, 9102])
     try:
         assert monitoring.server is not None
         assert monitoring.server.url in monitoring.describe()
@@ -201,7 +201,7 @@ def test_monitoring_runs_prometheus_when_installed(
             httpx.get(f"{monitoring.server.url}/api/v1/status/config").json()["data"]["yaml"]
         )
         targets = {c["job_name"]: c["static_configs"][0]["targets"] for c in config["scrape_configs"]}
-        assert targets == {GATEWAY_JOB: ["127.0.0.1:8000"], WORKER_JOB: ["127.0.0.1:9101", "127.0.0.1:9102"]}
+        assert targets == {GATEWAY_JOB: ["127.0.0.1:9100"], WORKER_JOB: ["127.0.0.1:9101", "127.0.0.1:9102"]}
         assert len(_api(monitoring.server, "rules")["groups"][0]["rules"]) == len(alert_exprs())
     finally:
         monitoring.stop()
@@ -209,7 +209,7 @@ def test_monitoring_runs_prometheus_when_installed(
     monkeypatch.setenv("PATH", "/nonexistent")
     missing = Monitoring(free_port())
     missing.check()
-    missing.start("127.0.0.1", 8000, [9101])
+    missing.start("127.0.0.1", 9100, [9101])
     assert missing.server is None and missing.describe() == ""
     assert "apt-get install prometheus" in capsys.readouterr().out
 

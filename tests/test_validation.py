@@ -7,7 +7,7 @@ from api.chat.protocol import ChatCompletionRequest
 from api.completions.protocol import MAX_PROMPTS, CompletionRequest
 from api.errors import InvalidRequest
 from gateway.app import validation_error
-from serving.path import fit_context
+from serving.path import check_sampling, fit_context
 from shared.messages import Sampling, StructuredOutput
 
 MSG = [{"role": "user", "content": "hi"}]
@@ -123,6 +123,31 @@ def test_context_budget() -> None:
     with pytest.raises(InvalidRequest) as info:
         fit_context(0, 5, 100, "prompt")
     assert info.value.param == "prompt"
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"n": 2, "temperature": 0}, "n"),
+        ({"n": 2, "temperature": 1e-6}, "n"),
+        ({"min_tokens": 9}, "min_tokens"),
+        ({"n": 2}, None),  # the default temperature samples
+        ({"n": 2, "temperature": 0.5}, None),
+        ({"temperature": 0}, None),
+        ({"min_tokens": 8}, None),
+    ],
+)
+def test_what_vllm_refuses_across_sampling_fields_is_refused_before_enqueueing(
+    fields: dict, param: str | None
+) -> None:
+    for cls, body in ((ChatCompletionRequest, {"messages": MSG}), (CompletionRequest, {"prompt": "hi"})):
+        req = cls.model_validate({"model": "m", **body, **fields})
+        if param is None:
+            check_sampling(req, 8)
+            continue
+        with pytest.raises(InvalidRequest) as info:
+            check_sampling(req, 8)
+        assert info.value.param == param
 
 
 def test_sampling_defaults_and_stop_forms() -> None:

@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared.messages import Sampling, WorkerInfo
-from shared.settings import WorkerSettings
+from shared.settings import WorkerSettings, redact_url
 from worker.consumer import Consumer
 from worker.engine import Engine
 from worker.health import Health
@@ -60,7 +60,7 @@ async def check_redis(redis: Redis, url: str) -> None:
         async with asyncio.timeout(5):
             await redis.ping()
     except (RedisError, OSError, TimeoutError) as exc:
-        raise WorkerStartError(f"cannot reach Redis at {url}: {exc}") from exc
+        raise WorkerStartError(f"cannot reach Redis at {redact_url(url)}: {exc}") from exc
 
 
 DEMO_KV_CACHE_GIB = 1.0
