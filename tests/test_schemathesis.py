@@ -218,7 +218,10 @@ def test_gateway_answers_as_its_schema_says(
         charged = sync_redis.zscore(own_window, request_id) is not None
         assert sync_redis.zscore(other_window, request_id) is None, "charged to the other tenant"
         runs = case.operation.method.upper() == "POST" and case.operation.path in COMPLETIONS
-        if runs and response.status_code == 200:
+        # The same request sent again under its Idempotency-Key (a generated key repeats, and
+        # hypothesis replays a case while it shrinks one) gets the first one's answer, uncharged.
+        repeatable = any(name.lower() == "idempotency-key" for name in case.headers or {})
+        if runs and response.status_code == 200 and not repeatable:
             assert charged, "served without being admitted for its own tenant"
         if 400 <= response.status_code < 500:
             assert not charged, (
