@@ -111,8 +111,9 @@ def test_one_call_only_when_parallel_calls_are_off(client: OpenAI, system: Syste
 
 def test_the_sdk_stream_helper_assembles_the_calls(client: OpenAI, system: System) -> None:
     deltas = []
+    # The body of the required-tools test above (seeded, the whole context as budget), streamed.
     with client.chat.completions.stream(
-        model=system.model, messages=USER, tools=[WEATHER, TIME], tool_choice="required", max_tokens=200
+        model=system.model, messages=USER, tools=[WEATHER, TIME], tool_choice="required", seed=11
     ) as stream:
         for event in stream:
             if event.type == "tool_calls.function.arguments.delta":
@@ -128,9 +129,17 @@ def test_the_agent_loop_sends_the_sdk_objects_back(client: OpenAI, system: Syste
     """Append the SDK's own message (refusal, annotations, audio, function_call and all), then the
     tool's result, then ask again: each turn is accepted and rendered by the model's template."""
     messages: list = [{"role": "developer", "content": "Answer briefly."}, *USER]  # type: ignore[type-arg]
+    # One call, seeded: random weights could otherwise write calls past the token budget.
     first = client.chat.completions.create(
-        model=system.model, messages=messages, tools=[WEATHER], tool_choice="required", max_tokens=200
+        model=system.model,
+        messages=messages,
+        tools=[WEATHER],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_tokens=200,
+        seed=5,
     )
+    assert first.choices[0].finish_reason == "tool_calls", first.choices[0]
     call = first.choices[0].message.tool_calls[0]  # type: ignore[index]
     messages.append(first.choices[0].message)
     messages.append({"role": "tool", "tool_call_id": call.id, "content": '{"celsius": 21}'})
