@@ -91,8 +91,11 @@ class Batches:
         self._retention = settings.batch_ttl
         self._scripts = BatchScripts(redis)
 
-    async def create(self, owner: Tenant, body: BatchCreateRequest, files: Files) -> BatchState:
-        """A new batch of ``owner``, ``validating`` until the background role takes it."""
+    async def create(
+        self, owner: Tenant, body: BatchCreateRequest, files: Files, batch_id: str | None = None
+    ) -> BatchState:
+        """A new batch of ``owner``, ``validating`` until the background role takes it; ``batch_id``
+        when the caller chose it already (an ``Idempotency-Key`` names it first)."""
         source = await files.get(owner, body.input_file_id, param="input_file_id")
         if source.purpose != "batch":
             raise InvalidRequest(
@@ -101,7 +104,7 @@ class Batches:
             )
         now = int(time.time())
         request = BatchRequest(
-            id=new_batch_id(),
+            id=batch_id or new_batch_id(),
             tenant=owner.name,
             tenant_id=owner.id,
             endpoint=body.endpoint,

@@ -7,6 +7,7 @@ only if every line passes: a refused upload leaves nothing behind.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import time
@@ -19,15 +20,16 @@ from redis.exceptions import RedisError
 from starlette.datastructures import UploadFile
 
 from api.batches.protocol import BatchCreateRequest, BatchList, BatchObject, FileDeleted, FileList, FileObject
-from api.errors import InvalidRequest
+from api.errors import InvalidRequest, NotFound
 from api.usage import UsageList
-from batch.batches import Batches, batch_object
+from batch.batches import Batches, batch_object, new_batch_id
 from batch.files import Files, StorageFull, file_object
 from batch.lines import Scan, bounded_lines, scan
 from batch.role import start_batch
 from gateway.openapi import FILE_CONTENT, UPLOAD_BODY, resource_responses
 from gateway.service import Gateway
 from serving.usage import Usage
+from shared.batches import BatchState
 from shared.tenants import Tenant
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,8 @@ UPLOAD_OVERHEAD = 64 * 1024
 LATEST = 253_402_300_799
 """The last second of year 9999: the largest time a query may name."""
 DAY = 86400
+CREATE_WAIT, CREATE_WAIT_TRIES = 0.1, 20
+"""How long a retry under an Idempotency-Key waits for the batch its first request is creating."""
 
 
 def _gateway(request: Request) -> Gateway:
@@ -206,13 +210,40 @@ async def file_content(file_id: str, request: Request, tenant: Owner) -> Streami
 
 
 async def create_batch(body: BatchCreateRequest, request: Request, tenant: Owner) -> dict[str, Any]:
+    """A new batch; under an ``Idempotency-Key`` sent before with the same body, the batch that
+    first request created (a retry never makes a second batch)."""
     gw = _gateway(request)
-    state = await _batches(request).create(tenant, body, _files(request))
+    key = request.headers.get("idempotency-key")
+    batch_id = new_batch_id()
+    if key is not None:
+        # A file not the tenant's is a 404 first, as without a key: the key does not change that.
+        await _files(request).get(tenant, body.input_file_id, param="input_file_id")
+        what = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+        earlier = await gw.idempotency.claim(tenant.name, key, what, batch_id)
+        if earlier is not None:
+            return batch_object(await _created(request, tenant, earlier.id))
+    try:
+        state = await _batches(request).create(tenant, body, _files(request), batch_id)
+    except BaseException:
+        if key is not None:
+            await gw.idempotency.forget(tenant.name, key, batch_id)
+        raise
     try:
         await start_batch(gw.redis, gw.settings.names, state.request.id, "created")
     except (RedisError, OSError) as exc:  # created all the same: the periodic check starts it
         log.warning("batch %s: could not queue its run now: %s", state.request.id, exc)
     return batch_object(state)
+
+
+async def _created(request: Request, tenant: Owner, batch_id: str) -> BatchState:
+    """The batch an earlier request under the same key creates: a moment may pass between that
+    request claiming the key and its batch existing."""
+    for _ in range(CREATE_WAIT_TRIES):
+        try:
+            return await _batches(request).get(tenant, batch_id)
+        except NotFound:
+            await anyio.sleep(CREATE_WAIT)
+    return await _batches(request).get(tenant, batch_id)
 
 
 async def list_batches(
@@ -281,7 +312,7 @@ def router() -> APIRouter:
         ["GET"],
         responses={**resource_responses(None, 404), 200: FILE_CONTENT},
     )
-    add("/v1/batches", create_batch, ["POST"], responses=resource_responses(BatchObject, 400, 404))
+    add("/v1/batches", create_batch, ["POST"], responses=resource_responses(BatchObject, 400, 404, 409))
     add(
         "/v1/batches",
         list_batches,

@@ -107,13 +107,19 @@ RESUMPTION_HEADERS = [
     },
 ]
 
-
+BATCH_IDEMPOTENCY = {
+    **RESUMPTION_HEADERS[0],
+    "description": "The same batch created again with the same key gets the batch the first request created.",
+}
 NOT_FOUND = _error("No such object for this tenant (another tenant's objects are not found either).")
 RESPONSE_NOT_FOUND = _error(
     "No such model, or no stored response of this tenant by the id `previous_response_id` names."
 )
 INVALID = _error("Invalid request: a parameter out of range, or an input file with bad lines.")
-CONFLICT = _error("The object is in a state that does not allow this (e.g. a finished batch).")
+CONFLICT = _error(
+    "The object is in a state that does not allow this (e.g. a finished batch), or this "
+    "Idempotency-Key was sent with another request."
+)
 
 
 def resource_responses(model: type[BaseModel] | None, *errors: int) -> dict[int | str, dict[str, Any]]:
@@ -205,6 +211,8 @@ def _adjust(schema: dict[str, Any], auth: bool, max_n: int) -> None:
             operation["responses"].pop("422", None)
             if path in ("/v1/chat/completions", "/v1/completions"):
                 operation.setdefault("parameters", []).extend(RESUMPTION_HEADERS)
+            elif path == "/v1/batches" and operation.get("operationId", "").startswith("create"):
+                operation.setdefault("parameters", []).append(BATCH_IDEMPOTENCY)
             if auth and (path.startswith("/v1/") or path in TOKEN_PATHS):
                 operation["security"] = [{"bearer": []}]
             for response in operation["responses"].values():

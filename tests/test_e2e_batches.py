@@ -276,3 +276,26 @@ def test_usage_is_rolled_up_per_hour_and_model(client: OpenAI, system: System, j
     assert bucket["end_time"] - bucket["start_time"] == 3600
     others = httpx.get(f"{system.base_url}/v1/usage", headers=system.headers, timeout=10).json()
     assert others["tenant"] == "main"
+
+
+def test_a_batch_created_again_under_its_idempotency_key_is_the_same_batch(system: System) -> None:
+    """A retried create (the client never saw the first answer) makes no second batch; the same key
+    with another body is a 409; without a key every create is a batch of its own."""
+    name = "retry-" + uuid.uuid4().hex[:6]
+    key = asyncio.run(create_tenant(system.redis_url, system.names, Tenant(name=name)))
+    client = OpenAI(base_url=f"{system.base_url}/v1", api_key=key, max_retries=0)
+    upload = client.files.create(file=("b.jsonl", jsonl([chat_line("a", system.model)])), purpose="batch")
+    body = {"input_file_id": upload.id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+    once = {"Idempotency-Key": uuid.uuid4().hex}
+    first = client.batches.create(**body, extra_headers=once)  # type: ignore[arg-type]
+    again = client.batches.create(**body, extra_headers=once)  # type: ignore[arg-type]
+    assert again.id == first.id and again.created_at == first.created_at
+    with pytest.raises(openai.ConflictError) as other:
+        client.batches.create(**body, metadata={"x": "y"}, extra_headers=once)  # type: ignore[arg-type]
+    assert other.value.code == "idempotency_key_reused"
+    plain = client.batches.create(**body)  # type: ignore[arg-type]
+    assert plain.id != first.id
+    listed = {b.id for b in client.batches.list()}
+    assert listed == {first.id, plain.id}
+    for made in (first, plain):
+        client.batches.cancel(made.id)
