@@ -16,7 +16,6 @@ import json
 from typing import Any, Literal
 
 import jsonschema
-import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
 from pydantic import BaseModel, Field
@@ -283,17 +282,6 @@ async def test_agents_sdk_output_type(aclient: AsyncOpenAI, system: System) -> N
     )
     result = await Runner.run(agent, QUESTION, max_turns=1)
     assert isinstance(result.final_output, Forecast)
-
-
-async def test_agents_sdk_default_model_meets_a_clear_404(aclient: AsyncOpenAI, system: System) -> None:
-    """The SDK's default model speaks the Responses API, which is not served: the run fails at once
-    with OpenAI's error, and docs/agents.md says to use the chat completions model."""
-    from agents import Agent, OpenAIResponsesModel, Runner, set_tracing_disabled
-
-    set_tracing_disabled(True)
-    agent = Agent(name="a", model=OpenAIResponsesModel(model=system.model, openai_client=aclient))
-    with pytest.raises(openai.NotFoundError):
-        await Runner.run(agent, QUESTION, max_turns=1)
 
 
 # --- litellm --------------------------------------------------------------------------------------
