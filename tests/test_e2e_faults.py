@@ -224,6 +224,25 @@ async def test_a_job_that_keeps_failing_goes_to_the_dead_letter_stream(system: S
     assert json.loads(last[JOB_FIELD.encode()])["id"] == job.id
 
 
+async def test_a_job_of_a_newer_wire_version_is_refused_to_its_client_at_once(
+    system: System, redis: Redis
+) -> None:
+    """A gateway of a newer release enqueues a job this worker cannot read: the entry goes to the
+    dead-letter stream and the client hears why, rather than waiting for its queue timeout."""
+    job = demo_job(system)
+    future = {**json.loads(encode(job)), "v": 99}
+    dead = system.names.dead_letter(system.model)
+    before = await redis.xlen(dead)
+    listening = asyncio.create_task(replies_of(redis, system, job, Final, within=10))
+    await asyncio.sleep(0.2)
+    stream = await registered_stream(redis, system)
+    await redis.xadd(stream, {JOB_FIELD: json.dumps(future)})
+    got = await listening
+    assert len(got) == 1 and isinstance(got[0], Failure) and got[0].code == "unreadable_job", got
+    assert "99" in got[0].message
+    assert await redis.xlen(dead) == before + 1
+
+
 async def test_a_worker_skips_a_job_whose_client_already_left(system: System, redis: Redis) -> None:
     job = demo_job(system, max_tokens=50)
     await redis.set(system.names.cancelled(job.id), b"1", ex=60)

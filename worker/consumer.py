@@ -24,7 +24,7 @@ from worker.cancels import listen_for_cancels
 from worker.channel import Claim, ClaimLost
 from worker.claims import ClaimKeeper, Reclaimer
 from worker.coalesce import flush_interval
-from worker.deadletter import dead_letter, tell_client
+from worker.deadletter import dead_letter, job_id_of, tell_client
 from worker.engine import Engine
 from worker.handover import hand_over, receive
 from worker.inflight import Inflight
@@ -133,6 +133,9 @@ class Consumer:
         except WireError as exc:
             log.error("dropping undecodable entry %s on %s: %s", entry_id, stream, exc)
             await self._dead_letter(stream, entry_id, raw, str(exc))
+            if (job_id := job_id_of(raw)) is not None:  # e.g. a newer gateway's job: say so at once
+                message = f"the worker could not read the job (is it of an older release?): {exc}"
+                await tell_client(self._redis, self._names, job_id, message[:500], code="unreadable_job")
             return
         held = self.inflight.claim(job.id)
         if held is not None and held.entry_id == entry_id:
