@@ -52,9 +52,42 @@ class Replies(Protocol):
     async def close(self, stop: bool = True) -> None: ...
 
 
-class Admitted:
-    """An admitted request: its reply stream and its reservation, released together, and known to
-    the process's lifecycle until then (a draining gateway waits for it, or cuts it).
+class _Following:
+    """A request's hold on a job's replies, known to the process's lifecycle until it closes (a
+    draining gateway waits for it, or cuts it). Closing is idempotent and shielded: a cancelled
+    client must not skip telling the worker to stop; what else closing does is :meth:`_release`."""
+
+    replies: Replies
+
+    def __init__(self, replies: Replies, lifecycle: Lifecycle) -> None:
+        self.replies = replies
+        self._lifecycle = lifecycle
+        self._closed = False
+        lifecycle.opened(self)
+
+    @property
+    def lifecycle(self) -> Lifecycle:
+        return self._lifecycle
+
+    def interrupt(self, error: APIError) -> None:
+        self.replies.interrupt(error)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            with anyio.CancelScope(shield=True):
+                await self._release()
+        finally:
+            self._lifecycle.closed(self)
+
+    async def _release(self) -> None:
+        raise NotImplementedError
+
+
+class Admitted(_Following):
+    """An admitted request: its reply stream and its reservation, released together.
 
     ``keep``: seconds to keep the job's replies once it ended (an ``Idempotency-Key``'s life), so
     the same request sent again is answered from them."""
@@ -67,74 +100,41 @@ class Admitted:
         lifecycle: Lifecycle,
         keep: float | None = None,
     ) -> None:
-        self.replies = replies
         self.ticket = ticket
         self._admission = admission
-        self._lifecycle = lifecycle
         self._keep = keep
-        self._closed = False
-        lifecycle.opened(self)
+        super().__init__(replies, lifecycle)
 
-    @property
-    def lifecycle(self) -> Lifecycle:
-        return self._lifecycle
-
-    def interrupt(self, error: APIError) -> None:
-        self.replies.interrupt(error)
-
-    async def close(self) -> None:
-        """Stop listening (cancelling the job if it is unfinished) and settle the tokens it used.
-        Shielded: a cancelled client must not skip telling the worker to stop."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            with anyio.CancelScope(shield=True):
-                await self.replies.close()
-                usage, job = self.replies.usage(), self.replies.job
-                served = UsageEvent(
-                    tenant=job.tenant,
-                    model=job.model,
-                    prompt_tokens=usage.prompt_tokens,
-                    completion_tokens=usage.completion_tokens,
-                    error=self.replies.error or "",
-                )
-                await self._admission.settle(self.ticket, usage, served)
-                if self._keep and self.replies.finished:
-                    await self.replies.keep(self._keep)
-        finally:
-            self._lifecycle.closed(self)
+    async def _release(self) -> None:
+        """Stop listening (cancelling the job if it is unfinished) and settle the tokens it used."""
+        await self.replies.close()
+        usage, job = self.replies.usage(), self.replies.job
+        served = UsageEvent(
+            tenant=job.tenant,
+            model=job.model,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            error=self.replies.error or "",
+        )
+        await self._admission.settle(self.ticket, usage, served)
+        if self._keep and self.replies.finished:
+            await self.replies.keep(self._keep)
 
 
-class Attached:
+class Attached(_Following):
     """A stream taken up again (``Last-Event-ID``, or a request sent again under its
     ``Idempotency-Key``): the replies of a job another request admitted, which settles it."""
 
+    replies: ReplyStream
+
     def __init__(self, replies: ReplyStream, lifecycle: Lifecycle, stop_on_close: bool) -> None:
-        self.replies = replies
-        self._lifecycle = lifecycle
         self._stop = stop_on_close
         """Stop the job if it has not ended when this closes (a stream whose client left for good);
         not for a whole answer sent again, whose first request may still wait for it."""
-        self._closed = False
-        lifecycle.opened(self)
+        super().__init__(replies, lifecycle)
 
-    @property
-    def lifecycle(self) -> Lifecycle:
-        return self._lifecycle
-
-    def interrupt(self, error: APIError) -> None:
-        self.replies.interrupt(error)
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            with anyio.CancelScope(shield=True):
-                await self.replies.close(stop=self._stop)
-        finally:
-            self._lifecycle.closed(self)
+    async def _release(self) -> None:
+        await self.replies.close(stop=self._stop)
 
 
 Following = Admitted | Attached
