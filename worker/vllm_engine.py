@@ -20,6 +20,7 @@ import psutil
 
 from shared.messages import EmbeddingModel, FinishReason, Sampling
 from worker.engine import Delta, EngineFailed, EngineRejected, EngineStats, TokenLogprobs
+from worker.json_grammar import text_only_grammar
 from worker.vllm_embed import embed_all, embedding_model
 
 log = logging.getLogger(__name__)
@@ -72,10 +73,14 @@ def _stats_logger_factory(snapshot: _SchedulerSnapshot) -> Any:
     return factory
 
 
-def sampling_params(sampling: Sampling) -> SamplingParams:
+def sampling_params(sampling: Sampling, xgrammar: bool = False, compact: bool = True) -> SamplingParams:
     """vLLM's parameters for a job: every field of the wire's ``Sampling`` is passed under its own
     name (they are vLLM's names), sequences as lists or ``None`` when empty, so a new field reaches
-    the engine without another hand-written copy; the two that are not plain values are converted."""
+    the engine without another hand-written copy; the two that are not plain values are converted.
+
+    With ``xgrammar`` (the engine's structured-output backend; ``compact``, its
+    ``disable_any_whitespace``) a JSON schema goes as the grammar
+    :func:`worker.json_grammar.text_only_grammar` makes of it, whose strings can only hold text."""
     from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
     fields: dict[str, Any] = {
@@ -85,11 +90,14 @@ def sampling_params(sampling: Sampling) -> SamplingParams:
     if sampling.logit_bias:
         fields["logit_bias"] = dict(sampling.logit_bias)
     if (so := sampling.structured_output) is not None:
+        schema, grammar = so.json_schema, so.grammar
+        if xgrammar and schema is not None and (text_only := text_only_grammar(schema, compact)) is not None:
+            schema, grammar = None, text_only
         fields["structured_outputs"] = StructuredOutputsParams(
-            json=so.json_schema,
+            json=schema,
             regex=so.regex,
             choice=list(so.choice) if so.choice is not None else None,
-            grammar=so.grammar,
+            grammar=grammar,
             json_object=so.json_object or None,
             structural_tag=so.structural_tag,
         )
@@ -219,6 +227,9 @@ class VLLMEngine:
         self.tokenizer_source: str = config.tokenizer
         self.max_model_len: int = config.max_model_len
         self.embedding: EmbeddingModel | None = embedding_model(config, tasks)
+        outputs = llm.vllm_config.structured_outputs_config
+        self._xgrammar = outputs.backend == "xgrammar"
+        self._compact = outputs.disable_any_whitespace
 
     @classmethod
     async def start(
@@ -320,7 +331,7 @@ class VLLMEngine:
         from vllm.inputs import tokens_input
 
         try:
-            params = sampling_params(sampling)
+            params = sampling_params(sampling, self._xgrammar, self._compact)
         # vLLM raises ValueError or VLLMClientError (neither derives from the other); an integer it
         # cannot hold raises OverflowError or TypeError. All are the request's fault.
         except (ValueError, TypeError, OverflowError, VLLMClientError) as exc:
