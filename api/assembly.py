@@ -5,13 +5,14 @@ puts choices into chunks and answers, and keeps count."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from api.common import usage_dict
-from api.sse import encode, sse
+from api.sse import encode
 from shared.messages import Final, Tokens, Usage
 
 
@@ -67,7 +68,7 @@ def _choice(meta: Meta, index: int, text: str, finish: str | None, first: bool) 
 
 
 _MARK = "\x00text\x00"
-_QUOTED_MARK = json.dumps(_MARK)
+_QUOTED_MARK = orjson.dumps(_MARK)
 
 
 @dataclass
@@ -85,12 +86,12 @@ class StreamAssembler:
     prompt_tokens: int = 0
     _opened: set[int] = field(default_factory=set)
     _generated: int = 0
-    _templates: dict[int, tuple[str, str]] = field(default_factory=dict)
+    _templates: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
 
     def events(self, reply: Tokens | Final) -> list[bytes]:
         """The SSE events of one reply. Most are a choice's next text and nothing else: those are
-        written from a template of the same chunk (its JSON around the text), so the hot path does
-        not build and serialize a dict per message; the rest go through :meth:`tokens` or
+        written from a template of the same chunk (its event's bytes around the text), so the hot
+        path does not build and serialize a dict per message; the rest go through :meth:`tokens` or
         :meth:`final`."""
         if isinstance(reply, Final):
             return [encode(chunk) for chunk in self.final(reply)]
@@ -99,13 +100,13 @@ class StreamAssembler:
             return [encode(chunk) for chunk in self.tokens(reply)]
         self._generated += len(reply.token_ids)
         before, after = self._template(reply.index)
-        return [sse(before + json.dumps(reply.text) + after)]
+        return [before + orjson.dumps(reply.text) + after]
 
-    def _template(self, index: int) -> tuple[str, str]:
+    def _template(self, index: int) -> tuple[bytes, bytes]:
         template = self._templates.get(index)
         if template is None:
             chunk = _chunk(self.meta, [_choice(self.meta, index, _MARK, None, False)])
-            before, _, after = json.dumps(chunk, separators=(",", ":")).partition(_QUOTED_MARK)
+            before, _, after = encode(chunk).partition(_QUOTED_MARK)
             template = self._templates[index] = (before, after)
         return template
 

@@ -100,6 +100,15 @@ class InternalError(APIError):
         super().__init__(f"The server had an error while processing your request (request id {request_id}).")
 
 
+class Conflict(APIError):
+    """The request clashes with the state of what it refers to (a key reused for another body, a
+    request taken up after it was stopped)."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
 class Timeout(APIError):
     status = 504
     type = "server_error"
@@ -119,6 +128,8 @@ def from_status(status: int, code: str, message: str) -> APIError:
     cls: type[APIError]
     if status == 400:
         cls = InvalidRequest
+    elif status == 409:
+        cls = Conflict
     elif status == 503:
         cls = Unavailable
     elif status == 504:

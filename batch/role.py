@@ -123,7 +123,7 @@ class Background:
         self.settings = settings
         self.redis = redis
         self.stopping = stopping
-        self.hub = ReplyHub(redis, control_channel=names.hub_channel())
+        self.hub = ReplyHub.for_process(redis, names)
         # As the gateways see the models: with scale-from-zero a batch's lines go on the queue while
         # no worker runs, and their backlog is what starts one.
         self.registry = WorkerRegistry(

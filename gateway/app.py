@@ -64,7 +64,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         names = settings.names
         redis = Redis.from_url(settings.redis_url, health_check_interval=30)
-        hub = ReplyHub(redis, control_channel=names.hub_channel())
+        hub = ReplyHub.for_process(redis, names)
         hub_task = asyncio.create_task(hub.run(), name="reply-hub")
         timeouts = Timeouts(
             total=settings.request_timeout, stall=settings.stall_timeout, queue=settings.queue_timeout

@@ -87,7 +87,10 @@ COMPLETION_ERRORS: dict[int | str, dict[str, Any]] = {
         "No live worker serves the model, the system is at capacity, or Redis is unreachable.",
         retry_after=True,
     ),
-    409: _error("This Idempotency-Key was sent with another request."),
+    409: _error(
+        "This Idempotency-Key was sent with another request, or the request it names (or the "
+        "stream Last-Event-ID takes up) was stopped before it ended."
+    ),
     504: _error("The request timed out in the queue or while generating."),
 }
 RESUMPTION_HEADERS = [
@@ -110,6 +113,13 @@ RESUMPTION_HEADERS = [
 BATCH_IDEMPOTENCY = {
     **RESUMPTION_HEADERS[0],
     "description": "The same batch created again with the same key gets the batch the first request created.",
+}
+RESPONSE_IDEMPOTENCY = {
+    **RESUMPTION_HEADERS[0],
+    "description": (
+        "The same request sent again with the same key gets the response the first one made (the "
+        "same id), followed live while it runs, streamed or whole as asked."
+    ),
 }
 NOT_FOUND = _error("No such object for this tenant (another tenant's objects are not found either).")
 RESPONSE_NOT_FOUND = _error(
@@ -213,6 +223,8 @@ def _adjust(schema: dict[str, Any], auth: bool, max_n: int) -> None:
                 operation.setdefault("parameters", []).extend(RESUMPTION_HEADERS)
             elif path == "/v1/batches" and operation.get("operationId", "").startswith("create"):
                 operation.setdefault("parameters", []).append(BATCH_IDEMPOTENCY)
+            elif path == "/v1/responses":
+                operation.setdefault("parameters", []).append(RESPONSE_IDEMPOTENCY)
             if auth and (path.startswith("/v1/") or path in TOKEN_PATHS):
                 operation["security"] = [{"bearer": []}]
             for response in operation["responses"].values():

@@ -12,13 +12,13 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from sse_starlette import EventSourceResponse
 
 from api.chat.protocol import ChatCompletionRequest
 from api.common import GenerationRequest
 from api.completions.protocol import CompletionRequest
 from api.errors import APIError, InvalidRequest
 from gateway.auth import Authenticator
+from gateway.sse import EventStream
 from serving.admission import Admission
 from serving.dispatch import Dispatcher, owner_record
 from serving.fanout import submit_jobs
@@ -34,9 +34,10 @@ from shared.tenants import Tenant
 
 log = logging.getLogger(__name__)
 
-SSE_SEPARATOR = "\n"
-"""Line ending of SSE events, as OpenAI and vLLM send them: clients that split events on a blank
-line written as ``\\n\\n`` (vLLM's benchmark client among them) misread ``\\r\\n`` streams."""
+PRECHECK_CHARS = 2_048
+"""A chat request of at most this many characters of message text, and no tools, is not checked
+against its tenant's limits before its prompt is rendered and encoded: that costs less than the
+check's round trip to Redis, and admission checks the same limits right after."""
 
 
 @dataclass
@@ -99,7 +100,8 @@ class Gateway:
     async def chat(self, request: Request, body: ChatCompletionRequest, tenant: Tenant) -> Any:
         self.lifecycle.check_open()
         entry = await self.resolve(request, body.model)
-        await self._precheck(request, tenant, entry.name)
+        if body.tools or sum(len(m.text()) for m in body.messages) > PRECHECK_CHARS:
+            await self._precheck(request, tenant, entry.name)
         prepared = await self.jobs.chat(entry, body, tenant, request.state.request_id)
         return await self._respond(request, prepared, body, tenant)
 
@@ -189,11 +191,10 @@ class Gateway:
     ) -> Any:
         """The answer of an admitted request: its stream, or its whole body."""
         if body.stream:
-            return EventSourceResponse(
+            return EventStream(
                 sse_events(admitted, prepared.streaming(body), resumable),
                 ping=self.settings.ping_interval,
                 headers=admitted.ticket.headers,
-                sep=SSE_SEPARATOR,
             )
         admitted.replies.restartable = True  # nothing reached the client: a new worker may start over
         try:
@@ -220,10 +221,9 @@ class Gateway:
         prepared.job = replies.job
         attached = Attached(replies, self.lifecycle, stop_on_close=body.stream)
         if body.stream:
-            return EventSourceResponse(
+            return EventStream(
                 sse_events(attached, prepared.streaming(body), resumable, after),
                 ping=self.settings.ping_interval,
-                sep=SSE_SEPARATOR,
             )
         replies.restartable = True
         try:

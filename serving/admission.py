@@ -20,6 +20,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from api.errors import InvalidRequest, RateLimited, Unavailable
+from serving.dispatch import Enqueuing
 from shared.fleet import Snapshot
 from shared.messages import Job, Usage, UsageEvent
 from shared.names import Names
@@ -116,6 +117,11 @@ class Admission:
         tenant's backlog is counted on ``stream``, its job stream of the model unless given."""
         return await self._admit(tenant, job.id, job, reservation(job), 1, stream)
 
+    async def admit_enqueue(self, tenant: Tenant, job: Job, enqueue: Enqueuing) -> Ticket:
+        """:meth:`admit`, and the job enqueued as ``enqueue`` writes it, in one round trip: nothing
+        is enqueued unless it is admitted (the tenant's backlog is counted on the job's stream)."""
+        return await self._admit(tenant, job.id, job, reservation(job), 1, None, enqueue)
+
     async def admit_jobs(self, tenant: Tenant, request_id: str, jobs: Sequence[Job]) -> Ticket:
         """Admit one request made of several jobs (a text completion's prompts) as one request:
         one against the requests per minute and one concurrency slot (what a client holds open),
@@ -132,18 +138,28 @@ class Admission:
         return await self._admit(tenant, request_id, jobs[0], tokens, len(jobs), None)
 
     async def _admit(
-        self, tenant: Tenant, request_id: str, job: Job, tokens: int, jobs: int, stream: str | None
+        self,
+        tenant: Tenant,
+        request_id: str,
+        job: Job,
+        tokens: int,
+        jobs: int,
+        stream: str | None,
+        enqueue: Enqueuing | None = None,
     ) -> Ticket:
         """``job``: the request's (its first, of several): what they share, the model and the kind."""
         model = job.model
         self._check_total(model)
+        if enqueue is not None:
+            stream = enqueue.keys[0]
         result = await self._run(
-            self._scripts.admit,
+            self._scripts.admit if enqueue is None else self._scripts.admit_enqueue,
             tenant,
             request_id,
             tokens,
             stream or self._names.jobs_stream(model, tenant.name),
             jobs,
+            enqueue,
         )
         if int(result[0]) == 1:
             _, req_used, tok_used, reset_req, reset_tok = (int(x) for x in result)
@@ -162,7 +178,14 @@ class Admission:
             )
 
     async def _run(
-        self, script: AsyncScript, tenant: Tenant, request_id: str, tokens: int, stream: str, jobs: int = 1
+        self,
+        script: AsyncScript,
+        tenant: Tenant,
+        request_id: str,
+        tokens: int,
+        stream: str,
+        jobs: int = 1,
+        enqueue: Enqueuing | None = None,
     ) -> list[Any]:
         n = self._names
         keys = [
@@ -184,6 +207,9 @@ class Admission:
             self._ttl_ms,
             jobs,
         ]
+        if enqueue is not None:
+            keys += enqueue.keys[1:]
+            args += enqueue.args
         try:
             return list(await script(keys=keys, args=args))
         except (RedisError, OSError) as exc:

@@ -16,9 +16,10 @@ from typing import Protocol
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from api.errors import APIError, NotFound, Timeout, Unavailable, UpstreamFailure, from_status
-from serving.replies import ReplyHub, Subscription, SubscriptionLost
+from api.errors import APIError, Conflict, NotFound, Timeout, Unavailable, UpstreamFailure, from_status
+from serving.replies import Alarm, ReplyHub, Subscription, SubscriptionLost, WaitExpired
 from shared.messages import (
+    STOPPED,
     Failure,
     Final,
     Job,
@@ -55,6 +56,17 @@ def epoch_of(start: Started) -> str:
     return f"{zlib.crc32(f'{start.worker}/{start.attempt}'.encode()):08x}"
 
 
+class Stopped(Conflict):
+    """The job a request takes up again was stopped before it ended (its client left): its answer
+    can no longer be given, and no reply will come (what a worker says when it drops such a job,
+    :data:`shared.messages.STOPPED`, said before it could)."""
+
+    code = STOPPED.code
+
+    def __init__(self) -> None:
+        super().__init__(STOPPED.message)
+
+
 @dataclass(frozen=True, slots=True)
 class Timeouts:
     total: float
@@ -63,6 +75,17 @@ class Timeouts:
     """Longest silence once a worker has started the job."""
     queue: float = float("inf")
     """Longest wait for a worker to start the job."""
+
+
+@dataclass(frozen=True, slots=True)
+class Enqueuing:
+    """What enqueueing a job writes (:meth:`Dispatcher.enqueuing`), as a script's keys and arguments:
+    admission writes it in its own step when it admits the job."""
+
+    keys: tuple[str, str, str]
+    """The job stream, its model's index of streams, the job's owner record."""
+    args: tuple[str, str, str, str, int]
+    """The stream's field, the job, the stream's index record, the owner record, its seconds to live."""
 
 
 class Track(Protocol):
@@ -139,15 +162,14 @@ class Dispatcher:
     ) -> ReplyStream:
         """Put the job on its stream, its replies already subscribed to as ``sub`` (closed if the
         job cannot be enqueued)."""
-        stream = stream or self._names.jobs_stream(job.model, job.tenant)
+        e = self.enqueuing(job, priority, stream)
+        stream, index, owner = e.keys
+        _, payload, record, who, keep = e.args
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.xadd(stream, {JOB_FIELD: encode(job)})
-                record = StreamRecord(tenant=job.tenant, priority=priority)
-                pipe.hset(self._names.streams_index(job.model), stream, encode(record))
-                # Who may take up its stream again, and for which request (see :meth:`attach`).
-                keep = max(1, round(self._timeouts.total + OWNER_MARGIN))
-                pipe.set(self._names.owner(job.id), f"{owner_record(job)}:{job.created_at}", ex=keep)
+                pipe.xadd(stream, {JOB_FIELD: payload})
+                pipe.hset(index, stream, record)
+                pipe.set(owner, who, ex=keep)
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             await self._hub.close(sub)
@@ -155,14 +177,35 @@ class Dispatcher:
         except BaseException:  # cancelled: nobody else will close it
             await self._hub.close(sub)
             raise
+        return self.follow(job, sub)
+
+    def enqueuing(self, job: Job, priority: Priority = "interactive", stream: str | None = None) -> Enqueuing:
+        """What enqueueing ``job`` writes: the job on its stream (its tenant's of the model unless
+        ``stream`` names another), the stream in its model's index, and who may take up the job's
+        replies again, and for which request (see :meth:`attach`)."""
+        stream = stream or self._names.jobs_stream(job.model, job.tenant)
+        record = StreamRecord(tenant=job.tenant, priority=priority)
+        keep = max(1, round(self._timeouts.total + OWNER_MARGIN))
+        return Enqueuing(
+            keys=(stream, self._names.streams_index(job.model), self._names.owner(job.id)),
+            args=(JOB_FIELD, encode(job), encode(record), f"{owner_record(job)}:{job.created_at}", keep),
+        )
+
+    def follow(self, job: Job, sub: Subscription) -> ReplyStream:
+        """The replies of ``job``, enqueued with ``sub`` subscribed to them before."""
         return ReplyStream(job, sub, self, self._timeouts)
+
+    async def close(self, sub: Subscription) -> None:
+        """Undo :meth:`subscribe` for a job that was not enqueued."""
+        await self._hub.close(sub)
 
     async def attach(self, job: Job) -> ReplyStream:
         """Take up the replies of ``job``, enqueued earlier by this or another gateway for the same
         tenant and request (``job`` rebuilt from the same body, under its first id): subscribe,
         then read every reply so far from its progress list, then follow the live ones (each
         reply once, whichever way it came). Raises :class:`NotFound` for a job that is not the
-        tenant's, or whose replies are no longer kept."""
+        tenant's, or whose replies are no longer kept, and :class:`Stopped` for one stopped
+        before it ended (rather than wait for replies that will never come)."""
         try:
             owner = await self._redis.get(self._names.owner(job.id))
         except (RedisError, OSError) as exc:
@@ -175,10 +218,15 @@ class Dispatcher:
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.lrange(self._names.progress(job.id), 0, -1)
+                pipe.exists(self._names.cancelled(job.id))
                 pipe.incr(self._names.attached(job.id))
                 pipe.expire(self._names.attached(job.id), max(1, round(self._timeouts.total)))
-                history, _, _ = await pipe.execute()
+                history, cancelled, attached, _ = await pipe.execute()
             replies = [decode_reply(raw) for raw in history]
+            # A job is cancelled only if it had not ended; one whose end got out all the same
+            # (it came as the cancel went) is answered from it.
+            if cancelled and not any(isinstance(r, Final | Failure) for r in replies):
+                raise Stopped()
         except (RedisError, OSError, WireError) as exc:
             await self._hub.close(sub)
             raise Unavailable(f"the stream cannot be read back: {exc}", retry_after=2) from exc
@@ -186,6 +234,7 @@ class Dispatcher:
             await self._hub.close(sub)
             raise
         stream = ReplyStream(job, sub, self, self._timeouts)
+        stream.attached = int(attached)
         stream.preload(replies)
         return stream
 
@@ -254,9 +303,13 @@ class ReplyStream:
         self.epoch = ""
         """Marks the attempt that began the answer the client is getting (:func:`epoch_of`): one
         that starts over begins a new answer, and a client cannot take up the old one's in it."""
+        self.attached = 0
+        """How many clients had taken the job's stream up when this one began following it (0 for
+        the request that enqueued it): a later take-up counts more (see :class:`Resumable`)."""
         self.track = owner.metrics.track(job)
         self._backlog: deque[Started | Tokens | Vectors | Final | Failure] = deque()
         self._catching_up = False
+        self._alarm = Alarm(sub)
 
     async def __aiter__(self) -> AsyncIterator[Started | Tokens | Vectors | Final]:
         try:
@@ -338,10 +391,16 @@ class ReplyStream:
                 "stall" if self._timeouts.stall < remaining else "total",
             )
         try:
-            # asyncio.timeout, not wait_for: no task per message on the hottest path of the gateway.
-            async with asyncio.timeout(max(wait, 0)):
+            # Not a timeout per message (asyncio.timeout's scope cost a twentieth of a busy gateway's
+            # CPU): the alarm fails the wait when it has lasted ``wait``, and fires about once per
+            # stall timeout, not once per message.
+            self._alarm.waiting(now + wait, why)
+            try:
                 raw = await self.subscription.get()
-        except TimeoutError as exc:
+            finally:
+                self._alarm.done()
+        except WaitExpired as exc:
+            why = exc.why
             if why == "queue":
                 raise Unavailable(
                     "no worker started the request in time; the system is overloaded",
@@ -379,5 +438,6 @@ class ReplyStream:
         if self._closed:
             return
         self._closed = True
+        self._alarm.cancel()
         self.track.close()
         await self._owner.release(self, cancel=stop and not self.finished)

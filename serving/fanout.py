@@ -46,6 +46,8 @@ class FanIn:
         self.epoch = ""
         """Empty: the replies of several jobs are no one attempt's answer; their stream is not
         resumable."""
+        self.attached = 0
+        """Never taken up (see :attr:`epoch`)."""
         self._n = n
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._pumps: list[asyncio.Task[None]] = []

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from api.errors import APIError, InvalidRequest, Unavailable
+from api.errors import Conflict, InvalidRequest, Unavailable
 from shared.names import Names
 
 log = logging.getLogger(__name__)
@@ -25,9 +25,7 @@ log = logging.getLogger(__name__)
 MAX_KEY = 256
 
 
-class KeyReused(APIError):
-    status = 409
-    type = "invalid_request_error"
+class KeyReused(Conflict):
     code = "idempotency_key_reused"
 
     def __init__(self) -> None:

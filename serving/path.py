@@ -5,7 +5,6 @@ line is held to the same rules as a request."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import secrets
 import time
@@ -26,11 +25,10 @@ from serving.dispatch import Dispatcher
 from serving.lifecycle import Lifecycle
 from serving.registry import ModelEntry, WorkerRegistry
 from serving.relay import Admitted
+from serving.replies import own_request_prefix
 from serving.tokenizer import PromptBuilder, TokenizerCache
-from shared.messages import Job, Usage
+from shared.messages import Job
 from shared.tenants import CacheScope, Tenant, cache_salt
-
-NOTHING = Usage(prompt_tokens=0, completion_tokens=0)
 
 
 @dataclass
@@ -110,9 +108,8 @@ class JobBuilder:
     cache_scope: CacheScope = "tenant"
 
     async def resolve(self, model: str) -> ModelEntry:
-        live = await self.registry.models()
-        if model in live:
-            return live[model]
+        if (entry := await self.registry.find(model)) is not None:
+            return entry
         if await self.registry.known(model):
             raise Unavailable(f"no live worker serves the model '{model}' right now", retry_after=5)
         raise ModelNotFound(f"The model '{model}' does not exist", param="model")
@@ -227,20 +224,15 @@ async def submit(
 ) -> Admitted:
     """Admit (rate limits, backlog) and enqueue; the reservation is settled when the reply ends."""
     lifecycle.check_open()  # it may have begun draining while this request was tokenized
-    # The reply channel is subscribed while admission decides: two round trips at once, where
-    # one after the other would add one to every request's time to first token.
-    opening = asyncio.create_task(dispatcher.subscribe(job))
+    # Subscribed first, then admitted and enqueued in one script: two round trips one after the
+    # other, as many as subscribing while admission decides and enqueueing after, and one fewer.
+    sub = await dispatcher.subscribe(job)
     try:
-        ticket = await admission.admit(tenant, job)
+        ticket = await admission.admit_enqueue(tenant, job, dispatcher.enqueuing(job, tenant.priority))
     except BaseException:
-        await dispatcher.unsubscribe(opening)
+        await dispatcher.close(sub)
         raise
-    try:
-        replies = await dispatcher.enqueue(job, await opening, tenant.priority)
-    except BaseException:
-        await admission.settle(ticket, NOTHING)  # nothing was enqueued
-        raise
-    return Admitted(replies, ticket, admission, lifecycle, keep)
+    return Admitted(dispatcher.follow(job, sub), ticket, admission, lifecycle, keep)
 
 
 def prefix_digest(prompt: Sequence[int], length: int, salt: str | None = None) -> str | None:
@@ -322,5 +314,6 @@ def _too_long(prompt_len: int, max_tokens: int, limit: int, param: str) -> Inval
 
 
 def new_request_id() -> str:
-    """Unguessable: job ids double as the reply channel name."""
-    return "req_" + secrets.token_hex(16)
+    """Unguessable (job ids double as the reply channel name), and begun with this process's tag,
+    whose reply channels its hub listens to with one subscription."""
+    return own_request_prefix() + secrets.token_hex(12)

@@ -58,6 +58,15 @@ class WorkerRegistry:
             return self._cached
         return await self._reads.get(None, self._refresh)
 
+    async def find(self, model: str) -> ModelEntry | None:
+        """``model``'s entry, read again when the cache lacks it: a worker that has just joined
+        serves at once rather than after a cache period of 503s."""
+        cached_at = self._cached_at
+        entry = (await self.models()).get(model)
+        if entry is None and self._cached_at == cached_at:  # from the cache, not a read just now
+            entry = (await self._reads.get(None, self._refresh)).get(model)
+        return entry
+
     async def _refresh(self) -> dict[str, ModelEntry]:
         started = time.monotonic()
         self._cached = await self._read()

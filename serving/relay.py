@@ -37,6 +37,8 @@ class Replies(Protocol):
     restartable: bool
     epoch: str
     """The attempt that began the answer, which a resumable stream's event ids name."""
+    attached: int
+    """Clients that had taken the stream up when this one began following it."""
 
     @property
     def finished(self) -> bool: ...
@@ -160,10 +162,11 @@ async def sse_events(
     resumable: Resumable | None = None,
     after: EventId | None = None,
 ) -> AsyncIterator[bytes]:
-    """SSE events of one streamed response, as bytes; an error after the start becomes an error
-    event. With ``resumable`` every event has an id, and a client whose connection drops may take
-    the stream up again (after the grace, the job stops); ``after`` is where such a client left
-    off: the events up to it are not sent again."""
+    """SSE events of one streamed response, as bytes: a reply's events at once (one send for the
+    last reply's chunks and ``[DONE]``). An error after the start becomes an error event. With
+    ``resumable`` every event has an id, and a client whose connection drops may take the stream
+    up again (after the grace, the job stops); ``after`` is where such a client left off: the
+    events up to it are not sent again."""
     replies = request.replies
     ended = False
     try:
@@ -173,14 +176,15 @@ async def sse_events(
             events = assembler.events(reply)
             if isinstance(reply, Final):
                 events.append(DONE)
-            if resumable is None:
-                for event in events:
-                    yield event
-                continue
-            for k, event in enumerate(events):
-                here = EventId(replies.job.id, replies.epoch, reply.seq, k)
-                if after is None or after.before(here):
-                    yield with_id(event, here)
+            if resumable is not None:
+                here = [EventId(replies.job.id, replies.epoch, reply.seq, k) for k in range(len(events))]
+                events = [
+                    with_id(e, at)
+                    for e, at in zip(events, here, strict=True)
+                    if after is None or after.before(at)
+                ]
+            if events:
+                yield events[0] if len(events) == 1 else b"".join(events)
         ended = True
     except APIError as exc:
         ended = True

@@ -1,5 +1,6 @@
-"""A Responses request's run, once its chat job is admitted: streamed as typed events, gathered
-into one response object, or followed in the background; stored at its end when asked.
+"""A Responses request's run, once its chat job is admitted (or attached to again, for a request
+sent again under its ``Idempotency-Key``): streamed as typed events, gathered into one response
+object, or followed in the background; stored at its end when asked.
 
 Background responses: the job is already durable (a worker that dies is replaced mid-answer), so
 a background response is the same job with nobody waiting on the HTTP connection. The gateway
@@ -24,7 +25,7 @@ from api.errors import APIError, InternalError, InvalidRequest, NotFound, Unavai
 from api.responses.assembly import ResponseEvents, completed, failed
 from serving.dispatch import Dispatcher
 from serving.path import Prepared
-from serving.relay import Admitted, collect
+from serving.relay import Following, collect
 from serving.response_store import LEASE, UNFINISHED, ResponseStore, Stored
 from serving.responses import Previous, Turn
 from shared.messages import Final, Started, Tokens
@@ -45,9 +46,10 @@ class Cancelled(APIError):
 
 @dataclass
 class Run:
-    """One admitted Responses request."""
+    """One Responses request whose job's replies it follows."""
 
-    admitted: Admitted
+    following: Following
+    """Its job's replies: admitted for this request, or attached to under an ``Idempotency-Key``."""
     prepared: Prepared
     turn: Turn
     response: dict[str, Any]
@@ -56,7 +58,8 @@ class Run:
     """The tenant's id (``Tenant.id``, not its name), which its stored responses are kept under."""
     logprobs: bool
     store: ResponseStore | None
-    """Where the response is kept when it ends (None: ``store: false``)."""
+    """Where the response is kept when it ends (None: ``store: false``, or a request sent again
+    whose first one keeps it)."""
 
     @property
     def id(self) -> str:
@@ -70,7 +73,7 @@ class Run:
 
     @property
     def job(self) -> str:
-        return self.admitted.replies.job.id
+        return self.following.replies.job.id
 
 
 async def stored(step: Callable[[], Awaitable[T]]) -> T:
@@ -91,7 +94,7 @@ async def events(run: Run) -> AsyncIterator[bytes]:
     try:
         for event in stream.start():
             yield event
-        async for reply in run.admitted.replies:
+        async for reply in run.following.replies:
             if isinstance(reply, Tokens | Final):
                 out = stream.events(reply)
                 if stream.result is not None:
@@ -104,12 +107,12 @@ async def events(run: Run) -> AsyncIterator[bytes]:
         log.exception("response stream of %s failed", run.id)
         yield stream.error(InternalError(request_id=run.job).envelope())
     finally:
-        await run.admitted.close()
+        await run.following.close()
 
 
 async def whole(run: Run) -> dict[str, Any]:
     """The whole response (``stream: false``), stored if asked."""
-    chat = await collect(run.admitted.replies, run.prepared.whole())
+    chat = await collect(run.following.replies, run.prepared.whole())
     response = completed(run.response, chat, run.logprobs)
     await run.keep(response)
     return response
@@ -126,7 +129,7 @@ async def follow(run: Run, store: ResponseStore) -> None:
                 try:
                     await store.keep(run.id)
                     if await store.status(run.tenant, run.id) == "cancelled":
-                        run.admitted.interrupt(Cancelled("the response was cancelled"))
+                        run.following.interrupt(Cancelled("the response was cancelled"))
                 except (RedisError, OSError) as exc:
                     log.warning("lease of %s not renewed: %s", run.id, exc)
 
@@ -139,7 +142,7 @@ async def follow(run: Run, store: ResponseStore) -> None:
             log.exception("background response %s failed", run.id)
             response = failed(run.response, "internal_error", InternalError(run.job).message)
         finally:
-            await run.admitted.close()
+            await run.following.close()
             group.cancel_scope.cancel()
     try:
         await store.finish(run.tenant, response)
@@ -150,7 +153,7 @@ async def follow(run: Run, store: ResponseStore) -> None:
 async def _gather(run: Run, store: ResponseStore) -> dict[str, Any]:
     assembler = run.prepared.whole()
     started = False
-    async for reply in run.admitted.replies:
+    async for reply in run.following.replies:
         if isinstance(reply, Started):
             if reply.seq == 0:
                 assembler.restart()

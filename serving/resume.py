@@ -86,8 +86,10 @@ class Resumable:
         settled), or until the gateway that took it up stops it."""
         replies = request.replies
         job = replies.job.id
+        # Counted from when this client began, not from when its drop was noticed: a client quick
+        # to come back may have taken the stream up elsewhere before this gateway saw it leave.
+        before = replies.attached
         try:
-            before = await self.dispatcher.attachments(job)
 
             async def follow() -> None:
                 try:

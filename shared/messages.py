@@ -8,6 +8,7 @@ cannot understand each other instead of guessing.
 from __future__ import annotations
 
 import base64
+import json
 import sys
 from array import array
 from collections.abc import Sequence
@@ -277,6 +278,20 @@ class Failure(_Wire):
     message: str
 
 
+STOPPED = Failure(
+    seq=0,
+    status=409,
+    code="request_stopped",
+    message=(
+        "the request was stopped before it ended (its client left), so its answer can no longer be "
+        "given: send it as a new request"
+    ),
+)
+"""What a worker says, at its stream's next ``seq``, when it drops a job whose client left: anyone
+still following the job (a client that took its stream up, a retry under the same key) learns
+at once that no more will come."""
+
+
 Reply = Annotated[Started | Tokens | Vectors | Final | Failure, Field(discriminator="type")]
 _reply_adapter: TypeAdapter[Started | Tokens | Vectors | Final | Failure] = TypeAdapter(Reply)
 
@@ -287,6 +302,25 @@ class WireError(ValueError):
 
 def encode(message: _Wire) -> str:
     return message.model_dump_json()
+
+
+_quote = json.encoder.encode_basestring  # JSON string escaping as pydantic's: quote, backslash, controls
+
+
+def encode_tokens(
+    seq: int, index: int, text: str, token_ids: Sequence[int], finish_reason: FinishReason | None
+) -> bytes:
+    """The bytes of ``encode(Tokens(...))`` for a message with neither log probabilities nor steps,
+    built without the model: a worker sends one per stream every few engine steps, and the
+    model's validation and serialization were most of what encoding them cost. The same text,
+    byte for byte (tests hold it to :func:`encode`), so a gateway of any release reads it.
+    Raises UnicodeEncodeError, as pydantic would, on text that is not valid Unicode."""
+    reason = "null" if finish_reason is None else f'"{finish_reason}"'
+    ids = ",".join(map(str, token_ids))
+    return (
+        f'{{"type":"tokens","v":{WIRE_VERSION},"seq":{seq},"index":{index},"text":{_quote(text)},'
+        f'"token_ids":[{ids}],"finish_reason":{reason},"logprobs":null,"steps":null,"prompt_logprobs":null}}'
+    ).encode()
 
 
 def _decode(model: type[_W], raw: str | bytes, what: str) -> _W:

@@ -90,7 +90,7 @@ end
 if rpm > 0 and nreq >= rpm then return {0, 'requests', oldest(KEYS[1]), nreq, used} end
 """
 
-_ADMIT = (
+_ADMIT_CHECKS = (
     _WINDOWS
     + """
 if tpm > 0 and used + tokens > tpm then
@@ -111,8 +111,25 @@ redis.call('HSET', KEYS[3], id, tokens)
 redis.call('INCRBY', KEYS[4], tokens)
 redis.call('ZADD', KEYS[5], now + ttl, id)
 for i = 1, 5 do redis.call('PEXPIRE', KEYS[i], window + ttl) end
+"""
+)
+_ADMITTED = """
 return {1, nreq + 1, used + tokens, oldest(KEYS[1]), oldest(KEYS[2])}
 """
+_ADMIT = _ADMIT_CHECKS + _ADMITTED
+
+# Admission and, when it admits, the job enqueued, in one round trip: as above, and then the job
+# added to its stream (KEYS[6]), the stream recorded in its model's index (KEYS[7]) and who may take
+# up the job's replies (KEYS[8]). ARGV as for admission (jobs: 1), then the job stream's field, the
+# job, the stream's index record, the owner record and its seconds to live. Returns as admission.
+_ADMIT_ENQUEUE = (
+    _ADMIT_CHECKS
+    + """
+redis.call('XADD', KEYS[6], '*', ARGV[10], ARGV[11])
+redis.call('HSET', KEYS[7], KEYS[6], ARGV[12])
+redis.call('SET', KEYS[8], ARGV[13], 'EX', ARGV[14])
+"""
+    + _ADMITTED
 )
 
 # The same limits, checked before a request is encoded (its token count unknown, so only a minute's
@@ -238,11 +255,12 @@ class Scripts:
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
         self.admit: AsyncScript = redis.register_script(_ADMIT)
+        self.admit_enqueue: AsyncScript = redis.register_script(_ADMIT_ENQUEUE)
         self.precheck: AsyncScript = redis.register_script(_PRECHECK)
         self.release: AsyncScript = redis.register_script(_RELEASE)
 
     async def load(self) -> None:
-        for script in (_ADMIT, _PRECHECK, _RELEASE):
+        for script in (_ADMIT, _ADMIT_ENQUEUE, _PRECHECK, _RELEASE):
             await self._redis.script_load(script)
 
 

@@ -48,7 +48,7 @@ class Held:
         )
 
     def channel(self, claim: Claim, worker: str, fresh: bool = True) -> ReplyChannel:
-        return ReplyChannel(self.outbox, self.names, claim, worker, published=lambda: None, fresh=fresh)
+        return ReplyChannel(self.outbox, self.names, claim, worker, published=lambda _: None, fresh=fresh)
 
 
 @pytest_asyncio.fixture

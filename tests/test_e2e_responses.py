@@ -456,3 +456,167 @@ def test_the_agents_sdk_runs_a_tool_with_its_default_responses_model(system: Sys
         assert len(result.raw_responses) >= 2
         assert all((r.response_id or "").startswith("resp_") for r in result.raw_responses)
     assert len(asked) >= 2, "the agent called the tool in both runs"
+
+
+# -- Idempotency-Key -------------------------------------------------------------------------------
+
+
+def once() -> dict[str, str]:
+    return {"Idempotency-Key": f"resp-{uuid.uuid4().hex}"}
+
+
+def enqueued(system: System, request_id: str) -> bool:
+    """Whether a request made a job of its own (a job's owner record is written as it is enqueued)."""
+    return bool(Redis.from_url(system.redis_url).exists(system.names.owner(request_id)))
+
+
+def attachments(system: System, response_id: str) -> int:
+    """How many requests followed the response's job after the one that made it."""
+    job = "req_" + response_id.removeprefix("resp_")
+    return int(Redis.from_url(system.redis_url).get(system.names.attached(job)) or 0)
+
+
+def test_a_response_sent_again_under_its_idempotency_key_is_the_stored_one(
+    client: OpenAI, system: System
+) -> None:
+    key = once()
+    asked: dict[str, Any] = {
+        "model": system.model,
+        "input": QUESTION,
+        "max_output_tokens": 12,
+        "extra_body": {"seed": 3},
+    }
+    raw = client.responses.with_raw_response.create(**asked, extra_headers=key)
+    first = raw.parse()
+    assert enqueued(system, raw.headers["x-request-id"])
+    again = client.responses.with_raw_response.create(**asked, extra_headers=key)
+    assert again.parse().model_dump() == first.model_dump()
+    streamed = client.responses.with_raw_response.create(**asked, stream=True, extra_headers=key)
+    events = list(streamed.parse())
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert [e.type for e in events][:2] == ["response.created", "response.in_progress"]
+    assert events[-1].response.model_dump() == first.model_dump()  # type: ignore[union-attr]
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == first.output_text
+    # Both answered from the store: no job of their own, none followed.
+    assert not enqueued(system, again.headers["x-request-id"])
+    assert not enqueued(system, streamed.headers["x-request-id"])
+    assert attachments(system, first.id) == 0
+    with pytest.raises(openai.ConflictError) as info:
+        client.responses.create(**{**asked, "max_output_tokens": 13}, extra_headers=key)
+    assert info.value.code == "idempotency_key_reused"
+
+
+async def test_responses_sent_again_while_the_first_streams_follow_its_job(system: System) -> None:
+    key = once()
+    asked: dict[str, Any] = {
+        "model": system.model,
+        "input": QUESTION,
+        "max_output_tokens": 400,  # a few events in, far from the end however busy the worker
+        "extra_body": LONG,
+    }
+    async with openai.AsyncOpenAI(
+        base_url=f"{system.base_url}/v1", api_key=system.api_key, max_retries=0, timeout=120
+    ) as client:
+        raw = await client.responses.with_raw_response.create(**asked, stream=True, extra_headers=key)
+        first: list[Any] = []
+        started = asyncio.Event()
+
+        async def read_first() -> None:
+            async for event in raw.parse():
+                first.append(event)
+                started.set()
+
+        reading = asyncio.create_task(read_first())
+        await asyncio.wait_for(started.wait(), 60)
+        whole, streamed = await asyncio.gather(
+            client.responses.with_raw_response.create(**asked, extra_headers=key),
+            client.responses.with_raw_response.create(**asked, stream=True, extra_headers=key),
+        )
+        again = [event async for event in streamed.parse()]
+        await reading
+        stored = await client.responses.retrieve(first[-1].response.id)
+    end, answer = first[-1].response, whole.parse()
+    assert end.status == "incomplete" and end.usage.output_tokens == 400
+    assert answer.id == again[-1].response.id == end.id
+    assert answer.output_text == again[-1].response.output_text == end.output_text
+    assert answer.usage.output_tokens == again[-1].response.usage.output_tokens == 400
+    assert answer.status == again[-1].response.status == "incomplete"
+    assert "".join(e.delta for e in again if e.type == "response.output_text.delta") == end.output_text
+    assert [e.sequence_number for e in again] == list(range(len(again)))
+    assert stored.model_dump() == end.model_dump()  # stored once, by the first request
+    assert attachments(system, end.id) == 2
+    assert not enqueued(system, whole.headers["x-request-id"])
+    assert not enqueued(system, streamed.headers["x-request-id"])
+
+
+def test_a_response_not_stored_is_sent_again_from_its_jobs_replies(client: OpenAI, system: System) -> None:
+    key = once()
+    asked: dict[str, Any] = {"model": system.model, "input": QUESTION, "max_output_tokens": 8, "store": False}
+    first = client.responses.create(**asked, extra_headers=key)
+    again = client.responses.create(**asked, extra_headers=key)
+    events = list(client.responses.create(**asked, stream=True, extra_headers=key))
+    end = events[-1].response  # type: ignore[union-attr]
+    assert again.id == end.id == first.id
+    assert again.output_text == end.output_text == first.output_text
+    assert again.usage == end.usage == first.usage
+    assert attachments(system, first.id) == 2
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)  # nor stored by the requests sent again
+
+
+def test_a_response_whose_client_left_before_its_end_is_not_waited_for_when_sent_again(
+    client: OpenAI, system: System
+) -> None:
+    """The connection dropped mid-stream, so the job stopped: the request sent again under its key
+    is told so at once (409 ``request_stopped``) rather than left waiting for the stall timeout."""
+    key = once()
+    asked: dict[str, Any] = {
+        "model": system.model,
+        "input": QUESTION,
+        "max_output_tokens": 400,
+        "extra_body": LONG,
+    }
+    raw = client.responses.with_raw_response.create(**asked, stream=True, extra_headers=key)
+    stream = raw.parse()
+    for event in stream:
+        if event.type == "response.output_text.delta":
+            break
+    stream.close()
+    redis = Redis.from_url(system.redis_url)
+    stopped = system.names.cancelled(raw.headers["x-request-id"])
+    wait_until(lambda: bool(redis.exists(stopped)), 10, "the job stopped")
+    begun = time.monotonic()
+    with pytest.raises(openai.ConflictError) as info:
+        client.responses.create(**asked, extra_headers=key)
+    assert info.value.code == "request_stopped" and time.monotonic() - begun < 10
+
+
+def test_a_background_response_sent_again_is_the_same_response(client: OpenAI, system: System) -> None:
+    key = once()
+    asked: dict[str, Any] = {
+        "model": system.model,
+        "input": QUESTION,
+        "background": True,
+        "max_output_tokens": 8,
+    }
+    first = client.responses.create(**asked, extra_headers=key)
+    again = client.responses.with_raw_response.create(**asked, extra_headers=key)
+    assert again.parse().id == first.id and first.status == "queued"
+    assert not enqueued(system, again.headers["x-request-id"])
+    done = settled(client, first.id)
+    assert done.status in ("completed", "incomplete")
+    assert client.responses.create(**asked, extra_headers=key).model_dump() == done.model_dump()
+
+
+def test_another_tenants_idempotency_key_is_its_own(client: OpenAI, other: OpenAI, system: System) -> None:
+    key = once()
+    asked: dict[str, Any] = {"model": system.model, "input": QUESTION, "max_output_tokens": 4}
+    mine = client.responses.create(**asked, extra_headers=key)
+    raw = other.responses.with_raw_response.create(**asked, extra_headers=key)
+    theirs = raw.parse()
+    assert theirs.id != mine.id and enqueued(system, raw.headers["x-request-id"])
+    assert other.responses.create(**asked, extra_headers=key).id == theirs.id
+    assert client.responses.create(**asked, extra_headers=key).id == mine.id
+    with pytest.raises(openai.NotFoundError):
+        other.responses.retrieve(mine.id)

@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import openai
 import pytest
 from openai import OpenAI
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from control.processes import free_port
@@ -66,6 +68,16 @@ class Received:
     done: bool = False
     errors: list[dict[str, Any]] = field(default_factory=list)
     completion: str = ""
+    opened: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set at the first event."""
+
+    async def first_event(self, reading: asyncio.Task[None]) -> None:
+        """Wait for the first event of the stream ``reading`` reads (raising what it failed with)."""
+        waiting = asyncio.ensure_future(self.opened.wait())
+        await asyncio.wait({waiting, reading}, return_when=asyncio.FIRST_COMPLETED)
+        waiting.cancel()
+        if reading.done():
+            reading.result()
 
 
 async def read(
@@ -75,9 +87,11 @@ async def read(
     got: Received,
     headers: dict[str, str],
     stop_after: int | None = None,
+    held: asyncio.Event | None = None,
 ) -> None:
     """Read a stream's events into ``got``; with ``stop_after``, drop the connection after that
-    many content events, as a client whose network fails does."""
+    many content events, as a client whose network fails does (with ``held``, only once that is
+    set: until then the connection stays open, unread)."""
     contents = 0
     async with client.stream("POST", f"{url}/v1/chat/completions", json=payload, headers=headers) as resp:
         assert resp.status_code == 200, await resp.aread()
@@ -91,6 +105,7 @@ async def read(
                 continue
             assert "id" in event, f"an event without an id: {event}"
             got.ids.append(event["id"])
+            got.opened.set()
             data = event.pop("data")
             event.clear()
             if data == "[DONE]":
@@ -109,6 +124,8 @@ async def read(
                     contents += 1
                 got.finish = choice["finish_reason"] or got.finish
             if stop_after is not None and contents >= stop_after:
+                if held is not None:
+                    await held.wait()
                 return  # closing the response drops the connection mid-answer
 
 
@@ -144,6 +161,34 @@ async def test_a_dropped_stream_is_taken_up_at_another_gateway_with_nothing_repe
         assert rest.completion == first.completion
         assert not set(first.ids) & set(rest.ids), "an event was sent twice"
         assert first.text + rest.text == await produced(redis, system, first.completion)
+
+
+async def test_a_stream_taken_up_before_its_first_gateway_saw_the_client_leave_runs_to_its_end(
+    system: System, second_gateway: str
+) -> None:
+    """A client that comes back at once may take its stream up elsewhere before the gateway it
+    left notices the dropped connection: that gateway must still count the take-up and leave the
+    job running past its (short) grace. Eight long answers at once, so they outlast it."""
+
+    async def one(i: int, client: httpx.AsyncClient) -> Received:
+        first, rest, left = Received(), Received(), asyncio.Event()
+        payload = body(900, seed=100 + i)
+        dropping = asyncio.create_task(
+            read(client, second_gateway, payload, first, system.headers, stop_after=2, held=left)
+        )
+        await first.first_event(dropping)
+        headers = {**system.headers, "last-event-id": first.ids[-1]}
+        taking_up = asyncio.create_task(read(client, system.base_url, payload, rest, headers))
+        await rest.first_event(taking_up)
+        left.set()  # the first connection drops only now, with the stream taken up already
+        await dropping
+        await taking_up
+        return rest
+
+    async with httpx.AsyncClient(timeout=90) as client:
+        results = await asyncio.gather(*(one(i, client) for i in range(8)))
+    for rest in results:
+        assert rest.done and not rest.errors and rest.finish == "length" and rest.usage == 900
 
 
 async def test_a_client_that_does_not_come_back_stops_its_job_after_the_grace(
@@ -227,6 +272,58 @@ def test_a_text_completion_sent_again_with_its_idempotency_key_is_the_same_answe
     again = client.completions.create(**kwargs, extra_headers=key)
     assert again.id == first.id
     assert again.choices[0].model_dump() == first.choices[0].model_dump()
+
+
+def test_a_request_whose_client_left_before_its_end_is_not_waited_for_when_sent_again(
+    client: OpenAI, system: System
+) -> None:
+    """Its job stopped with the client's connection: the request sent again under its key is told
+    so at once (409 ``request_stopped``) rather than left waiting for the stall timeout."""
+    key = {"Idempotency-Key": f"left-{time.time_ns()}"}
+    kwargs: dict[str, Any] = {
+        "model": system.model,
+        "messages": MESSAGES,
+        "max_tokens": 400,
+        "extra_body": {"ignore_eos": True},
+    }
+    raw = client.chat.completions.with_raw_response.create(**kwargs, stream=True, extra_headers=key)
+    stream = raw.parse()
+    next(iter(stream))
+    stream.close()
+    redis = SyncRedis.from_url(system.redis_url)
+    stopped = system.names.cancelled(raw.headers["x-request-id"])
+    wait_until(lambda: bool(redis.exists(stopped)), 10, "the job stopped")
+    begun = time.monotonic()
+    with pytest.raises(openai.ConflictError) as info:
+        client.chat.completions.create(**kwargs, extra_headers=key)
+    assert info.value.code == "request_stopped" and time.monotonic() - begun < 10
+
+
+async def test_a_request_sent_again_while_the_first_runs_hears_at_once_when_the_first_client_leaves(
+    system: System, redis: Redis
+) -> None:
+    """The retry follows the first request's job; the first client leaves and the job stops: the
+    worker says so on the job's stream, and the retry gets 409 ``request_stopped`` at once, not
+    the stall timeout's 504 a minute later."""
+    key = {"idempotency-key": f"abandoned-{time.time_ns()}", **system.headers}
+    payload = {**body(900, seed=6), "stream_options": None}
+    url = f"{system.base_url}/v1/chat/completions"
+    async with httpx.AsyncClient(timeout=120) as client:
+        async with client.stream("POST", url, json=payload, headers=key) as first:
+            job = first.headers["x-request-id"]
+            lines = first.aiter_lines()  # held: a reader dropped early closes the connection
+            await anext(lines)
+            retry = asyncio.create_task(client.post(url, json={**payload, "stream": False}, headers=key))
+            deadline = time.monotonic() + 30
+            while not await redis.exists(system.names.attached(job)):
+                assert time.monotonic() < deadline and not retry.done(), "the retry did not attach"
+                await asyncio.sleep(0.05)
+            assert not retry.done() and not await redis.exists(system.names.cancelled(job))
+        left = time.monotonic()  # the first client's connection is closed
+        answer = await retry
+    assert answer.status_code == 409, answer.text
+    assert answer.json()["error"]["code"] == "request_stopped"
+    assert time.monotonic() - left < 15
 
 
 async def test_requests_sent_again_while_the_first_runs_share_its_job(system: System) -> None:

@@ -74,6 +74,19 @@ async def test_requests_arriving_together_share_one_read_of_the_fleet(redis: Red
     assert Counted.reads == 1 and all(list(a) == ["m"] for a in answers)
 
 
+async def test_a_model_whose_worker_joined_within_the_cache_period_is_found_at_once(redis: Redis) -> None:
+    names = Names("fleet-" + uuid.uuid4().hex[:8])
+    now = time.time()
+    await beat(redis, names, info("w1", now), "w1", now)
+    registry = WorkerRegistry(redis, names, worker_ttl=10, cache_seconds=60)
+    assert list(await registry.models()) == ["m"]
+    await beat(redis, names, info("w2", now, model="new"), "w2", now)
+    assert list(await registry.models()) == ["m"]  # the cache, for a model it knows
+    found = await registry.find("new")
+    assert found is not None and found.name == "new"
+    assert await registry.find("nobody-serves") is None
+
+
 async def test_a_streams_tenant_comes_from_its_record(redis: Redis) -> None:
     names = Names("fleet-" + uuid.uuid4().hex[:8])
     stream = names.jobs_stream("m", "acme")

@@ -13,8 +13,10 @@ from redis.asyncio import Redis
 from api.errors import InvalidRequest, RateLimited
 from control.redis_server import EmbeddedRedis
 from serving.admission import Admission, DrainMeter, Ticket, default_output, reservation, reset_text
+from serving.dispatch import Dispatcher, Timeouts
+from serving.replies import ReplyHub
 from shared.fleet import gather
-from shared.messages import Job, Sampling, Usage
+from shared.messages import Job, Sampling, Usage, decode_job
 from shared.names import Names
 from shared.tenants import Tenant, TenantDefaults, TenantStore, key_id_of
 
@@ -272,3 +274,22 @@ async def test_the_drain_meter_stops_deciding_on_stale_figures(redis: Redis, nam
     assert meter.backlog("m") == 3 and meter.rate("m") > 0
     await asyncio.sleep(0.3)  # no snapshot since: Redis unreachable, say
     assert meter.backlog("m") == 0 and meter.rate("m") == 0.0
+
+
+async def test_admitted_and_enqueued_in_one_step_or_neither(
+    admission: Admission, redis: Redis, names: Names
+) -> None:
+    dispatcher = Dispatcher(redis, ReplyHub(redis, names.hub_channel()), names, Timeouts(total=60, stall=60))
+    tenant = Tenant(name="t", rpm=1)
+    first, second = job(3), job(3)
+    ticket = await admission.admit_enqueue(tenant, first, dispatcher.enqueuing(first, "batch"))
+    assert ticket.headers["x-ratelimit-remaining-requests"] == "0"
+    stream = names.jobs_stream("m", "t")
+    [(_, fields)] = await redis.xrange(stream)
+    assert decode_job(fields[b"job"]) == first
+    assert b'"priority":"batch"' in await redis.hget(names.streams_index("m"), stream)
+    assert (await redis.get(names.owner(first.id))).startswith(b"t:")  # what attach checks
+    assert 0 < await redis.ttl(names.owner(first.id)) <= 360
+    with pytest.raises(RateLimited):
+        await admission.admit_enqueue(tenant, second, dispatcher.enqueuing(second))
+    assert await redis.xlen(stream) == 1 and await redis.get(names.owner(second.id)) is None

@@ -9,6 +9,7 @@ from shared.messages import (
     Embed,
     Failure,
     Final,
+    FinishReason,
     Job,
     Sampling,
     Started,
@@ -18,6 +19,7 @@ from shared.messages import (
     decode_job,
     decode_reply,
     encode,
+    encode_tokens,
 )
 from shared.names import Names
 
@@ -31,6 +33,26 @@ def test_every_reply_type_round_trips() -> None:
     ]
     for reply in replies:
         assert decode_reply(encode(reply)) == reply
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "plain words", 'quote " backslash \\ slash /', "\n\r\t\b\f\x00\x01\x1f\x7f", "héllo \u2028 😀 中文"],
+)
+@pytest.mark.parametrize("finish", [None, "stop", "length"])
+def test_token_messages_built_by_hand_are_the_models_bytes(text: str, finish: FinishReason | None) -> None:
+    ids = (0, 7, 128_000)
+    built = encode_tokens(12, 1, text, list(ids), finish)
+    model = Tokens(seq=12, index=1, text=text, token_ids=ids, finish_reason=finish)
+    assert built == encode(model).encode()
+    assert decode_reply(built) == model
+
+
+def test_token_text_that_is_not_unicode_fails_as_the_model_does() -> None:
+    with pytest.raises(ValueError):
+        encode(Tokens(seq=0, index=0, text="\ud800", token_ids=()))
+    with pytest.raises(ValueError):  # UnicodeEncodeError is a ValueError
+        encode_tokens(0, 0, "\ud800", (), None)
 
 
 def test_job_round_trips_and_rejects_other_versions() -> None:

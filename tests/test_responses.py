@@ -22,7 +22,7 @@ from transformers import AutoTokenizer
 from api.assembly import Meta, StreamAssembler
 from api.chat.assembly import CHAT, ChatFull, ChatStream
 from api.errors import InvalidRequest
-from api.responses.assembly import ResponseEvents, completed, skeleton
+from api.responses.assembly import ResponseEvents, completed, replayed, skeleton
 from api.responses.protocol import ResponsesRequest
 from gateway.app import validation_error
 from serving.chat import Answering, ChatRenderer
@@ -274,7 +274,10 @@ def planned(tokenizer: Any, answering: Answering, request: ResponsesRequest) -> 
 
 
 def streamed(events: ResponseEvents, messages: list[Tokens], last: Final) -> list[dict[str, Any]]:
-    frames = events.start() + [f for r in [*messages, last] for f in events.events(r)]
+    return decoded(events.start() + [f for r in [*messages, last] for f in events.events(r)])
+
+
+def decoded(frames: list[bytes]) -> list[dict[str, Any]]:
     out = []
     for frame in frames:
         name, data = frame.decode().removesuffix("\n\n").split("\n")
@@ -399,13 +402,50 @@ def test_log_probabilities_go_with_the_text_when_asked(tokenizer: Any) -> None:
             logprobs=Logprobs(sampled=(-1.0,), texts=("!",), top=(((6, -1.0, "!"),),)),
         ),
     ]
-    got = sdk_reads(
-        streamed(ResponseEvents(response(request), chat, None, logprobs=True), messages, final(2))
-    )
+    live = ResponseEvents(response(request), chat, None, logprobs=True)
+    events = streamed(live, messages, final(2))
+    got = sdk_reads(events)
     [part] = got.output[0].content
     assert [lp.token for lp in part.logprobs] == ["Hi", "!"] and part.logprobs[0].top_logprobs[
         0
     ].logprob == -0.5
+    assert live.result is not None
+    again = decoded(replayed(live.result))
+    deltas = [e["logprobs"] for e in again if e["type"] == "response.output_text.delta"]
+    assert deltas == [[lp.model_dump() for lp in part.logprobs]]
+    assert sdk_reads(again).model_dump() == got.model_dump()
+
+
+def same_kinds_in_a_row_as_one(events: list[dict[str, Any]]) -> list[str]:
+    kinds = [e["type"] for e in events]
+    return [kind for i, kind in enumerate(kinds) if i == 0 or kinds[i - 1] != kind]
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "answering", "text", "tools"),
+    [
+        ({"tools": [WEATHER]}, Answering("hermes", True), CALL, [WEATHER]),
+        ({"reasoning": {"effort": "high"}}, Answering(reasoning_parser="deepseek_r1"), THINKING, omit),
+        ({"max_output_tokens": 4}, Answering(), "It is sunny", omit),
+    ],
+)
+def test_a_response_that_ended_streams_again_as_it_streamed_live(
+    tokenizer: Any, request_fields: dict[str, Any], answering: Answering, text: str, tools: Any
+) -> None:
+    """A stored response asked for again as a stream (under an Idempotency-Key): its events say
+    what the live ones said, each item's deltas in one, and end with the response as it was."""
+    request = body(**request_fields)
+    plan, prompt = planned(tokenizer, answering, request)
+    parsers = plan.parsers(1, prompt)
+    chat = ChatStream(META, include_usage=False, parsers=parsers)
+    live = ResponseEvents(response(request), chat, parsers[0] if parsers else None)
+    first = streamed(live, replies(tokenizer, text, 2), final(30))
+    assert live.result is not None
+    again = decoded(replayed(live.result))
+    assert [e["sequence_number"] for e in again] == list(range(len(again)))
+    assert same_kinds_in_a_row_as_one(again) == same_kinds_in_a_row_as_one(first)
+    assert again[0] == first[0] and again[-1]["response"] == first[-1]["response"]
+    assert sdk_reads(again, tools).model_dump() == sdk_reads(first, tools).model_dump()
 
 
 def test_the_skeleton_echoes_the_request() -> None:

@@ -108,6 +108,21 @@ def test_scoring_a_prompt_answers_the_prompt_alone() -> None:
     assert chunk["choices"][0]["finish_reason"] == "length"
 
 
+def test_scoring_a_prompt_ends_at_its_limit_even_when_the_scoring_step_sampled_the_end() -> None:
+    """Sampled (not greedy), the one step run to score the prompt may draw the end of text: the
+    answer still generated nothing, so it stopped at its limit of 0 tokens."""
+    plan = TextPlan(n=1, echo=(HELLO,), top=0, echo_only=True)
+    whole = TextFull(META, plan=plan)
+    whole.tokens(tok(1, "", finish="stop", logprobs=generated(("", -0.5)), prompt=PROMPT))
+    assert whole.response(final("stop", completion=1))["choices"][0]["finish_reason"] == "length"
+    streamed = TextStream(META, include_usage=False, plan=plan)
+    (chunk,) = streamed.tokens(tok(1, "", finish="stop", logprobs=generated(("", -0.5)), prompt=PROMPT))
+    assert chunk["choices"][0]["text"] == "Hello" and chunk["choices"][0]["finish_reason"] == "length"
+    echoed = TextFull(META, plan=TextPlan(n=1, echo=(HELLO,)))  # a real completion keeps its reason
+    echoed.tokens(tok(1, "", finish="stop"))
+    assert echoed.response(final("stop"))["choices"][0]["finish_reason"] == "stop"
+
+
 def test_echo_without_logprobs_is_text_only() -> None:
     asm = TextFull(META, plan=TextPlan(n=1, echo=(HELLO,)))
     asm.tokens(tok(1, "!", finish="stop"))

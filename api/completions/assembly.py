@@ -60,6 +60,11 @@ class TextPlan:
     """``max_tokens: 0``: the prompt is the whole answer. The engine generates one token to score
     it (as vLLM does), which counts in the usage but is not shown."""
 
+    def finish(self, reason: str | None) -> str | None:
+        """A choice's finish reason. Scoring a prompt always ends at its limit of 0 tokens, even
+        when the step run to score it happened to sample the end of text."""
+        return "length" if self.echo_only and reason == "stop" else reason
+
     @property
     def rich(self) -> bool:
         """More than text: the shared plain assemblers will not do."""
@@ -147,7 +152,7 @@ class TextStream(StreamAssembler):
             "index": index,
             "text": text,
             "logprobs": lists.as_dict() if lists is not None else None,
-            "finish_reason": reply.finish_reason,
+            "finish_reason": plan.finish(reply.finish_reason),
         }
         return [_chunk(self.meta, [choice], self._so_far())]
 
@@ -186,7 +191,7 @@ class TextFull(FullAssembler):
             for logprobs in self._logprobs.get(index, []):
                 lists.add(logprobs, plan.top or 0)
         listed = lists.as_dict() if lists is not None else None
-        return {"index": index, "text": text, "logprobs": listed, "finish_reason": reason}
+        return {"index": index, "text": text, "logprobs": listed, "finish_reason": plan.finish(reason)}
 
     def response(self, reply: Final) -> dict[str, Any]:
         return {

@@ -167,6 +167,70 @@ def completed(
     }
 
 
+ENDS = {"completed": "response.completed", "incomplete": "response.incomplete"}
+"""The last event of a stream by the response's status (any other: ``response.failed``)."""
+
+
+def replayed(ended: dict[str, Any]) -> list[bytes]:
+    """Every event of a response that has ended, from the response alone (one stored, asked for
+    again as a stream): each output item opens, gets its whole text or arguments in one delta and
+    closes, as a live stream's items do, and the last event holds the response as it ended."""
+    opening = {
+        **ended,
+        **dict.fromkeys(("completed_at", "error", "incomplete_details", "usage")),
+        "status": "in_progress",
+        "output": [],
+    }
+    out = [_plain("response.created", response=opening), _plain("response.in_progress", response=opening)]
+    for index, item in enumerate(ended["output"]):
+        out += _replayed_item(index, item)
+    out.append(_plain(ENDS.get(ended["status"], "response.failed"), response=ended))
+    return [encode({"type": e.pop("type"), "sequence_number": n, **e}) for n, e in enumerate(out)]
+
+
+def _plain(kind: str, **fields: Any) -> dict[str, Any]:
+    """An event before it is numbered."""
+    return {"type": kind, **fields}
+
+
+def _replayed_item(index: int, item: dict[str, Any]) -> list[dict[str, Any]]:
+    where = {"item_id": item["id"], "output_index": index}
+    if item["type"] == "function_call":
+        opened = {**item, "arguments": "", "status": "in_progress"}
+        arguments = item["arguments"]
+        grown = [
+            _plain("response.function_call_arguments.delta", **where, delta=arguments),
+            _plain("response.function_call_arguments.done", **where, name=item["name"], arguments=arguments),
+        ]
+    elif item["type"] == "reasoning":
+        opened = _reasoning_item(item["id"], "", "in_progress")
+        part = item["content"][0] if item["content"] else {"type": "reasoning_text", "text": ""}
+        grown = [
+            _plain("response.content_part.added", **where, content_index=0, part={**part, "text": ""}),
+            _plain("response.reasoning_text.delta", **where, content_index=0, delta=part["text"]),
+            _plain("response.reasoning_text.done", **where, content_index=0, text=part["text"]),
+            _plain("response.content_part.done", **where, content_index=0, part=part),
+        ]
+    else:
+        opened = _message_item(item["id"], None, "in_progress")
+        part = item["content"][0]
+        text, logprobs = part["text"], part["logprobs"]
+        empty = _text_part("", [] if logprobs is not None else None)
+        grown = [
+            _plain("response.content_part.added", **where, content_index=0, part=empty),
+            _plain(
+                "response.output_text.delta", **where, content_index=0, delta=text, logprobs=logprobs or []
+            ),
+            _plain("response.output_text.done", **where, content_index=0, text=text, logprobs=logprobs or []),
+            _plain("response.content_part.done", **where, content_index=0, part=part),
+        ]
+    return [
+        _plain("response.output_item.added", output_index=index, item=opened),
+        *grown,
+        _plain("response.output_item.done", output_index=index, item=item),
+    ]
+
+
 def encode(event: dict[str, Any]) -> bytes:
     """One typed event as Server-Sent Events frame it: its type as the event name, then its JSON."""
     return f"event: {event['type']}\ndata: {json.dumps(event, separators=(',', ':'))}\n\n".encode()
@@ -372,7 +436,4 @@ class ResponseEvents:
             "output": list(self._output),
             "usage": usage(reply.usage, reasoning),
         }
-        kind = {"completed": "response.completed", "incomplete": "response.incomplete"}.get(
-            ends["status"], "response.failed"
-        )
-        return self._event(kind, response=self.result)
+        return self._event(ENDS.get(ends["status"], "response.failed"), response=self.result)
