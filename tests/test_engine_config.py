@@ -9,8 +9,10 @@ import pytest
 from worker.vllm_engine import (
     MIN_CPU_KV_CACHE,
     cpu_kv_cache_bytes,
+    cxx_compiler,
     model_threads,
     sized_cpu_kv_cache,
+    skips_compilation,
     weight_bytes,
 )
 
@@ -48,3 +50,30 @@ def test_model_threads_share_the_host_less_a_core_unless_the_operator_chose() ->
     assert model_threads(cpus=8, workers=2, configured="3") == 3
     assert model_threads(cpus=8, workers=2, configured="0") == 1
     assert model_threads(cpus=8, workers=2, configured="4,2") == 3  # not a count: the share less one
+
+
+@pytest.mark.parametrize(
+    ("cpu", "configured", "compiler", "eager"),
+    [
+        (False, None, None, False),  # a GPU: compiled, as vllm serve ships
+        (True, None, "/usr/bin/g++", False),  # a CPU host that can compile does
+        (True, None, None, True),  # one without a compiler (a slim image) runs eagerly, not fails
+        (True, False, None, False),  # what the operator chose wins either way
+        (False, True, None, True),
+        (True, True, "/usr/bin/g++", True),
+    ],
+)
+def test_the_engine_compiles_wherever_it_can_unless_the_operator_chose(
+    cpu: bool, configured: bool | None, compiler: str | None, eager: bool
+) -> None:
+    assert skips_compilation(cpu, configured, compiler) is eager
+
+
+def test_the_compiler_is_the_one_torch_would_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cxx = tmp_path / "my-c++"
+    cxx.write_text("#!/bin/sh\n")
+    cxx.chmod(0o755)
+    monkeypatch.setenv("CXX", str(cxx))
+    assert cxx_compiler() == str(cxx)
+    monkeypatch.setenv("CXX", str(tmp_path / "missing"))
+    assert cxx_compiler() is None

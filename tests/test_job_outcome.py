@@ -49,9 +49,10 @@ def test_every_job_flushes_on_the_same_ticks() -> None:
 
 @pytest.mark.parametrize(
     ("jobs", "expected"),
-    [(0, 0.04), (1, 0.04), (16, 0.04), (32, 0.08), (40, 0.1), (256, 0.1)],
+    [(0, 0.0025), (1, 0.0025), (4, 0.01), (16, 0.04), (32, 0.08), (40, 0.1), (256, 0.1)],
 )
 def test_the_flush_interval_grows_with_the_jobs_a_worker_runs(jobs: int, expected: float) -> None:
+    """About 400 messages a second per worker, until the longest interval caps it."""
     assert flush_interval(0.04, 0.1, jobs) == pytest.approx(expected)
 
 
@@ -139,6 +140,8 @@ SHUTDOWN = Action("fail", 503, "worker_shutdown", "the worker stopped before the
         # cancelled by the worker's shutdown -> hand back what can be resumed, fail the rest
         (CANCELLED, None, 1, True, Action("hand_back")),
         (CANCELLED, None, 2, True, SHUTDOWN),
+        # stopped to make room for another tenant's job -> parked here, to resume from its progress
+        (CANCELLED, "preempted", 1, False, Action("park")),
         # the engine refused the request -> the client's fault, whatever else holds
         (EngineRejected("bad top_k"), None, 1, False, Action("fail", 400, "invalid_request", "bad top_k")),
         (EngineRejected("bad"), None, 1, True, Action("fail", 400, "invalid_request", "bad")),

@@ -5,13 +5,24 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from shared.messages import Failure, Final, Job, Started, Tokens, Vectors, decode_progress, encode
+from shared.messages import (
+    Failure,
+    Final,
+    Job,
+    Started,
+    Tokens,
+    Vectors,
+    decode_progress,
+    encode,
+    encode_tokens,
+)
 from shared.names import GROUP, Names
 from shared.scripts import CLAIMED_PUBLISH
 from worker.coalesce import Chunk
 from worker.outbox import Command, Outbox
 
-Reply = Started | Tokens | Vectors | Final | Failure
+Reply = Started | Tokens | Vectors | Final | Failure | bytes
+"""A message, or a token message already encoded (see :meth:`ReplyChannel.tokens`)."""
 PROGRESS_TTL_MS = 3_600_000
 """How long a running job's progress list outlives its last message."""
 ENDED_TTL_MS = 120_000
@@ -28,7 +39,8 @@ class Claim:
     job: Job
     attempt: int
     handed_back: bool = False
-    """Re-queued by a worker that shut down mid-job: look for its progress even on attempt 1."""
+    """Re-queued by a worker that shut down mid-job, or resumed after it made room for another
+    tenant's job: look for its progress even on attempt 1."""
 
 
 class ClaimLost(RuntimeError):
@@ -74,7 +86,7 @@ class ReplyChannel:
         names: Names,
         claim: Claim,
         worker_id: str,
-        published: Callable[[], None],
+        published: Callable[[int], None],
         fresh: bool,
         first_seq: int = 0,
     ) -> None:
@@ -93,27 +105,34 @@ class ReplyChannel:
         self._seq += 1
         return seq
 
-    def tokens(self, chunks: Sequence[Chunk]) -> list[Tokens]:
-        return [
-            Tokens(
-                seq=self.next_seq(),
-                index=c.index,
-                text=c.text,
-                token_ids=tuple(c.ids),
-                finish_reason=c.finish,
-                logprobs=c.logprobs(),
-                steps=c.steps() if self._steps else None,
-                prompt_logprobs=c.prompt,
-            )
-            for c in chunks
-        ]
+    def tokens(self, chunks: Sequence[Chunk]) -> list[Reply]:
+        """The chunks' token messages; those that carry only text and ids are encoded at once,
+        without building their model (see :func:`shared.messages.encode_tokens`)."""
+        return [self._token_message(c) for c in chunks]
+
+    def _token_message(self, c: Chunk) -> Reply:
+        if not c.sampled and c.prompt is None and not self._steps:
+            return encode_tokens(self.next_seq(), c.index, c.text, c.ids, c.finish)
+        return Tokens(
+            seq=self.next_seq(),
+            index=c.index,
+            text=c.text,
+            token_ids=tuple(c.ids),
+            finish_reason=c.finish,
+            logprobs=c.logprobs(),
+            steps=c.steps() if self._steps else None,
+            prompt_logprobs=c.prompt,
+        )
 
     def command(self, messages: Sequence[Reply], ack: bool = False) -> Command:
         """Publish ``messages`` (and, with ``ack``, end the job) if this worker still owns it."""
-        pairs: list[str] = []
+        pairs: list[str | bytes] = []
         for message in messages:
-            self._published()
-            pairs += (encode(message), "" if isinstance(message, Vectors) else "1")
+            if isinstance(message, bytes):
+                pairs += (message, "1")
+            else:
+                pairs += (encode(message), "" if isinstance(message, Vectors) else "1")
+        self._published(len(messages))
         flags = ("a" if ack else "") + ("r" if self._reset and messages else "")
         if messages:
             self._reset = False

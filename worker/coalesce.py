@@ -78,13 +78,17 @@ class Ending:
 
 
 FLUSH_KNEE = 16
-"""Up to this many jobs a worker flushes every base interval; beyond, the interval grows with them."""
+"""At this many jobs a worker flushes each job every base interval."""
 
 
 def flush_interval(base: float, most: float, jobs: int) -> float:
-    """Seconds between a job's messages when its worker runs ``jobs`` jobs: ``base`` up to
-    FLUSH_KNEE jobs, then in proportion to the jobs, never above ``most``."""
-    return max(base, min(most, base * jobs / FLUSH_KNEE))
+    """Seconds between a job's messages when its worker runs ``jobs`` jobs: in proportion to the
+    jobs, ``base`` at FLUSH_KNEE of them, never above ``most``. So the worker publishes about
+    FLUSH_KNEE / ``base`` messages a second whatever its load (400 by default), until ``most``
+    caps the interval: a message costs about the same CPU whatever it carries, and a worker with
+    few jobs spends what it has spare on sending their tokens more often (a lone stream gets them
+    every engine step), one with many on carrying more tokens in each message."""
+    return min(most, base * max(jobs, 1) / FLUSH_KNEE)
 
 
 def next_tick(now: float, interval: float) -> float:

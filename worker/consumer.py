@@ -88,6 +88,8 @@ class Consumer:
             settings.headroom_window,
             take=self.take,
             peers=self._peers,
+            preempt=settings.preempt,
+            resume=self.resume,
         )
         self._reclaimer = Reclaimer(
             redis, worker_id, self._streams, self.inflight, settings.reclaim_idle, take=self.take
@@ -104,7 +106,15 @@ class Consumer:
         await listen_for_cancels(self._redis, self._names, self.stopping, self.cancel)
 
     def cancel(self, job_id: str) -> None:
-        self.inflight.stop(job_id, "client")
+        if self.inflight.stop(job_id, "client"):
+            return
+        if (parked := self.inflight.unpark(job_id)) is not None:
+            task = asyncio.create_task(self._drop(parked), name=f"drop-{job_id}")
+            task.add_done_callback(_log_escaped)
+
+    async def _drop(self, claim: Claim) -> None:
+        with contextlib.suppress(ClaimLost, RedisError, OSError):  # then it is reclaimed, and ends there
+            await self.runner.drop(claim)
 
     # -- starting a job --------------------------------------------------------------------------
 
@@ -162,6 +172,12 @@ class Consumer:
         task.add_done_callback(_log_escaped)
         self.inflight.add(claim, task)
 
+    def resume(self, claim: Claim) -> None:
+        """Resume a job parked to make room for another tenant's (see :mod:`worker.preempt`)."""
+        task = asyncio.create_task(self._run(claim), name=f"job-{claim.job.id}")
+        task.add_done_callback(_log_escaped)
+        self.inflight.add(claim, task)
+
     async def _hand_over(self, claim: Claim) -> bool:
         """Hand a new job to the worker its prompt prefix belongs to, if that one has room; False
         to run it here (see :mod:`worker.prefix_affinity`)."""
@@ -189,11 +205,13 @@ class Consumer:
 
     async def _run(self, claim: Claim) -> None:
         self.metrics.job_started(claim.job)
+        ended = False
         try:
             await self.runner.run(claim)
+            ended = True  # to its end, even if preempted as it ended: nothing to resume
         finally:
             self.metrics.job_left()
-            self.inflight.remove(claim.job.id)
+            self.inflight.remove(claim.job.id, ended=ended)
             self.reader.wake()
 
     async def _dead_letter(self, stream: str, entry_id: str, raw: bytes | None, reason: str) -> None:
@@ -244,6 +262,10 @@ class Consumer:
     async def drain(self, grace: float) -> None:
         """Let running jobs finish for up to ``grace`` s, then stop the rest: single-choice jobs are
         handed back (another worker resumes them), others end with an error to their client."""
+        for claim in self.inflight.parked():  # another worker resumes them from their progress
+            self.inflight.unpark(claim.job.id)
+            with contextlib.suppress(ClaimLost, RedisError, OSError):  # else reclaimed after reclaim_idle
+                await self.runner.hand_back(claim, started=False)
         if self.inflight:
             log.info("waiting up to %.0fs for %d running jobs", grace, len(self.inflight))
         deadline = time.monotonic() + grace

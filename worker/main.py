@@ -247,6 +247,8 @@ async def run_consumer(redis: Redis, settings: WorkerSettings, engine: Engine, h
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    with contextlib.suppress(RedisError, OSError):  # the heartbeat loop says so if Redis is gone
+        await heartbeat.beat()  # before "serving": gateways see the worker once its log says so
     outbox = asyncio.create_task(consumer.outbox.run(), name="outbox")
     loops = [
         asyncio.create_task(consumer.read_loop(), name="read"),

@@ -30,7 +30,16 @@ from worker.health import Health
 
 QUEUE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 60)
 RATE_WINDOW = 10.0
-OUTCOMES = ("completed", "failed", "cancelled", "abandoned", "handed_back", "taken_over", "dead_lettered")
+OUTCOMES = (
+    "completed",
+    "failed",
+    "cancelled",
+    "abandoned",
+    "handed_back",
+    "preempted",
+    "taken_over",
+    "dead_lettered",
+)
 
 
 class TokenRate:
@@ -94,6 +103,10 @@ class WorkerMetrics:
             metric.labels(model)
         for outcome in OUTCOMES:
             self._jobs.labels(model, outcome)
+        # The series counted on every message, looked up once: labels() costs a lock and a dict
+        # lookup per call, which the token path would pay per message.
+        self._tokens_series = self._tokens.labels(model)
+        self._published_series = self._published.labels(model)
 
     def job_started(self, job: Job) -> None:
         self._running.labels(self.model).inc()
@@ -108,14 +121,14 @@ class WorkerMetrics:
 
     def generated(self, tokens: int) -> None:
         if tokens:
-            self._tokens.labels(self.model).inc(tokens)
+            self._tokens_series.inc(tokens)
             self.rate.add(tokens)
 
     def handed_over(self) -> None:
         self._handed.labels(self.model).inc()
 
-    def published(self) -> None:
-        self._published.labels(self.model).inc()
+    def published(self, messages: int = 1) -> None:
+        self._published_series.inc(messages)
 
     def tokens_per_s(self) -> float:
         return round(self.rate.per_second(), 1)

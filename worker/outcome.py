@@ -13,18 +13,19 @@ from typing import Literal
 from worker.coalesce import EngineAborted
 from worker.engine import EngineFailed, EngineRejected
 
-StopReason = Literal["client", "lost"]
-"""Why a job's task was cancelled: its client left, or another worker took it over (None: the worker
-is shutting down)."""
+StopReason = Literal["client", "lost", "preempted"]
+"""Why a job's task was cancelled: its client left, another worker took it over, or it made room for
+a tenant below its fair share (:mod:`worker.preempt`; None: the worker is shutting down)."""
 
-Kind = Literal["nothing", "acknowledge", "hand_back", "fail"]
+Kind = Literal["nothing", "acknowledge", "hand_back", "park", "fail"]
 
 
 @dataclass(frozen=True, slots=True)
 class Action:
     kind: Kind
     """``nothing``: another worker owns the job now; ``acknowledge``: end it without a word (its
-    client is gone); ``hand_back``: re-queue it for another worker; ``fail``: end it with an error."""
+    client is gone); ``hand_back``: re-queue it for another worker; ``park``: keep it, to resume here
+    (it made room for another tenant's job); ``fail``: end it with an error."""
     status: int = 0
     code: str = ""
     message: str = ""
@@ -45,6 +46,8 @@ def early_end(error: BaseException, stop: StopReason | None, n: int, stopping: b
             return Action("nothing")
         if stop == "client":
             return Action("acknowledge")
+        if stop == "preempted":  # only jobs that can resume are
+            return Action("park")
         if resumable:
             return Action("hand_back")
         return Action("fail", 503, "worker_shutdown", "the worker stopped before the job finished")

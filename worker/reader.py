@@ -19,9 +19,11 @@ from redis.exceptions import RedisError
 
 from shared.names import GROUP, as_text
 from worker.balance import Load, Spread, stands_back
+from worker.channel import Claim
 from worker.inflight import Inflight
 from worker.peers import Peers, peek
 from worker.planner import Headroom, ReadPlan, fleet_shares, within
+from worker.preempt import victim, wanted
 from worker.streams import JobStreams
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,8 @@ class Reader:
         headroom_window: float,
         take: Take,
         peers: Peers | None = None,
+        preempt: bool = False,
+        resume: Callable[[Claim], None] | None = None,
     ) -> None:
         self._redis = redis
         self._redis_url = redis_url
@@ -56,6 +60,8 @@ class Reader:
         self._inflight = inflight
         self._take = take
         self._peers = peers
+        self._preempt = preempt
+        self._resume = resume
         self._plan = ReadPlan()
         self._headroom = Headroom(headroom_window, inflight.capacity)
         self._spread = Spread()
@@ -71,11 +77,15 @@ class Reader:
         backoff = 0.1
         try:
             while not stopping.is_set():
-                await self._inflight.room.wait()
+                if not self._preempt:
+                    await self._inflight.room.wait()
                 if stopping.is_set():
                     break
                 try:
-                    await self._read_once()
+                    if self._inflight.room.is_set():
+                        await self._read_once()
+                    else:
+                        await self._read_preempting()
                     backoff = 0.1
                 except (RedisError, OSError) as exc:
                     self._streams.recheck(exc)
@@ -99,6 +109,8 @@ class Reader:
                 fleet_shares(loads.pending, self._inflight.capacity, fleet), time.monotonic()
             )
         rooms = self._headroom.room(streams, held, self._inflight.free(), self._streams.weights)
+        if self._resume_parked(rooms):
+            return
         if not rooms:  # no tenants yet, or the free slots are kept for tenants not sending right now
             await self._pause(READ_BLOCK_MS / 1000)
             return
@@ -122,6 +134,49 @@ class Reader:
             await self._pause(STAND_BACK)
             return
         await self._read([], rooms, len(rooms) == len(streams))
+
+    async def _read_preempting(self) -> None:
+        """With every slot held: wait for a job of a tenant below its fair share, and when one comes,
+        take it and park a job of the tenant most above its share (see :mod:`worker.preempt`).
+        Returns when a slot frees up, or after at most ``READ_BLOCK_MS``."""
+        streams = await self._streams.current()
+        capacity, weights = self._inflight.capacity, self._streams.weights
+        want = wanted(streams, self._inflight.running(), self._inflight.preemptible(), capacity, weights)
+        if not want:
+            await self._pause(READ_BLOCK_MS / 1000)
+            return
+        self._blocked_id = await self._blocking.client_id()
+        try:  # a job that ends meanwhile cuts the wait short (wake): the normal read takes over
+            reply = await self._blocking.xreadgroup(
+                GROUP, self._worker_id, {s: ">" for s in want}, count=1, block=READ_BLOCK_MS
+            )
+        finally:
+            self._blocked_id = None
+        for stream, entry_id, fields in _entries(reply):
+            await self._take(stream, entry_id, fields, 1)
+            self._make_room(stream)
+
+    def _resume_parked(self, rooms: dict[str, int]) -> bool:
+        """Resume jobs parked to make room for another tenant's before reading new ones, as far as
+        the room left for their streams allows (so not into the room kept for the tenant they made
+        way for). True if any resumed."""
+        resumed = False
+        for claim in self._inflight.parked() if self._resume else ():
+            if rooms.get(claim.stream, 0) > 0 and self._inflight.free() > 0:
+                rooms[claim.stream] -= 1
+                self._inflight.unpark(claim.job.id)
+                self._resume(claim)  # type: ignore[misc]
+                resumed = True
+        return resumed
+
+    def _make_room(self, stream: str) -> None:
+        """Stop jobs of the streams most above their share until the jobs running fit the slots."""
+        capacity, weights = self._inflight.capacity, self._streams.weights
+        while (held := self._inflight.running()).total() > capacity:
+            loser = victim(stream, held, self._inflight.preemptible(), capacity, weights)
+            if loser is None or (job_id := self._inflight.preempt(loser)) is None:
+                return  # the job waits in the engine for a slot, as it would have in the queue
+            log.debug("job %s of %s yields its slot to a job of %s", job_id, loser, stream)
 
     def _reads(self, rooms: dict[str, int], count: int) -> Reads:
         """Up to ``count`` jobs in all from the streams of ``rooms``, shared by the read plan."""

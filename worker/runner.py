@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Callable
 
-from shared.messages import Failure, Final, Job, Started, Usage, encode
+from shared.messages import STOPPED, Failure, Final, Job, Started, Usage, encode
 from shared.names import GROUP, HANDED_BACK_FIELD, JOB_FIELD, Names
 from shared.scripts import CLAIMED_HAND_BACK
 from worker.channel import Claim, ClaimLost, NobodyListening, Progress, ReplyChannel, check
@@ -49,6 +50,7 @@ class JobRunner:
         self._engine = engine
         self._worker_id = worker_id
         self._flush_interval = flush_interval
+        self._resumes = itertools.count(1)
 
     async def run(self, claim: Claim) -> None:
         """Run the job to its end and acknowledge it. Raises only CancelledError."""
@@ -120,6 +122,8 @@ class JobRunner:
             await self.acknowledge(out)
         elif action.kind == "hand_back":
             await self.hand_back(claim)
+        elif action.kind == "park":  # its entry stays this worker's; it resumes from its progress
+            self._metrics.outcome("preempted")
         else:
             await self.fail(out, action.status, action.code, action.message)
 
@@ -157,7 +161,9 @@ class JobRunner:
             # Its prompt's turn to enter the engine (see worker.prefill_gate).
             async with self._gate.job(job.tenant, sampling.max_tokens) as entry:
                 stream = self._engine.generate(
-                    job.id,
+                    # A job resumed on this worker (parked, see worker.preempt) may start again
+                    # before the engine has let go of its aborted request: never reuse that id.
+                    f"{job.id}.{next(self._resumes)}" if prior else job.id,
                     job.prompt_token_ids + prior,
                     sampling,
                     reasoning_ended=job.reasoning_ended,
@@ -187,14 +193,24 @@ class JobRunner:
         await out.send([Failure(seq=out.next_seq(), status=status, code=code, message=message)], ack=True)
 
     async def acknowledge(self, out: ReplyChannel) -> None:
-        """End a job whose client gave up: nothing more to say."""
+        """End a job whose client gave up. That client hears nothing more, but another may still
+        follow the job (one that took its stream up, a retry under the same key): it learns at
+        once that the job stopped, rather than wait for replies that will not come."""
         self._metrics.outcome("cancelled")
-        await out.send([], ack=True)
+        await out.send([STOPPED.model_copy(update={"seq": out.next_seq()})], ack=True)
+
+    async def drop(self, claim: Claim) -> None:
+        """End a parked job whose client gave up (it has no task to do so)."""
+        await self._end_quietly(claim, "cancelled")
 
     async def _abandon(self, claim: Claim) -> None:
         """End a job nobody listens to any more, without a word (there is no one to say it to)."""
-        self._metrics.outcome("abandoned")
-        out = ReplyChannel(self._outbox, self._names, claim, self._worker_id, lambda: None, fresh=False)
+        await self._end_quietly(claim, "abandoned")
+
+    async def _end_quietly(self, claim: Claim, outcome: str) -> None:
+        """Acknowledge a job that has no reply channel open, publishing nothing."""
+        self._metrics.outcome(outcome)
+        out = ReplyChannel(self._outbox, self._names, claim, self._worker_id, lambda _: None, fresh=False)
         await out.send([], ack=True)
 
     async def hand_back(self, claim: Claim, started: bool = True) -> None:
