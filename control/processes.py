@@ -106,3 +106,15 @@ def stop_process(
         wait_until(lambda: not alive(), grace)
     _signal(proc, signal.SIGKILL, group)
     return proc.wait()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"stopped by signal {signum}")
+
+
+def terminate_as_interrupt() -> None:
+    """Make SIGTERM stop this process as Ctrl-C does: with a KeyboardInterrupt, so its ``finally``
+    blocks and context managers run. For a process that starts others in their own sessions (the
+    test suite, the load tests): killed by a plain SIGTERM (a CI timeout, ``kill``), it would leave
+    its Redis, gateways, workers and their engine processes running with nobody to stop them."""
+    signal.signal(signal.SIGTERM, _interrupt)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from control.processes import terminate_as_interrupt
+
 STUDIES = {
     "agentbench": "tool calls and JSON schemas at 64 streams beside plain chat, Switchyard and vLLM's server",
     "affinity": "prefix affinity on multi-turn conversations, two vLLM workers, with and without it",
@@ -50,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     if study not in STUDIES:
         print(f"python -m loadtest: no study {study!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    terminate_as_interrupt()  # a study stopped with SIGTERM stops the fleet it started, too
     module = importlib.import_module(f"loadtest.{study}")
     code: int = module.main(rest)
     return code

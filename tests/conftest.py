@@ -17,7 +17,7 @@ import pytest_asyncio
 from openai import AsyncOpenAI, OpenAI
 from redis.asyncio import Redis
 
-from control.processes import free_port
+from control.processes import free_port, terminate_as_interrupt
 from control.redis_server import EmbeddedRedis
 from shared.names import Names
 from shared.tenants import Tenant, TenantStore
@@ -29,6 +29,12 @@ SESSION_RECLAIM_IDLE = 3
 """Seconds a test worker's claim may stay idle before another worker may take the job over."""
 RESUME_GRACE = 3
 """Seconds the session's gateway keeps a resumable stream's job going for a client that went away."""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A suite stopped with SIGTERM (a CI timeout, kill) tears its fixtures down as on Ctrl-C,
+    # rather than leave the Redis, gateways, workers and engines it started running.
+    terminate_as_interrupt()
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,9 @@ def worker_env(system_env: dict[str, str], model_dir: Path, **extra: str) -> dic
         "SWITCHYARD_RECLAIM_IDLE": str(SESSION_RECLAIM_IDLE),
         "SWITCHYARD_DRAIN_TIMEOUT": "5",
         "SWITCHYARD_TOOL_CALL_PARSER": "hermes",
+        # Eager: compiling takes tens of seconds per start on two cores, and a dozen tests start
+        # workers of their own. tests/test_e2e_compiled.py starts one as shipped.
+        "SWITCHYARD_ENFORCE_EAGER": "true",
         **extra,
     }
 
@@ -135,6 +144,23 @@ def system(
     finally:
         stop(gateway)
         stop(worker)
+
+
+def forget_workers(system: System, model: str, *workers: str) -> None:
+    """Take a model and its stopped workers out of Redis: later tests (and alert rules) must not
+    see a model whose workers are gone."""
+
+    async def forget() -> None:
+        redis = Redis.from_url(system.redis_url)
+        try:
+            await redis.hdel(system.names.models(), model)
+            for name in workers:
+                await redis.zrem(system.names.workers(), name)
+                await redis.delete(system.names.worker(name))
+        finally:
+            await redis.aclose()
+
+    asyncio.run(forget())
 
 
 async def create_tenant(redis_url: str, names: Names, tenant: Tenant, key: str | None = None) -> str:

@@ -3,7 +3,6 @@ ends with exactly one result (none lost, none duplicated), and two jobs processe
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -14,9 +13,8 @@ from pathlib import Path
 
 import pytest
 from openai import OpenAI
-from redis.asyncio import Redis
 
-from tests.conftest import System, worker_env
+from tests.conftest import System, forget_workers, worker_env
 from tests.procs import spawn, stop, wait_until
 from tests.test_e2e_batches import FINAL, chat_line, jobs_env, results, submit, wait_for
 
@@ -59,19 +57,7 @@ def start_jobs(system: System, logs: Path, *names: str) -> dict[str, subprocess.
 def logs(system: System, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     path = tmp_path_factory.mktemp("batch-restart")
     yield path
-    asyncio.run(_forget(system))
-
-
-async def _forget(system: System) -> None:
-    """Later tests must not see a model whose workers are gone."""
-    redis = Redis.from_url(system.redis_url)
-    try:
-        await redis.hdel(system.names.models(), MODEL)
-        for name in ("rs-1", "rs-2"):
-            await redis.zrem(system.names.workers(), name)
-            await redis.delete(system.names.worker(name))
-    finally:
-        await redis.aclose()
+    forget_workers(system, MODEL, "rs-1", "rs-2")
 
 
 def completed(client: OpenAI, batch_id: str) -> int:

@@ -27,7 +27,7 @@ from redis.exceptions import ResponseError
 from control.processes import free_port
 from shared.names import GROUP
 from shared.tenants import Tenant
-from tests.conftest import MAX_MODEL_LEN, System, create_tenant, worker_env
+from tests.conftest import MAX_MODEL_LEN, System, create_tenant, forget_workers, worker_env
 from tests.procs import ROOT, spawn, stop, wait_until
 from tests.test_e2e_batches import FINAL, results, start_jobs, submit, wait_for
 
@@ -79,19 +79,7 @@ def embedders(
     finally:
         for proc in procs.values():
             stop(proc, grace=1)
-        asyncio.run(_forget(system))
-
-
-async def _forget(system: System) -> None:
-    """Later tests (and alert rules) must not see a model whose workers are gone."""
-    redis = Redis.from_url(system.redis_url)
-    try:
-        await redis.hdel(system.names.models(), MODEL)
-        for name in WORKERS:
-            await redis.zrem(system.names.workers(), name)
-            await redis.delete(system.names.worker(name))
-    finally:
-        await redis.aclose()
+        forget_workers(system, MODEL, *WORKERS)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from shared.names import GROUP
-from tests.conftest import SESSION_RECLAIM_IDLE, System, worker_env
+from tests.conftest import SESSION_RECLAIM_IDLE, System, forget_workers, worker_env
 from tests.procs import spawn, stop, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -79,19 +79,7 @@ def two_workers(system: System, tmp_path_factory: pytest.TempPathFactory) -> Ite
     finally:
         for proc in procs.values():
             stop(proc, grace=1)
-        asyncio.run(_forget(system))
-
-
-async def _forget(system: System) -> None:
-    """Later tests (and alert rules) must not see a model whose workers are gone."""
-    redis = Redis.from_url(system.redis_url)
-    try:
-        await redis.hdel(system.names.models(), MODEL)
-        for name in ("fo-a", "fo-b"):
-            await redis.zrem(system.names.workers(), name)
-            await redis.delete(system.names.worker(name))
-    finally:
-        await redis.aclose()
+        forget_workers(system, MODEL, "fo-a", "fo-b")
 
 
 async def pending(redis: Redis, system: System) -> dict[str, int]:

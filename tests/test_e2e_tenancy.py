@@ -53,10 +53,6 @@ async def test_rpm_limit_headers_and_429(system: System) -> None:
             await client.chat.completions.create(model=system.model, messages=USER, max_tokens=2)
         assert int(info.value.response.headers["retry-after"]) >= 1
         assert info.value.code == "rate_limit_exceeded"
-    # its reply channel was subscribed while admission decided, and closed when it refused
-    channel = system.names.reply_channel(info.value.response.headers["x-request-id"])
-    async with Redis.from_url(system.redis_url) as redis:
-        assert await redis.pubsub_numsub(channel) == [(channel.encode(), 0)]
 
 
 LONG = [{"role": "user", "content": "x " * 3000}]
