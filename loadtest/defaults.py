@@ -36,6 +36,7 @@ KEY = "sy-0123456789ab-defaultsdefaultsdefaultsdefaultsdefaul"
 FIGURES = (
     ("output_throughput", "output tok/s"),
     ("median_ttft_ms", "TTFT p50 ms"),
+    ("p95_ttft_ms", "TTFT p95 ms"),
     ("p99_ttft_ms", "TTFT p99 ms"),
     ("median_tpot_ms", "TPOT p50 ms"),
     ("median_itl_ms", "ITL p50 ms"),

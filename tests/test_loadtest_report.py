@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from loadtest import sweepreport as sr
+from loadtest.pathcost import Level, split
 from loadtest.sweepreport import write_charts
 from loadtest.workload import Workload, base_url, parse_keys
 
@@ -168,3 +169,16 @@ def test_reported_command_masks_api_keys() -> None:
     assert redact(["--url", "u", "--api-keys", "k1,k2", "--api-keys=k3"]) == [
         "--url", "u", "--api-keys", "***", "--api-keys=***",
     ]  # fmt: skip
+
+
+def test_pathcost_split_recovers_per_request_and_per_event_cost() -> None:
+    def level(tokens: int, requests: int, events: float) -> Level:
+        cpu = {"gateway": requests * 0.002 + events * 0.00005, "redis": requests * 0.0001}
+        return Level("s", 64, output_tokens=tokens, requests=requests, events=events, cpu_s=cpu)
+
+    fits = {f.part: f for f in split([level(16, 520, 2080.0), level(128, 520, 13520.0), level(8, 99, 99.0)])}
+    assert fits["gateway"].ms_per_request == pytest.approx(2.0)
+    assert fits["gateway"].ms_per_event == pytest.approx(0.05)
+    assert fits["redis"].ms_per_event == pytest.approx(0.0, abs=1e-9)
+    assert fits["gateway"].worst_residual < 1e-6
+    assert split([level(128, 520, 13520.0)]) == []  # one answer length: nothing to split
