@@ -7,12 +7,13 @@ Both servers get only what a fair comparison must make equal (the model, its ser
 context length, and on a CPU host the KV-cache size, without which vLLM does not start here);
 everything else is each one's default. One server at a time, each driven by vLLM's own benchmark
 client (``vllmbench.py``: random dataset, ``--input-len`` / ``--output-len`` tokens with
-``ignore_eos``, ``--num-prompts`` at each concurrency). ``--variant NAME:VAR=VALUE,...`` adds a
-Switchyard run with extra environment, to choose defaults by measurement. Prints a table with each
-Switchyard run's ratio to vLLM and writes ``defaults.json`` and ``summary.md`` to ``--out``. Each
-bench also records how much of the host's CPU time the hypervisor took meanwhile (``steal`` in
-``/proc/stat``): on a shared virtual machine that changes from minute to minute, and a round in
-which one server lost far more than the other says more about the host than about the servers.
+``ignore_eos``, ``--num-prompts`` at each concurrency, after as many unmeasured warm-up requests
+as streams). ``--variant NAME:VAR=VALUE,...`` adds a Switchyard run with extra environment, to
+choose defaults by measurement. Prints a table with each Switchyard run's ratio to vLLM and
+writes ``defaults.json`` and ``summary.md`` to ``--out``. Each bench also records how much of the
+host's CPU time the hypervisor took meanwhile (``steal`` in ``/proc/stat``): on a shared virtual
+machine that changes from minute to minute, and a round in which one server lost far more than the
+other says more about the host than about the servers.
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ def bench(
     argv += ["--tokenizer", str(model_dir), "--api-key", KEY]
     argv += ["--concurrency", str(level), "--num-prompts", str(args.num_prompts), "--json", str(path)]
     argv += ["--input-len", str(args.input_len), "--output-len", str(args.output_len)]
+    # As many unmeasured requests first as there are streams: a server just started (vLLM's own
+    # showed it: TTFT p50 274 ms and answers in one burst on its first level) is measured warm.
+    argv += ["--num-warmups", str(level)]
     wall, steal = time.monotonic(), proctree.machine_steal()
     runner.client("vllmbench", argv, quiet=True, timeout=3600)
     stolen = (proctree.machine_steal() - steal) / ((time.monotonic() - wall) * (os.cpu_count() or 1))

@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]]]
         *("--random-output-len", str(args.output_len)),
         *("--max-concurrency", str(args.concurrency), "--num-prompts", str(args.num_prompts)),
         *("--seed", str(args.seed), "--percentile-metrics", "ttft,tpot,itl,e2el"),
-        *("--metric-percentiles", "50,95,99"),
+        *("--metric-percentiles", "50,95,99", "--num-warmups", str(args.num_warmups)),
     ]
     flags += ["--save-detailed"] if args.requests else []
     flags += ["--backend", "openai-chat", "--endpoint", "/v1/chat/completions"] if args.chat else []
@@ -116,6 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-warmups", type=int, default=0, help="unmeasured requests sent first")
     p.add_argument("--api-key")
     p.add_argument("--chat", action="store_true", help="through /v1/chat/completions")
     p.add_argument("--extra-body", help="JSON object of fields added to every request")
