@@ -16,7 +16,7 @@ from serving.admission import Admission, DrainMeter, Ticket, default_output, res
 from serving.dispatch import Dispatcher, Timeouts
 from serving.replies import ReplyHub
 from shared.fleet import gather
-from shared.messages import Job, Sampling, Usage, decode_job
+from shared.messages import Job, Sampling, Usage, UsageEvent, decode_job
 from shared.names import Names
 from shared.tenants import Tenant, TenantDefaults, TenantStore, key_id_of
 
@@ -164,6 +164,45 @@ async def test_concurrency_slots_free_on_release(admission: Admission) -> None:
     assert info.value.code == "concurrency_limit_exceeded"
     await admission.settle(held[0], used(1))
     await admission.admit(tenant, job(1))
+
+
+async def test_requests_ending_together_are_settled_in_one_round_trip(
+    redis: Redis, names: Names, admission: Admission, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wave of answers ends together: their settlements share pipelines (one write and one round
+    trip each), and each frees its own slot, refunds its own tokens and logs its own usage."""
+    tenant = Tenant(name="t", tpm=10_000, max_concurrent=64)
+    tickets = [await admission.admit(tenant, job(10)) for _ in range(64)]
+    pipelines = 0
+    real = redis.pipeline
+
+    def counted(*args: object, **kwargs: object) -> object:
+        nonlocal pipelines
+        pipelines += 1
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(redis, "pipeline", counted)
+    served = [UsageEvent(tenant="t", model="m", prompt_tokens=9, completion_tokens=i % 2) for i in range(64)]
+    await asyncio.gather(*(admission.settle(t, used(9 + i % 2), served[i]) for i, t in enumerate(tickets)))
+    assert 1 <= pipelines <= 2, "the wave went in one pipeline (two if the first settled alone)"
+    assert await redis.hlen(names.inflight("t")) == 0  # every slot is free
+    logged = await redis.xrange(names.usage_log())
+    assert sorted(int(f[b"completion_tokens"]) for _, f in logged) == [0] * 32 + [1] * 32
+    # Refunds: 64 x 10 reserved, 64 x 9 + 32 used, so the window holds what was used.
+    after = await admission.admit(tenant, job(1))
+    assert after.headers["x-ratelimit-remaining-tokens"] == str(10_000 - 64 * 9 - 32 - 1)
+
+
+async def test_a_settlement_after_redis_lost_its_scripts_still_frees_the_slot(
+    redis: Redis, admission: Admission
+) -> None:
+    tenant = Tenant(name="t", max_concurrent=1)
+    ticket = await admission.admit(tenant, job(1))
+    await redis.script_flush()  # as a Redis restarted empty has none
+    await admission.settle(
+        ticket, used(1), UsageEvent(tenant="t", model="m", prompt_tokens=1, completion_tokens=0)
+    )
+    await admission.admit(tenant, job(1))  # the slot was freed: no concurrency_limit_exceeded
 
 
 async def test_backlog_cap_counts_the_tenants_stream(
