@@ -13,7 +13,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 
 from api.errors import InvalidRequest, RateLimited, Unavailable
 from serving.dispatch import Enqueuing
+from serving.pipelined import Pipelined
 from shared.fleet import Snapshot
 from shared.messages import Job, Usage, UsageEvent
 from shared.names import Names
@@ -95,8 +96,8 @@ class Admission:
         self._ttl_ms = int(request_ttl * 1000) + 30_000
         self._drain = drain
         self._max_total = max_backlog_total
-        self._settling: list[_Settling] = []
-        self._flushing: asyncio.Task[None] | None = None
+        self._batch = Pipelined(redis)
+        """Admissions and settlements that come while others are on their way go together."""
 
     async def prepare(self) -> None:
         """Load the scripts now, so the first request does not wait for it."""
@@ -214,7 +215,12 @@ class Admission:
             keys += enqueue.keys[1:]
             args += enqueue.args
         try:
-            return list(await script(keys=keys, args=args))
+            [result] = await self._batch.run(["EVALSHA", script.sha, len(keys), *keys, *args])
+            if is_noscript(result):  # Redis restarted empty: the script loads itself and runs
+                result = await script(keys=keys, args=args)
+            elif isinstance(result, Exception):
+                raise result
+            return list(result)
         except (RedisError, OSError) as exc:
             raise Unavailable(
                 "rate limits cannot be checked: the queue is unreachable", retry_after=2
@@ -262,71 +268,28 @@ class Admission:
     async def settle(self, ticket: Ticket, usage: Usage, served: UsageEvent | None = None) -> None:
         """The request ended having used ``usage``: free its concurrency slot, refund the rest.
         A request that was served (not only admitted) is logged for the tenant's usage roll-ups
-        in the same round trip.
-
-        Requests that end while another settlement is on its way to Redis (a wave of equal answers
-        ends together) are settled together after it, in one pipeline: one write and one round
-        trip for all of them, as a worker's outbox sends its jobs' replies. Never raises: without
-        Redis the slot expires by itself."""
+        in the same round trip, and requests that end together share it (:mod:`serving.pipelined`).
+        Never raises: without Redis the slot expires by itself."""
         n = self._names
         keys = [n.rate(ticket.tenant, "amt"), n.rate(ticket.tenant, "sum"), n.inflight(ticket.tenant)]
-        entry = _Settling(ticket.request_id, keys, [ticket.request_id, usage.total_tokens], served)
-        self._settling.append(entry)
-        flushing = self._flushing
-        if flushing is None or flushing.done() or flushing.get_loop() is not asyncio.get_running_loop():
-            self._flushing = asyncio.create_task(self._flush_settled(), name="settle")
-        # Shielded: a caller cancelled meanwhile leaves its settlement to finish without it.
-        await asyncio.shield(entry.done)
-
-    async def _flush_settled(self) -> None:
-        """Send what is waiting to be settled, batch after batch, until nothing is."""
-        batch: list[_Settling] = []
+        args: list[str | int] = [ticket.request_id, usage.total_tokens]
+        release = self._scripts.release
+        commands: list[list[Any]] = [["EVALSHA", release.sha, len(keys), *keys, *args]]
+        if served is not None:
+            commands.append(
+                ["XADD", n.usage_log(), "MAXLEN", "~", USAGE_LOG_BOUND, "*", *_flat(served.fields())]
+            )
         try:
-            while self._settling:
-                batch, self._settling = self._settling, []
-                await self._settle_batch(batch)
-                for entry in batch:
-                    entry.finish()
-        finally:  # cancelled (the gateway stopping): nobody waits in vain; the slots expire
-            for entry in (*batch, *self._settling):
-                entry.finish()
-            self._flushing = None
-
-    async def _settle_batch(self, batch: Sequence[_Settling]) -> None:
-        sha = self._scripts.release.sha
-        try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for entry in batch:
-                    # EVALSHA by hand: a pipeline given the script object would ask SCRIPT EXISTS
-                    # first, a second round trip.
-                    pipe.execute_command("EVALSHA", sha, len(entry.keys), *entry.keys, *entry.args)
-                    if entry.served is not None:
-                        fields = entry.served.fields()
-                        pipe.xadd(self._names.usage_log(), fields, maxlen=USAGE_LOG_BOUND, approximate=True)  # type: ignore[arg-type]
-                replies = iter(await pipe.execute(raise_on_error=False))
-            for entry in batch:
-                released = next(replies)
-                if entry.served is not None:
-                    next(replies)
-                if is_noscript(released):  # Redis restarted empty: load it and release again
-                    await self._scripts.release(keys=entry.keys, args=entry.args)
-        except (RedisError, OSError) as exc:  # the slots expire by themselves; log and move on
-            log.warning("could not release %s: %s", ", ".join(e.request_id for e in batch), exc)
+            # Shielded: a caller cancelled meanwhile leaves its settlement to finish without it.
+            released, *_ = await asyncio.shield(self._batch.run(*commands))
+            if is_noscript(released):  # Redis restarted empty: load it and release again
+                await release(keys=keys, args=args)
+        except (RedisError, OSError) as exc:  # the slot expires by itself; log and move on
+            log.warning("could not release %s: %s", ticket.request_id, exc)
 
 
-@dataclass(slots=True)
-class _Settling:
-    """A request's settlement waiting for its batch."""
-
-    request_id: str
-    keys: list[str]
-    args: list[str | int]
-    served: UsageEvent | None
-    done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-
-    def finish(self) -> None:
-        if not self.done.done():
-            self.done.set_result(None)
+def _flat(fields: dict[str, str | int]) -> list[str | int]:
+    return [x for pair in fields.items() for x in pair]
 
 
 class DrainMeter:
