@@ -163,6 +163,20 @@ def forget_workers(system: System, model: str, *workers: str) -> None:
     asyncio.run(forget())
 
 
+def count_pipelines(redis: Redis, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """From now on, how many pipelines ``redis`` opens (each one write and one round trip), as a
+    one-element list the test reads when it wants; the client itself is the real one."""
+    opened = [0]
+    real = redis.pipeline
+
+    def counted(*args: object, **kwargs: object) -> object:
+        opened[0] += 1
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(redis, "pipeline", counted)
+    return opened
+
+
 async def create_tenant(redis_url: str, names: Names, tenant: Tenant, key: str | None = None) -> str:
     """Register a tenant and return its API key: ``key`` if given (e.g. restoring it), else a new one."""
     redis = Redis.from_url(redis_url)

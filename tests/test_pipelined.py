@@ -11,19 +11,7 @@ from redis.exceptions import ConnectionError, ResponseError
 
 from control.processes import free_port
 from serving.pipelined import Pipelined
-
-
-def counting(redis: Redis, monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """How many pipelines ``redis`` sends, as a one-element list."""
-    sent = [0]
-    real = redis.pipeline
-
-    def counted(*args: object, **kwargs: object) -> object:
-        sent[0] += 1
-        return real(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(redis, "pipeline", counted)
-    return sent
+from tests.conftest import count_pipelines
 
 
 async def test_calls_made_together_share_a_pipeline_and_get_their_own_replies(
@@ -31,7 +19,7 @@ async def test_calls_made_together_share_a_pipeline_and_get_their_own_replies(
 ) -> None:
     key = f"pipelined-{uuid.uuid4().hex}"
     batch = Pipelined(redis)
-    sent = counting(redis, monkeypatch)
+    sent = count_pipelines(redis, monkeypatch)
     replies = await asyncio.gather(*(batch.run(["INCRBY", key, i], ["GET", key]) for i in range(1, 51)))
     assert sent[0] == 1
     totals = [r[0] for r in replies]
@@ -45,7 +33,7 @@ async def test_calls_made_while_a_batch_is_out_go_in_the_next(
 ) -> None:
     key = f"pipelined-{uuid.uuid4().hex}"
     batch = Pipelined(redis)
-    sent = counting(redis, monkeypatch)
+    sent = count_pipelines(redis, monkeypatch)
     first = asyncio.create_task(batch.run(["INCR", key]))
     await asyncio.sleep(0)  # the first batch leaves
     later = [asyncio.create_task(batch.run(["INCR", key])) for _ in range(20)]
