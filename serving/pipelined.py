@@ -6,6 +6,14 @@ and each request's admission and settlement was a socket write and a round trip 
 gateway whose busiest moments are those waves. Batched this way a call alone waits for nothing (its
 batch leaves on the next turn of the event loop), and calls that come together share a write, as a
 worker's outbox batches its jobs' replies.
+
+:mod:`worker.outbox` is the worker's twin of this, and stays apart: a worker may import only
+``shared/`` and ``worker/``, and ``shared/`` is the contract alone. They differ where their callers
+do: this one starts on its first call (a gateway has no outbox task to run), leaves unsent a call
+whose caller was cancelled (an admission for a client that left is not made), and hands each
+command's error back as its reply (admission tells a script error from ``NOSCRIPT`` itself); the
+outbox loads the worker's scripts on ``NOSCRIPT`` and packs its batches with hiredis, at a thousand
+streams' rate.
 """
 
 from __future__ import annotations
