@@ -91,7 +91,6 @@ class Admission:
         self, redis: Redis, names: Names, request_ttl: float, drain: DrainMeter, max_backlog_total: int
     ) -> None:
         self._scripts = Scripts(redis)
-        self._redis = redis
         self._names = names
         self._ttl_ms = int(request_ttl * 1000) + 30_000
         self._drain = drain
