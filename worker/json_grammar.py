@@ -57,11 +57,11 @@ def narrow_negated_classes(ebnf: str) -> str:
     while i < n:
         c = ebnf[i]
         if c == '"':
-            end = _literal_end(ebnf, i)
+            end = _closing(ebnf, i, '"')
             out.append(ebnf[i:end])
             i = end
         elif c == "[":
-            end = _class_end(ebnf, i)
+            end = _closing(ebnf, i, "]")
             body = ebnf[i + 1 : end - 1]
             out.append(f"[{body}{EXCLUDED}]" if body.startswith("^") else ebnf[i:end])
             i = end
@@ -71,17 +71,10 @@ def narrow_negated_classes(ebnf: str) -> str:
     return "".join(out)
 
 
-def _literal_end(text: str, start: int) -> int:
-    """The index just past the quoted literal opening at ``start``."""
+def _closing(text: str, start: int, close: str) -> int:
+    """The index just past the ``close`` that ends what opens at ``start`` (a quoted literal or a
+    character class), backslash escapes skipped."""
     i = start + 1
-    while i < len(text) and text[i] != '"':
-        i += 2 if text[i] == "\\" else 1
-    return i + 1
-
-
-def _class_end(text: str, start: int) -> int:
-    """The index just past the character class opening at ``start``."""
-    i = start + 1
-    while i < len(text) and text[i] != "]":
+    while i < len(text) and text[i] != close:
         i += 2 if text[i] == "\\" else 1
     return i + 1
