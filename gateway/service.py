@@ -35,9 +35,10 @@ from shared.tenants import Tenant
 log = logging.getLogger(__name__)
 
 PRECHECK_CHARS = 2_048
-"""A chat request of at most this many characters of message text, and no tools, is not checked
-against its tenant's limits before its prompt is rendered and encoded: that costs less than the
-check's round trip to Redis, and admission checks the same limits right after."""
+"""A request of at most this many characters of text to encode (a chat's messages without tools,
+a completion's prompts) is not checked against its tenant's limits before its prompt is rendered
+and encoded: that costs less than the check's round trip to Redis, and admission checks the same
+limits right after."""
 
 
 @dataclass
@@ -108,7 +109,8 @@ class Gateway:
     async def completion(self, request: Request, body: CompletionRequest, tenant: Tenant) -> Any:
         self.lifecycle.check_open()
         entry = await self.resolve(request, body.model)
-        await self._precheck(request, tenant, entry.name)
+        if sum(len(p) for p in body.prompts() if isinstance(p, str)) > PRECHECK_CHARS:
+            await self._precheck(request, tenant, entry.name)
         prepared = await self.jobs.completion(entry, body, tenant, request.state.request_id)
         return await self._respond(request, prepared, body, tenant)
 

@@ -101,6 +101,8 @@ async def test_a_tenant_over_its_limit_is_refused_before_its_prompt_is_encoded(
         try:
             with pytest.raises(openai.RateLimitError):
                 await client.chat.completions.create(model=system.model, messages=LONG, max_tokens=2)
+            with pytest.raises(openai.RateLimitError):  # a text completion's long prompt the same
+                await client.completions.create(model=system.model, prompt=LONG[0]["content"], max_tokens=2)
             served = await others.chat.completions.create(model=system.model, messages=USER, max_tokens=2)
             assert served.choices[0].finish_reason == "length"
         finally:
