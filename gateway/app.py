@@ -11,7 +11,6 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -41,7 +40,7 @@ from gateway.openapi import (
 from gateway.probe import QueueProbe
 from gateway.service import Gateway
 from scaling.decision import Scaler, scaling_policy
-from serving import tokenization
+from serving import redis_pool, tokenization
 from serving.admission import Admission, DrainMeter
 from serving.dispatch import Dispatcher, Timeouts
 from serving.lifecycle import Lifecycle
@@ -63,7 +62,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         names = settings.names
-        redis = Redis.from_url(settings.redis_url, health_check_interval=30)
+        redis = redis_pool.connect(settings.redis_url, health_check_interval=30)
         hub = ReplyHub.for_process(redis, names)
         hub_task = asyncio.create_task(hub.run(), name="reply-hub")
         timeouts = Timeouts(
