@@ -24,6 +24,7 @@ STUDIES = {
     "pathcost": "CPU time per 1,000 output tokens of each part of the serving path",
     "scale": "output tokens/s and balance of 1 to 16 simulated workers behind one gateway",
     "sweep": "Locust at a sweep of concurrency levels against one or two running servers",
+    "tails": "where the first token's time goes at one concurrency: client, gateway, queue, engine",
     "vllmbench": "vLLM's own benchmark client (vllm bench serve) against one server",
 }
 """Study name -> what it measures; each is the module ``loadtest.<name>`` with ``main(argv)``."""
