@@ -241,9 +241,10 @@ async def test_agents_sdk_calls_the_function_tool_and_finishes(
         assert len(result.raw_responses) == 1
     else:
         # The SDK lets go of "required" after a call (so that an agent can end): the model's next
-        # turn, with the tool's result in its prompt, is the answer.
-        assert items[2:] == ["message_output_item"]
+        # turn, with the tool's result in its prompt, is the answer. The demo model's random weights
+        # may end that turn at once; the SDK then records no message, and the answer is empty.
         assert len(result.raw_responses) == 2 and isinstance(result.final_output, str)
+        assert items[2:] == (["message_output_item"] if result.final_output else [])
 
 
 async def test_agents_sdk_streamed_run(aclient: AsyncOpenAI, system: System) -> None:
