@@ -47,30 +47,50 @@ FIGURES = (
 
 
 def targets(args: argparse.Namespace, model_dir: Path) -> list[Target]:
-    same = ["--dtype", args.dtype, "--max-model-len", str(args.max_model_len)]
+    same = engine_flags(args)
     kv = {"VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib)}
     port = free_port()
     vllm = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
     vllm += ["--served-model-name", args.model_name, "--port", str(port), "--api-key", KEY, *same]
     out = [Target("vllm serve", vllm, kv, port)]
     for name, extra in [("switchyard up", {}), *args.variant]:
-        port, redis_port = free_port(), free_port()
-        argv = runner.cli("up", "--model", str(model_dir), "--port", str(port))
-        argv += ["--served-model-name", args.model_name, "--redis-port", str(redis_port), *same]
-        argv += ["--kv-cache-gib", str(args.kv_cache_gib)]
-        env = {"SWITCHYARD_DEV_KEY": KEY, "XDG_CONFIG_HOME": str(args.out / "config"), **extra}
-        out.append(Target(name, argv, env, port))
+        out.append(switchyard_up(args, model_dir, name, extra))
     return out
+
+
+def engine_flags(args: argparse.Namespace) -> list[str]:
+    """What both servers are given alike on their command lines: dtype and context length."""
+    return ["--dtype", args.dtype, "--max-model-len", str(args.max_model_len)]
+
+
+def switchyard_up(
+    args: argparse.Namespace, model_dir: Path, name: str, env: dict[str, str], *flags: str
+) -> Target:
+    """``switchyard up`` as shipped but for what the comparison makes equal (and ``flags``)."""
+    port, redis_port = free_port(), free_port()
+    argv = runner.cli("up", "--model", str(model_dir), "--port", str(port), *flags)
+    argv += ["--served-model-name", args.model_name, "--redis-port", str(redis_port), *engine_flags(args)]
+    argv += ["--kv-cache-gib", str(args.kv_cache_gib)]
+    env = {"SWITCHYARD_DEV_KEY": KEY, "XDG_CONFIG_HOME": str(args.out / "config"), **env}
+    return Target(name, argv, env, port)
+
+
+def bench_argv(
+    target: Target, args: argparse.Namespace, model_dir: Path, level: int, prompts: int, path: Path
+) -> list[str]:
+    """``vllmbench``'s flags: ``prompts`` requests at ``level`` streams, the figures to ``path``."""
+    argv = ["--base-url", target.base_url.removesuffix("/v1"), "--model", args.model_name]
+    argv += ["--tokenizer", str(model_dir), "--api-key", KEY]
+    argv += ["--concurrency", str(level), "--num-prompts", str(prompts), "--json", str(path)]
+    argv += ["--input-len", str(args.input_len), "--output-len", str(args.output_len)]
+    return argv
 
 
 def bench(
     target: Target, args: argparse.Namespace, model_dir: Path, level: int, round_: int
 ) -> dict[str, Any]:
     path = args.out / f"{target.name.replace(' ', '-')}-c{level}-r{round_}.json"
-    argv = ["--base-url", target.base_url.removesuffix("/v1"), "--model", args.model_name]
-    argv += ["--tokenizer", str(model_dir), "--api-key", KEY]
-    argv += ["--concurrency", str(level), "--num-prompts", str(args.num_prompts), "--json", str(path)]
-    argv += ["--input-len", str(args.input_len), "--output-len", str(args.output_len)]
+    argv = bench_argv(target, args, model_dir, level, args.num_prompts, path)
     # As many unmeasured requests first as there are streams: a server just started (vLLM's own
     # showed it: TTFT p50 274 ms and answers in one burst on its first level) is measured warm.
     argv += ["--num-warmups", str(level)]
@@ -142,6 +162,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[4, 64])
     p.add_argument("--num-prompts", type=int, default=400)
     p.add_argument("--repeat", type=int, default=1, help="rounds, servers in alternating order")
+    add_server_args(p)
+    p.add_argument("--variant", type=parse_variant, action="append", default=[])
+    p.add_argument("--out", type=Path, default=results_dir("defaults"))
+    return p.parse_args(argv)
+
+
+def add_server_args(p: argparse.ArgumentParser) -> None:
+    """The workload's and the server's flags (what :func:`switchyard_up` and :func:`bench_argv` read)."""
     p.add_argument("--input-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--dtype", default="float32")
@@ -149,19 +177,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-cache-gib", type=int, default=2)
     p.add_argument("--model-dir", type=Path)
     p.add_argument("--model-name", default="switchyard-demo")
-    p.add_argument("--variant", type=parse_variant, action="append", default=[])
-    p.add_argument("--out", type=Path, default=results_dir("defaults"))
-    return p.parse_args(argv)
+
+
+def model_dir_of(args: argparse.Namespace) -> Path:
+    """``--model-dir``, or the demo model (built offline the first time)."""
+    if args.model_dir is None:
+        from worker.demo_model import ensure_demo_model
+
+        args.model_dir = ensure_demo_model()
+    return Path(args.model_dir).resolve()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.model_dir is None:
-        from worker.demo_model import ensure_demo_model
-
-        args.model_dir = ensure_demo_model()
-    model_dir = Path(args.model_dir).resolve()
+    model_dir = model_dir_of(args)
     servers = targets(args, model_dir)
     rounds = []
     for round_ in range(1, args.repeat + 1):  # each round in the other order, so drift hits both

@@ -15,6 +15,7 @@ from each checkout in turn, a round at a time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import re
@@ -25,7 +26,7 @@ from typing import Any
 
 import httpx
 
-from control.processes import free_port
+from control.processes import StartupError, check_port_free, free_port
 from loadtest import defaults, runner
 from loadtest.report import json_text, results_dir
 
@@ -120,20 +121,10 @@ def two_free_ports() -> int:
     """A port free together with the next one (the gateway's metrics, then worker 1's)."""
     for _ in range(50):
         port = free_port()
-        if port < 65535 and _free(port + 1):
+        with contextlib.suppress(StartupError):
+            check_port_free("0.0.0.0", port + 1)  # as `switchyard up` checks worker 1's
             return port
     raise RuntimeError("no two adjacent free ports")
-
-
-def _free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def scrape(ports: dict[str, int]) -> Readings:
@@ -144,22 +135,14 @@ def scrape(ports: dict[str, int]) -> Readings:
 def bench(
     target: runner.Target, args: argparse.Namespace, model_dir: Path, prompts: int, path: Path
 ) -> dict[str, Any]:
-    argv = ["--base-url", target.base_url.removesuffix("/v1"), "--model", args.model_name]
-    argv += ["--tokenizer", str(model_dir), "--api-key", defaults.KEY, "--json", str(path)]
-    argv += ["--concurrency", str(args.concurrency), "--num-prompts", str(prompts)]
-    argv += ["--input-len", str(args.input_len), "--output-len", str(args.output_len)]
+    argv = defaults.bench_argv(target, args, model_dir, args.concurrency, prompts, path)
     runner.client("vllmbench", argv, quiet=True, timeout=3600)
     return dict(json.loads(path.read_text())) if path.exists() else {"failed": prompts}
 
 
 def run_round(args: argparse.Namespace, model_dir: Path, round_: int) -> dict[str, Any]:
-    port, redis_port, metrics = free_port(), free_port(), two_free_ports()
-    argv = runner.cli("up", "--model", str(model_dir), "--port", str(port), "--metrics-port", str(metrics))
-    argv += ["--served-model-name", args.model_name, "--redis-port", str(redis_port)]
-    argv += ["--dtype", args.dtype, "--max-model-len", str(args.max_model_len)]
-    argv += ["--kv-cache-gib", str(args.kv_cache_gib)]
-    env = {"SWITCHYARD_DEV_KEY": defaults.KEY, "XDG_CONFIG_HOME": str(args.out / "config")}
-    target = runner.Target("switchyard up", argv, env, port)
+    metrics = two_free_ports()
+    target = defaults.switchyard_up(args, model_dir, "switchyard up", {}, "--metrics-port", str(metrics))
     log = args.out / f"switchyard-up-r{round_}.log"
     ports = {"gateway": metrics, "worker": metrics + 1}
     with runner.running(target, log) as proc:
@@ -197,13 +180,7 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--num-prompts", type=int, default=1280)
     p.add_argument("--repeat", type=int, default=1, help="rounds, each on a fresh `switchyard up`")
-    p.add_argument("--input-len", type=int, default=64)
-    p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--kv-cache-gib", type=int, default=2)
-    p.add_argument("--model-dir", type=Path)
-    p.add_argument("--model-name", default="switchyard-demo")
+    defaults.add_server_args(p)
     p.add_argument("--out", type=Path, default=results_dir("tails"))
     return p.parse_args(None if argv is None else list(argv))
 
@@ -211,11 +188,7 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.model_dir is None:
-        from worker.demo_model import ensure_demo_model
-
-        args.model_dir = ensure_demo_model()
-    model_dir = Path(args.model_dir).resolve()
+    model_dir = defaults.model_dir_of(args)
     results, parts = [], []
     for round_ in range(1, args.repeat + 1):
         result = run_round(args, model_dir, round_)

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
 
 from control.redis_server import EmbeddedRedis
 from serving.redis_pool import LeanPool, connect, idle
@@ -27,6 +28,15 @@ def pool_of(client: Redis) -> LeanPool:
     pool = client.connection_pool
     assert isinstance(pool, LeanPool)
     return pool
+
+
+async def no_longer_idle(connection: AbstractConnection) -> bool:
+    """Whether ``connection`` stops being idle within a second (what Redis sent it has arrived)."""
+    for _ in range(200):
+        if not idle(connection):
+            return True
+        await asyncio.sleep(0.005)
+    return False
 
 
 async def test_an_idle_connection_is_handed_out_without_a_turn_of_the_event_loop(
@@ -57,11 +67,7 @@ async def test_a_connection_with_a_reply_left_unread_is_not_reused_as_it_is(clie
     pool = pool_of(client)
     connection = await pool.get_connection()
     await connection.send_command("PING")  # its reply never read, as after a command cut short
-    for _ in range(200):
-        if not idle(connection):
-            break
-        await asyncio.sleep(0.005)
-    assert not idle(connection)
+    assert await no_longer_idle(connection)
     await pool.release(connection)
     # The next command gets the right answer, not the PONG waiting on that connection.
     assert await client.get(key) == b"value"
@@ -75,11 +81,7 @@ async def test_a_connection_the_server_closed_is_replaced(client: Redis, redis: 
     own_id = int(await connection.read_response())
     await pool.release(connection)
     assert await redis.client_kill_filter(_id=str(own_id)) == 1
-    for _ in range(200):
-        if not idle(connection):
-            break
-        await asyncio.sleep(0.005)
-    assert not idle(connection)
+    assert await no_longer_idle(connection)
     assert await client.ping()
     assert await client.client_id() != own_id
 
