@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import pytest
 import pytest_asyncio
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from shared.messages import Final, Job, Sampling, Started, Tokens, Usage, decode_reply, encode
 from shared.names import GROUP, JOB_FIELD, Names
@@ -220,3 +220,46 @@ async def test_a_publish_nobody_hears_says_so_but_still_ends_the_job(redis: Redi
         await held.channel(lonely, "a").send([tokens(0, (5,))])
     await held.channel(lonely, "a").send([], ack=True)  # ending it is heard or not: no matter
     assert await redis.xlen(held.claim_a.stream) == 0
+
+
+async def test_a_batch_gets_each_reply_in_order_and_a_refused_command_its_error(redis: Redis) -> None:
+    """Replies are parsed as the bytes come: a batch far larger than one socket read, with an error
+    in the middle, gives every command its own reply."""
+    outbox = Outbox(redis, max_batch=10_000)
+    runner = asyncio.create_task(outbox.run())
+    key = f"outbox:{uuid.uuid4().hex}"
+    try:
+        value = "v" * 1000
+        sets = [("SET", f"{key}:{i}", value) for i in range(300)]
+        gets = [("GET", f"{key}:{i}") for i in range(300)]
+        assert await outbox.send(*sets) == [True] * 300  # SET's reply through redis-py's callback
+        assert await outbox.send(*gets) == [value.encode()] * 300  # ~300 KB of replies
+        await redis.set(key, "text")
+        with pytest.raises(ResponseError, match="not an integer"):
+            await outbox.send(("INCR", f"{key}:n"), ("INCR", key), ("INCR", f"{key}:n"))
+        assert await redis.get(f"{key}:n") == b"2"  # both sides of the error ran
+        assert await outbox.send(("INCR", f"{key}:n")) == [3]  # and nothing was left unread
+    finally:
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+
+
+async def test_a_read_cut_short_leaves_no_reply_for_the_next_commands(redis: Redis) -> None:
+    """A sender cancelled while its batch's replies are read: the connection is dropped, so the
+    replies still on their way cannot be taken for the answers of the next batch."""
+    outbox = Outbox(redis)
+    runner = asyncio.create_task(outbox.run())
+    try:
+        slow = asyncio.ensure_future(outbox.send(("DEBUG", "SLEEP", "0.3"), ("PING",)))
+        await asyncio.sleep(0.1)
+        runner.cancel()  # mid-read: the outbox stops, as a worker shutting down stops it
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+        with pytest.raises(RedisError):
+            await slow
+        assert await redis.echo("next") == b"next"  # the pool's connections answer their own
+        await asyncio.sleep(0.3)
+        assert await redis.echo("after") == b"after"
+    finally:
+        runner.cancel()

@@ -6,9 +6,10 @@ the previous batch was in flight as one pipeline: one write, one read, in FIFO o
 final message and its XACK still follow its tokens.
 
 Each batch is packed into one buffer by hiredis (C) and written on a connection of the client's pool,
-and the replies are read back one by one: redis-py's pipeline packs every argument in Python and
-wraps each command in objects of its own, which at a thousand streams cost the worker more than
-the rest of its publishing.
+and its replies are parsed by the connection's hiredis reader as the bytes come: redis-py's
+pipeline packs every argument in Python and wraps each command in objects of its own, and its
+``read_response`` costs a few coroutine calls per reply, which at a thousand streams cost the
+worker more than the rest of its publishing.
 
 Scripts are called by SHA1; when Redis answers ``NOSCRIPT`` (it started, or restarted, without
 them) the outbox loads them and sends those calls again, in their order, before anything else:
@@ -25,8 +26,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hiredis import pack_command
+from redis._parsers.hiredis import NOT_ENOUGH_DATA, _AsyncHiredisParser
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ConnectionError, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.scripts import WORKER_SCRIPTS, Lua, is_noscript
 
@@ -92,10 +96,11 @@ class Outbox:
                 for i, reply in zip(missing, again, strict=True):
                     replies[i] = reply
         except (RedisError, OSError) as exc:
-            for batch in batches:
-                if not batch.done.done():
-                    batch.done.set_exception(exc)
+            _fail(batches, exc)
             return
+        except asyncio.CancelledError:  # the outbox stops mid-batch: its senders must not wait forever
+            _fail(batches, RedisError("the worker's outbox stopped"))
+            raise
         offset = 0
         for batch in batches:
             mine = replies[offset : offset + len(batch.commands)]
@@ -114,18 +119,58 @@ class Outbox:
         packed = b"".join([pack_command(command) for command in commands])
         pool = self._redis.connection_pool
         connection = await pool.get_connection()
-        try:  # an error or cancellation mid-way disconnects it (redis-py does): no reply is left unread
+        try:  # an error or cancellation mid-way disconnects it: no reply is left unread
             await connection.send_packed_command(packed)
-            replies: list[Any] = []
-            callbacks = self._redis.response_callbacks
-            for command in commands:
-                try:
-                    reply = await connection.read_response()
-                except ResponseError as exc:  # read in full: the next reply follows
-                    replies.append(exc)
-                    continue
-                callback = callbacks.get(command[0])
-                replies.append(reply if callback is None else callback(reply))
-            return replies
+            replies = await _read_replies(connection, len(commands))
         finally:
             await pool.release(connection)
+        callbacks = self._redis.response_callbacks
+        for i, command in enumerate(commands):
+            callback = callbacks.get(command[0])
+            if callback is not None and not isinstance(replies[i], ResponseError):
+                replies[i] = callback(replies[i])
+        return replies
+
+
+def _fail(batches: list[_Batch], error: BaseException) -> None:
+    for batch in batches:
+        if not batch.done.done():
+            batch.done.set_exception(error)
+
+
+async def _read_replies(connection: AbstractConnection, count: int) -> list[Any]:
+    """The next ``count`` replies on ``connection``; a command Redis refused has its error
+    (a :class:`ResponseError`) as its reply. Parsed by the connection's hiredis reader straight
+    from the bytes received, a C call per reply; another parser is read reply by reply."""
+    parser = connection._parser
+    reader = getattr(parser, "_reader", None)
+    if not isinstance(parser, _AsyncHiredisParser) or reader is None:
+        return [await _read_one(connection) for _ in range(count)]
+    replies: list[Any] = []
+    try:
+        async with asyncio.timeout(connection.socket_timeout):  # the client's, for the batch
+            while len(replies) < count:
+                reply = reader.gets()
+                if reply is NOT_ENOUGH_DATA:
+                    await parser.read_from_socket()
+                elif isinstance(reply, ConnectionError):
+                    raise reply
+                else:
+                    replies.append(reply)
+    except BaseException as exc:
+        # As redis-py does when a read fails or is cancelled: what is left of the replies must
+        # not be read as the answers of the connection's next commands.
+        await connection.disconnect(nowait=True)
+        if isinstance(exc, TimeoutError):
+            raise RedisTimeoutError("Timeout reading from Redis") from exc
+        if isinstance(exc, OSError):
+            raise ConnectionError(f"Error while reading from Redis: {exc}") from exc
+        raise
+    return replies
+
+
+async def _read_one(connection: AbstractConnection) -> Any:
+    try:
+        return await connection.read_response()
+    except ResponseError as exc:  # read in full: the next reply follows
+        return exc
