@@ -17,8 +17,11 @@ import math
 import os
 import secrets
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
+from redis._parsers.hiredis import NOT_ENOUGH_DATA, _AsyncHiredisParser
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
@@ -38,6 +41,22 @@ def own_request_prefix() -> str:
     if _tag is None or _tag[0] != os.getpid():
         _tag = (os.getpid(), secrets.token_hex(4))
     return f"req_{_tag[1]}"
+
+
+_DATA = (b"message", b"pmessage")
+
+
+def _parsed(pubsub: PubSub) -> Iterator[list[Any]]:
+    """The replies on ``pubsub``'s connection that its hiredis reader holds whole already, taken
+    without reading the socket (none for another parser)."""
+    parser = getattr(pubsub.connection, "_parser", None)
+    reader = getattr(parser, "_reader", None)
+    if not isinstance(parser, _AsyncHiredisParser) or reader is None:
+        return
+    while (reply := reader.gets()) is not NOT_ENOUGH_DATA:
+        if isinstance(reply, Exception):  # what redis-py would raise reading it
+            raise reply
+        yield reply
 
 
 def glob_escape(text: str) -> str:
@@ -118,30 +137,44 @@ class ReplyHub:
             await pubsub.subscribe(self._control)
             self._pubsub = pubsub
             while True:
-                message = await pubsub.get_message(timeout=None)
-                if message is None:
-                    continue
-                self._dispatch(message)
-                if message["type"] == "subscribe" and message["channel"] == self._control.encode():
-                    self.connected.set()
+                self._take(await pubsub.get_message(timeout=None))
+                # The replies that came in the same read are parsed already: deliver them without
+                # redis-py's per-message wrapping (its read path and message dict), which costs
+                # more than the delivery itself when thousands of token messages arrive a second.
+                for reply in _parsed(pubsub):
+                    if reply[0] in _DATA:  # [b"message", channel, data], or with the pattern first
+                        self._deliver(reply[-2], reply[-1])
+                    else:  # (un)subscribe confirmations and pongs: redis-py keeps its state
+                        self._take(await pubsub.handle_message(reply))
         finally:
             self._pubsub = None
             await pubsub.aclose()
 
+    def _take(self, message: dict[str, object] | None) -> None:
+        if message is None:
+            return
+        self._dispatch(message)
+        if message["type"] == "subscribe" and message["channel"] == self._control.encode():
+            self.connected.set()
+
     def _dispatch(self, message: dict[str, object]) -> None:
         channel = message["channel"]
         assert isinstance(channel, bytes)
-        listening = self._channels.get(channel)
-        if listening is None:
-            return
         kind = message["type"]
         if kind == "message" or kind == "pmessage":
             data = message["data"]
             assert isinstance(data, bytes)
+            self._deliver(channel, data)
+        elif kind == "subscribe":
+            listening = self._channels.get(channel)
+            if listening is not None and not listening.confirmed.done():
+                listening.confirmed.set_result(None)
+
+    def _deliver(self, channel: bytes, data: bytes) -> None:
+        listening = self._channels.get(channel)
+        if listening is not None:
             for sub in listening.subs:
                 sub.queue.put_nowait(data)
-        elif kind == "subscribe" and not listening.confirmed.done():
-            listening.confirmed.set_result(None)
 
     def _fail_all(self, error: SubscriptionLost) -> None:
         for listening in self._channels.values():

@@ -341,3 +341,27 @@ async def test_one_pattern_for_the_own_jobs_a_subscription_for_anyone_elses(
         counts = await env.redis.pubsub_numsub(env.names.reply_channel(theirs.id))
         assert [n for _, n in counts] == [0]
         assert env.hub.listening() == 0
+
+
+async def test_replies_that_arrive_together_reach_each_follower_whole_and_in_order(env: Env) -> None:
+    """Thousands of messages come in few socket reads, a subscription's confirmation among them:
+    every message reaches its channel's follower once, in order, and the new channel is confirmed."""
+    busy, other = env.job(), env.job(mine=False)
+    first = await env.hub.open(env.names.reply_channel(busy.id))
+    payloads = [f"m{i}".encode() for i in range(3000)]
+    async with env.redis.pipeline(transaction=False) as pipe:
+        for data in payloads[:1500]:
+            pipe.publish(env.names.reply_channel(busy.id), data)
+        await pipe.execute()
+    second = await asyncio.wait_for(env.hub.open(env.names.reply_channel(other.id)), 5)
+    async with env.redis.pipeline(transaction=False) as pipe:
+        for data in payloads[1500:]:
+            pipe.publish(env.names.reply_channel(busy.id), data)
+        pipe.publish(env.names.reply_channel(other.id), b"theirs")
+        await pipe.execute()
+    got = [await asyncio.wait_for(first.get(), 5) for _ in payloads]
+    assert got == payloads and first.queue.empty()
+    assert await asyncio.wait_for(second.get(), 5) == b"theirs"
+    await env.hub.close(first)
+    await env.hub.close(second)
+    assert env.hub.listening() == 0
