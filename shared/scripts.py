@@ -178,35 +178,84 @@ if not p[1] or p[1][2] ~= ARGV[2] then return 0 end
 
 # Publish replies, keeping each token message in the job's progress list (so the progress a
 # successor resumes from is exactly what the client was sent); with 'ack', then end the job: XACK,
-# XDEL (XLEN stays the live backlog), drop the progress, count it as drained.
-# KEYS: job stream, progress list, drained counter.
-# ARGV: group, consumer, entry id, channel, progress ttl ms while the job runs, progress ttl ms once
-# it ended, flags ('a': end the job; 'r': start its progress list over), then pairs of
-# (payload, '1' to keep it in the progress list or '').
-# Returns 0 when the worker does not own the job, 2 when nobody listens on the channel any more (the
-# gateway that took the request is gone: the job is of no use), else 1.
-CLAIMED_PUBLISH = Lua(
-    _OWNS
-    + """
-if string.find(ARGV[7], 'r', 1, true) then redis.call('DEL', KEYS[2]) end
-local heard = 1
-for i = 8, #ARGV, 2 do
-  if ARGV[i + 1] ~= '' then
-    redis.call('RPUSH', KEYS[2], ARGV[i])
-    redis.call('PEXPIRE', KEYS[2], ARGV[5])
+# XDEL (XLEN stays the live backlog), drop the progress, count it as drained. For one job or several
+# (a worker's outbox merges the calls it sends together, see merge_publishes), each checked on its own.
+# KEYS: per job, its stream, progress list and drained counter.
+# ARGV: group, consumer, progress ttl ms while a job runs, progress ttl ms once it ended; then per
+# job: its entry id, its channel, flags ('a': end the job; 'r': start its progress list over), how
+# many messages, and the messages as pairs of (payload, '1' to keep it in the progress list or '').
+# Returns per job, in order: 0 when the worker does not own the job, 2 when nobody listens on the
+# channel any more (the gateway that took the request is gone: the job is of no use), else 1.
+CLAIMED_PUBLISH = Lua("""
+local results = {}
+local a = 5
+for j = 1, #KEYS, 3 do
+  local entry, channel, flags = ARGV[a], ARGV[a + 1], ARGV[a + 2]
+  local first, last = a + 4, a + 3 + 2 * tonumber(ARGV[a + 3])
+  a = last + 1
+  local result = 1
+  local p = redis.call('XPENDING', KEYS[j], ARGV[1], entry, entry, 1)
+  if not p[1] or p[1][2] ~= ARGV[2] then
+    result = 0
+  else
+    if string.find(flags, 'r', 1, true) then redis.call('DEL', KEYS[j + 1]) end
+    local kept = false
+    for i = first, last, 2 do
+      if ARGV[i + 1] ~= '' then
+        redis.call('RPUSH', KEYS[j + 1], ARGV[i])
+        kept = true
+      end
+      if redis.call('PUBLISH', channel, ARGV[i]) == 0 then result = 2 end
+    end
+    if string.find(flags, 'a', 1, true) then
+      redis.call('XACK', KEYS[j], ARGV[1], entry)
+      redis.call('XDEL', KEYS[j], entry)
+      redis.call('PEXPIRE', KEYS[j + 1], ARGV[4])
+      redis.call('INCR', KEYS[j + 2])
+      result = 1
+    elseif kept then
+      redis.call('PEXPIRE', KEYS[j + 1], ARGV[3])
+    end
   end
-  if redis.call('PUBLISH', ARGV[4], ARGV[i]) == 0 then heard = 2 end
+  results[#results + 1] = result
 end
-if string.find(ARGV[7], 'a', 1, true) then
-  redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
-  redis.call('XDEL', KEYS[1], ARGV[3])
-  redis.call('PEXPIRE', KEYS[2], ARGV[6])
-  redis.call('INCR', KEYS[3])
-  return 1
-end
-return heard
-"""
-)
+return results
+""")
+
+_PUBLISH_KEYS = 3
+_PUBLISH_SHARED = slice(3 + _PUBLISH_KEYS, 3 + _PUBLISH_KEYS + 4)
+"""Where a one-job call of CLAIMED_PUBLISH holds the arguments every job of a worker shares."""
+
+
+def claimed_publish(
+    keys: tuple[str, str, str],
+    shared: tuple[str, str, int, int],
+    entry_id: str,
+    channel: str,
+    flags: str,
+    pairs: list[str | bytes],
+) -> tuple[Any, ...]:
+    """The call of CLAIMED_PUBLISH for one job: ``keys`` its stream, progress list and drained
+    counter; ``shared`` the group, consumer and the two progress TTLs; ``pairs`` its messages."""
+    return CLAIMED_PUBLISH.call(keys, (*shared, entry_id, channel, flags, len(pairs) // 2, *pairs))
+
+
+def is_claimed_publish(command: tuple[Any, ...]) -> bool:
+    return len(command) > 2 and command[0] == "EVALSHA" and command[1] == CLAIMED_PUBLISH.sha
+
+
+def mergeable_publishes(first: tuple[Any, ...], other: tuple[Any, ...]) -> bool:
+    """Whether two one-job calls of CLAIMED_PUBLISH (see :func:`claimed_publish`) can go as one."""
+    return first[_PUBLISH_SHARED] == other[_PUBLISH_SHARED]
+
+
+def merge_publishes(calls: list[tuple[Any, ...]]) -> tuple[Any, ...]:
+    """One call of CLAIMED_PUBLISH doing what one-job ``calls`` that share their group, consumer
+    and TTLs do, in their order; its reply lists each call's result in that order."""
+    keys = [key for call in calls for key in call[3 : 3 + _PUBLISH_KEYS]]
+    jobs = [arg for call in calls for arg in call[_PUBLISH_SHARED.stop :]]
+    return CLAIMED_PUBLISH.call(keys, (*calls[0][_PUBLISH_SHARED], *jobs))
+
 
 # Re-queue a job this worker will not finish, as a new entry marked handed back; its progress stays
 # for the next worker. KEYS: job stream. ARGV: group, consumer, entry id, job field, job,

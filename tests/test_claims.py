@@ -20,9 +20,10 @@ from redis.exceptions import RedisError, ResponseError
 
 from shared.messages import Final, Job, Sampling, Started, Tokens, Usage, decode_reply, encode
 from shared.names import GROUP, JOB_FIELD, Names
+from shared.scripts import claimed_publish, merge_publishes
 from worker.channel import ENDED_TTL_MS, Claim, ClaimLost, NobodyListening, Progress, ReplyChannel
 from worker.metrics import WorkerMetrics
-from worker.outbox import Outbox
+from worker.outbox import MERGED_PUBLISHES, Command, Outbox, _merged
 from worker.runner import JobRunner
 
 
@@ -263,3 +264,53 @@ async def test_a_read_cut_short_leaves_no_reply_for_the_next_commands(redis: Red
         assert await redis.echo("after") == b"after"
     finally:
         runner.cancel()
+
+
+async def test_jobs_that_publish_together_are_each_fenced_and_answered_on_their_own(
+    redis: Redis, held: Held
+) -> None:
+    """The outbox sends the publishes queued together as one script call: each job's ownership is
+    still checked on its own, and each sender gets its own job's result."""
+    other = held.claim_a.job.model_copy(update={"id": "req_" + uuid.uuid4().hex})
+    await redis.xadd(held.claim_a.stream, {JOB_FIELD: encode(other)})
+    ((_, [(entry, _)]),) = await redis.xreadgroup(GROUP, "a", {held.claim_a.stream: ">"}, count=1)
+    lonely = Claim(stream=held.claim_a.stream, entry_id=entry.decode(), job=other, attempt=1)
+    owned = held.channel(held.claim_a, "a")
+    unheard = held.channel(lonely, "a")  # its gateway is gone: nobody listens on its channel
+    stranger = held.channel(held.claim_b, "b")  # "b" does not own the entry: fenced off
+    results = await asyncio.gather(
+        owned.send([tokens(0, (5,))]),
+        unheard.send([tokens(0, (6,))]),
+        stranger.send([tokens(0, (7,))]),
+        owned.send([tokens(1, (8,))], ack=True),
+        return_exceptions=True,
+    )
+    assert [type(r) for r in results] == [type(None), NobodyListening, ClaimLost, type(None)]
+    progress = await redis.lrange(held.names.progress(held.claim_a.job.id), 0, -1)
+    # "b"'s message never got in
+    assert [decode_reply(m).token_ids for m in progress] == [(5,), (8,)]  # type: ignore[union-attr]
+    assert await redis.xpending(held.claim_a.stream, GROUP) == {
+        "pending": 1,  # the owned job ended; the other still runs
+        "min": entry,
+        "max": entry,
+        "consumers": [{"name": b"a", "pending": 1}],
+    }
+
+
+def test_consecutive_publishes_go_as_one_call_and_everything_else_as_it_was() -> None:
+    names = Names("p")
+
+    def publish(job: str, worker: str = "w", payload: bytes = b"{}") -> Command:
+        keys = (names.jobs_stream("m", "t"), names.progress(job), names.drained("m"))
+        return claimed_publish(
+            keys, (GROUP, worker, 1000, 100), "1-0", names.reply_channel(job), "", [payload, "1"]
+        )
+
+    exists = ("EXISTS", "x")
+    commands = [publish("j1"), publish("j2"), exists, publish("j3"), publish("j4", worker="v"), publish("j5")]
+    sent, counts = _merged(commands)
+    assert counts == [2, 0, 0, 0, 0]
+    assert sent[0] == merge_publishes(commands[:2]) and sent[1:] == [exists, *commands[3:]]
+    assert sent[0][2] == 6  # both jobs' three keys
+    many = [publish(f"j{i}") for i in range(MERGED_PUBLISHES + 1)]
+    assert _merged(many)[1] == [MERGED_PUBLISHES, 0]  # a script holds Redis while it runs: capped

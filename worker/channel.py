@@ -17,7 +17,7 @@ from shared.messages import (
     encode_tokens,
 )
 from shared.names import GROUP, Names
-from shared.scripts import CLAIMED_PUBLISH
+from shared.scripts import claimed_publish
 from worker.coalesce import Chunk
 from worker.outbox import Command, Outbox
 
@@ -97,7 +97,8 @@ class ReplyChannel:
         self._reset = fresh
         self._seq = first_seq
         self._keys = (claim.stream, names.progress(job.id), names.drained(job.model))
-        self._owner = (GROUP, worker_id, claim.entry_id)
+        self._shared = (GROUP, worker_id, PROGRESS_TTL_MS, ENDED_TTL_MS)
+        self._entry_id = claim.entry_id
         self._channel = names.reply_channel(job.id)
 
     def next_seq(self) -> int:
@@ -136,16 +137,16 @@ class ReplyChannel:
         flags = ("a" if ack else "") + ("r" if self._reset and messages else "")
         if messages:
             self._reset = False
-        args = (*self._owner, self._channel, PROGRESS_TTL_MS, ENDED_TTL_MS, flags, *pairs)
-        return CLAIMED_PUBLISH.call(self._keys, args)
+        return claimed_publish(self._keys, self._shared, self._entry_id, self._channel, flags, pairs)
 
     async def send(self, messages: Sequence[Reply], ack: bool = False) -> None:
         (result,) = await self._outbox.send(self.command(messages, ack))
         check(result)
 
 
-def check(result: int) -> None:
-    """Raise what the fenced publish's result says (see ``shared.scripts.CLAIMED_PUBLISH``)."""
+def check(reply: list[int]) -> None:
+    """Raise what the fenced publish's reply says (see ``shared.scripts.CLAIMED_PUBLISH``)."""
+    (result,) = reply
     if result == 0:
         raise ClaimLost
     if result == 2:

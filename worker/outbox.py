@@ -32,7 +32,14 @@ from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from shared.scripts import WORKER_SCRIPTS, Lua, is_noscript
+from shared.scripts import (
+    WORKER_SCRIPTS,
+    Lua,
+    is_claimed_publish,
+    is_noscript,
+    merge_publishes,
+    mergeable_publishes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -116,20 +123,59 @@ class Outbox:
     async def _execute(self, commands: list[Command]) -> list[Any]:
         """Every command's reply, in order, as redis-py gives it; a command Redis refused has its
         error as its reply."""
-        packed = b"".join([pack_command(command) for command in commands])
+        sent, counts = _merged(commands)
+        packed = b"".join([pack_command(command) for command in sent])
         pool = self._redis.connection_pool
         connection = await pool.get_connection()
         try:  # an error or cancellation mid-way disconnects it: no reply is left unread
             await connection.send_packed_command(packed)
-            replies = await _read_replies(connection, len(commands))
+            received = await _read_replies(connection, len(sent))
         finally:
             await pool.release(connection)
+        replies: list[Any] = []
         callbacks = self._redis.response_callbacks
-        for i, command in enumerate(commands):
-            callback = callbacks.get(command[0])
-            if callback is not None and not isinstance(replies[i], ResponseError):
-                replies[i] = callback(replies[i])
+        for command, count, reply in zip(sent, counts, received, strict=True):
+            if count:  # merged publishes: each call's own result, as its own call would have had it
+                replies += [reply] * count if isinstance(reply, ResponseError) else [[r] for r in reply]
+            elif (callback := callbacks.get(command[0])) is not None and not isinstance(reply, ResponseError):
+                replies.append(callback(reply))
+            else:
+                replies.append(reply)
         return replies
+
+
+MERGED_PUBLISHES = 64
+"""The most jobs' publishes one script call carries: a script holds Redis for its whole run."""
+
+
+def _merged(commands: list[Command]) -> tuple[list[Command], list[int]]:
+    """``commands`` with each run of consecutive one-job publishes as one call of the script
+    (fewer bytes, one script run and one reply for many jobs), and per command sent how many calls
+    it merged (0: sent as it was)."""
+    sent: list[Command] = []
+    counts: list[int] = []
+    run: list[Command] = []
+
+    def close_run() -> None:
+        if len(run) == 1:
+            sent.append(run[0])
+            counts.append(0)
+        elif run:
+            sent.append(merge_publishes(run))
+            counts.append(len(run))
+        run.clear()
+
+    for command in commands:
+        if is_claimed_publish(command):
+            if run and (len(run) == MERGED_PUBLISHES or not mergeable_publishes(run[0], command)):
+                close_run()
+            run.append(command)
+        else:
+            close_run()
+            sent.append(command)
+            counts.append(0)
+    close_run()
+    return sent, counts
 
 
 def _fail(batches: list[_Batch], error: BaseException) -> None:
