@@ -154,12 +154,13 @@ class ReplyHub:
         if message is None:
             return
         self._dispatch(message)
-        if message["type"] == "subscribe" and message["channel"] == self._control.encode():
+        if message["type"] == "subscribe" and message.get("channel") == self._control.encode():
             self.connected.set()
 
     def _dispatch(self, message: dict[str, object]) -> None:
-        channel = message["channel"]
-        assert isinstance(channel, bytes)
+        channel = message.get("channel")
+        if not isinstance(channel, bytes):  # a pong (redis-py's health check): no channel's
+            return
         kind = message["type"]
         if kind == "message" or kind == "pmessage":
             data = message["data"]

@@ -185,39 +185,45 @@ if not p[1] or p[1][2] ~= ARGV[2] then return 0 end
 # job: its entry id, its channel, flags ('a': end the job; 'r': start its progress list over), how
 # many messages, and the messages as pairs of (payload, '1' to keep it in the progress list or '').
 # Returns per job, in order: 0 when the worker does not own the job, 2 when nobody listens on the
-# channel any more (the gateway that took the request is gone: the job is of no use), else 1.
+# channel any more (the gateway that took the request is gone: the job is of no use), 1 else, or
+# the error a command of that job met.
 CLAIMED_PUBLISH = Lua("""
+local function publish(j, entry, channel, flags, first, last)
+  local p = redis.call('XPENDING', KEYS[j], ARGV[1], entry, entry, 1)
+  if not p[1] or p[1][2] ~= ARGV[2] then return 0 end
+  if string.find(flags, 'r', 1, true) then redis.call('DEL', KEYS[j + 1]) end
+  local result, kept = 1, false
+  for i = first, last, 2 do
+    if ARGV[i + 1] ~= '' then
+      redis.call('RPUSH', KEYS[j + 1], ARGV[i])
+      kept = true
+    end
+    if redis.call('PUBLISH', channel, ARGV[i]) == 0 then result = 2 end
+  end
+  if string.find(flags, 'a', 1, true) then
+    redis.call('XACK', KEYS[j], ARGV[1], entry)
+    redis.call('XDEL', KEYS[j], entry)
+    redis.call('PEXPIRE', KEYS[j + 1], ARGV[4])
+    redis.call('INCR', KEYS[j + 2])
+    return 1
+  end
+  if kept then redis.call('PEXPIRE', KEYS[j + 1], ARGV[3]) end
+  return result
+end
+
 local results = {}
 local a = 5
 for j = 1, #KEYS, 3 do
-  local entry, channel, flags = ARGV[a], ARGV[a + 1], ARGV[a + 2]
   local first, last = a + 4, a + 3 + 2 * tonumber(ARGV[a + 3])
-  a = last + 1
-  local result = 1
-  local p = redis.call('XPENDING', KEYS[j], ARGV[1], entry, entry, 1)
-  if not p[1] or p[1][2] ~= ARGV[2] then
-    result = 0
+  -- A job whose command fails (a key of the wrong type, a full Redis) gets that error as its own
+  -- result; the jobs around it go on as if each had been called alone.
+  local ok, result = pcall(publish, j, ARGV[a], ARGV[a + 1], ARGV[a + 2], first, last)
+  if ok then
+    results[#results + 1] = result
   else
-    if string.find(flags, 'r', 1, true) then redis.call('DEL', KEYS[j + 1]) end
-    local kept = false
-    for i = first, last, 2 do
-      if ARGV[i + 1] ~= '' then
-        redis.call('RPUSH', KEYS[j + 1], ARGV[i])
-        kept = true
-      end
-      if redis.call('PUBLISH', channel, ARGV[i]) == 0 then result = 2 end
-    end
-    if string.find(flags, 'a', 1, true) then
-      redis.call('XACK', KEYS[j], ARGV[1], entry)
-      redis.call('XDEL', KEYS[j], entry)
-      redis.call('PEXPIRE', KEYS[j + 1], ARGV[4])
-      redis.call('INCR', KEYS[j + 2])
-      result = 1
-    elseif kept then
-      redis.call('PEXPIRE', KEYS[j + 1], ARGV[3])
-    end
+    results[#results + 1] = redis.error_reply(type(result) == 'table' and result.err or tostring(result))
   end
-  results[#results + 1] = result
+  a = last + 1
 end
 return results
 """)

@@ -314,3 +314,49 @@ def test_consecutive_publishes_go_as_one_call_and_everything_else_as_it_was() ->
     assert sent[0][2] == 6  # both jobs' three keys
     many = [publish(f"j{i}") for i in range(MERGED_PUBLISHES + 1)]
     assert _merged(many)[1] == [MERGED_PUBLISHES, 0]  # a script holds Redis while it runs: capped
+
+
+async def test_a_job_whose_publish_fails_does_not_fail_the_jobs_sent_with_it(
+    redis: Redis, held: Held
+) -> None:
+    """One job's command failing inside the merged call (here its progress key holds a string)
+    is that job's error alone: the jobs before and after it publish and end as if called alone."""
+    claims = [held.claim_a]
+    for _ in range(2):
+        job = held.claim_a.job.model_copy(update={"id": "req_" + uuid.uuid4().hex})
+        await redis.xadd(held.claim_a.stream, {JOB_FIELD: encode(job)})
+        ((_, [(entry, _)]),) = await redis.xreadgroup(GROUP, "a", {held.claim_a.stream: ">"}, count=1)
+        claims.append(Claim(stream=held.claim_a.stream, entry_id=entry.decode(), job=job, attempt=1))
+    broken = held.names.progress(claims[1].job.id)
+    await redis.set(broken, "not a list")
+    gateway = redis.pubsub()
+    await gateway.subscribe(*(held.names.reply_channel(c.job.id) for c in claims[1:]))
+    try:
+        results = await asyncio.gather(
+            # not fresh: a fresh attempt would clear the broken key first
+            *(
+                held.channel(c, "a", fresh=False).send([tokens(0, (i,))], ack=True)
+                for i, c in enumerate(claims)
+            ),
+            return_exceptions=True,
+        )
+    finally:
+        await gateway.aclose()
+        await redis.delete(broken, *(held.names.progress(c.job.id) for c in claims[2:]))
+    assert results[0] is None and results[2] is None
+    assert isinstance(results[1], ResponseError) and "WRONGTYPE" in str(results[1])
+    pending = await redis.xpending_range(held.claim_a.stream, GROUP, min="-", max="+", count=10)
+    assert [p["message_id"].decode() for p in pending] == [claims[1].entry_id]  # the others ended
+
+
+async def test_a_command_that_cannot_be_sent_fails_its_sender_and_not_the_outbox(redis: Redis) -> None:
+    outbox = Outbox(redis)
+    runner = asyncio.create_task(outbox.run())
+    try:
+        with pytest.raises(TypeError):  # hiredis packs no None
+            await asyncio.wait_for(outbox.send(("SET", "k", None)), 5)
+        assert await asyncio.wait_for(outbox.send(("PING",)), 5) == [True]
+    finally:
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner

@@ -108,6 +108,10 @@ class Outbox:
         except asyncio.CancelledError:  # the outbox stops mid-batch: its senders must not wait forever
             _fail(batches, RedisError("the worker's outbox stopped"))
             raise
+        except Exception as exc:  # a command it cannot send (a bad argument): its senders hear of it
+            log.exception("the worker's outbox could not send a batch")
+            _fail(batches, exc)
+            return
         offset = 0
         for batch in batches:
             mine = replies[offset : offset + len(batch.commands)]
@@ -136,7 +140,10 @@ class Outbox:
         callbacks = self._redis.response_callbacks
         for command, count, reply in zip(sent, counts, received, strict=True):
             if count:  # merged publishes: each call's own result, as its own call would have had it
-                replies += [reply] * count if isinstance(reply, ResponseError) else [[r] for r in reply]
+                if isinstance(reply, ResponseError):  # the call as a whole did not run (NOSCRIPT)
+                    replies += [reply] * count
+                else:  # a job's own error comes as its entry of the list
+                    replies += [r if isinstance(r, ResponseError) else [r] for r in reply]
             elif (callback := callbacks.get(command[0])) is not None and not isinstance(reply, ResponseError):
                 replies.append(callback(reply))
             else:
