@@ -21,8 +21,10 @@ from tests.test_e2e_batches import FINAL, chat_line, jobs_env, results, submit, 
 pytestmark = pytest.mark.e2e
 
 MODEL = "restart-demo"
-LINES = 60
-TOKENS = 48
+LINES = 80
+TOKENS = 128
+"""Long enough that the batch is still running when the test kills the worker, however fast the
+path: with 48 tokens and 60 lines a quiet host finished the last lines between two polls."""
 
 
 def kill(proc: subprocess.Popen[bytes]) -> None:
@@ -102,7 +104,13 @@ def test_no_line_is_lost_or_duplicated_across_restarts(client: OpenAI, system: S
     seen = Counter(x["custom_id"] for x in [*output, *errors])
     lost = {x["custom_id"] for x in lines} - set(seen)
     duplicated = {cid: n for cid, n in seen.items() if n > 1}
-    report = {"lost": len(lost), "duplicated": len(duplicated), "errors": len(errors), "killed_at": at_kill}
+    report = {
+        "lost": len(lost),
+        "duplicated": len(duplicated),
+        "errors": len(errors),
+        "killed_at": at_kill,
+        "worker_killed_at": at_worker_kill,
+    }
     print("restart test:", json.dumps(report))
     assert not lost and not duplicated, report
     assert not errors, errors[:3]
