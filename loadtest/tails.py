@@ -18,13 +18,10 @@ import argparse
 import contextlib
 import json
 import math
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import httpx
 
 from control.processes import StartupError, check_port_free, free_port
 from loadtest import defaults, runner
@@ -37,10 +34,6 @@ HISTOGRAMS = (
     ("worker", "vllm:time_to_first_token_seconds", "engine TTFT (in the engine -> first token)"),
     ("gateway", "switchyard:gateway_event_loop_lag_seconds", "gateway event-loop lag"),
 )
-_SAMPLE = re.compile(
-    r"^(?P<name>[^\s{]+?)(?P<kind>_bucket|_sum|_count)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$"
-)
-_LE = re.compile(r'le="([^"]+)"')
 
 
 @dataclass
@@ -74,22 +67,23 @@ class Histogram:
 
 def parse(text: str) -> dict[str, Histogram]:
     """Every histogram of a Prometheus text page, by name."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     found: dict[str, Histogram] = {}
-    for line in text.splitlines():
-        m = _SAMPLE.match(line)
-        if m is None:
-            continue
-        h = found.setdefault(m["name"], Histogram())
-        value = float(m["value"])
-        if m["kind"] == "_bucket":
-            le = _LE.search(m["labels"] or "")
-            if le is not None:
-                bound = math.inf if le.group(1) == "+Inf" else float(le.group(1))
-                h.buckets[bound] = h.buckets.get(bound, 0.0) + value
-        elif m["kind"] == "_sum":
-            h.total += value
-        else:
-            h.count += value
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            part = next((p for p in ("_bucket", "_sum", "_count") if sample.name.endswith(p)), None)
+            if part is None:
+                continue
+            h = found.setdefault(sample.name.removesuffix(part), Histogram())
+            if part == "_bucket":
+                if "le" in sample.labels:
+                    bound = float(sample.labels["le"])  # "+Inf" included
+                    h.buckets[bound] = h.buckets.get(bound, 0.0) + sample.value
+            elif part == "_sum":
+                h.total += sample.value
+            else:
+                h.count += sample.value
     return {name: h for name, h in found.items() if h.buckets}
 
 
@@ -128,8 +122,7 @@ def two_free_ports() -> int:
 
 
 def scrape(ports: dict[str, int]) -> Readings:
-    with httpx.Client(timeout=10, trust_env=False) as client:
-        return {role: parse(client.get(f"http://127.0.0.1:{p}/metrics").text) for role, p in ports.items()}
+    return {role: parse(runner.scrape(f"http://127.0.0.1:{p}/metrics", 10)) for role, p in ports.items()}
 
 
 def bench(
