@@ -66,7 +66,7 @@ class Outbox:
     async def send(self, *commands: Command) -> list[Any]:
         """Queue commands (e.g. ``("PUBLISH", channel, data)``) and wait for their replies."""
         if self._stopped:  # nobody would ever send them: fail now rather than wait forever
-            raise RedisError("the worker's outbox stopped")
+            raise _stopped()
         batch = _Batch(commands)
         self._queue.append(batch)
         self._wake.set()
@@ -86,10 +86,8 @@ class Outbox:
                     await self._flush(taken)
         finally:
             self._stopped = True
-            while self._queue:  # nobody will send these: their senders must not wait forever
-                batch = self._queue.popleft()
-                if not batch.done.done():
-                    batch.done.set_exception(RedisError("the worker's outbox stopped"))
+            _fail(list(self._queue), _stopped())  # nobody will send these: their senders must not wait
+            self._queue.clear()
 
     async def _flush(self, batches: list[_Batch]) -> None:
         commands = [command for batch in batches for command in batch.commands]
@@ -106,7 +104,7 @@ class Outbox:
             _fail(batches, exc)
             return
         except asyncio.CancelledError:  # the outbox stops mid-batch: its senders must not wait forever
-            _fail(batches, RedisError("the worker's outbox stopped"))
+            _fail(batches, _stopped())
             raise
         except Exception as exc:  # a command it cannot send (a bad argument): its senders hear of it
             log.exception("the worker's outbox could not send a batch")
@@ -183,6 +181,10 @@ def _merged(commands: list[Command]) -> tuple[list[Command], list[int]]:
             counts.append(0)
     close_run()
     return sent, counts
+
+
+def _stopped() -> RedisError:
+    return RedisError("the worker's outbox stopped")
 
 
 def _fail(batches: list[_Batch], error: BaseException) -> None:
