@@ -12,22 +12,32 @@ called (p90 67 ms), measured from the job's stream entry id.
 new connection object) and checks a connected one by looking at what its reader holds, without
 reading, as later redis-py releases do. A connection it cannot look into (another parser, not yet
 connected, data waiting) goes through redis-py's own check, which reconnects it when needed.
+
+The gateway's reply hub takes the replies one socket read brought from the same reader
+(:func:`parsed_replies`): this module is where the gateway looks into redis-py's parser.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
-from redis._parsers.hiredis import _AsyncHiredisParser
+from redis._parsers.hiredis import NOT_ENOUGH_DATA, _AsyncHiredisParser
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
+
+
+def _hiredis(connection: AbstractConnection | None) -> _AsyncHiredisParser | None:
+    """The connection's parser when it is redis-py's hiredis one (the one this module looks into)."""
+    parser = getattr(connection, "_parser", None)
+    return parser if isinstance(parser, _AsyncHiredisParser) else None
 
 
 def idle(connection: AbstractConnection) -> bool:
     """Whether ``connection`` is connected with nothing unread in its socket buffer or parser (and
     its peer has not closed it), told without reading: False when that cannot be told."""
-    parser = getattr(connection, "_parser", None)
-    if not connection.is_connected or not isinstance(parser, _AsyncHiredisParser):
+    parser = _hiredis(connection)
+    if not connection.is_connected or parser is None:
         return False
     try:
         stream, reader = parser._stream, parser._reader
@@ -41,6 +51,19 @@ def idle(connection: AbstractConnection) -> bool:
         )
     except AttributeError:  # a redis-py or hiredis of another shape: let redis-py check
         return False
+
+
+def parsed_replies(connection: AbstractConnection | None) -> Iterator[Any]:
+    """The replies on ``connection`` that its hiredis reader holds whole already, taken without
+    reading the socket (none for another parser); an error reply is raised, as redis-py would."""
+    parser = _hiredis(connection)
+    reader = getattr(parser, "_reader", None)
+    if reader is None:
+        return
+    while (reply := reader.gets()) is not NOT_ENOUGH_DATA:
+        if isinstance(reply, Exception):
+            raise reply
+        yield reply
 
 
 class LeanPool(ConnectionPool):

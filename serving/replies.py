@@ -17,15 +17,13 @@ import math
 import os
 import secrets
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
-from redis._parsers.hiredis import NOT_ENOUGH_DATA, _AsyncHiredisParser
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
+from serving.redis_pool import parsed_replies
 from shared.names import Names
 
 log = logging.getLogger(__name__)
@@ -44,19 +42,6 @@ def own_request_prefix() -> str:
 
 
 _DATA = (b"message", b"pmessage")
-
-
-def _parsed(pubsub: PubSub) -> Iterator[list[Any]]:
-    """The replies on ``pubsub``'s connection that its hiredis reader holds whole already, taken
-    without reading the socket (none for another parser)."""
-    parser = getattr(pubsub.connection, "_parser", None)
-    reader = getattr(parser, "_reader", None)
-    if not isinstance(parser, _AsyncHiredisParser) or reader is None:
-        return
-    while (reply := reader.gets()) is not NOT_ENOUGH_DATA:
-        if isinstance(reply, Exception):  # what redis-py would raise reading it
-            raise reply
-        yield reply
 
 
 def glob_escape(text: str) -> str:
@@ -141,7 +126,7 @@ class ReplyHub:
                 # The replies that came in the same read are parsed already: deliver them without
                 # redis-py's per-message wrapping (its read path and message dict), which costs
                 # more than the delivery itself when thousands of token messages arrive a second.
-                for reply in _parsed(pubsub):
+                for reply in parsed_replies(pubsub.connection):
                     if reply[0] in _DATA:  # [b"message", channel, data], or with the pattern first
                         self._deliver(reply[-2], reply[-1])
                     else:  # (un)subscribe confirmations and pongs: redis-py keeps its state
