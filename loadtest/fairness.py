@@ -78,7 +78,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from control.processes import free_port
-from loadtest import bench, fairreport, proctree, runner, simfleet
+from loadtest import bench, fairreport, proctree, runner, simfleet, tails
 from loadtest.benchreport import (
     DEFAULT_TIMEOUT_S,
     BenchConfig,
@@ -188,12 +188,12 @@ LAG_METRIC = "switchyard:gateway_event_loop_lag_seconds"
 KINDS = ("queue", "ttft", "lag")
 
 
-async def gateway_totals(client: httpx.AsyncClient, url: str | None, tenant: str) -> dict[str, float] | None:
-    """Sums, counts and bucket counts of the gateway's queue-time and TTFT histograms for ``tenant``
-    (every model) and of its event-loop lag, from its ``/metrics`` at ``url``; None when that is
-    unknown or answers nothing (e.g. not a Switchyard gateway)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
+async def gateway_totals(
+    client: httpx.AsyncClient, url: str | None, tenant: str
+) -> dict[str, tails.Histogram] | None:
+    """The gateway's queue-time and TTFT histograms for ``tenant`` (every model) and its event-loop
+    lag, by kind, from its ``/metrics`` at ``url``; None when that is unknown or answers nothing
+    (e.g. not a Switchyard gateway)."""
     if url is None:
         return None
     try:
@@ -201,43 +201,28 @@ async def gateway_totals(client: httpx.AsyncClient, url: str | None, tenant: str
         resp.raise_for_status()
     except httpx.HTTPError:
         return None
-    totals = dict.fromkeys((f"{kind}_{part}" for kind in KINDS for part in ("sum", "count")), 0.0)
-    for family in text_string_to_metric_families(resp.text):
-        kind = {QUEUE_METRIC: "queue", TTFT_METRIC: "ttft", LAG_METRIC: "lag"}.get(family.name)
-        for sample in family.samples if kind else ():
-            if kind != "lag" and sample.labels.get("tenant") != tenant:
-                continue
-            if sample.name.endswith(("_sum", "_count")):
-                totals[f"{kind}_{sample.name.rsplit('_', 1)[1]}"] += sample.value
-            elif sample.name.endswith("_bucket"):
-                key = f"{kind}_le_{sample.labels['le']}"
-                totals[key] = totals.get(key, 0.0) + sample.value
-    return totals
+    tenants, every = tails.parse(resp.text, tenant=tenant), tails.parse(resp.text)
+    return {
+        "queue": tenants.get(QUEUE_METRIC, tails.Histogram()),
+        "ttft": tenants.get(TTFT_METRIC, tails.Histogram()),
+        "lag": every.get(LAG_METRIC, tails.Histogram()),
+    }
 
 
-def gateway_split(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, float | None]:
+def gateway_split(
+    before: dict[str, tails.Histogram] | None, after: dict[str, tails.Histogram] | None
+) -> dict[str, float | None]:
     """Mean wait for a worker to start the job and mean TTFT, both as the gateway saw them (ms),
     over the requests between two :func:`gateway_totals` readings, and the bucket bound under which
     99% of those waits and TTFTs fell (a histogram's p99 is only known to its bucket); the same of
     how late the gateway's event loop ran meanwhile."""
     if before is None or after is None:
         return {f"{kind}_{stat}": None for kind in KINDS for stat in ("mean_ms", "p99_le_ms")}
-
-    def mean_ms(kind: str) -> float | None:
-        count = after[f"{kind}_count"] - before[f"{kind}_count"]
-        return 1000 * (after[f"{kind}_sum"] - before[f"{kind}_sum"]) / count if count > 0 else None
-
-    def p99_le_ms(kind: str) -> float | None:
-        count = after[f"{kind}_count"] - before[f"{kind}_count"]
-        buckets = sorted((float(k.rsplit("_", 1)[1]), k) for k in after if k.startswith(f"{kind}_le_"))
-        for bound, key in buckets:
-            if count > 0 and after[key] - before.get(key, 0.0) >= 0.99 * count:
-                return 1000 * bound
-        return None
-
+    runs = {kind: after[kind].minus(before[kind]) for kind in KINDS}
+    p99 = {kind: run.bound_or_none(0.99) if run.count > 0 else None for kind, run in runs.items()}
     return {
-        **{f"{kind}_mean_ms": mean_ms(kind) for kind in KINDS},
-        **{f"{kind}_p99_le_ms": p99_le_ms(kind) for kind in KINDS},
+        **{f"{k}_mean_ms": 1000 * run.mean if run.count > 0 else None for k, run in runs.items()},
+        **{f"{k}_p99_le_ms": None if le is None else 1000 * le for k, le in p99.items()},
     }
 
 
@@ -446,7 +431,7 @@ async def run_phases(args: argparse.Namespace, setup: Setup) -> fairreport.Fairn
             capacity = await probe.capacity() if probe else None
             victim_name = probe.victim if probe else VICTIM
 
-            async def totals() -> dict[str, float] | None:
+            async def totals() -> dict[str, tails.Histogram] | None:
                 return await gateway_totals(client_b, setup.metrics_url, victim_name)
 
             print(f"phase 1: B alone, {cfg_b.concurrency} streams, {args.duration:.0f} s", flush=True)

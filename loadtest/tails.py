@@ -55,25 +55,27 @@ class Histogram:
 
     def bound(self, q: float) -> float:
         """The smallest bucket bound under which at least ``q`` of the observations fell."""
-        for le in sorted(self.buckets):
-            if self.buckets[le] >= q * self.count - 1e-9:
-                return le
-        return math.inf
+        found = self.bound_or_none(q)
+        return math.inf if found is None else found
+
+    def bound_or_none(self, q: float) -> float | None:
+        """:meth:`bound`, None when no bucket holds that many (as when there are none)."""
+        return next((le for le in sorted(self.buckets) if self.buckets[le] >= q * self.count - 1e-9), None)
 
     @property
     def mean(self) -> float:
         return self.total / self.count if self.count else math.nan
 
 
-def parse(text: str) -> dict[str, Histogram]:
-    """Every histogram of a Prometheus text page, by name."""
+def parse(text: str, **labels: str) -> dict[str, Histogram]:
+    """Every histogram of a Prometheus text page, by name, of its samples that carry ``labels``."""
     from prometheus_client.parser import text_string_to_metric_families
 
     found: dict[str, Histogram] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             part = next((p for p in ("_bucket", "_sum", "_count") if sample.name.endswith(p)), None)
-            if part is None:
+            if part is None or any(sample.labels.get(k) != v for k, v in labels.items()):
                 continue
             h = found.setdefault(sample.name.removesuffix(part), Histogram())
             if part == "_bucket":

@@ -108,21 +108,25 @@ def test_the_shared_queue_phase_adds_its_column_and_ratio() -> None:
 
 def test_gateway_split_is_the_mean_over_the_phase_and_adds_rows() -> None:
     from loadtest.fairness import gateway_split
+    from loadtest.tails import Histogram
 
-    buckets_before = {"queue_le_0.005": 9.0, "queue_le_0.25": 10.0, "queue_le_+Inf": 10.0}
-    buckets_after = {"queue_le_0.005": 17.0, "queue_le_0.25": 19.0, "queue_le_+Inf": 20.0}
-    lag_before = {"lag_sum": 0.1, "lag_count": 100.0, "lag_le_0.005": 90.0, "lag_le_0.025": 100.0}
-    lag_after = {"lag_sum": 0.5, "lag_count": 300.0, "lag_le_0.005": 200.0, "lag_le_0.025": 299.0}
-    before = {"queue_sum": 1.0, "queue_count": 10.0, "ttft_sum": 2.0, "ttft_count": 10.0, **buckets_before}
-    after = {"queue_sum": 1.5, "queue_count": 20.0, "ttft_sum": 3.0, "ttft_count": 20.0, **buckets_after}
-    before, after = before | lag_before, after | lag_after
+    before = {
+        "queue": Histogram({0.005: 9.0, 0.25: 10.0, math.inf: 10.0}, 1.0, 10.0),
+        "ttft": Histogram({}, 2.0, 10.0),
+        "lag": Histogram({0.005: 90.0, 0.025: 100.0}, 0.1, 100.0),
+    }
+    after = {
+        "queue": Histogram({0.005: 17.0, 0.25: 19.0, math.inf: 20.0}, 1.5, 20.0),
+        "ttft": Histogram({}, 3.0, 20.0),
+        "lag": Histogram({0.005: 200.0, 0.025: 299.0}, 0.5, 300.0),
+    }
     split = gateway_split(before, after)
     assert split["queue_mean_ms"] == pytest.approx(50.0) and split["ttft_mean_ms"] == pytest.approx(100.0)
     # the loop was looked at 200 times in the phase, 0.4 s late in all; 199 of them within 25 ms
     assert split["lag_mean_ms"] == pytest.approx(2.0) and split["lag_p99_le_ms"] == pytest.approx(25.0)
     # of the phase's 10 waits, 8 within 5 ms, 9 within 250 ms, the last beyond: p99 only under +Inf
     assert split["queue_p99_le_ms"] == float("inf") and split["ttft_p99_le_ms"] is None
-    after["queue_le_0.25"] = 20.0  # all 10 within 250 ms
+    after["queue"].buckets[0.25] = 20.0  # all 10 within 250 ms
     assert gateway_split(before, after)["queue_p99_le_ms"] == pytest.approx(250.0)
     nothing = {f"{k}_{stat}": None for k in ("queue", "ttft", "lag") for stat in ("mean_ms", "p99_le_ms")}
     assert gateway_split(before, before) == nothing  # no requests, and no look at the loop
