@@ -184,6 +184,9 @@ def run_switchyard(args: argparse.Namespace, processes: int) -> list[Level]:
     port, redis_port, metrics_port = free_port(), free_port(), free_port()
     env = {"SWITCHYARD_DEV_KEY": KEY, "XDG_CONFIG_HOME": str(args.out / "config")}
     env["SWITCHYARD_SIM_SPEED"] = str(args.sim_speed)
+    # One tenant sends every stream: its default backlog (1,000 jobs) would refuse part of the
+    # 1,024-stream level, and refused requests cost CPU that no token pays for.
+    env["SWITCHYARD_TENANT_MAX_BACKLOG"] = "0"
     flags = ["--engine", "sim", "--sim-preset", args.sim_preset]
     flags += ["--port", str(port), "--redis-port", str(redis_port), "--workers", str(args.workers)]
     flags += ["--metrics-port", str(metrics_port)]  # not 9100: another system may be running on the host
