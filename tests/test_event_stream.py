@@ -1,4 +1,5 @@
-"""The streamed answer's response (gateway/sse.py): sse-starlette's, without a cancel scope per send."""
+"""The streamed answer's response (gateway/sse.py): sse-starlette's, without a cancel scope per send
+and with one task beside the stream: disconnects, pings, cancellation."""
 
 from __future__ import annotations
 
@@ -57,3 +58,94 @@ async def test_a_failed_send_ends_the_stream_with_no_closing_body() -> None:
         await _run(response, fail_at=2)
     assert response._send_interrupted
     assert not response._response_complete
+
+
+class _Client:
+    """An ASGI client side: records what is sent, disconnects when told to."""
+
+    def __init__(self, fail_pings: bool = False) -> None:
+        self.sent: list[Message] = []
+        self.gone = asyncio.Event()
+        self.streaming = asyncio.Event()
+        self._fail_pings = fail_pings
+
+    async def receive(self) -> Message:
+        await self.gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: Message) -> None:
+        if self._fail_pings and message.get("body", b"").startswith(b": ping"):
+            raise OSError("the client went away")
+        self.sent.append(message)
+        self.streaming.set()
+
+    def bodies(self) -> list[bytes]:
+        return [m["body"] for m in self.sent if m["type"] == "http.response.body"]
+
+
+async def _forever(closed: list[bool]) -> AsyncIterator[bytes]:
+    try:
+        yield b"data: one\n\n"
+        await asyncio.Event().wait()
+        yield b"data: never\n\n"
+    finally:
+        closed.append(True)
+
+
+async def test_a_client_that_leaves_ends_the_stream_and_closes_its_events() -> None:
+    client, closed = _Client(), list[bool]()
+    response = EventStream(_forever(closed), ping=10)
+    call = asyncio.create_task(response({"type": "http", "method": "POST"}, client.receive, client.send))
+    await client.streaming.wait()
+    client.gone.set()
+    await asyncio.wait_for(call, 2)  # returns: the response is over, the task was not cancelled
+    assert closed == [True]
+    assert client.bodies() == [b"data: one\n\n"]  # no closing body to a client that left
+    assert response._client_disconnected and not response.active and not call.cancelled()
+
+
+async def test_pings_go_out_while_nothing_else_does_and_stop_with_the_stream() -> None:
+    async def slow() -> AsyncIterator[bytes]:
+        yield b"data: one\n\n"
+        await asyncio.sleep(0.35)
+        yield b"data: two\n\n"
+
+    client = _Client()
+    await EventStream(slow(), ping=0.1)({"type": "http", "method": "POST"}, client.receive, client.send)
+    bodies = client.bodies()
+    assert bodies[0] == b"data: one\n\n" and bodies[-2:] == [b"data: two\n\n", b""]
+    pings = bodies[1:-2]
+    assert 2 <= len(pings) <= 4 and all(p.startswith(b": ping - ") and p.endswith(b"\n\n") for p in pings)
+    await asyncio.sleep(0.25)
+    assert client.bodies() == bodies  # nothing after the closing body
+
+
+async def test_a_ping_that_cannot_be_sent_ends_the_stream() -> None:
+    client, closed = _Client(fail_pings=True), list[bool]()
+    response = EventStream(_forever(closed), ping=0.05)
+    await asyncio.wait_for(response({"type": "http", "method": "POST"}, client.receive, client.send), 2)
+    assert closed == [True] and response._send_interrupted
+    assert client.bodies() == [b"data: one\n\n"]
+
+
+async def test_a_cancel_from_outside_still_cancels_the_task() -> None:
+    client, closed = _Client(), list[bool]()
+    response = EventStream(_forever(closed), ping=10)
+    call = asyncio.create_task(response({"type": "http", "method": "POST"}, client.receive, client.send))
+    await client.streaming.wait()
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert closed == [True]
+
+
+async def test_head_gets_the_headers_and_no_stream() -> None:
+    client, closed = _Client(), list[bool]()
+    await asyncio.wait_for(
+        EventStream(_forever(closed), ping=10)(
+            {"type": "http", "method": "HEAD"}, client.receive, client.send
+        ),
+        2,
+    )
+    assert client.sent[0]["type"] == "http.response.start"
+    assert client.bodies() == [b""]
