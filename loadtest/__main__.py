@@ -20,6 +20,7 @@ STUDIES = {
     "compare": "Switchyard against vLLM's own server: same model, same engine settings (make bench)",
     "defaults": "`vllm serve` as shipped against `switchyard up` as shipped, with vLLM's client",
     "fairness": "how much one tenant flooding the system slows another tenant's first token",
+    "floor": "the gateway's stack (FastAPI, uvicorn, sse-starlette) alone: its CPU per request and event",
     "parity": "Switchyard's answers against vLLM's own server's, body by body: shapes, finish reasons, text",
     "pathcost": "CPU time per 1,000 output tokens of each part of the serving path",
     "scale": "output tokens/s and balance of 1 to 16 simulated workers behind one gateway",
