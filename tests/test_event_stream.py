@@ -115,7 +115,7 @@ async def test_pings_go_out_while_nothing_else_does_and_stop_with_the_stream() -
     bodies = client.bodies()
     assert bodies[0] == b"data: one\n\n" and bodies[-2:] == [b"data: two\n\n", b""]
     pings = bodies[1:-2]
-    assert 2 <= len(pings) <= 4 and all(p.startswith(b": ping - ") and p.endswith(b"\n\n") for p in pings)
+    assert 1 <= len(pings) <= 4 and all(p.startswith(b": ping - ") and p.endswith(b"\n\n") for p in pings)
     await asyncio.sleep(0.25)
     assert client.bodies() == bodies  # nothing after the closing body
 
