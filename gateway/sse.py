@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterable, Mapping
 from datetime import UTC, datetime
 
+import anyio
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from sse_starlette.sse import ensure_bytes
 from starlette.types import Message, Receive, Scope, Send
@@ -27,7 +28,8 @@ class EventStream(EventSourceResponse):
       cost more than the rest of the relay's work for an event;
     - a response runs one task beside the stream instead of a task group of four (the stream,
       pings, the client's disconnect, the server's exit signal): the one task waits for the
-      client's disconnect and sends a ping whenever nothing came for the ping interval. The exit
+      client's disconnect and sends a ping whenever nothing came for the ping interval (a
+      disconnect cancels the stream's scope, as sse-starlette's task group would). The exit
       signal is the gateway's own business: a stop first drains the gateway (its lifecycle ends
       every stream, cutting late ones with an error event) and only then stops the server.
 
@@ -36,13 +38,10 @@ class EventStream(EventSourceResponse):
 
     def __init__(self, events: AsyncIterable[bytes], ping: float, headers: Mapping[str, str] | None = None):
         super().__init__(events, ping=ping, headers=headers, sep=SEPARATOR)
-        self._cut = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        stream = asyncio.current_task()
         if (
-            stream is None
-            or scope["type"] != "http"
+            scope["type"] != "http"
             or scope["method"] == "HEAD"
             or self.send_timeout is not None
             or self.data_sender_callable is not None
@@ -50,19 +49,19 @@ class EventStream(EventSourceResponse):
         ):
             await super().__call__(scope, receive, send)
             return
-        watch = asyncio.create_task(self._watch(receive, send, stream))
-        try:
-            await self._stream_response(send)
-        except asyncio.CancelledError:
-            # Cut by the watch (the client left): the response is over, not this task.
-            if not self._cut or stream.uncancel() > 0:
-                raise
-        finally:
-            watch.cancel()
+        # The watch cuts the stream through an anyio scope, not by cancelling this task: the
+        # relay's cleanup (settling the request, closing its replies) runs shielded by anyio, which
+        # holds against a scope's cancel and not against a plain task cancel.
+        with anyio.CancelScope() as cut:
+            watch = asyncio.create_task(self._watch(receive, send, cut))
+            try:
+                await self._stream_response(send)
+            finally:
+                watch.cancel()
         if self.background is not None:
             await self.background()
 
-    async def _watch(self, receive: Receive, send: Send, stream: asyncio.Task[object]) -> None:
+    async def _watch(self, receive: Receive, send: Send, cut: anyio.CancelScope) -> None:
         """Until the client disconnects, a ping whenever nothing came for the ping interval; then
         the stream is cut. A ping that cannot be sent cuts it too: the connection is gone."""
         try:
@@ -79,8 +78,7 @@ class EventStream(EventSourceResponse):
         except Exception as exc:
             log.debug("keep-alive failed, ending the stream: %r", exc)
         self.active = False
-        self._cut = True
-        stream.cancel()
+        cut.cancel()
 
     async def _send_ping(self, send: Send) -> None:
         ping = (
