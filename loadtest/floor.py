@@ -40,7 +40,7 @@ PROMPT = "hello world these are some words " * 8
 
 
 @dataclass
-class Level:
+class FloorLevel:
     events: int
     requests: int
     cpu_s: float
@@ -88,8 +88,12 @@ def serve(port: int) -> None:
 
 async def drive(port: int, streams: int, requests: int, events: int) -> float:
     """``requests`` streamed requests of ``events`` events each, ``streams`` at a time; wall seconds."""
-    body = {"model": "floor", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": events}
-    body["stream"] = True
+    body = {
+        "model": "floor",
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": events,
+        "stream": True,
+    }
     limits = httpx.Limits(max_connections=streams, max_keepalive_connections=streams)
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", limits=limits, timeout=60) as client:
         left = requests
@@ -109,10 +113,10 @@ async def drive(port: int, streams: int, requests: int, events: int) -> float:
         return time.monotonic() - begun
 
 
-def measure(pid: int, port: int, streams: int, requests: int, events: int) -> Level:
+def measure(pid: int, port: int, streams: int, requests: int, events: int) -> FloorLevel:
     before = proctree.own_seconds([pid])
     wall = asyncio.run(drive(port, streams, requests, events))
-    return Level(events, requests, proctree.own_seconds([pid]) - before, wall)
+    return FloorLevel(events, requests, proctree.own_seconds([pid]) - before, wall)
 
 
 def _listening(port: int) -> bool:
@@ -120,15 +124,15 @@ def _listening(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
-def table(levels: list[Level], streams: int) -> str:
+def table(levels: list[FloorLevel], streams: int) -> str:
     rows = [["events a request", "requests", "requests/s", "server CPU ms per request"]]
     for lv in levels:
         per = 1e3 * lv.cpu_s / lv.requests
         rows.append([str(lv.events), str(lv.requests), f"{lv.requests / lv.wall_s:.0f}", f"{per:.3f}"])
     out = markdown_table(rows, "rrrr")
     if len({lv.events for lv in levels}) >= 2:
-        # Events as pathcost counts them: the chunks and [DONE].
-        a, b, worst = fit([(lv.requests, lv.requests * (lv.events + 1), lv.cpu_s) for lv in levels])
+        # Events as pathcost counts them: the chunks, [DONE] aside (it goes out with the last one).
+        a, b, worst = fit([(lv.requests, lv.requests * lv.events, lv.cpu_s) for lv in levels])
         out += f"\n\nfloor at {streams} streams: {1e3 * a:.3f} ms per request, {1e3 * b:.4f} ms per SSE event"
         out += f" (worst miss of the fit {100 * worst:.0f}%)"
     return out
@@ -148,7 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "loadtest", "floor", "--serve", str(port)])
     try:
-        if not wait_until(lambda: _listening(port), 60, interval=0.1):
+
+        def exited() -> None:
+            if server.poll() is not None:
+                raise RuntimeError(f"the floor's server exited at start with status {server.returncode}")
+
+        if not wait_until(lambda: _listening(port), 60, interval=0.1, watch=exited):
             raise RuntimeError("the floor's server did not start in 60 s")
         measure(server.pid, port, args.streams, max(200, args.requests // 10), args.events[-1])  # warm-up
         levels = [measure(server.pid, port, args.streams, args.requests, n) for n in args.events]
