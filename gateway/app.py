@@ -125,11 +125,6 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     return app
 
 
-def app_from_env() -> FastAPI:
-    """App factory for uvicorn's worker processes, which read their settings from the environment."""
-    return create_app(GatewaySettings())
-
-
 def _gateway(request: Request) -> Gateway:
     gw: Gateway = request.app.state.gateway
     return gw
