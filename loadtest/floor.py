@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import socket
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ from fastapi import FastAPI
 
 from api.chat.protocol import ChatCompletionRequest
 from api.sse import DONE, encode
-from control.processes import free_port, stop_process, wait_until
+from control.processes import answers_ok, free_port, stop_process, wait_until
 from gateway.sse import EventStream
 from loadtest import proctree
 from loadtest.pathcost import fit
@@ -119,11 +118,6 @@ def measure(pid: int, port: int, streams: int, requests: int, events: int) -> Fl
     return FloorLevel(events, requests, proctree.own_seconds([pid]) - before, wall)
 
 
-def _listening(port: int) -> bool:
-    with socket.socket() as probe:
-        return probe.connect_ex(("127.0.0.1", port)) == 0
-
-
 def table(levels: list[FloorLevel], streams: int) -> str:
     rows = [["events a request", "requests", "requests/s", "server CPU ms per request"]]
     for lv in levels:
@@ -157,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             if server.poll() is not None:
                 raise RuntimeError(f"the floor's server exited at start with status {server.returncode}")
 
-        if not wait_until(lambda: _listening(port), 60, interval=0.1, watch=exited):
+        ready = f"http://127.0.0.1:{port}/openapi.json"  # FastAPI's own route: served once the app is
+        if not wait_until(lambda: answers_ok(ready, timeout=1), 60, interval=0.1, watch=exited):
             raise RuntimeError("the floor's server did not start in 60 s")
         measure(server.pid, port, args.streams, max(200, args.requests // 10), args.events[-1])  # warm-up
         levels = [measure(server.pid, port, args.streams, args.requests, n) for n in args.events]
