@@ -96,7 +96,7 @@ class Admission:
         self._drain = drain
         self._max_total = max_backlog_total
         self._batch = Pipelined(redis)
-        """Settlements that come while others are on their way go together."""
+        """Admissions and settlements that come while others are on their way go together."""
 
     async def prepare(self) -> None:
         """Load the scripts now, so the first request does not wait for it."""
@@ -214,10 +214,12 @@ class Admission:
             keys += enqueue.keys[1:]
             args += enqueue.args
         try:
-            # Not batched as settlements are: a wave's admissions sent together enqueue its jobs
-            # in one burst, and workers then shared them unevenly (one of three got none in
-            # tests/test_containers.py); see loadtest/results/2026-12-07-fair-lean/gateway.md.
-            return list(await script(keys=keys, args=args))
+            [result] = await self._batch.run(["EVALSHA", script.sha, len(keys), *keys, *args])
+            if is_noscript(result):  # Redis restarted empty: the script loads itself and runs
+                result = await script(keys=keys, args=args)
+            elif isinstance(result, Exception):
+                raise result
+            return list(result)
         except (RedisError, OSError) as exc:
             raise Unavailable(
                 "rate limits cannot be checked: the queue is unreachable", retry_after=2

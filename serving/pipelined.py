@@ -1,19 +1,17 @@
 """Commands that go to Redis together: while one batch is on its way, the calls that come meanwhile
 queue, and go in the next pipeline as one write and one round trip.
 
-A closed loop of equal answers ends in waves (64 requests within a few milliseconds), and each
-request's settlement was a socket write and a round trip of its own, in a gateway whose busiest
-moments are those waves. (Admissions went this way too for a while; their jobs then reached the
-queue in bursts that workers shared unevenly, so they are sent one by one again: see
-:meth:`serving.admission.Admission._run`.) Batched this way a call alone waits for nothing (its
+A closed loop of equal answers arrives and ends in waves (64 requests within a few milliseconds),
+and each request's admission and settlement was a socket write and a round trip of its own, in a
+gateway whose busiest moments are those waves. Batched this way a call alone waits for nothing (its
 batch leaves on the next turn of the event loop), and calls that come together share a write, as a
 worker's outbox batches its jobs' replies.
 
 :mod:`worker.outbox` is the worker's twin of this, and stays apart: a worker may import only
 ``shared/`` and ``worker/``, and ``shared/`` is the contract alone. They differ where their callers
 do: this one starts on its first call (a gateway has no outbox task to run), leaves unsent a call
-whose caller was cancelled, and hands each command's error back as its reply (its caller tells a
-script error from ``NOSCRIPT`` itself); the
+whose caller was cancelled (an admission for a client that left is not made), and hands each
+command's error back as its reply (admission tells a script error from ``NOSCRIPT`` itself); the
 outbox loads the worker's scripts on ``NOSCRIPT`` and packs its batches with hiredis, at a thousand
 streams' rate.
 """

@@ -187,12 +187,16 @@ async def test_requests_ending_together_are_settled_in_one_round_trip(
     assert after.headers["x-ratelimit-remaining-tokens"] == str(10_000 - 64 * 9 - 32 - 1)
 
 
-async def test_admissions_that_come_together_are_each_decided_in_turn(admission: Admission) -> None:
-    """A wave of requests at once: the limits hold exactly."""
+async def test_admissions_that_come_together_are_each_decided_in_turn(
+    redis: Redis, admission: Admission, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wave of requests: their admissions share pipelines, and the limits hold exactly."""
     tenant = Tenant(name="t", max_concurrent=10)
+    pipelines = count_pipelines(redis, monkeypatch)
     results = await asyncio.gather(
         *(admission.admit(tenant, job(1)) for _ in range(30)), return_exceptions=True
     )
+    assert 1 <= pipelines[0] <= 2  # not one round trip each
     admitted = [r for r in results if isinstance(r, Ticket)]
     refused = [r for r in results if isinstance(r, RateLimited)]
     assert len(admitted) == 10 and len(refused) == 20
