@@ -18,6 +18,12 @@ streams, one round trip) and their capacities (their heartbeats):
   the fleet's jobs: it does not wait in a blocking read then, so the jobs that arrive go to the
   workers below their share, which do.
 
+The grace is a trade: where the workers' engines share the host's CPUs (three vLLM CPU engines on
+two cores), a worker whose loop gets no CPU for longer than it misses its part of a burst (48 jobs
+split as unevenly as 16 : 4 : 28, whether the gateway sent their admissions together or one by
+one); a 2 s grace evened that out but kept the burst's jobs waiting for the starved worker, its
+rounds up to twice as long (``loadtest/results/2026-12-07-fair-lean/gateway.md``).
+
 A worker alone (no other live worker of its model) reads as before: all it has room for.
 Capacity-aware delivery, tenant fairness (:mod:`worker.planner`) and failover are untouched: a share
 never exceeds the worker's free slots, it caps how many jobs one read takes in all and the read plan
