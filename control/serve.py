@@ -22,7 +22,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
@@ -31,6 +31,8 @@ from control.processes import StartupError, check_port_free
 from shared.settings import BackgroundSettings, GatewaySettings, RedisSettings, WorkerSettings, redact_url
 
 if TYPE_CHECKING:
+    from starlette.types import ASGIApp
+
     from serving.lifecycle import Lifecycle
 
 log = logging.getLogger(__name__)
@@ -79,21 +81,28 @@ def run_gateway(settings: GatewaySettings, shared_port: bool = False) -> None:
         return
     collect_rarely()
     from gateway.app import create_app
-    from gateway.connections import connection_protocol
     from gateway.internal import ByPort
 
     app = create_app(settings)
     served = ByPort(app, app.state.internal, settings.metrics_port) if settings.metrics_port else app
-    config = uvicorn.Config(
-        served,
-        log_level="warning",
-        access_log=False,
-        timeout_graceful_shutdown=5,
-        lifespan="on",
-        http=connection_protocol(settings.header_timeout, settings.max_connections),
-    )
+    config = server_config(served, settings, timeout_graceful_shutdown=5, lifespan="on")
     server = DrainingServer(config, app.state.lifecycle)
     server.run(sockets=[listen(settings.host, port, reuse_port=shared_port) for port in ports])
+
+
+def server_config(app: ASGIApp, settings: GatewaySettings, **more: Any) -> uvicorn.Config:
+    """How a gateway process serves an app: uvicorn (httptools, uvloop), no access log, the
+    gateway's connection protocol; ``more``: further ``uvicorn.Config`` options. The ``floor``
+    study serves its app this way too, so that it measures the gateway's own stack."""
+    from gateway.connections import connection_protocol
+
+    return uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        http=connection_protocol(settings.header_timeout, settings.max_connections),
+        **more,
+    )
 
 
 def listen(host: str, port: int, reuse_port: bool) -> socket.socket:

@@ -67,21 +67,11 @@ def app() -> FastAPI:
 def serve(port: int) -> None:
     import uvicorn
 
-    from control.serve import collect_rarely
-    from gateway.connections import connection_protocol
+    from control.serve import collect_rarely, server_config
     from shared.settings import GatewaySettings
 
     collect_rarely()
-    settings = GatewaySettings()
-    config = uvicorn.Config(
-        app(),
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        access_log=False,
-        lifespan="off",
-        http=connection_protocol(settings.header_timeout, settings.max_connections),
-    )
+    config = server_config(app(), GatewaySettings(), host="127.0.0.1", port=port, lifespan="off")
     uvicorn.Server(config).run()
 
 
